@@ -1,0 +1,44 @@
+"""Prompt checks shared by the routes: token ids in the vocabulary, lengths within the model's context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loomserve.api.errors import APIError
+
+
+@dataclass
+class Prompt:
+    """One prompt as the engine gets it, plus its text where the client sent text."""
+
+    token_ids: list[int]
+    text: str | None = None
+
+
+def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    if not token_ids:
+        raise APIError("The prompt is empty: give at least one token", param=param)
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(f"Token id {bad} is out of the vocabulary [0, {vocab_size})", param=param)
+
+
+def resolve_max_tokens(prompt_len: int, requested: int | None, max_model_len: int) -> int:
+    """The completion budget: the client's `max_tokens`, else whatever the context leaves."""
+    if requested is None:
+        if prompt_len >= max_model_len:
+            raise APIError(
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{prompt_len} tokens in the messages, leaving no room for the completion. "
+                "Please reduce the length of the messages.",
+                param="messages",
+            )
+        return max_model_len - prompt_len
+    if requested >= 1 and prompt_len + requested > max_model_len:
+        raise APIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the messages, {requested} in the completion). "
+            "Please reduce the length of the messages or completion.",
+            param="max_tokens",
+        )
+    return requested  # a value below 1 is left for SamplingParams to reject with its own message

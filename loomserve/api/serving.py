@@ -1,0 +1,92 @@
+"""What both generation routes share: the model check, per-prompt budgets, deltas and usage."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+from loomserve.api.errors import APIError
+from loomserve.api.prompts import Prompt, resolve_max_tokens
+from loomserve.api.protocol import SamplingRequest, UsageInfo
+from loomserve.api.streaming import merge_async_iterators
+from loomserve.platform.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_model(engine: Any, model: str | None) -> None:
+    """404 unless `model` is absent or names the served model."""
+    if model and model != engine.model_config.served_model_name:
+        raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
+
+
+def sampling_params(engine: Any, request: SamplingRequest, prompt: Prompt) -> SamplingParams:
+    """The prompt's SamplingParams; 400 when the prompt plus completion overflow the context."""
+    max_model_len = engine.model_config.max_model_len
+    max_tokens = resolve_max_tokens(len(prompt.token_ids), request.requested_max_tokens, max_model_len)
+    try:
+        return request.to_sampling_params(max_tokens)
+    except ValueError as exc:
+        raise APIError(str(exc)) from exc
+
+
+@dataclass
+class Delta:
+    """What one choice gained since the last chunk."""
+
+    text: str
+    offset: int  # characters of this choice sent before `text`
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None
+    first: bool
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+    @classmethod
+    def whole(cls, output: CompletionOutput) -> Delta:
+        """A whole output as one delta, for answers that are not streamed."""
+        return cls(output.text, 0, output.token_ids, output.logprobs, True, output.finish_reason, output.stop_reason)
+
+
+@dataclass
+class DeltaTracker:
+    """Turns the engine's cumulative outputs into per-choice deltas (one tracker per response)."""
+
+    _sent: dict[int, tuple[int, int]] = field(default_factory=dict)  # choice -> (chars, tokens) sent
+    _finished: set[int] = field(default_factory=set)
+
+    def delta(self, choice: int, output: CompletionOutput) -> Delta | None:
+        """None when the choice has nothing new to say (finished already, or no text and no tokens)."""
+        if choice in self._finished:
+            return None
+        first = choice not in self._sent
+        chars, tokens = self._sent.get(choice, (0, 0))
+        text, token_ids = output.text[chars:], output.token_ids[tokens:]
+        if not (first or text or token_ids or output.finish_reason):
+            return None
+        self._sent[choice] = (len(output.text), len(output.token_ids))
+        if output.finish_reason:
+            self._finished.add(choice)
+        logprobs = output.logprobs[tokens:] if output.logprobs is not None else None
+        return Delta(text, chars, token_ids, logprobs, first, output.finish_reason, output.stop_reason)
+
+
+async def collect_final(streams: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:
+    """Run engine streams to the end; their final outputs, in order."""
+    finals: dict[int, RequestOutput] = {}
+    async for i, output in merge_async_iterators(*streams):
+        finals[i] = output
+    return [finals[i] for i in range(len(streams))]
+
+
+def usage(outputs: list[RequestOutput]) -> UsageInfo:
+    """Token counts over the final outputs of all prompts: each prompt once, every completion."""
+    return UsageInfo.of(
+        prompt_tokens=sum(len(out.prompt_token_ids) for out in outputs),
+        completion_tokens=sum(len(c.token_ids) for out in outputs for c in out.outputs),
+        cached_tokens=sum(out.num_cached_tokens for out in outputs),
+    )

@@ -1,0 +1,119 @@
+"""POST /v1/chat/completions: messages -> chat template -> one engine request -> an OpenAI chat completion."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from loomserve.api.chat import render_chat
+from loomserve.api.errors import error_body_for
+from loomserve.api.logprobs import chat_logprobs
+from loomserve.api.prompts import Prompt, check_token_ids
+from loomserve.api.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatLogProbs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+)
+from loomserve.api.serving import (
+    Delta,
+    DeltaTracker,
+    check_model,
+    collect_final,
+    random_id,
+    sampling_params,
+    usage,
+)
+from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
+from loomserve.platform.request import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Call:
+    """One /v1/chat/completions call and the fixed fields of every chunk."""
+
+    request: ChatCompletionRequest
+    model: str
+    id: str = field(default_factory=lambda: random_id("chatcmpl"))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def logprobs(self, delta: Delta) -> ChatLogProbs | None:
+        if delta.logprobs is None:
+            return None
+        return chat_logprobs(delta.token_ids, delta.logprobs, self.request.top_logprobs or 0)
+
+    def chunk(self, choices: list[ChatStreamChoice], **extra: Any) -> ChatCompletionStreamResponse:
+        return ChatCompletionStreamResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, **extra
+        )
+
+
+async def create_chat_completion(engine: Any, request: ChatCompletionRequest, raw_request: Request) -> Response:
+    check_model(engine, request.model)
+    text = render_chat(engine.tokenizer, request.messages)
+    prompt = Prompt(engine.tokenizer.encode(text, add_special_tokens=False), text)
+    check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
+    params = sampling_params(engine, request, prompt)
+    call = _Call(request, engine.model_config.served_model_name)
+    stream = engine.generate(prompt.token_ids, params, call.id, prompt=prompt.text)
+    if request.stream:
+        return StreamingResponse(_stream(call, stream), media_type="text/event-stream")
+    finished, outputs = await run_unless_disconnected(raw_request, collect_final([stream]))
+    if not finished:
+        return Response(status_code=499)  # the client left; nobody reads this
+    return JSONResponse(_full_response(call, outputs[0]).model_dump(mode="json"))
+
+
+def _full_response(call: _Call, output: RequestOutput) -> ChatCompletionResponse:
+    choices = []
+    for c in output.outputs:
+        delta = Delta.whole(c)
+        choices.append(ChatChoice(
+            index=c.index, message=ChatResponseMessage(content=c.text), logprobs=call.logprobs(delta),
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+        ))
+    return ChatCompletionResponse(
+        id=call.id, created=call.created, model=call.model, choices=choices, usage=usage([output])
+    )
+
+
+async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> AsyncIterator[str]:
+    tracker = DeltaTracker()
+    latest: RequestOutput | None = None
+    try:
+        async for _, output in merge_async_iterators(stream):
+            latest = output
+            for c in output.outputs:
+                delta = tracker.delta(c.index, c)
+                if delta is None:
+                    continue
+                if delta.first:
+                    role = DeltaMessage(role="assistant", content="")
+                    yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)]))
+                if delta.text or delta.finish_reason or delta.logprobs:
+                    yield sse(call.chunk([_stream_choice(call, c.index, delta)]))
+        if call.request.include_usage_chunk and latest is not None:
+            yield sse(call.chunk([], usage=usage([latest])))
+    except Exception as exc:  # the status line is sent already: report the error in the stream
+        logger.exception("chat stream %s failed", call.id)
+        yield sse(error_body_for(exc))
+    yield SSE_DONE
+
+
+def _stream_choice(call: _Call, index: int, delta: Delta) -> ChatStreamChoice:
+    return ChatStreamChoice(
+        index=index, delta=DeltaMessage(content=delta.text), logprobs=call.logprobs(delta),
+        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+    )

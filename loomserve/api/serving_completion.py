@@ -1,0 +1,122 @@
+"""POST /v1/completions: prompts -> engine requests -> an OpenAI text completion, whole or streamed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from loomserve.api.errors import APIError, error_body_for
+from loomserve.api.logprobs import completion_logprobs
+from loomserve.api.prompts import Prompt, check_token_ids
+from loomserve.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from loomserve.api.serving import (
+    Delta,
+    DeltaTracker,
+    check_model,
+    collect_final,
+    random_id,
+    sampling_params,
+    usage,
+)
+from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
+from loomserve.platform.request import CompletionOutput, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Call:
+    """One /v1/completions call: its prompts and the fixed fields of every chunk."""
+
+    request: CompletionRequest
+    prompts: list[Prompt]
+    echo_texts: list[str]
+    model: str
+    id: str = field(default_factory=lambda: random_id("cmpl"))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def choice_index(self, prompt_index: int, output_index: int) -> int:
+        return prompt_index * self.request.n + output_index
+
+    def response(self, choices: list[CompletionChoice], **extra: Any) -> CompletionResponse:
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, **extra)
+
+
+async def create_completion(engine: Any, request: CompletionRequest, raw_request: Request) -> Response:
+    check_model(engine, request.model)
+    if request.echo and request.logprobs is not None:
+        raise APIError("`echo` together with `logprobs` is not supported yet", param="echo")
+    prompts = _prompts(engine, request.prompt)
+    params = [sampling_params(engine, request, prompt) for prompt in prompts]
+    echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
+    call = _Call(request, prompts, echo_texts, engine.model_config.served_model_name)
+    streams = [
+        engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text)
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+    ]
+    if request.stream:
+        return StreamingResponse(_stream(call, streams), media_type="text/event-stream")
+    finished, outputs = await run_unless_disconnected(raw_request, collect_final(streams))
+    if not finished:
+        return Response(status_code=499)  # the client left; nobody reads this
+    return JSONResponse(_full_response(call, outputs).model_dump(mode="json"))
+
+
+def _prompts(engine: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    """The request's prompts: one string, strings, one token-id list or token-id lists."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError("`prompt` must not be empty", param="prompt")
+    prompts = [Prompt(engine.tokenizer.encode(p), p) if isinstance(p, str) else Prompt(list(p)) for p in prompt]
+    for p in prompts:
+        check_token_ids(p.token_ids, engine.model_config.vocab_size, param="prompt")
+    return prompts
+
+
+def _echo_text(tokenizer: Any, prompt: Prompt) -> str:
+    return prompt.text if prompt.text is not None else tokenizer.decode(prompt.token_ids)
+
+
+def _full_response(call: _Call, outputs: list[RequestOutput]) -> CompletionResponse:
+    choices = [
+        _choice(call, call.choice_index(i, c.index), call.echo_texts[i], Delta.whole(c))
+        for i, output in enumerate(outputs)
+        for c in output.outputs
+    ]
+    return call.response(choices, usage=usage(outputs))
+
+
+async def _stream(call: _Call, streams: list[AsyncGenerator[RequestOutput, None]]) -> AsyncIterator[str]:
+    tracker = DeltaTracker()
+    latest: dict[int, RequestOutput] = {}
+    try:
+        async for i, output in merge_async_iterators(*streams):
+            latest[i] = output
+            for c in output.outputs:
+                index = call.choice_index(i, c.index)
+                delta = tracker.delta(index, c)
+                if delta is not None:
+                    yield sse(call.response([_choice(call, index, call.echo_texts[i], delta)]))
+        if call.request.include_usage_chunk:
+            yield sse(call.response([], usage=usage(list(latest.values()))))
+    except Exception as exc:  # the status line is sent already: report the error in the stream
+        logger.exception("completion stream %s failed", call.id)
+        yield sse(error_body_for(exc))
+    yield SSE_DONE
+
+
+def _choice(call: _Call, index: int, echo: str, delta: Delta) -> CompletionChoice:
+    logprobs = None
+    if call.request.logprobs is not None:
+        logprobs = completion_logprobs(delta.token_ids, delta.logprobs, text_offset=delta.offset)
+    return CompletionChoice(
+        index=index, text=(echo if delta.first else "") + delta.text, logprobs=logprobs,
+        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+    )

@@ -1,0 +1,101 @@
+"""The offline Python API in vLLM's shape: `LLM(model).generate(prompts, SamplingParams(...))`, `.chat(...)`.
+
+It drives an EngineCore in this process; the HTTP server uses the same pieces through AsyncLLM.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from loomserve.platform.config import EngineArgs
+from loomserve.platform.engine import EngineCore
+from loomserve.platform.input_processor import InputProcessor, PromptType, load_tokenizer
+from loomserve.platform.output_processor import OutputProcessor
+from loomserve.platform.request import RequestOutput, SamplingParams
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    def __init__(self, model: str, **engine_args: Any) -> None:
+        unknown = set(engine_args) - EngineArgs.field_names()
+        if unknown:
+            raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
+        self.config = EngineArgs(model=model, **engine_args).create_engine_config()
+        self.tokenizer = load_tokenizer(self.config.model_config)
+        self.input_processor = InputProcessor(self.config.model_config, self.tokenizer)
+        self.engine = EngineCore(self.config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; outputs come back in the order of the prompts."""
+        prompts = _as_prompt_list(prompts)
+        params = _broadcast(sampling_params or SamplingParams(), len(prompts))
+        processor = OutputProcessor(self.tokenizer)
+        order = []
+        for prompt, p in zip(prompts, params):
+            text, token_ids = self.input_processor.tokenize(prompt)
+            self.input_processor.validate(token_ids, p)
+            request_id = str(next(self._ids))
+            order.append(request_id)
+            for child_id, child_params in processor.add_request(request_id, text, token_ids, p, time.time()):
+                self.engine.add_request(self.input_processor.engine_request(child_id, token_ids, child_params))
+        return self._run(processor, order)
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the tokenizer's chat template, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+            )
+            for conv in conversations
+        ]
+        token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(
+            [{"prompt": p, "prompt_token_ids": ids} for p, ids in zip(prompts, token_ids)], sampling_params
+        )
+
+    def _run(self, processor: OutputProcessor, order: list[str]) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        while processor.has_unfinished():
+            processed = processor.process_outputs(self.engine.step().outputs)
+            self.engine.abort_requests(processed.to_abort)
+            for _, output in processed.request_outputs:
+                if output.finished:
+                    finished[output.request_id] = output
+        return [finished[i] for i in order]
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _broadcast(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return params

@@ -1,0 +1,1 @@
+"""The shared engine: from token ids to sampled tokens."""

@@ -1,0 +1,190 @@
+"""AsyncLLM: the server's client of an EngineCore running in its own process.
+
+The front end owns tokenization, detokenization, stop strings and metrics; the engine process owns
+the model. They talk over ZeroMQ (PUSH/PULL over ipc sockets) with msgpack-encoded messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import zmq
+import zmq.asyncio
+
+from loomserve.platform.config import EngineArgs
+from loomserve.platform.engine import run_engine_core
+from loomserve.platform.input_processor import InputProcessor, load_tokenizer
+from loomserve.platform.messages import EngineCoreOutputs, MessageType, pack, unpack
+from loomserve.platform.output_processor import OutputProcessor
+from loomserve.platform.request import RequestOutput, SamplingParams
+from loomserve.platform.stats import IterationStats, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+_STARTUP_TIMEOUT_S = 900.0
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class StatLogger(Protocol):
+    def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats | None) -> None: ...
+
+
+class AsyncLLM:
+    def __init__(self, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> None:
+        config = args.create_engine_config()
+        self.model_config = config.model_config
+        self.tokenizer = load_tokenizer(self.model_config)
+        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.stat_loggers = list(stat_loggers or [])
+        self.errored: str | None = None
+        self._ipc_dir = tempfile.mkdtemp(prefix="loomserve-")
+        input_addr = f"ipc://{os.path.join(self._ipc_dir, 'input')}"
+        output_addr = f"ipc://{os.path.join(self._ipc_dir, 'output')}"
+        self._ctx = zmq.asyncio.Context()
+        self._inbox = self._ctx.socket(zmq.PUSH)  # the engine's inbox: requests and aborts
+        self._inbox.bind(input_addr)
+        self._outbox = self._ctx.socket(zmq.PULL)  # the engine's outbox: outputs and stats
+        self._outbox.bind(output_addr)
+        self._proc = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, args=(args, input_addr, output_addr), name="loomserve-engine", daemon=True
+        )
+        self._proc.start()
+        self.kv_info = self._wait_ready()
+        self._output_task: asyncio.Task | None = None
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> AsyncLLM:
+        return cls(args, stat_loggers)
+
+    def _wait_ready(self) -> dict[str, Any]:
+        """Block until the engine process has loaded the model (or died trying)."""
+        sock = zmq.Socket.shadow(self._outbox.underlying)
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if sock.poll(500):
+                kind, payload = unpack(sock.recv())
+                if kind == MessageType.READY:
+                    return payload
+                if kind == MessageType.ERROR:
+                    self.shutdown()
+                    raise RuntimeError(f"the engine failed to start:\n{payload}")
+            elif not self._proc.is_alive():
+                self.shutdown()
+                raise RuntimeError(f"the engine process exited with code {self._proc.exitcode} during start-up")
+        self.shutdown()
+        raise RuntimeError("the engine did not start in time")
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        request_id: str,
+        prompt: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative outputs of one request; leaving early aborts it in the engine."""
+        self._ensure_output_task()
+        if self.errored:
+            raise EngineDeadError(self.errored)
+        self.input_processor.validate(prompt_token_ids, sampling_params)
+        queue: asyncio.Queue = asyncio.Queue()
+        children = self.output_processor.add_request(
+            request_id, prompt, prompt_token_ids, sampling_params, time.time(), queue
+        )
+        for child_id, params in children:
+            request = self.input_processor.engine_request(child_id, prompt_token_ids, params)
+            self._send(MessageType.ADD, request.to_wire())
+        finished = False
+        try:
+            while not finished:
+                output = await queue.get()
+                while not queue.empty():  # outputs are cumulative: only the newest matters
+                    output = queue.get_nowait()
+                if isinstance(output, Exception):
+                    raise output
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self._abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        child_ids = self.output_processor.abort_request(request_id)
+        if child_ids:
+            self._send(MessageType.ABORT, child_ids)
+
+    async def check_health(self) -> None:
+        if self.errored or not self._proc.is_alive():
+            raise EngineDeadError(self.errored or "the engine process is not running")
+
+    async def reset_prefix_cache(self) -> None:
+        self._send(MessageType.UTILITY, "reset_prefix_cache")
+
+    def _send(self, kind: MessageType, payload: Any) -> None:
+        self._inbox.send(pack(kind, payload))
+
+    def _ensure_output_task(self) -> None:
+        if self._output_task is None or self._output_task.done() and not self.errored:
+            self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
+
+    async def _output_loop(self) -> None:
+        while True:
+            if not await self._outbox.poll(1000):
+                if not self._proc.is_alive():
+                    self._fail_all(f"the engine process exited with code {self._proc.exitcode}")
+                    return
+                continue
+            kind, payload = unpack(await self._outbox.recv())
+            if kind == MessageType.ERROR:
+                self._fail_all(f"the engine failed:\n{payload}")
+                return
+            if kind == MessageType.OUTPUTS:
+                self._handle_outputs(EngineCoreOutputs.from_wire(payload))
+
+    def _handle_outputs(self, outputs: EngineCoreOutputs) -> None:
+        processed = self.output_processor.process_outputs(outputs.outputs)
+        for parent, output in processed.request_outputs:
+            parent.queue.put_nowait(output)
+        if processed.to_abort:
+            self._send(MessageType.ABORT, processed.to_abort)
+        for stat_logger in self.stat_loggers:
+            stat_logger.record(outputs.scheduler_stats, processed.stats)
+
+    def _fail_all(self, reason: str) -> None:
+        logger.error(reason)
+        self.errored = reason
+        for parent in list(self.output_processor.parents.values()):
+            parent.queue.put_nowait(EngineDeadError(reason))
+        self.output_processor.parents.clear()
+        self.output_processor.children.clear()
+
+    def shutdown(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._inbox.send(pack(MessageType.UTILITY, "shutdown"), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self._proc.join(timeout=5)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(timeout=5)
+        if self._output_task is not None:
+            self._output_task.cancel()
+        self._inbox.close(linger=0)
+        self._outbox.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)

@@ -1,0 +1,119 @@
+"""EngineCore: the schedule -> run -> update loop, and the process that runs it behind ZeroMQ.
+
+In the server, EngineCore lives in its own process: the front end sends msgpack messages (add,
+abort) over a PUSH socket and reads batches of outputs from a PULL socket, so tokenization,
+detokenization and HTTP never compete with the model for the GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+import zmq
+
+from loomserve.platform.config import EngineArgs, EngineConfig
+from loomserve.platform.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    MessageType,
+    pack,
+    unpack,
+)
+from loomserve.platform.request import Request, RequestStatus
+from loomserve.platform.runner import ModelRunner
+from loomserve.platform.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, config.model_config.max_model_len)
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        request = Request(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling_params=req.sampling_params,
+            eos_token_id=req.eos_token_id,
+            arrival_time=req.arrival_time,
+            cache_salt=req.cache_salt,
+        )
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_requests(self) -> bool:
+        return self.scheduler.has_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return EngineCoreOutputs([], self.scheduler.stats())
+        result = self.runner.execute(out)
+        updated = self.scheduler.update_from_output(out, result.sampled)
+        outputs = [
+            EngineCoreOutput(
+                request_id=r.request_id,
+                new_token_ids=[r.output_token_ids[-1]],
+                new_logprobs=[result.logprobs[r.request_id]] if r.request_id in result.logprobs else None,
+                finish_reason=r.finish_reason,
+                stop_reason=r.stop_reason,
+                num_cached_tokens=r.num_cached_tokens,
+            )
+            for r in updated
+        ]
+        return EngineCoreOutputs(outputs, self.scheduler.stats())
+
+    def reset_prefix_cache(self) -> None:
+        self.scheduler.kv.pool.reset_prefix_cache()
+
+
+def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None:
+    """Entry point of the engine process: build the engine, say READY, then serve until told to stop."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [engine] %(message)s")
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(output_addr)
+    try:
+        engine = EngineCore(args.create_engine_config())
+        cc = engine.config.cache_config
+        outbox.send(pack(MessageType.READY, {"num_blocks": cc.num_blocks, "block_size": cc.block_size}))
+        _serve(engine, inbox, outbox)
+    except Exception:  # the front end must learn why the engine died, not just that it did
+        outbox.send(pack(MessageType.ERROR, traceback.format_exc()))
+        raise
+    finally:
+        inbox.close(linger=0)
+        outbox.close(linger=1000)
+        ctx.term()
+
+
+def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
+    poller = zmq.Poller()
+    poller.register(inbox, zmq.POLLIN)
+    while True:
+        # Block while idle; with work in hand, only drain what has already arrived.
+        timeout = 0 if engine.has_requests() else None
+        while dict(poller.poll(timeout)).get(inbox):
+            kind, payload = unpack(inbox.recv())
+            if kind == MessageType.ADD:
+                engine.add_request(EngineCoreRequest.from_wire(payload))
+            elif kind == MessageType.ABORT:
+                engine.abort_requests(payload)
+            elif kind == MessageType.UTILITY and payload == "shutdown":
+                return
+            elif kind == MessageType.UTILITY and payload == "reset_prefix_cache":
+                engine.reset_prefix_cache()
+            timeout = 0
+        if engine.has_requests():
+            outputs = engine.step()
+            outbox.send(pack(MessageType.OUTPUTS, outputs.to_wire()))

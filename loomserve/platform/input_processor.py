@@ -1,0 +1,75 @@
+"""Prompts in, validated engine requests out: tokenization, length checks, end-of-sequence ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from loomserve.platform.config import ModelConfig
+from loomserve.platform.messages import EngineCoreRequest
+from loomserve.platform.request import SamplingParams
+
+# A prompt: text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": [...]}.
+PromptType = str | list[int] | dict[str, Any]
+
+
+def load_tokenizer(model_config: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_config.tokenizer)
+
+
+def generation_eos_ids(model_path: str) -> list[int]:
+    """End-of-sequence ids from generation_config.json, which chat checkpoints often set apart."""
+    path = os.path.join(model_path, "generation_config.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+class InputProcessor:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        config_eos = getattr(model_config.text_config, "eos_token_id", None)
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config_eos
+        extra = generation_eos_ids(model_config.model)
+        self.extra_stop_ids = [i for i in extra if i != self.eos_token_id]
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(prompt text if any, token ids) for any accepted prompt form."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError with the numbers when a prompt cannot be served."""
+        max_len = self.model_config.max_model_len
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"This model's maximum context length is {max_len} tokens. However, your prompt has "
+                f"{len(token_ids)} tokens, which leaves no room for a completion."
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of the vocabulary [0, {vocab})")
+
+    def engine_request(self, request_id: str, token_ids: list[int], params: SamplingParams) -> EngineCoreRequest:
+        if self.extra_stop_ids and not params.ignore_eos:
+            params = SamplingParams.from_dict(
+                {**params.to_dict(), "stop_token_ids": params.stop_token_ids + self.extra_stop_ids}
+            )
+        return EngineCoreRequest(request_id, token_ids, params, self.eos_token_id, time.time())

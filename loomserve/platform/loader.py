@@ -1,0 +1,128 @@
+"""Checkpoint -> model: build the architecture's module on the target device and dtype, then fill it from
+safetensors (one file, or shards listed by `model.safetensors.index.json`) or with seeded random weights
+(`load_format="dummy"`, for benchmarks)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from loomserve.platform.config import ModelConfig
+from loomserve.platform.models import get_model_class
+
+logger = logging.getLogger(__name__)
+
+_INDEX = "model.safetensors.index.json"
+
+
+def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> nn.Module:
+    start = time.perf_counter()
+    model_cls = get_model_class(model_config.architecture)
+    with default_dtype(model_config.dtype), model_config.device:
+        model = model_cls(model_config.text_config, attention_backend)
+    if model_config.load_format == "dummy":
+        loaded = init_dummy_weights(model, model_config.seed, model_config.text_config)
+    else:
+        loaded = model.load_weights(iterate_safetensors(safetensors_files(model_config.model)))
+    check_all_loaded(model, loaded)
+    model.eval()
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "loaded %s (%s weights): %.1fM parameters, %s on %s in %.2f s",
+        model_config.architecture,
+        "dummy" if model_config.load_format == "dummy" else model_config.model,
+        num_params / 1e6,
+        model_config.dtype,
+        model_config.device,
+        time.perf_counter() - start,
+    )
+    return model
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters directly in `dtype` (no float32 copy first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def safetensors_files(model: str) -> list[Path]:
+    """The weight files of a checkpoint folder (or a hub id, through the local hub cache or a download)."""
+    folder = Path(model) if os.path.isdir(model) else _snapshot(model)
+    index = folder / _INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder} (no model.safetensors, no {_INDEX})")
+    return files
+
+
+def _snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "model*.safetensors"]))
+
+
+def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of every file, with a progress bar over tensors (on a terminal)."""
+    total = 0
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            total += len(f.keys())
+    with tqdm(total=total, desc="Loading safetensors", unit="tensor", disable=None) as bar:
+        for path in files:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+                    bar.update()
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int, config: object) -> set[str]:
+    """Random weights of the right shapes: norms at one, the rest N(0, initializer_range) from `seed`,
+    small enough that activations stay finite in bf16."""
+    std = getattr(config, "initializer_range", 0.02)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    names = set()
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std, generator=generator)
+        names.add(name)
+    return names
+
+
+def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
+    missing = sorted({name for name, _ in model.named_parameters()} - loaded)
+    if missing:
+        names = ", ".join(_checkpoint_names(model, name) for name in missing)
+        raise ValueError(f"the checkpoint lacks {len(missing)} weights: {names}")
+
+
+def _checkpoint_names(model: nn.Module, param_name: str) -> str:
+    """A parameter's name as the checkpoint spells it: fused ones name every projection they come from."""
+    sources = [
+        param_name.replace(f".{fused}.", f".{part}.")
+        for part, (fused, _) in getattr(model, "packed_modules_mapping", {}).items()
+        if f".{fused}." in param_name
+    ]
+    return " / ".join(sources) if sources else param_name

@@ -1,0 +1,192 @@
+"""One decoder-only causal LM for the Llama, Mistral, Qwen2 and Qwen3 families, switched by config.
+
+Tokens of many sequences arrive packed in one flat batch (no padding); attention reads and writes the paged
+KV cache through `AttentionMetadata`. Parameter layout follows vLLM: q/k/v and gate/up are fused, loaded
+shard by shard from the checkpoint's separate projections (`packed_modules_mapping`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from loomserve.platform.attention import AttentionMetadata, get_attention_backend
+from loomserve.platform.models.layers import MergedLinear, RMSNorm, SiluAndMul, copy_checked
+from loomserve.platform.models.rope import RotaryEmbedding, apply_rotary
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Any, attention_backend: str) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(config)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        attention_bias = getattr(config, "attention_bias", False)
+        # Qwen2 always has q/k/v biases (and no o_proj bias); Llama/Qwen3 follow `attention_bias`.
+        qkv_bias = attention_bias or config.model_type == "qwen2"
+        sizes = [self.q_size, self.kv_size, self.kv_size]
+        self.qkv_proj = MergedLinear(config.hidden_size, sizes, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias)
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        backend_cls = get_attention_backend(attention_backend)
+        self.attn = backend_cls(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(
+        self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
+        return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))  # [T, hidden]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only silu")
+        bias = getattr(config, "mlp_bias", False)
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
+        self.act = SiluAndMul()
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, hidden]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Any, attention_backend: str) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, attention_backend)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos_sin, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: Any, attention_backend: str) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, attention_backend) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        cos_sin = self.rotary_emb(positions)  # [T, rotary_dim], shared by all layers
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, cos_sin, kv_cache, meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class DecoderForCausalLM(nn.Module):
+    """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM over packed tokens."""
+
+    # checkpoint projection -> (fused parameter module, shard index)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, hf_config: Any, attention_backend: str = "auto") -> None:
+        super().__init__()
+        self.config = hf_config
+        self.model = DecoderModel(hf_config, attention_backend)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, Hkv, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [N, vocab]
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named checkpoint tensors into parameters; returns the names of parameters fully loaded
+        (a fused parameter counts once all its shards are in)."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        shards: dict[str, set[int]] = defaultdict(set)
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            param_name, shard_id = self._param_for(name)
+            if param_name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
+            param = params[param_name]
+            try:
+                if shard_id is None:
+                    copy_checked(param.data, tensor)
+                    loaded.add(param_name)
+                    continue
+                module = self.get_submodule(param_name.rsplit(".", 1)[0])
+                module.load_shard(param, shard_id, tensor)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            shards[param_name].add(shard_id)
+            if len(shards[param_name]) == len(module.output_sizes):
+                loaded.add(param_name)
+        return loaded
+
+    def _param_for(self, name: str) -> tuple[str, int | None]:
+        """`...self_attn.k_proj.weight` -> (`...self_attn.qkv_proj.weight`, 1); others map to themselves."""
+        for checkpoint_part, (fused, shard_id) in self.packed_modules_mapping.items():
+            if f".{checkpoint_part}." in name:
+                return name.replace(f".{checkpoint_part}.", f".{fused}."), shard_id
+        return name, None

@@ -1,0 +1,62 @@
+"""Building blocks of the decoder families: RMSNorm (with fused residual add), SiLU-and-mul, fused linears."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight, as transformers does.
+
+    Given `residual`, first adds it (`x + residual` in the model dtype) and also returns the sum as the new
+    residual, which folds a decoder layer's skip connection into its norm.
+    """
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+
+class SiluAndMul(nn.Module):
+    """[..., 2 * d] -> [..., d]: silu(gate) * up, for a fused gate_up projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class MergedLinear(nn.Linear):
+    """Projections of one input stacked along the output dim (qkv, gate_up), loaded shard by shard."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
+        super().__init__(in_features, sum(output_sizes), bias=bias)
+        self.output_sizes = output_sizes
+
+    def load_shard(self, param: nn.Parameter, shard_id: int, tensor: torch.Tensor) -> None:
+        """Copy one checkpoint projection (weight [out_i, in] or bias [out_i]) into its rows of `param`."""
+        start = sum(self.output_sizes[:shard_id])
+        rows = param.data.narrow(0, start, self.output_sizes[shard_id])
+        copy_checked(rows, tensor)
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """copy_ without broadcasting: a checkpoint tensor of the wrong shape is an error, not a silent expand."""
+    if dst.shape != src.shape:
+        raise ValueError(f"checkpoint tensor has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    dst.copy_(src)
