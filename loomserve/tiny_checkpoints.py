@@ -207,7 +207,7 @@ def _train_tokenizer(family: str) -> Any:
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in spec["leading"]],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    # Repeat the corpus in a fixed order so word counts (and therefore merges) are deterministic.
+    # BPE training is deterministic for a fixed corpus (merge ties break by pair order, not hash order).
     tok.train_from_iterator(list(CORPUS), trainer=trainer)
     if spec["trailing"]:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec["trailing"]])

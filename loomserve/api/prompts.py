@@ -16,8 +16,13 @@ class Prompt:
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    """400 for an empty prompt or one with ids outside the vocabulary."""
     if not token_ids:
         raise APIError("The prompt is empty: give at least one token", param=param)
+    check_vocab(token_ids, vocab_size, param)
+
+
+def check_vocab(token_ids: list[int], vocab_size: int, param: str) -> None:
     bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise APIError(f"Token id {bad} is out of the vocabulary [0, {vocab_size})", param=param)

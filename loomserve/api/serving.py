@@ -49,7 +49,9 @@ class Delta:
     @classmethod
     def whole(cls, output: CompletionOutput) -> Delta:
         """A whole output as one delta, for answers that are not streamed."""
-        return cls(output.text, 0, output.token_ids, output.logprobs, True, output.finish_reason, output.stop_reason)
+        return cls(
+            output.text, 0, output.token_ids, output.logprobs, True, output.finish_reason, output.stop_reason
+        )
 
 
 @dataclass

@@ -60,7 +60,9 @@ class _Call:
         )
 
 
-async def create_chat_completion(engine: Any, request: ChatCompletionRequest, raw_request: Request) -> Response:
+async def create_chat_completion(
+    engine: Any, request: ChatCompletionRequest, raw_request: Request
+) -> Response:
     check_model(engine, request.model)
     text = render_chat(engine.tokenizer, request.messages)
     prompt = Prompt(engine.tokenizer.encode(text, add_special_tokens=False), text)

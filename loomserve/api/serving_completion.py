@@ -25,7 +25,7 @@ from loomserve.api.serving import (
     usage,
 )
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
-from loomserve.platform.request import CompletionOutput, RequestOutput
+from loomserve.platform.request import RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ class _Call:
         return prompt_index * self.request.n + output_index
 
     def response(self, choices: list[CompletionChoice], **extra: Any) -> CompletionResponse:
-        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, **extra)
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, **extra
+        )
 
 
 async def create_completion(engine: Any, request: CompletionRequest, raw_request: Request) -> Response:
@@ -74,7 +76,7 @@ def _prompts(engine: Any, prompt: str | list[str] | list[int] | list[list[int]])
         prompt = [prompt]
     if not prompt:
         raise APIError("`prompt` must not be empty", param="prompt")
-    prompts = [Prompt(engine.tokenizer.encode(p), p) if isinstance(p, str) else Prompt(list(p)) for p in prompt]
+    prompts = [Prompt(engine.tokenizer.encode(p), p) if isinstance(p, str) else Prompt(p) for p in prompt]
     for p in prompts:
         check_token_ids(p.token_ids, engine.model_config.vocab_size, param="prompt")
     return prompts

@@ -49,7 +49,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # since the last stats()
+        self.total_preemptions = 0
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -105,6 +106,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
+        self.total_preemptions += 1
 
     def update_from_output(
         self, out: SchedulerOutput, sampled: dict[str, int]

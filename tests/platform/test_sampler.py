@@ -220,3 +220,9 @@ def test_no_logprobs_requested_returns_none():
 def test_any_integer_seed_is_accepted(seed):
     out = sample(torch.zeros(1, 10), [make_request(temperature=1.0, seed=seed)])
     assert 0 <= out.sampled_token_ids.item() < 10
+
+
+def test_tiny_top_p_still_keeps_the_top_token():
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(9))
+    out = sample(logits, [make_request(top_p=1e-9) for _ in range(8)])
+    assert torch.equal(out.sampled_token_ids, logits.argmax(dim=-1))

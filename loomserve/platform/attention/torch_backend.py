@@ -66,6 +66,9 @@ class TorchAttentionBackend:
         kv = kv_cache[:, tables].flatten(2, 3)[:, :, :max_len]  # [2, B, L, Hkv, D]
         positions = torch.arange(max_len, device=q.device)
         mask = positions[None, :] < meta.seq_lens[:b, None].to(q.device)  # [B, L]
+        # Slots past a sequence's end hold whatever was there (NaN/inf in never-written memory); masking
+        # the scores alone still lets 0 * NaN into the output, so zero them.
+        kv.masked_fill_(~mask[None, :, :, None, None], 0)
         out = self._sdpa(q[:, None], kv[0], kv[1], mask[:, None, None, :])  # [B, 1, H, D]
         return out[:, 0]
 

@@ -1,0 +1,93 @@
+"""`loomserve serve [MODEL]`: serve a checkpoint behind OpenAI-compatible HTTP routes (vLLM's flag names)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from loomserve.platform.config import EngineArgs
+
+logger = logging.getLogger("loomserve")
+
+# Flags copied onto EngineArgs fields of the same name (dashes become underscores).
+_ENGINE_FLAGS = (
+    "model", "tokenizer", "served_model_name", "max_model_len", "dtype", "device", "seed", "load_format",
+    "block_size", "kv_cache_memory", "gpu_memory_utilization", "num_gpu_blocks_override",
+    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend",
+)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loomserve", description="loomserve: an LLM serving engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_parser = commands.add_parser("serve", help="serve a model over OpenAI-compatible HTTP")
+    _add_serve_flags(serve_parser)
+    serve_parser.set_defaults(run=serve)
+    return parser
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    defaults = EngineArgs(model="")
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face checkpoint folder or hub name; none serves a random demo checkpoint")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on the API routes")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or name (default: MODEL)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--dtype", default=defaults.dtype, help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--load-format", default=defaults.load_format, help="auto, safetensors or dummy")
+    p.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV-cache block")
+    p.add_argument("--kv-cache-memory", default=None, help="KV-cache size, e.g. 4GiB (wins over utilization)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    p.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=defaults.enable_prefix_caching)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="requests in one step")
+    p.add_argument("--attention-backend", default=defaults.attention_backend)
+    p.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(**{name: getattr(ns, name) for name in _ENGINE_FLAGS})
+
+
+def _demo_model() -> str:
+    from loomserve.tiny_checkpoints import demo_checkpoint
+
+    path = str(demo_checkpoint())
+    logger.warning(
+        "No MODEL given: serving the built-in demo checkpoint at %s. Its weights are RANDOM, so the text "
+        "it generates is gibberish. To serve a real model, name it: "
+        "`loomserve serve Qwen/Qwen2.5-0.5B-Instruct` or `loomserve serve /path/to/checkpoint-folder`.",
+        path,
+    )
+    return path
+
+
+def serve(ns: argparse.Namespace) -> None:
+    import uvicorn
+
+    from loomserve.api.server import build_app
+
+    if ns.model is None:
+        ns.model = _demo_model()
+    app = build_app(engine_args_from(ns), api_key=ns.api_key)
+    logger.info("Serving %s at http://%s:%d (OpenAI API under http://%s:%d/v1)",
+                ns.served_model_name or ns.model, ns.host, ns.port, ns.host, ns.port)
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ns = make_parser().parse_args(argv)
+    ns.run(ns)
+
+
+if __name__ == "__main__":
+    main()
