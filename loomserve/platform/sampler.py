@@ -147,7 +147,7 @@ def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generat
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [B, V], the last position of each request; left unchanged."""
-        logits = logits.to(torch.float32, copy=True)  # [B, V]; the steps below write in place
+        logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None  # [B, V]
         logits = apply_min_tokens(logits, meta.min_tokens_block)
         logits = apply_penalties(logits, meta)
@@ -161,7 +161,7 @@ class Sampler(nn.Module):
         if meta.all_greedy:
             return greedy
         temperature = torch.where(meta.temperature > 0, meta.temperature, 1.0)  # [B]
-        logits.div_(temperature.unsqueeze(1))
+        logits = logits / temperature.unsqueeze(1)  # [B, V], our own copy: the steps below write in place
         logits = apply_min_p(logits, meta.min_p)
         logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
         sampled = random_sample(logits.softmax(dim=-1), meta.generators)  # [B]
@@ -171,14 +171,17 @@ class Sampler(nn.Module):
 
 
 def apply_min_tokens(logits: torch.Tensor, block: torch.Tensor | None) -> torch.Tensor:
-    if block is not None:
-        rows, token_ids = block
-        logits[rows, token_ids] = -float("inf")
-    return logits
+    """Ban eos / stop ids of rows still short of min_tokens (a new tensor; the caller's stays raw)."""
+    if block is None:
+        return logits
+    return logits.index_put(tuple(block), torch.tensor(-float("inf"), device=logits.device))
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Repetition penalty on prompt and output tokens (as HF); frequency/presence on output (as OpenAI)."""
+    """Repetition penalty on prompt and output tokens (as HF); frequency/presence on output (as OpenAI).
+
+    Returns a new tensor; `logits` is left as it is.
+    """
     counts = meta.output_token_counts
     if counts is None:
         return logits
@@ -188,14 +191,14 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
         penalty = meta.repetition_penalty.unsqueeze(1)  # [B, 1]
         logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
     if meta.frequency_penalty is not None:
-        logits -= meta.frequency_penalty.unsqueeze(1) * counts
+        logits = logits - meta.frequency_penalty.unsqueeze(1) * counts
     if meta.presence_penalty is not None:
-        logits -= meta.presence_penalty.unsqueeze(1) * in_output
+        logits = logits - meta.presence_penalty.unsqueeze(1) * in_output
     return logits
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the top one's (compared in logit space)."""
+    """In place: drop tokens whose probability is below min_p times the top one's (in logit space)."""
     if min_p is None:
         return logits
     max_logits = logits.amax(dim=-1, keepdim=True)  # [B, 1]
@@ -203,7 +206,7 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tenso
 
 
 def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
-    """Keep each row's k most likely tokens (k <= 0: all), then its smallest nucleus of mass >= p."""
+    """In place: keep each row's k most likely tokens (k <= 0: all), then its smallest nucleus >= p."""
     if k is None and p is None:
         return logits
     vocab_size = logits.shape[1]
@@ -231,13 +234,14 @@ def _apply_top_k_only(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
     """argmax(probs / q), q ~ Exp(1) per row: a draw from probs that depends on nothing else in the batch."""
-    q = torch.empty_like(probs)  # [B, V]
+    u = torch.empty_like(probs)  # [B, V] uniform in [0, 1)
     if len(generators) < probs.shape[0]:
-        q.exponential_()
+        u.uniform_()
     for row, generator in generators.items():
-        q[row].exponential_(generator=generator)
-    # A q of exactly 0 would turn a banned token's 0 / 0 into NaN, which argmax picks.
-    q.clamp_min_(torch.finfo(q.dtype).tiny)
+        u[row].uniform_(generator=generator)
+    # -log(u) is Exp(1) and never 0 (u < 1), so a banned token's 0 / q stays 0; much faster than
+    # exponential_ on CPU.
+    q = u.log_().neg_()  # [B, V]
     return probs.div_(q).argmax(dim=-1)
 
 

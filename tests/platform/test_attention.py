@@ -33,20 +33,19 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return torch.einsum("hnl,lhd->nhd", scores.softmax(-1), v).flatten(1)
 
 
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("scenario", SCENARIOS)
-def test_paged_attention_equals_dense_causal_attention(scenario: str, heads: str) -> None:
-    num_heads, num_kv_heads = HEADS[heads]
+def run_backend(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, stale: float | None):
+    """(backend output, dense reference) for sequences of (cached, new) tokens whose blocks are shuffled.
+    Cache slots no sequence owns hold random values, or `stale` when given."""
     gen = torch.Generator().manual_seed(0)
-    seqs = SCENARIOS[scenario]
     lengths = [cached + new for cached, new in seqs]
-    # every sequence's K/V over its whole context; blocks drawn in shuffled order
-    keys = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=gen) for n in lengths]
+    keys = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=gen) for n in lengths]  # whole context
     values = [torch.randn(n, num_kv_heads, HEAD_DIM, generator=gen) for n in lengths]
     queries = [torch.randn(new, num_heads, HEAD_DIM, generator=gen) for _, new in seqs]
     free = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
     tables = [[free.pop() for _ in range(-(-n // BLOCK_SIZE))] for n in lengths]
     kv_cache = torch.randn(2, NUM_BLOCKS, BLOCK_SIZE, num_kv_heads, HEAD_DIM, generator=gen)
+    if stale is not None:
+        kv_cache.fill_(stale)
     cached = make_metadata([c for c, _ in seqs], [c for c, _ in seqs], tables, BLOCK_SIZE)
     kv_cache.view(2, -1, num_kv_heads, HEAD_DIM)[:, cached.slot_mapping] = torch.stack(
         [torch.cat([k[:c] for k, (c, _) in zip(keys, seqs, strict=True)]),
@@ -55,13 +54,25 @@ def test_paged_attention_equals_dense_causal_attention(scenario: str, heads: str
     meta = make_metadata([new for _, new in seqs], lengths, tables, BLOCK_SIZE)
     assert meta.num_decodes == sum(new == 1 for _, new in seqs)
     scale = HEAD_DIM**-0.5
-    backend = TorchAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale)
-    out = backend.forward(
+    out = TorchAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale).forward(
         torch.cat(queries),
         torch.cat([k[c:] for k, (c, _) in zip(keys, seqs, strict=True)]),
         torch.cat([v[c:] for v, (c, _) in zip(values, seqs, strict=True)]),
         kv_cache,
         meta,
     )
-    expected = torch.cat([dense_attention(q, k, v, scale) for q, k, v in zip(queries, keys, values, strict=True)])
+    expected = [dense_attention(q, k, v, scale) for q, k, v in zip(queries, keys, values, strict=True)]
+    return out, torch.cat(expected)
+
+
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_paged_attention_equals_dense_causal_attention(scenario: str, heads: str) -> None:
+    out, expected = run_backend(SCENARIOS[scenario], *HEADS[heads], stale=None)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_never_written_cache_slots_do_not_leak_into_the_output() -> None:
+    """Uninitialized KV memory may hold NaN: padding past a sequence's end must not reach its output."""
+    out, expected = run_backend(SCENARIOS["mixed"], *HEADS["gqa-4:1"], stale=float("nan"))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

@@ -102,3 +102,16 @@ def test_decode_beside_chunked_prefill_matches_transformers(case: str, tmp_root:
             logits[seq].append(out[seq])
     for seq, tokens in fed.items():
         assert relative_error(torch.cat(logits[seq]), reference_logits(reference, tokens)) < TOLERANCE, seq
+
+
+def test_bfloat16_model_computes_in_bfloat16_close_to_float32() -> None:
+    path = tiny_checkpoint("qwen3")
+    tokens = {"s": list(range(3, 40))}
+    outputs = {}
+    for dtype in ("float32", "bfloat16"):
+        model = load_model(EngineArgs(model=str(path), device="cpu", dtype=dtype).create_engine_config().model_config)
+        runner = PagedRunner(model, block_size=16)
+        assert runner.kv_caches[0].dtype == model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
+        outputs[dtype] = runner.step(tokens)["s"]
+    assert outputs["bfloat16"].dtype == torch.float32
+    assert relative_error(outputs["bfloat16"], outputs["float32"]) < 0.1  # transformers' own bf16: ~0.03

@@ -1,0 +1,646 @@
+"""Offline generation throughput: loomserve's `LLM.generate` against transformers on the same workload.
+
+What it measures
+----------------
+N requests of random prompt token ids (lengths uniform in [--input-len-min, --input-len-max], fixed seed),
+each generating exactly --output-len tokens greedily with EOS ignored. All requests are submitted at once
+(offline batch); the clock runs from submission to the last output, model load and warm-up excluded.
+Reported: output tokens/s, total (prompt + output) tokens/s, wall time and requests/s, then the same
+workload through transformers (`generate_batch` continuous batching, or plain padded `generate`) with a
+model of the same config, dtype and random weights (values don't matter: EOS is ignored), and the ratio.
+
+The engine's steps are timed individually (a wrapper around `EngineCore.step`). On CUDA each pure-decode
+step is compared with a memory-bandwidth floor:
+
+    bytes(step) = weight bytes read per step                 (every parameter; the input embedding
+                                                              only when it is tied to the lm_head)
+                + sum over the step's sequences of context_len * 2 * layers * kv_heads * head_dim * itemsize
+    floor(step) = bytes(step) / copy bandwidth                (2 * buffer bytes / time of a large
+                                                              device-to-device `copy_`)
+
+and `floor / measured` (summed over all pure-decode steps) says how close decoding runs to the memory
+roofline (1.0 = at the floor; activations, logits and launch overheads are left out of the floor).
+
+Model shapes come from `--shape` presets (a config-only checkpoint folder with a tokenizer covering the
+whole vocabulary is written into a cache folder; the engine uses `load_format="dummy"`) or `--model PATH`.
+
+    python benchmarks/throughput.py --shape tiny --num-prompts 64 --input-len-min 32 --input-len-max 128 \
+        --output-len 64 --baseline generate_batch
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import hashlib
+import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from loomserve.platform.config import EngineArgs, resolve_device, resolve_dtype
+
+# Bump when the files a preset folder holds change.
+PRESET_FORMAT_VERSION = 1
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "family": "llama",
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "intermediate_size": 688,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000.0,
+    },
+    "qwen2.5-0.5b": {
+        "family": "qwen2",
+        "hidden_size": 896,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "intermediate_size": 4864,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+    },
+    "qwen3-8b": {
+        "family": "qwen3",
+        "hidden_size": 4096,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "intermediate_size": 12288,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": False,
+        "rope_theta": 1000000.0,
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--shape", choices=sorted(PRESETS), default="tiny", help="model shape preset (dummy weights)")
+    model.add_argument("--model", help="a checkpoint folder instead of a preset")
+    p.add_argument("--load-format", default=None, help="engine load_format (default: dummy for presets, else auto)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len-min", type=int, default=32)
+    p.add_argument("--input-len-max", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: engine's choice)")
+    if "enforce_eager" in EngineArgs.field_names():
+        p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--baseline", choices=["generate_batch", "static", "none"], default="generate_batch")
+    p.add_argument("--baseline-batch-size", type=int, default=64, help="batch size of --baseline static")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    if not 1 <= args.input_len_min <= args.input_len_max:
+        p.error("need 1 <= --input-len-min <= --input-len-max")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ preset folders
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LOOMSERVE_CACHE_DIR") or Path.home() / ".cache" / "loomserve") / "bench_checkpoints"
+
+
+def make_hf_config(preset: dict[str, Any], eos_token_id: int | None = None) -> Any:
+    """A transformers config object for a preset (RoPE settings in `rope_parameters`, transformers 5)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    spec = {k: v for k, v in preset.items() if k not in ("family", "rope_theta")}
+    family = preset["family"]
+    common = {
+        **spec,
+        "rope_parameters": {"rope_type": "default", "rope_theta": preset["rope_theta"]},
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "eos_token_id": eos_token_id,
+        "dtype": "bfloat16",
+    }
+    if family == "llama":
+        return LlamaConfig(architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False, **common)
+    if family == "qwen2":
+        return Qwen2Config(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, sliding_window=None, **common)
+    return Qwen3Config(
+        architectures=["Qwen3ForCausalLM"], use_sliding_window=False, sliding_window=None, attention_bias=False,
+        **common,
+    )
+
+
+def _pad_tokenizer_vocab(tokenizer_json: Path, vocab_size: int) -> None:
+    """Give every id below vocab_size a token (`Ġt123`-style fillers no merge produces), so any id the model
+    samples detokenizes to text, as with a real tokenizer (unknown ids decode to nothing and stall the
+    incremental detokenizer)."""
+    data = json.loads(tokenizer_json.read_text())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    taken = set(vocab) | {t["content"] for t in data["added_tokens"]}
+    used = set(vocab.values()) | {t["id"] for t in data["added_tokens"]}
+    counter = 0
+    for token_id in range(vocab_size):
+        if token_id in used:
+            continue
+        while f"Ġt{counter}" in taken:
+            counter += 1
+        vocab[f"Ġt{counter}"] = token_id
+        counter += 1
+    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False))
+
+
+def build_preset_checkpoint(shape: str) -> Path:
+    """config.json + a full-vocabulary byte-level BPE tokenizer in a cache folder (no weights: dummy load)."""
+    from loomserve.tiny_checkpoints import build_tokenizer
+
+    preset = PRESETS[shape]
+    key = hashlib.sha256(json.dumps([PRESET_FORMAT_VERSION, preset], sort_keys=True).encode()).hexdigest()[:16]
+    target = _cache_root() / f"{shape}-{key}"
+    if (target / "config.json").exists():
+        return target
+    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(preset["family"], model_max_length=preset["max_position_embeddings"])
+    tokenizer.save_pretrained(tmp)
+    _pad_tokenizer_vocab(tmp / "tokenizer.json", preset["vocab_size"])
+    make_hf_config(preset, eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp)
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process finished first
+        if not (target / "config.json").exists():
+            raise
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- workload
+
+
+def make_prompts(num: int, len_min: int, len_max: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(len_min, len_max + 1, size=num)
+    return [rng.integers(0, vocab_size, size=int(n)).tolist() for n in lengths]
+
+
+def prompt_vocab_size(model_path: Path) -> int:
+    """Ids must be valid for the model and, for real checkpoints, for its tokenizer too."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    vocab = AutoConfig.from_pretrained(model_path).get_text_config().vocab_size
+    return min(vocab, len(AutoTokenizer.from_pretrained(model_path)))
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+        commit = out.stdout.strip() or "unknown"
+        return commit + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    import transformers
+
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": str(torch.get_num_threads()) if device.type == "cpu" else "-",
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "commit": git_commit(),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------- measurements
+
+
+@dataclass
+class RunResult:
+    name: str
+    wall_s: float
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    expected_output_tokens: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def output_tps(self) -> float:
+        return self.output_tokens / self.wall_s
+
+    @property
+    def total_tps(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.wall_s
+
+    @property
+    def rps(self) -> float:
+        return self.num_requests / self.wall_s
+
+
+@dataclass
+class StepRecord:
+    seconds: float  # the whole EngineCore.step (schedule + prepare + forward + sample + update)
+    pure_decode: bool
+    num_seqs: int
+    num_tokens: int
+    context_tokens: int  # sum over the step's sequences of their context length after the step
+
+
+class StepRecorder:
+    """Wraps one EngineCore instance's `step` (and its runner's `execute`, to see the batch) to time steps."""
+
+    def __init__(self, engine: Any, device: torch.device) -> None:
+        self.records: list[StepRecord] = []
+        self.enabled = False
+        self._device = device
+        self._batch: tuple[bool, int, int, int] | None = None
+        runner = engine.runner
+        execute, step = runner.execute, engine.step
+
+        def timed_execute(out: Any) -> Any:
+            sched = out.scheduled
+            self._batch = (
+                all(s.num_new_tokens == 1 for s in sched),
+                len(sched),
+                sum(s.num_new_tokens for s in sched),
+                sum(s.request.num_computed_tokens + s.num_new_tokens for s in sched),
+            )
+            return execute(out)
+
+        def timed_step() -> Any:
+            if not self.enabled:
+                return step()
+            self._batch = None
+            start = time.perf_counter()
+            result = step()
+            synchronize(self._device)
+            if self._batch is not None:
+                self.records.append(StepRecord(time.perf_counter() - start, *self._batch))
+            return result
+
+        runner.execute = timed_execute
+        engine.step = timed_step
+
+    def decode_steps(self) -> list[StepRecord]:
+        return [r for r in self.records if r.pure_decode]
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Device memory bandwidth in bytes/s from a large `copy_` (counts the read and the write)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    del src, dst
+    free_memory(device)
+    return 2 * nbytes * iters / seconds
+
+
+def weight_bytes_per_step(model: torch.nn.Module) -> int:
+    """Bytes of parameters a decode step reads: all of them, except an untied input embedding (only the
+    rows of the batch's tokens are gathered)."""
+    params = {id(p): p for p in model.parameters()}  # tied weights count once
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    embed = model.get_submodule("model.embed_tokens").weight
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is None or lm_head.weight is not embed:
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def kv_bytes_per_token(model_config: Any) -> int:
+    itemsize = torch.empty((), dtype=model_config.dtype).element_size()
+    return 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * itemsize
+
+
+def roofline_summary(
+    decode: list[StepRecord], weight_bytes: int, kv_per_token: int, bandwidth: float
+) -> dict[str, str]:
+    floor = sum((weight_bytes + r.context_tokens * kv_per_token) / bandwidth for r in decode)
+    measured = sum(r.seconds for r in decode)
+    mean_bytes = weight_bytes + kv_per_token * sum(r.context_tokens for r in decode) / len(decode)
+    return {
+        "copy bandwidth": f"{bandwidth / 1e12:.2f} TB/s",
+        "bytes / decode step (mean)": f"{mean_bytes / 1e6:.1f} MB (weights {weight_bytes / 1e6:.1f} MB)",
+        "floor / decode step (mean)": f"{floor / len(decode) * 1e3:.3f} ms",
+        "bandwidth floor / measured": f"{floor / measured:.3f}",
+    }
+
+
+def step_summary(recorder: StepRecorder) -> dict[str, str]:
+    decode = recorder.decode_steps()
+    mixed = [r for r in recorder.records if not r.pure_decode]
+    out = {"engine steps": f"{len(recorder.records)} ({len(decode)} pure decode, {len(mixed)} with prefill)"}
+    if decode:
+        mean = sum(r.seconds for r in decode) / len(decode)
+        batch = sum(r.num_seqs for r in decode) / len(decode)
+        out["decode step (mean)"] = f"{mean * 1e3:.2f} ms at {batch:.1f} seqs/step"
+    if mixed:
+        mean = sum(r.seconds for r in mixed) / len(mixed)
+        tokens = sum(r.num_tokens for r in mixed) / len(mixed)
+        out["prefill/mixed step (mean)"] = f"{mean * 1e3:.2f} ms at {tokens:.0f} tokens/step"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+
+def engine_kwargs(args: argparse.Namespace, model_path: Path, load_format: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "load_format": load_format,
+        "device": args.device,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len,
+        "kv_cache_memory": args.kv_cache_memory,
+    }
+    if getattr(args, "enforce_eager", False):
+        kwargs["enforce_eager"] = True
+    return kwargs
+
+
+def run_engine(
+    args: argparse.Namespace, model_path: Path, load_format: str, prompts: list[list[int]], vocab: int
+) -> RunResult:
+    from loomserve import LLM, SamplingParams
+
+    llm = LLM(str(model_path), **engine_kwargs(args, model_path, load_format))
+    device = llm.config.model_config.device
+    recorder = StepRecorder(llm.engine, device)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    warmup = make_prompts(4, 8, 16, vocab, args.seed + 1)
+    llm.generate([{"prompt_token_ids": p} for p in warmup], SamplingParams(temperature=0.0, max_tokens=4,
+                                                                            ignore_eos=True))
+    synchronize(device)
+
+    recorder.enabled = True
+    start = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    synchronize(device)
+    wall = time.perf_counter() - start
+    recorder.enabled = False
+
+    result = RunResult(
+        name="loomserve",
+        wall_s=wall,
+        num_requests=len(prompts),
+        prompt_tokens=sum(len(p) for p in prompts),
+        output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
+        expected_output_tokens=len(prompts) * args.output_len,
+        extra=step_summary(recorder),
+    )
+    decode = recorder.decode_steps()
+    if device.type == "cuda" and decode:
+        bandwidth = measure_copy_bandwidth(device, nbytes=min(1 << 30, torch.cuda.mem_get_info()[0] // 4))
+        weights = weight_bytes_per_step(llm.engine.runner.model)
+        result.extra.update(roofline_summary(decode, weights, kv_bytes_per_token(llm.config.model_config), bandwidth))
+    del llm, recorder, outputs
+    free_memory(device)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- baselines
+
+
+def build_hf_model(model_path: Path, device: torch.device, dtype: torch.dtype, attn: str) -> Any:
+    """transformers' model for the same config, random weights, in the engine's dtype."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    return model.eval()
+
+
+def _supported_kwargs(fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+    """Only the keyword arguments this transformers version's `fn` accepts (the API moves between releases)."""
+    names = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def _greedy_config(max_new_tokens: int, **extra: Any) -> Any:
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0, **extra
+    )
+
+
+def run_generate_batch(
+    args: argparse.Namespace, model_path: Path, device: torch.device, dtype: torch.dtype, prompts: list[list[int]],
+    vocab: int,
+) -> RunResult:
+    """transformers' continuous batching (`generate_batch`) with paged attention over sdpa."""
+    model = build_hf_model(model_path, device, dtype, "paged|sdpa")
+    config = _greedy_config(args.output_len)
+    kwargs = _supported_kwargs(model.generate_batch, progress_bar=False)
+    with torch.inference_mode():
+        model.generate_batch(inputs=make_prompts(4, 8, 16, vocab, args.seed + 1),
+                             generation_config=_greedy_config(4), **kwargs)
+        synchronize(device)
+        start = time.perf_counter()
+        results = model.generate_batch(inputs=prompts, generation_config=config, **kwargs)
+        synchronize(device)
+        wall = time.perf_counter() - start
+    produced = sum(len(r.generated_tokens) for r in results.values() if r.error is None)
+    failed = sum(r.error is not None for r in results.values()) + len(prompts) - len(results)
+    del model, results
+    free_memory(device)
+    return RunResult(
+        name="transformers generate_batch (paged|sdpa)",
+        wall_s=wall,
+        num_requests=len(prompts),
+        prompt_tokens=sum(len(p) for p in prompts),
+        output_tokens=produced,
+        expected_output_tokens=len(prompts) * args.output_len,
+        extra={"failed requests": str(failed)} if failed else {},
+    )
+
+
+def _left_padded(batch: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, p in enumerate(batch):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _static_generate(model: Any, batch: list[list[int]], output_len: int, device: torch.device) -> int:
+    """One padded batch; returns the number of tokens generated (all rows run to output_len)."""
+    ids, mask = _left_padded(batch, device)
+    config = _greedy_config(output_len, min_new_tokens=output_len)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    return (out.shape[1] - ids.shape[1]) * out.shape[0]
+
+
+def run_static(
+    args: argparse.Namespace, model_path: Path, device: torch.device, dtype: torch.dtype, prompts: list[list[int]],
+    vocab: int,
+) -> RunResult:
+    """Plain `generate` over padded batches of --baseline-batch-size, in the prompts' order."""
+    model = build_hf_model(model_path, device, dtype, "sdpa")
+    size = args.baseline_batch_size
+    with torch.inference_mode():
+        _static_generate(model, make_prompts(2, 8, 16, vocab, args.seed + 1), 4, device)
+        synchronize(device)
+        start = time.perf_counter()
+        produced = sum(
+            _static_generate(model, prompts[i: i + size], args.output_len, device) for i in range(0, len(prompts), size)
+        )
+        synchronize(device)
+        wall = time.perf_counter() - start
+    del model
+    free_memory(device)
+    return RunResult(
+        name=f"transformers generate (static, batch {size}, sdpa)",
+        wall_s=wall,
+        num_requests=len(prompts),
+        prompt_tokens=sum(len(p) for p in prompts),
+        output_tokens=produced,
+        expected_output_tokens=len(prompts) * args.output_len,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def format_table(results: list[RunResult]) -> str:
+    header = ["system", "output tok/s", "total tok/s", "wall s", "req/s", "output tokens"]
+    rows = [
+        [
+            r.name,
+            f"{r.output_tps:,.1f}",
+            f"{r.total_tps:,.1f}",
+            f"{r.wall_s:.2f}",
+            f"{r.rps:.2f}",
+            f"{r.output_tokens}/{r.expected_output_tokens}",
+        ]
+        for r in results
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def print_report(env: dict[str, str], workload: dict[str, str], results: list[RunResult]) -> None:
+    for key, value in {**env, **workload}.items():
+        print(f"{key:>28}: {value}")
+    print()
+    print(format_table(results))
+    print()
+    engine = results[0]
+    for key, value in engine.extra.items():
+        print(f"{key:>28}: {value}")
+    for other in results[1:]:
+        for key, value in other.extra.items():
+            print(f"{key:>28}: {value} ({other.name})")
+        print(f"{'ratio (output tok/s)':>28}: loomserve / {other.name} = {engine.output_tps / other.output_tps:.2f}x")
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_path = Path(args.model) if args.model else build_preset_checkpoint(args.shape)
+    load_format = args.load_format or ("auto" if args.model else "dummy")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    vocab = prompt_vocab_size(model_path)
+    prompts = make_prompts(args.num_prompts, args.input_len_min, args.input_len_max, vocab, args.seed)
+
+    results = [run_engine(args, model_path, load_format, prompts, vocab)]
+    if args.baseline == "generate_batch":
+        results.append(run_generate_batch(args, model_path, device, dtype, prompts, vocab))
+    elif args.baseline == "static":
+        results.append(run_static(args, model_path, device, dtype, prompts, vocab))
+
+    workload = {
+        "model": f"{args.model} ({load_format})" if args.model else f"--shape {args.shape} (dummy weights)",
+        "dtype": str(dtype).removeprefix("torch."),
+        "workload": (
+            f"{args.num_prompts} prompts of {args.input_len_min}-{args.input_len_max} tokens "
+            f"({sum(map(len, prompts))} in all), {args.output_len} output tokens each, greedy, EOS ignored"
+        ),
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    }
+    print_report(environment(device), workload, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

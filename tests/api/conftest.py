@@ -1,0 +1,109 @@
+"""Real loomserve servers for the HTTP tests: `python -m loomserve.api.cli serve` in a subprocess on
+127.0.0.1, started once per configuration and stopped at the end."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+MODEL = "tiny-qwen2"
+STARTUP_TIMEOUT_S = 120.0
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log: Path
+    model: str = MODEL
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def engine_pid(self) -> int:
+        """The EngineCore process: the server's child started by multiprocessing's spawn."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        for pid in children:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+        raise AssertionError(f"no engine process among the server's children {children}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(server: Server) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.process.returncode}:\n{server.log.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server did not become healthy in {STARTUP_TIMEOUT_S} s:\n{server.log.read_text()}")
+
+
+@contextmanager
+def running_server(checkpoint: str, log_dir: Path, *flags: str) -> Iterator[Server]:
+    port = _free_port()
+    log = log_dir / f"server-{port}.log"
+    command = [
+        sys.executable, "-m", "loomserve.api.cli", "serve", checkpoint, "--host", "127.0.0.1",
+        "--port", str(port), "--served-model-name", MODEL, "--kv-cache-memory", "16MiB", *flags,
+    ]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", process, log)
+    try:
+        _wait_healthy(server)
+        yield server
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(qwen2_checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The shared server; tests must leave it healthy and idle."""
+    with running_server(qwen2_checkpoint, tmp_path_factory.mktemp("server")) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def model(server: Server) -> str:
+    return server.model
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> openai.OpenAI:
+    return server.client()
+
+
+@pytest.fixture(scope="session")
+def http(server: Server) -> Iterator[httpx.Client]:
+    with server.http() as c:
+        yield c
