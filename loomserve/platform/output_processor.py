@@ -12,7 +12,7 @@ from typing import Any
 
 from loomserve.platform.detokenizer import IncrementalDetokenizer, find_stop
 from loomserve.platform.messages import EngineCoreOutput, TokenLogprobs
-from loomserve.platform.request import CompletionOutput, Logprob, RequestOutput, SamplingParams, SampleLogprobs
+from loomserve.platform.request import CompletionOutput, Logprob, RequestOutput, SampleLogprobs, SamplingParams
 from loomserve.platform.stats import IterationStats
 
 
