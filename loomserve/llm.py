@@ -41,11 +41,12 @@ class LLM:
         """Run prompts to completion; outputs come back in the order of the prompts."""
         prompts = _as_prompt_list(prompts)
         params = _broadcast(sampling_params or SamplingParams(), len(prompts))
+        tokenized = [self.input_processor.tokenize(prompt) for prompt in prompts]
+        for (_, token_ids), p in zip(tokenized, params):
+            self.input_processor.validate(token_ids, p)  # all or nothing: refuse before any request starts
         processor = OutputProcessor(self.tokenizer)
         order = []
-        for prompt, p in zip(prompts, params):
-            text, token_ids = self.input_processor.tokenize(prompt)
-            self.input_processor.validate(token_ids, p)
+        for (text, token_ids), p in zip(tokenized, params):
             request_id = str(next(self._ids))
             order.append(request_id)
             for child_id, child_params in processor.add_request(request_id, text, token_ids, p, time.time()):
