@@ -3,10 +3,24 @@ blocks are handed out in shuffled order (so no sequence's blocks are contiguous)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
+from loomserve.platform.config import EngineArgs, ModelConfig
+from loomserve.platform.loader import load_model
 from loomserve.platform.models.decoder import head_dim_of
+
+
+def model_config(path: Path, **engine_args) -> ModelConfig:
+    """The engine's ModelConfig for a checkpoint folder, fp32 on CPU unless told otherwise."""
+    engine_args = {"device": "cpu", "dtype": "float32", **engine_args}
+    return EngineArgs(model=str(path), **engine_args).create_engine_config().model_config
+
+
+def load(path: Path, **engine_args) -> torch.nn.Module:
+    return load_model(model_config(path, **engine_args))
 
 
 def make_metadata(

@@ -48,8 +48,10 @@ def run_backend(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, 
         kv_cache.fill_(stale)
     cached = make_metadata([c for c, _ in seqs], [c for c, _ in seqs], tables, BLOCK_SIZE)
     kv_cache.view(2, -1, num_kv_heads, HEAD_DIM)[:, cached.slot_mapping] = torch.stack(
-        [torch.cat([k[:c] for k, (c, _) in zip(keys, seqs, strict=True)]),
-         torch.cat([v[:c] for v, (c, _) in zip(values, seqs, strict=True)])]
+        [
+            torch.cat([k[:c] for k, (c, _) in zip(keys, seqs, strict=True)]),
+            torch.cat([v[:c] for v, (c, _) in zip(values, seqs, strict=True)]),
+        ]
     )
     meta = make_metadata([new for _, new in seqs], lengths, tables, BLOCK_SIZE)
     assert meta.num_decodes == sum(new == 1 for _, new in seqs)

@@ -7,16 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from paged_batch import PagedRunner
+from paged_batch import PagedRunner, load
 from safetensors.torch import load_file, save_file
 
-from loomserve.platform.config import EngineArgs, ModelConfig
-from loomserve.platform.loader import load_model
 from loomserve.tiny_checkpoints import tiny_checkpoint
-
-
-def model_config(path: Path, **kwargs) -> ModelConfig:
-    return EngineArgs(model=str(path), device="cpu", dtype="float32", **kwargs).create_engine_config().model_config
 
 
 def prompt_logits(model: torch.nn.Module) -> torch.Tensor:
@@ -29,22 +23,25 @@ def test_sharded_checkpoint_loads_the_same_logits_as_a_single_file() -> None:
     shards = set(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values())
     assert len(shards) > 1
     torch.testing.assert_close(
-        prompt_logits(load_model(model_config(sharded))), prompt_logits(load_model(model_config(single))),
-        rtol=0, atol=0,
+        prompt_logits(load(sharded)),
+        prompt_logits(load(single)),
+        rtol=0,
+        atol=0,
     )
 
 
 def test_dummy_load_gives_checkpoint_shapes_and_finite_outputs() -> None:
     path = tiny_checkpoint("qwen3", tie_word_embeddings=True)
-    model = load_model(model_config(path, load_format="dummy"))
-    real = load_model(model_config(path))
-    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in real.named_parameters()}
+    model = load(path, load_format="dummy")
+    real = load(path)
+    shapes = {name: param.shape for name, param in real.named_parameters()}
+    assert {name: param.shape for name, param in model.named_parameters()} == shapes
     assert torch.isfinite(prompt_logits(model)).all()
 
 
 def test_dummy_weights_follow_the_seed() -> None:
     path = tiny_checkpoint("llama")
-    first, again, other = (load_model(model_config(path, load_format="dummy", seed=s)) for s in (1, 1, 2))
+    first, again, other = (load(path, load_format="dummy", seed=s) for s in (1, 1, 2))
     weight = "model.layers.0.self_attn.qkv_proj.weight"
     assert torch.equal(first.get_parameter(weight), again.get_parameter(weight))
     assert not torch.equal(first.get_parameter(weight), other.get_parameter(weight))
@@ -53,8 +50,9 @@ def test_dummy_weights_follow_the_seed() -> None:
 def test_unsupported_architecture_error_names_the_supported_ones(tmp_path: Path) -> None:
     config = json.loads((tiny_checkpoint("llama") / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
-        load_model(model_config(tmp_path))
+    supported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+    with pytest.raises(ValueError, match=f"GPT2LMHeadModel.*{supported}"):
+        load(tmp_path)
 
 
 def test_missing_tensor_error_names_it(tmp_path: Path) -> None:
@@ -64,7 +62,7 @@ def test_missing_tensor_error_names_it(tmp_path: Path) -> None:
     del tensors["model.layers.1.mlp.down_proj.weight"], tensors["model.layers.0.self_attn.k_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="lacks 2 weights") as error:
-        load_model(model_config(tmp_path))
+        load(tmp_path)
     assert "model.layers.1.mlp.down_proj.weight" in str(error.value)
     assert "model.layers.0.self_attn.k_proj.weight" in str(error.value)
 
@@ -76,4 +74,4 @@ def test_tensor_of_wrong_shape_error_names_it(tmp_path: Path) -> None:
     tensors["model.layers.0.self_attn.v_proj.weight"] = tensors["model.layers.0.self_attn.v_proj.weight"][:-1]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.v_proj\.weight: .*shape"):
-        load_model(model_config(tmp_path))
+        load(tmp_path)

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from paged_batch import PagedRunner
+from paged_batch import PagedRunner, load
 
-from loomserve.platform.config import EngineArgs
-from loomserve.platform.loader import load_model
 from loomserve.tiny_checkpoints import INIT_STD, tiny_checkpoint
 
 CASES = {
@@ -30,15 +28,23 @@ def _llama_with_biases(path: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, attention_bias=True, mlp_bias=True,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attention_bias=True,
+        mlp_bias=True,
         architectures=["LlamaForCausalLM"],
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            param.copy_(1.0 + 0.1 * torch.randn_like(param) if "norm" in name else INIT_STD * torch.randn_like(param))
+            noise = torch.randn_like(param)
+            param.copy_(1.0 + 0.1 * noise if "norm" in name else INIT_STD * noise)
     model.save_pretrained(path)
     return path
 
@@ -49,10 +55,12 @@ def models(case: str, tmp_root: Path) -> tuple[torch.nn.Module, torch.nn.Module]
     from transformers import AutoModelForCausalLM
 
     family, kwargs = CASES[case]
-    path = _llama_with_biases(tmp_root / case) if family == "llama-biases" else tiny_checkpoint(family, **kwargs)
+    if family == "llama-biases":
+        path = _llama_with_biases(tmp_root / case)
+    else:
+        path = tiny_checkpoint(family, **kwargs)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-    engine_config = EngineArgs(model=str(path), device="cpu", dtype="float32").create_engine_config()
-    return reference.eval(), load_model(engine_config.model_config)
+    return reference.eval(), load(path)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +117,7 @@ def test_bfloat16_model_computes_in_bfloat16_close_to_float32() -> None:
     tokens = {"s": list(range(3, 40))}
     outputs = {}
     for dtype in ("float32", "bfloat16"):
-        model = load_model(EngineArgs(model=str(path), device="cpu", dtype=dtype).create_engine_config().model_config)
+        model = load(path, dtype=dtype)
         runner = PagedRunner(model, block_size=16)
         assert runner.kv_caches[0].dtype == model.model.embed_tokens.weight.dtype == getattr(torch, dtype)
         outputs[dtype] = runner.step(tokens)["s"]

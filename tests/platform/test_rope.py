@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged_batch import PagedRunner
+from paged_batch import PagedRunner, load
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from loomserve.platform.config import EngineArgs
-from loomserve.platform.loader import load_model
 from loomserve.platform.models.rope import RotaryEmbedding, apply_rotary
 from loomserve.tiny_checkpoints import tiny_checkpoint
 
@@ -20,19 +18,30 @@ ROPE_PARAMETERS = {
     "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
     # original context 64: wavelengths below 16 kept, above 64 divided by 8, between interpolated
     "llama3": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
     },
     "yarn": {
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
-        "beta_fast": 32.0, "beta_slow": 1.0,
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
     },
 }
 
 
 def llama_config(rope_parameters: dict) -> LlamaConfig:
     return LlamaConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
         rope_parameters=dict(rope_parameters),
     )
 
@@ -90,7 +99,7 @@ def test_model_with_rope_type_matches_transformers_logits(rope_type: str) -> Non
 
     path = tiny_checkpoint("llama", rope_parameters=ROPE_PARAMETERS[rope_type], max_position_embeddings=256)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-    ours = load_model(EngineArgs(model=str(path), device="cpu", dtype="float32").create_engine_config().model_config)
+    ours = load(path)
     tokens = torch.randint(reference.config.vocab_size, (150,), generator=torch.Generator().manual_seed(0))
     logits = PagedRunner(ours, block_size=16).step({"s": tokens.tolist()})["s"]
     with torch.inference_mode():
