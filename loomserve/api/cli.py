@@ -57,17 +57,20 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(**{name: getattr(ns, name) for name in _ENGINE_FLAGS})
 
 
-def _demo_model() -> str:
+DEMO_NAME = "loomserve-demo"
+
+
+def _use_demo_model(ns: argparse.Namespace) -> None:
     from loomserve.tiny_checkpoints import demo_checkpoint
 
-    path = str(demo_checkpoint())
+    ns.model = str(demo_checkpoint())
+    ns.served_model_name = ns.served_model_name or DEMO_NAME
     logger.warning(
-        "No MODEL given: serving the built-in demo checkpoint at %s. Its weights are RANDOM, so the text "
-        "it generates is gibberish. To serve a real model, name it: "
+        "No MODEL given: serving the built-in demo checkpoint %r (from %s). Its weights are RANDOM, so the "
+        "text it generates is gibberish. To serve a real model, name it: "
         "`loomserve serve Qwen/Qwen2.5-0.5B-Instruct` or `loomserve serve /path/to/checkpoint-folder`.",
-        path,
+        ns.served_model_name, ns.model,
     )
-    return path
 
 
 def serve(ns: argparse.Namespace) -> None:
@@ -76,7 +79,7 @@ def serve(ns: argparse.Namespace) -> None:
     from loomserve.api.server import build_app
 
     if ns.model is None:
-        ns.model = _demo_model()
+        _use_demo_model(ns)
     app = build_app(engine_args_from(ns), api_key=ns.api_key)
     logger.info("Serving %s at http://%s:%d (OpenAI API under http://%s:%d/v1)",
                 ns.served_model_name or ns.model, ns.host, ns.port, ns.host, ns.port)

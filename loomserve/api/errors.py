@@ -13,7 +13,6 @@ _ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
-    405: "MethodNotAllowedError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
@@ -30,8 +29,7 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> ErrorResponse:
-    default_type = HTTPStatus(status).phrase.replace(" ", "") + "Error"
-    kind = _ERROR_TYPES.get(status, default_type)
+    kind = _ERROR_TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
     return ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=status))
 
 

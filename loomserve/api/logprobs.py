@@ -19,7 +19,7 @@ def completion_logprobs(
         token = _text(step[token_id])
         result.tokens.append(token)
         result.token_logprobs.append(_number(step[token_id].logprob))
-        result.top_logprobs.append({_text(lp): _number(lp.logprob) for lp in _by_rank(step)})
+        result.top_logprobs.append(_top_by_text(step))
         result.text_offset.append(text_offset)
         text_offset += len(token)
     return result
@@ -35,6 +35,14 @@ def chat_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_top
         for token_id, step in zip(token_ids, steps, strict=True)
     ]
     return ChatLogProbs(content=content)
+
+
+def _top_by_text(step: dict[int, Logprob]) -> dict[str, float]:
+    """Text -> logprob, most likely first; of tokens that decode alike, the most likely one speaks."""
+    top: dict[str, float] = {}
+    for lp in _by_rank(step):
+        top.setdefault(_text(lp), _number(lp.logprob))
+    return top
 
 
 def _chat_entry(lp: Logprob) -> ChatLogProb:

@@ -10,11 +10,25 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
 
 from loomserve.platform.request import SamplingParams
+
+
+def _valid_unicode(value: Any) -> Any:
+    """Validator for text bound for the tokenizer: JSON escapes can spell lone surrogates; it refuses them."""
+    for text in value if isinstance(value, list) else [value]:
+        if not isinstance(text, str):
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"the text is not valid Unicode ({exc.reason} at {exc.start})") from None
+    return value
+
 
 # Integers travel to the engine through msgpack, which holds at most 64 bits.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -69,11 +83,15 @@ class ContentPart(BaseModel):
     type: str
     text: str | None = None
 
+    _unicode = field_validator("text")(_valid_unicode)
+
 
 class ChatMessage(OpenAIBaseModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+    _unicode = field_validator("role", "content", "name")(_valid_unicode)
 
 
 class SamplingRequest(OpenAIBaseModel):
@@ -100,6 +118,8 @@ class SamplingRequest(OpenAIBaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    _unicode = field_validator("stop")(_valid_unicode)
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -124,6 +144,8 @@ class CompletionRequest(SamplingRequest):
     logprobs: Int64 | None = None
     echo: bool = False
 
+    _prompt_unicode = field_validator("prompt")(_valid_unicode)
+
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
@@ -133,7 +155,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: Int64 | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -158,6 +180,8 @@ class TokenizeRequest(OpenAIBaseModel):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+
+    _unicode = field_validator("prompt")(_valid_unicode)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> TokenizeRequest:
@@ -200,9 +224,9 @@ def _now() -> int:
 
 class CompletionLogProbs(OpenAIBaseModel):
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float | None] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
 
 
 class CompletionChoice(OpenAIBaseModel):

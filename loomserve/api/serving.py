@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
 
 from loomserve.api.errors import APIError
 from loomserve.api.prompts import Prompt, resolve_max_tokens
 from loomserve.api.protocol import SamplingRequest, UsageInfo
 from loomserve.api.streaming import merge_async_iterators
+from loomserve.platform.async_llm import AsyncLLM
 from loomserve.platform.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
 
 
@@ -18,13 +19,13 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def check_model(engine: Any, model: str | None) -> None:
+def check_model(engine: AsyncLLM, model: str | None) -> None:
     """404 unless `model` is absent or names the served model."""
     if model and model != engine.model_config.served_model_name:
         raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
 
 
-def sampling_params(engine: Any, request: SamplingRequest, prompt: Prompt) -> SamplingParams:
+def sampling_params(engine: AsyncLLM, request: SamplingRequest, prompt: Prompt) -> SamplingParams:
     """The prompt's SamplingParams; 400 when the prompt plus completion overflow the context."""
     max_model_len = engine.model_config.max_model_len
     max_tokens = resolve_max_tokens(len(prompt.token_ids), request.requested_max_tokens, max_model_len)
@@ -80,8 +81,9 @@ class DeltaTracker:
 async def collect_final(streams: list[AsyncGenerator[RequestOutput, None]]) -> list[RequestOutput]:
     """Run engine streams to the end; their final outputs, in order."""
     finals: dict[int, RequestOutput] = {}
-    async for i, output in merge_async_iterators(*streams):
-        finals[i] = output
+    async with aclosing(merge_async_iterators(*streams)) as merged:
+        async for i, output in merged:
+            finals[i] = output
     return [finals[i] for i in range(len(streams))]
 
 

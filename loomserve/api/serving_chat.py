@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from loomserve.api.serving import (
     usage,
 )
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
+from loomserve.platform.async_llm import AsyncLLM
 from loomserve.platform.request import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ class _Call:
 
 
 async def create_chat_completion(
-    engine: Any, request: ChatCompletionRequest, raw_request: Request
+    engine: AsyncLLM, request: ChatCompletionRequest, raw_request: Request
 ) -> Response:
     check_model(engine, request.model)
     text = render_chat(engine.tokenizer, request.messages)
@@ -95,23 +97,30 @@ async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> A
     tracker = DeltaTracker()
     latest: RequestOutput | None = None
     try:
-        async for _, output in merge_async_iterators(stream):
-            latest = output
-            for c in output.outputs:
-                delta = tracker.delta(c.index, c)
-                if delta is None:
-                    continue
-                if delta.first:
-                    role = DeltaMessage(role="assistant", content="")
-                    yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)]))
-                if delta.text or delta.finish_reason or delta.logprobs:
-                    yield sse(call.chunk([_stream_choice(call, c.index, delta)]))
+        async with aclosing(merge_async_iterators(stream)) as merged:
+            async for _, output in merged:
+                latest = output
+                for event in _events(call, tracker, output):
+                    yield event
         if call.request.include_usage_chunk and latest is not None:
             yield sse(call.chunk([], usage=usage([latest])))
     except Exception as exc:  # the status line is sent already: report the error in the stream
         logger.exception("chat stream %s failed", call.id)
         yield sse(error_body_for(exc))
     yield SSE_DONE
+
+
+def _events(call: _Call, tracker: DeltaTracker, output: RequestOutput) -> Iterator[str]:
+    """The chunks one engine output adds: a choice's first brings the role, then text as it comes."""
+    for c in output.outputs:
+        delta = tracker.delta(c.index, c)
+        if delta is None:
+            continue
+        if delta.first:
+            role = DeltaMessage(role="assistant", content="")
+            yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)]))
+        if delta.text or delta.finish_reason or delta.logprobs:
+            yield sse(call.chunk([_stream_choice(call, c.index, delta)]))
 
 
 def _stream_choice(call: _Call, index: int, delta: Delta) -> ChatStreamChoice:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from loomserve.api.serving import (
     usage,
 )
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
+from loomserve.platform.async_llm import AsyncLLM
 from loomserve.platform.request import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,6 @@ class _Call:
     """One /v1/completions call: its prompts and the fixed fields of every chunk."""
 
     request: CompletionRequest
-    prompts: list[Prompt]
     echo_texts: list[str]
     model: str
     id: str = field(default_factory=lambda: random_id("cmpl"))
@@ -50,14 +51,14 @@ class _Call:
         )
 
 
-async def create_completion(engine: Any, request: CompletionRequest, raw_request: Request) -> Response:
+async def create_completion(engine: AsyncLLM, request: CompletionRequest, raw_request: Request) -> Response:
     check_model(engine, request.model)
     if request.echo and request.logprobs is not None:
         raise APIError("`echo` together with `logprobs` is not supported yet", param="echo")
     prompts = _prompts(engine, request.prompt)
     params = [sampling_params(engine, request, prompt) for prompt in prompts]
     echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
-    call = _Call(request, prompts, echo_texts, engine.model_config.served_model_name)
+    call = _Call(request, echo_texts, engine.model_config.served_model_name)
     streams = [
         engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text)
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
@@ -70,7 +71,7 @@ async def create_completion(engine: Any, request: CompletionRequest, raw_request
     return JSONResponse(_full_response(call, outputs).model_dump(mode="json"))
 
 
-def _prompts(engine: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+def _prompts(engine: AsyncLLM, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
     """The request's prompts: one string, strings, one token-id list or token-id lists."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
@@ -99,19 +100,26 @@ async def _stream(call: _Call, streams: list[AsyncGenerator[RequestOutput, None]
     tracker = DeltaTracker()
     latest: dict[int, RequestOutput] = {}
     try:
-        async for i, output in merge_async_iterators(*streams):
-            latest[i] = output
-            for c in output.outputs:
-                index = call.choice_index(i, c.index)
-                delta = tracker.delta(index, c)
-                if delta is not None:
-                    yield sse(call.response([_choice(call, index, call.echo_texts[i], delta)]))
+        async with aclosing(merge_async_iterators(*streams)) as merged:
+            async for i, output in merged:
+                latest[i] = output
+                for event in _events(call, tracker, i, output):
+                    yield event
         if call.request.include_usage_chunk:
             yield sse(call.response([], usage=usage(list(latest.values()))))
     except Exception as exc:  # the status line is sent already: report the error in the stream
         logger.exception("completion stream %s failed", call.id)
         yield sse(error_body_for(exc))
     yield SSE_DONE
+
+
+def _events(call: _Call, tracker: DeltaTracker, prompt_index: int, output: RequestOutput) -> Iterator[str]:
+    """The chunks one engine output adds: one per choice with something new."""
+    for c in output.outputs:
+        index = call.choice_index(prompt_index, c.index)
+        delta = tracker.delta(index, c)
+        if delta is not None:
+            yield sse(call.response([_choice(call, index, call.echo_texts[prompt_index], delta)]))
 
 
 def _choice(call: _Call, index: int, echo: str, delta: Delta) -> CompletionChoice:

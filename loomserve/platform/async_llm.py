@@ -49,6 +49,7 @@ class AsyncLLM:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers = list(stat_loggers or [])
         self.errored: str | None = None
+        self._output_task: asyncio.Task | None = None
         self._ipc_dir = tempfile.mkdtemp(prefix="loomserve-")
         input_addr = f"ipc://{os.path.join(self._ipc_dir, 'input')}"
         output_addr = f"ipc://{os.path.join(self._ipc_dir, 'output')}"
@@ -62,7 +63,6 @@ class AsyncLLM:
         )
         self._proc.start()
         self.kv_info = self._wait_ready()
-        self._output_task: asyncio.Task | None = None
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> AsyncLLM:
@@ -123,9 +123,11 @@ class AsyncLLM:
         self._abort(request_id)
 
     def _abort(self, request_id: str) -> None:
-        child_ids = self.output_processor.abort_request(request_id)
+        child_ids, stats = self.output_processor.abort_request(request_id)
         if child_ids:
             self._send(MessageType.ABORT, child_ids)
+        for stat_logger in self.stat_loggers:
+            stat_logger.record(None, stats)
 
     async def check_health(self) -> None:
         if self.errored or not self._proc.is_alive():

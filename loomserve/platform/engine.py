@@ -116,4 +116,6 @@ def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
             timeout = 0
         if engine.has_requests():
             outputs = engine.step()
-            outbox.send(pack(MessageType.OUTPUTS, outputs.to_wire()))
+        else:  # what arrived (aborts) left the engine idle: report the now-empty state once
+            outputs = EngineCoreOutputs([], engine.scheduler.stats())
+        outbox.send(pack(MessageType.OUTPUTS, outputs.to_wire()))

@@ -126,15 +126,19 @@ class OutputProcessor:
             self.children[child_id] = (parent, child)
         return [(child_id, child.params) for child_id, child in zip(ids, children)]
 
-    def abort_request(self, request_id: str) -> list[str]:
-        """Forget a request; returns its unfinished child ids for the engine to abort."""
+    def abort_request(self, request_id: str) -> tuple[list[str], IterationStats]:
+        """Forget a request; returns its unfinished child ids for the engine to abort, and what it cost."""
+        stats = IterationStats()
         parent = self.parents.pop(request_id, None)
         if parent is None:
-            return []
+            return [], stats
         ids = child_request_ids(request_id, len(parent.children))
         for child_id in ids:
             self.children.pop(child_id, None)
-        return [i for i, c in zip(ids, parent.children) if c.finish_reason is None]
+        unfinished = [i for i, c in zip(ids, parent.children) if c.finish_reason is None]
+        stats.finished_reasons = ["abort"] * len(unfinished)
+        stats.e2e_latencies.append(time.time() - parent.arrival_time)
+        return unfinished, stats
 
     def has_unfinished(self) -> bool:
         return bool(self.parents)

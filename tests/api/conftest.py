@@ -8,8 +8,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,10 @@ class Server:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60)
 
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of /metrics (labels not given are ignored)."""
+        return metric_value(httpx.get(f"{self.url}/metrics").text, name, **labels)
+
     def engine_pid(self) -> int:
         """The EngineCore process: the server's child started by multiprocessing's spawn."""
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
@@ -41,6 +45,13 @@ class Server:
             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return int(pid)
         raise AssertionError(f"no engine process among the server's children {children}")
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} is not in /metrics")
 
 
 def _free_port() -> int:
@@ -87,9 +98,17 @@ def running_server(checkpoint: str, log_dir: Path, *flags: str) -> Iterator[Serv
 
 
 @pytest.fixture(scope="session")
-def server(qwen2_checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def start_server(
+    qwen2_checkpoint: str, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[..., AbstractContextManager[Server]]:
+    """`with start_server(*extra_flags) as server:` a server of the tiny qwen2 checkpoint."""
+    return lambda *flags: running_server(qwen2_checkpoint, tmp_path_factory.mktemp("server"), *flags)
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> Iterator[Server]:
     """The shared server; tests must leave it healthy and idle."""
-    with running_server(qwen2_checkpoint, tmp_path_factory.mktemp("server")) as s:
+    with start_server() as s:
         yield s
 
 
