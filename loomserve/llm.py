@@ -1,4 +1,5 @@
-"""The offline Python API in vLLM's shape: `LLM(model).generate(prompts, SamplingParams(...))`, `.chat(...)`.
+"""The offline Python API in vLLM's shape: `LLM(model).generate(prompts, SamplingParams(...))`, `.chat(...)`;
+`.embed(...)`, `.score(...)`, `.classify(...)` and `.encode(...)` for pooling models (loomserve/pooling/llm_api.py).
 
 It drives an EngineCore in this process; the HTTP server uses the same pieces through AsyncLLM.
 """
@@ -15,11 +16,12 @@ from loomserve.platform.engine import EngineCore
 from loomserve.platform.input_processor import InputProcessor, PromptType, load_tokenizer
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
+from loomserve.pooling.llm_api import PoolingAPI
 
 Conversation = list[dict[str, Any]]
 
 
-class LLM:
+class LLM(PoolingAPI):
     def __init__(self, model: str, **engine_args: Any) -> None:
         unknown = set(engine_args) - EngineArgs.field_names()
         if unknown:

@@ -66,6 +66,9 @@ class ModelConfig:
     seed: int
     hf_config: Any = field(repr=False)
     served_model_name: str
+    task: str = "generate"  # generate | embed | classify: which routes and LLM methods serve it
+    encoder_only: bool = False  # bidirectional attention: no KV cache, whole prompts in one step
+    pooler_config: Any = None  # loomserve.pooling.config.PoolerConfig: how hidden states become vectors
 
     @property
     def architecture(self) -> str:
@@ -108,6 +111,7 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+    enable_chunked_prefill: bool = True  # off for encoder-only models: their prompts must run whole
 
 
 @dataclass
@@ -138,6 +142,8 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     attention_backend: str = "auto"
+    task: str = "auto"  # auto (from the checkpoint), generate, embed or classify
+    pooler_config: str | dict | None = None  # JSON overrides of the checkpoint's pooling defaults
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -146,12 +152,16 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         from transformers import AutoConfig
 
+        from loomserve.pooling.config import resolve_pooling
+
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}; choose auto, safetensors or dummy")
         hf_config = AutoConfig.from_pretrained(self.model)
         text = hf_config.get_text_config()
         device = resolve_device(self.device)
         limit = _context_limit(text)
+        pooling = resolve_pooling(self.model, hf_config, self.task, self.pooler_config)
+        limit = min(limit, pooling.max_model_len or limit)
         max_model_len = self.max_model_len or limit
         if max_model_len > limit:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
@@ -165,17 +175,21 @@ class EngineArgs:
             seed=self.seed,
             hf_config=hf_config,
             served_model_name=self.served_model_name or _default_name(self.model),
+            task=pooling.task,
+            encoder_only=pooling.encoder_only,
+            pooler_config=pooling.pooler_config,
         )
         cache_config = CacheConfig(
             block_size=self.block_size,
             kv_cache_memory=parse_memory(self.kv_cache_memory),
             gpu_memory_utilization=self.gpu_memory_utilization,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
-            enable_prefix_caching=self.enable_prefix_caching,
+            enable_prefix_caching=self.enable_prefix_caching and not pooling.encoder_only,
         )
         scheduler_config = SchedulerConfig(
             max_num_batched_tokens=self.max_num_batched_tokens or max(2048, min(max_model_len, 8192)),
             max_num_seqs=self.max_num_seqs,
+            enable_chunked_prefill=not pooling.encoder_only,
         )
         return EngineConfig(model_config, cache_config, scheduler_config, self.attention_backend)
 

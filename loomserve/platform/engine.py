@@ -11,6 +11,7 @@ import logging
 import traceback
 from typing import Any
 
+import torch
 import zmq
 
 from loomserve.platform.config import EngineArgs, EngineConfig
@@ -25,6 +26,7 @@ from loomserve.platform.messages import (
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.runner import ModelRunner
 from loomserve.platform.scheduler import Scheduler
+from loomserve.pooling.wire import tensor_to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class EngineCore:
             eos_token_id=req.eos_token_id,
             arrival_time=req.arrival_time,
             cache_salt=req.cache_salt,
+            pooling_params=req.pooling_params,
         )
         self.scheduler.add_request(request)
 
@@ -57,7 +60,7 @@ class EngineCore:
         if not out.scheduled:
             return EngineCoreOutputs([], self.scheduler.stats())
         result = self.runner.execute(out)
-        updated = self.scheduler.update_from_output(out, result.sampled)
+        updated = self.scheduler.update_from_output(out, result.sampled, result.pooled.keys())
         outputs = [
             EngineCoreOutput(
                 request_id=r.request_id,
@@ -68,11 +71,19 @@ class EngineCore:
                 num_cached_tokens=r.num_cached_tokens,
             )
             for r in updated
+            if r.request_id not in result.pooled
         ]
+        outputs += [pooled_output(r, result.pooled[r.request_id]) for r in updated if r.request_id in result.pooled]
         return EngineCoreOutputs(outputs, self.scheduler.stats())
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv.pool.reset_prefix_cache()
+
+
+def pooled_output(request: Request, pooled: torch.Tensor) -> EngineCoreOutput:
+    """A finished pooling request: no tokens, its pooled tensor."""
+    return EngineCoreOutput(request.request_id, [], finish_reason=request.finish_reason,
+                            num_cached_tokens=request.num_cached_tokens, pooled=tensor_to_wire(pooled))
 
 
 def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None:

@@ -54,6 +54,9 @@ class InputProcessor:
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError with the numbers when a prompt cannot be served."""
+        if self.model_config.task != "generate":
+            raise ValueError(f"{self.model_config.served_model_name} is a pooling model ({self.model_config.task}): "
+                             "it cannot generate text")
         max_len = self.model_config.max_model_len
         if not token_ids:
             raise ValueError("the prompt is empty")

@@ -27,7 +27,7 @@ _INDEX = "model.safetensors.index.json"
 
 def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> nn.Module:
     start = time.perf_counter()
-    model_cls = get_model_class(model_config.architecture)
+    model_cls = get_model_class(model_config.architecture, model_config.task)
     with default_dtype(model_config.dtype), model_config.device:
         model = model_cls(model_config.text_config, attention_backend)
     if model_config.load_format == "dummy":

@@ -10,6 +10,8 @@ import msgpack
 
 from loomserve.platform.request import SamplingParams
 from loomserve.platform.stats import SchedulerStats
+from loomserve.pooling.params import PoolingParams
+from loomserve.pooling.wire import PooledWire
 
 
 class MessageType(enum.IntEnum):
@@ -25,18 +27,23 @@ class MessageType(enum.IntEnum):
 class EngineCoreRequest:
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for a pooling request
     eos_token_id: int | None
     arrival_time: float
     cache_salt: str | None = None
+    pooling_params: PoolingParams | None = None
 
     def to_wire(self) -> list:
-        return [self.request_id, self.prompt_token_ids, self.sampling_params.to_dict(), self.eos_token_id,
-                self.arrival_time, self.cache_salt]
+        sampling = self.sampling_params.to_dict() if self.sampling_params is not None else None
+        pooling = self.pooling_params.to_dict() if self.pooling_params is not None else None
+        return [self.request_id, self.prompt_token_ids, sampling, self.eos_token_id,
+                self.arrival_time, self.cache_salt, pooling]
 
     @classmethod
     def from_wire(cls, w: list) -> EngineCoreRequest:
-        return cls(w[0], w[1], SamplingParams.from_dict(w[2]), w[3], w[4], w[5])
+        sampling = SamplingParams.from_dict(w[2]) if w[2] is not None else None
+        pooling = PoolingParams.from_dict(w[6]) if w[6] is not None else None
+        return cls(w[0], w[1], sampling, w[3], w[4], w[5], pooling)
 
 
 # Logprobs of one generated token: (token ids, logprobs, rank of the sampled token); sampled token first.
@@ -51,15 +58,16 @@ class EngineCoreOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
+    pooled: PooledWire | None = None  # a pooling request's output (loomserve.pooling.wire)
 
     def to_wire(self) -> list:
         return [self.request_id, self.new_token_ids, self.new_logprobs, self.finish_reason, self.stop_reason,
-                self.num_cached_tokens]
+                self.num_cached_tokens, self.pooled]
 
     @classmethod
     def from_wire(cls, w: list) -> EngineCoreOutput:
         logprobs = [tuple(x) for x in w[2]] if w[2] is not None else None
-        return cls(w[0], w[1], logprobs, w[3], w[4], w[5])
+        return cls(w[0], w[1], logprobs, w[3], w[4], w[5], w[6])
 
 
 @dataclass

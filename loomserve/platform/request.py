@@ -6,6 +6,8 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loomserve.pooling.params import PoolingParams
+
 _SAMPLING_EPS = 1e-5
 
 
@@ -103,7 +105,7 @@ class Request:
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
+    sampling_params: SamplingParams | None  # None for a pooling request
     eos_token_id: int | None = None
     arrival_time: float = 0.0
     cache_salt: str | None = None
@@ -113,6 +115,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    pooling_params: PoolingParams | None = None  # set for embedding / scoring requests: prefill only, then done
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -133,6 +136,11 @@ class Request:
     @property
     def finish_reason(self) -> str | None:
         return FINISH_REASONS.get(self.status)
+
+    @property
+    def needs_whole_prompt(self) -> bool:
+        """Pools over more than its last token: the prompt runs in one step and skips the prefix cache."""
+        return self.pooling_params is not None and self.pooling_params.needs_whole_prompt
 
 
 @dataclass

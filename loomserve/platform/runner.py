@@ -8,7 +8,7 @@ this step are sampled; a prefill chunk that stops short computes KV and nothing 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,6 +20,8 @@ from loomserve.platform.loader import load_model
 from loomserve.platform.request import Request
 from loomserve.platform.sampler import Sampler, build_sampling_metadata
 from loomserve.platform.scheduler import ScheduledRequest, SchedulerOutput
+from loomserve.pooling.batch import pooling_spans, token_type_ids
+from loomserve.pooling.poolers import Pooler
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class BatchInputs:
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
     sample_requests: list[Request]
+    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # extra forward inputs: token_type_ids [T]
 
 
 @dataclass
@@ -40,6 +43,7 @@ class StepOutput:
     sampled: dict[str, int]  # request id -> new token
     # request id -> (token ids, logprobs, rank of the sampled token): sampled token first, then the top-k
     logprobs: dict[str, tuple[list[int], list[float], int]]
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> pooled output (float32, CPU)
 
 
 class ModelRunner:
@@ -52,6 +56,8 @@ class ModelRunner:
         self.model = load_model(mc, config.attention_backend)
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
+        self.pooler = Pooler(self.model, mc.pooler_config)
+        self.uses_kv_cache = getattr(self.model, "uses_kv_cache", True)  # encoder-only models keep no KV
         num_blocks = self._num_kv_blocks()
         config.cache_config.num_blocks = num_blocks
         if num_blocks * self.block_size < mc.max_model_len:
@@ -61,7 +67,10 @@ class ModelRunner:
                 "lower --max-model-len"
             )
         shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+        num_cache_layers = mc.num_layers if self.uses_kv_cache else 0
+        self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(num_cache_layers)]
+        if not self.uses_kv_cache:
+            logger.info("encoder-only model: no KV cache tensors; its KV blocks below are bookkeeping only")
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
             num_blocks, self.block_size, num_blocks * self.block_size,
@@ -75,6 +84,9 @@ class ModelRunner:
 
     def _num_kv_blocks(self) -> int:
         cc = self.config.cache_config
+        if not self.uses_kv_cache:  # block tables as bookkeeping only, enough for every sequence at full length
+            mc, sc = self.config.model_config, self.config.scheduler_config
+            return sc.max_num_seqs * cdiv(mc.max_model_len, self.block_size)
         if cc.num_gpu_blocks_override:
             return cc.num_gpu_blocks_override
         if cc.kv_cache_memory:
@@ -147,6 +159,7 @@ class ModelRunner:
                 logits_indices.append(query_start_loc[-1] - 1)
                 sample_requests.append(s.request)
         dev = self.device
+        types = token_type_ids(scheduled, dev)
         attn = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
             query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
@@ -163,15 +176,17 @@ class ModelRunner:
             attn=attn,
             logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
             sample_requests=sample_requests,
+            model_inputs={} if types is None else {"token_type_ids": types},
         )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepOutput:
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         batch = self.prepare_inputs(scheduled)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, **batch.model_inputs)
+        pooled = self.pooler(hidden, batch.input_ids, pooling_spans(scheduled, batch.attn.query_start_loc_cpu))
         if not batch.sample_requests:
-            return StepOutput({}, {})
+            return StepOutput({}, {}, pooled)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [S, vocab] float32
         meta = build_sampling_metadata(batch.sample_requests, self.vocab_size, self.device)
         result = self.sampler(logits, meta)
@@ -184,7 +199,7 @@ class ModelRunner:
                 k = request.sampling_params.logprobs
                 if k is not None:
                     logprobs[request.request_id] = (tok[: k + 1], lp[: k + 1], rank)
-        return StepOutput(sampled, logprobs)
+        return StepOutput(sampled, logprobs, pooled)
 
 
 def _token_at(request: Request, position: int) -> int:

@@ -9,6 +9,7 @@ from its prompt plus what it has generated, which the prefix cache often still h
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from loomserve.platform.config import CacheConfig, SchedulerConfig
@@ -26,6 +27,15 @@ class ScheduledRequest:
     @property
     def samples(self) -> bool:
         """Whether this step reaches the end of the known tokens, so its last logits pick a token."""
+        return self.request.pooling_params is None and self._reaches_end
+
+    @property
+    def pools(self) -> bool:
+        """Whether this step finishes a pooling request's prompt, so its hidden states become its output."""
+        return self.request.pooling_params is not None and self._reaches_end
+
+    @property
+    def _reaches_end(self) -> bool:
         return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
 
 
@@ -88,6 +98,8 @@ class Scheduler:
             request = self.waiting[0]
             computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             n = min(request.num_tokens - num_hit, budget)
+            if n < request.num_tokens - num_hit and not self._may_chunk(request):
+                return  # runs whole in a later step (the front end refuses prompts over the whole budget)
             if not self.kv.allocate_slots(request, n, computed_blocks):
                 return
             self.waiting.popleft()
@@ -99,6 +111,10 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(request, n, self.kv.block_ids(request.request_id)))
             budget -= n
 
+    def _may_chunk(self, request: Request) -> bool:
+        """Bidirectional models and pooling over every token need the whole prompt in one step."""
+        return self.config.enable_chunked_prefill and not request.needs_whole_prompt
+
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
         request.num_computed_tokens = 0
@@ -109,13 +125,19 @@ class Scheduler:
         self.total_preemptions += 1
 
     def update_from_output(
-        self, out: SchedulerOutput, sampled: dict[str, int]
+        self, out: SchedulerOutput, sampled: dict[str, int], pooled: Collection[str] = ()
     ) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish what stopped; returns the updated requests."""
+        """Advance computed counts, append sampled tokens, finish what stopped or pooled; returns the updated
+        requests."""
         updated = []
         for s in out.scheduled:
             request = s.request
             request.num_computed_tokens += s.num_new_tokens
+            if request.request_id in pooled:  # a pooling request is done once its prompt is
+                request.status = RequestStatus.FINISHED_STOPPED
+                self._finish(request)
+                updated.append(request)
+                continue
             token = sampled.get(request.request_id)
             if token is None:
                 continue

@@ -33,7 +33,7 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of the request, in whole blocks, leaving at least one token to run."""
-        if not self.enable_caching:
+        if not self.enable_caching or request.needs_whole_prompt:  # it needs every token's hidden state
             return [], 0
         hashes = self._hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size

@@ -1,0 +1,188 @@
+"""BERT / RoBERTa / XLM-RoBERTa encoders over packed tokens: embedding models and sequence classifiers.
+
+`BertModel`, `RobertaModel` and `XLMRobertaModel` return every token's last hidden state, which the runner pools
+into vectors; the `*ForSequenceClassification` variants add their classification head, which the runner applies
+to each request's pooled first token. Post-LayerNorm layers; each sequence attends bidirectionally to itself only
+(no KV cache), with query/key/value fused into one projection as in the decoders.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from loomserve.platform.attention import AttentionMetadata
+from loomserve.platform.attention.encoder import EncoderAttention, PaddedLayout
+from loomserve.platform.models.layers import MergedLinear, copy_checked
+
+# checkpoint name part -> (this module's name part, shard of the fused projection); first match wins.
+_LAYER_NAMES = (
+    (".attention.self.query.", ".attention.qkv_proj.", 0),
+    (".attention.self.key.", ".attention.qkv_proj.", 1),
+    (".attention.self.value.", ".attention.qkv_proj.", 2),
+    (".attention.output.dense.", ".attention.out_proj.", None),
+    (".attention.output.LayerNorm.", ".attention_norm.", None),
+    (".intermediate.dense.", ".intermediate.", None),
+    (".output.dense.", ".output.", None),
+    (".output.LayerNorm.", ".output_norm.", None),
+)
+_SKIPPED = ("embeddings.position_ids", "embeddings.token_type_ids")
+_SKIPPED_PREFIXES = ("cls.", "lm_head.")
+
+
+def _is_roberta(config: Any) -> bool:
+    return config.model_type in ("roberta", "xlm-roberta")
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        if getattr(config, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"position_embedding_type {config.position_embedding_type!r} is not supported")
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # RoBERTa numbers positions from padding_idx + 1.
+        self.position_offset = config.pad_token_id + 1 if _is_roberta(config) else 0
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:  # [T, hidden]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(positions + self.position_offset)
+        return self.LayerNorm(x)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        hidden = config.hidden_size
+        self.qkv_proj = MergedLinear(hidden, [hidden] * 3, bias=True)
+        self.out_proj = nn.Linear(hidden, hidden)
+        self.attn = EncoderAttention(self.num_heads, self.head_dim, self.head_dim**-0.5)
+
+    def forward(self, x: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, D] each
+        return self.out_proj(self.attn.forward(q, k, v, layout))  # [T, hidden]
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.attention = BertSelfAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.output_norm = nn.LayerNorm(config.hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
+        x = self.attention_norm(self.attention(x, layout) + x)
+        return self.output_norm(self.output(self.act(self.intermediate(x))) + x)  # [T, I] inside
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+
+class BertEmbeddingModel(nn.Module):
+    """BertModel / RobertaModel / XLMRobertaModel: the last hidden state of every token."""
+
+    uses_kv_cache = False
+    packed_modules_mapping = {"self.query": ("qkv_proj", 0), "self.key": ("qkv_proj", 1), "self.value": ("qkv_proj", 2)}
+    # checkpoint name prefix of the head's tensors -> this module's parameter prefix (None: not used)
+    head_names: dict[str, str | None] = {"pooler.dense.": None}
+
+    def __init__(self, hf_config: Any, attention_backend: str = "auto") -> None:
+        super().__init__()
+        self.config = hf_config
+        self.embeddings = BertEmbeddings(hf_config)
+        self.encoder = BertEncoder(hf_config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64: 0-based within each sequence
+        kv_caches: list[torch.Tensor],  # unused: encoders keep no KV cache
+        meta: AttentionMetadata,
+        token_type_ids: torch.Tensor | None = None,  # [T] int64 segment ids (cross-encoder pairs)
+    ) -> torch.Tensor:  # [T, hidden]
+        layout = PaddedLayout.from_query_start_loc(meta.query_start_loc_cpu, input_ids.device)
+        x = self.embeddings(input_ids, positions, token_type_ids)
+        for layer in self.encoder.layer:
+            x = layer(x, layout)
+        return x
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors into parameters; returns the names of parameters fully loaded."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        shards: dict[str, set[int]] = defaultdict(set)
+        for name, tensor in weights:
+            target = self._param_for(name)
+            if target is None:
+                continue
+            param_name, shard_id = target
+            if param_name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
+            try:
+                if shard_id is None:
+                    copy_checked(params[param_name].data, tensor)
+                    loaded.add(param_name)
+                    continue
+                module = self.get_submodule(param_name.rsplit(".", 1)[0])
+                module.load_shard(params[param_name], shard_id, tensor)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            shards[param_name].add(shard_id)
+            if len(shards[param_name]) == len(module.output_sizes):
+                loaded.add(param_name)
+        return loaded
+
+    def _param_for(self, name: str) -> tuple[str, int | None] | None:
+        """Checkpoint name -> (parameter name, shard of a fused projection), or None for tensors not used."""
+        for prefix in ("bert.", "roberta."):
+            name = name.removeprefix(prefix)
+        if name.endswith(("LayerNorm.gamma", "LayerNorm.beta")):  # TF-era names
+            name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if name in _SKIPPED or name.startswith(_SKIPPED_PREFIXES):
+            return None
+        for checkpoint_prefix, prefix in self.head_names.items():
+            if name.startswith(checkpoint_prefix):
+                return None if prefix is None else (prefix + name.removeprefix(checkpoint_prefix), None)
+        for checkpoint_part, part, shard_id in _LAYER_NAMES:
+            if checkpoint_part in name:
+                return name.replace(checkpoint_part, part), shard_id
+        return name, None
+
+
+class BertClassificationModel(BertEmbeddingModel):
+    """*ForSequenceClassification: the encoder plus its head (dense + tanh on the first token, then a linear)."""
+
+    def __init__(self, hf_config: Any, attention_backend: str = "auto") -> None:
+        super().__init__(hf_config, attention_backend)
+        # BERT names the dense layer bert.pooler.dense; RoBERTa classifier.dense (and the linear out_proj).
+        if _is_roberta(hf_config):
+            self.head_names = {"classifier.dense.": "pooler.", "classifier.out_proj.": "classifier."}
+        else:
+            self.head_names = {"pooler.dense.": "pooler.", "classifier.": "classifier."}
+        self.pooler = nn.Linear(hf_config.hidden_size, hf_config.hidden_size)
+        self.classifier = nn.Linear(hf_config.hidden_size, hf_config.num_labels)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """[B, hidden] first-token states -> [B, num_labels] logits (float32)."""
+        return self.classifier(torch.tanh(self.pooler(pooled))).float()

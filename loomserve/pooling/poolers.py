@@ -1,0 +1,94 @@
+"""The runner's pooling stage: hidden states of the requests whose prompt ends this step -> their outputs.
+
+CLS and LAST take one token's state, MEAN averages the prompt's, ALL keeps every token's, STEP the tokens equal to
+`step_tag_id` (and only the `returned_token_ids` dims). A classifier (a model with a `classify` head) turns each
+single vector into logits and applies its activation (sigmoid for one label, softmax for several, or what the
+checkpoint names); other vectors are truncated to `dimensions` and L2-normalized, as sentence-transformers'
+Normalize module does. Outputs are float32 tensors on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loomserve.pooling.batch import PoolingSpan
+from loomserve.pooling.config import PoolerConfig
+from loomserve.pooling.params import PoolingParams
+
+_ACTIVATIONS = {
+    "identity": lambda x: x,
+    "sigmoid": torch.sigmoid,
+    "softmax": lambda x: torch.softmax(x, dim=-1),
+    "tanh": torch.tanh,
+}
+
+
+class Pooler:
+    def __init__(self, model: nn.Module, config: PoolerConfig) -> None:
+        self.classify = getattr(model, "classify", None)
+        self.activation = _ACTIVATIONS[config.classifier_activation]
+
+    def __call__(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, spans: list[PoolingSpan]
+    ) -> dict[str, torch.Tensor]:
+        """hidden [T, hidden], input_ids [T] -> request id -> output ([D], [num_labels] or [n, D])."""
+        if not spans:
+            return {}
+        single = [s for s in spans if not s.params.returns_sequence]
+        out: dict[str, torch.Tensor] = {}
+        if single:
+            vectors = pool_vectors(hidden, single)  # [B, hidden]
+            if self.classify is not None:
+                logits = self.classify(vectors).float().cpu()  # [B, num_labels]
+                for s, row in zip(single, logits):
+                    out[s.request_id] = self.activation(row) if s.params.activation else row
+            else:
+                for s, row in zip(single, vectors.float().cpu()):
+                    out[s.request_id] = finish_vectors(row, s.params)
+        for s in spans:
+            if s.params.returns_sequence:
+                out[s.request_id] = finish_vectors(token_vectors(hidden, input_ids, s), s.params)
+        return out
+
+
+def pool_vectors(hidden: torch.Tensor, spans: list[PoolingSpan]) -> torch.Tensor:
+    """One vector per span (CLS, LAST or MEAN) -> [B, hidden], in the hidden states' dtype."""
+    out = torch.empty(len(spans), hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    picked = [(i, s.start if s.params.pooling_type == "CLS" else s.end - 1)
+              for i, s in enumerate(spans) if s.params.pooling_type != "MEAN"]
+    if picked:
+        rows, index = (torch.tensor(x, device=hidden.device) for x in zip(*picked))
+        out[rows] = hidden[index]
+    means = [(i, s) for i, s in enumerate(spans) if s.params.pooling_type == "MEAN"]
+    if means:
+        lengths = np.array([s.end - s.start for _, s in means])
+        index = np.concatenate([np.arange(s.start, s.end) for _, s in means])  # [N] rows of every mean span
+        segment = np.repeat(np.arange(len(means)), lengths)  # [N] which span each row belongs to
+        index_t, segment_t = (torch.from_numpy(x).to(hidden.device) for x in (index, segment))
+        sums = torch.zeros(len(means), hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        sums.index_add_(0, segment_t, hidden[index_t].float())
+        rows = torch.tensor([i for i, _ in means], device=hidden.device)
+        out[rows] = (sums / torch.from_numpy(lengths).to(sums)[:, None]).to(hidden.dtype)
+    return out
+
+
+def token_vectors(hidden: torch.Tensor, input_ids: torch.Tensor, span: PoolingSpan) -> torch.Tensor:
+    """ALL: every token's state [n, hidden]; STEP: the rows at `step_tag_id` tokens, `returned_token_ids` dims."""
+    rows = hidden[span.start : span.end].float().cpu()
+    params = span.params
+    if params.pooling_type == "STEP":
+        if params.step_tag_id is not None:
+            rows = rows[(input_ids[span.start : span.end] == params.step_tag_id).cpu()]
+        if params.returned_token_ids:
+            rows = rows[:, params.returned_token_ids]
+    return rows
+
+
+def finish_vectors(x: torch.Tensor, params: PoolingParams) -> torch.Tensor:
+    """Matryoshka truncation, then L2 normalization, along the last dim."""
+    if params.dimensions is not None:
+        x = x[..., : params.dimensions]
+    return F.normalize(x, p=2, dim=-1) if params.normalize else x
