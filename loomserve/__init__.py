@@ -1,6 +1,7 @@
 """loomserve: one paged-attention engine behind OpenAI-compatible endpoints."""
 
 from loomserve.platform.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
+from loomserve.pooling.params import PoolingParams
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loomserve' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "SamplingParams", "PoolingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

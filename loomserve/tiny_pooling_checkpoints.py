@@ -84,7 +84,8 @@ def _xlm_roberta_tokenizer(max_len: int) -> Any:
                                       unk_token="<unk>", show_progress=False)
     tok.train_from_iterator(list(CORPUS), trainer=trainer)
     tok.add_special_tokens([AddedToken("<mask>", special=True)])
-    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.RobertaProcessing(("</s>", eos), ("<s>", bos))
     return XLMRobertaTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
                                    cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
                                    model_max_length=max_len)

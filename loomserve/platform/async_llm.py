@@ -22,10 +22,14 @@ import zmq.asyncio
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import run_engine_core
 from loomserve.platform.input_processor import InputProcessor, load_tokenizer
-from loomserve.platform.messages import EngineCoreOutputs, MessageType, pack, unpack
+from loomserve.platform.messages import EngineCoreOutputs, EngineCoreRequest, MessageType, pack, unpack
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
 from loomserve.platform.stats import IterationStats, SchedulerStats
+from loomserve.pooling.inputs import PoolingInputs
+from loomserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
+from loomserve.pooling.params import PoolingParams
+from loomserve.pooling.tracker import PoolingTracker
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ class AsyncLLM:
         self.tokenizer = load_tokenizer(self.model_config)
         self.input_processor = InputProcessor(self.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.pooling_inputs = PoolingInputs(config, self.tokenizer)
+        self.pooling = PoolingTracker()
         self.stat_loggers = list(stat_loggers or [])
         self.errored: str | None = None
         self._output_task: asyncio.Task | None = None
@@ -119,6 +125,24 @@ class AsyncLLM:
             if not finished:
                 self._abort(request_id)
 
+    async def encode(
+        self, prompt_token_ids: list[int], pooling_params: PoolingParams, request_id: str
+    ) -> PoolingRequestOutput[PoolingOutput]:
+        """Pool one prompt (complete params, see `pooling_inputs.params`); cancelling aborts it in the engine."""
+        self._ensure_output_task()
+        if self.errored:
+            raise EngineDeadError(self.errored)
+        self.pooling_inputs.validate(prompt_token_ids, pooling_params)
+        future = self.pooling.add(request_id, prompt_token_ids)
+        request = EngineCoreRequest(request_id, prompt_token_ids, None, None, time.time(),
+                                    pooling_params=pooling_params)
+        self._send(MessageType.ADD, request.to_wire())
+        try:
+            return await future
+        finally:
+            if self.pooling.forget(request_id):  # left before its output came
+                self._send(MessageType.ABORT, [request_id])
+
     async def abort(self, request_id: str) -> None:
         self._abort(request_id)
 
@@ -165,6 +189,10 @@ class AsyncLLM:
             self._send(MessageType.ABORT, processed.to_abort)
         for stat_logger in self.stat_loggers:
             stat_logger.record(outputs.scheduler_stats, processed.stats)
+        pooled_stats = self.pooling.process(outputs.outputs)
+        if pooled_stats is not None:
+            for stat_logger in self.stat_loggers:
+                stat_logger.record(None, pooled_stats)
 
     def _fail_all(self, reason: str) -> None:
         logger.error(reason)
@@ -173,6 +201,7 @@ class AsyncLLM:
             parent.queue.put_nowait(EngineDeadError(reason))
         self.output_processor.parents.clear()
         self.output_processor.children.clear()
+        self.pooling.fail_all(EngineDeadError(reason))
 
     def shutdown(self) -> None:
         if self._proc.is_alive():

@@ -69,8 +69,6 @@ class ModelRunner:
         shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         num_cache_layers = mc.num_layers if self.uses_kv_cache else 0
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(num_cache_layers)]
-        if not self.uses_kv_cache:
-            logger.info("encoder-only model: no KV cache tensors; its KV blocks below are bookkeeping only")
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
             num_blocks, self.block_size, num_blocks * self.block_size,
@@ -78,6 +76,8 @@ class ModelRunner:
         )
 
     def _bytes_per_block(self) -> int:
+        if not self.uses_kv_cache:
+            return 0
         mc = self.config.model_config
         itemsize = torch.empty((), dtype=mc.dtype).element_size()
         return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * itemsize

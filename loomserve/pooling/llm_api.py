@@ -13,7 +13,7 @@ from typing import Any
 
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.engine import EngineCore
-from loomserve.platform.messages import EngineCoreRequest
+from loomserve.platform.messages import EngineCoreOutput, EngineCoreRequest
 from loomserve.pooling.inputs import PoolingInputs, PoolingPrompt, prompt_list
 from loomserve.pooling.outputs import (
     ClassificationRequestOutput,
@@ -99,12 +99,11 @@ class PoolingAPI:
             order.append(request_id)
             request = EngineCoreRequest(request_id, token_ids, None, None, time.time(), pooling_params=params)
             self.engine.add_request(request)
-        pooled = {}
-        while len(pooled) < len(order):
-            for out in self.engine.step().outputs:
-                if out.pooled is not None:
-                    pooled[out.request_id] = tensor_from_wire(out.pooled)
+        finished: dict[str, EngineCoreOutput] = {}
+        while len(finished) < len(order):
+            finished.update((out.request_id, out) for out in self.engine.step().outputs if out.pooled is not None)
         return [
-            PoolingRequestOutput(request_id, PoolingOutput(pooled[request_id]), token_ids)
+            PoolingRequestOutput(request_id, PoolingOutput(tensor_from_wire(finished[request_id].pooled)), token_ids,
+                                 num_cached_tokens=finished[request_id].num_cached_tokens)
             for request_id, (token_ids, _) in zip(order, requests)
         ]

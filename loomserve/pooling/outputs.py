@@ -45,18 +45,21 @@ class PoolingRequestOutput(Generic[T]):
     outputs: T
     prompt_token_ids: list[int]
     finished: bool = True
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (LAST pooling on decoders)
 
 
 class EmbeddingRequestOutput(PoolingRequestOutput[EmbeddingOutput]):
     @classmethod
     def from_base(cls, out: PoolingRequestOutput[PoolingOutput]) -> EmbeddingRequestOutput:
-        return cls(out.request_id, EmbeddingOutput(out.outputs.data.tolist()), out.prompt_token_ids)
+        return cls(out.request_id, EmbeddingOutput(out.outputs.data.tolist()), out.prompt_token_ids,
+                   num_cached_tokens=out.num_cached_tokens)
 
 
 class ClassificationRequestOutput(PoolingRequestOutput[ClassificationOutput]):
     @classmethod
     def from_base(cls, out: PoolingRequestOutput[PoolingOutput]) -> ClassificationRequestOutput:
-        return cls(out.request_id, ClassificationOutput(out.outputs.data.tolist()), out.prompt_token_ids)
+        return cls(out.request_id, ClassificationOutput(out.outputs.data.tolist()), out.prompt_token_ids,
+                   num_cached_tokens=out.num_cached_tokens)
 
 
 class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):

@@ -41,7 +41,8 @@ class PoolingTracker:
             data = tensor_from_wire(out.pooled)
             if not pending.future.done():
                 pending.future.set_result(PoolingRequestOutput(out.request_id, PoolingOutput(data),
-                                                               pending.prompt_token_ids))
+                                                               pending.prompt_token_ids,
+                                                               num_cached_tokens=out.num_cached_tokens))
             stats = stats or IterationStats()
             stats.num_prompt_tokens += len(pending.prompt_token_ids)
             stats.e2e_latencies.append(now - pending.arrival_time)

@@ -16,6 +16,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from pooling_models import CROSS_ENCODER, DECODER_EMBEDDER
+
+from loomserve.api.cli import DEMO_NAME
 
 MODEL = "tiny-qwen2"
 STARTUP_TIMEOUT_S = 120.0
@@ -75,16 +78,18 @@ def _wait_healthy(server: Server) -> None:
 
 
 @contextmanager
-def running_server(checkpoint: str, log_dir: Path, *flags: str) -> Iterator[Server]:
+def running_server(checkpoint: str | None, log_dir: Path, *flags: str) -> Iterator[Server]:
+    """A server of `checkpoint` served as MODEL; None: the embedded default (`loomserve serve` with no MODEL)."""
     port = _free_port()
     log = log_dir / f"server-{port}.log"
+    model_flags = [checkpoint, "--served-model-name", MODEL] if checkpoint is not None else []
     command = [
-        sys.executable, "-m", "loomserve.api.cli", "serve", checkpoint, "--host", "127.0.0.1",
-        "--port", str(port), "--served-model-name", MODEL, "--kv-cache-memory", "16MiB", *flags,
+        sys.executable, "-m", "loomserve.api.cli", "serve", *model_flags, "--host", "127.0.0.1",
+        "--port", str(port), "--kv-cache-memory", "16MiB", *flags,
     ]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+    server = Server(f"http://127.0.0.1:{port}", process, log, MODEL if checkpoint is not None else DEMO_NAME)
     try:
         _wait_healthy(server)
         yield server
@@ -126,3 +131,15 @@ def client(server: Server) -> openai.OpenAI:
 def http(server: Server) -> Iterator[httpx.Client]:
     with server.http() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def pooling_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The embedded default (a demo chat model plus the real all-MiniLM-L6-v2) with a decoder embedder and a
+    cross-encoder beside it: four engines behind one server."""
+    from loomserve.tiny_pooling_checkpoints import tiny_decoder_embedder, tiny_encoder
+
+    flags = ["--embedding-model", f"{DECODER_EMBEDDER}={tiny_decoder_embedder()}",
+             "--rerank-model", f"{CROSS_ENCODER}={tiny_encoder('bert', head='classify')}"]
+    with running_server(None, tmp_path_factory.mktemp("pooling-server"), *flags) as s:
+        yield s

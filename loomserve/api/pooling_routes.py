@@ -1,0 +1,40 @@
+"""The pooling routes, mounted next to the generation routes: embeddings, classification, score, rerank."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from loomserve.api.protocol_pooling import ClassificationRequest, EmbeddingRequest, RerankRequest, ScoreRequest
+from loomserve.api.served_models import ServedModels
+from loomserve.api.serving_embedding import create_embedding
+from loomserve.api.serving_pooling import create_classification
+from loomserve.api.serving_score import create_rerank, create_score
+
+pooling_router = APIRouter()
+
+
+def _models(request: Request) -> ServedModels:
+    return request.app.state.models
+
+
+@pooling_router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, raw_request: Request) -> Response:
+    return await create_embedding(_models(raw_request), body, raw_request)
+
+
+@pooling_router.post("/classify")
+async def classify(body: ClassificationRequest, raw_request: Request) -> Response:
+    return await create_classification(_models(raw_request), body, raw_request)
+
+
+@pooling_router.post("/v1/score")
+async def score(body: ScoreRequest, raw_request: Request) -> Response:
+    return await create_score(_models(raw_request), body, raw_request)
+
+
+@pooling_router.post("/rerank")
+@pooling_router.post("/v1/rerank")
+@pooling_router.post("/v2/rerank")
+async def rerank(body: RerankRequest, raw_request: Request) -> Response:
+    return await create_rerank(_models(raw_request), body, raw_request, raw_request.url.path)

@@ -1,0 +1,78 @@
+"""The models one server serves, each its own engine (own process, own memory budget), addressed by `model`.
+
+`loomserve serve CHAT --embedding-model NAME=PATH --rerank-model NAME=PATH` serves a generative model plus
+pooling models; a request names its model in `model` (absent: the first model that serves the route).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from loomserve.api.errors import APIError
+from loomserve.platform.async_llm import AsyncLLM, StatLogger
+from loomserve.platform.config import EngineArgs
+
+_TASK_NOUNS = {"generate": "a generative model", "embed": "an embedding model", "classify": "a cross-encoder"}
+
+
+def served_name(args: EngineArgs) -> str:
+    return args.served_model_name or args.model.rstrip("/")
+
+
+def check_unique_names(all_args: Sequence[EngineArgs]) -> None:
+    names = [served_name(a) for a in all_args]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"several models are served as {', '.join(repeated)}: give each a NAME=PATH of its own")
+
+
+async def start_engines(all_args: Sequence[EngineArgs], stat_loggers: Sequence[StatLogger]) -> list[AsyncLLM]:
+    """Start every engine at once (each loads its model in its own process); all or none."""
+    starts = [asyncio.to_thread(AsyncLLM, args, [stat_logger]) for args, stat_logger in zip(all_args, stat_loggers)]
+    results = await asyncio.gather(*starts, return_exceptions=True)
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        for engine in results:
+            if isinstance(engine, AsyncLLM):
+                engine.shutdown()
+        raise failed
+    return list(results)
+
+
+class ServedModels:
+    def __init__(self, engines: Sequence[AsyncLLM]) -> None:
+        self.engines = {engine.model_config.served_model_name: engine for engine in engines}
+        self.main = engines[0]
+
+    def get(self, model: str | None) -> AsyncLLM:
+        """The engine serving `model` (absent: the main model); 404 for a name not served here."""
+        if model is None:
+            return self.main
+        if model not in self.engines:
+            raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
+        return self.engines[model]
+
+    def for_route(self, model: str | None, route: str, tasks: tuple[str, ...]) -> AsyncLLM:
+        """The engine of `model` if its task is one of `tasks` (absent: the first model that is); else 400 (404 for
+        an unknown name), naming the models that can serve the route."""
+        able = [name for name, engine in self.engines.items() if engine.model_config.task in tasks]
+        if model is None and able:
+            return self.engines[able[0]]
+        engine = self.get(model) if model is not None else self.main
+        if engine.model_config.task in tasks:
+            return engine
+        which = f"; models here that can: {', '.join(able)}" if able else "; no model served here can"
+        raise APIError(
+            f"The model `{engine.model_config.served_model_name}` does not support {route}: it is "
+            f"{_TASK_NOUNS[engine.model_config.task]}{which}",
+            param="model",
+        )
+
+    async def check_health(self) -> None:
+        for engine in self.engines.values():
+            await engine.check_health()
+
+    def shutdown(self) -> None:
+        for engine in self.engines.values():
+            engine.shutdown()

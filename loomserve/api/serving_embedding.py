@@ -1,0 +1,49 @@
+"""POST /v1/embeddings: texts or token ids -> one pooled vector each, as float lists or base64 float32."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from loomserve.api.protocol_pooling import EmbeddingData, EmbeddingRequest, EmbeddingResponse, PoolingUsage
+from loomserve.api.served_models import ServedModels
+from loomserve.api.serving import random_id
+from loomserve.api.serving_pooling import bad_request, input_list, pool_all, validate_all
+from loomserve.pooling.params import PoolingParams
+
+
+async def create_embedding(models: ServedModels, body: EmbeddingRequest, raw_request: Request) -> Response:
+    engine = models.for_route(body.model, "/v1/embeddings", ("embed",))
+    inputs = engine.pooling_inputs
+    prompts = input_list(body.input)
+    with bad_request("dimensions"):
+        params = inputs.params(PoolingParams(dimensions=body.dimensions, normalize=body.normalize))
+    with bad_request("truncate_prompt_tokens"):
+        inputs.truncation(body.truncate_prompt_tokens)
+    with bad_request("prompt_name"):
+        inputs.pooler_config.prompt(body.prompt_name)
+    token_ids = inputs.tokenize(prompts, body.truncate_prompt_tokens, body.prompt_name, body.add_special_tokens)
+    requests = [(ids, params) for ids in token_ids]
+    validate_all(engine, requests, [f"input {i}" for i in range(len(requests))], "input")
+    call_id = random_id("embd")
+    outputs = await pool_all(engine, requests, call_id, raw_request)
+    if outputs is None:
+        return Response(status_code=499)  # the client left; nobody reads this
+    data = [
+        EmbeddingData(index=i, embedding=_encode(out.outputs.data, body.encoding_format))
+        for i, out in enumerate(outputs)
+    ]
+    usage = PoolingUsage.of(sum(len(ids) for ids in token_ids))
+    response = EmbeddingResponse(id=call_id, model=engine.model_config.served_model_name, data=data, usage=usage)
+    return JSONResponse(response.model_dump(mode="json"))
+
+
+def _encode(vector: torch.Tensor, encoding_format: str) -> list[float] | str:
+    """float: a JSON list; base64: little-endian float32 bytes, as OpenAI's API sends them."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector.tolist()

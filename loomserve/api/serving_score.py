@@ -1,0 +1,76 @@
+"""POST /v1/score and the rerank routes (/rerank, /v1/rerank, /v2/rerank): one score per text pair, from a
+cross-encoder's head or a bi-encoder's cosine similarity; reranking orders documents by their score."""
+
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from loomserve.api.errors import APIError
+from loomserve.api.protocol_pooling import (
+    PoolingUsage,
+    RerankDocument,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
+    ScoreData,
+    ScoreRequest,
+    ScoreResponse,
+)
+from loomserve.api.served_models import ServedModels
+from loomserve.api.serving import random_id
+from loomserve.api.serving_pooling import bad_request, pool_all, validate_all
+from loomserve.platform.async_llm import AsyncLLM
+from loomserve.pooling.scoring import ScorePlan, plan_scores, rerank_order
+
+SCORE_TASKS = ("classify", "embed")
+
+
+async def create_score(models: ServedModels, body: ScoreRequest, raw_request: Request) -> Response:
+    engine = models.for_route(body.model, "/v1/score", SCORE_TASKS)
+    call_id = random_id("score")
+    plan = _plan(engine, body.text_1, body.text_2, body.truncate_prompt_tokens, "text_2")
+    scores = await _run(engine, plan, call_id, raw_request)
+    if scores is None:
+        return Response(status_code=499)  # the client left; nobody reads this
+    data = [ScoreData(index=i, score=score) for i, score in enumerate(scores)]
+    response = ScoreResponse(id=call_id, model=engine.model_config.served_model_name, data=data,
+                             usage=PoolingUsage.of(plan.num_tokens))
+    return JSONResponse(response.model_dump(mode="json"))
+
+
+async def create_rerank(models: ServedModels, body: RerankRequest, raw_request: Request, route: str) -> Response:
+    engine = models.for_route(body.model, route, SCORE_TASKS)
+    documents = body.document_texts
+    if not documents:
+        raise APIError("`documents` must not be empty", param="documents")
+    call_id = random_id("rerank")
+    plan = _plan(engine, body.query, documents, body.truncate_prompt_tokens, "documents")
+    scores = await _run(engine, plan, call_id, raw_request)
+    if scores is None:
+        return Response(status_code=499)  # the client left; nobody reads this
+    results = [
+        RerankResult(index=i, relevance_score=scores[i],
+                     document=RerankDocument(text=documents[i]) if body.return_documents else None)
+        for i in rerank_order(scores, body.top_n)
+    ]
+    response = RerankResponse(id=call_id, model=engine.model_config.served_model_name,
+                              usage=RerankUsage(total_tokens=plan.num_tokens), results=results)
+    return JSONResponse(response.model_dump(mode="json"))
+
+
+def _plan(
+    engine: AsyncLLM, text_1: str | list[str], text_2: str | list[str], truncate: int | None, param: str
+) -> ScorePlan:
+    with bad_request("truncate_prompt_tokens"):
+        engine.pooling_inputs.truncation(truncate)
+    with bad_request(param):
+        plan = plan_scores(engine.pooling_inputs, text_1, text_2, truncate)
+    validate_all(engine, plan.requests, plan.labels, param)
+    return plan
+
+
+async def _run(engine: AsyncLLM, plan: ScorePlan, call_id: str, raw_request: Request) -> list[float] | None:
+    outputs = await pool_all(engine, plan.requests, call_id, raw_request)
+    return None if outputs is None else plan.scores([o.outputs.data for o in outputs])

@@ -1,0 +1,80 @@
+"""Pooling requests in the scheduler: prefill only over the shared token budget, finished (and their blocks freed)
+as soon as their prompt is; encoder prompts and every-token pooling run whole and skip the prefix cache."""
+
+from __future__ import annotations
+
+from loomserve import PoolingParams, SamplingParams
+from loomserve.platform.config import CacheConfig, SchedulerConfig
+from loomserve.platform.request import Request, RequestStatus
+from loomserve.platform.scheduler import Scheduler
+
+
+def make_scheduler(budget: int = 10, chunked: bool = True, num_blocks: int = 64) -> Scheduler:
+    cache = CacheConfig(block_size=4, num_blocks=num_blocks, enable_prefix_caching=True)
+    config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8, enable_chunked_prefill=chunked)
+    return Scheduler(config, cache, 256)
+
+
+def pooling(s: Scheduler, request_id: str, n: int, pooling_type: str = "LAST") -> Request:
+    request = Request(request_id, list(range(100, 100 + n)), None,
+                      pooling_params=PoolingParams(pooling_type=pooling_type, normalize=True))
+    s.add_request(request)
+    return request
+
+
+def generation(s: Scheduler, request_id: str, n: int) -> Request:
+    request = Request(request_id, list(range(100, 100 + n)), SamplingParams(max_tokens=4, ignore_eos=True))
+    s.add_request(request)
+    return request
+
+
+def run_step(s: Scheduler) -> list[tuple[str, int]]:
+    out = s.schedule()
+    sampled = {x.request.request_id: 7 for x in out.scheduled if x.samples}
+    s.update_from_output(out, sampled, [x.request.request_id for x in out.scheduled if x.pools])
+    return [(x.request.request_id, x.num_new_tokens) for x in out.scheduled]
+
+
+def test_pooling_request_finishes_after_its_prefill_and_frees_its_blocks():
+    s = make_scheduler()
+    request = pooling(s, "p", 6)
+    out = s.schedule()
+    assert [(x.pools, x.samples) for x in out.scheduled] == [(True, False)]
+    s.update_from_output(out, {}, ["p"])
+    assert request.status == RequestStatus.FINISHED_STOPPED and request.output_token_ids == []
+    assert s.kv.pool.num_free_blocks == 64 and not s.has_requests()
+
+
+def test_last_token_pooling_is_chunked_on_a_causal_model():
+    s = make_scheduler(budget=10)
+    pooling(s, "p", 25)
+    assert [run_step(s) for _ in range(3)] == [[("p", 10)], [("p", 10)], [("p", 5)]]
+    assert not s.has_requests()
+
+
+def test_encoder_prompts_run_whole_and_wait_for_room_in_the_budget():
+    s = make_scheduler(budget=10, chunked=False)
+    pooling(s, "a", 6, "MEAN")
+    pooling(s, "b", 6, "MEAN")
+    pooling(s, "c", 3, "MEAN")
+    assert run_step(s) == [("a", 6)]  # b does not fit whole in the 4 tokens left; c waits behind it
+    assert run_step(s) == [("b", 6), ("c", 3)]
+    assert not s.has_requests()
+
+
+def test_every_token_pooling_runs_whole_beside_decodes():
+    s = make_scheduler(budget=10)
+    generation(s, "g", 4)
+    run_step(s)
+    pooling(s, "p", 9, "MEAN")
+    assert run_step(s) == [("g", 1), ("p", 9)]
+
+
+def test_every_token_pooling_skips_the_prefix_cache_and_last_token_pooling_uses_it():
+    s = make_scheduler(budget=64)
+    pooling(s, "warm", 17)
+    run_step(s)
+    mean = pooling(s, "mean", 17, "MEAN")
+    last = pooling(s, "last", 17, "LAST")
+    assert run_step(s) == [("mean", 17), ("last", 1)]  # LAST reuses the 16 cached tokens' KV
+    assert (mean.num_cached_tokens, last.num_cached_tokens) == (0, 16)
