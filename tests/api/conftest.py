@@ -42,8 +42,9 @@ class Server:
         return metric_value(httpx.get(f"{self.url}/metrics").text, name, **labels)
 
     def engine_pid(self) -> int:
-        """The EngineCore process: the server's child started by multiprocessing's spawn."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        """The EngineCore process: the server's child started by multiprocessing's spawn (from any thread)."""
+        tasks = Path(f"/proc/{self.process.pid}/task").glob("*/children")
+        children = [pid for task in tasks for pid in task.read_text().split()]
         for pid in children:
             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return int(pid)
