@@ -187,11 +187,19 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching and not pooling.encoder_only,
         )
         scheduler_config = SchedulerConfig(
-            max_num_batched_tokens=self.max_num_batched_tokens or max(2048, min(max_model_len, 8192)),
+            max_num_batched_tokens=self.max_num_batched_tokens or _default_budget(max_model_len, pooling.encoder_only),
             max_num_seqs=self.max_num_seqs,
             enable_chunked_prefill=not pooling.encoder_only,
         )
         return EngineConfig(model_config, cache_config, scheduler_config, self.attention_backend)
+
+
+def _default_budget(max_model_len: int, encoder_only: bool) -> int:
+    """Tokens per step: at least one whole context; encoders (no KV cache, prompts only) pack more per step, where
+    their matmuls run more efficiently."""
+    if encoder_only:
+        return max(8192, max_model_len)
+    return max(2048, min(max_model_len, 8192))
 
 
 def _context_limit(text_config: Any) -> int:

@@ -72,8 +72,8 @@ class BertSelfAttention(nn.Module):
         self.attn = EncoderAttention(self.num_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # [T, H, D] each
-        return self.out_proj(self.attn.forward(q, k, v, layout))  # [T, hidden]
+        qkv = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim)  # [T, 3, H, D]
+        return self.out_proj(self.attn.forward(qkv, layout))  # [T, hidden]
 
 
 class BertLayer(nn.Module):

