@@ -10,7 +10,9 @@ What it measures
    and a warm-up pass are excluded. The two sets of vectors are compared (max abs difference, min cosine).
 2. HTTP. `loomserve serve MINILM` runs in a subprocess; --clients concurrent clients post one sentence per
    /v1/embeddings request until all sentences are embedded: requests/s and latency percentiles (client, server
-   and engine share the machine's cores).
+   and engine share the machine's cores). Run twice: as served by default (the engine process leaves one core to the
+   front end) and with OMP_NUM_THREADS set to every core (small steps then spend more time waiting for an OpenMP
+   thread to get a core than computing).
 3. Rerank. --pairs (query, passage) pairs through a cross-encoder of ms-marco-MiniLM-L-6-v2's shape (the real
    MiniLM-L6 encoder plus a seeded one-label head, built into a temporary folder; no real cross-encoder ships
    offline): `LLM.score` against `CrossEncoder.predict(batch_size=32)`: pairs/s and the ratio; scores compared.
@@ -157,15 +159,16 @@ async def _drive(url: str, sentences: list[str], clients: int) -> tuple[float, l
         return time.perf_counter() - start, latencies
 
 
-def bench_http(minilm: str, sentences: list[str], clients: int) -> dict[str, Any]:
+def bench_http(minilm: str, sentences: list[str], clients: int, omp_threads: int | None) -> dict[str, Any]:
     import httpx
 
+    env = dict(os.environ) if omp_threads is None else {**os.environ, "OMP_NUM_THREADS": str(omp_threads)}
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "loomserve.api.cli", "serve", minilm, "--served-model-name", "minilm",
                "--port", str(port), "--uvicorn-log-level", "warning"]
     with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 300
             while True:
@@ -185,6 +188,7 @@ def bench_http(minilm: str, sentences: list[str], clients: int) -> dict[str, Any
     latencies.sort()
     return {
         "clients": clients,
+        "omp_threads": omp_threads,
         "requests": len(latencies),
         "wall_s": wall,
         "p50_ms": 1e3 * latencies[len(latencies) // 2],
@@ -200,7 +204,7 @@ def cpu_name() -> str:
 
 
 def report(results: dict[str, Any]) -> str:
-    emb, rerank, http = results["embeddings"], results["rerank"], results.get("http")
+    emb, rerank = results["embeddings"], results["rerank"]
     med = {name: statistics.median(t) for name, t in emb["times"].items()}
     ratio = med["sentence-transformers"] / med["loomserve"]
     lines = [
@@ -227,14 +231,20 @@ def report(results: dict[str, Any]) -> str:
         f"{emb['max_abs_diff']:.1e}, min cosine {emb['min_cosine']:.7f}.",
         "",
     ]
-    if http is not None:
+    if results.get("http"):
         lines += [
-            f"**HTTP** (`loomserve serve all-MiniLM-L6-v2`, one sentence per /v1/embeddings request, "
-            f"{http['clients']} concurrent clients on the same machine): {http['requests']:,} requests in "
-            f"{http['wall_s']:.1f} s = **{http['requests'] / http['wall_s']:.1f} requests/s**, latency p50 "
-            f"{http['p50_ms']:.0f} ms, p99 {http['p99_ms']:.0f} ms.",
+            "**HTTP**: `loomserve serve all-MiniLM-L6-v2`, one sentence per /v1/embeddings request, concurrent "
+            "clients on the same machine.",
             "",
+            "| engine threads | clients | requests | requests/s | p50 latency | p99 latency |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
+        for http in results["http"]:
+            threads = "default (cores - 1)" if http["omp_threads"] is None else f"OMP_NUM_THREADS={http['omp_threads']}"
+            rate = http["requests"] / http["wall_s"]
+            lines.append(f"| {threads} | {http['clients']} | {http['requests']:,} | {rate:.1f} | "
+                         f"{http['p50_ms']:.0f} ms | {http['p99_ms']:.0f} ms |")
+        lines.append("")
     rmed = {name: statistics.median(t) for name, t in rerank["times"].items()}
     lines += [
         f"**Rerank**: {rerank['num_pairs']:,} (query, passage) pairs through a cross-encoder of "
@@ -279,7 +289,7 @@ def main() -> None:
     }
     results["embeddings"] = bench_embeddings(minilm, sentences, args.repeats)
     if not args.skip_http:
-        results["http"] = bench_http(minilm, sentences, args.clients)
+        results["http"] = [bench_http(minilm, sentences, args.clients, threads) for threads in (None, os.cpu_count())]
     results["rerank"] = bench_rerank(minilm, sentences, args.pairs, args.repeats)
     print(report(results))
     if args.json is not None:

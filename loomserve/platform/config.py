@@ -196,9 +196,9 @@ class EngineArgs:
 
 def _default_budget(max_model_len: int, encoder_only: bool) -> int:
     """Tokens per step: at least one whole context; encoders (no KV cache, prompts only) pack more per step, where
-    their matmuls run more efficiently."""
+    their matmuls run more efficiently (4096 measured fastest for all-MiniLM-L6-v2 on CPU)."""
     if encoder_only:
-        return max(8192, max_model_len)
+        return max(4096, max_model_len)
     return max(2048, min(max_model_len, 8192))
 
 

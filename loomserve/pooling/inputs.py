@@ -126,10 +126,12 @@ class PoolingInputs:
         if bad is not None:
             raise ValueError(f"token id {bad} in {what} is out of the vocabulary [0, {vocab})")
         if params.token_type_ids is not None:
-            if not self.model_config.encoder_only:
-                raise ValueError("token_type_ids are for encoder (BERT-style) models only")
-            if len(params.token_type_ids) != n:
-                raise ValueError(f"{what} has {n} tokens but {len(params.token_type_ids)} token_type_ids")
+            types = getattr(self.model_config.hf_config, "type_vocab_size", 0) if self.model_config.encoder_only else 0
+            if len(params.token_type_ids) != n or not all(0 <= t < types for t in params.token_type_ids):
+                raise ValueError(f"token_type_ids must give each of the {n} tokens of {what} a segment id in "
+                                 f"[0, {types})")
+        if params.returned_token_ids and not all(0 <= i < self.hidden_size for i in params.returned_token_ids):
+            raise ValueError(f"returned_token_ids must be in [0, {self.hidden_size})")
 
 
 def prompt_list(prompts: PoolingPrompt | Sequence[PoolingPrompt]) -> list[PoolingPrompt]:

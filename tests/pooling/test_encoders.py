@@ -130,3 +130,13 @@ def test_encoder_prompt_over_the_step_budget_is_refused():
     with pytest.raises(ValueError, match="whole in one step of at most 8 tokens"):
         llm.embed(DOCUMENTS[0])
     assert len(llm.embed("a b")[0].outputs.embedding) == 32
+
+
+def test_pooling_params_the_model_cannot_take_are_refused_before_the_engine_sees_them():
+    llm = LLM(str(tiny_encoder("bert")))
+    n = len(llm.get_tokenizer().encode("a b"))
+    with pytest.raises(ValueError, match=r"segment id in \[0, 2\)"):
+        llm.encode("a b", PoolingParams(token_type_ids=[0] * (n - 1) + [2]))
+    with pytest.raises(ValueError, match=r"returned_token_ids must be in \[0, 32\)"):
+        llm.encode("a b", PoolingParams(pooling_type="STEP", returned_token_ids=[40]))
+    assert llm.encode("a b", PoolingParams(token_type_ids=[0] * (n - 1) + [1]))[0].outputs.data.shape == (32,)

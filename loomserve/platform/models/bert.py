@@ -3,7 +3,8 @@
 `BertModel`, `RobertaModel` and `XLMRobertaModel` return every token's last hidden state, which the runner pools
 into vectors; the `*ForSequenceClassification` variants add their classification head, which the runner applies
 to each request's pooled first token. Post-LayerNorm layers; each sequence attends bidirectionally to itself only
-(no KV cache), with query/key/value fused into one projection as in the decoders.
+(no KV cache), with query/key/value fused into one projection as in the decoders; on CPU the matmuls run on
+oneDNN-packed weights with GELU fused in (PackedLinear).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.attention.encoder import EncoderAttention, PaddedLayout
-from loomserve.platform.models.layers import MergedLinear, copy_checked
+from loomserve.platform.models.layers import copy_checked
+from loomserve.platform.models.packed_linear import PackedLinear
 
 # checkpoint name part -> (this module's name part, shard of the fused projection); first match wins.
 _LAYER_NAMES = (
@@ -67,8 +68,8 @@ class BertSelfAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
         hidden = config.hidden_size
-        self.qkv_proj = MergedLinear(hidden, [hidden] * 3, bias=True)
-        self.out_proj = nn.Linear(hidden, hidden)
+        self.qkv_proj = PackedLinear(hidden, [hidden] * 3)
+        self.out_proj = PackedLinear(hidden, [hidden])
         self.attn = EncoderAttention(self.num_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
@@ -82,14 +83,13 @@ class BertLayer(nn.Module):
         eps = config.layer_norm_eps
         self.attention = BertSelfAttention(config)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=eps)
-        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
-        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.intermediate = PackedLinear(config.hidden_size, [config.intermediate_size], act=config.hidden_act)
+        self.output = PackedLinear(config.intermediate_size, [config.hidden_size])
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=eps)
 
     def forward(self, x: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
         x = self.attention_norm(self.attention(x, layout) + x)
-        return self.output_norm(self.output(self.act(self.intermediate(x))) + x)  # [T, I] inside
+        return self.output_norm(self.output(self.intermediate(x)) + x)  # [T, I] inside
 
 
 class BertEncoder(nn.Module):
