@@ -1,12 +1,12 @@
 """Encoder attention over a packed batch: each sequence attends to all of its own tokens and to nothing else,
-whatever the mix of lengths; length groups keep padding within GROUP_PADDING."""
+whatever the mix of lengths."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from loomserve.platform.attention.encoder import GROUP_PADDING, EncoderAttention, PaddedLayout
+from loomserve.platform.attention.encoder import EncoderAttention, LengthGroups
 
 LENGTHS = [1, 5, 5, 17, 3, 64, 60, 2, 16, 16, 16, 40]
 H, D = 4, 8
@@ -20,7 +20,7 @@ def packed(lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
 
 
 def reference(qkv: torch.Tensor, query_start_loc: list[int]) -> torch.Tensor:
-    """Each sequence on its own, no mask: [T, H * D]."""
+    """Each sequence on its own: [T, H * D]."""
     out = []
     for start, end in zip(query_start_loc, query_start_loc[1:]):
         q, k, v = qkv[start:end].permute(1, 2, 0, 3)  # [H, n, D] each
@@ -30,29 +30,25 @@ def reference(qkv: torch.Tensor, query_start_loc: list[int]) -> torch.Tensor:
 
 def test_packed_attention_equals_each_sequence_alone():
     qkv, query_start_loc = packed(LENGTHS)
-    layout = PaddedLayout.from_query_start_loc(query_start_loc, torch.device("cpu"))
+    layout = LengthGroups.from_query_start_loc(query_start_loc, torch.device("cpu"))
     got = EncoderAttention(H, D, D**-0.5).forward(qkv, layout)
     assert torch.allclose(got, reference(qkv, query_start_loc), atol=1e-6)
 
 
 def test_a_sequence_does_not_see_its_neighbours():
     qkv, query_start_loc = packed(LENGTHS)
-    layout = PaddedLayout.from_query_start_loc(query_start_loc, torch.device("cpu"))
+    layout = LengthGroups.from_query_start_loc(query_start_loc, torch.device("cpu"))
     attention = EncoderAttention(H, D, D**-0.5)
     before = attention.forward(qkv, layout)
-    start, end = query_start_loc[5], query_start_loc[6]  # change every token of the 64-token sequence
+    start, end = query_start_loc[8], query_start_loc[9]  # change a 16-token sequence that shares its group
     qkv[start:end] += 1.0
     after = attention.forward(qkv, layout)
     assert torch.equal(torch.cat([before[:start], before[end:]]), torch.cat([after[:start], after[end:]]))
     assert not torch.allclose(before[start:end], after[start:end])
 
 
-def test_groups_cover_every_token_once_with_bounded_padding():
+def test_sequences_of_equal_length_share_one_call():
     _, query_start_loc = packed(LENGTHS)
-    layout = PaddedLayout.from_query_start_loc(query_start_loc, torch.device("cpu"))
-    rows = torch.cat([g.rows for g in layout.groups])
-    assert sorted(rows.tolist()) == list(range(query_start_loc[-1]))
-    for g in layout.groups:
-        assert g.b * g.L <= GROUP_PADDING * len(g.rows) or g.b == 1
-    [same] = PaddedLayout.from_query_start_loc([0, 16, 32, 48], torch.device("cpu")).groups
-    assert (same.b, same.L, same.mask) == (3, 16, None)  # equal lengths: one group, no padding to mask
+    groups = LengthGroups.from_query_start_loc(query_start_loc, torch.device("cpu")).groups
+    assert sorted((g.L, g.b) for g in groups) == sorted((n, LENGTHS.count(n)) for n in set(LENGTHS))
+    assert sorted(torch.cat([g.rows for g in groups]).tolist()) == list(range(query_start_loc[-1]))

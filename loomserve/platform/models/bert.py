@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from loomserve.platform.attention import AttentionMetadata
-from loomserve.platform.attention.encoder import EncoderAttention, PaddedLayout
+from loomserve.platform.attention.encoder import EncoderAttention, LengthGroups
 from loomserve.platform.models.layers import copy_checked
 from loomserve.platform.models.packed_linear import PackedLinear
 
@@ -72,7 +72,7 @@ class BertSelfAttention(nn.Module):
         self.out_proj = PackedLinear(hidden, [hidden])
         self.attn = EncoderAttention(self.num_heads, self.head_dim, self.head_dim**-0.5)
 
-    def forward(self, x: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: LengthGroups) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim)  # [T, 3, H, D]
         return self.out_proj(self.attn.forward(qkv, layout))  # [T, hidden]
 
@@ -87,9 +87,9 @@ class BertLayer(nn.Module):
         self.output = PackedLinear(config.intermediate_size, [config.hidden_size])
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=eps)
 
-    def forward(self, x: torch.Tensor, layout: PaddedLayout) -> torch.Tensor:
-        x = self.attention_norm(self.attention(x, layout) + x)
-        return self.output_norm(self.output(self.intermediate(x)) + x)  # [T, I] inside
+    def forward(self, x: torch.Tensor, layout: LengthGroups) -> torch.Tensor:
+        x = self.attention_norm(self.attention(x, layout).add_(x))  # the residual added into the fresh output
+        return self.output_norm(self.output(self.intermediate(x)).add_(x))  # [T, I] inside
 
 
 class BertEncoder(nn.Module):
@@ -120,7 +120,7 @@ class BertEmbeddingModel(nn.Module):
         meta: AttentionMetadata,
         token_type_ids: torch.Tensor | None = None,  # [T] int64 segment ids (cross-encoder pairs)
     ) -> torch.Tensor:  # [T, hidden]
-        layout = PaddedLayout.from_query_start_loc(meta.query_start_loc_cpu, input_ids.device)
+        layout = LengthGroups.from_query_start_loc(meta.query_start_loc_cpu, input_ids.device)
         x = self.embeddings(input_ids, positions, token_type_ids)
         for layer in self.encoder.layer:
             x = layer(x, layout)
