@@ -13,7 +13,7 @@ logger = logging.getLogger("loomserve")
 _ENGINE_FLAGS = (
     "model", "tokenizer", "served_model_name", "max_model_len", "dtype", "device", "seed", "load_format",
     "block_size", "kv_cache_memory", "gpu_memory_utilization", "num_gpu_blocks_override",
-    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend",
+    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend", "enforce_eager",
 )
 
 
@@ -48,7 +48,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    default=defaults.enable_prefix_caching)
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
     p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="requests in one step")
-    p.add_argument("--attention-backend", default=defaults.attention_backend)
+    p.add_argument("--attention-backend", default=defaults.attention_backend, help="auto, torch or triton")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 

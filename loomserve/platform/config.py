@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from loomserve.platform.attention import resolve_attention_backend
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -115,7 +117,8 @@ class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
-    attention_backend: str = "auto"
+    attention_backend: str = "torch"
+    enforce_eager: bool = False  # no CUDA graphs
 
 
 @dataclass
@@ -138,6 +141,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     attention_backend: str = "auto"
+    enforce_eager: bool = False
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -177,7 +181,8 @@ class EngineArgs:
             max_num_batched_tokens=self.max_num_batched_tokens or max(2048, min(max_model_len, 8192)),
             max_num_seqs=self.max_num_seqs,
         )
-        return EngineConfig(model_config, cache_config, scheduler_config, self.attention_backend)
+        backend = resolve_attention_backend(self.attention_backend, device)
+        return EngineConfig(model_config, cache_config, scheduler_config, backend, self.enforce_eager)
 
 
 def _context_limit(text_config: Any) -> int:

@@ -15,6 +15,7 @@ import torch
 
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.config import EngineConfig
+from loomserve.platform.cuda_graphs import CudaGraphRunner
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.loader import load_model
 from loomserve.platform.request import Request
@@ -62,11 +63,19 @@ class ModelRunner:
             )
         shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+        self.cuda_graphs = self._capture_cuda_graphs()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
             num_blocks, self.block_size, num_blocks * self.block_size,
             num_blocks * self._bytes_per_block() / 2**30, self.device,
         )
+
+    def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
+        # The torch reference backend reads host-side lengths, which a graph would freeze: Triton only.
+        if self.device.type != "cuda" or self.config.enforce_eager or self.config.attention_backend != "triton":
+            return None
+        mc, sc = self.config.model_config, self.config.scheduler_config
+        return CudaGraphRunner(self.model, self.kv_caches, sc.max_num_seqs, cdiv(mc.max_model_len, self.block_size))
 
     def _bytes_per_block(self) -> int:
         mc = self.config.model_config
@@ -169,10 +178,9 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepOutput:
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         batch = self.prepare_inputs(scheduled)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
-        if not batch.sample_requests:
+        logits = self._run_model(batch)  # [S, vocab] float32
+        if logits is None:
             return StepOutput({}, {})
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [S, vocab] float32
         meta = build_sampling_metadata(batch.sample_requests, self.vocab_size, self.device)
         result = self.sampler(logits, meta)
         ids = [r.request_id for r in batch.sample_requests]
@@ -185,6 +193,18 @@ class ModelRunner:
                 if k is not None:
                     logprobs[request.request_id] = (tok[: k + 1], lp[: k + 1], rank)
         return StepOutput(sampled, logprobs)
+
+
+    def _run_model(self, batch: BatchInputs) -> torch.Tensor | None:
+        """Logits of the sampling rows; a decode-only batch replays a CUDA graph when there is one."""
+        num_seqs = batch.attn.num_seqs
+        if self.cuda_graphs and batch.attn.num_decodes == num_seqs and self.cuda_graphs.can_run(num_seqs):
+            logits = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn)  # [B, vocab]
+            return logits[batch.logits_indices] if batch.sample_requests else None
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
+        if not batch.sample_requests:
+            return None
+        return self.model.compute_logits(hidden[batch.logits_indices])
 
 
 def _token_at(request: Request, position: int) -> int:
