@@ -11,8 +11,6 @@ import logging
 import traceback
 from typing import Any
 
-import zmq
-
 from loomserve.platform.config import EngineArgs, EngineConfig
 from loomserve.platform.messages import (
     EngineCoreOutput,
@@ -48,6 +46,7 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        self.runner.release(request_ids)
 
     def has_requests(self) -> bool:
         return self.scheduler.has_requests()
@@ -56,8 +55,10 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return EngineCoreOutputs([], self.scheduler.stats())
+        self.runner.release(out.preempted_ids)
         result = self.runner.execute(out)
         updated = self.scheduler.update_from_output(out, result.sampled)
+        self.runner.release([r.request_id for r in updated if r.status.finished])
         outputs = [
             EngineCoreOutput(
                 request_id=r.request_id,
@@ -77,6 +78,8 @@ class EngineCore:
 
 def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None:
     """Entry point of the engine process: build the engine, say READY, then serve until told to stop."""
+    import zmq  # the in-process engine (LLM) needs no ZeroMQ
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [engine] %(message)s")
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
@@ -98,6 +101,8 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None
 
 
 def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
+    import zmq
+
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     while True:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
+from loomserve.platform.block_table import BlockTable
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.cuda_graphs import CudaGraphRunner
 from loomserve.platform.kv_cache.manager import cdiv
@@ -63,6 +64,7 @@ class ModelRunner:
             )
         shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+        self.block_table = BlockTable(config.scheduler_config.max_num_seqs, cdiv(mc.max_model_len, self.block_size))
         self.cuda_graphs = self._capture_cuda_graphs()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
@@ -127,52 +129,66 @@ class ModelRunner:
         return int(budget // self._bytes_per_block())
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
-        """Pack the step's tokens; `scheduled` must list single-token (decode) requests first."""
+        """Pack the step's tokens; `scheduled` must list single-token (decode) requests first.
+
+        Everything the device needs goes over in one int64 host buffer and one copy.
+        """
         bs = self.block_size
         num_decodes = 0
         while num_decodes < len(scheduled) and scheduled[num_decodes].num_new_tokens == 1:
             num_decodes += 1
         ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        positions: list[int] = []
+        slots: list[int] = []
         query_start_loc = [0]
         seq_lens = []
         logits_indices = []
         sample_requests = []
-        max_blocks = max(cdiv(s.request.num_computed_tokens + s.num_new_tokens, bs) for s in scheduled)
-        block_tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)  # [B, max_blocks]
-        for i, s in enumerate(scheduled):
-            start = s.request.num_computed_tokens
-            end = start + s.num_new_tokens
-            ids.extend(s.request.all_token_ids[start:end] if s.num_new_tokens > 1 else [_token_at(s.request, start)])
-            pos = np.arange(start, end)
-            table = np.asarray(s.block_ids[: cdiv(end, bs)], dtype=np.int64)
-            block_tables[i, : len(table)] = table
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
+        rows = []
+        for s in scheduled:
+            request, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            end = start + n
+            rows.append(self.block_table.sync(request.request_id, s.block_ids))
+            if n == 1:  # the decode hot path: scalars only
+                ids.append(_token_at(request, start))
+                positions.append(start)
+                slots.append(s.block_ids[start // bs] * bs + start % bs)
+            else:
+                ids.extend(request.all_token_ids[start:end])
+                pos = np.arange(start, end)
+                table = np.asarray(s.block_ids[: cdiv(end, bs)], dtype=np.int64)
+                positions.extend(pos.tolist())
+                slots.extend((table[pos // bs] * bs + pos % bs).tolist())
+            query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
             if s.samples:
                 logits_indices.append(query_start_loc[-1] - 1)
-                sample_requests.append(s.request)
-        dev = self.device
+                sample_requests.append(request)
+        width = cdiv(max(seq_lens), bs)
+        num_tokens, num_seqs = len(ids), len(scheduled)
+        host = np.concatenate([
+            np.array(ids + positions + slots + query_start_loc + seq_lens + logits_indices, dtype=np.int64),
+            self.block_table.gather(rows, width).ravel(),
+        ])
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        cuts = np.cumsum([num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_indices)])
+        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, logits_t, tables_t = torch.tensor_split(dev, cuts.tolist())
         attn = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
+            slot_mapping=slot_t,
+            query_start_loc=qsl_t,
+            seq_lens=seq_lens_t,
+            block_tables=tables_t.view(num_seqs, width),
             num_decodes=num_decodes,
             num_decode_tokens=num_decodes,
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
-        return BatchInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
-            attn=attn,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
-            sample_requests=sample_requests,
-        )
+        return BatchInputs(input_ids, pos_t, attn, logits_t, sample_requests)
+
+    def release(self, request_ids: list[str]) -> None:
+        """Forget the block-table rows of requests that finished, were aborted or were preempted."""
+        for request_id in request_ids:
+            self.block_table.release(request_id)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepOutput:
@@ -193,7 +209,6 @@ class ModelRunner:
                 if k is not None:
                     logprobs[request.request_id] = (tok[: k + 1], lp[: k + 1], rank)
         return StepOutput(sampled, logprobs)
-
 
     def _run_model(self, batch: BatchInputs) -> torch.Tensor | None:
         """Logits of the sampling rows; a decode-only batch replays a CUDA graph when there is one."""
