@@ -119,6 +119,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     attention_backend: str = "torch"
     enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool = False  # schedule step N+1 while the device runs step N
 
 
 @dataclass
@@ -142,6 +143,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    async_scheduling: bool | None = None  # None: on for CUDA, off for CPU (where nothing runs asynchronously)
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -182,7 +184,8 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs,
         )
         backend = resolve_attention_backend(self.attention_backend, device)
-        return EngineConfig(model_config, cache_config, scheduler_config, backend, self.enforce_eager)
+        async_scheduling = device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
+        return EngineConfig(model_config, cache_config, scheduler_config, backend, self.enforce_eager, async_scheduling)
 
 
 def _context_limit(text_config: Any) -> int:

@@ -21,8 +21,8 @@ from loomserve.platform.messages import (
     unpack,
 )
 from loomserve.platform.request import Request, RequestStatus
-from loomserve.platform.runner import ModelRunner
-from loomserve.platform.scheduler import Scheduler
+from loomserve.platform.runner import InFlightStep, ModelRunner
+from loomserve.platform.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class EngineCore:
         self.config = config
         self.runner = ModelRunner(config)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, config.model_config.max_model_len)
+        self.in_flight: tuple[SchedulerOutput, InFlightStep | None] | None = None  # launched, not yet landed
 
     def add_request(self, req: EngineCoreRequest) -> None:
         request = Request(
@@ -49,17 +50,36 @@ class EngineCore:
         self.runner.release(request_ids)
 
     def has_requests(self) -> bool:
-        return self.scheduler.has_requests()
+        return self.scheduler.has_requests() or self.in_flight is not None
 
     def step(self) -> EngineCoreOutputs:
+        """One iteration: schedule, launch, and land a step's tokens.
+
+        With async scheduling the next step is scheduled and launched before the previous step's tokens are
+        landed, so the host's bookkeeping overlaps the device's work; a request whose sampling reads its own
+        tokens (penalties, min_tokens) makes the engine land every step before scheduling the next.
+        """
+        ahead = self.config.async_scheduling and self.scheduler.can_run_ahead()
+        outputs: list[EngineCoreOutput] = []
+        if not ahead and self.in_flight is not None:
+            outputs += self._land(*self.in_flight)
+            self.in_flight = None
         out = self.scheduler.schedule()
-        if not out.scheduled:
-            return EngineCoreOutputs([], self.scheduler.stats())
         self.runner.release(out.preempted_ids)
-        result = self.runner.execute(out)
+        launched = (out, self.runner.launch(out)) if out.scheduled else None
+        if self.in_flight is not None:
+            outputs += self._land(*self.in_flight)
+        self.in_flight = launched
+        if not ahead and self.in_flight is not None:
+            outputs += self._land(*self.in_flight)
+            self.in_flight = None
+        return EngineCoreOutputs(outputs, self.scheduler.stats())
+
+    def _land(self, out: SchedulerOutput, step: InFlightStep | None) -> list[EngineCoreOutput]:
+        result = self.runner.collect(step)
         updated = self.scheduler.update_from_output(out, result.sampled)
         self.runner.release([r.request_id for r in updated if r.status.finished])
-        outputs = [
+        return [
             EngineCoreOutput(
                 request_id=r.request_id,
                 new_token_ids=[r.output_token_ids[-1]],
@@ -70,7 +90,6 @@ class EngineCore:
             )
             for r in updated
         ]
-        return EngineCoreOutputs(outputs, self.scheduler.stats())
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv.pool.reset_prefix_cache()

@@ -38,6 +38,17 @@ class BatchInputs:
 
 
 @dataclass
+class InFlightStep:
+    """A launched step whose sampled tokens are on their way to the host."""
+
+    request_ids: list[str]  # of the rows that sample
+    sampled: torch.Tensor  # [S] int64, on the host once `done` has fired
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host copies of the sampler's
+    logprob_counts: list[int | None]  # per row: how many top logprobs it asked for
+    done: torch.cuda.Event | None  # fires when the copies have landed (CUDA only)
+
+
+@dataclass
 class StepOutput:
     sampled: dict[str, int]  # request id -> new token
     # request id -> (token ids, logprobs, rank of the sampled token): sampled token first, then the top-k
@@ -66,6 +77,8 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
         self.block_table = BlockTable(config.scheduler_config.max_num_seqs, cdiv(mc.max_model_len, self.block_size))
         self.cuda_graphs = self._capture_cuda_graphs()
+        self.previous_sampled = torch.zeros(0, dtype=torch.long, device=self.device)  # [S] last launch's tokens
+        self.previous_rows: dict[str, int] = {}  # request id -> its row in previous_sampled
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
             num_blocks, self.block_size, num_blocks * self.block_size,
@@ -145,12 +158,17 @@ class ModelRunner:
         logits_indices = []
         sample_requests = []
         rows = []
+        from_previous: list[tuple[int, int]] = []  # (batch position, previous step's row): tokens in flight
         for s in scheduled:
-            request, start, n = s.request, s.request.num_computed_tokens, s.num_new_tokens
+            request, start, n = s.request, s.start, s.num_new_tokens
             end = start + n
             rows.append(self.block_table.sync(request.request_id, s.block_ids))
             if n == 1:  # the decode hot path: scalars only
-                ids.append(_token_at(request, start))
+                if start < request.num_tokens:
+                    ids.append(_token_at(request, start))
+                else:
+                    from_previous.append((len(ids), self.previous_rows[request.request_id]))
+                    ids.append(0)
                 positions.append(start)
                 slots.append(s.block_ids[start // bs] * bs + start % bs)
             else:
@@ -183,6 +201,10 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
+        if from_previous:  # fill in tokens that exist only on the device so far
+            at, prev = zip(*from_previous)
+            index = torch.tensor(at, device=self.device)
+            input_ids[index] = self.previous_sampled[torch.tensor(prev, device=self.device)]
         return BatchInputs(input_ids, pos_t, attn, logits_t, sample_requests)
 
     def release(self, request_ids: list[str]) -> None:
@@ -190,24 +212,46 @@ class ModelRunner:
         for request_id in request_ids:
             self.block_table.release(request_id)
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepOutput:
+        return self.collect(self.launch(out))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput) -> InFlightStep | None:
+        """Run the step's model and sampler without waiting for them; None when nothing samples."""
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         batch = self.prepare_inputs(scheduled)
         logits = self._run_model(batch)  # [S, vocab] float32
         if logits is None:
-            return StepOutput({}, {})
+            return None
         meta = build_sampling_metadata(batch.sample_requests, self.vocab_size, self.device)
         result = self.sampler(logits, meta)
         ids = [r.request_id for r in batch.sample_requests]
-        sampled = dict(zip(ids, result.sampled_token_ids.tolist()))
-        logprobs = {}
+        self.previous_sampled = result.sampled_token_ids
+        self.previous_rows = {request_id: i for i, request_id in enumerate(ids)}
+        logprobs = None
         if result.logprobs is not None:
-            rows = zip(result.logprob_token_ids.tolist(), result.logprobs.tolist(), result.sampled_token_ranks.tolist())
-            for request, (tok, lp, rank) in zip(batch.sample_requests, rows):
-                k = request.sampling_params.logprobs
+            logprobs = (result.logprob_token_ids, result.logprobs, result.sampled_token_ranks)
+        counts = [r.sampling_params.logprobs for r in batch.sample_requests]
+        if self.device.type != "cuda":
+            return InFlightStep(ids, result.sampled_token_ids, logprobs, counts, None)
+        host = [t.to("cpu", non_blocking=True) for t in (result.sampled_token_ids, *(logprobs or ()))]
+        done = torch.cuda.Event()
+        done.record()
+        return InFlightStep(ids, host[0], tuple(host[1:]) if logprobs else None, counts, done)
+
+    def collect(self, step: InFlightStep | None) -> StepOutput:
+        """Wait for a launched step's tokens (and logprobs) and hand them out by request."""
+        if step is None:
+            return StepOutput({}, {})
+        if step.done is not None:
+            step.done.synchronize()
+        sampled = dict(zip(step.request_ids, step.sampled.tolist()))
+        logprobs = {}
+        if step.logprobs is not None:
+            rows = zip(*(t.tolist() for t in step.logprobs))
+            for request_id, k, (tok, lp, rank) in zip(step.request_ids, step.logprob_counts, rows):
                 if k is not None:
-                    logprobs[request.request_id] = (tok[: k + 1], lp[: k + 1], rank)
+                    logprobs[request_id] = (tok[: k + 1], lp[: k + 1], rank)
         return StepOutput(sampled, logprobs)
 
     def _run_model(self, batch: BatchInputs) -> torch.Tensor | None:

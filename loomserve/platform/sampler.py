@@ -90,7 +90,7 @@ def build_sampling_metadata(
         prompt_token_mask=mask,
         min_tokens_block=_min_tokens_block(requests, vocab_size, device),
         generators={
-            i: _step_generator(p.seed, r.num_output_tokens, device)
+            i: _step_generator(p.seed, r.sample_index, device)
             for i, (r, p, g) in enumerate(zip(requests, params, greedy, strict=True))
             if p.seed is not None and not g
         },
