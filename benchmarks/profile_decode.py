@@ -45,14 +45,17 @@ def main() -> None:
     p.add_argument("--input-len-max", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="time whole steps with async scheduling (the per-stage split needs synchronous steps)")
     args = p.parse_args()
     path = build_preset_checkpoint(args.shape)
     llm = LLM(str(path), load_format="dummy", device=args.device, max_model_len=2048,
-              max_num_seqs=args.num_prompts, enforce_eager=args.enforce_eager)
+              max_num_seqs=args.num_prompts, enforce_eager=args.enforce_eager,
+              async_scheduling=args.async_scheduling)
     rng = np.random.default_rng(0)
     vocab = prompt_vocab_size(path)
     params = SamplingParams(temperature=0.0, max_tokens=args.steps + 64, ignore_eos=True)
-    processor = OutputProcessor(llm.tokenizer)
+    processor = OutputProcessor(llm.tokenizer, final_only=True)  # as LLM.generate does
     for i in range(args.num_prompts):
         ids = rng.integers(0, vocab, rng.integers(args.input_len_min, args.input_len_max + 1)).tolist()
         for child, cp in processor.add_request(str(i), None, ids, params, time.time()):
@@ -63,11 +66,8 @@ def main() -> None:
 
     totals: dict[str, float] = defaultdict(float)
     runner, scheduler = engine.runner, engine.scheduler
-    scheduler.schedule = timed(totals, "schedule", scheduler.schedule)
-    runner.prepare_inputs = timed(totals, "prepare_inputs", runner.prepare_inputs, sync=True)
-    runner._run_model = timed(totals, "model", runner._run_model, sync=True)
-    runner.sampler.forward = timed(totals, "sample", runner.sampler.forward)
-    scheduler.update_from_output = timed(totals, "update", scheduler.update_from_output)
+    if not args.async_scheduling:
+        _instrument(totals, runner, scheduler)
     start = time.perf_counter()
     for _ in range(args.steps):
         outputs = engine.step().outputs
@@ -76,7 +76,8 @@ def main() -> None:
         totals["output_processing"] += time.perf_counter() - t
     wall = time.perf_counter() - start
     batch = len(scheduler.running)
-    print(f"{args.shape} on {args.device}, {batch} sequences decoding, {args.steps} steps, "
+    mode = "async scheduling" if args.async_scheduling else "synchronous steps"
+    print(f"{args.shape} on {args.device}, {mode}, {batch} sequences decoding, {args.steps} steps, "
           f"{wall / args.steps * 1e3:.2f} ms/step ({batch * args.steps / wall:,.0f} tok/s)")
     print("| stage | ms/step | share |\n|---|---|---|")
     for name in STAGES:
@@ -85,6 +86,13 @@ def main() -> None:
     other = wall - sum(totals.values())
     print(f"| other (step glue, sampling metadata, outputs) | {other / args.steps * 1e3:.3f} | {other / wall:.0%} |")
 
+
+def _instrument(totals: dict[str, float], runner, scheduler) -> None:
+    scheduler.schedule = timed(totals, "schedule", scheduler.schedule)
+    runner.prepare_inputs = timed(totals, "prepare_inputs", runner.prepare_inputs, sync=True)
+    runner._run_model = timed(totals, "model", runner._run_model, sync=True)
+    runner.sampler.forward = timed(totals, "sample", runner.sampler.forward)
+    scheduler.update_from_output = timed(totals, "update", scheduler.update_from_output)
 
 if __name__ == "__main__":
     main()

@@ -298,6 +298,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "threads": str(torch.get_num_threads()) if device.type == "cpu" else "-",
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "commit": git_commit(),
+        "load avg at end (1/5/15m)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -372,7 +373,7 @@ class StepRecord:
 
 
 class StepRecorder:
-    """Wraps one EngineCore instance's `step` (and its runner's `execute`, to see the batch) to time steps."""
+    """Wraps one EngineCore instance's `step` (and its runner's `launch`, to see the batch) to time steps."""
 
     def __init__(self, engine: Any, device: torch.device) -> None:
         self.records: list[StepRecord] = []
@@ -380,30 +381,29 @@ class StepRecorder:
         self.device = device
         self._batch: tuple[bool, int, int, int] | None = None
         runner = engine.runner
-        execute, step = runner.execute, engine.step
+        launch, step = runner.launch, engine.step
 
-        def timed_execute(out: Any) -> Any:
+        def timed_launch(out: Any) -> Any:
             sched = out.scheduled
             self._batch = (
                 all(s.num_new_tokens == 1 for s in sched),
                 len(sched),
                 sum(s.num_new_tokens for s in sched),
-                sum(s.request.num_computed_tokens + s.num_new_tokens for s in sched),
+                sum(s.start + s.num_new_tokens for s in sched),
             )
-            return execute(out)
+            return launch(out)
 
         def timed_step() -> Any:
             if not self.enabled:
                 return step()
             self._batch = None
             start = time.perf_counter()
-            result = step()
-            synchronize(self.device)
+            result = step()  # no device sync: with async scheduling steps overlap, so this is the mean step time
             if self._batch is not None:
                 self.records.append(StepRecord(time.perf_counter() - start, *self._batch))
             return result
 
-        runner.execute = timed_execute
+        runner.launch = timed_launch
         engine.step = timed_step
 
     def decode_steps(self) -> list[StepRecord]:

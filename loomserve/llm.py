@@ -44,7 +44,7 @@ class LLM:
         tokenized = [self.input_processor.tokenize(prompt) for prompt in prompts]
         for (_, token_ids), p in zip(tokenized, params):
             self.input_processor.validate(token_ids, p)  # all or nothing: refuse before any request starts
-        processor = OutputProcessor(self.tokenizer)
+        processor = OutputProcessor(self.tokenizer, final_only=True)
         order = []
         for (text, token_ids), p in zip(tokenized, params):
             request_id = str(next(self._ids))

@@ -28,6 +28,10 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def decode_all(self, token_ids: list[int]) -> str:
+        """The whole text at once, for a caller that needs no stream."""
+        return self._decode(token_ids)
+
     def update(self, new_token_ids: list[int], finished: bool) -> str:
         """Add tokens; return the newly stable text (everything left, once finished)."""
         self.token_ids.extend(new_token_ids)

@@ -184,13 +184,16 @@ class ModelRunner:
                 sample_requests.append(request)
         width = cdiv(max(seq_lens), bs)
         num_tokens, num_seqs = len(ids), len(scheduled)
+        at, prev = (list(x) for x in zip(*from_previous)) if from_previous else ([], [])
         host = np.concatenate([
-            np.array(ids + positions + slots + query_start_loc + seq_lens + logits_indices, dtype=np.int64),
+            np.array(ids + positions + slots + query_start_loc + seq_lens + logits_indices + at + prev, dtype=np.int64),
             self.block_table.gather(rows, width).ravel(),
         ])
+        # One non-blocking copy: a blocking one would first wait for the step still running on the GPU.
         dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-        cuts = np.cumsum([num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_indices)])
-        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, logits_t, tables_t = torch.tensor_split(dev, cuts.tolist())
+        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_indices), len(at), len(prev)]
+        parts = torch.tensor_split(dev, np.cumsum(sizes).tolist())
+        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, logits_t, at_t, prev_t, tables_t = parts
         attn = AttentionMetadata(
             slot_mapping=slot_t,
             query_start_loc=qsl_t,
@@ -202,9 +205,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
         )
         if from_previous:  # fill in tokens that exist only on the device so far
-            at, prev = zip(*from_previous)
-            index = torch.tensor(at, device=self.device)
-            input_ids[index] = self.previous_sampled[torch.tensor(prev, device=self.device)]
+            input_ids[at_t] = self.previous_sampled[prev_t]
         return BatchInputs(input_ids, pos_t, attn, logits_t, sample_requests)
 
     def release(self, request_ids: list[str]) -> None:
