@@ -66,6 +66,7 @@ class ModelConfig:
     seed: int
     hf_config: Any = field(repr=False)
     served_model_name: str
+    quantization: str | None = None  # "bitsandbytes": NF4 linear weights
 
     @property
     def architecture(self) -> str:
@@ -111,11 +112,26 @@ class SchedulerConfig:
 
 
 @dataclass
+class LoRAConfig:
+    max_loras: int = 1  # adapters in one step (device slots)
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1  # adapters kept in host memory, least recently used evicted first
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be at least 1, got {self.max_loras}, "
+                             f"{self.max_lora_rank}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+
+
+@dataclass
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
     attention_backend: str = "auto"
+    lora_config: LoRAConfig | None = None  # None: LoRA off
 
 
 @dataclass
@@ -138,6 +154,11 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     attention_backend: str = "auto"
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # default: max_loras
+    quantization: str | None = None  # "bitsandbytes" (NF4); a 4-bit checkpoint sets it itself
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -145,6 +166,8 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         from transformers import AutoConfig
+
+        from loomserve.platform.quantization import check_quantization
 
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}; choose auto, safetensors or dummy")
@@ -165,6 +188,7 @@ class EngineArgs:
             seed=self.seed,
             hf_config=hf_config,
             served_model_name=self.served_model_name or _default_name(self.model),
+            quantization=check_quantization(self.quantization, hf_config),
         )
         cache_config = CacheConfig(
             block_size=self.block_size,
@@ -177,7 +201,10 @@ class EngineArgs:
             max_num_batched_tokens=self.max_num_batched_tokens or max(2048, min(max_model_len, 8192)),
             max_num_seqs=self.max_num_seqs,
         )
-        return EngineConfig(model_config, cache_config, scheduler_config, self.attention_backend)
+        lora_config = None
+        if self.enable_lora:
+            lora_config = LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
+        return EngineConfig(model_config, cache_config, scheduler_config, self.attention_backend, lora_config)
 
 
 def _context_limit(text_config: Any) -> int:

@@ -7,12 +7,15 @@ detokenization and HTTP never compete with the model for the GIL.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import traceback
 from typing import Any
 
 import zmq
 
+from loomserve.adapters.request import LoRARequest
+from loomserve.adapters.scheduling import LoRAAdmission
 from loomserve.platform.config import EngineArgs, EngineConfig
 from loomserve.platform.messages import (
     EngineCoreOutput,
@@ -28,12 +31,21 @@ from loomserve.platform.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
+_LORA_WAIT_S = 0.005  # how long a step with nothing to run waits for an adapter to finish loading
+
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.runner = ModelRunner(config)
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, config.model_config.max_model_len)
+        self.lora_manager = self.runner.lora_manager
+        admission = None
+        if self.lora_manager is not None:
+            admission = LoRAAdmission(config.lora_config.max_loras, self.lora_manager.ready)
+        self.scheduler = Scheduler(
+            config.scheduler_config, config.cache_config, config.model_config.max_model_len, admission
+        )
+        self.utility_calls: list[tuple[int, concurrent.futures.Future]] = []  # calls answered once done
 
     def add_request(self, req: EngineCoreRequest) -> None:
         request = Request(
@@ -43,7 +55,10 @@ class EngineCore:
             eos_token_id=req.eos_token_id,
             arrival_time=req.arrival_time,
             cache_salt=req.cache_salt,
+            lora_request=req.lora_request,
         )
+        if request.lora_request is not None:
+            self._loras()
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -53,12 +68,15 @@ class EngineCore:
         return self.scheduler.has_requests()
 
     def step(self) -> EngineCoreOutputs:
+        outputs = self._abort_unloadable()
         out = self.scheduler.schedule()
         if not out.scheduled:
-            return EngineCoreOutputs([], self.scheduler.stats())
+            if self.lora_manager is not None:
+                self.lora_manager.wait(_LORA_WAIT_S)
+            return EngineCoreOutputs(outputs, self.scheduler.stats())
         result = self.runner.execute(out)
         updated = self.scheduler.update_from_output(out, result.sampled)
-        outputs = [
+        outputs += [
             EngineCoreOutput(
                 request_id=r.request_id,
                 new_token_ids=[r.output_token_ids[-1]],
@@ -73,6 +91,54 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv.pool.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ LoRA adapters
+
+    def _loras(self) -> Any:
+        if self.lora_manager is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
+        return self.lora_manager
+
+    def add_lora(self, lora: LoRARequest) -> None:
+        """Load an adapter now (the offline API); raises ValueError saying why it cannot be served."""
+        self._loras().add(lora)
+
+    def remove_lora(self, lora_id: int) -> None:
+        self._loras().remove(lora_id)
+
+    def call_utility(self, call: list) -> None:
+        """A front-end call [method, call id, *args]; its reply comes out of `take_utility_replies`."""
+        method, call_id, *args = call
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            if method == "add_lora":
+                future = self._loras().start_add(LoRARequest.from_wire(args[0]))
+            elif method == "remove_lora":
+                self.remove_lora(args[0])
+                future.set_result(None)
+            else:
+                raise ValueError(f"unknown engine call {method!r}")
+        except ValueError as e:
+            future.set_exception(e)
+        self.utility_calls.append((call_id, future))
+
+    def take_utility_replies(self) -> list[list]:
+        """[call id, error message or None] for each call that has finished."""
+        done = [(call_id, f) for call_id, f in self.utility_calls if f.done()]
+        self.utility_calls = [(call_id, f) for call_id, f in self.utility_calls if not f.done()]
+        return [[call_id, None if f.exception() is None else str(f.exception())] for call_id, f in done]
+
+    def _abort_unloadable(self) -> list[EngineCoreOutput]:
+        """End the requests of adapters that failed to load from disk (e.g. their folder went away)."""
+        failures = self.lora_manager.take_failures() if self.lora_manager is not None else {}
+        if not failures:
+            return []
+        ids = [r.request_id for r in self.scheduler.requests.values()
+               if r.lora_request is not None and r.lora_request.lora_int_id in failures]
+        for lora_id, reason in failures.items():
+            logger.error("aborting the requests of LoRA adapter %d: %s", lora_id, reason)
+        finished = self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        return [EngineCoreOutput(r.request_id, [], finish_reason=r.finish_reason) for r in finished]
 
 
 def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None:
@@ -101,8 +167,8 @@ def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     while True:
-        # Block while idle; with work in hand, only drain what has already arrived.
-        timeout = 0 if engine.has_requests() else None
+        # Block while idle; with work in hand, only drain what has already arrived; poll while calls run.
+        timeout = 0 if engine.has_requests() else (5 if engine.utility_calls else None)
         while dict(poller.poll(timeout)).get(inbox):
             kind, payload = unpack(inbox.recv())
             if kind == MessageType.ADD:
@@ -113,7 +179,11 @@ def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
                 return
             elif kind == MessageType.UTILITY and payload == "reset_prefix_cache":
                 engine.reset_prefix_cache()
+            elif kind == MessageType.UTILITY and isinstance(payload, list):
+                engine.call_utility(payload)
             timeout = 0
+        for reply in engine.take_utility_replies():
+            outbox.send(pack(MessageType.UTILITY, reply))
         if engine.has_requests():
             outputs = engine.step()
         else:  # what arrived (aborts) left the engine idle: report the now-empty state once

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loomserve.platform.config import CacheConfig, SchedulerConfig
 from loomserve.platform.kv_cache import KVCacheManager
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.stats import SchedulerStats
+
+if TYPE_CHECKING:
+    from loomserve.adapters.request import LoRARequest
+    from loomserve.adapters.scheduling import LoRAAdmission
 
 
 @dataclass
@@ -33,6 +38,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    active_loras: dict[int, LoRARequest] = field(default_factory=dict)  # adapters of all running requests
 
     @property
     def num_tokens(self) -> int:
@@ -41,7 +47,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, max_model_len: int
+        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, max_model_len: int,
+        lora_admission: LoRAAdmission | None = None,
     ) -> None:
         self.config = scheduler_config
         self.max_model_len = max_model_len
@@ -51,6 +58,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since the last stats()
         self.total_preemptions = 0
+        self.lora_admission = lora_admission  # None: LoRA off
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -65,6 +73,8 @@ class Scheduler:
         budget = self._schedule_running(out, budget)
         if not out.preempted_ids:
             self._schedule_waiting(out, budget)
+        if self.lora_admission is not None:
+            out.active_loras = self.lora_admission.active(self.running)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -84,12 +94,18 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        skipped: list[Request] = []  # waiting on an adapter: passed over this step, keeping their places
+        if self.lora_admission is not None:
+            self.lora_admission.begin(self.running)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if self.lora_admission is not None and not self.lora_admission.admits(request):
+                skipped.append(self.waiting.popleft())
+                continue
             computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             n = min(request.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(request, n, computed_blocks):
-                return
+                break
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
@@ -98,6 +114,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, n, self.kv.block_ids(request.request_id)))
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)

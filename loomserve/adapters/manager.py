@@ -1,0 +1,198 @@
+"""Adapters in device slots and a host LRU cache, loaded from disk on demand in a background thread.
+
+The engine's model gets its LoRA layers here (`max_loras` slots each). An adapter's weights live in the
+host cache (at most `max_cpu_loras`, least recently used evicted first) and, while requests use it, in a
+slot. Adapters of running requests (`pinned`) are never evicted from either. Reading an adapter folder
+happens off the engine loop (a worker thread), so loading never stalls the other requests' steps; the
+loop only moves finished loads into the cache and copies weights into slots.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from loomserve.adapters.layers import LoRABatch, add_lora_layers
+from loomserve.adapters.lora import LoRAModel, load_lora_model
+from loomserve.adapters.request import LoRARequest
+from loomserve.platform.config import LoRAConfig
+from loomserve.platform.scheduler import ScheduledRequest
+
+logger = logging.getLogger(__name__)
+
+
+def default_backend(device: torch.device) -> str:
+    """Triton kernels on CUDA where triton is installed, else the torch reference."""
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
+
+
+class LoRAManager:
+    def __init__(self, model: nn.Module, config: LoRAConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self.state, self.layers, self.targets = add_lora_layers(
+            model, config.max_loras, config.max_lora_rank, default_backend(device)
+        )
+        if not self.layers:
+            raise ValueError(f"{type(model).__name__} has no linear layers to put LoRA adapters on")
+        self.dtype = next(iter(self.layers.values())).lora_a.dtype
+        self.known: dict[int, LoRARequest] = {}  # id -> its adapter: an id always names one adapter
+        self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()  # least recently used first
+        self.slots: list[int | None] = [None] * config.max_loras  # adapter id in each slot
+        self.slot_last_step = [0] * config.max_loras
+        self.pinned: set[int] = set()
+        self.loads: dict[int, concurrent.futures.Future[LoRAModel]] = {}
+        self.failures: dict[int, str] = {}
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+        self.step = 0
+        slot_bytes = sum(layer.lora_a[0].nbytes + layer.lora_b[0].nbytes for layer in self.layers.values())
+        logger.info("LoRA: %d layers, %d slots of rank %d (%.1f MiB), host cache of %d adapters, %s kernels",
+                    len(self.layers), config.max_loras, config.max_lora_rank,
+                    slot_bytes * config.max_loras / 2**20, config.max_cpu_loras, self.state.backend)
+
+    # ------------------------------------------------------------------ host cache
+
+    def add(self, lora: LoRARequest) -> None:
+        """Load (or find) an adapter now; raises ValueError (LoRALoadError) when it cannot be served."""
+        self._claim(lora)
+        if lora.lora_int_id in self.cpu:
+            self.cpu.move_to_end(lora.lora_int_id)
+            return
+        try:
+            model = self._read(lora)
+        except ValueError:
+            self.known.pop(lora.lora_int_id, None)
+            raise
+        self._insert(model)
+
+    def start_add(self, lora: LoRARequest) -> concurrent.futures.Future[LoRAModel]:
+        """Load an adapter in the background; the future fails with the reason if it cannot be served."""
+        self._claim(lora)
+        if lora.lora_int_id in self.cpu:
+            done: concurrent.futures.Future[LoRAModel] = concurrent.futures.Future()
+            done.set_result(self.cpu[lora.lora_int_id])
+            return done
+        return self._submit(lora)
+
+    def ready(self, lora: LoRARequest) -> bool:
+        """Whether a request of this adapter can run now (then it is pinned); if not, its load is under way."""
+        self._collect()
+        lora_id = lora.lora_int_id
+        if lora_id in self.cpu or lora_id in self.slots:
+            self.pinned.add(lora_id)
+            if lora_id in self.cpu:
+                self.cpu.move_to_end(lora_id)
+            return True
+        if lora_id not in self.loads and lora_id not in self.failures:
+            try:
+                self._claim(lora)
+            except ValueError as e:
+                self.failures[lora_id] = str(e)
+                return False
+            self._submit(lora)
+        return False
+
+    def remove(self, lora_id: int) -> None:
+        """Forget an adapter; its weights go at once unless running requests still use them (then with LRU)."""
+        self.known.pop(lora_id, None)
+        if lora_id in self.pinned:
+            return
+        self.cpu.pop(lora_id, None)
+        self.slots = [None if s == lora_id else s for s in self.slots]
+
+    def take_failures(self) -> dict[int, str]:
+        """Adapters whose background load failed since the last call (id -> reason)."""
+        self._collect()
+        failures, self.failures = self.failures, {}
+        return failures
+
+    def wait(self, timeout: float) -> None:
+        """Block until a background load finishes or `timeout` seconds pass (for an engine with nothing to run)."""
+        if self.loads:
+            concurrent.futures.wait(list(self.loads.values()), timeout, concurrent.futures.FIRST_COMPLETED)
+
+    def _claim(self, lora: LoRARequest) -> None:
+        owner = self.known.setdefault(lora.lora_int_id, lora)
+        if owner != lora:
+            raise ValueError(f"LoRA id {lora.lora_int_id} already names adapter {owner.lora_name!r} "
+                             f"({owner.lora_path}); give {lora.lora_name!r} another id")
+
+    def _read(self, lora: LoRARequest) -> LoRAModel:
+        model = load_lora_model(lora, self.targets, self.config.max_lora_rank, self.dtype)
+        if self.device.type == "cuda":  # page-locked, so copies into slots run asynchronously
+            for slices in model.weights.values():
+                for w in slices.values():
+                    w.a, w.b = w.a.pin_memory(), w.b.pin_memory()
+        return model
+
+    def _submit(self, lora: LoRARequest) -> concurrent.futures.Future[LoRAModel]:
+        future = self.executor.submit(self._read, lora)
+        self.loads[lora.lora_int_id] = future
+        return future
+
+    def _collect(self) -> None:
+        """Move finished background loads into the cache (on the engine's thread)."""
+        for lora_id, future in list(self.loads.items()):
+            if not future.done():
+                continue
+            del self.loads[lora_id]
+            error = future.exception()
+            if error is not None:
+                logger.warning("cannot load LoRA adapter %d: %s", lora_id, error)
+                self.failures[lora_id] = str(error)
+                self.known.pop(lora_id, None)
+            elif lora_id in self.known:  # not removed while it loaded
+                self._insert(future.result())
+
+    def _insert(self, model: LoRAModel) -> None:
+        lora_id = model.request.lora_int_id
+        self.cpu[lora_id] = model
+        self.cpu.move_to_end(lora_id)
+        while len(self.cpu) > self.config.max_cpu_loras:
+            victim = next((i for i in self.cpu if i not in self.pinned and i != lora_id), None)
+            if victim is None:
+                break
+            del self.cpu[victim]
+
+    # ------------------------------------------------------------------ device slots
+
+    def prepare(self, scheduled: list[ScheduledRequest], active: dict[int, LoRARequest]) -> LoRABatch | None:
+        """Put the step's adapters into slots and set each token's slot on the model (in `scheduled`'s token
+        order); `active` are the running requests' adapters. None when no token uses an adapter."""
+        self.step += 1
+        self.pinned = set(active)
+        wanted = {s.request.lora_request.lora_int_id for s in scheduled if s.request.lora_request is not None}
+        slot_of = {lora_id: self._slot_for(lora_id, wanted) for lora_id in wanted}
+        per_request = [
+            slot_of[s.request.lora_request.lora_int_id] if s.request.lora_request is not None else -1
+            for s in scheduled
+        ]
+        token_slots = np.repeat(np.asarray(per_request, dtype=np.int64), [s.num_new_tokens for s in scheduled])
+        self.state.batch = LoRABatch.build(token_slots, self.device) if wanted else None
+        return self.state.batch
+
+    def _slot_for(self, lora_id: int, wanted: set[int]) -> int:
+        if lora_id in self.slots:
+            slot = self.slots.index(lora_id)
+        else:
+            free = [i for i, s in enumerate(self.slots) if s is None or (s not in self.pinned and s not in wanted)]
+            if not free:
+                raise RuntimeError(f"no LoRA slot free for adapter {lora_id}: more than max_loras adapters run")
+            slot = min(free, key=lambda i: (self.slots[i] is not None, self.slot_last_step[i]))
+            model = self.cpu[lora_id]
+            for name, layer in self.layers.items():
+                layer.set_slot(slot, model.weights.get(name, {}))
+            self.slots[slot] = lora_id
+        self.slot_last_step[slot] = self.step
+        return slot
