@@ -125,9 +125,9 @@ def add_lora_layers(
     state = LoRAState(backend)
     layers: dict[str, LoRALinear] = {}
     targets: dict[str, LoRATarget] = {}
-    for name, module in list(model.named_modules()):
-        if ".layers." not in name or not _is_linear(module):
-            continue
+    linears = [(name, m) for name, m in model.named_modules() if ".layers." in name and _is_linear(m)]
+    outermost = [(name, m) for name, m in linears if not any(name.startswith(f"{other}.") for other, _ in linears)]
+    for name, module in outermost:  # an NF4 layer's own bitsandbytes shards are linears too
         weight = next(module.parameters())
         dtype = _compute_dtype(module, weight)
         sizes = list(getattr(module, "output_sizes", [module.out_features]))
