@@ -50,7 +50,7 @@ class LLM:
             self.input_processor.validate(token_ids, p)  # all or nothing: refuse before any request starts
         for lora in dict.fromkeys(lora for lora in loras if lora is not None):
             self.engine.add_lora(lora)  # reads and checks the adapter, raising before any request starts
-        processor = OutputProcessor(self.tokenizer)
+        processor = OutputProcessor(self.tokenizer, final_only=True)
         order = []
         for (text, token_ids), p, lora in zip(tokenized, params, loras):
             request_id = str(next(self._ids))

@@ -14,8 +14,8 @@ logger = logging.getLogger("loomserve")
 _ENGINE_FLAGS = (
     "model", "tokenizer", "served_model_name", "max_model_len", "dtype", "device", "seed", "load_format",
     "block_size", "kv_cache_memory", "gpu_memory_utilization", "num_gpu_blocks_override",
-    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend",
-    "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "quantization",
+    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend", "enforce_eager",
+    "async_scheduling", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "quantization",
 )
 
 
@@ -50,7 +50,10 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    default=defaults.enable_prefix_caching)
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
     p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="requests in one step")
-    p.add_argument("--attention-backend", default=defaults.attention_backend)
+    p.add_argument("--attention-backend", default=defaults.attention_backend, help="auto, torch or triton")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the GPU runs this one (default: on for CUDA)")
     p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters on top of the model")
     p.add_argument("--lora-modules", nargs="+", default=[], type=lora_module, metavar="NAME=PATH",
                    help='adapters to serve from the start: name=path or {"name": ..., "path": ...}')

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from loomserve.platform.attention import resolve_attention_backend
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -130,7 +132,9 @@ class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
-    attention_backend: str = "auto"
+    attention_backend: str = "torch"
+    enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool = False  # schedule step N+1 while the device runs step N
     lora_config: LoRAConfig | None = None  # None: LoRA off
 
 
@@ -154,6 +158,8 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     attention_backend: str = "auto"
+    enforce_eager: bool = False
+    async_scheduling: bool | None = None  # None: on for CUDA, off for CPU (where nothing runs asynchronously)
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
@@ -198,13 +204,21 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
         )
         scheduler_config = SchedulerConfig(
-            max_num_batched_tokens=self.max_num_batched_tokens or max(2048, min(max_model_len, 8192)),
+            max_num_batched_tokens=self.max_num_batched_tokens or _default_token_budget(device, max_model_len),
             max_num_seqs=self.max_num_seqs,
         )
         lora_config = None
         if self.enable_lora:
             lora_config = LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
-        return EngineConfig(model_config, cache_config, scheduler_config, self.attention_backend, lora_config)
+        backend = resolve_attention_backend(self.attention_backend, device)
+        async_scheduling = device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
+        return EngineConfig(model_config, cache_config, scheduler_config, backend, self.enforce_eager, async_scheduling,
+                            lora_config)
+
+
+def _default_token_budget(device: torch.device, max_model_len: int) -> int:
+    """Bigger steps keep a GPU's matmuls efficient; a CPU keeps them short so decodes are not starved."""
+    return 8192 if device.type == "cuda" else max(2048, min(max_model_len, 8192))
 
 
 def _context_limit(text_config: Any) -> int:

@@ -12,8 +12,6 @@ import logging
 import traceback
 from typing import Any
 
-import zmq
-
 from loomserve.adapters.request import LoRARequest
 from loomserve.adapters.scheduling import LoRAAdmission
 from loomserve.platform.config import EngineArgs, EngineConfig
@@ -26,8 +24,8 @@ from loomserve.platform.messages import (
     unpack,
 )
 from loomserve.platform.request import Request, RequestStatus
-from loomserve.platform.runner import ModelRunner
-from loomserve.platform.scheduler import Scheduler
+from loomserve.platform.runner import InFlightStep, ModelRunner
+from loomserve.platform.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +43,7 @@ class EngineCore:
         self.scheduler = Scheduler(
             config.scheduler_config, config.cache_config, config.model_config.max_model_len, admission
         )
+        self.in_flight: tuple[SchedulerOutput, InFlightStep | None] | None = None  # launched, not yet landed
         self.utility_calls: list[tuple[int, concurrent.futures.Future]] = []  # calls answered once done
 
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -63,20 +62,41 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        self.runner.release(request_ids)
 
     def has_requests(self) -> bool:
-        return self.scheduler.has_requests()
+        return self.scheduler.has_requests() or self.in_flight is not None
 
     def step(self) -> EngineCoreOutputs:
+        """One iteration: schedule, launch, and land a step's tokens.
+
+        With async scheduling the next step is scheduled and launched before the previous step's tokens are
+        landed, so the host's bookkeeping overlaps the device's work; a request whose sampling reads its own
+        tokens (penalties, min_tokens) makes the engine land every step before scheduling the next.
+        """
+        ahead = self.config.async_scheduling and self.scheduler.can_run_ahead()
         outputs = self._abort_unloadable()
+        if not ahead and self.in_flight is not None:
+            outputs += self._land(*self.in_flight)
+            self.in_flight = None
         out = self.scheduler.schedule()
-        if not out.scheduled:
-            if self.lora_manager is not None:
-                self.lora_manager.wait(_LORA_WAIT_S)
-            return EngineCoreOutputs(outputs, self.scheduler.stats())
-        result = self.runner.execute(out)
+        self.runner.release(out.preempted_ids)
+        launched = (out, self.runner.launch(out)) if out.scheduled else None
+        if launched is None and self.in_flight is None and self.lora_manager is not None:
+            self.lora_manager.wait(_LORA_WAIT_S)  # nothing to run but adapters still loading
+        if self.in_flight is not None:
+            outputs += self._land(*self.in_flight)
+        self.in_flight = launched
+        if not ahead and self.in_flight is not None:
+            outputs += self._land(*self.in_flight)
+            self.in_flight = None
+        return EngineCoreOutputs(outputs, self.scheduler.stats())
+
+    def _land(self, out: SchedulerOutput, step: InFlightStep | None) -> list[EngineCoreOutput]:
+        result = self.runner.collect(step)
         updated = self.scheduler.update_from_output(out, result.sampled)
-        outputs += [
+        self.runner.release([r.request_id for r in updated if r.status.finished])
+        return [
             EngineCoreOutput(
                 request_id=r.request_id,
                 new_token_ids=[r.output_token_ids[-1]],
@@ -87,7 +107,6 @@ class EngineCore:
             )
             for r in updated
         ]
-        return EngineCoreOutputs(outputs, self.scheduler.stats())
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv.pool.reset_prefix_cache()
@@ -138,11 +157,14 @@ class EngineCore:
         for lora_id, reason in failures.items():
             logger.error("aborting the requests of LoRA adapter %d: %s", lora_id, reason)
         finished = self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        self.runner.release([r.request_id for r in finished])
         return [EngineCoreOutput(r.request_id, [], finish_reason=r.finish_reason) for r in finished]
 
 
 def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None:
     """Entry point of the engine process: build the engine, say READY, then serve until told to stop."""
+    import zmq  # the in-process engine (LLM) needs no ZeroMQ
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [engine] %(message)s")
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
@@ -164,6 +186,8 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None
 
 
 def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
+    import zmq
+
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     while True:

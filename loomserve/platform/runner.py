@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
+from loomserve.platform.block_table import BlockTable
 from loomserve.platform.config import EngineConfig
+from loomserve.platform.cuda_graphs import CudaGraphRunner
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.loader import load_model
 from loomserve.platform.request import Request
@@ -38,6 +40,17 @@ class BatchInputs:
     logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
     sample_requests: list[Request]
     lora: LoRABatch | None = None  # each token's adapter slot (lora_slots [T]); None: no adapter this step
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose sampled tokens are on their way to the host."""
+
+    request_ids: list[str]  # of the rows that sample
+    sampled: torch.Tensor  # [S] int64, on the host once `done` has fired
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host copies of the sampler's
+    logprob_counts: list[int | None]  # per row: how many top logprobs it asked for
+    done: torch.cuda.Event | None  # fires when the copies have landed (CUDA only)
 
 
 @dataclass
@@ -72,11 +85,22 @@ class ModelRunner:
             )
         shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+        self.block_table = BlockTable(config.scheduler_config.max_num_seqs, cdiv(mc.max_model_len, self.block_size))
+        self.cuda_graphs = self._capture_cuda_graphs()
+        self.previous_sampled = torch.zeros(0, dtype=torch.long, device=self.device)  # [S] last launch's tokens
+        self.previous_rows: dict[str, int] = {}  # request id -> its row in previous_sampled
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
             num_blocks, self.block_size, num_blocks * self.block_size,
             num_blocks * self._bytes_per_block() / 2**30, self.device,
         )
+
+    def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
+        # The torch reference backend reads host-side lengths, which a graph would freeze: Triton only.
+        if self.device.type != "cuda" or self.config.enforce_eager or self.config.attention_backend != "triton":
+            return None
+        mc, sc = self.config.model_config, self.config.scheduler_config
+        return CudaGraphRunner(self.model, self.kv_caches, sc.max_num_seqs, cdiv(mc.max_model_len, self.block_size))
 
     def _bytes_per_block(self) -> int:
         mc = self.config.model_config
@@ -128,75 +152,131 @@ class ModelRunner:
         return int(budget // self._bytes_per_block())
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
-        """Pack the step's tokens; `scheduled` must list single-token (decode) requests first."""
+        """Pack the step's tokens; `scheduled` must list single-token (decode) requests first.
+
+        Everything the device needs goes over in one int64 host buffer and one copy.
+        """
         bs = self.block_size
         num_decodes = 0
         while num_decodes < len(scheduled) and scheduled[num_decodes].num_new_tokens == 1:
             num_decodes += 1
         ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        positions: list[int] = []
+        slots: list[int] = []
         query_start_loc = [0]
         seq_lens = []
         logits_indices = []
         sample_requests = []
-        max_blocks = max(cdiv(s.request.num_computed_tokens + s.num_new_tokens, bs) for s in scheduled)
-        block_tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)  # [B, max_blocks]
-        for i, s in enumerate(scheduled):
-            start = s.request.num_computed_tokens
-            end = start + s.num_new_tokens
-            ids.extend(s.request.all_token_ids[start:end] if s.num_new_tokens > 1 else [_token_at(s.request, start)])
-            pos = np.arange(start, end)
-            table = np.asarray(s.block_ids[: cdiv(end, bs)], dtype=np.int64)
-            block_tables[i, : len(table)] = table
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
+        rows = []
+        from_previous: list[tuple[int, int]] = []  # (batch position, previous step's row): tokens in flight
+        for s in scheduled:
+            request, start, n = s.request, s.start, s.num_new_tokens
+            end = start + n
+            rows.append(self.block_table.sync(request.request_id, s.block_ids))
+            if n == 1:  # the decode hot path: scalars only
+                if start < request.num_tokens:
+                    ids.append(_token_at(request, start))
+                else:
+                    from_previous.append((len(ids), self.previous_rows[request.request_id]))
+                    ids.append(0)
+                positions.append(start)
+                slots.append(s.block_ids[start // bs] * bs + start % bs)
+            else:
+                ids.extend(request.all_token_ids[start:end])
+                pos = np.arange(start, end)
+                table = np.asarray(s.block_ids[: cdiv(end, bs)], dtype=np.int64)
+                positions.extend(pos.tolist())
+                slots.extend((table[pos // bs] * bs + pos % bs).tolist())
+            query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
             if s.samples:
                 logits_indices.append(query_start_loc[-1] - 1)
-                sample_requests.append(s.request)
-        dev = self.device
+                sample_requests.append(request)
+        width = cdiv(max(seq_lens), bs)
+        num_tokens, num_seqs = len(ids), len(scheduled)
+        at, prev = (list(x) for x in zip(*from_previous)) if from_previous else ([], [])
+        host = np.concatenate([
+            np.array(ids + positions + slots + query_start_loc + seq_lens + logits_indices + at + prev, dtype=np.int64),
+            self.block_table.gather(rows, width).ravel(),
+        ])
+        # One non-blocking copy: a blocking one would first wait for the step still running on the GPU.
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_indices), len(at), len(prev)]
+        parts = torch.tensor_split(dev, np.cumsum(sizes).tolist())
+        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, logits_t, at_t, prev_t, tables_t = parts
         attn = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
+            slot_mapping=slot_t,
+            query_start_loc=qsl_t,
+            seq_lens=seq_lens_t,
+            block_tables=tables_t.view(num_seqs, width),
             num_decodes=num_decodes,
             num_decode_tokens=num_decodes,
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
-        return BatchInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
-            attn=attn,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
-            sample_requests=sample_requests,
-        )
+        if from_previous:  # fill in tokens that exist only on the device so far
+            input_ids[at_t] = self.previous_sampled[prev_t]
+        return BatchInputs(input_ids, pos_t, attn, logits_t, sample_requests)
+
+    def release(self, request_ids: list[str]) -> None:
+        """Forget the block-table rows of requests that finished, were aborted or were preempted."""
+        for request_id in request_ids:
+            self.block_table.release(request_id)
+
+    def execute(self, out: SchedulerOutput) -> StepOutput:
+        return self.collect(self.launch(out))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepOutput:
+    def launch(self, out: SchedulerOutput) -> InFlightStep | None:
+        """Run the step's model and sampler without waiting for them; None when nothing samples."""
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         batch = self.prepare_inputs(scheduled)
         if self.lora_manager is not None:  # the model's LoRA layers read the step's slots from here
             batch.lora = self.lora_manager.prepare(scheduled, out.active_loras)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
-        if not batch.sample_requests:
-            return StepOutput({}, {})
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [S, vocab] float32
+        logits = self._run_model(batch)  # [S, vocab] float32
+        if logits is None:
+            return None
         meta = build_sampling_metadata(batch.sample_requests, self.vocab_size, self.device)
         result = self.sampler(logits, meta)
         ids = [r.request_id for r in batch.sample_requests]
-        sampled = dict(zip(ids, result.sampled_token_ids.tolist()))
-        logprobs = {}
+        self.previous_sampled = result.sampled_token_ids
+        self.previous_rows = {request_id: i for i, request_id in enumerate(ids)}
+        logprobs = None
         if result.logprobs is not None:
-            rows = zip(result.logprob_token_ids.tolist(), result.logprobs.tolist(), result.sampled_token_ranks.tolist())
-            for request, (tok, lp, rank) in zip(batch.sample_requests, rows):
-                k = request.sampling_params.logprobs
+            logprobs = (result.logprob_token_ids, result.logprobs, result.sampled_token_ranks)
+        counts = [r.sampling_params.logprobs for r in batch.sample_requests]
+        if self.device.type != "cuda":
+            return InFlightStep(ids, result.sampled_token_ids, logprobs, counts, None)
+        host = [t.to("cpu", non_blocking=True) for t in (result.sampled_token_ids, *(logprobs or ()))]
+        done = torch.cuda.Event()
+        done.record()
+        return InFlightStep(ids, host[0], tuple(host[1:]) if logprobs else None, counts, done)
+
+    def collect(self, step: InFlightStep | None) -> StepOutput:
+        """Wait for a launched step's tokens (and logprobs) and hand them out by request."""
+        if step is None:
+            return StepOutput({}, {})
+        if step.done is not None:
+            step.done.synchronize()
+        sampled = dict(zip(step.request_ids, step.sampled.tolist()))
+        logprobs = {}
+        if step.logprobs is not None:
+            rows = zip(*(t.tolist() for t in step.logprobs))
+            for request_id, k, (tok, lp, rank) in zip(step.request_ids, step.logprob_counts, rows):
                 if k is not None:
-                    logprobs[request.request_id] = (tok[: k + 1], lp[: k + 1], rank)
+                    logprobs[request_id] = (tok[: k + 1], lp[: k + 1], rank)
         return StepOutput(sampled, logprobs)
+
+    def _run_model(self, batch: BatchInputs) -> torch.Tensor | None:
+        """Logits of the sampling rows; a decode-only batch replays a CUDA graph when there is one."""
+        num_seqs = batch.attn.num_seqs
+        if self.cuda_graphs and batch.attn.num_decodes == num_seqs and self.cuda_graphs.can_run(num_seqs):
+            logits = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn)  # [B, vocab]
+            return logits[batch.logits_indices] if batch.sample_requests else None
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
+        if not batch.sample_requests:
+            return None
+        return self.model.compute_logits(hidden[batch.logits_indices])
 
 
 def _token_at(request: Request, position: int) -> int:

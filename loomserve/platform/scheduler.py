@@ -27,11 +27,8 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     block_ids: list[int]  # the request's whole block table (the KV manager's list, not a copy)
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the known tokens, so its last logits pick a token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    start: int  # tokens computed before this step: the step runs positions [start, start + num_new_tokens)
+    samples: bool  # the step reaches the end of the sequence, so its last logits pick the next token
 
 
 @dataclass
@@ -58,11 +55,18 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since the last stats()
         self.total_preemptions = 0
+        self.num_needing_history = 0  # requests whose sampling reads their generated tokens
         self.lora_admission = lora_admission  # None: LoRA off
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.num_needing_history += request.needs_history
+
+    def can_run_ahead(self) -> bool:
+        """Whether the next step may be scheduled before this one's tokens are known: only when no request's
+        sampling depends on the tokens themselves."""
+        return self.num_needing_history == 0
 
     def has_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -81,17 +85,28 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._awaits_last_token(request):
+                i += 1
+                continue
+            n = min(request.num_tokens + request.num_pending_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
                 if victim is request:
                     return budget
-            out.scheduled.append(ScheduledRequest(request, n, self.kv.block_ids(request.request_id)))
+            out.scheduled.append(self._schedule(request, n))
             budget -= n
             i += 1
         return budget
+
+    def _awaits_last_token(self, request: Request) -> bool:
+        """A token in flight already reaches max_tokens or the context: nothing more to run."""
+        if not request.num_pending_tokens:
+            return False
+        max_tokens = request.sampling_params.max_tokens or self.max_model_len
+        num_output = request.num_output_tokens + request.num_pending_tokens
+        return num_output >= max_tokens or request.num_tokens + request.num_pending_tokens >= self.max_model_len
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []  # waiting on an adapter: passed over this step, keeping their places
@@ -99,6 +114,8 @@ class Scheduler:
             self.lora_admission.begin(self.running)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_pending_tokens:  # preempted with a token in flight: resume once it has landed
+                break
             if self.lora_admission is not None and not self.lora_admission.admits(request):
                 skipped.append(self.waiting.popleft())
                 continue
@@ -112,9 +129,17 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, n, self.kv.block_ids(request.request_id)))
+            out.scheduled.append(self._schedule(request, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def _schedule(self, request: Request, n: int) -> ScheduledRequest:
+        """Commit `n` tokens of the request to this step; a step that reaches the end puts a token in flight."""
+        start = request.num_computed_tokens
+        samples = start + n == request.num_tokens + request.num_pending_tokens
+        request.num_computed_tokens = start + n
+        request.num_pending_tokens += samples
+        return ScheduledRequest(request, n, self.kv.block_ids(request.request_id), start, samples)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
@@ -125,17 +150,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.total_preemptions += 1
 
-    def update_from_output(
-        self, out: SchedulerOutput, sampled: dict[str, int]
-    ) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish what stopped; returns the updated requests."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Land the step's sampled tokens, finish what stopped; returns the requests that got a token."""
         updated = []
         for s in out.scheduled:
-            request = s.request
-            request.num_computed_tokens += s.num_new_tokens
-            token = sampled.get(request.request_id)
-            if token is None:
+            if not s.samples:
                 continue
+            request = s.request
+            request.num_pending_tokens -= 1
+            if request.status.finished:  # stopped or aborted while this step was in flight
+                continue
+            token = sampled[request.request_id]
             request.output_token_ids.append(token)
             self._check_stop(request, token)
             if request.status.finished:
@@ -176,8 +201,11 @@ class Scheduler:
     def _finish(self, request: Request) -> None:
         if request in self.running:
             self.running.remove(request)
+        elif request in self.waiting:  # preempted while its last token was in flight
+            self.waiting.remove(request)
         self.kv.free(request)
         del self.requests[request.request_id]
+        self.num_needing_history -= request.needs_history
 
     def stats(self) -> SchedulerStats:
         queries, hits = self.kv.take_stats()

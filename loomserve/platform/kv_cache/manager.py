@@ -89,7 +89,7 @@ class KVCacheManager:
         if not self.enable_caching:
             return
         start = self.num_cached_blocks.get(request.request_id, 0)
-        end = num_tokens // self.block_size
+        end = min(num_tokens, request.num_tokens) // self.block_size  # tokens still in flight are not known yet
         if end <= start:
             return
         hashes = self._hashes(request)
