@@ -5,8 +5,9 @@ buffers hold all slots: A `[slots, n_slices * r_max, in]`, B `[slots, out, r_max
 adapter's rank is below r_max or where it leaves a projection alone. A fused layer (qkv, gate_up) has one
 slice per projection: slice s reads rows `s * r_max ...` of A and writes its own rows of B's output.
 
-The step's `LoRABatch` (each token's slot) is set on the model's shared `LoRAState` by the runner before the
-forward; tokens of many adapters and of the base model (slot -1) go through one forward together.
+The step's `LoRABatch` (tokens grouped by slot) is set on the model's shared `LoRAState` before the forward;
+tokens of many adapters and of the base model (slot -1) go through one forward together. Under CUDA-graph
+capture the batch is derived on the device from `LoRAState.graph_slots`, which each step then refills.
 """
 
 from __future__ import annotations
@@ -23,47 +24,56 @@ from loomserve.platform.models.packing import projection_names
 
 @dataclass
 class LoRABatch:
-    """The step's tokens grouped by adapter slot (base tokens, slot -1, are left out of the groups)."""
+    """The step's tokens grouped by adapter slot: segment g holds `token_indices[start_g : start_g + len_g]`,
+    all of slot `segment_slots[g]`. Base tokens (slot -1) are in no segment."""
 
-    token_slots: torch.Tensor  # [T] int32: each token's slot, -1 = base model
-    token_indices: torch.Tensor  # [N] int64: indices of adapter tokens, grouped by slot
-    segments: list[tuple[int, int, int]]  # (slot, start, end) into token_indices, on the host
+    token_indices: torch.Tensor  # [N] int64: token positions in the batch, grouped by slot
     segment_slots: torch.Tensor  # [G] int32
     segment_starts: torch.Tensor  # [G] int32
     segment_lens: torch.Tensor  # [G] int32
-    max_segment_len: int
+    max_segment_len: int  # exact, or an upper bound for a CUDA-graph batch
+    segments: list[tuple[int, int, int]] | None  # host copy (slot, start, end) for the torch path; None in graphs
 
     @classmethod
     def build(cls, token_slots: np.ndarray, device: torch.device) -> LoRABatch | None:
-        """From each token's slot ([T] ints, -1 = base); None when no token uses an adapter."""
+        """From each token's slot ([T] ints, -1 = base) on the host: one segment per slot in use, or None when
+        no token uses an adapter."""
         order = np.argsort(token_slots, kind="stable")
         sorted_slots = token_slots[order]
         first = int(np.searchsorted(sorted_slots, 0))
         if first == len(sorted_slots):
             return None
         slots, starts, lens = np.unique(sorted_slots[first:], return_index=True, return_counts=True)
-        segments = [(int(s), int(b), int(b + n)) for s, b, n in zip(slots, starts, lens)]
-
-        def dev(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype, non_blocking=True)
-
+        host = np.concatenate([slots, starts, lens]).astype(np.int32)
+        dev = torch.from_numpy(host).to(device, non_blocking=True)  # one copy for the three
         return cls(
-            token_slots=dev(token_slots, torch.int32),
-            token_indices=dev(order[first:], torch.int64),
-            segments=segments,
-            segment_slots=dev(slots, torch.int32),
-            segment_starts=dev(starts, torch.int32),
-            segment_lens=dev(lens, torch.int32),
+            token_indices=torch.from_numpy(order[first:].astype(np.int64)).to(device, non_blocking=True),
+            segment_slots=dev[: len(slots)],
+            segment_starts=dev[len(slots) : 2 * len(slots)],
+            segment_lens=dev[2 * len(slots) :],
             max_segment_len=int(lens.max()),
+            segments=[(int(s), int(b), int(b + n)) for s, b, n in zip(slots, starts, lens)],
         )
+
+    @classmethod
+    def for_graph(cls, token_slots: torch.Tensor, num_slots: int) -> LoRABatch:
+        """From each token's slot on the device ([T] int32), with one segment per slot whether used or not and
+        no host copies, so a CUDA graph captured over it stays right for whatever slots the buffer holds."""
+        sorted_slots, order = torch.sort(token_slots, stable=True)
+        slots = torch.arange(num_slots, dtype=torch.int32, device=token_slots.device)
+        starts = torch.searchsorted(sorted_slots, slots, out_int32=True)
+        ends = torch.searchsorted(sorted_slots, slots, right=True, out_int32=True)
+        return cls(order, slots, starts, ends - starts, token_slots.numel(), None)
 
 
 class LoRAState:
-    """What all LoRA layers of one model share: the current step's batch and the math backend."""
+    """What all LoRA layers of one model share: the current step's batch and the math backend. `graph_slots`
+    ([max tokens] int32, -1 = base) is where CUDA-graph replays read each token's slot from."""
 
     def __init__(self, backend: str) -> None:
         self.backend = backend  # "torch" or "triton"
         self.batch: LoRABatch | None = None
+        self.graph_slots: torch.Tensor | None = None
 
 
 class LoRALinear(nn.Module):

@@ -5,6 +5,10 @@ host cache (at most `max_cpu_loras`, least recently used evicted first) and, whi
 slot. Adapters of running requests (`pinned`) are never evicted from either. Reading an adapter folder
 happens off the engine loop (a worker thread), so loading never stalls the other requests' steps; the
 loop only moves finished loads into the cache and copies weights into slots.
+
+With the Triton kernels the manager also makes the LoRA layers fit CUDA graphs: it compiles the kernels
+before any capture, derives a capture's batch on the device from `LoRAState.graph_slots` (a forward
+pre-hook on the model), and writes every step's token slots into that buffer, so a replay reads them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 
 from loomserve.adapters.layers import LoRABatch, add_lora_layers
 from loomserve.adapters.lora import LoRAModel, load_lora_model
+from loomserve.adapters.ops import add_lora
 from loomserve.adapters.request import LoRARequest
 from loomserve.platform.config import LoRAConfig
 from loomserve.platform.scheduler import ScheduledRequest
@@ -38,7 +43,7 @@ def default_backend(device: torch.device) -> str:
 
 
 class LoRAManager:
-    def __init__(self, model: nn.Module, config: LoRAConfig, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, config: LoRAConfig, device: torch.device, max_graph_tokens: int) -> None:
         self.config = config
         self.device = device
         self.state, self.layers, self.targets = add_lora_layers(
@@ -46,6 +51,11 @@ class LoRAManager:
         )
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no linear layers to put LoRA adapters on")
+        if self.state.backend == "triton":
+            self.state.graph_slots = torch.full((max_graph_tokens,), -1, dtype=torch.int32, device=device)
+            self._graph_slots_clear = True
+            model.register_forward_pre_hook(self._capture_hook)
+            self._compile_kernels()
         self.dtype = next(iter(self.layers.values())).lora_a.dtype
         self.known: dict[int, LoRARequest] = {}  # id -> its adapter: an id always names one adapter
         self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()  # least recently used first
@@ -165,7 +175,38 @@ class LoRAManager:
                 break
             del self.cpu[victim]
 
-    # ------------------------------------------------------------------ device slots
+    # ------------------------------------------------------------------ device slots and CUDA graphs
+
+    def _capture_hook(self, model: nn.Module, args: tuple) -> None:
+        """While a CUDA graph is captured, the LoRA layers get a batch computed on the device from
+        `graph_slots`, so each replay groups whatever tokens the buffer then names."""
+        if torch.cuda.is_current_stream_capturing():
+            num_tokens = args[0].shape[0]  # input_ids [T]
+            self.state.batch = LoRABatch.for_graph(self.state.graph_slots[:num_tokens], self.config.max_loras)
+
+    @torch.inference_mode()
+    def _compile_kernels(self) -> None:
+        """Run each layer shape's kernels once (on zero weights), so no compilation happens inside a capture."""
+        batch = LoRABatch.build(np.zeros(1, dtype=np.int64), self.device)
+        seen = set()
+        for layer in self.layers.values():
+            shape = (layer.in_features, tuple(layer.output_sizes))
+            if shape not in seen:
+                seen.add(shape)
+                x = torch.zeros(1, layer.in_features, dtype=self.dtype, device=self.device)
+                y = torch.zeros(1, sum(layer.output_sizes), dtype=self.dtype, device=self.device)
+                add_lora(y, x, layer, batch, self.state.backend)
+
+    def _write_graph_slots(self, token_slots: np.ndarray, any_adapter: bool) -> None:
+        """Every step's token slots, with -1 after them, for a CUDA-graph replay (stream-ordered copies)."""
+        graph_slots = self.state.graph_slots
+        n = len(token_slots)
+        if n > graph_slots.numel() or (not any_adapter and self._graph_slots_clear):
+            return  # too many tokens for a graph, or nothing to change
+        graph_slots.fill_(-1)
+        if any_adapter:
+            graph_slots[:n].copy_(torch.from_numpy(token_slots.astype(np.int32)).to(self.device, non_blocking=True))
+        self._graph_slots_clear = not any_adapter
 
     def prepare(self, scheduled: list[ScheduledRequest], active: dict[int, LoRARequest]) -> LoRABatch | None:
         """Put the step's adapters into slots and set each token's slot on the model (in `scheduled`'s token
@@ -179,6 +220,8 @@ class LoRAManager:
             for s in scheduled
         ]
         token_slots = np.repeat(np.asarray(per_request, dtype=np.int64), [s.num_new_tokens for s in scheduled])
+        if self.state.graph_slots is not None:
+            self._write_graph_slots(token_slots, bool(wanted))
         self.state.batch = LoRABatch.build(token_slots, self.device) if wanted else None
         return self.state.batch
 

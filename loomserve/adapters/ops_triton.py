@@ -1,11 +1,13 @@
 """Triton kernels for batched multi-adapter LoRA (segmented, SGMV-style): one shrink and one expand launch per
 layer serve every adapter of the step.
 
-Tokens arrive grouped by slot (`LoRABatch.token_indices`, segments of one slot each). A program of the
-shrink kernel takes BLOCK_M tokens of one segment and BLOCK_N of the `n_slices * r_max` rank columns and
-loads the segment's A tile once for all of them; the expand kernel does the same for (segment, slice)
-pairs over B and adds `scaling * h B^T` into the slice's output columns. Zero-padded ranks and slices an
-adapter leaves alone contribute exact zeros. Runs on CUDA, and on CPU under TRITON_INTERPRET=1 (tests).
+Tokens arrive grouped by slot (`LoRABatch`: segment g is a run of `token_indices` of one slot). A program
+of the shrink kernel takes one segment and BLOCK_N of the `n_slices * r_max` rank columns and walks the
+segment's tokens BLOCK_M at a time (with the other programs of its grid row: `tl.num_programs(0)` of them
+share a segment), loading A tiles of that one adapter; the expand kernel does the same for (segment,
+slice) pairs over B and adds `scaling * h B^T` into the slice's output columns. Zero-padded ranks and
+slices an adapter leaves alone contribute exact zeros. Nothing is read on the host, so the launches can be
+captured in a CUDA graph. Runs on CUDA, and on CPU under TRITON_INTERPRET=1 (tests).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import triton.language as tl
 from loomserve.adapters.layers import LoRABatch
 
 _BLOCK_M = 16
+_GRAPH_M_PROGRAMS = 1  # per segment in a CUDA-graph batch, where segments' lengths are unknown on the host
 
 
 @triton.jit
@@ -30,26 +33,25 @@ def _shrink_kernel(
     pid_n = tl.program_id(1)
     seg = tl.program_id(2)
     seg_len = tl.load(seg_len_ptr + seg)
-    if pid_m * BLOCK_M >= seg_len:
-        return
     start = tl.load(seg_start_ptr + seg)
     slot = tl.load(seg_slot_ptr + seg).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seg_len
-    tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + tokens[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [M, K]
-        a = tl.load(a_ptr + slot * stride_as + offs_n[None, :] * stride_an + offs_k[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [K, N]
-        acc += tl.dot(x, a, input_precision=PRECISION)
-    tl.store(h_ptr + tokens[:, None] * stride_hm + offs_n[None, :], acc.to(h_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    for m0 in range(pid_m * BLOCK_M, seg_len, tl.num_programs(0) * BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seg_len
+        tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + tokens[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [M, K]
+            a = tl.load(a_ptr + slot * stride_as + offs_n[None, :] * stride_an + offs_k[:, None],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [K, N]
+            acc += tl.dot(x, a, input_precision=PRECISION)
+        tl.store(h_ptr + tokens[:, None] * stride_hm + offs_n[None, :], acc.to(h_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -63,32 +65,33 @@ def _expand_kernel(
     pid_n = tl.program_id(1)
     seg = tl.program_id(2) // NUM_SLICES
     s = tl.program_id(2) % NUM_SLICES
-    seg_len = tl.load(seg_len_ptr + seg)
     offset = tl.load(slice_offsets_ptr + s)
     size = tl.load(slice_offsets_ptr + s + 1) - offset
-    if pid_m * BLOCK_M >= seg_len or pid_n * BLOCK_N >= size:
+    if pid_n * BLOCK_N >= size:
         return
+    seg_len = tl.load(seg_len_ptr + seg)
     start = tl.load(seg_start_ptr + seg)
     slot = tl.load(seg_slot_ptr + seg).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seg_len
-    tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0)
+    scale = tl.load(scaling_ptr + slot * stride_ss + s)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < size
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, R, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < R
-        h = tl.load(h_ptr + tokens[:, None] * stride_hm + s * R + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [M, K]
-        b = tl.load(b_ptr + slot * stride_bs + (offset + offs_n)[None, :] * stride_bn + offs_k[:, None],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [K, N]
-        acc += tl.dot(h, b, input_precision=PRECISION)
-    scale = tl.load(scaling_ptr + slot * stride_ss + s)
-    y_ptrs = y_ptr + tokens[:, None] * stride_ym + offset + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
+    for m0 in range(pid_m * BLOCK_M, seg_len, tl.num_programs(0) * BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < seg_len
+        tokens = tl.load(token_ptr + start + offs_m, mask=mask_m, other=0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, R, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < R
+            h = tl.load(h_ptr + tokens[:, None] * stride_hm + s * R + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [M, K]
+            b = tl.load(b_ptr + slot * stride_bs + (offset + offs_n)[None, :] * stride_bn + offs_k[:, None],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # [K, N]
+            acc += tl.dot(h, b, input_precision=PRECISION)
+        y_ptrs = y_ptr + tokens[:, None] * stride_ym + offset + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        y = tl.load(y_ptrs, mask=mask, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(n: int, cap: int) -> int:
@@ -112,16 +115,18 @@ def lora_triton(
     k, n = x.shape[1], lora_a.shape[1]
     h = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)  # [T, n_slices * r_max]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    segments = len(batch.segments)
-    m_blocks = triton.cdiv(batch.max_segment_len, _BLOCK_M)
+    num_segments = batch.segment_slots.numel()
+    m_programs = triton.cdiv(batch.max_segment_len, _BLOCK_M)
+    if batch.segments is None:
+        m_programs = min(m_programs, _GRAPH_M_PROGRAMS)
     block_n, block_k = _block(n, 64), _block(k, 64)
-    _shrink_kernel[(m_blocks, triton.cdiv(n, block_n), segments)](
+    _shrink_kernel[(m_programs, triton.cdiv(n, block_n), num_segments)](
         x, lora_a, h, batch.token_indices, batch.segment_slots, batch.segment_starts, batch.segment_lens,
         k, n, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0),
         BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
     )
     block_n, block_k = _block(max_slice, 64), _block(r_max, 64)
-    _expand_kernel[(m_blocks, triton.cdiv(max_slice, block_n), segments * num_slices)](
+    _expand_kernel[(m_programs, triton.cdiv(max_slice, block_n), num_segments * num_slices)](
         h, lora_b, y, scaling, slice_offsets, batch.token_indices, batch.segment_slots, batch.segment_starts,
         batch.segment_lens, r_max, num_slices, h.stride(0), lora_b.stride(0), lora_b.stride(1), y.stride(0),
         scaling.stride(0),

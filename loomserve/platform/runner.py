@@ -72,7 +72,8 @@ class ModelRunner:
         if config.lora_config is not None:
             from loomserve.adapters.manager import LoRAManager
 
-            self.lora_manager = LoRAManager(self.model, config.lora_config, self.device)
+            self.lora_manager = LoRAManager(self.model, config.lora_config, self.device,
+                                            config.scheduler_config.max_num_seqs)
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
         num_blocks = self._num_kv_blocks()
