@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from loomserve.adapters.lora import LoRATarget, LoRAWeights
+from loomserve.adapters.ops import add_lora
 from loomserve.platform.models.packing import projection_names
+from loomserve.platform.quantization import NF4Linear
 
 
 @dataclass
@@ -115,11 +117,9 @@ class LoRALinear(nn.Module):
                 self.lora_b[slot, offset : offset + size, :rank].copy_(w.b, non_blocking=True)
             self.ranks[slot][s] = rank
             self.scalings[slot][s] = scaling
-        self.scaling[slot] = torch.tensor(self.scalings[slot], dtype=torch.float32)
+        self.scaling[slot].copy_(torch.tensor(self.scalings[slot], dtype=torch.float32), non_blocking=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from loomserve.adapters.ops import add_lora
-
         y = self.base_layer(x)  # [T, out]
         batch = self.state.batch
         if batch is not None:
@@ -151,8 +151,6 @@ def add_lora_layers(
 
 
 def _is_linear(module: nn.Module) -> bool:
-    from loomserve.platform.quantization import NF4Linear
-
     return isinstance(module, (nn.Linear, NF4Linear))
 
 

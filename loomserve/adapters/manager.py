@@ -51,12 +51,12 @@ class LoRAManager:
         )
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no linear layers to put LoRA adapters on")
+        self.dtype = next(iter(self.layers.values())).lora_a.dtype
         if self.state.backend == "triton":
             self.state.graph_slots = torch.full((max_graph_tokens,), -1, dtype=torch.int32, device=device)
             self._graph_slots_clear = True
             model.register_forward_pre_hook(self._capture_hook)
             self._compile_kernels()
-        self.dtype = next(iter(self.layers.values())).lora_a.dtype
         self.known: dict[int, LoRARequest] = {}  # id -> its adapter: an id always names one adapter
         self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()  # least recently used first
         self.slots: list[int | None] = [None] * config.max_loras  # adapter id in each slot

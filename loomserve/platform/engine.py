@@ -10,7 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loomserve.adapters.request import LoRARequest
 from loomserve.adapters.scheduling import LoRAAdmission
@@ -26,6 +26,9 @@ from loomserve.platform.messages import (
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.runner import InFlightStep, ModelRunner
 from loomserve.platform.scheduler import Scheduler, SchedulerOutput
+
+if TYPE_CHECKING:
+    from loomserve.adapters.manager import LoRAManager
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class EngineCore:
             lora_request=req.lora_request,
         )
         if request.lora_request is not None:
-            self._loras()
+            self._loras()  # refuses adapter requests when LoRA is off
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -113,7 +116,8 @@ class EngineCore:
 
     # ------------------------------------------------------------------ LoRA adapters
 
-    def _loras(self) -> Any:
+    def _loras(self) -> LoRAManager:
+        """The adapter manager; ValueError when LoRA is off."""
         if self.lora_manager is None:
             raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
         return self.lora_manager
@@ -210,6 +214,8 @@ def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
             outbox.send(pack(MessageType.UTILITY, reply))
         if engine.has_requests():
             outputs = engine.step()
+        elif timeout:  # woke up only to check on the calls: nothing new to report
+            continue
         else:  # what arrived (aborts) left the engine idle: report the now-empty state once
             outputs = EngineCoreOutputs([], engine.scheduler.stats())
         outbox.send(pack(MessageType.OUTPUTS, outputs.to_wire()))

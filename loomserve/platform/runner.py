@@ -39,7 +39,7 @@ class BatchInputs:
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
     sample_requests: list[Request]
-    lora: LoRABatch | None = None  # each token's adapter slot (lora_slots [T]); None: no adapter this step
+    lora: LoRABatch | None = None  # the step's tokens grouped by adapter slot; None: no adapter this step
 
 
 @dataclass

@@ -72,8 +72,7 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> NF4Linear:
         """Quantize a dense (possibly fused) layer projection by projection."""
-        import bitsandbytes as bnb
-
+        bnb = _bitsandbytes()
         shards = []
         for rows, bias in _split_rows(linear):
             shard = _empty_shard(linear, rows.shape[0], bias is not None)
@@ -87,8 +86,7 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_prequantized(cls, linear: nn.Linear, groups: list[dict[str, torch.Tensor]]) -> NF4Linear:
         """Take a checkpoint's 4-bit weights (one group per projection) and the dense layer's loaded biases."""
-        import bitsandbytes as bnb
-
+        bnb = _bitsandbytes()
         device = linear.weight.device
         shards = []
         for (rows, bias), group in zip(_split_rows(linear), groups, strict=True):
@@ -111,11 +109,18 @@ def _split_rows(linear: nn.Linear) -> list[tuple[torch.Tensor, torch.Tensor | No
     return list(zip(weights, biases))
 
 
-def _empty_shard(linear: nn.Linear, out_features: int, bias: bool) -> nn.Module:
-    import bitsandbytes as bnb
+def _bitsandbytes() -> Any:
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError("NF4 weights need bitsandbytes: pip install 'bitsandbytes>=0.45'") from e
+    return bitsandbytes
 
-    return bnb.nn.Linear4bit(linear.in_features, out_features, bias=bias, compute_dtype=linear.weight.dtype,
-                             compress_statistics=False, quant_type="nf4", device="meta")
+
+def _empty_shard(linear: nn.Linear, out_features: int, bias: bool) -> nn.Module:
+    return _bitsandbytes().nn.Linear4bit(linear.in_features, out_features, bias=bias,
+                                         compute_dtype=linear.weight.dtype, compress_statistics=False,
+                                         quant_type="nf4", device="meta")
 
 
 def _set_bias(shard: nn.Module, bias: torch.Tensor | None) -> None:
