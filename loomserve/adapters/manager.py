@@ -56,6 +56,7 @@ class LoRAManager:
             self.state.graph_slots = torch.full((max_graph_tokens,), -1, dtype=torch.int32, device=device)
             self._graph_slots_clear = True
             model.register_forward_pre_hook(self._capture_hook)
+            model.register_forward_hook(self._capture_done)
             self._compile_kernels()
         self.known: dict[int, LoRARequest] = {}  # id -> its adapter: an id always names one adapter
         self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()  # least recently used first
@@ -183,6 +184,11 @@ class LoRAManager:
         if torch.cuda.is_current_stream_capturing():
             num_tokens = args[0].shape[0]  # input_ids [T]
             self.state.batch = LoRABatch.for_graph(self.state.graph_slots[:num_tokens], self.config.max_loras)
+
+    def _capture_done(self, model: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """The graph holds its batch now; the next forward (a warm-up or a step) must not see it."""
+        if torch.cuda.is_current_stream_capturing():
+            self.state.batch = None
 
     @torch.inference_mode()
     def _compile_kernels(self) -> None:

@@ -83,19 +83,20 @@ def test_torch_reference_equals_the_per_token_definition():
     assert torch.equal(got[token_slots < 0], y[token_slots < 0])  # base tokens untouched
 
 
+@pytest.mark.parametrize("in_features", [40, 300])
 @pytest.mark.parametrize("num_tokens", [1, 37, 70])
-def test_triton_kernels_equal_the_reference_at_tiny_sizes(num_tokens):
+def test_triton_kernels_equal_the_reference_at_tiny_sizes(num_tokens, in_features):
     """Without CUDA under Triton's CPU interpreter (see conftest.py). Both batch forms: the host-grouped one of
     eager steps, and the device-grouped one CUDA graphs capture (every slot a segment, one program walking
-    each segment's tokens), here 3 slots of 4 with slot 3 unused."""
+    each segment's tokens), here 3 slots of 4 with slot 3 unused; 300 inputs make the shrink split them."""
     pytest.importorskip("triton")
     from loomserve.adapters.ops_triton import lora_triton
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    w = SlotWeights(3, 16, 40, SIZES, RANKS, torch.float32, device)
+    w = SlotWeights(3, 16, in_features, SIZES, RANKS, torch.float32, device)
     token_slots = np.random.default_rng(num_tokens).integers(-1, 3, size=num_tokens)
     token_slots[0] = 1
-    x = torch.randn(num_tokens, 40, device=device)
+    x = torch.randn(num_tokens, in_features, device=device)
     y = torch.randn(num_tokens, sum(SIZES), device=device)
     batch = LoRABatch.build(token_slots, torch.device(device))
     expected = w.torch_op(y, x, batch)
