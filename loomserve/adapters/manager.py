@@ -115,12 +115,16 @@ class LoRAManager:
         return False
 
     def remove(self, lora_id: int) -> None:
-        """Forget an adapter; its weights go at once unless running requests still use them (then with LRU)."""
+        """Forget an adapter; its weights go now, or once no running request uses them."""
         self.known.pop(lora_id, None)
-        if lora_id in self.pinned:
-            return
-        self.cpu.pop(lora_id, None)
-        self.slots = [None if s == lora_id else s for s in self.slots]
+        self._drop_removed()
+
+    def _drop_removed(self) -> None:
+        gone = [i for i in self.cpu if i not in self.known and i not in self.pinned]
+        for lora_id in gone:
+            del self.cpu[lora_id]
+        self.slots = [None if s is not None and s not in self.known and s not in self.pinned else s
+                      for s in self.slots]
 
     def take_failures(self) -> dict[int, str]:
         """Adapters whose background load failed since the last call (id -> reason)."""
@@ -219,6 +223,7 @@ class LoRAManager:
         order); `active` are the running requests' adapters. None when no token uses an adapter."""
         self.step += 1
         self.pinned = set(active)
+        self._drop_removed()
         wanted = {s.request.lora_request.lora_int_id for s in scheduled if s.request.lora_request is not None}
         slot_of = {lora_id: self._slot_for(lora_id, wanted) for lora_id in wanted}
         per_request = [
