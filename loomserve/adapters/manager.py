@@ -61,6 +61,8 @@ class LoRAManager:
         self.known: dict[int, LoRARequest] = {}  # id -> its adapter: an id always names one adapter
         self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()  # least recently used first
         self.slots: list[int | None] = [None] * config.max_loras  # adapter id in each slot
+        self.slot_of: dict[int, int] = {}  # adapter id -> its slot
+        self.removed: set[int] = set()  # forgotten adapters whose weights are still held
         self.slot_last_step = [0] * config.max_loras
         self.pinned: set[int] = set()
         self.loads: dict[int, concurrent.futures.Future[LoRAModel]] = {}
@@ -100,7 +102,7 @@ class LoRAManager:
         """Whether a request of this adapter can run now (then it is pinned); if not, its load is under way."""
         self._collect()
         lora_id = lora.lora_int_id
-        if lora_id in self.cpu or lora_id in self.slots:
+        if lora_id in self.cpu or lora_id in self.slot_of:
             self.pinned.add(lora_id)
             if lora_id in self.cpu:
                 self.cpu.move_to_end(lora_id)
@@ -117,14 +119,18 @@ class LoRAManager:
     def remove(self, lora_id: int) -> None:
         """Forget an adapter; its weights go now, or once no running request uses them."""
         self.known.pop(lora_id, None)
+        self.removed.add(lora_id)
         self._drop_removed()
 
     def _drop_removed(self) -> None:
-        gone = [i for i in self.cpu if i not in self.known and i not in self.pinned]
-        for lora_id in gone:
-            del self.cpu[lora_id]
-        self.slots = [None if s is not None and s not in self.known and s not in self.pinned else s
-                      for s in self.slots]
+        for lora_id in [i for i in self.removed if i not in self.pinned]:
+            self.removed.discard(lora_id)
+            if lora_id in self.known:  # claimed again since (a request of a new adapter with the id)
+                continue
+            self.cpu.pop(lora_id, None)
+            slot = self.slot_of.pop(lora_id, None)
+            if slot is not None:
+                self.slots[slot] = None
 
     def take_failures(self) -> dict[int, str]:
         """Adapters whose background load failed since the last call (id -> reason)."""
@@ -223,7 +229,8 @@ class LoRAManager:
         order); `active` are the running requests' adapters. None when no token uses an adapter."""
         self.step += 1
         self.pinned = set(active)
-        self._drop_removed()
+        if self.removed:
+            self._drop_removed()
         wanted = {s.request.lora_request.lora_int_id for s in scheduled if s.request.lora_request is not None}
         slot_of = {lora_id: self._slot_for(lora_id, wanted) for lora_id in wanted}
         per_request = [
@@ -237,9 +244,8 @@ class LoRAManager:
         return self.state.batch
 
     def _slot_for(self, lora_id: int, wanted: set[int]) -> int:
-        if lora_id in self.slots:
-            slot = self.slots.index(lora_id)
-        else:
+        slot = self.slot_of.get(lora_id)
+        if slot is None:
             free = [i for i, s in enumerate(self.slots) if s is None or (s not in self.pinned and s not in wanted)]
             if not free:
                 raise RuntimeError(f"no LoRA slot free for adapter {lora_id}: more than max_loras adapters run")
@@ -247,6 +253,8 @@ class LoRAManager:
             model = self.cpu[lora_id]
             for name, layer in self.layers.items():
                 layer.set_slot(slot, model.weights.get(name, {}))
+            self.slot_of.pop(self.slots[slot], None)
             self.slots[slot] = lora_id
+            self.slot_of[lora_id] = slot
         self.slot_last_step[slot] = self.step
         return slot
