@@ -44,14 +44,14 @@ def make_adapter(base: str, folder: Path, seed: int, **lora: Any) -> str:
 
 
 @functools.cache
-def _tokenizer(base: str) -> Any:
+def tokenizer(base: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(base)
 
 
 def greedy_ids(model: Any, base: str, prompts: tuple[str, ...], max_tokens: int) -> list[list[int]]:
-    tok = _tokenizer(base)
+    tok = tokenizer(base)
     out = []
     with torch.no_grad():
         for prompt in prompts:

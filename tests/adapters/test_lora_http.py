@@ -17,7 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from peft_reference import PROMPTS, SHAPES, _tokenizer, peft_greedy
+from peft_reference import PROMPTS, SHAPES, peft_greedy, tokenizer
+from safetensors.torch import load_file, save_file
 
 BASE = "tiny-qwen2"
 
@@ -92,7 +93,7 @@ def complete(client: openai.OpenAI, model: str, prompt: str = PROMPTS[1], max_to
 
 def expected_text(base: str, adapter: str | None, prompt: str = PROMPTS[1], max_tokens: int = 12) -> str:
     ids = peft_greedy(base, adapter, (prompt,), max_tokens)[0]
-    return _tokenizer(base).decode(ids, skip_special_tokens=True)
+    return tokenizer(base).decode(ids, skip_special_tokens=True)
 
 
 def load(http: httpx.Client, name: str, path: str) -> httpx.Response:
@@ -140,15 +141,11 @@ def test_load_errors_answer_400_with_the_reason(http, base, adapters, tmp_path):
     bad_json = tmp_path / "bad-json"
     shutil.copytree(adapters["qv-r8"], bad_json)
     (bad_json / "adapter_config.json").write_text("{oops")
-    other_model = tmp_path / "other-model"
+    other_model = tmp_path / "other-model"  # made for a model with more layers
     shutil.copytree(adapters["qv-r8"], other_model)
-    config = json.loads((other_model / "adapter_config.json").read_text())
-    from safetensors.torch import load_file, save_file
-
     tensors = load_file(other_model / "adapter_model.safetensors")
     save_file({k.replace("layers.1.", "layers.5."): v for k, v in tensors.items()},
               other_model / "adapter_model.safetensors")
-    (other_model / "adapter_config.json").write_text(json.dumps(config))
     cases = {
         "missing path": (load(http, "x1", str(tmp_path / "nowhere")), "not a folder"),
         "unreadable": (load(http, "x2", str(bad_json)), "cannot read"),
