@@ -166,7 +166,8 @@ def run_engine(args: argparse.Namespace, model_path: Path, workload: Workload, a
     lora_kwargs = {"enable_lora": True, "max_loras": k, "max_cpu_loras": k, "max_lora_rank": args.rank} if k else {}
     llm = LLM(str(model_path), load_format="dummy", device=args.device, dtype=args.dtype, seed=args.seed,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory, enforce_eager=args.enforce_eager, **lora_kwargs)
+              max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+              enforce_eager=args.enforce_eager, **lora_kwargs)
     device = llm.config.model_config.device
     loras = [LoRARequest(f"adapter-{i}", i + 1, str(path)) for i, path in enumerate(adapters)]
     requests = [None if (j := adapter_of(i, k)) is None else loras[j] for i in range(len(workload.lengths))]
