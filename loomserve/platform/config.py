@@ -68,6 +68,7 @@ class ModelConfig:
     seed: int
     hf_config: Any = field(repr=False)
     served_model_name: str
+    quantization: str | None = None  # "bitsandbytes": NF4 linear weights
 
     @property
     def architecture(self) -> str:
@@ -113,6 +114,20 @@ class SchedulerConfig:
 
 
 @dataclass
+class LoRAConfig:
+    max_loras: int = 1  # adapters in one step (device slots)
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1  # adapters kept in host memory, least recently used evicted first
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be at least 1, got {self.max_loras}, "
+                             f"{self.max_lora_rank}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+
+
+@dataclass
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
@@ -120,6 +135,7 @@ class EngineConfig:
     attention_backend: str = "torch"
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool = False  # schedule step N+1 while the device runs step N
+    lora_config: LoRAConfig | None = None  # None: LoRA off
 
 
 @dataclass
@@ -144,6 +160,11 @@ class EngineArgs:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # None: on for CUDA, off for CPU (where nothing runs asynchronously)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # default: max_loras
+    quantization: str | None = None  # "bitsandbytes" (NF4); a 4-bit checkpoint sets it itself
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -151,6 +172,8 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         from transformers import AutoConfig
+
+        from loomserve.platform.quantization import check_quantization
 
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}; choose auto, safetensors or dummy")
@@ -171,6 +194,7 @@ class EngineArgs:
             seed=self.seed,
             hf_config=hf_config,
             served_model_name=self.served_model_name or _default_name(self.model),
+            quantization=check_quantization(self.quantization, hf_config),
         )
         cache_config = CacheConfig(
             block_size=self.block_size,
@@ -183,9 +207,13 @@ class EngineArgs:
             max_num_batched_tokens=self.max_num_batched_tokens or _default_token_budget(device, max_model_len),
             max_num_seqs=self.max_num_seqs,
         )
+        lora_config = None
+        if self.enable_lora:
+            lora_config = LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
         backend = resolve_attention_backend(self.attention_backend, device)
         async_scheduling = device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
-        return EngineConfig(model_config, cache_config, scheduler_config, backend, self.enforce_eager, async_scheduling)
+        return EngineConfig(model_config, cache_config, scheduler_config, backend, self.enforce_eager, async_scheduling,
+                            lora_config)
 
 
 def _default_token_budget(device: torch.device, max_model_len: int) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgpack
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.platform.request import SamplingParams
 from loomserve.platform.stats import SchedulerStats
 
@@ -15,6 +16,8 @@ from loomserve.platform.stats import SchedulerStats
 class MessageType(enum.IntEnum):
     ADD = 0
     ABORT = 1
+    # Front end -> engine: "shutdown", "reset_prefix_cache", or a call [method, call id, *args] (add_lora,
+    # remove_lora); engine -> front end: the call's reply [call id, error or None].
     UTILITY = 2
     OUTPUTS = 3
     READY = 4
@@ -29,14 +32,15 @@ class EngineCoreRequest:
     eos_token_id: int | None
     arrival_time: float
     cache_salt: str | None = None
+    lora_request: LoRARequest | None = None
 
     def to_wire(self) -> list:
         return [self.request_id, self.prompt_token_ids, self.sampling_params.to_dict(), self.eos_token_id,
-                self.arrival_time, self.cache_salt]
+                self.arrival_time, self.cache_salt, None if self.lora_request is None else self.lora_request.to_wire()]
 
     @classmethod
     def from_wire(cls, w: list) -> EngineCoreRequest:
-        return cls(w[0], w[1], SamplingParams.from_dict(w[2]), w[3], w[4], w[5])
+        return cls(w[0], w[1], SamplingParams.from_dict(w[2]), w[3], w[4], w[5], LoRARequest.from_wire(w[6]))
 
 
 # Logprobs of one generated token: (token ids, logprobs, rank of the sampled token); sampled token first.

@@ -6,6 +6,8 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loomserve.adapters.request import LoRARequest
+
 _SAMPLING_EPS = 1e-5
 
 
@@ -114,6 +116,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    lora_request: LoRARequest | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from loomserve.platform.request import Request
 from loomserve.platform.sampler import Sampler, build_sampling_metadata
 from loomserve.platform.scheduler import ScheduledRequest, SchedulerOutput
 
+if TYPE_CHECKING:
+    from loomserve.adapters.layers import LoRABatch
+
 logger = logging.getLogger(__name__)
 
 _CPU_KV_DEFAULT_BYTES = 4 << 30
@@ -35,6 +39,7 @@ class BatchInputs:
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
     sample_requests: list[Request]
+    lora: LoRABatch | None = None  # the step's tokens grouped by adapter slot; None: no adapter this step
 
 
 @dataclass
@@ -63,6 +68,12 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         torch.manual_seed(mc.seed)
         self.model = load_model(mc, config.attention_backend)
+        self.lora_manager = None
+        if config.lora_config is not None:
+            from loomserve.adapters.manager import LoRAManager
+
+            self.lora_manager = LoRAManager(self.model, config.lora_config, self.device,
+                                            config.scheduler_config.max_num_seqs)
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
         num_blocks = self._num_kv_blocks()
@@ -221,6 +232,8 @@ class ModelRunner:
         """Run the step's model and sampler without waiting for them; None when nothing samples."""
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         batch = self.prepare_inputs(scheduled)
+        if self.lora_manager is not None:  # the model's LoRA layers read the step's slots from here
+            batch.lora = self.lora_manager.prepare(scheduled, out.active_loras)
         logits = self._run_model(batch)  # [S, vocab] float32
         if logits is None:
             return None

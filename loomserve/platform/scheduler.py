@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loomserve.platform.config import CacheConfig, SchedulerConfig
 from loomserve.platform.kv_cache import KVCacheManager
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.stats import SchedulerStats
+
+if TYPE_CHECKING:
+    from loomserve.adapters.request import LoRARequest
+    from loomserve.adapters.scheduling import LoRAAdmission
 
 
 @dataclass
@@ -30,6 +35,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    active_loras: dict[int, LoRARequest] = field(default_factory=dict)  # adapters of all running requests
 
     @property
     def num_tokens(self) -> int:
@@ -38,7 +44,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, max_model_len: int
+        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, max_model_len: int,
+        lora_admission: LoRAAdmission | None = None,
     ) -> None:
         self.config = scheduler_config
         self.max_model_len = max_model_len
@@ -49,6 +56,7 @@ class Scheduler:
         self.num_preemptions = 0  # since the last stats()
         self.total_preemptions = 0
         self.num_needing_history = 0  # requests whose sampling reads their generated tokens
+        self.lora_admission = lora_admission  # None: LoRA off
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -69,6 +77,8 @@ class Scheduler:
         budget = self._schedule_running(out, budget)
         if not out.preempted_ids:
             self._schedule_waiting(out, budget)
+        if self.lora_admission is not None:
+            out.active_loras = self.lora_admission.active(self.running)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -99,14 +109,20 @@ class Scheduler:
         return num_output >= max_tokens or request.num_tokens + request.num_pending_tokens >= self.max_model_len
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        skipped: list[Request] = []  # waiting on an adapter: passed over this step, keeping their places
+        if self.lora_admission is not None:
+            self.lora_admission.begin(self.running)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.num_pending_tokens:  # preempted with a token in flight: resume once it has landed
-                return
+                break
+            if self.lora_admission is not None and not self.lora_admission.admits(request):
+                skipped.append(self.waiting.popleft())
+                continue
             computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             n = min(request.num_tokens - num_hit, budget)
             if not self.kv.allocate_slots(request, n, computed_blocks):
-                return
+                break
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
@@ -115,6 +131,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._schedule(request, n))
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
 
     def _schedule(self, request: Request, n: int) -> ScheduledRequest:
         """Commit `n` tokens of the request to this step; a step that reaches the end puts a token in flight."""

@@ -81,7 +81,8 @@ class KVCacheManager:
 
     def _hashes(self, request: Request) -> list[bytes]:
         known = self.req_hashes.setdefault(request.request_id, [])
-        return hash_request_blocks(request.all_token_ids, self.block_size, known, request.cache_salt)
+        lora_key = request.lora_request.kv_cache_key if request.lora_request is not None else ()
+        return hash_request_blocks(request.all_token_ids, self.block_size, known, request.cache_salt, lora_key)
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Register blocks that this step fills completely: their tokens are all known already."""
