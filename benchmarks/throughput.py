@@ -4,7 +4,11 @@ What it measures
 ----------------
 N requests of random prompt token ids (lengths uniform in [--input-len-min, --input-len-max], fixed seed),
 each generating exactly --output-len tokens greedily with EOS ignored. All requests are submitted at once
-(offline batch); the clock runs from submission to the last output, model load and warm-up excluded.
+(offline batch); the clock runs from submission to the last output. Model load and warm-up are excluded:
+each system first serves a couple of short requests (the engine) and one untimed cold run of a workload
+with the same lengths but other token ids (first-use costs: CUDA kernel loading, allocator growth,
+transformers' own warm-up); then --repeats timed runs, each on fresh token ids so no prefix cache hits,
+and the fastest is reported (the machine may be shared: all runs are listed).
 Reported: output tokens/s, total (prompt + output) tokens/s, wall time and requests/s, then the same
 workload through transformers (`generate_batch` continuous batching, or plain padded `generate`) with a
 model of the same config, dtype and random weights (values don't matter: EOS is ignored), and the ratio.
@@ -43,6 +47,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +298,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "threads": str(torch.get_num_threads()) if device.type == "cpu" else "-",
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "commit": git_commit(),
+        "load avg at end (1/5/15m)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -333,11 +339,19 @@ class RunResult:
         return self.num_requests / self.wall_s
 
 
-def best_run(name: str, workload: Workload, runs: list[tuple[float, int]], extra: dict[str, str]) -> RunResult:
-    """The fastest of the timed runs (wall seconds, output tokens produced); the others are listed."""
+Timed = Callable[[int], tuple[float, int]]  # workload variant -> (wall seconds, output tokens produced)
+
+
+def measure(name: str, workload: Workload, repeats: int, run: Timed, extra: dict[str, str] | None = None) -> RunResult:
+    """One cold run on a workload of the same lengths but other token ids (first-use costs: CUDA kernel
+    loading, cuBLAS heuristics, allocator growth, transformers' own warm-up), then `repeats` timed runs on
+    fresh token ids each (no prefix-cache hits); the fastest timed run is reported, all are listed."""
+    cold, _ = run(repeats)
+    runs = [run(variant) for variant in range(repeats)]
     wall, produced = min(runs)
-    if len(runs) > 1:
-        extra = {"timed runs (s)": ", ".join(f"{w:.2f}" for w, _ in runs), **extra}
+    listed = {"cold run (untimed)": f"{cold:.2f} s"}
+    if repeats > 1:
+        listed["timed runs"] = ", ".join(f"{w:.2f}" for w, _ in runs) + " s"
     return RunResult(
         name=name,
         wall_s=wall,
@@ -345,7 +359,7 @@ def best_run(name: str, workload: Workload, runs: list[tuple[float, int]], extra
         prompt_tokens=workload.prompt_tokens,
         output_tokens=produced,
         expected_output_tokens=len(workload.lengths) * workload.output_len,
-        extra=extra,
+        extra={**listed, **(extra or {})},
     )
 
 
@@ -359,38 +373,37 @@ class StepRecord:
 
 
 class StepRecorder:
-    """Wraps one EngineCore instance's `step` (and its runner's `execute`, to see the batch) to time steps."""
+    """Wraps one EngineCore instance's `step` (and its runner's `launch`, to see the batch) to time steps."""
 
     def __init__(self, engine: Any, device: torch.device) -> None:
         self.records: list[StepRecord] = []
         self.enabled = False
-        self._device = device
+        self.device = device
         self._batch: tuple[bool, int, int, int] | None = None
         runner = engine.runner
-        execute, step = runner.execute, engine.step
+        launch, step = runner.launch, engine.step
 
-        def timed_execute(out: Any) -> Any:
+        def timed_launch(out: Any) -> Any:
             sched = out.scheduled
             self._batch = (
                 all(s.num_new_tokens == 1 for s in sched),
                 len(sched),
                 sum(s.num_new_tokens for s in sched),
-                sum(s.request.num_computed_tokens + s.num_new_tokens for s in sched),
+                sum(s.start + s.num_new_tokens for s in sched),
             )
-            return execute(out)
+            return launch(out)
 
         def timed_step() -> Any:
             if not self.enabled:
                 return step()
             self._batch = None
             start = time.perf_counter()
-            result = step()
-            synchronize(self._device)
+            result = step()  # no device sync: with async scheduling steps overlap, so this is the mean step time
             if self._batch is not None:
                 self.records.append(StepRecord(time.perf_counter() - start, *self._batch))
             return result
 
-        runner.execute = timed_execute
+        runner.launch = timed_launch
         engine.step = timed_step
 
     def decode_steps(self) -> list[StepRecord]:
@@ -479,6 +492,25 @@ def engine_kwargs(args: argparse.Namespace, model_path: Path, load_format: str) 
     return kwargs
 
 
+def _engine_run(
+    llm: Any,
+    recorder: StepRecorder,
+    params: Any,
+    workload: Workload,
+    steps: dict[float, list[StepRecord]],
+    variant: int,
+) -> tuple[float, int]:
+    prompts = [{"prompt_token_ids": p} for p in workload.prompts(variant)]
+    recorder.records, recorder.enabled = [], True
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    synchronize(recorder.device)
+    wall = time.perf_counter() - start
+    recorder.enabled = False
+    steps[wall] = recorder.records
+    return wall, sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
 def run_engine(args: argparse.Namespace, model_path: Path, load_format: str, workload: Workload) -> RunResult:
     from loomserve import LLM, SamplingParams
 
@@ -488,28 +520,19 @@ def run_engine(args: argparse.Namespace, model_path: Path, load_format: str, wor
     short = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in workload.warmup_prompts()], short)
     synchronize(device)
-
     params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
-    runs, steps = [], []
-    for variant in range(args.repeats):
-        prompts = [{"prompt_token_ids": p} for p in workload.prompts(variant)]
-        recorder.records, recorder.enabled = [], True
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params)
-        synchronize(device)
-        runs.append((time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outputs)))
-        recorder.enabled = False
-        steps.append(recorder.records)
-    recorder.records = steps[runs.index(min(runs))]
-
-    result = best_run("loomserve", workload, runs, step_summary(recorder))
+    steps: dict[float, list[StepRecord]] = {}
+    run = partial(_engine_run, llm, recorder, params, workload, steps)
+    result = measure("loomserve", workload, args.repeats, run)
+    recorder.records = steps[result.wall_s]  # the steps of the reported (fastest) run
+    result.extra.update(step_summary(recorder))
     decode = recorder.decode_steps()
     if device.type == "cuda" and decode:
         bandwidth = measure_copy_bandwidth(device, nbytes=min(1 << 30, torch.cuda.mem_get_info()[0] // 4))
         weights = weight_bytes_per_step(llm.engine.runner.model)
         kv_per_token = kv_bytes_per_token(llm.config.model_config)
         result.extra.update(roofline_summary(decode, weights, kv_per_token, bandwidth))
-    del llm, recorder, outputs
+    del llm, recorder, run
     free_memory(device)
     return result
 
@@ -539,42 +562,42 @@ def _greedy_config(max_new_tokens: int, **extra: Any) -> Any:
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0, **extra)
 
 
+def _generate_batch_run(
+    model: Any, config: Any, kwargs: dict[str, Any], workload: Workload, device: torch.device, variant: int
+) -> tuple[float, int]:
+    # No inference_mode here: generate_batch runs the model in a background thread (under no_grad), which
+    # cannot update cache tensors created in inference mode.
+    synchronize(device)
+    start = time.perf_counter()
+    results = model.generate_batch(inputs=workload.prompts(variant), generation_config=config, **kwargs)
+    synchronize(device)
+    wall = time.perf_counter() - start
+    errors = [r.error for r in results.values() if r.error is not None]
+    if errors or len(results) < len(workload.lengths):
+        lost = len(workload.lengths) - len(results) + len(errors)
+        print(f"generate_batch lost or failed {lost} requests; first error: {errors[:1]}", file=sys.stderr)
+    return wall, sum(len(r.generated_tokens) for r in results.values() if r.error is None)
+
+
 def run_generate_batch(
     args: argparse.Namespace, model_path: Path, device: torch.device, dtype: torch.dtype, workload: Workload
 ) -> RunResult:
     """transformers' continuous batching (`generate_batch`) with paged attention over sdpa.
 
     `generate_batch` sizes its paged cache from the workload (longest prompt, max_new_tokens, number of
-    requests) and warms up (CUDA graphs / compile / a largest-size forward) on every call unless its
-    manager persists. So a cold call with `persistent_manager=True` on a workload of the same lengths (other
-    token ids, so no prefix sharing with the timed runs) comes first, reported as an extra; the timed calls
-    reuse that warmed manager, as the engine's timed runs reuse its warmed engine."""
+    requests) and warms up (CUDA graphs / compile / a largest-size forward) on every call unless its manager
+    persists: with `persistent_manager=True` the cold run pays that once and the timed runs reuse the warmed
+    manager, as the engine's timed runs reuse its warmed engine."""
     model = build_hf_model(model_path, device, dtype, "paged|sdpa")
     config = _greedy_config(workload.output_len)
     kwargs = _supported_kwargs(model.generate_batch, progress_bar=False, persistent_manager=True)
-
-    def call(model: Any, variant: int) -> tuple[float, int]:
-        synchronize(device)
-        start = time.perf_counter()
-        results = model.generate_batch(inputs=workload.prompts(variant), generation_config=config, **kwargs)
-        synchronize(device)
-        wall = time.perf_counter() - start
-        errors = [r.error for r in results.values() if r.error is not None]
-        if errors or len(results) < len(workload.lengths):
-            lost = len(workload.lengths) - len(results) + len(errors)
-            print(f"generate_batch lost or failed {lost} requests; first error: {errors[:1]}", file=sys.stderr)
-        return wall, sum(len(r.generated_tokens) for r in results.values() if r.error is None)
-
-    # No inference_mode here: generate_batch runs the model in a background thread (under no_grad), which
-    # cannot update cache tensors created in inference mode.
-    cold, _ = call(model, args.repeats)
-    runs = [call(model, variant) for variant in range(args.repeats)]
+    run = partial(_generate_batch_run, model, config, kwargs, workload, device)
+    result = measure("transformers generate_batch (paged|sdpa)", workload, args.repeats, run)
     if hasattr(model, "destroy_cached_continuous_batching_manager"):
         model.destroy_cached_continuous_batching_manager()
-    del model
+    del model, run
     free_memory(device)
-    extra = {"cold call (incl. warm-up)": f"{cold:.2f} s"}
-    return best_run("transformers generate_batch (paged|sdpa)", workload, runs, extra)
+    return result
 
 
 def _left_padded(batch: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -595,30 +618,30 @@ def _static_generate(model: Any, batch: list[list[int]], output_len: int, device
     return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
 
+@torch.inference_mode()
+def _static_run(model: Any, size: int, workload: Workload, device: torch.device, variant: int) -> tuple[float, int]:
+    prompts = workload.prompts(variant)
+    synchronize(device)
+    start = time.perf_counter()
+    produced = sum(
+        _static_generate(model, prompts[i : i + size], workload.output_len, device)
+        for i in range(0, len(prompts), size)
+    )
+    synchronize(device)
+    return time.perf_counter() - start, produced
+
+
 def run_static(
     args: argparse.Namespace, model_path: Path, device: torch.device, dtype: torch.dtype, workload: Workload
 ) -> RunResult:
     """Plain `generate` over padded batches of --baseline-batch-size, in the prompts' order."""
     model = build_hf_model(model_path, device, dtype, "sdpa")
     size = args.baseline_batch_size
-
-    def call(model: Any, variant: int) -> tuple[float, int]:
-        prompts = workload.prompts(variant)
-        synchronize(device)
-        start = time.perf_counter()
-        produced = sum(
-            _static_generate(model, prompts[i : i + size], workload.output_len, device)
-            for i in range(0, len(prompts), size)
-        )
-        synchronize(device)
-        return time.perf_counter() - start, produced
-
-    with torch.inference_mode():
-        _static_generate(model, workload.warmup_prompts(2), 4, device)
-        runs = [call(model, variant) for variant in range(args.repeats)]
-    del model
+    run = partial(_static_run, model, size, workload, device)
+    result = measure(f"transformers generate (static, batch {size}, sdpa)", workload, args.repeats, run)
+    del model, run
     free_memory(device)
-    return best_run(f"transformers generate (static, batch {size}, sdpa)", workload, runs, {})
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -685,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.num_prompts} prompts of {args.input_len_min}-{args.input_len_max} tokens "
             f"({workload.prompt_tokens} in all), {args.output_len} output tokens each, greedy, EOS ignored"
         ),
-        "timing": f"best of {args.repeats} timed run(s) per system" if args.repeats > 1 else "one timed run",
+        "timing": f"per system: one untimed cold run, then the best of {args.repeats} timed run(s)",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
     }
     print_report(environment(device), description, results)

@@ -1,5 +1,6 @@
 """loomserve: one paged-attention engine behind OpenAI-compatible endpoints."""
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.platform.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
 from loomserve.pooling.params import PoolingParams
 
@@ -15,4 +16,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loomserve' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "PoolingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = [
+    "LLM", "LoRARequest", "SamplingParams", "PoolingParams", "RequestOutput", "CompletionOutput", "Logprob",
+    "__version__",
+]

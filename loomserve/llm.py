@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import EngineCore
 from loomserve.platform.input_processor import InputProcessor, PromptType, load_tokenizer
@@ -39,20 +40,26 @@ class LLM(PoolingAPI):
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run prompts to completion; outputs come back in the order of the prompts."""
+        """Run prompts to completion; outputs come back in the order of the prompts. `lora_request`: one
+        adapter for all prompts or one (or None, the base model) per prompt."""
         prompts = _as_prompt_list(prompts)
         params = _broadcast(sampling_params or SamplingParams(), len(prompts))
+        loras = _broadcast_loras(lora_request, len(prompts))
         tokenized = [self.input_processor.tokenize(prompt) for prompt in prompts]
         for (_, token_ids), p in zip(tokenized, params):
             self.input_processor.validate(token_ids, p)  # all or nothing: refuse before any request starts
-        processor = OutputProcessor(self.tokenizer)
+        for lora in dict.fromkeys(lora for lora in loras if lora is not None):
+            self.engine.add_lora(lora)  # reads and checks the adapter, raising before any request starts
+        processor = OutputProcessor(self.tokenizer, final_only=True)
         order = []
-        for (text, token_ids), p in zip(tokenized, params):
+        for (text, token_ids), p, lora in zip(tokenized, params, loras):
             request_id = str(next(self._ids))
             order.append(request_id)
             for child_id, child_params in processor.add_request(request_id, text, token_ids, p, time.time()):
-                self.engine.add_request(self.input_processor.engine_request(child_id, token_ids, child_params))
+                request = self.input_processor.engine_request(child_id, token_ids, child_params, lora)
+                self.engine.add_request(request)
         return self._run(processor, order)
 
     def chat(
@@ -61,6 +68,7 @@ class LLM(PoolingAPI):
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the tokenizer's chat template, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
@@ -72,7 +80,8 @@ class LLM(PoolingAPI):
         ]
         token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(
-            [{"prompt": p, "prompt_token_ids": ids} for p, ids in zip(prompts, token_ids)], sampling_params
+            [{"prompt": p, "prompt_token_ids": ids} for p, ids in zip(prompts, token_ids)], sampling_params,
+            lora_request,
         )
 
     def _run(self, processor: OutputProcessor, order: list[str]) -> list[RequestOutput]:
@@ -93,6 +102,15 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     if prompts and isinstance(prompts[0], int):
         return [prompts]  # one prompt given as token ids
     return prompts
+
+
+def _broadcast_loras(loras: LoRARequest | Sequence[LoRARequest | None] | None, n: int) -> list[LoRARequest | None]:
+    if loras is None or isinstance(loras, LoRARequest):
+        return [loras] * n
+    loras = list(loras)
+    if len(loras) != n:
+        raise ValueError(f"got {len(loras)} LoRA requests for {n} prompts")
+    return loras
 
 
 def _broadcast(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from loomserve.tiny_checkpoints import FAMILIES, tiny_checkpoint
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run under Triton's CPU interpreter here; the switch is read when triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from loomserve.tiny_checkpoints import FAMILIES, tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session", params=FAMILIES)

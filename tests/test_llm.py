@@ -128,3 +128,16 @@ def test_prompt_longer_than_context_is_refused_with_the_numbers(qwen2_checkpoint
 def test_unknown_engine_argument_is_a_type_error(qwen2_checkpoint):
     with pytest.raises(TypeError, match="no_such_flag"):
         LLM(qwen2_checkpoint, no_such_flag=1)
+
+
+def test_async_scheduling_keeps_seeded_sampling_stop_ids_and_lengths(qwen2_checkpoint, llm):
+    ahead = LLM(qwen2_checkpoint, block_size=4, kv_cache_memory="32MiB", async_scheduling=True)
+    first = llm.generate(PROMPT, greedy())[0].outputs[0].token_ids
+    params = [
+        SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True),
+        greedy(stop_token_ids=[first[5]]),
+        greedy(max_tokens=7),
+    ]
+    expected = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate([PROMPT] * 3, params)]
+    got = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in ahead.generate([PROMPT] * 3, params)]
+    assert got == expected

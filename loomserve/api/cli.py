@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 
 from loomserve.platform.config import EngineArgs
@@ -14,7 +15,9 @@ logger = logging.getLogger("loomserve")
 _ENGINE_FLAGS = (
     "model", "tokenizer", "served_model_name", "max_model_len", "dtype", "device", "seed", "load_format",
     "block_size", "kv_cache_memory", "gpu_memory_utilization", "num_gpu_blocks_override",
-    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend", "task", "pooler_config",
+    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend", "enforce_eager",
+    "async_scheduling", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "quantization", "task",
+    "pooler_config",
 )
 
 
@@ -49,7 +52,19 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    default=defaults.enable_prefix_caching)
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
     p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="requests in one step")
-    p.add_argument("--attention-backend", default=defaults.attention_backend)
+    p.add_argument("--attention-backend", default=defaults.attention_backend, help="auto, torch or triton")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the GPU runs this one (default: on for CUDA)")
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters on top of the model")
+    p.add_argument("--lora-modules", nargs="+", default=[], type=lora_module, metavar="NAME=PATH",
+                   help='adapters to serve from the start: name=path or {"name": ..., "path": ...}')
+    p.add_argument("--max-loras", type=int, default=defaults.max_loras, help="adapters in one step")
+    p.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank)
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters cached in host memory (default: --max-loras)")
+    p.add_argument("--quantization", default=None, choices=["bitsandbytes"],
+                   help="bitsandbytes: NF4 base weights (QLoRA); 4-bit checkpoints set it themselves")
     p.add_argument("--task", default=defaults.task, choices=["auto", "generate", "embed", "classify"],
                    help="what MODEL serves (default: read from the checkpoint)")
     p.add_argument("--pooler-config", default=None,
@@ -60,6 +75,20 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="also serve a cross-encoder (/v1/score, /rerank, /classify) as NAME; repeatable")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+
+
+def lora_module(value: str) -> tuple[str, str]:
+    """`name=path` or vLLM's JSON form `{"name": ..., "path": ...}` -> (name, path)."""
+    if value.lstrip().startswith("{"):
+        try:
+            spec = json.loads(value)
+            return spec["name"], spec["path"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f'expected {{"name": ..., "path": ...}}, got {value!r}') from e
+    name, sep, path = value.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected name=path, got {value!r}")
+    return name, path
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -76,10 +105,11 @@ def pooling_model_args(ns: argparse.Namespace) -> list[EngineArgs]:
 
 def _extra_model_args(base: EngineArgs, spec: str, task: str) -> EngineArgs:
     """`NAME=PATH` (or just PATH) -> `base`'s engine settings with its own checkpoint, name, tokenizer, context
-    length and pooling defaults."""
+    length and pooling defaults; LoRA adapters and quantization belong to MODEL alone."""
     name, _, path = spec.rpartition("=")
     return dataclasses.replace(base, model=path, served_model_name=name or None, tokenizer=None, max_model_len=None,
-                               num_gpu_blocks_override=None, task=task, pooler_config=None)
+                               num_gpu_blocks_override=None, task=task, pooler_config=None, enable_lora=False,
+                               quantization=None)
 
 
 DEMO_NAME = "loomserve-demo"
@@ -111,7 +141,10 @@ def serve(ns: argparse.Namespace) -> None:
 
     if ns.model is None:
         _use_demo_model(ns)
-    app = build_app(engine_args_from(ns), api_key=ns.api_key, pooling_models=pooling_model_args(ns))
+    if ns.lora_modules and not ns.enable_lora:
+        raise SystemExit("--lora-modules needs --enable-lora")
+    app = build_app(engine_args_from(ns), api_key=ns.api_key, pooling_models=pooling_model_args(ns),
+                    lora_modules=ns.lora_modules)
     logger.info("Serving %s at http://%s:%d (OpenAI API under http://%s:%d/v1)",
                 ns.served_model_name or ns.model, ns.host, ns.port, ns.host, ns.port)
     uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level)

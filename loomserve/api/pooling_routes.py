@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from loomserve.api.protocol_pooling import ClassificationRequest, EmbeddingRequest, RerankRequest, ScoreRequest
-from loomserve.api.served_models import ServedModels
+from loomserve.api.served_models import Models
 from loomserve.api.serving_embedding import create_embedding
 from loomserve.api.serving_pooling import create_classification
 from loomserve.api.serving_score import create_rerank, create_score
@@ -14,27 +14,23 @@ from loomserve.api.serving_score import create_rerank, create_score
 pooling_router = APIRouter()
 
 
-def _models(request: Request) -> ServedModels:
-    return request.app.state.models
-
-
 @pooling_router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, raw_request: Request) -> Response:
-    return await create_embedding(_models(raw_request), body, raw_request)
+async def embeddings(body: EmbeddingRequest, raw_request: Request, models: Models) -> Response:
+    return await create_embedding(models, body, raw_request)
 
 
 @pooling_router.post("/classify")
-async def classify(body: ClassificationRequest, raw_request: Request) -> Response:
-    return await create_classification(_models(raw_request), body, raw_request)
+async def classify(body: ClassificationRequest, raw_request: Request, models: Models) -> Response:
+    return await create_classification(models, body, raw_request)
 
 
 @pooling_router.post("/v1/score")
-async def score(body: ScoreRequest, raw_request: Request) -> Response:
-    return await create_score(_models(raw_request), body, raw_request)
+async def score(body: ScoreRequest, raw_request: Request, models: Models) -> Response:
+    return await create_score(models, body, raw_request)
 
 
 @pooling_router.post("/rerank")
 @pooling_router.post("/v1/rerank")
 @pooling_router.post("/v2/rerank")
-async def rerank(body: RerankRequest, raw_request: Request) -> Response:
-    return await create_rerank(_models(raw_request), body, raw_request, raw_request.url.path)
+async def rerank(body: RerankRequest, raw_request: Request, models: Models) -> Response:
+    return await create_rerank(models, body, raw_request, raw_request.url.path)

@@ -1,13 +1,17 @@
 """The models one server serves, each its own engine (own process, own memory budget), addressed by `model`.
 
 `loomserve serve CHAT --embedding-model NAME=PATH --rerank-model NAME=PATH` serves a generative model plus
-pooling models; a request names its model in `model` (absent: the first model that serves the route).
+pooling models; a request names its model in `model` (absent: the first model that serves the route). LoRA
+adapters (`--enable-lora`) ride on the main model: `model` may also name one of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import Depends, Request
 
 from loomserve.api.errors import APIError
 from loomserve.platform.async_llm import AsyncLLM, StatLogger
@@ -46,12 +50,16 @@ class ServedModels:
         self.main = engines[0]
 
     def get(self, model: str | None) -> AsyncLLM:
-        """The engine serving `model` (absent: the main model); 404 for a name not served here."""
+        """The engine serving `model`, a model or one of its LoRA adapters (absent: the main model); 404 for a name
+        not served here."""
         if model is None:
             return self.main
-        if model not in self.engines:
+        engine = self.engines.get(model) or next(
+            (engine for engine in self.engines.values() if engine.loras.get(model) is not None), None
+        )
+        if engine is None:
             raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
-        return self.engines[model]
+        return engine
 
     def for_route(self, model: str | None, route: str, tasks: tuple[str, ...]) -> AsyncLLM:
         """The engine of `model` if its task is one of `tasks` (absent: the first model that is); else 400 (404 for
@@ -64,10 +72,16 @@ class ServedModels:
             return engine
         which = f"; models here that can: {', '.join(able)}" if able else "; no model served here can"
         raise APIError(
-            f"The model `{engine.model_config.served_model_name}` does not support {route}: it is "
+            f"The model `{model or engine.model_config.served_model_name}` does not support {route}: it is "
             f"{_TASK_NOUNS[engine.model_config.task]}{which}",
             param="model",
         )
+
+    async def add_lora(self, lora_name: str, lora_path: str) -> None:
+        """Serve a LoRA adapter of the main model as `lora_name`; ValueError saying why it cannot be served."""
+        if self.engines.get(lora_name, self.main) is not self.main:
+            raise ValueError(f"{lora_name!r} is the name of another model served here; choose another lora_name")
+        await self.main.add_lora(lora_name, lora_path)
 
     async def check_health(self) -> None:
         for engine in self.engines.values():
@@ -76,3 +90,10 @@ class ServedModels:
     def shutdown(self) -> None:
         for engine in self.engines.values():
             engine.shutdown()
+
+
+def _served_models(request: Request) -> ServedModels:
+    return request.app.state.models
+
+
+Models = Annotated[ServedModels, Depends(_served_models)]  # a route's parameter: the server's models

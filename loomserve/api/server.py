@@ -5,9 +5,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -30,9 +29,11 @@ from loomserve.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from loomserve.api.served_models import ServedModels, check_unique_names, served_name, start_engines
+from loomserve.api.served_models import Models, ServedModels, check_unique_names, served_name, start_engines
 from loomserve.api.serving_chat import create_chat_completion
 from loomserve.api.serving_completion import create_completion
+from loomserve.api.serving_lora import load_startup_adapters
+from loomserve.api.serving_lora import router as lora_router
 from loomserve.platform.async_llm import EngineDeadError
 from loomserve.platform.config import EngineArgs
 
@@ -42,10 +43,13 @@ router = APIRouter()
 
 
 def build_app(
-    engine_args: EngineArgs, api_key: str | None = None, pooling_models: Sequence[EngineArgs] = ()
+    engine_args: EngineArgs,
+    api_key: str | None = None,
+    pooling_models: Sequence[EngineArgs] = (),
+    lora_modules: Sequence[tuple[str, str]] = (),
 ) -> FastAPI:
     """The app; its engines (the main model's, then one per pooling model, each in its own process) start when
-    the app starts and stop with it."""
+    the app starts and stop with it, the main model having loaded the `lora_modules` (name, path) adapters."""
     all_args = [engine_args, *pooling_models]
     check_unique_names(all_args)
     stat_loggers = [PrometheusStatLogger(served_name(args)) for args in all_args]
@@ -54,6 +58,7 @@ def build_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.models = ServedModels(await start_engines(all_args, stat_loggers))
         try:
+            await load_startup_adapters(app.state.models, lora_modules)
             yield
         finally:
             app.state.models.shutdown()
@@ -62,6 +67,7 @@ def build_app(
     app.state.metrics = MetricsGroup(stat_loggers)
     app.include_router(router)
     app.include_router(pooling_router)
+    app.include_router(lora_router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     for handled in (APIError, EngineDeadError, Exception):
@@ -69,13 +75,6 @@ def build_app(
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     return app
-
-
-def _models(request: Request) -> ServedModels:
-    return request.app.state.models
-
-
-Models = Annotated[ServedModels, Depends(_models)]
 
 
 # ---------------------------------------------------------------- routes
@@ -99,9 +98,17 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/v1/models")
 async def models(served: Models) -> ModelList:
-    configs = [engine.model_config for engine in served.engines.values()]
-    return ModelList(data=[ModelCard(id=c.served_model_name, root=c.model, max_model_len=c.max_model_len)
-                           for c in configs])
+    """Every served model, each followed by its LoRA adapters."""
+    cards = []
+    for engine in served.engines.values():
+        config = engine.model_config
+        cards.append(ModelCard(id=config.served_model_name, root=config.model, max_model_len=config.max_model_len))
+        cards += [
+            ModelCard(id=lora.lora_name, root=lora.lora_path, parent=config.served_model_name,
+                      max_model_len=config.max_model_len)
+            for lora in engine.loras.adapters.values()
+        ]
+    return ModelList(data=cards)
 
 
 @router.post("/tokenize")

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from loomserve.platform.attention import resolve_attention_backend
+
 _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
@@ -66,6 +68,7 @@ class ModelConfig:
     seed: int
     hf_config: Any = field(repr=False)
     served_model_name: str
+    quantization: str | None = None  # "bitsandbytes": NF4 linear weights
     task: str = "generate"  # generate | embed | classify: which routes and LLM methods serve it
     encoder_only: bool = False  # bidirectional attention: no KV cache, whole prompts in one step
     pooler_config: Any = None  # loomserve.pooling.config.PoolerConfig: how hidden states become vectors
@@ -115,11 +118,28 @@ class SchedulerConfig:
 
 
 @dataclass
+class LoRAConfig:
+    max_loras: int = 1  # adapters in one step (device slots)
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1  # adapters kept in host memory, least recently used evicted first
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be at least 1, got {self.max_loras}, "
+                             f"{self.max_lora_rank}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+
+
+@dataclass
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
-    attention_backend: str = "auto"
+    attention_backend: str = "torch"
+    enforce_eager: bool = False  # no CUDA graphs
+    async_scheduling: bool = False  # schedule step N+1 while the device runs step N
+    lora_config: LoRAConfig | None = None  # None: LoRA off
 
 
 @dataclass
@@ -142,6 +162,13 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int = 256
     attention_backend: str = "auto"
+    enforce_eager: bool = False
+    async_scheduling: bool | None = None  # None: on for CUDA, off for CPU (where nothing runs asynchronously)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # default: max_loras
+    quantization: str | None = None  # "bitsandbytes" (NF4); a 4-bit checkpoint sets it itself
     task: str = "auto"  # auto (from the checkpoint), generate, embed or classify
     pooler_config: str | dict | None = None  # JSON overrides of the checkpoint's pooling defaults
 
@@ -152,6 +179,7 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         from transformers import AutoConfig
 
+        from loomserve.platform.quantization import check_quantization
         from loomserve.pooling.config import resolve_pooling
 
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -175,6 +203,7 @@ class EngineArgs:
             seed=self.seed,
             hf_config=hf_config,
             served_model_name=self.served_model_name or _default_name(self.model),
+            quantization=check_quantization(self.quantization, hf_config),
             task=pooling.task,
             encoder_only=pooling.encoder_only,
             pooler_config=pooling.pooler_config,
@@ -186,20 +215,28 @@ class EngineArgs:
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             enable_prefix_caching=self.enable_prefix_caching and not pooling.encoder_only,
         )
+        budget = self.max_num_batched_tokens or _default_token_budget(device, max_model_len, pooling.encoder_only)
         scheduler_config = SchedulerConfig(
-            max_num_batched_tokens=self.max_num_batched_tokens or _default_budget(max_model_len, pooling.encoder_only),
+            max_num_batched_tokens=budget,
             max_num_seqs=self.max_num_seqs,
             enable_chunked_prefill=not pooling.encoder_only,
         )
-        return EngineConfig(model_config, cache_config, scheduler_config, self.attention_backend)
+        lora_config = None
+        if self.enable_lora:
+            lora_config = LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
+        backend = resolve_attention_backend(self.attention_backend, device)
+        async_scheduling = device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
+        return EngineConfig(model_config, cache_config, scheduler_config, backend, self.enforce_eager, async_scheduling,
+                            lora_config)
 
 
-def _default_budget(max_model_len: int, encoder_only: bool) -> int:
-    """Tokens per step: at least one whole context; encoders (no KV cache, prompts only) pack more per step, where
-    their matmuls run more efficiently (4096 measured fastest for all-MiniLM-L6-v2 on CPU)."""
-    if encoder_only:
-        return max(4096, max_model_len)
-    return max(2048, min(max_model_len, 8192))
+def _default_token_budget(device: torch.device, max_model_len: int, encoder_only: bool) -> int:
+    """Bigger steps keep a GPU's matmuls efficient; a CPU keeps them short so decodes are not starved. Encoders (no
+    KV cache, no decodes) run every prompt whole, so a step holds at least one whole context; on CPU they pack 4096
+    tokens, where their matmuls run most efficiently (measured for all-MiniLM-L6-v2)."""
+    if device.type == "cuda":
+        return max(8192, max_model_len) if encoder_only else 8192
+    return max(4096, max_model_len) if encoder_only else max(2048, min(max_model_len, 8192))
 
 
 def _context_limit(text_config: Any) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
+
 _REPLACEMENT = "\ufffd"
 
 
@@ -16,15 +18,34 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.token_ids: list[int] = []
+        self.num_emitted = 0  # characters handed out so far
+        # Fast tokenizers stream in Rust, one call per token; others re-decode a short window.
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens) if self._backend else None
         self.prefix_offset = 0  # decoding starts here, so merges with earlier tokens are seen
         self.read_offset = 0  # text of tokens before this has been emitted
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def decode_all(self, token_ids: list[int]) -> str:
+        """The whole text at once, for a caller that needs no stream."""
+        return self._decode(token_ids)
+
     def update(self, new_token_ids: list[int], finished: bool) -> str:
         """Add tokens; return the newly stable text (everything left, once finished)."""
         self.token_ids.extend(new_token_ids)
+        if self._stream is not None:
+            pieces = [self._stream.step(self._backend, t) for t in new_token_ids]
+            delta = "".join(p for p in pieces if p is not None)
+            if finished:  # flush bytes still waiting for the rest of their character
+                delta = self._decode(self.token_ids)[self.num_emitted :]
+        else:
+            delta = self._window_delta(finished)
+        self.num_emitted += len(delta)
+        return delta
+
+    def _window_delta(self, finished: bool) -> str:
         prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         full_text = self._decode(self.token_ids[self.prefix_offset :])
         if len(full_text) <= len(prefix_text) or (full_text.endswith(_REPLACEMENT) and not finished):

@@ -7,6 +7,7 @@ import os
 import time
 from typing import Any
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.platform.config import ModelConfig
 from loomserve.platform.messages import EngineCoreRequest
 from loomserve.platform.request import SamplingParams
@@ -70,9 +71,12 @@ class InputProcessor:
         if bad is not None:
             raise ValueError(f"token id {bad} is out of the vocabulary [0, {vocab})")
 
-    def engine_request(self, request_id: str, token_ids: list[int], params: SamplingParams) -> EngineCoreRequest:
+    def engine_request(
+        self, request_id: str, token_ids: list[int], params: SamplingParams, lora_request: LoRARequest | None = None
+    ) -> EngineCoreRequest:
         if self.extra_stop_ids and not params.ignore_eos:
             params = SamplingParams.from_dict(
                 {**params.to_dict(), "stop_token_ids": params.stop_token_ids + self.extra_stop_ids}
             )
-        return EngineCoreRequest(request_id, token_ids, params, self.eos_token_id, time.time())
+        return EngineCoreRequest(request_id, token_ids, params, self.eos_token_id, time.time(),
+                                 lora_request=lora_request)

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgpack
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.platform.request import SamplingParams
 from loomserve.platform.stats import SchedulerStats
 from loomserve.pooling.params import PoolingParams
@@ -17,6 +18,8 @@ from loomserve.pooling.wire import PooledWire
 class MessageType(enum.IntEnum):
     ADD = 0
     ABORT = 1
+    # Front end -> engine: "shutdown", "reset_prefix_cache", or a call [method, call id, *args] (add_lora,
+    # remove_lora); engine -> front end: the call's reply [call id, error or None].
     UTILITY = 2
     OUTPUTS = 3
     READY = 4
@@ -31,19 +34,30 @@ class EngineCoreRequest:
     eos_token_id: int | None
     arrival_time: float
     cache_salt: str | None = None
-    pooling_params: PoolingParams | None = None
+    # What a request adds to plain generation, each None when unused; new parts go last, here and on the wire.
+    lora_request: LoRARequest | None = None
+    pooling_params: PoolingParams | None = None  # set (and sampling_params None) for embedding / scoring requests
 
     def to_wire(self) -> list:
-        sampling = self.sampling_params.to_dict() if self.sampling_params is not None else None
-        pooling = self.pooling_params.to_dict() if self.pooling_params is not None else None
-        return [self.request_id, self.prompt_token_ids, sampling, self.eos_token_id,
-                self.arrival_time, self.cache_salt, pooling]
+        sampling = None if self.sampling_params is None else self.sampling_params.to_dict()
+        lora = None if self.lora_request is None else self.lora_request.to_wire()
+        pooling = None if self.pooling_params is None else self.pooling_params.to_dict()
+        return [self.request_id, self.prompt_token_ids, sampling, self.eos_token_id, self.arrival_time,
+                self.cache_salt, lora, pooling]
 
     @classmethod
     def from_wire(cls, w: list) -> EngineCoreRequest:
-        sampling = SamplingParams.from_dict(w[2]) if w[2] is not None else None
-        pooling = PoolingParams.from_dict(w[6]) if w[6] is not None else None
-        return cls(w[0], w[1], sampling, w[3], w[4], w[5], pooling)
+        request_id, prompt_token_ids, sampling, eos_token_id, arrival_time, cache_salt, lora, pooling = w
+        return cls(
+            request_id,
+            prompt_token_ids,
+            None if sampling is None else SamplingParams.from_dict(sampling),
+            eos_token_id,
+            arrival_time,
+            cache_salt,
+            lora_request=LoRARequest.from_wire(lora),
+            pooling_params=None if pooling is None else PoolingParams.from_dict(pooling),
+        )
 
 
 # Logprobs of one generated token: (token ids, logprobs, rank of the sampled token); sampled token first.

@@ -95,8 +95,12 @@ class ProcessedOutputs:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any) -> None:
+    """`final_only` (the offline API) builds a RequestOutput only when a request finishes, and decodes a child's
+    text once at the end unless stop strings need it as it grows."""
+
+    def __init__(self, tokenizer: Any, final_only: bool = False) -> None:
         self.tokenizer = tokenizer
+        self.final_only = final_only
         self.parents: dict[str, ParentState] = {}
         self.children: dict[str, tuple[ParentState, ChildState]] = {}
         self._token_text: dict[int, str] = {}
@@ -162,7 +166,8 @@ class OutputProcessor:
             updated[parent.request_id] = parent
         results = []
         for parent in updated.values():
-            results.append((parent, parent.to_output()))
+            if parent.finished or not self.final_only:
+                results.append((parent, parent.to_output()))
             if parent.finished:
                 del self.parents[parent.request_id]
                 stats.e2e_latencies.append(now - parent.arrival_time)
@@ -190,6 +195,11 @@ class OutputProcessor:
                 child.logprobs.append(self._logprob_dict(entry))
                 child.cumulative_logprob += entry[1][0]
         finished = out.finish_reason is not None
+        if self.final_only and not child.params.stop:
+            if finished:
+                child.text = child.detokenizer.decode_all(child.token_ids)
+                child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
+            return False
         delta = child.detokenizer.update(out.new_token_ids, finished)
         child.text += delta
         if child.params.stop and delta:

@@ -6,6 +6,7 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.pooling.params import PoolingParams
 
 _SAMPLING_EPS = 1e-5
@@ -111,10 +112,12 @@ class Request:
     cache_salt: str | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0  # sampled on the device, not yet appended (async scheduling keeps one in flight)
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache at first schedule
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    lora_request: LoRARequest | None = None
     pooling_params: PoolingParams | None = None  # set for embedding / scoring requests: prefill only, then done
 
     @property
@@ -132,6 +135,18 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def sample_index(self) -> int:
+        """While a step runs: how many output tokens come before the one it samples."""
+        return self.num_output_tokens + self.num_pending_tokens - 1
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling reads the generated tokens themselves (penalties, min_tokens), not just their count."""
+        p = self.sampling_params
+        return p is not None and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                                  or p.frequency_penalty != 0.0 or p.min_tokens > 0)
 
     @property
     def finish_reason(self) -> str | None:

@@ -1,31 +1,39 @@
-"""Turns a SchedulerOutput into one flat batch, runs the model, and samples the next tokens.
+"""Turns a SchedulerOutput into one flat batch, runs the model, and samples the next tokens or pools.
 
 The batch has no padding: every scheduled request contributes its new tokens, decodes first so the
 attention backend can treat them together. Only requests that reach the end of their known tokens
-this step are sampled; a prefill chunk that stops short computes KV and nothing else.
+this step are sampled; a prefill chunk that stops short computes KV and nothing else. A pooling
+request whose prompt ends this step has its hidden states pooled instead of sampled.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
+from loomserve.platform.block_table import BlockTable
 from loomserve.platform.config import EngineConfig
+from loomserve.platform.cuda_graphs import CudaGraphRunner
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.loader import load_model
 from loomserve.platform.request import Request
 from loomserve.platform.sampler import Sampler, build_sampling_metadata
 from loomserve.platform.scheduler import ScheduledRequest, SchedulerOutput
-from loomserve.pooling.batch import pooling_spans, token_type_ids
+from loomserve.pooling.batch import PoolingSpan, token_type_ids
 from loomserve.pooling.poolers import Pooler
+
+if TYPE_CHECKING:
+    from loomserve.adapters.layers import LoRABatch
 
 logger = logging.getLogger(__name__)
 
 _CPU_KV_DEFAULT_BYTES = 4 << 30
+_NO_TOKENS = torch.zeros(0, dtype=torch.long)  # what a step samples when only pooling requests reach their end
 
 
 @dataclass
@@ -35,7 +43,21 @@ class BatchInputs:
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
     sample_requests: list[Request]
+    pooling: list[PoolingSpan] = field(default_factory=list)  # the requests whose prompt ends this step and pools
     model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # extra forward inputs: token_type_ids [T]
+    lora: LoRABatch | None = None  # the step's tokens grouped by adapter slot; None: no adapter this step
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose sampled tokens and pooled outputs are on their way to the host."""
+
+    request_ids: list[str]  # of the rows that sample
+    sampled: torch.Tensor  # [S] int64, on the host once `done` has fired
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host copies of the sampler's
+    logprob_counts: list[int | None]  # per row: how many top logprobs it asked for
+    pooled: dict[str, torch.Tensor]  # request id -> pooled output (float32), on the host once `done` has fired
+    done: torch.cuda.Event | None  # fires when the copies have landed (CUDA only)
 
 
 @dataclass
@@ -54,6 +76,12 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         torch.manual_seed(mc.seed)
         self.model = load_model(mc, config.attention_backend)
+        self.lora_manager = None
+        if config.lora_config is not None:
+            from loomserve.adapters.manager import LoRAManager
+
+            self.lora_manager = LoRAManager(self.model, config.lora_config, self.device,
+                                            config.scheduler_config.max_num_seqs)
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
         self.pooler = Pooler(self.model, mc.pooler_config)
@@ -69,11 +97,25 @@ class ModelRunner:
         shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         num_cache_layers = mc.num_layers if self.uses_kv_cache else 0
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(num_cache_layers)]
+        self.block_table = BlockTable(config.scheduler_config.max_num_seqs, cdiv(mc.max_model_len, self.block_size))
+        self.cuda_graphs = self._capture_cuda_graphs()
+        self.previous_sampled = torch.zeros(0, dtype=torch.long, device=self.device)  # [S] last launch's tokens
+        self.previous_rows: dict[str, int] = {}  # request id -> its row in previous_sampled
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
             num_blocks, self.block_size, num_blocks * self.block_size,
             num_blocks * self._bytes_per_block() / 2**30, self.device,
         )
+
+    def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
+        # The torch reference backend reads host-side lengths, which a graph would freeze: Triton only. Graphs
+        # hold decode steps, which only a generating model has (pooling requests never decode).
+        mc = self.config.model_config
+        if (self.device.type != "cuda" or self.config.enforce_eager or self.config.attention_backend != "triton"
+                or mc.task != "generate"):
+            return None
+        sc = self.config.scheduler_config
+        return CudaGraphRunner(self.model, self.kv_caches, sc.max_num_seqs, cdiv(mc.max_model_len, self.block_size))
 
     def _bytes_per_block(self) -> int:
         if not self.uses_kv_cache:
@@ -117,8 +159,8 @@ class ModelRunner:
         )
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         hidden = self.model(ids, torch.arange(num_tokens, device=self.device), caches, attn)
-        rows = min(sc.max_num_seqs, num_tokens)
-        self.model.compute_logits(hidden[:rows])
+        if mc.task == "generate":  # pooling models have no LM head
+            self.model.compute_logits(hidden[: min(sc.max_num_seqs, num_tokens)])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         del caches, hidden
@@ -130,76 +172,147 @@ class ModelRunner:
         return int(budget // self._bytes_per_block())
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
-        """Pack the step's tokens; `scheduled` must list single-token (decode) requests first."""
+        """Pack the step's tokens; `scheduled` must list single-token (decode) requests first.
+
+        Everything the device needs goes over in one int64 host buffer and one copy.
+        """
         bs = self.block_size
         num_decodes = 0
         while num_decodes < len(scheduled) and scheduled[num_decodes].num_new_tokens == 1:
             num_decodes += 1
         ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
+        positions: list[int] = []
+        slots: list[int] = []
         query_start_loc = [0]
         seq_lens = []
         logits_indices = []
         sample_requests = []
-        max_blocks = max(cdiv(s.request.num_computed_tokens + s.num_new_tokens, bs) for s in scheduled)
-        block_tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)  # [B, max_blocks]
-        for i, s in enumerate(scheduled):
-            start = s.request.num_computed_tokens
-            end = start + s.num_new_tokens
-            ids.extend(s.request.all_token_ids[start:end] if s.num_new_tokens > 1 else [_token_at(s.request, start)])
-            pos = np.arange(start, end)
-            table = np.asarray(s.block_ids[: cdiv(end, bs)], dtype=np.int64)
-            block_tables[i, : len(table)] = table
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            query_start_loc.append(query_start_loc[-1] + s.num_new_tokens)
+        pooling = []
+        rows = []
+        from_previous: list[tuple[int, int]] = []  # (batch position, previous step's row): tokens in flight
+        for s in scheduled:
+            request, start, n = s.request, s.start, s.num_new_tokens
+            end = start + n
+            rows.append(self.block_table.sync(request.request_id, s.block_ids))
+            if n == 1:  # the decode hot path: scalars only
+                if start < request.num_tokens:
+                    ids.append(_token_at(request, start))
+                else:
+                    from_previous.append((len(ids), self.previous_rows[request.request_id]))
+                    ids.append(0)
+                positions.append(start)
+                slots.append(s.block_ids[start // bs] * bs + start % bs)
+            else:
+                ids.extend(request.all_token_ids[start:end])
+                pos = np.arange(start, end)
+                table = np.asarray(s.block_ids[: cdiv(end, bs)], dtype=np.int64)
+                positions.extend(pos.tolist())
+                slots.extend((table[pos // bs] * bs + pos % bs).tolist())
+            query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
             if s.samples:
                 logits_indices.append(query_start_loc[-1] - 1)
-                sample_requests.append(s.request)
-        dev = self.device
-        types = token_type_ids(scheduled, dev)
+                sample_requests.append(request)
+            elif s.pools:
+                pooling.append(PoolingSpan.of(request, query_start_loc[-2], query_start_loc[-1]))
+        width = cdiv(max(seq_lens), bs)
+        num_tokens, num_seqs = len(ids), len(scheduled)
+        at, prev = (list(x) for x in zip(*from_previous)) if from_previous else ([], [])
+        host = np.concatenate([
+            np.array(ids + positions + slots + query_start_loc + seq_lens + logits_indices + at + prev, dtype=np.int64),
+            self.block_table.gather(rows, width).ravel(),
+        ])
+        # One non-blocking copy: a blocking one would first wait for the step still running on the GPU.
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_indices), len(at), len(prev)]
+        parts = torch.tensor_split(dev, np.cumsum(sizes).tolist())
+        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, logits_t, at_t, prev_t, tables_t = parts
         attn = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(block_tables).to(dev, non_blocking=True),
+            slot_mapping=slot_t,
+            query_start_loc=qsl_t,
+            seq_lens=seq_lens_t,
+            block_tables=tables_t.view(num_seqs, width),
             num_decodes=num_decodes,
             num_decode_tokens=num_decodes,
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
-        return BatchInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.from_numpy(np.concatenate(positions)).to(dev, non_blocking=True),
-            attn=attn,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
-            sample_requests=sample_requests,
-            model_inputs={} if types is None else {"token_type_ids": types},
-        )
+        if from_previous:  # fill in tokens that exist only on the device so far
+            input_ids[at_t] = self.previous_sampled[prev_t]
+        types = token_type_ids(pooling, num_tokens, self.device)
+        return BatchInputs(input_ids, pos_t, attn, logits_t, sample_requests, pooling,
+                           {} if types is None else {"token_type_ids": types})
+
+    def release(self, request_ids: list[str]) -> None:
+        """Forget the block-table rows of requests that finished, were aborted or were preempted."""
+        for request_id in request_ids:
+            self.block_table.release(request_id)
+
+    def execute(self, out: SchedulerOutput) -> StepOutput:
+        return self.collect(self.launch(out))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepOutput:
+    def launch(self, out: SchedulerOutput) -> InFlightStep | None:
+        """Run the step's model, sampler and pooler without waiting for them; None when nothing samples or pools."""
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         batch = self.prepare_inputs(scheduled)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, **batch.model_inputs)
-        pooled = self.pooler(hidden, batch.input_ids, pooling_spans(scheduled, batch.attn.query_start_loc_cpu))
-        if not batch.sample_requests:
-            return StepOutput({}, {}, pooled)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [S, vocab] float32
+        if self.lora_manager is not None:  # the model's LoRA layers read the step's slots from here
+            batch.lora = self.lora_manager.prepare(scheduled, out.active_loras)
+        logits, pooled = self._run_model(batch)
+        if logits is None and not pooled:
+            return None
+        ids = [r.request_id for r in batch.sample_requests]
+        counts = [r.sampling_params.logprobs for r in batch.sample_requests]
+        sampled, logprobs = (_NO_TOKENS, None) if logits is None else self._sample(batch, logits)
+        if self.device.type != "cuda":
+            return InFlightStep(ids, sampled, logprobs, counts, pooled, None)
+        host = [t.to("cpu", non_blocking=True) for t in (sampled, *(logprobs or ()))]
+        pooled = {request_id: t.to("cpu", non_blocking=True) for request_id, t in pooled.items()}
+        done = torch.cuda.Event()
+        done.record()
+        return InFlightStep(ids, host[0], tuple(host[1:]) if logprobs else None, counts, pooled, done)
+
+    def _sample(
+        self, batch: BatchInputs, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """The sampling rows' next tokens [S] (and logprobs where asked for), kept for the next step's tokens in
+        flight."""
         meta = build_sampling_metadata(batch.sample_requests, self.vocab_size, self.device)
         result = self.sampler(logits, meta)
-        ids = [r.request_id for r in batch.sample_requests]
-        sampled = dict(zip(ids, result.sampled_token_ids.tolist()))
+        self.previous_sampled = result.sampled_token_ids
+        self.previous_rows = {r.request_id: i for i, r in enumerate(batch.sample_requests)}
+        if result.logprobs is None:
+            return result.sampled_token_ids, None
+        return result.sampled_token_ids, (result.logprob_token_ids, result.logprobs, result.sampled_token_ranks)
+
+    def collect(self, step: InFlightStep | None) -> StepOutput:
+        """Wait for a launched step's tokens (and logprobs) and pooled outputs, and hand them out by request."""
+        if step is None:
+            return StepOutput({}, {})
+        if step.done is not None:
+            step.done.synchronize()
+        sampled = dict(zip(step.request_ids, step.sampled.tolist()))
         logprobs = {}
-        if result.logprobs is not None:
-            rows = zip(result.logprob_token_ids.tolist(), result.logprobs.tolist(), result.sampled_token_ranks.tolist())
-            for request, (tok, lp, rank) in zip(batch.sample_requests, rows):
-                k = request.sampling_params.logprobs
+        if step.logprobs is not None:
+            rows = zip(*(t.tolist() for t in step.logprobs))
+            for request_id, k, (tok, lp, rank) in zip(step.request_ids, step.logprob_counts, rows):
                 if k is not None:
-                    logprobs[request.request_id] = (tok[: k + 1], lp[: k + 1], rank)
-        return StepOutput(sampled, logprobs, pooled)
+                    logprobs[request_id] = (tok[: k + 1], lp[: k + 1], rank)
+        return StepOutput(sampled, logprobs, step.pooled)
+
+    def _run_model(self, batch: BatchInputs) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Logits of the sampling rows [S, vocab] (None when no row samples) and the pooled outputs (on the device).
+
+        A decode-only batch replays a CUDA graph when there is one; a graph yields logits, not hidden states, so a
+        step with a pooling request (a one-token prompt looks like a decode) always runs eagerly."""
+        num_seqs = batch.attn.num_seqs
+        if (self.cuda_graphs and not batch.pooling and batch.attn.num_decodes == num_seqs
+                and self.cuda_graphs.can_run(num_seqs)):
+            logits = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn)  # [B, vocab]
+            return (logits[batch.logits_indices] if batch.sample_requests else None), {}
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, **batch.model_inputs)
+        logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sample_requests else None
+        return logits, self.pooler(hidden, batch.pooling)
 
 
 def _token_at(request: Request, position: int) -> int:

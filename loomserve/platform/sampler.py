@@ -73,11 +73,8 @@ def build_sampling_metadata(
 
     num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingMetadata(
-        temperature=torch.tensor(
-            [0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
-            dtype=torch.float32,
-            device=device,
-        ),
+        temperature=to_device([0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                              torch.float32, device),
         all_greedy=all(greedy),
         all_random=not any(greedy),
         top_k=_tensor_unless(top_k, 0, torch.int64, device),
@@ -90,7 +87,7 @@ def build_sampling_metadata(
         prompt_token_mask=mask,
         min_tokens_block=_min_tokens_block(requests, vocab_size, device),
         generators={
-            i: _step_generator(p.seed, r.num_output_tokens, device)
+            i: _step_generator(p.seed, r.sample_index, device)
             for i, (r, p, g) in enumerate(zip(requests, params, greedy, strict=True))
             if p.seed is not None and not g
         },
@@ -102,7 +99,12 @@ def _tensor_unless(values: list, off: float, dtype: torch.dtype, device: torch.d
     """[B] tensor of `values`, or None when every row has the no-op value `off`."""
     if all(v == off for v in values):
         return None
-    return torch.tensor(values, dtype=dtype, device=device)
+    return to_device(values, dtype, device)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without a blocking copy (a blocking one would wait for the GPU's queue)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _uses_penalty(p: SamplingParams) -> bool:
@@ -134,7 +136,7 @@ def _min_tokens_block(requests: list[Request], vocab_size: int, device: torch.de
         pairs.extend((i, t) for t in stop_ids if 0 <= t < vocab_size)
     if not pairs:
         return None
-    return torch.tensor(pairs, dtype=torch.int64, device=device).T
+    return to_device(pairs, torch.int64, device).T
 
 
 def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:

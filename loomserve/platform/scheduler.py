@@ -9,13 +9,17 @@ from its prompt plus what it has generated, which the prefix cache often still h
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loomserve.platform.config import CacheConfig, SchedulerConfig
 from loomserve.platform.kv_cache import KVCacheManager
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.stats import SchedulerStats
+
+if TYPE_CHECKING:
+    from loomserve.adapters.request import LoRARequest
+    from loomserve.adapters.scheduling import LoRAAdmission
 
 
 @dataclass
@@ -23,26 +27,16 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     block_ids: list[int]  # the request's whole block table (the KV manager's list, not a copy)
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the known tokens, so its last logits pick a token."""
-        return self.request.pooling_params is None and self._reaches_end
-
-    @property
-    def pools(self) -> bool:
-        """Whether this step finishes a pooling request's prompt, so its hidden states become its output."""
-        return self.request.pooling_params is not None and self._reaches_end
-
-    @property
-    def _reaches_end(self) -> bool:
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    start: int  # tokens computed before this step: the step runs positions [start, start + num_new_tokens)
+    samples: bool  # the step reaches the end of the sequence, so its last logits pick the next token
+    pools: bool  # the step ends a pooling request's prompt, so its hidden states become its output (nothing samples)
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    active_loras: dict[int, LoRARequest] = field(default_factory=dict)  # adapters of all running requests
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +45,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, max_model_len: int
+        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, max_model_len: int,
+        lora_admission: LoRAAdmission | None = None,
     ) -> None:
         self.config = scheduler_config
         self.max_model_len = max_model_len
@@ -61,10 +56,18 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since the last stats()
         self.total_preemptions = 0
+        self.num_needing_history = 0  # requests whose sampling reads their generated tokens
+        self.lora_admission = lora_admission  # None: LoRA off
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.num_needing_history += request.needs_history
+
+    def can_run_ahead(self) -> bool:
+        """Whether the next step may be scheduled before this one's tokens are known: only when no request's
+        sampling depends on the tokens themselves."""
+        return self.num_needing_history == 0
 
     def has_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -75,45 +78,81 @@ class Scheduler:
         budget = self._schedule_running(out, budget)
         if not out.preempted_ids:
             self._schedule_waiting(out, budget)
+        if self.lora_admission is not None:
+            out.active_loras = self.lora_admission.active(self.running)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._awaits_landing(request):
+                i += 1
+                continue
+            n = min(request.num_tokens + request.num_pending_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate_slots(request, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
                 if victim is request:
                     return budget
-            out.scheduled.append(ScheduledRequest(request, n, self.kv.block_ids(request.request_id)))
+            out.scheduled.append(self._schedule(request, n))
             budget -= n
             i += 1
         return budget
 
+    def _awaits_landing(self, request: Request) -> bool:
+        """Nothing more to run until a step in flight lands: a pooling request's whole prompt has run, or a token in
+        flight already reaches max_tokens or the context."""
+        if request.pooling_params is not None:
+            return request.num_computed_tokens == request.num_tokens
+        if not request.num_pending_tokens:
+            return False
+        max_tokens = request.sampling_params.max_tokens or self.max_model_len
+        num_output = request.num_output_tokens + request.num_pending_tokens
+        return num_output >= max_tokens or request.num_tokens + request.num_pending_tokens >= self.max_model_len
+
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        skipped: list[Request] = []  # waiting on an adapter: passed over this step, keeping their places
+        if self.lora_admission is not None:
+            self.lora_admission.begin(self.running)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.num_pending_tokens:  # preempted with a token in flight: resume once it has landed
+                break
+            if self.lora_admission is not None and not self.lora_admission.admits(request):
+                skipped.append(self.waiting.popleft())
+                continue
             computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             n = min(request.num_tokens - num_hit, budget)
             if n < request.num_tokens - num_hit and not self._may_chunk(request):
-                return  # runs whole in a later step (the front end refuses prompts over the whole budget)
+                break  # runs whole in a later step (the front end refuses prompts over the whole budget)
             if not self.kv.allocate_slots(request, n, computed_blocks):
-                return
+                break
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, n, self.kv.block_ids(request.request_id)))
+            out.scheduled.append(self._schedule(request, n))
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
 
     def _may_chunk(self, request: Request) -> bool:
         """Bidirectional models and pooling over every token need the whole prompt in one step."""
         return self.config.enable_chunked_prefill and not request.needs_whole_prompt
+
+    def _schedule(self, request: Request, n: int) -> ScheduledRequest:
+        """Commit `n` tokens of the request to this step; a step that reaches the end puts a token in flight, or a
+        pooling request's output."""
+        start = request.num_computed_tokens
+        reaches_end = start + n == request.num_tokens + request.num_pending_tokens
+        pools = reaches_end and request.pooling_params is not None
+        samples = reaches_end and not pools
+        request.num_computed_tokens = start + n
+        request.num_pending_tokens += samples
+        return ScheduledRequest(request, n, self.kv.block_ids(request.request_id), start, samples, pools)
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
@@ -124,25 +163,23 @@ class Scheduler:
         self.num_preemptions += 1
         self.total_preemptions += 1
 
-    def update_from_output(
-        self, out: SchedulerOutput, sampled: dict[str, int], pooled: Collection[str] = ()
-    ) -> list[Request]:
-        """Advance computed counts, append sampled tokens, finish what stopped or pooled; returns the updated
-        requests."""
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Land the step's sampled tokens, finish what stopped and the pooling requests (done once their prompt is);
+        returns the requests that got a token or their pooled output."""
         updated = []
         for s in out.scheduled:
+            if not (s.samples or s.pools):
+                continue
             request = s.request
-            request.num_computed_tokens += s.num_new_tokens
-            if request.request_id in pooled:  # a pooling request is done once its prompt is
+            request.num_pending_tokens -= s.samples
+            if request.status.finished:  # stopped or aborted while this step was in flight
+                continue
+            if s.pools:
                 request.status = RequestStatus.FINISHED_STOPPED
-                self._finish(request)
-                updated.append(request)
-                continue
-            token = sampled.get(request.request_id)
-            if token is None:
-                continue
-            request.output_token_ids.append(token)
-            self._check_stop(request, token)
+            else:
+                token = sampled[request.request_id]
+                request.output_token_ids.append(token)
+                self._check_stop(request, token)
             if request.status.finished:
                 self._finish(request)
             updated.append(request)
@@ -181,8 +218,11 @@ class Scheduler:
     def _finish(self, request: Request) -> None:
         if request in self.running:
             self.running.remove(request)
+        elif request in self.waiting:  # preempted while its last token was in flight
+            self.waiting.remove(request)
         self.kv.free(request)
         del self.requests[request.request_id]
+        self.num_needing_history -= request.needs_history
 
     def stats(self) -> SchedulerStats:
         queries, hits = self.kv.take_stats()

@@ -3,11 +3,13 @@ that cross-encoder pairs feed to the model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from loomserve.platform.scheduler import ScheduledRequest
+from loomserve.platform.request import Request
 from loomserve.pooling.params import PoolingParams
 
 
@@ -18,28 +20,26 @@ class PoolingSpan:
     request_id: str
     start: int  # first row of this step's tokens of the request in the flat batch
     end: int
-    params: PoolingParams  # CLS / MEAN / ALL / STEP spans hold the whole prompt (the scheduler runs them whole)
+    params: PoolingParams  # a span that needs_whole_prompt holds the whole prompt (the scheduler runs it whole)
+    prompt_token_ids: list[int]  # the request's prompt: the tokens of a whole-prompt span's rows
+
+    @classmethod
+    def of(cls, request: Request, start: int, end: int) -> PoolingSpan:
+        return cls(request.request_id, start, end, request.pooling_params, request.prompt_token_ids)
 
 
-def pooling_spans(scheduled: list[ScheduledRequest], query_start_loc: list[int]) -> list[PoolingSpan]:
-    """`scheduled` in batch order, `query_start_loc` [B + 1] its row offsets."""
-    return [
-        PoolingSpan(s.request.request_id, query_start_loc[i], query_start_loc[i + 1], s.request.pooling_params)
-        for i, s in enumerate(scheduled)
-        if s.pools
-    ]
-
-
-def token_type_ids(scheduled: list[ScheduledRequest], device: torch.device) -> torch.Tensor | None:
-    """[T] int64 segment ids of the batch, or None when no request carries any (all zeros)."""
-    if not any(s.request.pooling_params is not None and s.request.pooling_params.token_type_ids for s in scheduled):
+def token_type_ids(spans: list[PoolingSpan], num_tokens: int, device: torch.device) -> torch.Tensor | None:
+    """[T] int64 segment ids of the batch (zeros outside the spans of cross-encoder pairs), or None when no span
+    carries any."""
+    pairs = [s for s in spans if s.params.token_type_ids]
+    if not pairs:
         return None
-    ids: list[int] = []
-    for s in scheduled:
-        params = s.request.pooling_params
-        start = s.request.num_computed_tokens
-        if params is not None and params.token_type_ids:
-            ids.extend(params.token_type_ids[start : start + s.num_new_tokens])
-        else:
-            ids.extend([0] * s.num_new_tokens)
-    return torch.tensor(ids, dtype=torch.long, device=device)
+    ids = np.zeros(num_tokens, dtype=np.int64)
+    for s in pairs:
+        ids[s.start : s.end] = s.params.token_type_ids
+    return to_device(ids, device)
+
+
+def to_device(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """int64 indices on the device without waiting for the step still running there (a blocking copy would)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(device, non_blocking=True)

@@ -33,9 +33,10 @@ class PoolingParams:
 
     @property
     def needs_whole_prompt(self) -> bool:
-        """Pools over more than the last token: its prompt runs in one step and skips the prefix cache, since the
-        hidden states of every token (not only the KV) are needed."""
-        return self.pooling_type != "LAST"
+        """Pools over more than the last token, whose hidden states (not only the KV) it needs, or carries a pair's
+        segment ids, which change the KV but not the prefix-cache keys: its prompt runs in one step and skips the
+        prefix cache."""
+        return self.pooling_type != "LAST" or bool(self.token_type_ids)
 
     @property
     def returns_sequence(self) -> bool:

@@ -4,7 +4,8 @@ CLS and LAST take one token's state, MEAN averages the prompt's, ALL keeps every
 `step_tag_id` (and only the `returned_token_ids` dims). A classifier (a model with a `classify` head) turns each
 single vector into logits and applies its activation (sigmoid for one label, softmax for several, or what the
 checkpoint names); other vectors are truncated to `dimensions` and L2-normalized, as sentence-transformers'
-Normalize module does. Outputs are float32 tensors on the CPU.
+Normalize module does. Outputs are float32 tensors on the model's device, computed without waiting for it (the
+runner brings them to the host with the step's sampled tokens).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loomserve.pooling.batch import PoolingSpan
+from loomserve.pooling.batch import PoolingSpan, to_device
 from loomserve.pooling.config import PoolerConfig
 from loomserve.pooling.params import PoolingParams
 
@@ -31,10 +32,8 @@ class Pooler:
         self.classify = getattr(model, "classify", None)
         self.activation = _ACTIVATIONS[config.classifier_activation]
 
-    def __call__(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, spans: list[PoolingSpan]
-    ) -> dict[str, torch.Tensor]:
-        """hidden [T, hidden], input_ids [T] -> request id -> output ([D], [num_labels] or [n, D])."""
+    def __call__(self, hidden: torch.Tensor, spans: list[PoolingSpan]) -> dict[str, torch.Tensor]:
+        """hidden [T, hidden] -> request id -> output ([D], [num_labels] or [n, D])."""
         if not spans:
             return {}
         single = [s for s in spans if not s.params.returns_sequence]
@@ -42,15 +41,15 @@ class Pooler:
         if single:
             vectors = pool_vectors(hidden, single)  # [B, hidden]
             if self.classify is not None:
-                logits = self.classify(vectors).float().cpu()  # [B, num_labels]
+                logits = self.classify(vectors).float()  # [B, num_labels]
                 for s, row in zip(single, logits):
                     out[s.request_id] = self.activation(row) if s.params.activation else row
             else:
-                for s, row in zip(single, vectors.float().cpu()):
+                for s, row in zip(single, vectors.float()):
                     out[s.request_id] = finish_vectors(row, s.params)
         for s in spans:
             if s.params.returns_sequence:
-                out[s.request_id] = finish_vectors(token_vectors(hidden, input_ids, s), s.params)
+                out[s.request_id] = finish_vectors(token_vectors(hidden, s), s.params)
         return out
 
 
@@ -60,30 +59,31 @@ def pool_vectors(hidden: torch.Tensor, spans: list[PoolingSpan]) -> torch.Tensor
     picked = [(i, s.start if s.params.pooling_type == "CLS" else s.end - 1)
               for i, s in enumerate(spans) if s.params.pooling_type != "MEAN"]
     if picked:
-        rows, index = (torch.tensor(x, device=hidden.device) for x in zip(*picked))
+        rows, index = (to_device(x, hidden.device) for x in zip(*picked))
         out[rows] = hidden[index]
     means = [(i, s) for i, s in enumerate(spans) if s.params.pooling_type == "MEAN"]
     if means:
         lengths = np.array([s.end - s.start for _, s in means])
         index = np.concatenate([np.arange(s.start, s.end) for _, s in means])  # [N] rows of every mean span
         segment = np.repeat(np.arange(len(means)), lengths)  # [N] which span each row belongs to
-        index_t, segment_t = (torch.from_numpy(x).to(hidden.device) for x in (index, segment))
+        index_t, segment_t, lengths_t = (to_device(x, hidden.device) for x in (index, segment, lengths))
         sums = torch.zeros(len(means), hidden.shape[1], dtype=torch.float32, device=hidden.device)
         sums.index_add_(0, segment_t, hidden[index_t].float())
-        rows = torch.tensor([i for i, _ in means], device=hidden.device)
-        out[rows] = (sums / torch.from_numpy(lengths).to(sums)[:, None]).to(hidden.dtype)
+        rows = to_device([i for i, _ in means], hidden.device)
+        out[rows] = (sums / lengths_t[:, None]).to(hidden.dtype)
     return out
 
 
-def token_vectors(hidden: torch.Tensor, input_ids: torch.Tensor, span: PoolingSpan) -> torch.Tensor:
+def token_vectors(hidden: torch.Tensor, span: PoolingSpan) -> torch.Tensor:
     """ALL: every token's state [n, hidden]; STEP: the rows at `step_tag_id` tokens, `returned_token_ids` dims."""
-    rows = hidden[span.start : span.end].float().cpu()
+    rows = hidden[span.start : span.end].float()
     params = span.params
     if params.pooling_type == "STEP":
-        if params.step_tag_id is not None:
-            rows = rows[(input_ids[span.start : span.end] == params.step_tag_id).cpu()]
+        if params.step_tag_id is not None:  # found among the prompt's tokens on the host: a device mask would sync
+            tagged = np.flatnonzero(np.asarray(span.prompt_token_ids) == params.step_tag_id)
+            rows = rows[to_device(tagged, hidden.device)]
         if params.returned_token_ids:
-            rows = rows[:, params.returned_token_ids]
+            rows = rows[:, to_device(params.returned_token_ids, hidden.device)]
     return rows
 
 

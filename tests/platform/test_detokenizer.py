@@ -10,9 +10,23 @@ from loomserve.platform.detokenizer import IncrementalDetokenizer, find_stop
 TEXT = "café naïve 日本語 🙂 done"
 
 
-@pytest.fixture(scope="module")
-def tokenizer(qwen2_checkpoint):
-    return AutoTokenizer.from_pretrained(qwen2_checkpoint)
+class DecodeOnly:
+    """A tokenizer without a Rust backend (as sentencepiece- or tiktoken-based ones are): decode only."""
+
+    def __init__(self, tokenizer) -> None:
+        self.inner = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.fixture(scope="module", params=["rust-stream", "python-window"])
+def tokenizer(request, qwen2_checkpoint):
+    fast = AutoTokenizer.from_pretrained(qwen2_checkpoint)
+    return fast if request.param == "rust-stream" else DecodeOnly(fast)
 
 
 def test_streamed_text_equals_full_decode_with_multibyte_characters(tokenizer):

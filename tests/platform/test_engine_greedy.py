@@ -82,3 +82,18 @@ def test_n_greater_than_one_greedy_children_all_equal_transformers(family_checkp
     for out, ref in zip(outputs, reference(path)):
         assert [c.token_ids for c in out.outputs] == [ref] * 3
         assert [c.index for c in out.outputs] == [0, 1, 2]
+
+
+def test_async_scheduling_equals_transformers(family_checkpoint):
+    _, path = family_checkpoint
+    llm = LLM(path, block_size=4, kv_cache_memory="32MiB", async_scheduling=True)
+    assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference(path)
+
+
+def test_async_scheduling_with_preemption_and_chunks_equals_transformers(family_checkpoint):
+    _, path = family_checkpoint
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=24, max_model_len=96, max_num_batched_tokens=6,
+              async_scheduling=True)
+    assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference(path)
+    assert llm.engine.scheduler.total_preemptions > 0
+    assert llm.engine.scheduler.kv.pool.num_free_blocks == 24

@@ -1,5 +1,6 @@
 """Pooling requests in the scheduler: prefill only over the shared token budget, finished (and their blocks freed)
-as soon as their prompt is; encoder prompts and every-token pooling run whole and skip the prefix cache."""
+as soon as the step that ran their prompt lands; encoder prompts and every-token pooling run whole and skip the
+prefix cache."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def generation(s: Scheduler, request_id: str, n: int) -> Request:
 def run_step(s: Scheduler) -> list[tuple[str, int]]:
     out = s.schedule()
     sampled = {x.request.request_id: 7 for x in out.scheduled if x.samples}
-    s.update_from_output(out, sampled, [x.request.request_id for x in out.scheduled if x.pools])
+    s.update_from_output(out, sampled)
     return [(x.request.request_id, x.num_new_tokens) for x in out.scheduled]
 
 
@@ -40,7 +41,7 @@ def test_pooling_request_finishes_after_its_prefill_and_frees_its_blocks():
     request = pooling(s, "p", 6)
     out = s.schedule()
     assert [(x.pools, x.samples) for x in out.scheduled] == [(True, False)]
-    s.update_from_output(out, {}, ["p"])
+    s.update_from_output(out, {})
     assert request.status == RequestStatus.FINISHED_STOPPED and request.output_token_ids == []
     assert s.kv.pool.num_free_blocks == 64 and not s.has_requests()
 
@@ -78,3 +79,31 @@ def test_every_token_pooling_skips_the_prefix_cache_and_last_token_pooling_uses_
     last = pooling(s, "last", 17, "LAST")
     assert run_step(s) == [("mean", 17), ("last", 1)]  # LAST reuses the 16 cached tokens' KV
     assert (mean.num_cached_tokens, last.num_cached_tokens) == (0, 16)
+
+
+def test_pooling_request_in_flight_is_not_scheduled_again_and_lands_once():
+    s = make_scheduler()
+    p = pooling(s, "p", 6)
+    first = s.schedule()
+    second = s.schedule()  # async scheduling: the next step is scheduled before the first lands
+    assert [x.pools for x in first.scheduled] == [True] and second.scheduled == []
+    assert s.update_from_output(first, {}) == [p] and p.status == RequestStatus.FINISHED_STOPPED
+    assert s.update_from_output(second, {}) == []
+    assert s.kv.pool.num_free_blocks == 64 and not s.has_requests()
+
+
+def test_pooling_request_preempted_while_in_flight_finishes_with_its_step_and_never_reruns():
+    s = make_scheduler(budget=16, num_blocks=4)
+    g = generation(s, "g", 7)
+    run_step(s)  # g holds 2 blocks and 8 tokens
+    p = pooling(s, "p", 8, "MEAN")  # no prefix-cache hit on g's blocks
+    first = s.schedule()  # g's decode and p's whole prompt: every block taken
+    assert [(x.request.request_id, x.pools) for x in first.scheduled] == [("g", False), ("p", True)]
+    second = s.schedule()  # g's next token needs a block: the latest admitted, p, is preempted in flight
+    assert second.preempted_ids == ["p"] and [x.request.request_id for x in second.scheduled] == ["g"]
+    assert s.update_from_output(first, {"g": 7}) == [g, p]  # p's output was computed: it finishes all the same
+    assert p.status == RequestStatus.FINISHED_STOPPED and p not in s.waiting
+    s.update_from_output(second, {"g": 7})
+    while s.has_requests():
+        assert [request_id for request_id, _ in run_step(s)] == ["g"]
+    assert s.kv.pool.num_free_blocks == 4

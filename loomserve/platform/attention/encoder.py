@@ -38,7 +38,7 @@ class LengthGroups:
         groups = []
         for length, starts in starts_by_length.items():
             rows = (torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(length)).flatten()
-            groups.append(LengthGroup(rows.to(device), len(starts), length))
+            groups.append(LengthGroup(rows.to(device, non_blocking=True), len(starts), length))
         return cls(groups)
 
 

@@ -15,11 +15,14 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_keys: tuple
 
 
 def hash_request_blocks(
-    token_ids: Sequence[int], block_size: int, known: list[bytes], cache_salt: str | None = None
+    token_ids: Sequence[int], block_size: int, known: list[bytes], cache_salt: str | None = None,
+    prefix_keys: tuple = (),
 ) -> list[bytes]:
-    """Extend `known` (the hashes already computed) to cover every full block of `token_ids`."""
+    """Extend `known` (the hashes already computed) to cover every full block of `token_ids`. Extras that
+    change the KV of every block (cache salt, `prefix_keys` such as the adapter) go into the first block's key,
+    and through the chain into every later one."""
     for i in range(len(known), len(token_ids) // block_size):
         parent = known[-1] if known else None
-        extra = (cache_salt,) if i == 0 and cache_salt else ()
+        extra = ((cache_salt,) if cache_salt else ()) + tuple(prefix_keys) if i == 0 else ()
         known.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra))
     return known

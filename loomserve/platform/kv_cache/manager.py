@@ -33,7 +33,7 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of the request, in whole blocks, leaving at least one token to run."""
-        if not self.enable_caching or request.needs_whole_prompt:  # it needs every token's hidden state
+        if not self.enable_caching or request.needs_whole_prompt:  # see PoolingParams.needs_whole_prompt
             return [], 0
         hashes = self._hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -81,14 +81,15 @@ class KVCacheManager:
 
     def _hashes(self, request: Request) -> list[bytes]:
         known = self.req_hashes.setdefault(request.request_id, [])
-        return hash_request_blocks(request.all_token_ids, self.block_size, known, request.cache_salt)
+        lora_key = request.lora_request.kv_cache_key if request.lora_request is not None else ()
+        return hash_request_blocks(request.all_token_ids, self.block_size, known, request.cache_salt, lora_key)
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Register blocks that this step fills completely: their tokens are all known already."""
         if not self.enable_caching:
             return
         start = self.num_cached_blocks.get(request.request_id, 0)
-        end = num_tokens // self.block_size
+        end = min(num_tokens, request.num_tokens) // self.block_size  # tokens still in flight are not known yet
         if end <= start:
             return
         hashes = self._hashes(request)

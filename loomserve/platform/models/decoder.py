@@ -16,7 +16,7 @@ from torch import nn
 
 from loomserve.platform.attention import AttentionMetadata, get_attention_backend
 from loomserve.platform.models.layers import MergedLinear, RMSNorm, SiluAndMul, copy_checked
-from loomserve.platform.models.rope import RotaryEmbedding, apply_rotary
+from loomserve.platform.models.rope import RotaryEmbedding, rotate_qk
 
 
 def head_dim_of(config: Any) -> int:
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)
+        q, k = rotate_qk(q, k, cos_sin)
         return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))  # [T, hidden]
 
 

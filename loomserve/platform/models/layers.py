@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def use_fused_kernels(x: torch.Tensor) -> bool:
+    """Fused Triton kernels replace chains of small torch ops on CUDA; CPU keeps the torch reference."""
+    return x.is_cuda and _HAS_TRITON
 
 
 class RMSNorm(nn.Module):
@@ -27,6 +36,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if use_fused_kernels(x) and x.dim() == 2 and x.stride(-1) == 1:
+            from loomserve.platform.models import triton_ops
+
+            return triton_ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
@@ -37,6 +50,10 @@ class SiluAndMul(nn.Module):
     """[..., 2 * d] -> [..., d]: silu(gate) * up, for a fused gate_up projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused_kernels(x) and x.dim() == 2:
+            from loomserve.platform.models import triton_ops
+
+            return triton_ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

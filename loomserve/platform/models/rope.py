@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loomserve.platform.models.layers import use_fused_kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -68,3 +70,13 @@ def apply_rotary(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     cos, sin = cos_sin.to(x.dtype)[:, None].chunk(2, dim=-1)  # [T, 1, half] each
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [T, H, D] and k [T, Hkv, D]; on CUDA in place with one fused kernel."""
+    if use_fused_kernels(q):
+        from loomserve.platform.models.triton_ops import rotary_qk_
+
+        rotary_qk_(q, k, cos_sin)
+        return q, k
+    return apply_rotary(q, cos_sin), apply_rotary(k, cos_sin)

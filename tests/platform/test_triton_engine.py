@@ -1,0 +1,31 @@
+"""On CUDA, the engine with the Triton backend (and CUDA graphs) gives the torch backend's greedy output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loomserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+PROMPTS = ["hello world", "the cat sat on the mat and then it", "a", "café naïve 日本語 " * 6]
+
+
+def greedy_ids(path: str, **engine_args) -> list[list[int]]:
+    llm = LLM(path, device="cuda", dtype="float32", block_size=16, kv_cache_memory="64MiB", **engine_args)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+
+
+def test_triton_backend_with_cuda_graphs_equals_torch_backend(family_checkpoint):
+    _, path = family_checkpoint
+    reference = greedy_ids(path, attention_backend="torch")
+    assert greedy_ids(path, attention_backend="triton") == reference
+    assert greedy_ids(path, attention_backend="triton", enforce_eager=True) == reference
+
+
+def test_triton_backend_with_chunked_prefill_equals_torch_backend(family_checkpoint):
+    _, path = family_checkpoint
+    reference = greedy_ids(path, attention_backend="torch")
+    assert greedy_ids(path, attention_backend="triton", max_num_batched_tokens=8) == reference
