@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import zmq
 import zmq.asyncio
 
+from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import run_engine_core
 from loomserve.platform.input_processor import InputProcessor, load_tokenizer
@@ -45,7 +46,7 @@ class AsyncLLM:
         config = args.create_engine_config()
         self.model_config = config.model_config
         self.tokenizer = load_tokenizer(self.model_config)
-        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
+        self.input_processor = InputProcessor(self.model_config, self.tokenizer, config.mm_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers = list(stat_loggers or [])
         self.errored: str | None = None
@@ -92,6 +93,7 @@ class AsyncLLM:
         sampling_params: SamplingParams,
         request_id: str,
         prompt: str | None = None,
+        mm_items: list[MultiModalItem] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request; leaving early aborts it in the engine."""
         self._ensure_output_task()
@@ -103,7 +105,7 @@ class AsyncLLM:
             request_id, prompt, prompt_token_ids, sampling_params, time.time(), queue
         )
         for child_id, params in children:
-            request = self.input_processor.engine_request(child_id, prompt_token_ids, params)
+            request = self.input_processor.engine_request(child_id, prompt_token_ids, params, mm_items or [])
             self._send(MessageType.ADD, request.to_wire())
         finished = False
         try:

@@ -11,6 +11,7 @@ import logging
 import traceback
 from typing import Any
 
+from loomserve.modalities.encoder_cache import EncoderCacheManager
 from loomserve.platform.config import EngineArgs, EngineConfig
 from loomserve.platform.messages import (
     EngineCoreOutput,
@@ -31,7 +32,10 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.runner = ModelRunner(config)
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, config.model_config.max_model_len)
+        encoder_cache = EncoderCacheManager.for_engine(config) if self.runner.mm is not None else None
+        self.scheduler = Scheduler(
+            config.scheduler_config, config.cache_config, config.model_config.max_model_len, encoder_cache
+        )
         self.in_flight: tuple[SchedulerOutput, InFlightStep | None] | None = None  # launched, not yet landed
 
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -42,6 +46,7 @@ class EngineCore:
             eos_token_id=req.eos_token_id,
             arrival_time=req.arrival_time,
             cache_salt=req.cache_salt,
+            mm_items=req.mm_items,
         )
         self.scheduler.add_request(request)
 

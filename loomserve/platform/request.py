@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loomserve.modalities.inputs import MultiModalItem
 
 _SAMPLING_EPS = 1e-5
 
@@ -114,6 +117,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    mm_items: list[MultiModalItem] = field(default_factory=list)  # media, in prompt order
+    mm_positions: Any = None  # M-RoPE positions of the prompt, computed by the runner when first needed
 
     @property
     def all_token_ids(self) -> list[int]:
