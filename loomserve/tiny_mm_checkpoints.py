@@ -23,7 +23,7 @@ from loomserve.tiny_checkpoints import FORMAT_VERSION, INIT_STD, _cache_root, _i
 MM_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen2_audio")
 
 # Bump whenever the bytes a build writes change.
-MM_FORMAT_VERSION = 1
+MM_FORMAT_VERSION = 2
 
 _OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -63,8 +63,9 @@ _QWEN_AUDIO_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}\n"
 )
 
-# LLaVA-1.5's template: "USER: <image>\ntext ASSISTANT: answer</s>", images of a turn before its text.
+# LLaVA-1.5's template: "<s>USER: <image>\ntext ASSISTANT: answer</s>", images of a turn before its text.
 _LLAVA_TEMPLATE = (
+    "{{- bos_token -}}\n"
     "{%- for message in messages -%}\n"
     "{{- message['role'].upper() + ': ' -}}\n"
     "{%- if message['content'] is string -%}{{- message['content'] + ' ' -}}\n"

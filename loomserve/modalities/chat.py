@@ -10,10 +10,12 @@ instead, one part per line.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loomserve.modalities.media import MediaError, MediaRef
-from loomserve.modalities.processors.base import MultiModalProcessor
+
+if TYPE_CHECKING:
+    from loomserve.modalities.processors.base import MultiModalProcessor
 
 PART_MODALITIES = {"image_url": "image", "video_url": "video", "audio_url": "audio", "input_audio": "audio"}
 
@@ -46,7 +48,9 @@ def split_media(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
                 refs.append(media_ref(part))
                 parts.append({"type": refs[-1].modality})
             elif kind == "text":
-                parts.append({"type": "text", "text": part.get("text") or ""})
+                if not isinstance(part.get("text"), str):
+                    raise MediaError("A content part of type 'text' needs a `text` field")
+                parts.append({"type": "text", "text": part["text"]})
             else:
                 raise MediaError(f"content parts of type {kind!r} are not supported")
         out.append({**message, "content": parts})

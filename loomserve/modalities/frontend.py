@@ -9,8 +9,12 @@ from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.encoder_cache import encoder_cache_capacity
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
-from loomserve.modalities.processors.base import as_item_list
 from loomserve.modalities.registry import MODALITY_REGISTRY
+
+
+def as_item_list(value: Any) -> list[Any]:
+    """A `multi_modal_data` value: one item or a list of items (a tuple is one audio or one (frames, meta))."""
+    return list(value) if isinstance(value, list) else [value]
 
 
 class MultiModalFrontend:
@@ -27,7 +31,7 @@ class MultiModalFrontend:
     def apply(self, token_ids: list[int], mm_data: dict[str, Any]) -> tuple[list[int], list[MultiModalItem]]:
         """Expand each placeholder of `token_ids` for the items of `mm_data` (one item or a list per modality)."""
         self._require_processor(", ".join(mm_data))
-        token_ids, items = self.processor.apply(token_ids, {m: as_item_list(m, v) for m, v in mm_data.items()})
+        token_ids, items = self.processor.apply(token_ids, {m: as_item_list(v) for m, v in mm_data.items()})
         capacity = encoder_cache_capacity(self.model_config, self.mm_config)
         for item in items:
             if item.placeholder.length > capacity:

@@ -117,7 +117,3 @@ class MultiModalProcessor:
             out.extend([t] * p.num_tokens)
         return out, items
 
-
-def as_item_list(modality: str, value: Any) -> list[Any]:
-    """`multi_modal_data` values: one item or a list of items (a tuple is one audio or one (frames, meta))."""
-    return list(value) if isinstance(value, list) else [value]
