@@ -47,6 +47,7 @@ class EncoderCacheManager:
         self.unpinned: OrderedDict[str, int] = OrderedDict()  # eviction order, least recently used first
         self.used = 0
         self.step = EncoderStep(budget_per_step)
+        self.num_encoded = 0  # items sent to the encoders so far
 
     @classmethod
     def for_engine(cls, config: EngineConfig) -> EncoderCacheManager:
@@ -98,6 +99,7 @@ class EncoderCacheManager:
             self.used += size
             self.step.budget -= size
             self.step.to_encode[h] = item
+            self.num_encoded += 1
             self._pin(h, request.request_id)
 
     def _touched(self, request: Request, start: int, end: int) -> list[MultiModalItem]:
@@ -141,6 +143,8 @@ class EncoderCacheManager:
             self.used -= n
             if self.step.to_encode.pop(h, None) is None:  # encoded in an earlier step: the runner holds it
                 self.step.freed.append(h)
+            else:
+                self.num_encoded -= 1
 
 
 class EncoderCache:
