@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 
 import pytest
-from conftest import noise_image, noise_video, png_data_url, tone
+from media_samples import noise_image, noise_video, png_data_url, tone
 from mm_reference import MAX_TOKENS, hf_greedy
 from transformers import AutoTokenizer
 

@@ -9,7 +9,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from conftest import noise_image, noise_video, tone
+from media_samples import noise_image, noise_video, tone
 from mm_reference import video_pixel_values
 from PIL import Image
 from transformers import (
