@@ -3,9 +3,9 @@
 Parts: `{"type": "text", "text": ...}`, `{"type": "image_url", "image_url": {"url": ...}}`,
 `{"type": "video_url", "video_url": {"url": ...}}`, `{"type": "audio_url", "audio_url": {"url": ...}}` and
 `{"type": "input_audio", "input_audio": {"data": base64, "format": "wav"}}`. Media parts reach the chat
-template as `{"type": "image"}` (or video, audio), which multimodal templates turn into the model's
-placeholder; for a template that does not, each media part's placeholder is written into the message text
-instead, one part per line.
+template as `{"type": "image", "image": <url>}` (or video, audio: templates test either key), which
+multimodal templates turn into the model's placeholder; for a template that does not, each media part's
+placeholder is written into the message text instead, one part per line.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def split_media(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
         for part in content:
             kind = part.get("type")
             if kind in PART_MODALITIES:
-                refs.append(media_ref(part))
-                parts.append({"type": refs[-1].modality})
+                ref = media_ref(part)
+                refs.append(ref)
+                parts.append({"type": ref.modality, ref.modality: ref.url or "input_audio"})
             elif kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise MediaError("A content part of type 'text' needs a `text` field")

@@ -149,6 +149,17 @@ def test_encoder_cache_serves_the_same_image_in_another_prompt(mm_checkpoint, fa
     assert llm.engine.scheduler.encoder_cache.num_encoded - before <= 1
 
 
+def test_preempted_requests_recompute_their_media_with_unchanged_output(mm_checkpoint):
+    path = mm_checkpoint("qwen2_vl")
+    # 16 blocks of 4 tokens; prompts of 23, 35 and 28 tokens that grow by 10: decoding must preempt some.
+    llm = LLM(path, block_size=4, num_gpu_blocks_override=16, max_model_len=48, enable_prefix_caching=False)
+    prompts = [ids_of(path, image_prompt("qwen2_vl", 1, q)) for q in ("One?", "Two two?", "Three three three?")]
+    images = [[SMALL], [LARGE], [OTHER_SMALL]]
+    outs = run(llm, [{"prompt_token_ids": p, "multi_modal_data": {"image": i}} for p, i in zip(prompts, images)])
+    assert outs == [hf_greedy(path, p, images=i) for p, i in zip(prompts, images)]
+    assert llm.engine.scheduler.total_preemptions > 0
+
+
 @pytest.mark.parametrize("family", QWEN_VL)
 def test_video(mm_checkpoint, family):
     path = mm_checkpoint(family)

@@ -179,6 +179,7 @@ def test_content_parts_become_template_parts_and_references():
     ]}]
     conversation, refs = split_media(messages)
     assert [p["type"] for p in conversation[0]["content"]] == ["text", "image", "audio", "video", "audio"]
+    assert conversation[0]["content"][3] == {"type": "video", "video": "file:///v.mp4"}
     assert [r.modality for r in refs] == ["image", "audio", "video", "audio"]
     assert refs[1] == MediaRef("audio", data="AAAA", format="wav")
     for bad in ({"type": "image_url", "image_url": {}}, {"type": "input_audio", "input_audio": "AAAA"},
