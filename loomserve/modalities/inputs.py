@@ -14,8 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-MODALITIES = ("image", "video", "audio")
-
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
            "int32": torch.int32, "uint8": torch.uint8}
 

@@ -203,3 +203,14 @@ def test_templates_without_media_support_get_inline_placeholders(mm_checkpoint):
     with pytest.raises(MediaError, match="does not accept image input"):
         render_chat_with_media(tokenizer, *split_media([{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:,"}}]}]), processor)
+
+
+def test_media_for_a_text_only_model_is_refused_by_the_python_api(qwen2_checkpoint):
+    from loomserve import LLM
+
+    llm = LLM(qwen2_checkpoint, kv_cache_memory="8MiB")
+    with pytest.raises(MediaError, match="accepts text only"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(
+            noise_image(20, 30, 0))}}]}])
+    with pytest.raises(MediaError, match="accepts text only"):
+        llm.generate({"prompt": "hello", "multi_modal_data": {"image": noise_image(20, 30, 0)}})

@@ -29,9 +29,13 @@ class ProcessedItem:
     meta: dict[str, float]
 
 
-def read_json(folder: str | Path, name: str) -> dict[str, Any]:
-    path = Path(folder) / name
-    return json.loads(path.read_text()) if path.is_file() else {}
+def read_json(model: str, name: str) -> dict[str, Any]:
+    """A processor config file of a checkpoint folder or hub id ({} when it has none)."""
+    from transformers.utils import cached_file
+
+    path = cached_file(model, name, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    return json.loads(Path(path).read_text()) if path else {}
 
 
 class MultiModalProcessor:
