@@ -39,3 +39,18 @@ def wav_base64(samples: np.ndarray, rate: int = 16000) -> str:
     buf = io.BytesIO()
     soundfile.write(buf, samples, rate, format="WAV", subtype="FLOAT")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()

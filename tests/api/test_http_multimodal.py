@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from media_samples import noise_image, png_data_url, tone, wav_base64
+from media_samples import mp4_bytes, noise_image, noise_video, png_data_url, tone, wav_base64
 
 from loomserve import LLM, SamplingParams
 from loomserve.tiny_mm_checkpoints import tiny_mm_checkpoint
@@ -79,6 +79,16 @@ def test_allowed_local_files_and_streaming(vl_server, media_dir):
     assert by_data.usage.prompt_tokens_details.cached_tokens > 0  # the same image again: prefix-cache hit
     chunks = chat(vl_server, [image_part(png_data_url(LARGE)), {"type": "text", "text": "Hi"}], stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == by_data.choices[0].message.content
+
+
+def test_video_as_a_data_url(vl_server):
+    video = "data:video/mp4;base64," + base64.b64encode(mp4_bytes(noise_video(8, 56, 56, seed=3), fps=4)).decode()
+    content = [{"type": "video_url", "video_url": {"url": video}}, {"type": "text", "text": "What happens?"}]
+    reply = chat(vl_server, content)
+    text_only = chat(vl_server, content[1:])
+    # 2 s at 4 fps, sampled at 2 fps: 4 frames = 2 temporal patches of 2x2 merged patches, between
+    # <|vision_start|> and <|vision_end|>.
+    assert reply.usage.prompt_tokens == text_only.usage.prompt_tokens + 2 + 2 * 4
 
 
 def _png_bytes(image) -> str:

@@ -12,10 +12,9 @@ import threading
 import zlib
 from collections.abc import Iterator
 
-import av
 import numpy as np
 import pytest
-from media_samples import noise_image, noise_video, png_data_url, tone, wav_base64
+from media_samples import mp4_bytes, noise_image, noise_video, png_data_url, tone, wav_base64
 from transformers import AutoTokenizer
 
 from loomserve.modalities.audio import decode_audio
@@ -144,21 +143,8 @@ def test_audio_decoding_formats():
         decode_audio(b"not audio at all", "wav")
 
 
-def _mp4(frames: np.ndarray, fps: int) -> bytes:
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
-
-
 def test_video_decoding_samples_by_rate_or_count():
-    data = _mp4(noise_video(12, 32, 48, seed=0), fps=4)  # 3 s
+    data = mp4_bytes(noise_video(12, 32, 48, seed=0), fps=4)  # 3 s
     by_rate = decode_video(data, 10**6, fps=2.0, num_frames=None, multiple=2, min_frames=2, max_frames=768)
     assert by_rate.frames.shape == (6, 32, 48, 3) and by_rate.fps == pytest.approx(2.0)
     by_count = decode_video(data, 10**6, fps=None, num_frames=4, multiple=2, min_frames=2, max_frames=768)
