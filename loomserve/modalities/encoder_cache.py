@@ -119,8 +119,9 @@ class EncoderCacheManager:
             self._unpin(item.content_hash, request.request_id)
 
     def _unpin_consumed(self, request: Request, start: int) -> None:
+        still_needed = {it.content_hash for it in request.mm_items if it.placeholder.end > start}
         for item in request.mm_items:
-            if item.placeholder.end <= start:
+            if item.placeholder.end <= start and item.content_hash not in still_needed:
                 self._unpin(item.content_hash, request.request_id)
 
     def _pin(self, h: str, request_id: str) -> None:

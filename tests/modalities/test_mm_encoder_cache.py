@@ -83,6 +83,15 @@ def test_items_computed_past_are_unpinned_when_the_request_moves_on():
     assert step(manager, (r, 10, 20)) == ([20], ["b"], ["a"])  # a is done with: its room goes to b
 
 
+def test_content_that_appears_again_later_in_the_prompt_stays_pinned():
+    manager = EncoderCacheManager(capacity=20, budget_per_step=100)
+    r = request("r", 40, item("a", 0, 10), item("c", 10, 10), item("a", 20, 10))
+    assert step(manager, (r, 0, 10)) == ([10], ["a"], [])
+    assert step(manager, (r, 10, 10)) == ([10], ["c"], [])  # the first a is done, the second is still ahead
+    other = request("other", 20, item("b", 0, 10))
+    assert step(manager, (other, 0, 20)) == ([0], [], [])  # so a stays pinned: no room for b
+
+
 def test_an_item_that_can_never_fit_now_yields_no_tokens_and_is_not_committed():
     manager = EncoderCacheManager(capacity=10, budget_per_step=100)
     holder = request("holder", 20, item("a", 0, 10))
