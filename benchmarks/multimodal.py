@@ -15,11 +15,12 @@ Reported per scenario: requests/s, output tokens/s, latency p50/p90/max, and the
 served from the prefix cache, for the fastest of --repeats runs (each run with images not sent before).
 Before timing, each server answers --warmup requests with other images.
 
-Shapes: `tiny` serves the tiny Qwen2-VL test checkpoint (real weights); `qwen2-vl-2b` and `qwen2-vl-7b`
-write config-only folders with the real models' shapes and processor settings and serve them with dummy
-weights (`--load-format dummy`).
+Shapes: `tiny` serves the tiny Qwen2-VL test checkpoint (real weights; images at most 112x112, 16 tokens);
+`qwen2-vl-small`, `qwen2-vl-2b` and `qwen2-vl-7b` write config-only folders (Qwen2-VL's processor
+settings, the real models' shapes for 2b and 7b) and serve them with dummy weights (`--load-format dummy`).
 
     python benchmarks/multimodal.py --shape tiny --num-requests 48 --concurrency 8 --image-size 112
+    python benchmarks/multimodal.py --shape qwen2-vl-small --num-requests 24 --concurrency 4 --image-size 448
     python benchmarks/multimodal.py --shape qwen2-vl-2b --num-requests 512 --concurrency 64 --image-size 448
 """
 
@@ -49,10 +50,17 @@ from throughput import _cache_root, _pad_tokenizer_vocab, environment
 
 from loomserve.tiny_mm_checkpoints import _QWEN_VL_TEMPLATE, _QWEN_VL_TOKENS, _tokenizer, tiny_mm_checkpoint
 
-PRESET_FORMAT_VERSION = 1
+PRESET_FORMAT_VERSION = 2
 
-# The real models' shapes (Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2-VL-7B-Instruct config.json).
+# The real models' shapes (Qwen/Qwen2-VL-2B-Instruct, Qwen/Qwen2-VL-7B-Instruct config.json), and a small one
+# whose vision tower still dominates the work of an image request, for CPUs.
 PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2-vl-small": {
+        "text": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "vocab_size": 32768, "max_position_embeddings": 8192},
+        "vision": {"depth": 8, "embed_dim": 384, "hidden_size": 256, "mlp_ratio": 4, "num_heads": 6},
+        "tie_word_embeddings": False,
+    },
     "qwen2-vl-2b": {
         "text": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
                  "num_key_value_heads": 2, "vocab_size": 151936, "max_position_embeddings": 32768},
@@ -103,9 +111,11 @@ def build_preset_checkpoint(shape: str) -> Path:
     tokenizer.save_pretrained(tmp)
     _pad_tokenizer_vocab(tmp / "tokenizer.json", text["vocab_size"])
     ids = tokenizer.convert_tokens_to_ids
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    mrope_section = [n * head_dim // 128 for n in (16, 24, 24)]  # Qwen2-VL's split of a 128-dim head
     config = Qwen2VLConfig(
         text_config={**text, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                                 "mrope_section": [16, 24, 24]},
+                                                 "mrope_section": mrope_section},
                      "rms_norm_eps": 1e-6, "eos_token_id": ids("<|im_end|>"), "use_sliding_window": False},
         vision_config={**preset["vision"], "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
                        "in_channels": 3, "hidden_act": "quick_gelu"},
