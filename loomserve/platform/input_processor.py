@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from loomserve.modalities.config import MultiModalConfig
@@ -79,12 +80,12 @@ class InputProcessor:
             raise ValueError(f"token id {bad} is out of the vocabulary [0, {vocab})")
 
     def engine_request(
-        self, request_id: str, token_ids: list[int], params: SamplingParams, mm_items: list[MultiModalItem] = ()
+        self, request_id: str, token_ids: list[int], params: SamplingParams, mm_items: Sequence[MultiModalItem] = ()
     ) -> EngineCoreRequest:
         if self.extra_stop_ids and not params.ignore_eos:
             params = SamplingParams.from_dict(
                 {**params.to_dict(), "stop_token_ids": params.stop_token_ids + self.extra_stop_ids}
             )
-        request = EngineCoreRequest(request_id, token_ids, params, self.eos_token_id, time.time())
-        request.mm_items = list(mm_items)
-        return request
+        return EngineCoreRequest(
+            request_id, token_ids, params, self.eos_token_id, time.time(), mm_items=list(mm_items)
+        )

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from loomserve.modalities.inputs import MultiModalItem
+    from loomserve.platform.models.mrope import MRopePositions
 
 _SAMPLING_EPS = 1e-5
 
@@ -118,7 +119,7 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     mm_items: list[MultiModalItem] = field(default_factory=list)  # media, in prompt order
-    mm_positions: Any = None  # M-RoPE positions of the prompt, computed by the runner when first needed
+    mm_positions: MRopePositions | None = None  # M-RoPE prompt positions, computed by the runner when first needed
 
     @property
     def all_token_ids(self) -> list[int]:
