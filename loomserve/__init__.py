@@ -1,5 +1,6 @@
 """loomserve: one paged-attention engine behind OpenAI-compatible endpoints."""
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.platform.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
@@ -14,4 +15,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'loomserve' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "__version__"]

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import EngineCore
@@ -38,20 +39,27 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run prompts to completion; outputs come back in the order of the prompts."""
+        """Run prompts to completion; outputs come back in the order of the prompts. `lora_request`: one
+        adapter for all prompts or one (or None, the base model) per prompt."""
         prompts = _as_prompt_list(prompts)
         params = _broadcast(sampling_params or SamplingParams(), len(prompts))
+        loras = _broadcast_loras(lora_request, len(prompts))
         tokenized = [self.input_processor.process(prompt) for prompt in prompts]
         for (_, token_ids, _), p in zip(tokenized, params):
             self.input_processor.validate(token_ids, p)  # all or nothing: refuse before any request starts
+        for lora in dict.fromkeys(lora for lora in loras if lora is not None):
+            self.engine.add_lora(lora)  # reads and checks the adapter, raising before any request starts
         processor = OutputProcessor(self.tokenizer, final_only=True)
         order = []
-        for (text, token_ids, mm_items), p in zip(tokenized, params):
+        for (text, token_ids, mm_items), p, lora in zip(tokenized, params, loras):
             request_id = str(next(self._ids))
             order.append(request_id)
             for child_id, child_params in processor.add_request(request_id, text, token_ids, p, time.time()):
-                request = self.input_processor.engine_request(child_id, token_ids, child_params, mm_items)
+                request = self.input_processor.engine_request(
+                    child_id, token_ids, child_params, mm_items=mm_items, lora_request=lora
+                )
                 self.engine.add_request(request)
         return self._run(processor, order)
 
@@ -61,11 +69,12 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the tokenizer's chat template, load its media parts, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self._chat_prompt(conv, add_generation_prompt, chat_template_kwargs) for conv in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, lora_request)
 
     def _chat_prompt(
         self, conversation: Conversation, add_generation_prompt: bool, template_kwargs: dict[str, Any] | None
@@ -98,6 +107,15 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     if prompts and isinstance(prompts[0], int):
         return [prompts]  # one prompt given as token ids
     return prompts
+
+
+def _broadcast_loras(loras: LoRARequest | Sequence[LoRARequest | None] | None, n: int) -> list[LoRARequest | None]:
+    if loras is None or isinstance(loras, LoRARequest):
+        return [loras] * n
+    loras = list(loras)
+    if len(loras) != n:
+        raise ValueError(f"got {len(loras)} LoRA requests for {n} prompts")
+    return loras
 
 
 def _broadcast(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:

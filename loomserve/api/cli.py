@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 from loomserve.platform.config import EngineArgs
@@ -14,7 +15,8 @@ _ENGINE_FLAGS = (
     "model", "tokenizer", "served_model_name", "max_model_len", "dtype", "device", "seed", "load_format",
     "block_size", "kv_cache_memory", "gpu_memory_utilization", "num_gpu_blocks_override",
     "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend", "enforce_eager",
-    "async_scheduling", "limit_mm_per_prompt", "allowed_media_domains", "allowed_local_media_path", "max_image_pixels",
+    "async_scheduling", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "quantization",
+    "limit_mm_per_prompt", "allowed_media_domains", "allowed_local_media_path", "max_image_pixels",
     "encoder_cache_memory", "media_io_kwargs",
 )
 
@@ -54,6 +56,15 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the GPU runs this one (default: on for CUDA)")
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters on top of the model")
+    p.add_argument("--lora-modules", nargs="+", default=[], type=lora_module, metavar="NAME=PATH",
+                   help='adapters to serve from the start: name=path or {"name": ..., "path": ...}')
+    p.add_argument("--max-loras", type=int, default=defaults.max_loras, help="adapters in one step")
+    p.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank)
+    p.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters cached in host memory (default: --max-loras)")
+    p.add_argument("--quantization", default=None, choices=["bitsandbytes"],
+                   help="bitsandbytes: NF4 base weights (QLoRA); 4-bit checkpoints set it themselves")
     p.add_argument("--limit-mm-per-prompt", default=None,
                    help='most media items per prompt, JSON, e.g. \'{"image": 4, "video": 1, "audio": 2}\'')
     p.add_argument("--allowed-media-domains", nargs="+", default=None,
@@ -67,6 +78,20 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help='media decoding options, JSON, e.g. \'{"video": {"num_frames": 8}}\' or {"video": {"fps": 1}}')
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+
+
+def lora_module(value: str) -> tuple[str, str]:
+    """`name=path` or vLLM's JSON form `{"name": ..., "path": ...}` -> (name, path)."""
+    if value.lstrip().startswith("{"):
+        try:
+            spec = json.loads(value)
+            return spec["name"], spec["path"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f'expected {{"name": ..., "path": ...}}, got {value!r}') from e
+    name, sep, path = value.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected name=path, got {value!r}")
+    return name, path
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -96,7 +121,9 @@ def serve(ns: argparse.Namespace) -> None:
 
     if ns.model is None:
         _use_demo_model(ns)
-    app = build_app(engine_args_from(ns), api_key=ns.api_key)
+    if ns.lora_modules and not ns.enable_lora:
+        raise SystemExit("--lora-modules needs --enable-lora")
+    app = build_app(engine_args_from(ns), api_key=ns.api_key, lora_modules=ns.lora_modules)
     logger.info("Serving %s at http://%s:%d (OpenAI API under http://%s:%d/v1)",
                 ns.served_model_name or ns.model, ns.host, ns.port, ns.host, ns.port)
     uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level)

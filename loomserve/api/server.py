@@ -31,6 +31,8 @@ from loomserve.api.protocol import (
 from loomserve.api.serving import check_model
 from loomserve.api.serving_chat import create_chat_completion
 from loomserve.api.serving_completion import create_completion
+from loomserve.api.serving_lora import load_startup_adapters
+from loomserve.api.serving_lora import router as lora_router
 from loomserve.platform.async_llm import AsyncLLM, EngineDeadError
 from loomserve.platform.config import EngineArgs
 
@@ -39,14 +41,18 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # served without an
 router = APIRouter()
 
 
-def build_app(engine_args: EngineArgs, api_key: str | None = None) -> FastAPI:
-    """The app; its engine starts (in its own process) when the app starts and stops with it."""
+def build_app(
+    engine_args: EngineArgs, api_key: str | None = None, lora_modules: list[tuple[str, str]] | None = None
+) -> FastAPI:
+    """The app; its engine starts (in its own process) when the app starts and stops with it, having loaded
+    the `lora_modules` (name, path) adapters."""
     stat_logger = PrometheusStatLogger(engine_args.served_model_name or engine_args.model.rstrip("/"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[stat_logger])
         try:
+            await load_startup_adapters(app.state.engine, lora_modules or [])
             yield
         finally:
             app.state.engine.shutdown()
@@ -54,6 +60,7 @@ def build_app(engine_args: EngineArgs, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="loomserve", version=__version__, lifespan=lifespan)
     app.state.metrics = stat_logger
     app.include_router(router)
+    app.include_router(lora_router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     for handled in (APIError, EngineDeadError, Exception):
@@ -93,7 +100,12 @@ async def metrics(request: Request) -> Response:
 async def models(engine: Engine) -> ModelList:
     config = engine.model_config
     card = ModelCard(id=config.served_model_name, root=config.model, max_model_len=config.max_model_len)
-    return ModelList(data=[card])
+    adapters = [
+        ModelCard(id=lora.lora_name, root=lora.lora_path, parent=config.served_model_name,
+                  max_model_len=config.max_model_len)
+        for lora in engine.loras.adapters.values()
+    ]
+    return ModelList(data=[card, *adapters])
 
 
 @router.post("/tokenize")

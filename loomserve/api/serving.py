@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.api.errors import APIError
 from loomserve.api.prompts import Prompt, resolve_max_tokens
 from loomserve.api.protocol import SamplingRequest, UsageInfo
@@ -20,9 +21,16 @@ def random_id(prefix: str) -> str:
 
 
 def check_model(engine: AsyncLLM, model: str | None) -> None:
-    """404 unless `model` is absent or names the served model."""
-    if model and model != engine.model_config.served_model_name:
+    """404 unless `model` is absent or names the served model or one of its loaded adapters."""
+    if model and model != engine.model_config.served_model_name and engine.loras.get(model) is None:
         raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
+
+
+def lora_for(engine: AsyncLLM, model: str | None) -> tuple[LoRARequest | None, str]:
+    """The adapter a request names in `model` (None: the base model) and the name its response carries."""
+    check_model(engine, model)
+    lora = engine.loras.get(model)
+    return lora, lora.lora_name if lora is not None else engine.model_config.served_model_name
 
 
 def sampling_params(engine: AsyncLLM, request: SamplingRequest, prompt: Prompt) -> SamplingParams:

@@ -29,8 +29,8 @@ from loomserve.api.protocol import (
 from loomserve.api.serving import (
     Delta,
     DeltaTracker,
-    check_model,
     collect_final,
+    lora_for,
     random_id,
     sampling_params,
     usage,
@@ -65,12 +65,14 @@ class _Call:
 async def create_chat_completion(
     engine: AsyncLLM, request: ChatCompletionRequest, raw_request: Request
 ) -> Response:
-    check_model(engine, request.model)
+    lora, model_name = lora_for(engine, request.model)
     prompt = await chat_prompt(engine, request.messages)
     check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
     params = sampling_params(engine, request, prompt)
-    call = _Call(request, engine.model_config.served_model_name)
-    stream = engine.generate(prompt.token_ids, params, call.id, prompt=prompt.text, mm_items=prompt.mm_items)
+    call = _Call(request, model_name)
+    stream = engine.generate(
+        prompt.token_ids, params, call.id, prompt=prompt.text, mm_items=prompt.mm_items, lora_request=lora
+    )
     if request.stream:
         return StreamingResponse(_stream(call, stream), media_type="text/event-stream")
     finished, outputs = await run_unless_disconnected(raw_request, collect_final([stream]))

@@ -19,8 +19,8 @@ from loomserve.api.protocol import CompletionChoice, CompletionRequest, Completi
 from loomserve.api.serving import (
     Delta,
     DeltaTracker,
-    check_model,
     collect_final,
+    lora_for,
     random_id,
     sampling_params,
     usage,
@@ -52,15 +52,15 @@ class _Call:
 
 
 async def create_completion(engine: AsyncLLM, request: CompletionRequest, raw_request: Request) -> Response:
-    check_model(engine, request.model)
+    lora, model_name = lora_for(engine, request.model)
     if request.echo and request.logprobs is not None:
         raise APIError("`echo` together with `logprobs` is not supported yet", param="echo")
     prompts = _prompts(engine, request.prompt)
     params = [sampling_params(engine, request, prompt) for prompt in prompts]
     echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
-    call = _Call(request, echo_texts, engine.model_config.served_model_name)
+    call = _Call(request, echo_texts, model_name)
     streams = [
-        engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text)
+        engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text, lora_request=lora)
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
     ]
     if request.stream:

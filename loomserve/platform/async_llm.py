@@ -7,6 +7,7 @@ the model. They talk over ZeroMQ (PUSH/PULL over ipc sockets) with msgpack-encod
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import multiprocessing
 import os
@@ -19,6 +20,8 @@ from typing import Any, Protocol
 import zmq
 import zmq.asyncio
 
+from loomserve.adapters.registry import LoRARegistry
+from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import run_engine_core
@@ -51,6 +54,9 @@ class AsyncLLM:
         self.stat_loggers = list(stat_loggers or [])
         self.errored: str | None = None
         self._output_task: asyncio.Task | None = None
+        self.loras = LoRARegistry(args.enable_lora, self.model_config.served_model_name)
+        self._calls: dict[int, asyncio.Future] = {}  # engine calls awaiting their reply
+        self._call_ids = itertools.count()
         self._ipc_dir = tempfile.mkdtemp(prefix="loomserve-")
         input_addr = f"ipc://{os.path.join(self._ipc_dir, 'input')}"
         output_addr = f"ipc://{os.path.join(self._ipc_dir, 'output')}"
@@ -94,6 +100,7 @@ class AsyncLLM:
         request_id: str,
         prompt: str | None = None,
         mm_items: list[MultiModalItem] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request; leaving early aborts it in the engine."""
         self._ensure_output_task()
@@ -105,7 +112,9 @@ class AsyncLLM:
             request_id, prompt, prompt_token_ids, sampling_params, time.time(), queue
         )
         for child_id, params in children:
-            request = self.input_processor.engine_request(child_id, prompt_token_ids, params, mm_items or [])
+            request = self.input_processor.engine_request(
+                child_id, prompt_token_ids, params, mm_items=mm_items or (), lora_request=lora_request
+            )
             self._send(MessageType.ADD, request.to_wire())
         finished = False
         try:
@@ -138,6 +147,38 @@ class AsyncLLM:
     async def reset_prefix_cache(self) -> None:
         self._send(MessageType.UTILITY, "reset_prefix_cache")
 
+    async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
+        """Load an adapter and serve it under `lora_name`; raises ValueError saying why it cannot be served."""
+        lora = self.loras.reserve(lora_name, lora_path)
+        try:
+            error = await self._call("add_lora", lora.to_wire())
+        except BaseException:
+            self.loras.abandon(lora)
+            raise
+        if error is not None:
+            self.loras.abandon(lora)
+            raise ValueError(error)
+        self.loras.commit(lora)
+        return lora
+
+    async def remove_lora(self, lora_name: str) -> None:
+        """Stop serving an adapter (UnknownLoRAError if none has that name); running requests finish with it."""
+        lora = self.loras.remove(lora_name)
+        await self._call("remove_lora", lora.lora_int_id)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        """Ask the engine process to do something and wait for its reply (an error message or None)."""
+        self._ensure_output_task()
+        if self.errored:
+            raise EngineDeadError(self.errored)
+        call_id = next(self._call_ids)
+        reply = self._calls[call_id] = asyncio.get_running_loop().create_future()
+        self._send(MessageType.UTILITY, [method, call_id, *args])
+        try:
+            return await reply
+        finally:
+            self._calls.pop(call_id, None)
+
     def _send(self, kind: MessageType, payload: Any) -> None:
         self._inbox.send(pack(kind, payload))
 
@@ -158,6 +199,11 @@ class AsyncLLM:
                 return
             if kind == MessageType.OUTPUTS:
                 self._handle_outputs(EngineCoreOutputs.from_wire(payload))
+            elif kind == MessageType.UTILITY:
+                call_id, error = payload
+                reply = self._calls.get(call_id)
+                if reply is not None and not reply.done():
+                    reply.set_result(error)
 
     def _handle_outputs(self, outputs: EngineCoreOutputs) -> None:
         processed = self.output_processor.process_outputs(outputs.outputs)
@@ -175,6 +221,9 @@ class AsyncLLM:
             parent.queue.put_nowait(EngineDeadError(reason))
         self.output_processor.parents.clear()
         self.output_processor.children.clear()
+        for reply in self._calls.values():
+            if not reply.done():
+                reply.set_exception(EngineDeadError(reason))
 
     def shutdown(self) -> None:
         if self._proc.is_alive():

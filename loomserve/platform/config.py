@@ -69,6 +69,7 @@ class ModelConfig:
     seed: int
     hf_config: Any = field(repr=False)
     served_model_name: str
+    quantization: str | None = None  # "bitsandbytes": NF4 linear weights
 
     @property
     def architecture(self) -> str:
@@ -114,6 +115,20 @@ class SchedulerConfig:
 
 
 @dataclass
+class LoRAConfig:
+    max_loras: int = 1  # adapters in one step (device slots)
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1  # adapters kept in host memory, least recently used evicted first
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be at least 1, got {self.max_loras}, "
+                             f"{self.max_lora_rank}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
+
+
+@dataclass
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
@@ -121,6 +136,7 @@ class EngineConfig:
     attention_backend: str = "torch"
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool = False  # schedule step N+1 while the device runs step N
+    lora_config: LoRAConfig | None = None  # None: LoRA off
     mm_config: MultiModalConfig = field(default_factory=MultiModalConfig)
 
 
@@ -146,6 +162,11 @@ class EngineArgs:
     attention_backend: str = "auto"
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # None: on for CUDA, off for CPU (where nothing runs asynchronously)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # default: max_loras
+    quantization: str | None = None  # "bitsandbytes" (NF4); a 4-bit checkpoint sets it itself
     limit_mm_per_prompt: dict[str, int] | str | None = None  # e.g. {"image": 4, "video": 1, "audio": 2}
     allowed_media_domains: list[str] | None = None
     allowed_local_media_path: str | None = None
@@ -159,6 +180,8 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         from transformers import AutoConfig
+
+        from loomserve.platform.quantization import check_quantization
 
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}; choose auto, safetensors or dummy")
@@ -179,6 +202,7 @@ class EngineArgs:
             seed=self.seed,
             hf_config=hf_config,
             served_model_name=self.served_model_name or _default_name(self.model),
+            quantization=check_quantization(self.quantization, hf_config),
         )
         cache_config = CacheConfig(
             block_size=self.block_size,
@@ -191,6 +215,9 @@ class EngineArgs:
             max_num_batched_tokens=self.max_num_batched_tokens or _default_token_budget(device, max_model_len),
             max_num_seqs=self.max_num_seqs,
         )
+        lora_config = None
+        if self.enable_lora:
+            lora_config = LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
         backend = resolve_attention_backend(self.attention_backend, device)
         async_scheduling = device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
         mm_config = build_mm_config(
@@ -198,7 +225,8 @@ class EngineArgs:
             self.max_image_pixels, parse_memory(self.encoder_cache_memory), self.media_io_kwargs,
         )
         return EngineConfig(
-            model_config, cache_config, scheduler_config, backend, self.enforce_eager, async_scheduling, mm_config
+            model_config, cache_config, scheduler_config, backend, self.enforce_eager, async_scheduling,
+            lora_config, mm_config,
         )
 
 

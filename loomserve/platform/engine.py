@@ -7,10 +7,13 @@ detokenization and HTTP never compete with the model for the GIL.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from loomserve.adapters.request import LoRARequest
+from loomserve.adapters.scheduling import LoRAAdmission
 from loomserve.modalities.encoder_cache import EncoderCacheManager
 from loomserve.platform.config import EngineArgs, EngineConfig
 from loomserve.platform.messages import (
@@ -25,18 +28,29 @@ from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.runner import InFlightStep, ModelRunner
 from loomserve.platform.scheduler import Scheduler, SchedulerOutput
 
+if TYPE_CHECKING:
+    from loomserve.adapters.manager import LoRAManager
+
 logger = logging.getLogger(__name__)
+
+_LORA_WAIT_S = 0.005  # how long a step with nothing to run waits for an adapter to finish loading
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.runner = ModelRunner(config)
+        self.lora_manager = self.runner.lora_manager
+        admission = None
+        if self.lora_manager is not None:
+            admission = LoRAAdmission(config.lora_config.max_loras, self.lora_manager.ready)
         encoder_cache = EncoderCacheManager.for_engine(config) if self.runner.mm is not None else None
         self.scheduler = Scheduler(
-            config.scheduler_config, config.cache_config, config.model_config.max_model_len, encoder_cache
+            config.scheduler_config, config.cache_config, config.model_config.max_model_len,
+            lora_admission=admission, encoder_cache=encoder_cache,
         )
         self.in_flight: tuple[SchedulerOutput, InFlightStep | None] | None = None  # launched, not yet landed
+        self.utility_calls: list[tuple[int, concurrent.futures.Future]] = []  # calls answered once done
 
     def add_request(self, req: EngineCoreRequest) -> None:
         request = Request(
@@ -46,8 +60,11 @@ class EngineCore:
             eos_token_id=req.eos_token_id,
             arrival_time=req.arrival_time,
             cache_salt=req.cache_salt,
+            lora_request=req.lora_request,
             mm_items=req.mm_items,
         )
+        if request.lora_request is not None:
+            self._loras()  # refuses adapter requests when LoRA is off
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -65,13 +82,15 @@ class EngineCore:
         tokens (penalties, min_tokens) makes the engine land every step before scheduling the next.
         """
         ahead = self.config.async_scheduling and self.scheduler.can_run_ahead()
-        outputs: list[EngineCoreOutput] = []
+        outputs = self._abort_unloadable()
         if not ahead and self.in_flight is not None:
             outputs += self._land(*self.in_flight)
             self.in_flight = None
         out = self.scheduler.schedule()
         self.runner.release(out.preempted_ids)
         launched = (out, self.runner.launch(out)) if out.scheduled else None
+        if launched is None and self.in_flight is None and self.lora_manager is not None:
+            self.lora_manager.wait(_LORA_WAIT_S)  # nothing to run but adapters still loading
         if self.in_flight is not None:
             outputs += self._land(*self.in_flight)
         self.in_flight = launched
@@ -98,6 +117,56 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv.pool.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ LoRA adapters
+
+    def _loras(self) -> LoRAManager:
+        """The adapter manager; ValueError when LoRA is off."""
+        if self.lora_manager is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
+        return self.lora_manager
+
+    def add_lora(self, lora: LoRARequest) -> None:
+        """Load an adapter now (the offline API); raises ValueError saying why it cannot be served."""
+        self._loras().add(lora)
+
+    def remove_lora(self, lora_id: int) -> None:
+        self._loras().remove(lora_id)
+
+    def call_utility(self, call: list) -> None:
+        """A front-end call [method, call id, *args]; its reply comes out of `take_utility_replies`."""
+        method, call_id, *args = call
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            if method == "add_lora":
+                future = self._loras().start_add(LoRARequest.from_wire(args[0]))
+            elif method == "remove_lora":
+                self.remove_lora(args[0])
+                future.set_result(None)
+            else:
+                raise ValueError(f"unknown engine call {method!r}")
+        except ValueError as e:
+            future.set_exception(e)
+        self.utility_calls.append((call_id, future))
+
+    def take_utility_replies(self) -> list[list]:
+        """[call id, error message or None] for each call that has finished."""
+        done = [(call_id, f) for call_id, f in self.utility_calls if f.done()]
+        self.utility_calls = [(call_id, f) for call_id, f in self.utility_calls if not f.done()]
+        return [[call_id, None if f.exception() is None else str(f.exception())] for call_id, f in done]
+
+    def _abort_unloadable(self) -> list[EngineCoreOutput]:
+        """End the requests of adapters that failed to load from disk (e.g. their folder went away)."""
+        failures = self.lora_manager.take_failures() if self.lora_manager is not None else {}
+        if not failures:
+            return []
+        ids = [r.request_id for r in self.scheduler.requests.values()
+               if r.lora_request is not None and r.lora_request.lora_int_id in failures]
+        for lora_id, reason in failures.items():
+            logger.error("aborting the requests of LoRA adapter %d: %s", lora_id, reason)
+        finished = self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        self.runner.release([r.request_id for r in finished])
+        return [EngineCoreOutput(r.request_id, [], finish_reason=r.finish_reason) for r in finished]
 
 
 def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None:
@@ -130,8 +199,8 @@ def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     while True:
-        # Block while idle; with work in hand, only drain what has already arrived.
-        timeout = 0 if engine.has_requests() else None
+        # Block while idle; with work in hand, only drain what has already arrived; poll while calls run.
+        timeout = 0 if engine.has_requests() else (5 if engine.utility_calls else None)
         while dict(poller.poll(timeout)).get(inbox):
             kind, payload = unpack(inbox.recv())
             if kind == MessageType.ADD:
@@ -142,9 +211,15 @@ def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
                 return
             elif kind == MessageType.UTILITY and payload == "reset_prefix_cache":
                 engine.reset_prefix_cache()
+            elif kind == MessageType.UTILITY and isinstance(payload, list):
+                engine.call_utility(payload)
             timeout = 0
+        for reply in engine.take_utility_replies():
+            outbox.send(pack(MessageType.UTILITY, reply))
         if engine.has_requests():
             outputs = engine.step()
+        elif timeout:  # woke up only to check on the calls: nothing new to report
+            continue
         else:  # what arrived (aborts) left the engine idle: report the now-empty state once
             outputs = EngineCoreOutputs([], engine.scheduler.stats())
         outbox.send(pack(MessageType.OUTPUTS, outputs.to_wire()))

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.frontend import MultiModalFrontend
 from loomserve.modalities.inputs import MultiModalItem
@@ -80,12 +81,19 @@ class InputProcessor:
             raise ValueError(f"token id {bad} is out of the vocabulary [0, {vocab})")
 
     def engine_request(
-        self, request_id: str, token_ids: list[int], params: SamplingParams, mm_items: Sequence[MultiModalItem] = ()
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        *,
+        mm_items: Sequence[MultiModalItem] = (),
+        lora_request: LoRARequest | None = None,
     ) -> EngineCoreRequest:
         if self.extra_stop_ids and not params.ignore_eos:
             params = SamplingParams.from_dict(
                 {**params.to_dict(), "stop_token_ids": params.stop_token_ids + self.extra_stop_ids}
             )
         return EngineCoreRequest(
-            request_id, token_ids, params, self.eos_token_id, time.time(), mm_items=list(mm_items)
+            request_id, token_ids, params, self.eos_token_id, time.time(),
+            mm_items=list(mm_items), lora_request=lora_request,
         )

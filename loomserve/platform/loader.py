@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from loomserve.platform.config import ModelConfig
 from loomserve.platform.models import get_model_class
+from loomserve.platform.quantization import quantize_model, split_prequantized
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,17 @@ def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> nn
     config = model_config.hf_config if getattr(model_cls, "is_multimodal", False) else model_config.text_config
     with default_dtype(model_config.dtype), model_config.device:
         model = model_cls(config, attention_backend)
+    prequantized = None
     if model_config.load_format == "dummy":
         loaded = init_dummy_weights(model, model_config.seed, model_config.text_config)
     else:
-        loaded = model.load_weights(iterate_safetensors(safetensors_files(model_config.model)))
+        weights = iterate_safetensors(safetensors_files(model_config.model))
+        if getattr(model_config.hf_config, "quantization_config", None):
+            prequantized = {}
+            weights = split_prequantized(weights, prequantized)
+        loaded = model.load_weights(weights)
+    if model_config.quantization == "bitsandbytes":
+        loaded = quantize_model(model, loaded, prequantized)
     check_all_loaded(model, loaded)
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgpack
 
+from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.request import SamplingParams
 from loomserve.platform.stats import SchedulerStats
@@ -16,6 +17,8 @@ from loomserve.platform.stats import SchedulerStats
 class MessageType(enum.IntEnum):
     ADD = 0
     ABORT = 1
+    # Front end -> engine: "shutdown", "reset_prefix_cache", or a call [method, call id, *args] (add_lora,
+    # remove_lora); engine -> front end: the call's reply [call id, error or None].
     UTILITY = 2
     OUTPUTS = 3
     READY = 4
@@ -30,16 +33,18 @@ class EngineCoreRequest:
     eos_token_id: int | None
     arrival_time: float
     cache_salt: str | None = None
+    lora_request: LoRARequest | None = None
     mm_items: list[MultiModalItem] = field(default_factory=list)
 
     def to_wire(self) -> list:
+        lora = None if self.lora_request is None else self.lora_request.to_wire()
         return [self.request_id, self.prompt_token_ids, self.sampling_params.to_dict(), self.eos_token_id,
-                self.arrival_time, self.cache_salt, [item.to_wire() for item in self.mm_items]]
+                self.arrival_time, self.cache_salt, lora, [item.to_wire() for item in self.mm_items]]
 
     @classmethod
     def from_wire(cls, w: list) -> EngineCoreRequest:
-        mm_items = [MultiModalItem.from_wire(item) for item in w[6]]
-        return cls(w[0], w[1], SamplingParams.from_dict(w[2]), w[3], w[4], w[5], mm_items)
+        mm_items = [MultiModalItem.from_wire(item) for item in w[7]]
+        return cls(w[0], w[1], SamplingParams.from_dict(w[2]), w[3], w[4], w[5], LoRARequest.from_wire(w[6]), mm_items)
 
 
 # Logprobs of one generated token: (token ids, logprobs, rank of the sampled token); sampled token first.

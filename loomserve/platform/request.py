@@ -6,6 +6,8 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from loomserve.adapters.request import LoRARequest
+
 if TYPE_CHECKING:
     from loomserve.modalities.inputs import MultiModalItem
     from loomserve.platform.models.mrope import MRopePositions
@@ -118,6 +120,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    lora_request: LoRARequest | None = None
     mm_items: list[MultiModalItem] = field(default_factory=list)  # media, in prompt order
     mm_positions: MRopePositions | None = None  # M-RoPE prompt positions, computed by the runner when first needed
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from loomserve.platform.request import Request
 from loomserve.platform.sampler import Sampler, build_sampling_metadata
 from loomserve.platform.scheduler import ScheduledRequest, SchedulerOutput
 
+if TYPE_CHECKING:
+    from loomserve.adapters.layers import LoRABatch
+
 logger = logging.getLogger(__name__)
 
 _CPU_KV_DEFAULT_BYTES = 4 << 30
@@ -37,6 +41,7 @@ class BatchInputs:
     logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
     sample_requests: list[Request]
     inputs_embeds: torch.Tensor | None = None  # [T, hidden]: token embeddings with media in place (multimodal)
+    lora: LoRABatch | None = None  # the step's tokens grouped by adapter slot; None: no adapter this step
 
 
 @dataclass
@@ -66,6 +71,12 @@ class ModelRunner:
         torch.manual_seed(mc.seed)
         self.model = load_model(mc, config.attention_backend)
         self.mm = MultiModalRunner(self.model, self.device) if getattr(self.model, "is_multimodal", False) else None
+        self.lora_manager = None
+        if config.lora_config is not None:
+            from loomserve.adapters.manager import LoRAManager
+
+            self.lora_manager = LoRAManager(self.model, config.lora_config, self.device,
+                                            config.scheduler_config.max_num_seqs)
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
         num_blocks = self._num_kv_blocks()
@@ -226,6 +237,8 @@ class ModelRunner:
         batch = self.prepare_inputs(scheduled)
         if self.mm is not None:
             batch.inputs_embeds = self.mm.prepare(out, scheduled, batch)
+        if self.lora_manager is not None:  # the model's LoRA layers read the step's slots from here
+            batch.lora = self.lora_manager.prepare(scheduled, out.active_loras)
         logits = self._run_model(batch)  # [S, vocab] float32
         if logits is None:
             return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loomserve.modalities.encoder_cache import EncoderCacheManager
 from loomserve.modalities.inputs import MultiModalItem
@@ -17,6 +18,10 @@ from loomserve.platform.config import CacheConfig, SchedulerConfig
 from loomserve.platform.kv_cache import KVCacheManager
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.stats import SchedulerStats
+
+if TYPE_CHECKING:
+    from loomserve.adapters.request import LoRARequest
+    from loomserve.adapters.scheduling import LoRAAdmission
 
 
 @dataclass
@@ -34,6 +39,7 @@ class SchedulerOutput:
     preempted_ids: list[str] = field(default_factory=list)
     encoder_inputs: list[MultiModalItem] = field(default_factory=list)  # media whose encoder runs this step
     freed_encoder_hashes: list[str] = field(default_factory=list)  # encoder outputs to drop before that
+    active_loras: dict[int, LoRARequest] = field(default_factory=dict)  # adapters of all running requests
 
     @property
     def num_tokens(self) -> int:
@@ -46,6 +52,8 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         max_model_len: int,
+        *,
+        lora_admission: LoRAAdmission | None = None,  # None: LoRA off
         encoder_cache: EncoderCacheManager | None = None,  # multimodal models only
     ) -> None:
         self.config = scheduler_config
@@ -57,6 +65,7 @@ class Scheduler:
         self.num_preemptions = 0  # since the last stats()
         self.total_preemptions = 0
         self.num_needing_history = 0  # requests whose sampling reads their generated tokens
+        self.lora_admission = lora_admission
         self.encoder_cache = encoder_cache
 
     def add_request(self, request: Request) -> None:
@@ -82,6 +91,8 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         if self.encoder_cache is not None:
             out.encoder_inputs, out.freed_encoder_hashes = self.encoder_cache.finish_step()
+        if self.lora_admission is not None:
+            out.active_loras = self.lora_admission.active(self.running)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -117,14 +128,20 @@ class Scheduler:
         return num_output >= max_tokens or request.num_tokens + request.num_pending_tokens >= self.max_model_len
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        skipped: list[Request] = []  # waiting on an adapter: passed over this step, keeping their places
+        if self.lora_admission is not None:
+            self.lora_admission.begin(self.running)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.num_pending_tokens:  # preempted with a token in flight: resume once it has landed
-                return
+                break
+            if self.lora_admission is not None and not self.lora_admission.admits(request):
+                skipped.append(self.waiting.popleft())
+                continue
             computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             n = self._fit_encoder(request, num_hit, min(request.num_tokens - num_hit, budget))
             if n == 0 or not self.kv.allocate_slots(request, n, computed_blocks):
-                return
+                break
             self._commit_encoder(request, num_hit, n)
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
@@ -134,6 +151,7 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._schedule(request, n))
             budget -= n
+        self.waiting.extendleft(reversed(skipped))
 
     def _schedule(self, request: Request, n: int) -> ScheduledRequest:
         """Commit `n` tokens of the request to this step; a step that reaches the end puts a token in flight."""

@@ -1,5 +1,6 @@
-"""The oracle: transformers' greedy continuation for a prompt with media, built the way HF's own processors
-build model inputs (placeholders expanded, pixel values, grids, token types, audio features)."""
+"""The prompts the multimodal tests send, and the oracle: transformers' greedy continuation for a prompt with
+media, built the way HF's own processors build model inputs (placeholders expanded, pixel values, grids,
+token types, audio features)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,31 @@ import functools
 import numpy as np
 import torch
 import transformers
-from transformers import AutoConfig, CLIPImageProcessorPil, Qwen2VLImageProcessorPil, WhisperFeatureExtractor
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    Qwen2VLImageProcessorPil,
+    WhisperFeatureExtractor,
+)
 
 MAX_TOKENS = 10
+
+
+def image_prompt(family: str, n: int, question: str = "What is in it?") -> str:
+    if family == "llava":
+        return "USER: " + "<image>\n" * n + question + " ASSISTANT:"
+    images = "<|vision_start|><|image_pad|><|vision_end|>" * n
+    return f"<|im_start|>user\n{images}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@functools.cache
+def tokenizer(path: str):
+    return AutoTokenizer.from_pretrained(path)
+
+
+def ids_of(path: str, text: str) -> list[int]:
+    return tokenizer(path).encode(text)
 
 
 @functools.cache
@@ -93,8 +116,9 @@ def audio_inputs(path: str, ids: list[int], audios: list[np.ndarray]) -> dict:
     return {"input_ids": torch.tensor([ids]), **kwargs}
 
 
-def hf_greedy(path: str, ids: list[int], images=(), videos=(), audios=(), fps: float = 2.0) -> list[int]:
-    """transformers' MAX_TOKENS greedy tokens after `ids` (one placeholder token per item)."""
+def hf_greedy(path: str, ids: list[int], images=(), videos=(), audios=(), fps: float = 2.0, model=None) -> list[int]:
+    """transformers' MAX_TOKENS greedy tokens after `ids` (one placeholder token per item), from `model` (e.g. a
+    peft model over it) or the checkpoint's own."""
     arch = AutoConfig.from_pretrained(path).architectures[0]
     if arch.startswith("Qwen2"):
         inputs = (audio_inputs(path, ids, list(audios)) if "Audio" in arch
@@ -103,5 +127,7 @@ def hf_greedy(path: str, ids: list[int], images=(), videos=(), audios=(), fps: f
         inputs = llava_inputs(path, ids, list(images))
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     with torch.no_grad():
-        out = hf_model(path).generate(**inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
+        out = (hf_model(path) if model is None else model).generate(
+            **inputs, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False
+        )
     return out[0, inputs["input_ids"].shape[1] :].tolist()

@@ -104,7 +104,7 @@ def test_an_item_that_can_never_fit_now_yields_no_tokens_and_is_not_committed():
 def test_scheduler_splits_an_item_across_steps_and_encodes_it_at_its_first_chunk():
     cache = CacheConfig(block_size=4, num_blocks=64, enable_prefix_caching=True)
     scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=6, max_num_seqs=4), cache, 256,
-                          EncoderCacheManager(capacity=64, budget_per_step=64))
+                          encoder_cache=EncoderCacheManager(capacity=64, budget_per_step=64))
     r = request("r", 20, item("img", 4, 9))
     scheduler.add_request(r)
     encoded_per_step = []

@@ -8,8 +8,7 @@ import functools
 
 import pytest
 from media_samples import noise_image, noise_video, png_data_url, tone
-from mm_reference import MAX_TOKENS, hf_greedy
-from transformers import AutoTokenizer
+from mm_reference import MAX_TOKENS, hf_greedy, ids_of, image_prompt, tokenizer
 
 from loomserve import LLM, SamplingParams
 
@@ -24,25 +23,9 @@ VIDEO = noise_video(4, 56, 84, seed=4)
 CLIP_A, CLIP_B = tone(1.0, seed=0), tone(1.6, seed=1)
 
 
-def image_prompt(family: str, n: int, question: str = "What is in it?") -> str:
-    if family == "llava":
-        return "USER: " + "<image>\n" * n + question + " ASSISTANT:"
-    images = "<|vision_start|><|image_pad|><|vision_end|>" * n
-    return f"<|im_start|>user\n{images}{question}<|im_end|>\n<|im_start|>assistant\n"
-
-
 def audio_prompt(n: int, question: str = "What is that sound?") -> str:
     audios = "".join(f"Audio {i + 1}: <|audio_bos|><|AUDIO|><|audio_eos|>\n" for i in range(n))
     return f"<|im_start|>user\n{audios}{question}<|im_end|>\n<|im_start|>assistant\n"
-
-
-@functools.cache
-def tokenizer(path: str):
-    return AutoTokenizer.from_pretrained(path)
-
-
-def ids_of(path: str, text: str) -> list[int]:
-    return tokenizer(path).encode(text)
 
 
 @functools.cache

@@ -1,0 +1,164 @@
+"""LoRA on the model's linear layers: stacked weights for `max_loras` slots, added on top of the base output.
+
+Every linear layer of the decoder (not the lm_head) is wrapped once, at start-up, in a `LoRALinear` whose
+buffers hold all slots: A `[slots, n_slices * r_max, in]`, B `[slots, out, r_max]`, zero-padded where an
+adapter's rank is below r_max or where it leaves a projection alone. A fused layer (qkv, gate_up) has one
+slice per projection: slice s reads rows `s * r_max ...` of A and writes its own rows of B's output.
+
+The step's `LoRABatch` (tokens grouped by slot) is set on the model's shared `LoRAState` before the forward;
+tokens of many adapters and of the base model (slot -1) go through one forward together. Under CUDA-graph
+capture the batch is derived on the device from `LoRAState.graph_slots`, which each step then refills.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from loomserve.adapters.lora import LoRATarget, LoRAWeights
+from loomserve.adapters.ops import add_lora
+from loomserve.platform.models.packing import projection_names
+from loomserve.platform.quantization import NF4Linear
+
+
+@dataclass
+class LoRABatch:
+    """The step's tokens grouped by adapter slot: segment g holds `token_indices[start_g : start_g + len_g]`,
+    all of slot `segment_slots[g]`. Base tokens (slot -1) are in no segment."""
+
+    token_indices: torch.Tensor  # [N] int64: token positions in the batch, grouped by slot
+    segment_slots: torch.Tensor  # [G] int32
+    segment_starts: torch.Tensor  # [G] int32
+    segment_lens: torch.Tensor  # [G] int32
+    max_segment_len: int  # exact, or an upper bound for a CUDA-graph batch
+    segments: list[tuple[int, int, int]] | None  # host copy (slot, start, end) for the torch path; None in graphs
+
+    @classmethod
+    def build(cls, token_slots: np.ndarray, device: torch.device) -> LoRABatch | None:
+        """From each token's slot ([T] ints, -1 = base) on the host: one segment per slot in use, or None when
+        no token uses an adapter."""
+        order = np.argsort(token_slots, kind="stable")
+        sorted_slots = token_slots[order]
+        first = int(np.searchsorted(sorted_slots, 0))
+        if first == len(sorted_slots):
+            return None
+        slots, starts, lens = np.unique(sorted_slots[first:], return_index=True, return_counts=True)
+        host = np.concatenate([slots, starts, lens]).astype(np.int32)
+        dev = torch.from_numpy(host).to(device, non_blocking=True)  # one copy for the three
+        return cls(
+            token_indices=torch.from_numpy(order[first:].astype(np.int64)).to(device, non_blocking=True),
+            segment_slots=dev[: len(slots)],
+            segment_starts=dev[len(slots) : 2 * len(slots)],
+            segment_lens=dev[2 * len(slots) :],
+            max_segment_len=int(lens.max()),
+            segments=[(int(s), int(b), int(b + n)) for s, b, n in zip(slots, starts, lens)],
+        )
+
+    @classmethod
+    def for_graph(cls, token_slots: torch.Tensor, num_slots: int) -> LoRABatch:
+        """From each token's slot on the device ([T] int32), with one segment per slot whether used or not and
+        no host copies, so a CUDA graph captured over it stays right for whatever slots the buffer holds."""
+        sorted_slots, order = torch.sort(token_slots, stable=True)
+        slots = torch.arange(num_slots, dtype=torch.int32, device=token_slots.device)
+        starts = torch.searchsorted(sorted_slots, slots, out_int32=True)
+        ends = torch.searchsorted(sorted_slots, slots, right=True, out_int32=True)
+        return cls(order, slots, starts, ends - starts, token_slots.numel(), None)
+
+
+class LoRAState:
+    """What all LoRA layers of one model share: the current step's batch and the math backend. `graph_slots`
+    ([max tokens] int32, -1 = base) is where CUDA-graph replays read each token's slot from."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend  # "torch" or "triton"
+        self.batch: LoRABatch | None = None
+        self.graph_slots: torch.Tensor | None = None
+
+
+class LoRALinear(nn.Module):
+    """A base linear layer (dense, fused or NF4) plus the slots' adapters: y = base(x) + scaling * x A^T B^T."""
+
+    def __init__(self, base: nn.Module, output_sizes: list[int], max_loras: int, max_rank: int,
+                 state: LoRAState, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.state = state
+        self.in_features = base.in_features
+        self.output_sizes = list(output_sizes)
+        self.max_rank = max_rank
+        offsets = np.cumsum([0, *output_sizes]).tolist()
+        self.slices = [(offsets[i], size) for i, size in enumerate(output_sizes)]  # (first output row, rows)
+        n = len(output_sizes)
+        self.register_buffer("lora_a", torch.zeros(max_loras, n * max_rank, self.in_features, dtype=dtype,
+                                                   device=device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(max_loras, offsets[-1], max_rank, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("scaling", torch.zeros(max_loras, n, dtype=torch.float32, device=device),
+                             persistent=False)
+        self.register_buffer("slice_offsets", torch.tensor(offsets, dtype=torch.int32, device=device),
+                             persistent=False)
+        # Host copies for the torch path, which slices each adapter to its true rank (no device syncs).
+        self.ranks = [[0] * n for _ in range(max_loras)]
+        self.scalings = [[0.0] * n for _ in range(max_loras)]
+
+    def set_slot(self, slot: int, weights: dict[int, LoRAWeights]) -> None:
+        """Put one adapter's weights for this layer (slice -> weights; absent slices stay zero) into `slot`."""
+        r_max = self.max_rank
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        for s, (offset, size) in enumerate(self.slices):
+            w = weights.get(s)
+            rank, scaling = (w.rank, w.scaling) if w is not None else (0, 0.0)
+            if w is not None:
+                self.lora_a[slot, s * r_max : s * r_max + rank].copy_(w.a, non_blocking=True)
+                self.lora_b[slot, offset : offset + size, :rank].copy_(w.b, non_blocking=True)
+            self.ranks[slot][s] = rank
+            self.scalings[slot][s] = scaling
+        self.scaling[slot].copy_(torch.tensor(self.scalings[slot], dtype=torch.float32), non_blocking=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # [T, out]
+        batch = self.state.batch
+        if batch is not None:
+            add_lora(y, x, self, batch, self.state.backend)
+        return y
+
+
+def add_lora_layers(
+    model: nn.Module, max_loras: int, max_rank: int, backend: str
+) -> tuple[LoRAState, dict[str, LoRALinear], dict[str, LoRATarget]]:
+    """Wrap every linear layer inside the decoder layers; returns the shared state, the wrapped layers by
+    name, and the adaptable projections by their checkpoint name (fused layers split back into projections;
+    a multimodal model's canonical names, see `MultiModalForCausalLM.canonical_name`).
+    A multimodal model's `lora_scope` confines adapters to its language model: its vision and audio towers
+    and projector stay as they are, as in vLLM."""
+    state = LoRAState(backend)
+    layers: dict[str, LoRALinear] = {}
+    targets: dict[str, LoRATarget] = {}
+    scope = getattr(model, "lora_scope", "")
+    linears = [(name, m) for name, m in model.named_modules()
+               if name.startswith(scope) and ".layers." in name and _is_linear(m)]
+    outermost = [(name, m) for name, m in linears if not any(name.startswith(f"{other}.") for other, _ in linears)]
+    for name, module in outermost:  # an NF4 layer's own bitsandbytes shards are linears too
+        weight = next(module.parameters())
+        dtype = _compute_dtype(module, weight)
+        sizes = list(getattr(module, "output_sizes", [module.out_features]))
+        wrapped = LoRALinear(module, sizes, max_loras, max_rank, state, dtype, weight.device)
+        parent, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), leaf, wrapped)
+        layers[name] = wrapped
+        for s, projection in enumerate(projection_names(model, name)):
+            targets[projection] = LoRATarget(name, s, module.in_features, sizes[s])
+    return state, layers, targets
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, NF4Linear))
+
+
+def _compute_dtype(module: nn.Module, weight: torch.Tensor) -> torch.dtype:
+    """Adapters compute in the layer's dtype (an NF4 layer's compute dtype, not its packed uint8)."""
+    return getattr(module, "compute_dtype", None) or weight.dtype

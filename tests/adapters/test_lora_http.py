@@ -1,0 +1,201 @@
+"""Adapters over HTTP: start-up adapters, run-time load and unload, every refusal, and requests that keep
+running while adapters come and go. A real server (`python -m loomserve.api.cli serve`) on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from peft_reference import PROMPTS, SHAPES, peft_greedy, tokenizer
+from safetensors.torch import load_file, save_file
+
+BASE = "tiny-qwen2"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def base(qwen2_checkpoint) -> str:
+    return qwen2_checkpoint
+
+
+@pytest.fixture(scope="module")
+def adapters(base, make_lora) -> dict[str, str]:
+    made = {name: make_lora(base, name, seed=i + 1, **SHAPES[name]) for i, name in enumerate(SHAPES)}
+    made["rank32"] = make_lora(base, "rank32", seed=9, r=32, target_modules=["q_proj"])
+    made["dora"] = make_lora(base, "dora", seed=10, r=4, target_modules=["q_proj"], use_dora=True)
+    return made
+
+
+@pytest.fixture(scope="module")
+def server(base, adapters, tmp_path_factory) -> Iterator[str]:
+    port = _free_port()
+    log = tmp_path_factory.mktemp("lora-server") / "server.log"
+    command = [
+        sys.executable, "-m", "loomserve.api.cli", "serve", base, "--port", str(port), "--served-model-name", BASE,
+        "--kv-cache-memory", "16MiB", "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "2",
+        "--max-lora-rank", "16", "--lora-modules", f"qv={adapters['qv-r8']}",
+        json.dumps({"name": "all", "path": adapters["all-r16"]}),
+    ]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+def complete(client: openai.OpenAI, model: str, prompt: str = PROMPTS[1], max_tokens: int = 12):
+    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                     extra_body={"ignore_eos": True})
+
+
+def expected_text(base: str, adapter: str | None, prompt: str = PROMPTS[1], max_tokens: int = 12) -> str:
+    ids = peft_greedy(base, adapter, (prompt,), max_tokens)[0]
+    return tokenizer(base).decode(ids, skip_special_tokens=True)
+
+
+def load(http: httpx.Client, name: str, path: str) -> httpx.Response:
+    return http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+
+
+def unload(http: httpx.Client, name: str) -> httpx.Response:
+    return http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+
+
+def models(http: httpx.Client) -> dict[str, dict]:
+    return {card["id"]: card for card in http.get("/v1/models").json()["data"]}
+
+
+def test_models_lists_start_up_adapters_with_their_parent(http, adapters):
+    cards = models(http)
+    assert cards["qv"]["parent"] == cards["all"]["parent"] == BASE and cards[BASE]["parent"] is None
+    assert cards["qv"]["root"] == adapters["qv-r8"]
+
+
+def test_the_model_field_picks_the_adapter(client, base, adapters):
+    for name, path in [("qv", adapters["qv-r8"]), ("all", adapters["all-r16"]), (BASE, None)]:
+        reply = complete(client, name)
+        assert reply.model == name
+        assert reply.choices[0].text == expected_text(base, path), name
+    chat = client.chat.completions.create(model="all", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert chat.model == "all" and chat.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        complete(client, "nobody")
+
+
+def test_runtime_load_serves_and_unload_stops_new_requests(http, client, base, adapters):
+    assert load(http, "rs", adapters["rslora"]).status_code == 200
+    assert models(http)["rs"]["parent"] == BASE
+    assert complete(client, "rs").choices[0].text == expected_text(base, adapters["rslora"])
+    assert unload(http, "rs").status_code == 200
+    assert "rs" not in models(http)
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "rs")
+    reply = unload(http, "rs")
+    assert reply.status_code == 404 and "no LoRA adapter named 'rs'" in reply.json()["error"]["message"]
+
+
+def test_load_errors_answer_400_with_the_reason(http, base, adapters, tmp_path):
+    bad_json = tmp_path / "bad-json"
+    shutil.copytree(adapters["qv-r8"], bad_json)
+    (bad_json / "adapter_config.json").write_text("{oops")
+    other_model = tmp_path / "other-model"  # made for a model with more layers
+    shutil.copytree(adapters["qv-r8"], other_model)
+    tensors = load_file(other_model / "adapter_model.safetensors")
+    save_file({k.replace("layers.1.", "layers.5."): v for k, v in tensors.items()},
+              other_model / "adapter_model.safetensors")
+    cases = {
+        "missing path": (load(http, "x1", str(tmp_path / "nowhere")), "not a folder"),
+        "unreadable": (load(http, "x2", str(bad_json)), "cannot read"),
+        "duplicate name": (load(http, "qv", adapters["rslora"]), "already loaded"),
+        "base name": (load(http, BASE, adapters["rslora"]), "base model's name"),
+        "rank over limit": (load(http, "x3", adapters["rank32"]), "over the maximum LoRA rank 16"),
+        "missing target": (load(http, "x4", str(other_model)), "which this model does not have"),
+        "DoRA": (load(http, "x5", adapters["dora"]), "DoRA"),
+    }
+    for case, (reply, reason) in cases.items():
+        assert reply.status_code == 400, case
+        assert reason in reply.json()["error"]["message"], (case, reply.json())
+    assert set(models(http)) == {BASE, "qv", "all"}
+    assert load(http, "x1", adapters["rslora"]).status_code == 200  # a failed load left the name free
+    assert unload(http, "x1").status_code == 200
+
+
+def test_requests_run_on_while_one_adapter_loads_and_another_unloads(http, client, base, adapters):
+    """A stream of adapter `s` keeps going, and ends right, while `t` loads and `s` itself is unloaded."""
+    assert load(http, "s", adapters["rslora"]).status_code == 200
+    started = threading.Event()
+
+    def stream() -> str:
+        chunks = client.completions.create(model="s", prompt=PROMPTS[0], max_tokens=300, temperature=0.0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        text = ""
+        for chunk in chunks:
+            text += chunk.choices[0].text if chunk.choices else ""
+            started.set()
+        return text
+
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(stream)
+        assert started.wait(60)
+        assert load(http, "t", adapters["qv-r8"]).status_code == 200
+        other = pool.submit(complete, client, "t", PROMPTS[2])
+        assert unload(http, "s").status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            complete(client, "s")
+        assert not running.done()  # the unload did not wait for the stream
+        assert running.result() == expected_text(base, adapters["rslora"], PROMPTS[0], 300)
+        assert other.result().choices[0].text == expected_text(base, adapters["qv-r8"], PROMPTS[2])
+    assert unload(http, "t").status_code == 200
+
+
+def test_lora_module_flag_forms():
+    from loomserve.api.cli import lora_module
+
+    assert lora_module("a=/x/y") == ("a", "/x/y")
+    assert lora_module('{"name": "b", "path": "/p", "base_model_name": "m"}') == ("b", "/p")
+    for bad in ("noequals", "=path", '{"name": "c"}'):
+        with pytest.raises(Exception, match="expected"):
+            lora_module(bad)

@@ -1,0 +1,78 @@
+"""The adapter manager inside a real engine: loads run beside the steps (never stalling them), the host cache
+keeps the adapters of running requests and evicts the least recently used others, ids name one adapter."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from peft_reference import PROMPTS, peft_greedy
+
+from loomserve import LLM, LoRARequest, SamplingParams
+
+
+def engine_request(llm: LLM, request_id: str, lora: LoRARequest | None, max_tokens: int = 8):
+    ids = llm.get_tokenizer().encode(PROMPTS[1])
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return llm.input_processor.engine_request(request_id, ids, params, lora_request=lora)
+
+
+@pytest.fixture
+def adapters(qwen2_checkpoint, make_lora) -> list[str]:
+    return [make_lora(qwen2_checkpoint, f"m{i}", seed=50 + i, r=4, target_modules=["q_proj", "down_proj"])
+            for i in range(3)]
+
+
+def test_a_slow_adapter_load_does_not_stall_the_steps(qwen2_checkpoint, adapters):
+    llm = LLM(qwen2_checkpoint, enable_lora=True, max_loras=2, block_size=4, kv_cache_memory="32MiB")
+    engine, manager = llm.engine, llm.engine.lora_manager
+    disk = threading.Event()  # a slow disk: reads wait until it is set
+    read = manager._read
+    manager._read = lambda lora: disk.wait(60) and read(lora)
+    engine.add_request(engine_request(llm, "base", None, max_tokens=6))
+    engine.call_utility(["add_lora", 7, LoRARequest("a", 1, adapters[0]).to_wire()])
+    engine.add_request(engine_request(llm, "waits", LoRARequest("b", 2, adapters[1])))
+    tokens = [o for _ in range(6) for o in engine.step().outputs if o.request_id == "base"]
+    assert len(tokens) == 6 and tokens[-1].finish_reason == "length"  # the base request ran to its end
+    assert engine.take_utility_replies() == [] and engine.scheduler.requests["waits"].num_computed_tokens == 0
+    disk.set()
+    replies, waits = [], []
+    while not replies or not (waits and waits[-1].finish_reason):
+        replies += engine.take_utility_replies()
+        waits += [o for o in engine.step().outputs if o.request_id == "waits"]
+    assert replies == [[7, None]]
+    assert [o.new_token_ids[0] for o in waits] == peft_greedy(qwen2_checkpoint, adapters[1], (PROMPTS[1],), 8)[0]
+
+
+def test_host_cache_evicts_least_recently_used_but_keeps_running_adapters(qwen2_checkpoint, adapters):
+    llm = LLM(qwen2_checkpoint, enable_lora=True, max_loras=1, max_cpu_loras=2, block_size=4,
+              kv_cache_memory="32MiB")
+    engine, manager = llm.engine, llm.engine.lora_manager
+    a, b, c = (LoRARequest(f"l{i}", i + 1, path) for i, path in enumerate(adapters))
+    engine.add_lora(a)
+    engine.add_lora(b)
+    engine.add_request(engine_request(llm, "runs", a))
+    engine.step()  # a's request runs: a is pinned
+    engine.add_lora(c)  # the cache is full: b, least recently used and idle, goes, not a
+    assert list(manager.cpu) == [1, 3]
+    engine.add_lora(b)
+    assert list(manager.cpu) == [1, 2]  # now c was the idle one
+    with pytest.raises(ValueError, match="LoRA id 1 already names adapter 'l0'"):
+        engine.add_lora(LoRARequest("other", 1, adapters[2]))
+
+
+def test_removing_an_adapter_lets_its_running_request_finish(qwen2_checkpoint, adapters):
+    llm = LLM(qwen2_checkpoint, enable_lora=True, max_loras=1, block_size=4, kv_cache_memory="32MiB")
+    engine, manager = llm.engine, llm.engine.lora_manager
+    a = LoRARequest("a", 1, adapters[0])
+    engine.add_lora(a)
+    engine.add_request(engine_request(llm, "runs", a))
+    outputs = engine.step().outputs
+    engine.remove_lora(1)
+    assert 1 in manager.cpu and 1 in manager.slots  # still in use
+    while engine.has_requests():
+        outputs += engine.step().outputs
+    assert [o.new_token_ids[0] for o in outputs] == peft_greedy(qwen2_checkpoint, adapters[0], (PROMPTS[1],), 8)[0]
+    engine.add_request(engine_request(llm, "next", None))
+    engine.step()  # the first step without it lets its weights go
+    assert 1 not in manager.cpu and 1 not in manager.slots
