@@ -149,11 +149,16 @@ def add_lora_layers(
     model: nn.Module, max_loras: int, max_rank: int, backend: str
 ) -> tuple[LoRAState, dict[str, LoRALinear], dict[str, LoRATarget]]:
     """Wrap every linear layer inside the decoder layers; returns the shared state, the wrapped layers by
-    name, and the adaptable projections by their checkpoint name (fused layers split back into projections)."""
+    name, and the adaptable projections by their checkpoint name (fused layers split back into projections;
+    a multimodal model's canonical names, see `MultiModalForCausalLM.canonical_name`).
+    A multimodal model's `lora_scope` confines adapters to its language model: its vision and audio towers
+    and projector stay as they are, as in vLLM."""
     state = LoRAState(backend)
     layers: dict[str, LoRALinear] = {}
     targets: dict[str, LoRATarget] = {}
-    linears = [(name, m) for name, m in model.named_modules() if ".layers." in name and _is_linear(m)]
+    scope = getattr(model, "lora_scope", "")
+    linears = [(name, m) for name, m in model.named_modules()
+               if name.startswith(scope) and ".layers." in name and _is_linear(m)]
     outermost = [(name, m) for name, m in linears if not any(name.startswith(f"{other}.") for other, _ in linears)]
     for name, module in outermost:  # an NF4 layer's own bitsandbytes shards are linears too
         weight = next(module.parameters())

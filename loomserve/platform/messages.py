@@ -9,6 +9,7 @@ from typing import Any
 import msgpack
 
 from loomserve.adapters.request import LoRARequest
+from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.request import SamplingParams
 from loomserve.platform.stats import SchedulerStats
 
@@ -33,14 +34,17 @@ class EngineCoreRequest:
     arrival_time: float
     cache_salt: str | None = None
     lora_request: LoRARequest | None = None
+    mm_items: list[MultiModalItem] = field(default_factory=list)
 
     def to_wire(self) -> list:
+        lora = None if self.lora_request is None else self.lora_request.to_wire()
         return [self.request_id, self.prompt_token_ids, self.sampling_params.to_dict(), self.eos_token_id,
-                self.arrival_time, self.cache_salt, None if self.lora_request is None else self.lora_request.to_wire()]
+                self.arrival_time, self.cache_salt, lora, [item.to_wire() for item in self.mm_items]]
 
     @classmethod
     def from_wire(cls, w: list) -> EngineCoreRequest:
-        return cls(w[0], w[1], SamplingParams.from_dict(w[2]), w[3], w[4], w[5], LoRARequest.from_wire(w[6]))
+        mm_items = [MultiModalItem.from_wire(item) for item in w[7]]
+        return cls(w[0], w[1], SamplingParams.from_dict(w[2]), w[3], w[4], w[5], LoRARequest.from_wire(w[6]), mm_items)
 
 
 # Logprobs of one generated token: (token ids, logprobs, rank of the sampled token); sampled token first.

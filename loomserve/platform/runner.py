@@ -20,6 +20,7 @@ from loomserve.platform.config import EngineConfig
 from loomserve.platform.cuda_graphs import CudaGraphRunner
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.loader import load_model
+from loomserve.platform.multimodal_runner import MultiModalRunner
 from loomserve.platform.request import Request
 from loomserve.platform.sampler import Sampler, build_sampling_metadata
 from loomserve.platform.scheduler import ScheduledRequest, SchedulerOutput
@@ -39,6 +40,7 @@ class BatchInputs:
     attn: AttentionMetadata
     logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
     sample_requests: list[Request]
+    inputs_embeds: torch.Tensor | None = None  # [T, hidden]: token embeddings with media in place (multimodal)
     lora: LoRABatch | None = None  # the step's tokens grouped by adapter slot; None: no adapter this step
 
 
@@ -68,6 +70,7 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         torch.manual_seed(mc.seed)
         self.model = load_model(mc, config.attention_backend)
+        self.mm = MultiModalRunner(self.model, self.device) if getattr(self.model, "is_multimodal", False) else None
         self.lora_manager = None
         if config.lora_config is not None:
             from loomserve.adapters.manager import LoRAManager
@@ -232,6 +235,8 @@ class ModelRunner:
         """Run the step's model and sampler without waiting for them; None when nothing samples."""
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         batch = self.prepare_inputs(scheduled)
+        if self.mm is not None:
+            batch.inputs_embeds = self.mm.prepare(out, scheduled, batch)
         if self.lora_manager is not None:  # the model's LoRA layers read the step's slots from here
             batch.lora = self.lora_manager.prepare(scheduled, out.active_loras)
         logits = self._run_model(batch)  # [S, vocab] float32
@@ -271,10 +276,12 @@ class ModelRunner:
     def _run_model(self, batch: BatchInputs) -> torch.Tensor | None:
         """Logits of the sampling rows; a decode-only batch replays a CUDA graph when there is one."""
         num_seqs = batch.attn.num_seqs
-        if self.cuda_graphs and batch.attn.num_decodes == num_seqs and self.cuda_graphs.can_run(num_seqs):
+        decode_only = batch.attn.num_decodes == num_seqs and batch.inputs_embeds is None
+        if self.cuda_graphs and decode_only and self.cuda_graphs.can_run(num_seqs):
             logits = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn)  # [B, vocab]
             return logits[batch.logits_indices] if batch.sample_requests else None
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn)  # [T, hidden]
+        media = {} if batch.inputs_embeds is None else {"inputs_embeds": batch.inputs_embeds}
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, **media)  # [T, hidden]
         if not batch.sample_requests:
             return None
         return self.model.compute_logits(hidden[batch.logits_indices])

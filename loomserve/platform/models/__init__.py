@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from loomserve.platform.models.decoder import DecoderForCausalLM
+from loomserve.platform.models.multimodal_registry import MULTIMODAL_MODELS
 
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": DecoderForCausalLM,
@@ -12,6 +13,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": DecoderForCausalLM,
     "Qwen3ForCausalLM": DecoderForCausalLM,
 }
+_MODELS.update(MULTIMODAL_MODELS)
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
 
