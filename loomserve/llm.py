@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loomserve.adapters.request import LoRARequest
+from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import EngineCore
 from loomserve.platform.input_processor import InputProcessor, PromptType, load_tokenizer
@@ -29,7 +30,7 @@ class LLM(PoolingAPI):
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
         self.config = EngineArgs(model=model, **engine_args).create_engine_config()
         self.tokenizer = load_tokenizer(self.config.model_config)
-        self.input_processor = InputProcessor(self.config.model_config, self.tokenizer)
+        self.input_processor = InputProcessor(self.config.model_config, self.tokenizer, self.config.mm_config)
         self.engine = EngineCore(self.config)
         self._ids = itertools.count()
 
@@ -47,18 +48,20 @@ class LLM(PoolingAPI):
         prompts = _as_prompt_list(prompts)
         params = _broadcast(sampling_params or SamplingParams(), len(prompts))
         loras = _broadcast_loras(lora_request, len(prompts))
-        tokenized = [self.input_processor.tokenize(prompt) for prompt in prompts]
-        for (_, token_ids), p in zip(tokenized, params):
+        tokenized = [self.input_processor.process(prompt) for prompt in prompts]
+        for (_, token_ids, _), p in zip(tokenized, params):
             self.input_processor.validate(token_ids, p)  # all or nothing: refuse before any request starts
         for lora in dict.fromkeys(lora for lora in loras if lora is not None):
             self.engine.add_lora(lora)  # reads and checks the adapter, raising before any request starts
         processor = OutputProcessor(self.tokenizer, final_only=True)
         order = []
-        for (text, token_ids), p, lora in zip(tokenized, params, loras):
+        for (text, token_ids, mm_items), p, lora in zip(tokenized, params, loras):
             request_id = str(next(self._ids))
             order.append(request_id)
             for child_id, child_params in processor.add_request(request_id, text, token_ids, p, time.time()):
-                request = self.input_processor.engine_request(child_id, token_ids, child_params, lora)
+                request = self.input_processor.engine_request(
+                    child_id, token_ids, child_params, mm_items=mm_items, lora_request=lora
+                )
                 self.engine.add_request(request)
         return self._run(processor, order)
 
@@ -70,19 +73,23 @@ class LLM(PoolingAPI):
         chat_template_kwargs: dict[str, Any] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the tokenizer's chat template, then generate."""
+        """Render each conversation with the tokenizer's chat template, load its media parts, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [
-            self.tokenizer.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
-            )
-            for conv in conversations
-        ]
-        token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        return self.generate(
-            [{"prompt": p, "prompt_token_ids": ids} for p, ids in zip(prompts, token_ids)], sampling_params,
-            lora_request,
+        prompts = [self._chat_prompt(conv, add_generation_prompt, chat_template_kwargs) for conv in conversations]
+        return self.generate(prompts, sampling_params, lora_request)
+
+    def _chat_prompt(
+        self, conversation: Conversation, add_generation_prompt: bool, template_kwargs: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        conversation, refs = split_media(conversation)
+        mm = self.input_processor.mm
+        text = render_chat_with_media(
+            self.tokenizer, conversation, refs, mm.processor, add_generation_prompt, template_kwargs
         )
+        prompt = {"prompt": text, "prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False)}
+        if refs:
+            prompt["multi_modal_data"] = mm.load(refs)
+        return prompt
 
     def _run(self, processor: OutputProcessor, order: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

@@ -27,13 +27,17 @@ from loomserve.platform.quantization import NF4Linear
 @dataclass
 class LoRABatch:
     """The step's tokens grouped by adapter slot: segment g holds `token_indices[start_g : start_g + len_g]`,
-    all of slot `segment_slots[g]`. Base tokens (slot -1) are in no segment."""
+    all of slot `segment_slots[g]`. Base tokens (slot -1) are in no segment. For the Triton kernels each
+    segment is cut into chunks of `block_m` tokens, numbered across segments: segment g owns the chunks
+    below `chunk_ends[g]` (a running sum), so one grid axis of `num_chunks` programs covers every token."""
 
     token_indices: torch.Tensor  # [N] int64: token positions in the batch, grouped by slot
     segment_slots: torch.Tensor  # [G] int32
     segment_starts: torch.Tensor  # [G] int32
     segment_lens: torch.Tensor  # [G] int32
-    max_segment_len: int  # exact, or an upper bound for a CUDA-graph batch
+    chunk_ends: torch.Tensor  # [G] int32: running sum of ceil(len_g / block_m)
+    block_m: int
+    num_chunks: int  # exact, or an upper bound for a CUDA-graph batch
     segments: list[tuple[int, int, int]] | None  # host copy (slot, start, end) for the torch path; None in graphs
 
     @classmethod
@@ -46,14 +50,18 @@ class LoRABatch:
         if first == len(sorted_slots):
             return None
         slots, starts, lens = np.unique(sorted_slots[first:], return_index=True, return_counts=True)
-        host = np.concatenate([slots, starts, lens]).astype(np.int32)
-        dev = torch.from_numpy(host).to(device, non_blocking=True)  # one copy for the three
+        block_m = _block_m(float(lens.mean()))
+        chunk_ends = np.cumsum(-(-lens // block_m))
+        host = np.concatenate([slots, starts, lens, chunk_ends]).astype(np.int32)
+        dev = torch.from_numpy(host).to(device, non_blocking=True).view(4, len(slots))  # one copy for the four
         return cls(
             token_indices=torch.from_numpy(order[first:].astype(np.int64)).to(device, non_blocking=True),
-            segment_slots=dev[: len(slots)],
-            segment_starts=dev[len(slots) : 2 * len(slots)],
-            segment_lens=dev[2 * len(slots) :],
-            max_segment_len=int(lens.max()),
+            segment_slots=dev[0],
+            segment_starts=dev[1],
+            segment_lens=dev[2],
+            chunk_ends=dev[3],
+            block_m=block_m,
+            num_chunks=int(chunk_ends[-1]),
             segments=[(int(s), int(b), int(b + n)) for s, b, n in zip(slots, starts, lens)],
         )
 
@@ -64,8 +72,18 @@ class LoRABatch:
         sorted_slots, order = torch.sort(token_slots, stable=True)
         slots = torch.arange(num_slots, dtype=torch.int32, device=token_slots.device)
         starts = torch.searchsorted(sorted_slots, slots, out_int32=True)
-        ends = torch.searchsorted(sorted_slots, slots, right=True, out_int32=True)
-        return cls(order, slots, starts, ends - starts, token_slots.numel(), None)
+        lens = torch.searchsorted(sorted_slots, slots, right=True, out_int32=True) - starts
+        block_m = _block_m(0)
+        chunk_ends = torch.cumsum((lens + block_m - 1) // block_m, 0, dtype=torch.int32)
+        # Each segment's last chunk may be partial: at most one chunk per slot beyond the tokens' own.
+        num_chunks = -(-token_slots.numel() // block_m) + num_slots
+        return cls(order, slots, starts, lens, chunk_ends, block_m, num_chunks, None)
+
+
+def _block_m(mean_segment_len: float) -> int:
+    """Tokens per kernel program: 16 (the smallest tensor-core tile) for decode-sized segments, up to 64 for
+    prefill, where larger tiles load each adapter's weights fewer times."""
+    return 64 if mean_segment_len >= 128 else 32 if mean_segment_len >= 48 else 16
 
 
 class LoRAState:
@@ -131,11 +149,16 @@ def add_lora_layers(
     model: nn.Module, max_loras: int, max_rank: int, backend: str
 ) -> tuple[LoRAState, dict[str, LoRALinear], dict[str, LoRATarget]]:
     """Wrap every linear layer inside the decoder layers; returns the shared state, the wrapped layers by
-    name, and the adaptable projections by their checkpoint name (fused layers split back into projections)."""
+    name, and the adaptable projections by their checkpoint name (fused layers split back into projections;
+    a multimodal model's canonical names, see `MultiModalForCausalLM.canonical_name`).
+    A multimodal model's `lora_scope` confines adapters to its language model: its vision and audio towers
+    and projector stay as they are, as in vLLM."""
     state = LoRAState(backend)
     layers: dict[str, LoRALinear] = {}
     targets: dict[str, LoRATarget] = {}
-    linears = [(name, m) for name, m in model.named_modules() if ".layers." in name and _is_linear(m)]
+    scope = getattr(model, "lora_scope", "")
+    linears = [(name, m) for name, m in model.named_modules()
+               if name.startswith(scope) and ".layers." in name and _is_linear(m)]
     outermost = [(name, m) for name, m in linears if not any(name.startswith(f"{other}.") for other, _ in linears)]
     for name, module in outermost:  # an NF4 layer's own bitsandbytes shards are linears too
         weight = next(module.parameters())

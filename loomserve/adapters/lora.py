@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,15 @@ class LoRAModel:
 
 
 def load_lora_model(
-    request: LoRARequest, targets: dict[str, LoRATarget], max_rank: int, dtype: torch.dtype
+    request: LoRARequest,
+    targets: dict[str, LoRATarget],
+    max_rank: int,
+    dtype: torch.dtype,
+    canonical_name: Callable[[str], str] | None = None,
 ) -> LoRAModel:
-    """Read and check an adapter folder against the model's targets; raises LoRALoadError saying why not."""
+    """Read and check an adapter folder against the model's targets; raises LoRALoadError saying why not.
+    `canonical_name` maps the adapter's module names onto the targets' where checkpoints of the model come in
+    several layouts (multimodal models: `model.language_model.layers.*`, `language_model.model.layers.*`)."""
     folder = Path(request.lora_path)
     if not folder.is_dir():
         raise LoRALoadError(f"no adapter at {request.lora_path!r}: not a folder")
@@ -99,7 +106,7 @@ def load_lora_model(
     weights: dict[str, dict[int, LoRAWeights]] = {}
     rank = 0
     for module, (a, b) in sorted(pairs.items()):
-        target = _target(module, targets)
+        target = _target(module, targets, canonical_name)
         _check_shapes(module, a, b, target, max_rank)
         r = a.shape[0]
         module_alpha = alpha_pattern.get(_pattern_key(alpha_pattern, module), alpha)
@@ -179,8 +186,10 @@ def _pair_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Ten
     return pairs
 
 
-def _target(module: str, targets: dict[str, LoRATarget]) -> LoRATarget:
-    target = targets.get(module)
+def _target(
+    module: str, targets: dict[str, LoRATarget], canonical_name: Callable[[str], str] | None
+) -> LoRATarget:
+    target = targets.get(canonical_name(module) if canonical_name is not None else module)
     if target is not None:
         return target
     leaf = module.rsplit(".", 1)[-1]
@@ -188,8 +197,8 @@ def _target(module: str, targets: dict[str, LoRATarget]) -> LoRATarget:
         raise LoRALoadError(f"the adapter targets {module!r}; LoRA on the embeddings or lm_head is not supported")
     known = sorted({name.rsplit(".", 1)[-1] for name in targets})
     raise LoRALoadError(
-        f"the adapter targets {module!r}, which this model does not have (it adapts {', '.join(known)} "
-        "in its decoder layers)"
+        f"the adapter targets {module!r}, which this model does not have or does not adapt (it adapts "
+        f"{', '.join(known)} in its language model's decoder layers)"
     )
 
 

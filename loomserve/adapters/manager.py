@@ -49,6 +49,7 @@ class LoRAManager:
         self.state, self.layers, self.targets = add_lora_layers(
             model, config.max_loras, config.max_lora_rank, default_backend(device)
         )
+        self.canonical_name = getattr(model, "canonical_name", None)  # adapter module names -> the model's
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no linear layers to put LoRA adapters on")
         self.dtype = next(iter(self.layers.values())).lora_a.dtype
@@ -150,7 +151,7 @@ class LoRAManager:
                              f"({owner.lora_path}); give {lora.lora_name!r} another id")
 
     def _read(self, lora: LoRARequest) -> LoRAModel:
-        model = load_lora_model(lora, self.targets, self.config.max_lora_rank, self.dtype)
+        model = load_lora_model(lora, self.targets, self.config.max_lora_rank, self.dtype, self.canonical_name)
         if self.device.type == "cuda":  # page-locked, so copies into slots run asynchronously
             for slices in model.weights.values():
                 for w in slices.values():

@@ -12,10 +12,7 @@ from loomserve.api.protocol import ChatMessage, ContentPart
 
 def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
     """The prompt text the model sees for `messages`; APIError (400) when they cannot be rendered."""
-    if not messages:
-        raise APIError("`messages` must not be empty", param="messages")
-    if not getattr(tokenizer, "chat_template", None):
-        raise APIError("This model has no chat template: use /v1/completions", param="messages")
+    check_chat(tokenizer, messages)
     conversation = [_template_message(message) for message in messages]
     try:
         return tokenizer.apply_chat_template(
@@ -23,6 +20,14 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
         )
     except jinja2.TemplateError as exc:
         raise APIError(f"The chat template rejected these messages: {exc}", param="messages") from exc
+
+
+def check_chat(tokenizer: Any, messages: list[ChatMessage]) -> None:
+    """APIError (400) for an empty conversation or a model without a chat template."""
+    if not messages:
+        raise APIError("`messages` must not be empty", param="messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError("This model has no chat template: use /v1/completions", param="messages")
 
 
 def _template_message(message: ChatMessage) -> dict[str, str]:

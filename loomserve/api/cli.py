@@ -17,7 +17,8 @@ _ENGINE_FLAGS = (
     "block_size", "kv_cache_memory", "gpu_memory_utilization", "num_gpu_blocks_override",
     "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend", "enforce_eager",
     "async_scheduling", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "quantization", "task",
-    "pooler_config",
+    "pooler_config", "limit_mm_per_prompt", "allowed_media_domains", "allowed_local_media_path", "max_image_pixels",
+    "encoder_cache_memory", "media_io_kwargs",
 )
 
 
@@ -73,6 +74,17 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="also serve an embedding model (/v1/embeddings, /v1/score, /rerank) as NAME; repeatable")
     p.add_argument("--rerank-model", action="append", default=[], metavar="NAME=PATH",
                    help="also serve a cross-encoder (/v1/score, /rerank, /classify) as NAME; repeatable")
+    p.add_argument("--limit-mm-per-prompt", default=None,
+                   help='most media items per prompt, JSON, e.g. \'{"image": 4, "video": 1, "audio": 2}\'')
+    p.add_argument("--allowed-media-domains", nargs="+", default=None,
+                   help="hosts (and their subdomains) http(s) media URLs may name; none: no remote media")
+    p.add_argument("--allowed-local-media-path", default=None, help="folder file:// media URLs may read from")
+    p.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
+                   help="largest image (or video frame) in pixels, checked before decoding")
+    p.add_argument("--encoder-cache-memory", default=defaults.encoder_cache_memory,
+                   help="memory for encoder outputs reused across requests, e.g. 256MiB")
+    p.add_argument("--media-io-kwargs", default=None,
+                   help='media decoding options, JSON, e.g. \'{"video": {"num_frames": 8}}\' or {"video": {"fps": 1}}')
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from loomserve.api.errors import APIError
+from loomserve.modalities.inputs import MultiModalItem
 
 
 @dataclass
@@ -13,6 +14,7 @@ class Prompt:
 
     token_ids: list[int]
     text: str | None = None
+    mm_items: list[MultiModalItem] = field(default_factory=list)  # media of a multimodal chat, in prompt order
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from loomserve.api.chat import render_chat
+from loomserve.api.chat_media import chat_prompt
 from loomserve.api.errors import error_body_for
 from loomserve.api.logprobs import chat_logprobs
-from loomserve.api.prompts import Prompt, check_token_ids
+from loomserve.api.prompts import check_token_ids
 from loomserve.api.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -66,12 +66,13 @@ async def create_chat_completion(
     engine: AsyncLLM, request: ChatCompletionRequest, raw_request: Request
 ) -> Response:
     lora, model_name = lora_for(engine, request.model)
-    text = render_chat(engine.tokenizer, request.messages)
-    prompt = Prompt(engine.tokenizer.encode(text, add_special_tokens=False), text)
+    prompt = await chat_prompt(engine, request.messages)
     check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
     params = sampling_params(engine, request, prompt)
     call = _Call(request, model_name)
-    stream = engine.generate(prompt.token_ids, params, call.id, prompt=prompt.text, lora_request=lora)
+    stream = engine.generate(
+        prompt.token_ids, params, call.id, prompt=prompt.text, mm_items=prompt.mm_items, lora_request=lora
+    )
     if request.stream:
         return StreamingResponse(_stream(call, stream), media_type="text/event-stream")
     finished, outputs = await run_unless_disconnected(raw_request, collect_final([stream]))

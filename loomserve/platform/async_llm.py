@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from loomserve.adapters.registry import LoRARegistry
 from loomserve.adapters.request import LoRARequest
+from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import run_engine_core
 from loomserve.platform.input_processor import InputProcessor, load_tokenizer
@@ -52,7 +53,7 @@ class AsyncLLM:
         config = args.create_engine_config()
         self.model_config = config.model_config
         self.tokenizer = load_tokenizer(self.model_config)
-        self.input_processor = InputProcessor(self.model_config, self.tokenizer)
+        self.input_processor = InputProcessor(self.model_config, self.tokenizer, config.mm_config)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.pooling_inputs = PoolingInputs(config, self.tokenizer)
         self.pooling = PoolingTracker()
@@ -104,6 +105,7 @@ class AsyncLLM:
         sampling_params: SamplingParams,
         request_id: str,
         prompt: str | None = None,
+        mm_items: list[MultiModalItem] | None = None,
         lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request; leaving early aborts it in the engine."""
@@ -116,7 +118,9 @@ class AsyncLLM:
             request_id, prompt, prompt_token_ids, sampling_params, time.time(), queue
         )
         for child_id, params in children:
-            request = self.input_processor.engine_request(child_id, prompt_token_ids, params, lora_request)
+            request = self.input_processor.engine_request(
+                child_id, prompt_token_ids, params, mm_items=mm_items or (), lora_request=lora_request
+            )
             self._send(MessageType.ADD, request.to_wire())
         finished = False
         try:

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from loomserve.modalities.config import MultiModalConfig, build_mm_config
 from loomserve.platform.attention import resolve_attention_backend
 
 _DTYPES = {
@@ -140,6 +141,7 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     async_scheduling: bool = False  # schedule step N+1 while the device runs step N
     lora_config: LoRAConfig | None = None  # None: LoRA off
+    mm_config: MultiModalConfig = field(default_factory=MultiModalConfig)
 
 
 @dataclass
@@ -171,6 +173,12 @@ class EngineArgs:
     quantization: str | None = None  # "bitsandbytes" (NF4); a 4-bit checkpoint sets it itself
     task: str = "auto"  # auto (from the checkpoint), generate, embed or classify
     pooler_config: str | dict | None = None  # JSON overrides of the checkpoint's pooling defaults
+    limit_mm_per_prompt: dict[str, int] | str | None = None  # e.g. {"image": 4, "video": 1, "audio": 2}
+    allowed_media_domains: list[str] | None = None
+    allowed_local_media_path: str | None = None
+    max_image_pixels: int = 89_478_485
+    encoder_cache_memory: int | str = "256MiB"
+    media_io_kwargs: dict[str, dict[str, Any]] | str | None = None  # e.g. {"video": {"num_frames": 8}}
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -226,8 +234,14 @@ class EngineArgs:
             lora_config = LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
         backend = resolve_attention_backend(self.attention_backend, device)
         async_scheduling = device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
-        return EngineConfig(model_config, cache_config, scheduler_config, backend, self.enforce_eager, async_scheduling,
-                            lora_config)
+        mm_config = build_mm_config(
+            self.limit_mm_per_prompt, self.allowed_media_domains, self.allowed_local_media_path,
+            self.max_image_pixels, parse_memory(self.encoder_cache_memory), self.media_io_kwargs,
+        )
+        return EngineConfig(
+            model_config, cache_config, scheduler_config, backend, self.enforce_eager, async_scheduling,
+            lora_config, mm_config,
+        )
 
 
 def _default_token_budget(device: torch.device, max_model_len: int, encoder_only: bool) -> int:

@@ -32,7 +32,9 @@ class CudaGraphRunner:
         self.sizes = capture_sizes(max_num_seqs)
         n, device = self.sizes[-1], kv_caches[0].device
         self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        # M-RoPE models (Qwen2-VL) take three position rows per token.
+        mrope = getattr(model, "uses_mrope", False)
+        self.positions = torch.zeros((3, n) if mrope else n, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.zeros(n, dtype=torch.long, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=device)
@@ -54,7 +56,7 @@ class CudaGraphRunner:
         )
 
     def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_caches, self._meta(bs))
+        hidden = self.model(self.input_ids[:bs], self.positions[..., :bs], self.kv_caches, self._meta(bs))
         return self.model.compute_logits(hidden)  # [bs, vocab] float32
 
     @torch.inference_mode()
@@ -79,7 +81,7 @@ class CudaGraphRunner:
         b = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= b)
         self.input_ids[:b].copy_(input_ids)
-        self.positions[:b].copy_(positions)
+        self.positions[..., :b].copy_(positions)
         self.slot_mapping[:b].copy_(meta.slot_mapping)
         self.slot_mapping[b:bs].fill_(-1)
         self.seq_lens[:b].copy_(meta.seq_lens)

@@ -17,6 +17,7 @@ import torch
 
 from loomserve.adapters.request import LoRARequest
 from loomserve.adapters.scheduling import LoRAAdmission
+from loomserve.modalities.encoder_cache import EncoderCacheManager
 from loomserve.platform.config import EngineArgs, EngineConfig, resolve_device
 from loomserve.platform.messages import (
     EngineCoreOutput,
@@ -47,8 +48,10 @@ class EngineCore:
         admission = None
         if self.lora_manager is not None:
             admission = LoRAAdmission(config.lora_config.max_loras, self.lora_manager.ready)
+        encoder_cache = EncoderCacheManager.for_engine(config) if self.runner.mm is not None else None
         self.scheduler = Scheduler(
-            config.scheduler_config, config.cache_config, config.model_config.max_model_len, admission
+            config.scheduler_config, config.cache_config, config.model_config.max_model_len,
+            lora_admission=admission, encoder_cache=encoder_cache,
         )
         self.in_flight: tuple[SchedulerOutput, InFlightStep | None] | None = None  # launched, not yet landed
         self.utility_calls: list[tuple[int, concurrent.futures.Future]] = []  # calls answered once done
@@ -62,6 +65,7 @@ class EngineCore:
             arrival_time=req.arrival_time,
             cache_salt=req.cache_salt,
             lora_request=req.lora_request,
+            mm_items=req.mm_items,
             pooling_params=req.pooling_params,
         )
         if request.lora_request is not None:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from loomserve.adapters.request import LoRARequest
+from loomserve.modalities.config import MultiModalConfig
+from loomserve.modalities.frontend import MultiModalFrontend
+from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import ModelConfig
 from loomserve.platform.messages import EngineCoreRequest
 from loomserve.platform.request import SamplingParams
 
-# A prompt: text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": [...]}.
+# A prompt: text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": [...]}, which may add
+# {"multi_modal_data": {"image": ..., "video": ..., "audio": ...}} (one item or a list per modality).
 PromptType = str | list[int] | dict[str, Any]
 
 
@@ -35,9 +40,10 @@ def generation_eos_ids(model_path: str) -> list[int]:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Any) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer: Any, mm_config: MultiModalConfig | None = None) -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
+        self.mm = MultiModalFrontend(model_config, tokenizer, mm_config or MultiModalConfig())
         config_eos = getattr(model_config.text_config, "eos_token_id", None)
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config_eos
         extra = generation_eos_ids(model_config.model)
@@ -52,6 +58,12 @@ class InputProcessor:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         return None, list(prompt)
+
+    def process(self, prompt: PromptType) -> tuple[str | None, list[int], list[MultiModalItem]]:
+        """`tokenize`, then media placeholders expanded (MediaError for media the model cannot take)."""
+        text, token_ids = self.tokenize(prompt)
+        mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        return (text, *self.mm.apply(token_ids, mm_data)) if mm_data else (text, token_ids, [])
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError with the numbers when a prompt cannot be served."""
@@ -72,11 +84,19 @@ class InputProcessor:
             raise ValueError(f"token id {bad} is out of the vocabulary [0, {vocab})")
 
     def engine_request(
-        self, request_id: str, token_ids: list[int], params: SamplingParams, lora_request: LoRARequest | None = None
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        *,
+        mm_items: Sequence[MultiModalItem] = (),
+        lora_request: LoRARequest | None = None,
     ) -> EngineCoreRequest:
         if self.extra_stop_ids and not params.ignore_eos:
             params = SamplingParams.from_dict(
                 {**params.to_dict(), "stop_token_ids": params.stop_token_ids + self.extra_stop_ids}
             )
-        return EngineCoreRequest(request_id, token_ids, params, self.eos_token_id, time.time(),
-                                 lora_request=lora_request)
+        return EngineCoreRequest(
+            request_id, token_ids, params, self.eos_token_id, time.time(),
+            mm_items=list(mm_items), lora_request=lora_request,
+        )

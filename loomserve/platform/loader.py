@@ -29,8 +29,10 @@ _INDEX = "model.safetensors.index.json"
 def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> nn.Module:
     start = time.perf_counter()
     model_cls = get_model_class(model_config.architecture, model_config.task)
+    # Multimodal models take the whole config (towers and text); decoders and encoders take the text config.
+    config = model_config.hf_config if getattr(model_cls, "is_multimodal", False) else model_config.text_config
     with default_dtype(model_config.dtype), model_config.device:
-        model = model_cls(model_config.text_config, attention_backend)
+        model = model_cls(config, attention_backend)
     prequantized = None
     if model_config.load_format == "dummy":
         loaded = init_dummy_weights(model, model_config.seed, model_config.text_config)

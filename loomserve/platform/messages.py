@@ -9,6 +9,7 @@ from typing import Any
 import msgpack
 
 from loomserve.adapters.request import LoRARequest
+from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.request import SamplingParams
 from loomserve.platform.stats import SchedulerStats
 from loomserve.pooling.params import PoolingParams
@@ -34,8 +35,10 @@ class EngineCoreRequest:
     eos_token_id: int | None
     arrival_time: float
     cache_salt: str | None = None
-    # What a request adds to plain generation, each None when unused; new parts go last, here and on the wire.
+    # What a request adds to plain generation, each None or empty when unused; new parts go last, here and on the
+    # wire.
     lora_request: LoRARequest | None = None
+    mm_items: list[MultiModalItem] = field(default_factory=list)
     pooling_params: PoolingParams | None = None  # set (and sampling_params None) for embedding / scoring requests
 
     def to_wire(self) -> list:
@@ -43,11 +46,11 @@ class EngineCoreRequest:
         lora = None if self.lora_request is None else self.lora_request.to_wire()
         pooling = None if self.pooling_params is None else self.pooling_params.to_dict()
         return [self.request_id, self.prompt_token_ids, sampling, self.eos_token_id, self.arrival_time,
-                self.cache_salt, lora, pooling]
+                self.cache_salt, lora, [item.to_wire() for item in self.mm_items], pooling]
 
     @classmethod
     def from_wire(cls, w: list) -> EngineCoreRequest:
-        request_id, prompt_token_ids, sampling, eos_token_id, arrival_time, cache_salt, lora, pooling = w
+        request_id, prompt_token_ids, sampling, eos_token_id, arrival_time, cache_salt, lora, mm_items, pooling = w
         return cls(
             request_id,
             prompt_token_ids,
@@ -56,6 +59,7 @@ class EngineCoreRequest:
             arrival_time,
             cache_salt,
             lora_request=LoRARequest.from_wire(lora),
+            mm_items=[MultiModalItem.from_wire(item) for item in mm_items],
             pooling_params=None if pooling is None else PoolingParams.from_dict(pooling),
         )
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loomserve.adapters.request import LoRARequest
 from loomserve.pooling.params import PoolingParams
+
+if TYPE_CHECKING:
+    from loomserve.modalities.inputs import MultiModalItem
+    from loomserve.platform.models.mrope import MRopePositions
 
 _SAMPLING_EPS = 1e-5
 
@@ -118,6 +122,8 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     lora_request: LoRARequest | None = None
+    mm_items: list[MultiModalItem] = field(default_factory=list)  # media, in prompt order
+    mm_positions: MRopePositions | None = None  # M-RoPE prompt positions, computed by the runner when first needed
     pooling_params: PoolingParams | None = None  # set for embedding / scoring requests: prefill only, then done
 
     @property

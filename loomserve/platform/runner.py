@@ -21,6 +21,7 @@ from loomserve.platform.config import EngineConfig
 from loomserve.platform.cuda_graphs import CudaGraphRunner
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.loader import load_model
+from loomserve.platform.multimodal_runner import MultiModalRunner
 from loomserve.platform.request import Request
 from loomserve.platform.sampler import Sampler, build_sampling_metadata
 from loomserve.platform.scheduler import ScheduledRequest, SchedulerOutput
@@ -44,7 +45,8 @@ class BatchInputs:
     logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
     sample_requests: list[Request]
     pooling: list[PoolingSpan] = field(default_factory=list)  # the requests whose prompt ends this step and pools
-    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # extra forward inputs: token_type_ids [T]
+    # Extra forward inputs: token_type_ids [T] (cross-encoder pairs), inputs_embeds [T, hidden] (media in place).
+    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     lora: LoRABatch | None = None  # the step's tokens grouped by adapter slot; None: no adapter this step
 
 
@@ -76,6 +78,7 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         torch.manual_seed(mc.seed)
         self.model = load_model(mc, config.attention_backend)
+        self.mm = MultiModalRunner(self.model, self.device) if getattr(self.model, "is_multimodal", False) else None
         self.lora_manager = None
         if config.lora_config is not None:
             from loomserve.adapters.manager import LoRAManager
@@ -256,6 +259,8 @@ class ModelRunner:
         """Run the step's model, sampler and pooler without waiting for them; None when nothing samples or pools."""
         scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         batch = self.prepare_inputs(scheduled)
+        if self.mm is not None:
+            self.mm.prepare(out, scheduled, batch)
         if self.lora_manager is not None:  # the model's LoRA layers read the step's slots from here
             batch.lora = self.lora_manager.prepare(scheduled, out.active_loras)
         logits, pooled = self._run_model(batch)
@@ -303,10 +308,11 @@ class ModelRunner:
     def _run_model(self, batch: BatchInputs) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Logits of the sampling rows [S, vocab] (None when no row samples) and the pooled outputs (on the device).
 
-        A decode-only batch replays a CUDA graph when there is one; a graph yields logits, not hidden states, so a
-        step with a pooling request (a one-token prompt looks like a decode) always runs eagerly."""
+        A decode-only batch replays a CUDA graph when there is one; a graph takes token ids and positions only and
+        yields logits, not hidden states, so a step with extra model inputs (media embeddings) or a pooling request (a
+        one-token prompt looks like a decode) always runs eagerly."""
         num_seqs = batch.attn.num_seqs
-        if (self.cuda_graphs and not batch.pooling and batch.attn.num_decodes == num_seqs
+        if (self.cuda_graphs and not (batch.pooling or batch.model_inputs) and batch.attn.num_decodes == num_seqs
                 and self.cuda_graphs.can_run(num_seqs)):
             logits = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn)  # [B, vocab]
             return (logits[batch.logits_indices] if batch.sample_requests else None), {}

@@ -12,6 +12,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from loomserve.modalities.encoder_cache import EncoderCacheManager
+from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import CacheConfig, SchedulerConfig
 from loomserve.platform.kv_cache import KVCacheManager
 from loomserve.platform.request import Request, RequestStatus
@@ -36,6 +38,8 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    encoder_inputs: list[MultiModalItem] = field(default_factory=list)  # media whose encoder runs this step
+    freed_encoder_hashes: list[str] = field(default_factory=list)  # encoder outputs to drop before that
     active_loras: dict[int, LoRARequest] = field(default_factory=dict)  # adapters of all running requests
 
     @property
@@ -45,8 +49,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, scheduler_config: SchedulerConfig, cache_config: CacheConfig, max_model_len: int,
-        lora_admission: LoRAAdmission | None = None,
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        max_model_len: int,
+        *,
+        lora_admission: LoRAAdmission | None = None,  # None: LoRA off
+        encoder_cache: EncoderCacheManager | None = None,  # multimodal models only
     ) -> None:
         self.config = scheduler_config
         self.max_model_len = max_model_len
@@ -57,7 +66,8 @@ class Scheduler:
         self.num_preemptions = 0  # since the last stats()
         self.total_preemptions = 0
         self.num_needing_history = 0  # requests whose sampling reads their generated tokens
-        self.lora_admission = lora_admission  # None: LoRA off
+        self.lora_admission = lora_admission
+        self.encoder_cache = encoder_cache
 
     def add_request(self, request: Request) -> None:
         self.requests[request.request_id] = request
@@ -74,10 +84,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.encoder_cache is not None:
+            self.encoder_cache.start_step()
         budget = self.config.max_num_batched_tokens
         budget = self._schedule_running(out, budget)
         if not out.preempted_ids:
             self._schedule_waiting(out, budget)
+        if self.encoder_cache is not None:
+            out.encoder_inputs, out.freed_encoder_hashes = self.encoder_cache.finish_step()
         if self.lora_admission is not None:
             out.active_loras = self.lora_admission.active(self.running)
         return out
@@ -90,12 +104,17 @@ class Scheduler:
                 i += 1
                 continue
             n = min(request.num_tokens + request.num_pending_tokens - request.num_computed_tokens, budget)
+            n = self._fit_encoder(request, request.num_computed_tokens, n)
+            if n == 0:  # its next media item cannot be encoded this step
+                i += 1
+                continue
             while not self.kv.allocate_slots(request, n):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
                 if victim is request:
                     return budget
+            self._commit_encoder(request, request.num_computed_tokens, n)
             out.scheduled.append(self._schedule(request, n))
             budget -= n
             i += 1
@@ -124,11 +143,13 @@ class Scheduler:
                 skipped.append(self.waiting.popleft())
                 continue
             computed_blocks, num_hit = self.kv.get_computed_blocks(request)
-            n = min(request.num_tokens - num_hit, budget)
-            if n < request.num_tokens - num_hit and not self._may_chunk(request):
+            remaining = request.num_tokens - num_hit
+            n = self._fit_encoder(request, num_hit, min(remaining, budget))
+            if n < remaining and not self._may_chunk(request):
                 break  # runs whole in a later step (the front end refuses prompts over the whole budget)
-            if not self.kv.allocate_slots(request, n, computed_blocks):
+            if n == 0 or not self.kv.allocate_slots(request, n, computed_blocks):
                 break
+            self._commit_encoder(request, num_hit, n)
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
@@ -154,7 +175,22 @@ class Scheduler:
         request.num_pending_tokens += samples
         return ScheduledRequest(request, n, self.kv.block_ids(request.request_id), start, samples, pools)
 
+    def _fit_encoder(self, request: Request, start: int, n: int) -> int:
+        """`n` cut before the first media item whose encoder output can be neither found nor made this step."""
+        if self.encoder_cache is None or not request.mm_items:
+            return n
+        return self.encoder_cache.fit(request, start, n)
+
+    def _commit_encoder(self, request: Request, start: int, n: int) -> None:
+        if self.encoder_cache is not None and request.mm_items:
+            self.encoder_cache.commit(request, start, n)
+
+    def _release_encoder(self, request: Request) -> None:
+        if self.encoder_cache is not None:
+            self.encoder_cache.release(request)
+
     def _preempt(self, request: Request) -> None:
+        self._release_encoder(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -220,6 +256,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:  # preempted while its last token was in flight
             self.waiting.remove(request)
+        self._release_encoder(request)
         self.kv.free(request)
         del self.requests[request.request_id]
         self.num_needing_history -= request.needs_history

@@ -14,7 +14,7 @@ from loomserve import LLM, LoRARequest, SamplingParams
 def engine_request(llm: LLM, request_id: str, lora: LoRARequest | None, max_tokens: int = 8):
     ids = llm.get_tokenizer().encode(PROMPTS[1])
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    return llm.input_processor.engine_request(request_id, ids, params, lora)
+    return llm.input_processor.engine_request(request_id, ids, params, lora_request=lora)
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def test_batch_groups_tokens_by_slot_and_leaves_base_tokens_out():
     batch = LoRABatch.build(slots, torch.device("cpu"))
     assert batch.segments == [(0, 0, 2), (2, 2, 5)]
     assert batch.token_indices.tolist() == [2, 6, 0, 3, 4]
-    assert batch.max_segment_len == 3
+    assert (batch.block_m, batch.num_chunks, batch.chunk_ends.tolist()) == (16, 2, [1, 2])
     assert (batch.segment_slots.tolist(), batch.segment_starts.tolist(), batch.segment_lens.tolist()) == (
         [0, 2], [0, 2], [2, 3])
     assert LoRABatch.build(np.array([-1, -1]), torch.device("cpu")) is None
@@ -70,6 +70,7 @@ def test_graph_batch_groups_the_same_tokens_on_the_device():
     slots = np.array([2, -1, 0, 2, 2, -1, 0])
     batch = LoRABatch.for_graph(torch.from_numpy(slots).to(torch.int32), 4)
     assert batch.segment_slots.tolist() == [0, 1, 2, 3] and batch.segments is None
+    assert batch.chunk_ends.tolist() == [1, 1, 2, 2] and batch.num_chunks == 1 + 4
     groups = [batch.token_indices[s : s + n].tolist() for s, n in zip(batch.segment_starts, batch.segment_lens)]
     assert groups == [[2, 6], [], [0, 3, 4], []]
 
@@ -87,8 +88,9 @@ def test_torch_reference_equals_the_per_token_definition():
 @pytest.mark.parametrize("num_tokens", [1, 37, 70])
 def test_triton_kernels_equal_the_reference_at_tiny_sizes(num_tokens, in_features):
     """Without CUDA under Triton's CPU interpreter (see conftest.py). Both batch forms: the host-grouped one of
-    eager steps, and the device-grouped one CUDA graphs capture (every slot a segment, one program walking
-    each segment's tokens), here 3 slots of 4 with slot 3 unused; 300 inputs make the shrink split them."""
+    eager steps, and the device-grouped one CUDA graphs capture (every slot a segment, a grid covering the
+    most chunks a batch of its size can have), here 3 slots of 4 with slot 3 unused; 300 inputs make the shrink
+    split them."""
     pytest.importorskip("triton")
     from loomserve.adapters.ops_triton import lora_triton
 
@@ -124,8 +126,12 @@ def test_triton_kernels_equal_the_reference_on_cuda(dtype, num_tokens):
     batch = LoRABatch.build(token_slots, torch.device("cuda"))
     got = y.clone()
     lora_triton(got, x, w.a, w.b, w.scaling, w.slice_offsets, max(sizes), 16, batch)
-    tol = {"rtol": 1e-4, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
-    torch.testing.assert_close(got.float(), w.torch_op(y, x, batch).float(), **tol)
+    # bf16 against the float32 function of the same bf16 numbers: the kernel rounds h = x A^T to bf16 before
+    # the expand (as a bf16 matmul does), which moves an output by up to about |h| |B| 2^-8 (~0.2 here).
+    expected = y.float()
+    lora_torch(expected, x.float(), w.a.float(), w.b.float(), w.slices, w.ranks, w.scalings, w.r_max, batch)
+    tol = {"rtol": 1e-4, "atol": 1e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 0.5}
+    torch.testing.assert_close(got.float(), expected, **tol)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -16,7 +16,7 @@ LORAS = {i: LoRARequest(f"lora{i}", i, f"/adapters/{i}") for i in range(1, 6)}
 def make_scheduler(max_loras: int, ready=lambda lora: True, max_seqs: int = 16) -> Scheduler:
     cache = CacheConfig(block_size=4, num_blocks=256, enable_prefix_caching=True)
     config = SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=max_seqs)
-    return Scheduler(config, cache, 512, LoRAAdmission(max_loras, ready))
+    return Scheduler(config, cache, 512, lora_admission=LoRAAdmission(max_loras, ready))
 
 
 def add(s: Scheduler, request_id: str, lora: int | None, max_tokens: int = 4) -> Request:

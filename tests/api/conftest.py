@@ -112,6 +112,12 @@ def start_server(
 
 
 @pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., AbstractContextManager[Server]]:
+    """`with serve_checkpoint(path, *extra_flags) as server:` a server of any checkpoint."""
+    return lambda checkpoint, *flags: running_server(checkpoint, tmp_path_factory.mktemp("server"), *flags)
+
+
+@pytest.fixture(scope="session")
 def server(start_server) -> Iterator[Server]:
     """The shared server; tests must leave it healthy and idle."""
     with start_server() as s:

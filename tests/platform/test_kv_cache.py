@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loomserve.platform.kv_cache import BlockPool, KVCacheManager
-from loomserve.platform.kv_cache.block_hash import hash_block, hash_request_blocks
+from loomserve.platform.kv_cache.block_hash import block_extra_keys, hash_block, hash_request_blocks
 from loomserve.platform.request import Request, SamplingParams
 
 
@@ -20,6 +20,23 @@ def test_block_key_chains_the_whole_prefix():
 
 def test_block_key_covers_extra_keys():
     assert hash_block(None, [1, 2], ("salt",)) != hash_block(None, [1, 2])
+
+
+def test_block_extra_keys_carry_the_adapter_everywhere_and_media_where_it_lies():
+    adapter = ("lora", 1, "sql", "/adapters/sql")
+    spans = [(5, 10, "img")]
+    keys = [block_extra_keys(start, start + 4, "salt", spans, adapter) for start in (0, 4, 8, 12)]
+    assert keys == [(("salt", "salt"), adapter), (adapter, ("mm", "img")), (adapter, ("mm", "img")), (adapter,)]
+    assert block_extra_keys(4, 8, None, (), ()) == ()
+
+
+def test_block_keys_differ_by_adapter_and_by_media_alike():
+    tokens = list(range(16))
+    base = hash_request_blocks(tokens, 4, [])
+    adapted = hash_request_blocks(tokens, 4, [], adapter_key=("lora", 1, "a", "/a"))
+    with_image = hash_request_blocks(tokens, 4, [], None, [(5, 10, "img")], ("lora", 1, "a", "/a"))
+    assert all(x != y for x, y in zip(base, adapted))
+    assert with_image[0] == adapted[0] and all(x != y for x, y in zip(with_image[1:], adapted[1:]))
 
 
 def test_only_full_blocks_are_hashed():

@@ -1,4 +1,5 @@
-"""Bidirectional attention for encoder-only models over a packed batch, with no KV cache.
+"""Bidirectional attention over a packed batch, with no KV cache: encoder-only models (each sequence a prompt) and
+vision towers (each sequence a frame or a window of patches).
 
 Each sequence attends to all of its own tokens and to nothing else. Once per step the sequences are grouped by
 length; each group of b sequences of L tokens is gathered into a `[b, L]` block and runs one

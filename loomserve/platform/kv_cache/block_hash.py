@@ -15,14 +15,30 @@ def hash_block(parent: bytes | None, token_ids: Sequence[int], extra_keys: tuple
 
 
 def hash_request_blocks(
-    token_ids: Sequence[int], block_size: int, known: list[bytes], cache_salt: str | None = None,
-    prefix_keys: tuple = (),
+    token_ids: Sequence[int],
+    block_size: int,
+    known: list[bytes],
+    cache_salt: str | None = None,
+    mm_spans: Sequence[tuple[int, int, str]] = (),
+    adapter_key: tuple = (),
 ) -> list[bytes]:
-    """Extend `known` (the hashes already computed) to cover every full block of `token_ids`. Extras that
-    change the KV of every block (cache salt, `prefix_keys` such as the adapter) go into the first block's key,
-    and through the chain into every later one."""
+    """Extend `known` (the hashes already computed) to cover every full block of `token_ids`, each keyed with
+    its `block_extra_keys`."""
     for i in range(len(known), len(token_ids) // block_size):
         parent = known[-1] if known else None
-        extra = ((cache_salt,) if cache_salt else ()) + tuple(prefix_keys) if i == 0 else ()
-        known.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra))
+        start, end = i * block_size, (i + 1) * block_size
+        extra = block_extra_keys(start, end, cache_salt, mm_spans, adapter_key)
+        known.append(hash_block(parent, token_ids[start:end], extra))
     return known
+
+
+def block_extra_keys(
+    start: int, end: int, cache_salt: str | None, mm_spans: Sequence[tuple[int, int, str]], adapter_key: tuple
+) -> tuple:
+    """What besides its tokens changes the KV of the block covering tokens [start, end), as vLLM keys it: the
+    cache salt (first block; the chain carries it on), the adapter's identity (every block), and the content
+    hash of each media item whose placeholder (start, end, hash) in `mm_spans` overlaps the block. Each extra
+    is tagged by its kind, so one kind's value can never pass for another's."""
+    salt = (("salt", cache_salt),) if start == 0 and cache_salt else ()
+    adapter = (adapter_key,) if adapter_key else ()
+    return salt + adapter + tuple(("mm", h) for lo, hi, h in mm_spans if lo < end and hi > start)

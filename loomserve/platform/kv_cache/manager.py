@@ -81,8 +81,11 @@ class KVCacheManager:
 
     def _hashes(self, request: Request) -> list[bytes]:
         known = self.req_hashes.setdefault(request.request_id, [])
+        mm_spans = [(it.placeholder.offset, it.placeholder.end, it.content_hash) for it in request.mm_items]
         lora_key = request.lora_request.kv_cache_key if request.lora_request is not None else ()
-        return hash_request_blocks(request.all_token_ids, self.block_size, known, request.cache_salt, lora_key)
+        return hash_request_blocks(
+            request.all_token_ids, self.block_size, known, request.cache_salt, mm_spans, lora_key
+        )
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         """Register blocks that this step fills completely: their tokens are all known already."""

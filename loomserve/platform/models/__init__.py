@@ -7,6 +7,7 @@ from torch import nn
 from loomserve.platform.models.bert import BertClassificationModel, BertEmbeddingModel
 from loomserve.platform.models.decoder import DecoderForCausalLM
 from loomserve.platform.models.decoder_embedding import DecoderForEmbedding
+from loomserve.platform.models.multimodal_registry import MULTIMODAL_MODELS
 
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": DecoderForCausalLM,
@@ -24,6 +25,7 @@ _MODELS: dict[str, type[nn.Module]] = {
     "RobertaForSequenceClassification": BertClassificationModel,
     "XLMRobertaForSequenceClassification": BertClassificationModel,
 }
+_MODELS.update(MULTIMODAL_MODELS)
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
 
@@ -33,6 +35,7 @@ _TASKS: dict[type[nn.Module], tuple[str, ...]] = {
     DecoderForEmbedding: ("embed",),
     BertEmbeddingModel: ("embed",),
     BertClassificationModel: ("classify",),
+    **{model_cls: ("generate",) for model_cls in MULTIMODAL_MODELS.values()},
 }
 
 

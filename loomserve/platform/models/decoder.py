@@ -18,6 +18,9 @@ from loomserve.platform.attention import AttentionMetadata, get_attention_backen
 from loomserve.platform.models.layers import MergedLinear, RMSNorm, SiluAndMul, copy_checked
 from loomserve.platform.models.rope import RotaryEmbedding, rotate_qk
 
+# Text configs whose q/k/v projections always carry biases (Qwen2 and the Qwen2-VL family's language models).
+QKV_BIAS_MODEL_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+
 
 def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -33,7 +36,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         attention_bias = getattr(config, "attention_bias", False)
         # Qwen2 always has q/k/v biases (and no o_proj bias); Llama/Qwen3 follow `attention_bias`.
-        qkv_bias = attention_bias or config.model_type == "qwen2"
+        qkv_bias = attention_bias or config.model_type in QKV_BIAS_MODEL_TYPES
         sizes = [self.q_size, self.kv_size, self.kv_size]
         self.qkv_proj = MergedLinear(config.hidden_size, sizes, bias=qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias)
@@ -111,8 +114,9 @@ class DecoderModel(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
         cos_sin = self.rotary_emb(positions)  # [T, rotary_dim], shared by all layers
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -148,8 +152,9 @@ class DecoderForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T] int64
         kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,  # [T, hidden], replaces the token embeddings (multimodal)
     ) -> torch.Tensor:  # [T, hidden]
-        return self.model(input_ids, positions, kv_caches, meta)
+        return self.model(input_ids, positions, kv_caches, meta, inputs_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, vocab]

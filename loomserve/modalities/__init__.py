@@ -1,0 +1,1 @@
+"""Media in, placeholder tokens out: loading, preprocessing, per-model processors and the encoder cache."""

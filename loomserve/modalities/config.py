@@ -1,0 +1,62 @@
+"""Settings of the multimodal front end and encoder cache (`EngineConfig.mm_config`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_LIMIT_PER_PROMPT = 999  # items of one modality in one prompt, unless --limit-mm-per-prompt says otherwise
+
+
+@dataclass
+class MultiModalConfig:
+    limit_per_prompt: dict[str, int] = field(default_factory=dict)  # modality -> most items in one prompt
+    allowed_media_domains: list[str] | None = None  # hosts (and their subdomains) http(s) media may come from
+    allowed_local_media_path: str | None = None  # file:// media only under this folder
+    media_fetch_timeout: float = 10.0  # seconds, per http(s) fetch
+    max_media_bytes: int = 64 << 20  # encoded size of one item (data URL, download or file)
+    max_image_pixels: int = 89_478_485  # width x height of an image or video frame (PIL's bomb threshold)
+    encoder_cache_memory: int = 256 << 20  # bytes of encoder outputs kept for reuse across requests
+    media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"video": {"num_frames": 8}}
+
+    def limit(self, modality: str) -> int:
+        return self.limit_per_prompt.get(modality, DEFAULT_LIMIT_PER_PROMPT)
+
+
+def build_mm_config(
+    limit_mm_per_prompt: dict[str, int] | str | None,
+    allowed_media_domains: list[str] | None,
+    allowed_local_media_path: str | None,
+    max_image_pixels: int,
+    encoder_cache_memory: int,
+    media_io_kwargs: dict[str, dict[str, Any]] | str | None,
+) -> MultiModalConfig:
+    """From EngineArgs' flat values; JSON strings (as the CLI passes them) are parsed."""
+    limits = _json_dict(limit_mm_per_prompt, "limit_mm_per_prompt")
+    for modality, n in limits.items():
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be a non-negative integer, got {n!r}")
+    if max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")
+    return MultiModalConfig(
+        limit_per_prompt=limits,
+        allowed_media_domains=list(allowed_media_domains) if allowed_media_domains else None,
+        allowed_local_media_path=allowed_local_media_path,
+        max_image_pixels=max_image_pixels,
+        encoder_cache_memory=encoder_cache_memory,
+        media_io_kwargs=_json_dict(media_io_kwargs, "media_io_kwargs"),
+    )
+
+
+def _json_dict(value: dict | str | None, name: str) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{name} must be a JSON object, e.g. '{{\"image\": 4}}': {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}")
+    return dict(value)

@@ -1,0 +1,111 @@
+"""Images: decoding with a pixel cap, and the steps of the HF image processors done the same way.
+
+Each step repeats what transformers' PIL image processors (`Qwen2VLImageProcessorPil`,
+`CLIPImageProcessorPil`) do, in the same order and dtypes, so the pixels equal theirs: RGB conversion
+over a white background, PIL resampling on uint8, rescale in float64 then float32, normalize in float32.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from loomserve.modalities.media import MediaError
+
+BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value HF processor configs store as "resample"
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Encoded bytes -> a loaded PIL image; the size is checked from the header before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            check_pixels(image.width, image.height, max_pixels)
+            image.load()
+    except MediaError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise MediaError(f"the image has more pixels than the server's limit of {max_pixels}") from None
+    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise MediaError(f"cannot decode the image: {exc}") from None
+    return image
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise MediaError(f"the image is {width}x{height} = {width * height} pixels, over the server's limit of "
+                         f"{max_pixels}")
+    if width < 1 or height < 1:
+        raise MediaError(f"the image is {width}x{height}: it has no pixels")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, compositing any transparency onto white (as transformers' `convert_to_rgb`)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def as_pil(image: object) -> Image.Image:
+    """A PIL image from what the Python API accepts: PIL images and HWC uint8 arrays."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim in (2, 3):
+        return Image.fromarray(image)
+    raise MediaError(f"an image must be a PIL.Image or an HxWxC uint8 array, got {type(image).__name__}")
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of `factor`, area within [min_pixels, max_pixels], aspect
+    ratio kept as closely as possible."""
+    if max(height, width) / min(height, width) > 200:
+        raise MediaError(f"the image aspect ratio must be under 200, got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """CLIP's resize target: the shorter side becomes `shortest_edge`, the longer one scales (floored)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest_edge * long / short)
+    return (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
+
+
+def resize(image: Image.Image, height: int, width: int, resample: int = BICUBIC) -> np.ndarray:
+    """RGB image -> [H, W, 3] uint8 at the new size."""
+    return np.asarray(image.resize((width, height), resample=resample))
+
+
+def center_crop(chw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[C, H, W] -> [C, height, width] around the center, zero-padding an image smaller than the crop."""
+    _, h, w = chw.shape
+    if h < height or w < width:
+        padded = np.zeros((chw.shape[0], max(h, height), max(w, width)), dtype=chw.dtype)
+        top, left = math.ceil((padded.shape[1] - h) / 2), math.ceil((padded.shape[2] - w) / 2)
+        padded[:, top : top + h, left : left + w] = chw
+        chw, h, w = padded, padded.shape[1], padded.shape[2]
+    top, left = (h - height) // 2, (w - width) // 2
+    return chw[:, top : top + height, left : left + width]
+
+
+def normalize(hwc: np.ndarray, rescale_factor: float, mean: list[float], std: list[float]) -> np.ndarray:
+    """[H, W, C] uint8 -> [C, H, W] float32: x * rescale_factor (in float64), then (x - mean) / std in float32."""
+    x = (np.moveaxis(hwc, -1, 0).astype(np.float64) * rescale_factor).astype(np.float32)
+    mean32, std32 = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    return ((x.T - mean32) / std32).T

@@ -1,0 +1,123 @@
+"""The per-model processor contract: raw media + a prompt with one placeholder token per item in, the
+prompt with each placeholder expanded to the item's embedding count and the processed items out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loomserve.modalities.audio import decode_audio
+from loomserve.modalities.config import MultiModalConfig
+from loomserve.modalities.image import decode_image
+from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
+from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
+from loomserve.modalities.video import decode_video
+
+
+@dataclass
+class ProcessedItem:
+    """One item after preprocessing, before its place in the prompt is known."""
+
+    data: dict[str, torch.Tensor]
+    num_tokens: int
+    content_hash: str
+    meta: dict[str, float]
+
+
+def read_json(model: str, name: str) -> dict[str, Any]:
+    """A processor config file of a checkpoint folder or hub id ({} when it has none)."""
+    from transformers.utils import cached_file
+
+    path = cached_file(model, name, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+    return json.loads(Path(path).read_text()) if path else {}
+
+
+class MultiModalProcessor:
+    """Subclasses set `placeholders` (modality -> the prompt text of one item, whose `placeholder_tokens`
+    token is expanded) and implement `process_item`."""
+
+    placeholders: dict[str, str] = {}
+    placeholder_tokens: dict[str, str] = {}
+    video_sampling: dict[str, Any] = {}  # decode_video's sampling arguments, for models that take video
+
+    def __init__(self, model_path: str, hf_config: Any, tokenizer: Any, mm_config: MultiModalConfig) -> None:
+        self.model_path = model_path
+        self.hf_config = hf_config
+        self.tokenizer = tokenizer
+        self.mm_config = mm_config
+        self.token_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in self.placeholder_tokens.items()}
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.placeholders)
+
+    def process_item(self, modality: str, item: Any) -> ProcessedItem:
+        raise NotImplementedError
+
+    def load(self, ref: MediaRef, fetcher: MediaFetcher) -> Any:
+        """A chat content part's media, decoded into what `process_item` takes."""
+        data = fetcher.read(ref)
+        max_pixels = self.mm_config.max_image_pixels
+        if ref.modality == "image":
+            return decode_image(data, max_pixels)
+        if ref.modality == "audio":
+            return decode_audio(data, ref.format)
+        return decode_video(data, max_pixels, **self.video_sampling)
+
+    def load_all(self, refs: list[MediaRef], fetcher: MediaFetcher) -> dict[str, list[Any]]:
+        """Load every reference, after checking the counts against what the model takes and the limits."""
+        counts: dict[str, int] = {}
+        for ref in refs:
+            counts[ref.modality] = counts.get(ref.modality, 0) + 1
+        self.check_counts(counts)
+        loaded: dict[str, list[Any]] = {}
+        for ref in refs:
+            loaded.setdefault(ref.modality, []).append(self.load(ref, fetcher))
+        return loaded
+
+    def check_counts(self, counts: dict[str, int]) -> None:
+        """MediaError when a modality is not served or over the per-prompt limit (before any loading)."""
+        for modality, n in counts.items():
+            if modality not in self.placeholders:
+                accepted = ", ".join(self.modalities)
+                raise MediaError(f"this model does not accept {modality} input (it accepts {accepted} and text)")
+            if n > self.mm_config.limit(modality):
+                raise MediaError(f"at most {self.mm_config.limit(modality)} {modality} item(s) may be given in one "
+                                 f"prompt, got {n}")
+
+    def apply(self, token_ids: Sequence[int], mm_data: dict[str, list[Any]]) -> tuple[list[int], list[MultiModalItem]]:
+        """Expand each placeholder token into its item's tokens, in prompt order; items of a modality are taken
+        in the order given."""
+        self.check_counts({m: len(items) for m, items in mm_data.items()})
+        by_token = {self.token_ids[m]: m for m in self.modalities}
+        found: dict[str, int] = {m: 0 for m in self.modalities}
+        for t in token_ids:
+            if t in by_token:
+                found[by_token[t]] += 1
+        for modality in self.modalities:
+            given = len(mm_data.get(modality, []))
+            if found[modality] != given:
+                raise MediaError(f"the prompt has {found[modality]} {modality} placeholder(s) "
+                                 f"({self.placeholder_tokens[modality]}) but {given} {modality} item(s) were given")
+        processed = {m: [self.process_item(m, x) for x in items] for m, items in mm_data.items()}
+        out: list[int] = []
+        items: list[MultiModalItem] = []
+        used = {m: 0 for m in self.modalities}
+        for t in token_ids:
+            modality = by_token.get(t)
+            if modality is None:
+                out.append(t)
+                continue
+            p = processed[modality][used[modality]]
+            used[modality] += 1
+            items.append(MultiModalItem(modality, p.content_hash, PlaceholderRange(len(out), p.num_tokens),
+                                        p.data, p.meta))
+            out.extend([t] * p.num_tokens)
+        return out, items
+

@@ -1,0 +1,102 @@
+"""What every vision/audio-language model shares: a decoder LM fed with `inputs_embeds`, towers that
+encode media items, and loading of both from one checkpoint.
+
+Checkpoints name the language model's tensors in several layouts (transformers 5 `model.language_model.*`,
+LLaVA-style `language_model.model.*`, Qwen2-VL-style `model.layers.*`); all are mapped onto the inner
+`DecoderForCausalLM`, which fuses its projections as usual. Tower and projector tensors load by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from loomserve.modalities.inputs import MultiModalItem
+from loomserve.platform.attention import AttentionMetadata
+from loomserve.platform.models.decoder import DecoderForCausalLM
+from loomserve.platform.models.layers import copy_checked
+
+
+class MultiModalForCausalLM(nn.Module):
+    is_multimodal = True
+    uses_mrope = False
+    tower_prefixes: tuple[str, ...] = ()  # first name components of non-LM checkpoint tensors
+    lora_scope = "language_model."  # LoRA adapters adapt the language model only (towers and projector stay)
+    packed_modules_mapping = DecoderForCausalLM.packed_modules_mapping
+
+    def __init__(self, hf_config: Any, attention_backend: str) -> None:
+        super().__init__()
+        self.config = hf_config
+        text = hf_config.get_text_config()
+        self.language_model = DecoderForCausalLM(text, attention_backend)
+        lm = self.language_model
+        if getattr(hf_config, "tie_word_embeddings", False) and not lm.tie_word_embeddings:
+            lm.tie_word_embeddings = True
+            lm.lm_head.weight = lm.model.embed_tokens.weight
+
+    def encode(self, modality: str, items: list[MultiModalItem]) -> list[torch.Tensor]:
+        """Each item's embeddings, [item.placeholder.length, text hidden size], in the model dtype."""
+        raise NotImplementedError
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.model.embed_tokens(input_ids)  # [T, hidden]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T], or [3, T] for M-RoPE models
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,  # [T, hidden]: token embeddings with media embeddings in place
+    ) -> torch.Tensor:
+        return self.language_model(input_ids, positions, kv_caches, meta, inputs_embeds=inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden)
+
+    def skips_weight(self, name: str) -> bool:
+        """Checkpoint tensors the model does not use (e.g. vision layers past the feature layer)."""
+        return False
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        tower_loaded: set[str] = set()
+
+        def language_model_weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for checkpoint_name, tensor in weights:
+                name = self.canonical_name(checkpoint_name)
+                if name.startswith("language_model."):
+                    yield name.removeprefix("language_model."), tensor
+                elif not self.skips_weight(name):
+                    if name not in params:
+                        raise ValueError(f"checkpoint tensor {checkpoint_name!r} has no parameter in "
+                                         f"{type(self).__name__}")
+                    try:
+                        copy_checked(params[name].data, tensor)
+                    except ValueError as e:
+                        raise ValueError(f"{checkpoint_name}: {e}") from None
+                    tower_loaded.add(name)
+
+        lm_loaded = self.language_model.load_weights(language_model_weights())
+        return {f"language_model.{n}" for n in lm_loaded} | tower_loaded
+
+    def canonical_name(self, name: str) -> str:
+        """Any checkpoint layout -> this module's names (`language_model.model.*`, `language_model.lm_head.*`,
+        tower and projector names as they are)."""
+        head, _, rest = name.partition(".")
+        if head == "model":
+            first = rest.partition(".")[0]
+            if first == "language_model":
+                return "language_model.model." + rest.removeprefix("language_model.")
+            if first in self.tower_prefixes:
+                return rest
+            return "language_model." + name  # Qwen2-VL-style `model.layers.*`
+        if head == "lm_head":
+            return "language_model." + name
+        if head == "language_model" and not rest.startswith(("model.", "lm_head.")):
+            return "language_model.model." + rest
+        return name

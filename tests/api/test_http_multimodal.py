@@ -1,0 +1,150 @@
+"""Vision and audio chat through the HTTP server with the openai client: data URLs, allowed local files and
+base64 audio give what the offline engine gives; bad media costs its request a 400 with the reason and leaves
+the server serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+
+import openai
+import pytest
+from media_samples import mp4_bytes, noise_image, noise_video, png_data_url, tone, wav_base64
+
+from loomserve import LLM, SamplingParams
+from loomserve.tiny_mm_checkpoints import tiny_mm_checkpoint
+
+IMAGE_LIMIT = 2
+MAX_PIXELS = 20_000  # 112 x 84 = 9408 passes, 200 x 200 = 40000 does not
+SMALL, LARGE = noise_image(56, 56, 1), noise_image(112, 84, 2)
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("media")
+    LARGE.save(folder / "large.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vl_server(serve_checkpoint, media_dir) -> Iterator:
+    flags = ["--limit-mm-per-prompt", f'{{"image": {IMAGE_LIMIT}}}', "--max-image-pixels", str(MAX_PIXELS),
+             "--allowed-local-media-path", str(media_dir)]
+    with serve_checkpoint(str(tiny_mm_checkpoint("qwen2_vl")), *flags) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def audio_server(serve_checkpoint) -> Iterator:
+    with serve_checkpoint(str(tiny_mm_checkpoint("qwen2_audio"))) as server:
+        yield server
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def audio_part(samples, fmt: str = "wav") -> dict:
+    return {"type": "input_audio", "input_audio": {"data": wav_base64(samples), "format": fmt}}
+
+
+def chat(server, content: list[dict], **kwargs):
+    messages = [{"role": "user", "content": content}]
+    return server.client().chat.completions.create(
+        model=server.model, messages=messages, max_tokens=8, temperature=0, **kwargs
+    )
+
+
+def offline(family: str, content: list[dict]) -> tuple[str, int]:
+    """The offline engine's answer and prompt length for the same message."""
+    llm = LLM(str(tiny_mm_checkpoint(family)), kv_cache_memory="8MiB")
+    [out] = llm.chat([{"role": "user", "content": content}], SamplingParams(temperature=0, max_tokens=8))
+    return out.outputs[0].text, len(out.prompt_token_ids)
+
+
+def test_two_images_as_data_urls_answer_as_the_offline_engine(vl_server):
+    content = [image_part(png_data_url(LARGE)), {"type": "text", "text": "and"}, image_part(png_data_url(SMALL)),
+               {"type": "text", "text": "Which one is bigger?"}]
+    reply = chat(vl_server, content)
+    text, prompt_tokens = offline("qwen2_vl", content)
+    assert reply.choices[0].message.content == text
+    assert reply.usage.prompt_tokens == prompt_tokens  # 12 + 4 image tokens included
+
+
+def test_allowed_local_files_and_streaming(vl_server, media_dir):
+    by_file = chat(vl_server, [image_part(f"file://{media_dir}/large.png"), {"type": "text", "text": "Hi"}])
+    by_data = chat(vl_server, [image_part(png_data_url(LARGE)), {"type": "text", "text": "Hi"}])
+    assert by_file.choices[0].message.content == by_data.choices[0].message.content
+    assert by_data.usage.prompt_tokens_details.cached_tokens > 0  # the same image again: prefix-cache hit
+    chunks = chat(vl_server, [image_part(png_data_url(LARGE)), {"type": "text", "text": "Hi"}], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == by_data.choices[0].message.content
+
+
+def test_video_as_a_data_url(vl_server):
+    video = "data:video/mp4;base64," + base64.b64encode(mp4_bytes(noise_video(8, 56, 56, seed=3), fps=4)).decode()
+    content = [{"type": "video_url", "video_url": {"url": video}}, {"type": "text", "text": "What happens?"}]
+    reply = chat(vl_server, content)
+    text_only = chat(vl_server, content[1:])
+    # 2 s at 4 fps, sampled at 2 fps: 4 frames = 2 temporal patches of 2x2 merged patches, between
+    # <|vision_start|> and <|vision_end|>.
+    assert reply.usage.prompt_tokens == text_only.usage.prompt_tokens + 2 + 2 * 4
+
+
+def _png_bytes(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+BAD_VISION_REQUESTS = {
+    "corrupt image bytes": ([image_part("data:image/png;base64," + base64.b64encode(b"not a png").decode())],
+                            "cannot decode the image"),
+    "more images than the limit": ([image_part(png_data_url(SMALL))] * (IMAGE_LIMIT + 1),
+                                   f"at most {IMAGE_LIMIT} image item(s)"),
+    "a URL outside the allowed domains": ([image_part("http://example.com/cat.png")], "disabled on this server"),
+    "a path outside the allowed folder": ([image_part("file:///etc/hostname")], "outside the server's allowed local"),
+    "an image over the pixel cap": ([image_part("data:image/png;base64," + _png_bytes(noise_image(200, 200, 0)))],
+                                    f"over the server's limit of {MAX_PIXELS}"),
+    "audio to a vision model": ([audio_part(tone(0.5, 0))], "does not accept audio input"),
+    "an unknown part type": ([{"type": "image_file", "image_file": {}}], "not supported"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VISION_REQUESTS)
+def test_bad_media_is_a_400_with_the_reason(vl_server, case):
+    content, reason = BAD_VISION_REQUESTS[case]
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(vl_server, content + [{"type": "text", "text": "What is it?"}])
+    assert reason in info.value.message
+    assert info.value.body["param"] == "messages"
+
+
+def test_the_server_keeps_serving_after_bad_media(vl_server):
+    for content, _ in BAD_VISION_REQUESTS.values():
+        with pytest.raises(openai.BadRequestError):
+            chat(vl_server, content)
+    assert vl_server.http().get("/health").status_code == 200
+    assert chat(vl_server, [image_part(png_data_url(SMALL))]).choices[0].finish_reason == "length"
+
+
+def test_base64_audio_answers_as_the_offline_engine(audio_server):
+    content = [audio_part(tone(1.2, 3)), {"type": "text", "text": "What is that sound?"}]
+    reply = chat(audio_server, content)
+    assert (reply.choices[0].message.content, reply.usage.prompt_tokens) == offline("qwen2_audio", content)
+
+
+def test_bad_audio_is_a_400_and_the_server_keeps_serving(audio_server):
+    bad = [audio_part(tone(0.5, 0), fmt="weird"), {"type": "input_audio",
+                                                  "input_audio": {"data": base64.b64encode(b"junk").decode(),
+                                                                  "format": "wav"}}]
+    for part, reason in zip(bad, ["unsupported audio format 'weird'", "cannot decode the audio"]):
+        with pytest.raises(openai.BadRequestError, match=reason):
+            chat(audio_server, [part])
+    assert chat(audio_server, [audio_part(tone(0.5, 0))]).choices[0].finish_reason == "length"
+
+
+def test_media_sent_to_a_text_only_model_is_a_400(client, model):
+    messages = [{"role": "user", "content": [image_part(png_data_url(SMALL)), {"type": "text", "text": "Hi"}]}]
+    with pytest.raises(openai.BadRequestError, match="accepts text only"):
+        client.chat.completions.create(model=model, messages=messages, max_tokens=4)
