@@ -60,7 +60,7 @@ def references(path: str, peft_model: torch.nn.Module) -> list[list[int]]:
 
 def test_image_request_with_an_adapter_equals_peft(qwen2_vl_lora):
     path, lora, peft_model = qwen2_vl_lora
-    llm = LLM(path, enable_lora=True, block_size=4, kv_cache_memory="8MiB")
+    llm = LLM(path, device="cpu", enable_lora=True, block_size=4, kv_cache_memory="8MiB")
     adapted, base, text = mixed_batch(llm, path, lora)
     assert [adapted, base, text] == references(path, peft_model)
     assert adapted != base  # the adapter really changes the output
@@ -88,7 +88,7 @@ def test_on_cuda_graphs_and_triton_kernels_equal_peft(qwen2_vl_lora):
 def test_adapter_on_the_vision_tower_is_refused(mm_checkpoint, tmp_path):
     path = mm_checkpoint("llava")
     peft_adapter(path, tmp_path / "all-qv", seed=8, target_modules=["q_proj", "v_proj"])  # CLIP's too
-    llm = LLM(path, enable_lora=True, block_size=4, kv_cache_memory="8MiB")
+    llm = LLM(path, device="cpu", enable_lora=True, block_size=4, kv_cache_memory="8MiB")
     prompt = {"prompt_token_ids": ids_of(path, image_prompt("llava", 1)), "multi_modal_data": {"image": IMAGE}}
     with pytest.raises(ValueError, match="vision_tower"):
         llm.generate(prompt, GREEDY, lora_request=LoRARequest("all-qv", 1, str(tmp_path / "all-qv")))
@@ -98,7 +98,7 @@ def test_one_engine_steps_media_adapters_and_pooling_together(qwen2_vl_lora):
     """Pooling requests, with and without the adapter, share chunked steps with an image request under the adapter
     and a base text request; every output stays equal to transformers (peft for the adapter)."""
     path, lora, peft_model = qwen2_vl_lora
-    llm = LLM(path, enable_lora=True, block_size=4, kv_cache_memory="8MiB", max_num_batched_tokens=16)
+    llm = LLM(path, device="cpu", enable_lora=True, block_size=4, kv_cache_memory="8MiB", max_num_batched_tokens=16)
     engine = llm.engine
     engine.add_lora(lora)
     image_ids = ids_of(path, image_prompt("qwen2_vl", 1))
