@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -379,24 +380,29 @@ def _cache_root() -> Path:
 _BUILD_SIGNATURE = inspect.signature(build_tiny_checkpoint)
 
 
-def _cache_key(family: str, kwargs: dict[str, Any]) -> str:
+def _build_key(family: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """build_tiny_checkpoint's arguments with their defaults filled in, so equal builds share a folder."""
     bound = _BUILD_SIGNATURE.bind("<path>", family, **kwargs)
     bound.apply_defaults()
     args = dict(bound.arguments)
     del args["path"]
-    payload = json.dumps({"format_version": FORMAT_VERSION, "args": args}, sort_keys=True, default=repr)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return {"format_version": FORMAT_VERSION, "args": args}
 
 
-def _cached_build(family: str, kwargs: dict[str, Any], prefix: str) -> Path:
+def cached_build(name: str, key: Any, build: Callable[[Path], Any]) -> Path:
+    """Runs `build(folder)` once per (name, key) into the cache folder (env LOOMSERVE_CACHE_DIR, default
+    ~/.cache/loomserve) under `name-<SHA-256 of key>`, and returns the folder. Safe when several processes
+    call it at once: each builds into a temp dir in the same parent, then os.rename; if the target already
+    exists, it is used."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()
     root = _cache_root() / "tiny_checkpoints"
-    target = root / f"{prefix}-{_cache_key(family, kwargs)}"
+    target = root / f"{name}-{digest}"
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
     try:
-        build_tiny_checkpoint(tmp, family, **kwargs)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -409,11 +415,13 @@ def _cached_build(family: str, kwargs: dict[str, Any], prefix: str) -> Path:
     return target
 
 
+def _cached_build(family: str, kwargs: dict[str, Any], name: str) -> Path:
+    return cached_build(name, _build_key(family, kwargs), lambda path: build_tiny_checkpoint(path, family, **kwargs))
+
+
 def tiny_checkpoint(family: str, **kwargs: Any) -> Path:
-    """Builds once into a cache folder (env LOOMSERVE_CACHE_DIR, default ~/.cache/loomserve) under a name
-    derived from a SHA-256 of family+kwargs+FORMAT_VERSION, and returns the path. Safe when several
-    processes call it at once: each builds into a temp dir in the same parent, then os.rename; if the
-    target already exists, it is used."""
+    """Builds once into the cache folder (`cached_build`), keyed by family, kwargs and FORMAT_VERSION, and
+    returns the path."""
     _check_family(family)
     if "path" in kwargs:
         raise TypeError("tiny_checkpoint() chooses the path itself; use build_tiny_checkpoint(path, ...)")

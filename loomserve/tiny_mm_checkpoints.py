@@ -5,20 +5,16 @@ sub-configs), safetensors weights as transformers 5 saves them, ``generation_con
 BPE tokenizer with the family's special tokens and a chat template that renders image/video/audio parts,
 and the processor configs (``preprocessor_config.json``, ``video_preprocessor_config.json``,
 ``processor_config.json``). Built once into the same cache as the text checkpoints
-(`tiny_checkpoints._cache_root`), keyed by a SHA-256 of the arguments.
+(`tiny_checkpoints.cached_build`), keyed by a SHA-256 of the arguments.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from loomserve.tiny_checkpoints import FORMAT_VERSION, INIT_STD, _cache_root, _init_weights, build_tokenizer
+from loomserve.tiny_checkpoints import FORMAT_VERSION, INIT_STD, _init_weights, build_tokenizer, cached_build
 
 MM_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen2_audio")
 
@@ -223,23 +219,7 @@ def build_tiny_mm_checkpoint(path: str | Path, family: str, *, seed: int = 0, ma
 
 
 def tiny_mm_checkpoint(family: str, **kwargs: Any) -> Path:
-    """Builds once into the cache folder (see `tiny_checkpoints.tiny_checkpoint`) and returns the path; safe
-    under concurrent builds (temp folder + rename)."""
-    payload = json.dumps({"v": [FORMAT_VERSION, MM_FORMAT_VERSION], "family": family, "args": kwargs}, sort_keys=True)
-    root = _cache_root() / "tiny_checkpoints"
-    target = root / f"{family}-{hashlib.sha256(payload.encode()).hexdigest()}"
-    if target.is_dir():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
-    try:
-        build_tiny_mm_checkpoint(tmp, family, **kwargs)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """`build_tiny_mm_checkpoint`, built once into the cache (`tiny_checkpoints.cached_build`); returns the
+    folder."""
+    key = {"v": [FORMAT_VERSION, MM_FORMAT_VERSION], "family": family, "args": kwargs}
+    return cached_build(family, key, lambda path: build_tiny_mm_checkpoint(path, family, **kwargs))

@@ -8,22 +8,18 @@
 - A Qwen3-Embedding-style decoder embedder: a `Qwen3Model` (base-model tensor names, no LM head) with last-token
   pooling, Normalize, query/document prompts and matryoshka dimensions.
 
-Built once into the same cache as the text checkpoints (`tiny_checkpoints._cache_root`), keyed by a SHA-256 of the
+Built once into the same cache as the text checkpoints (`tiny_checkpoints.cached_build`), keyed by a SHA-256 of the
 arguments; safe under concurrent builds (temp folder + rename).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loomserve.tiny_checkpoints import CORPUS, FORMAT_VERSION, _cache_root, build_tokenizer
+from loomserve.tiny_checkpoints import CORPUS, FORMAT_VERSION, build_tokenizer, cached_build
 
 ENCODER_FAMILIES = ("bert", "xlm-roberta")
 
@@ -219,24 +215,7 @@ def build_tiny_decoder_embedder(
 
 
 def _cached(name: str, kwargs: dict[str, Any], build: Callable[[Path], Path]) -> Path:
-    payload = json.dumps({"v": [FORMAT_VERSION, POOLING_FORMAT_VERSION], "name": name, "args": kwargs}, sort_keys=True)
-    root = _cache_root() / "tiny_checkpoints"
-    target = root / f"{name}-{hashlib.sha256(payload.encode()).hexdigest()}"
-    if target.is_dir():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: use its build
-            if not target.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_build(name, {"v": [FORMAT_VERSION, POOLING_FORMAT_VERSION], "name": name, "args": kwargs}, build)
 
 
 def tiny_encoder(family: str, **kwargs: Any) -> Path:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from loomserve.platform.json_args import json_object
 
 DEFAULT_LIMIT_PER_PROMPT = 999  # items of one modality in one prompt, unless --limit-mm-per-prompt says otherwise
 
@@ -33,7 +34,7 @@ def build_mm_config(
     media_io_kwargs: dict[str, dict[str, Any]] | str | None,
 ) -> MultiModalConfig:
     """From EngineArgs' flat values; JSON strings (as the CLI passes them) are parsed."""
-    limits = _json_dict(limit_mm_per_prompt, "limit_mm_per_prompt")
+    limits = json_object(limit_mm_per_prompt, "limit_mm_per_prompt", '{"image": 4}')
     for modality, n in limits.items():
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be a non-negative integer, got {n!r}")
@@ -45,18 +46,5 @@ def build_mm_config(
         allowed_local_media_path=allowed_local_media_path,
         max_image_pixels=max_image_pixels,
         encoder_cache_memory=encoder_cache_memory,
-        media_io_kwargs=_json_dict(media_io_kwargs, "media_io_kwargs"),
+        media_io_kwargs=json_object(media_io_kwargs, "media_io_kwargs", '{"video": {"num_frames": 8}}'),
     )
-
-
-def _json_dict(value: dict | str | None, name: str) -> dict:
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{name} must be a JSON object, e.g. '{{\"image\": 4}}': {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a JSON object, got {value!r}")
-    return dict(value)

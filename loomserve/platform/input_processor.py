@@ -39,6 +39,13 @@ def generation_eos_ids(model_path: str) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+def check_vocabulary(token_ids: Sequence[int], vocab_size: int, what: str) -> None:
+    """Token ids from a client must index the embedding table: anything else is the client's error."""
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} in {what} is out of the vocabulary [0, {vocab_size})")
+
+
 class InputProcessor:
     def __init__(self, model_config: ModelConfig, tokenizer: Any, mm_config: MultiModalConfig | None = None) -> None:
         self.model_config = model_config
@@ -78,10 +85,7 @@ class InputProcessor:
                 f"This model's maximum context length is {max_len} tokens. However, your prompt has "
                 f"{len(token_ids)} tokens, which leaves no room for a completion."
             )
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is out of the vocabulary [0, {vocab})")
+        check_vocabulary(token_ids, self.model_config.vocab_size, "the prompt")
 
     def engine_request(
         self,

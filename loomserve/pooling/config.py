@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loomserve.platform.json_args import json_object
 from loomserve.platform.models import architecture_tasks, is_encoder_only
 from loomserve.pooling.params import POOLING_TYPES, PoolingParams
 
@@ -154,13 +155,7 @@ def _default_config(
 
 
 def _apply_override(config: PoolerConfig, override: str | dict) -> PoolerConfig:
-    if isinstance(override, str):
-        try:
-            override = json.loads(override)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--pooler-config is not valid JSON: {exc}") from None
-    if not isinstance(override, dict):
-        raise ValueError("--pooler-config must be a JSON object, e.g. '{\"pooling_type\": \"MEAN\"}'")
+    override = json_object(override, "--pooler-config", '{"pooling_type": "MEAN"}')
     known = {f.name for f in dataclasses.fields(PoolerConfig)}
     unknown = sorted(set(override) - known)
     if unknown:

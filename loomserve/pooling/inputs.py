@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loomserve.platform.config import EngineConfig
+from loomserve.platform.input_processor import check_vocabulary
 from loomserve.pooling.config import PoolerConfig
 from loomserve.pooling.params import PoolingParams
 
@@ -121,10 +122,7 @@ class PoolingInputs:
                 f"{what} has {n} tokens, but this pooling runs a prompt whole in one step of at most "
                 f"{self.max_num_batched_tokens} tokens (raise --max-num-batched-tokens)"
             )
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} in {what} is out of the vocabulary [0, {vocab})")
+        check_vocabulary(token_ids, self.model_config.vocab_size, what)
         if params.token_type_ids is not None:
             types = getattr(self.model_config.hf_config, "type_vocab_size", 0) if self.model_config.encoder_only else 0
             if len(params.token_type_ids) != n or not all(0 <= t < types for t in params.token_type_ids):

@@ -9,7 +9,6 @@ oneDNN-packed weights with GELU fused in (PackedLinear).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,8 +17,8 @@ from torch import nn
 
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.attention.encoder import EncoderAttention, LengthGroups
-from loomserve.platform.models.layers import copy_checked
 from loomserve.platform.models.packed_linear import PackedLinear
+from loomserve.platform.models.packing import load_packed_weights
 
 # checkpoint name part -> (this module's name part, shard of the fused projection); first match wins.
 _LAYER_NAMES = (
@@ -129,29 +128,7 @@ class BertEmbeddingModel(nn.Module):
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into parameters; returns the names of parameters fully loaded."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        shards: dict[str, set[int]] = defaultdict(set)
-        for name, tensor in weights:
-            target = self._param_for(name)
-            if target is None:
-                continue
-            param_name, shard_id = target
-            if param_name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            try:
-                if shard_id is None:
-                    copy_checked(params[param_name].data, tensor)
-                    loaded.add(param_name)
-                    continue
-                module = self.get_submodule(param_name.rsplit(".", 1)[0])
-                module.load_shard(params[param_name], shard_id, tensor)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-            shards[param_name].add(shard_id)
-            if len(shards[param_name]) == len(module.output_sizes):
-                loaded.add(param_name)
-        return loaded
+        return load_packed_weights(self, weights, self._param_for)
 
     def _param_for(self, name: str) -> tuple[str, int | None] | None:
         """Checkpoint name -> (parameter name, shard of a fused projection), or None for tensors not used."""

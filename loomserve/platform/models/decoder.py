@@ -7,7 +7,6 @@ shard by shard from the checkpoint's separate projections (`packed_modules_mappi
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,7 +14,8 @@ import torch
 from torch import nn
 
 from loomserve.platform.attention import AttentionMetadata, get_attention_backend
-from loomserve.platform.models.layers import MergedLinear, RMSNorm, SiluAndMul, copy_checked
+from loomserve.platform.models.layers import MergedLinear, RMSNorm, SiluAndMul
+from loomserve.platform.models.packing import load_packed_weights
 from loomserve.platform.models.rope import RotaryEmbedding, rotate_qk
 
 # Text configs whose q/k/v projections always carry biases (Qwen2 and the Qwen2-VL family's language models).
@@ -163,29 +163,13 @@ class DecoderForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named checkpoint tensors into parameters; returns the names of parameters fully loaded
         (a fused parameter counts once all its shards are in)."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        shards: dict[str, set[int]] = defaultdict(set)
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
-                continue
-            param_name, shard_id = self._param_for(name)
-            if param_name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(self).__name__}")
-            param = params[param_name]
-            try:
-                if shard_id is None:
-                    copy_checked(param.data, tensor)
-                    loaded.add(param_name)
-                    continue
-                module = self.get_submodule(param_name.rsplit(".", 1)[0])
-                module.load_shard(param, shard_id, tensor)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-            shards[param_name].add(shard_id)
-            if len(shards[param_name]) == len(module.output_sizes):
-                loaded.add(param_name)
-        return loaded
+        return load_packed_weights(self, weights, self._used_param_for)
+
+    def _used_param_for(self, name: str) -> tuple[str, int | None] | None:
+        """`_param_for`, or None for tensors the model recomputes or shares (inv_freq, a tied lm_head)."""
+        if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+            return None
+        return self._param_for(name)
 
     def _param_for(self, name: str) -> tuple[str, int | None]:
         """`...self_attn.k_proj.weight` -> (`...self_attn.qkv_proj.weight`, 1); others map to themselves."""

@@ -1,8 +1,48 @@
-"""Fused layers back to the checkpoint's projections, through a model's `packed_modules_mapping`."""
+"""Checkpoint projections and a model's fused layers: loading per-projection tensors into fused parameters,
+and naming a fused layer's projections back (through the model's `packed_modules_mapping`)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
 from torch import nn
+
+from loomserve.platform.models.layers import copy_checked
+
+
+def load_packed_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    param_for: Callable[[str], tuple[str, int | None] | None],
+) -> set[str]:
+    """Copy HF-named checkpoint tensors into `model`'s parameters. `param_for` maps a tensor's name to
+    (parameter name, shard of a fused projection or None), or None for tensors the model does not use.
+    Returns the names of parameters fully loaded (a fused parameter counts once all its shards are in)."""
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    shards: dict[str, set[int]] = defaultdict(set)
+    for name, tensor in weights:
+        target = param_for(name)
+        if target is None:
+            continue
+        param_name, shard_id = target
+        if param_name not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
+        try:
+            if shard_id is None:
+                copy_checked(params[param_name].data, tensor)
+                loaded.add(param_name)
+                continue
+            module = model.get_submodule(param_name.rsplit(".", 1)[0])
+            module.load_shard(params[param_name], shard_id, tensor)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        shards[param_name].add(shard_id)
+        if len(shards[param_name]) == len(module.output_sizes):
+            loaded.add(param_name)
+    return loaded
 
 
 def projection_names(model: nn.Module, module_name: str) -> list[str]:
