@@ -6,31 +6,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+from live_server import MODEL, Server
 from peft_reference import PROMPTS, SHAPES, peft_greedy, tokenizer
 from safetensors.torch import load_file, save_file
 
 from loomserve.tiny_pooling_checkpoints import tiny_decoder_embedder
 
-BASE = "tiny-qwen2"
+BASE = MODEL  # the name the server gives `base`
 EMBEDDER = "tiny-embedder"  # a second model of the server, with an engine of its own
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,48 +37,14 @@ def adapters(base, make_lora) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(base, adapters, tmp_path_factory) -> Iterator[str]:
-    port = _free_port()
-    log = tmp_path_factory.mktemp("lora-server") / "server.log"
-    command = [
-        sys.executable, "-m", "loomserve.api.cli", "serve", base, "--port", str(port), "--served-model-name", BASE,
-        "--kv-cache-memory", "16MiB", "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "2",
-        "--max-lora-rank", "16", "--lora-modules", f"qv={adapters['qv-r8']}",
-        json.dumps({"name": "all", "path": adapters["all-r16"]}), "--embedding-model",
-        f"{EMBEDDER}={tiny_decoder_embedder()}",
+def server(start_server, adapters) -> Iterator[Server]:
+    flags = [
+        "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "2", "--max-lora-rank", "16",
+        "--lora-modules", f"qv={adapters['qv-r8']}", json.dumps({"name": "all", "path": adapters["all-r16"]}),
+        "--embedding-model", f"{EMBEDDER}={tiny_decoder_embedder()}",
     ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server, timeout=60) as c:
-        yield c
+    with start_server(*flags) as s:
+        yield s
 
 
 def complete(client: openai.OpenAI, model: str, prompt: str = PROMPTS[1], max_tokens: int = 12):

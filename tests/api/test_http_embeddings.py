@@ -7,7 +7,6 @@ import base64
 import os
 
 import numpy as np
-import openai
 import pytest
 import torch
 from pooling_models import CHAT, CROSS_ENCODER, DECODER_EMBEDDER, MINILM
@@ -24,14 +23,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def client(pooling_server) -> openai.OpenAI:
-    return pooling_server.client()
-
-
-@pytest.fixture(scope="module")
-def http(pooling_server):
-    with pooling_server.http() as c:
-        yield c
+def server(pooling_server):
+    return pooling_server  # so `client` and `http` talk to it
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,8 @@ DOCUMENTS = [
 
 
 @pytest.fixture(scope="module")
-def http(pooling_server):
-    with pooling_server.http() as c:
-        yield c
+def server(pooling_server):
+    return pooling_server  # so `http` talks to it
 
 
 @pytest.fixture(scope="module")
