@@ -31,11 +31,7 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from server import Server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -131,12 +128,6 @@ def bench_rerank(minilm: str, sentences: list[str], num_pairs: int, repeats: int
     return {"num_pairs": num_pairs, "times": times, "max_abs_diff": (ours - theirs).abs().max().item()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _drive(url: str, sentences: list[str], clients: int) -> tuple[float, list[float]]:
     import httpx
 
@@ -160,31 +151,12 @@ async def _drive(url: str, sentences: list[str], clients: int) -> tuple[float, l
 
 
 def bench_http(minilm: str, sentences: list[str], clients: int, omp_threads: int | None) -> dict[str, Any]:
-    import httpx
-
-    env = dict(os.environ) if omp_threads is None else {**os.environ, "OMP_NUM_THREADS": str(omp_threads)}
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "loomserve.api.cli", "serve", minilm, "--served-model-name", "minilm",
-               "--port", str(port), "--uvicorn-log-level", "warning"]
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"the server did not start:\n{log.read().decode()}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.5)
-            wall, latencies = asyncio.run(_drive(url, sentences, clients))
-        finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=60)
+    env = None if omp_threads is None else {**os.environ, "OMP_NUM_THREADS": str(omp_threads)}
+    flags = ["--served-model-name", "minilm", "--uvicorn-log-level", "warning"]
+    with tempfile.TemporaryDirectory() as tmp:
+        server = Server(minilm, flags, Path(tmp) / "server.log", env)
+        with server.running(timeout=300):
+            wall, latencies = asyncio.run(_drive(server.base_url, sentences, clients))
     latencies.sort()
     return {
         "clients": clients,

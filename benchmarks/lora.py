@@ -24,10 +24,7 @@ base-only throughput (the GPU target: 64 adapters at >= 0.75 of base-only for lo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import shutil
 import sys
 import time
 from functools import partial
@@ -39,19 +36,23 @@ import torch
 from benchmarks.throughput import (
     PRESETS,
     RunResult,
-    StepRecord,
     StepRecorder,
     Workload,
     _greedy_config,
     _left_padded,
+    add_engine_flags,
+    add_workload_flags,
     build_hf_model,
     build_preset_checkpoint,
+    command_line,
+    describe_workload,
+    engine_kwargs,
     environment,
     format_table,
     free_memory,
     measure,
+    measure_engine,
     prompt_vocab_size,
-    step_summary,
     synchronize,
 )
 from loomserve.platform.config import resolve_device, resolve_dtype
@@ -65,18 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape", choices=sorted(PRESETS), default="tiny", help="model shape preset (dummy weights)")
     p.add_argument("--adapters", type=int, nargs="+", default=[0, 1, 8, 64], help="distinct adapters per case")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len-min", type=int, default=16)
-    p.add_argument("--input-len-max", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: engine's choice)")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in the engine")
+    add_workload_flags(p, input_len=(16, 64), output_len=32)
+    add_engine_flags(p)
     p.add_argument("--baseline", choices=["peft", "none"], default="peft")
     p.add_argument("--baseline-batch-size", type=int, default=64, help="batch size of the peft baseline")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per case; the fastest is reported")
@@ -101,42 +92,36 @@ def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
 
 def make_adapters(model_path: Path, count: int, rank: int, dtype: torch.dtype, seed: int) -> list[Path]:
     """`count` PEFT adapter folders with random weights (N(0, 0.02), like the dummy base), cached on disk."""
+    from loomserve.tiny_checkpoints import cached_build
+
+    key = [ADAPTER_FORMAT_VERSION, str(model_path), rank, str(dtype), seed]
+    return [cached_build(f"lora-adapter-{i}", [*key, i], partial(_write_adapter, model_path, rank, dtype, seed, i))
+            for i in range(count)]
+
+
+def _write_adapter(model_path: Path, rank: int, dtype: torch.dtype, seed: int, index: int, folder: Path) -> None:
+    """Adapter `index`'s weights and adapter_config.json into `folder`."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path).get_text_config()
-    key = hashlib.sha256(json.dumps([ADAPTER_FORMAT_VERSION, str(model_path), rank, str(dtype), seed]).encode())
-    root = model_path.parent / f"lora-{model_path.name}-{key.hexdigest()[:12]}"
     shapes = projection_shapes(config)
-    folders = []
-    for i in range(count):
-        folder = root / f"adapter-{i}"
-        folders.append(folder)
-        if (folder / "adapter_model.safetensors").exists():
-            continue
-        g = torch.Generator().manual_seed(seed * 100_003 + i)
-        tensors = {}
-        for layer in range(config.num_hidden_layers):
-            for name in TARGETS:
-                module = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                prefix = f"base_model.model.model.layers.{layer}.{module}.{name}"
-                n_in, n_out = shapes[name]
-                tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, n_in, generator=g) * 0.02).to(dtype)
-                tensors[f"{prefix}.lora_B.weight"] = (torch.randn(n_out, rank, generator=g) * 0.02).to(dtype)
-        tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, tmp / "adapter_model.safetensors")
-        (tmp / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_path),
-            "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS), "lora_dropout": 0.0,
-            "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
-            "fan_in_fan_out": False, "inference_mode": True,
-        }))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folders
+    g = torch.Generator().manual_seed(seed * 100_003 + index)
+    tensors = {}
+    for layer in range(config.num_hidden_layers):
+        for name in TARGETS:
+            module = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{module}.{name}"
+            n_in, n_out = shapes[name]
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(rank, n_in, generator=g) * 0.02).to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(n_out, rank, generator=g) * 0.02).to(dtype)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_path),
+        "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS), "lora_dropout": 0.0,
+        "bias": "none", "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "fan_in_fan_out": False, "inference_mode": True,
+    }))
 
 
 def adapter_of(request_index: int, num_adapters: int) -> int | None:
@@ -146,28 +131,12 @@ def adapter_of(request_index: int, num_adapters: int) -> int | None:
 # ----------------------------------------------------------------------------------------------- engine
 
 
-def _engine_run(llm: Any, recorder: StepRecorder, params: Any, workload: Workload, requests: list[Any],
-                steps: dict[float, list[StepRecord]], variant: int) -> tuple[float, int]:
-    prompts = [{"prompt_token_ids": p} for p in workload.prompts(variant)]
-    recorder.records, recorder.enabled = [], True
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, lora_request=requests)
-    synchronize(recorder.device)
-    wall = time.perf_counter() - start
-    recorder.enabled = False
-    steps[wall] = recorder.records
-    return wall, sum(len(o.outputs[0].token_ids) for o in outputs)
-
-
 def run_engine(args: argparse.Namespace, model_path: Path, workload: Workload, adapters: list[Path]) -> RunResult:
     from loomserve import LLM, LoRARequest, SamplingParams
 
     k = len(adapters)
     lora_kwargs = {"enable_lora": True, "max_loras": k, "max_cpu_loras": k, "max_lora_rank": args.rank} if k else {}
-    llm = LLM(str(model_path), load_format="dummy", device=args.device, dtype=args.dtype, seed=args.seed,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
-              enforce_eager=args.enforce_eager, **lora_kwargs)
+    llm = LLM(str(model_path), **engine_kwargs(args, "dummy"), **lora_kwargs)
     device = llm.config.model_config.device
     loras = [LoRARequest(f"adapter-{i}", i + 1, str(path)) for i, path in enumerate(adapters)]
     requests = [None if (j := adapter_of(i, k)) is None else loras[j] for i in range(len(workload.lengths))]
@@ -177,14 +146,10 @@ def run_engine(args: argparse.Namespace, model_path: Path, workload: Workload, a
                  lora_request=[loras[i % k] if k else None for i in range(len(warm))])
     synchronize(device)
     recorder = StepRecorder(llm.engine, device)
-    params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
-    steps: dict[float, list[StepRecord]] = {}
-    run = partial(_engine_run, llm, recorder, params, workload, requests, steps)
     backend = llm.engine.lora_manager.state.backend if k else "-"
-    result = measure(f"loomserve, {k} adapters", workload, args.repeats, run, {"LoRA kernels": backend})
-    recorder.records = steps[result.wall_s]  # the steps of the reported (fastest) run
-    result.extra.update(step_summary(recorder))
-    del llm, recorder, run
+    result = measure_engine(f"loomserve, {k} adapters", llm, recorder, workload, args.repeats,
+                            {"LoRA kernels": backend}, lora_request=requests)
+    del llm, recorder
     free_memory(device)
     return result
 
@@ -281,12 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         "model": f"--shape {args.shape} (dummy weights)",
         "dtype": str(dtype).removeprefix("torch."),
         "adapters": f"rank {args.rank} on {', '.join(TARGETS)} of every layer; request i uses adapter i mod K",
-        "workload": (
-            f"{args.num_prompts} prompts of {args.input_len_min}-{args.input_len_max} tokens "
-            f"({workload.prompt_tokens} in all), {args.output_len} output tokens each, greedy, EOS ignored"
-        ),
+        "workload": describe_workload(args, workload),
         "timing": f"best of {args.repeats} timed run(s) per case" if args.repeats > 1 else "one timed run per case",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
     }
     for key, value in {**environment(device), **description}.items():
         print(f"{key:>28}: {value}")

@@ -29,25 +29,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import hashlib
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 from PIL import Image
-from throughput import _cache_root, _pad_tokenizer_vocab, environment
+from server import Server
+from throughput import environment, pad_tokenizer_vocab
 
+from loomserve.tiny_checkpoints import cached_build
 from loomserve.tiny_mm_checkpoints import _QWEN_VL_TEMPLATE, _QWEN_VL_TOKENS, _tokenizer, tiny_mm_checkpoint
 
 PRESET_FORMAT_VERSION = 2
@@ -97,19 +94,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_preset_checkpoint(shape: str) -> Path:
     """config.json, processor configs and a full-vocabulary tokenizer with Qwen2-VL's special tokens."""
+    preset = PRESETS[shape]
+    return cached_build(shape, [PRESET_FORMAT_VERSION, preset], partial(_write_preset, preset))
+
+
+def _write_preset(preset: dict[str, Any], folder: Path) -> None:
+    """The preset's tokenizer (padded to its vocabulary), model, generation and processor configs into `folder`."""
     from transformers import GenerationConfig, Qwen2VLConfig
 
-    preset = PRESETS[shape]
-    key = hashlib.sha256(json.dumps([PRESET_FORMAT_VERSION, preset], sort_keys=True).encode()).hexdigest()[:16]
-    target = _cache_root() / f"{shape}-{key}"
-    if (target / "config.json").exists():
-        return target
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     text = preset["text"]
     tokenizer = _tokenizer("qwen2", _QWEN_VL_TOKENS, _QWEN_VL_TEMPLATE, text["max_position_embeddings"])
-    tokenizer.save_pretrained(tmp)
-    _pad_tokenizer_vocab(tmp / "tokenizer.json", text["vocab_size"])
+    tokenizer.save_pretrained(folder)
+    pad_tokenizer_vocab(folder / "tokenizer.json", text["vocab_size"])
     ids = tokenizer.convert_tokens_to_ids
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     mrope_section = [n * head_dim // 128 for n in (16, 24, 24)]  # Qwen2-VL's split of a 128-dim head
@@ -124,18 +120,12 @@ def build_preset_checkpoint(shape: str) -> Path:
         tie_word_embeddings=preset["tie_word_embeddings"], architectures=["Qwen2VLForConditionalGeneration"],
         dtype="bfloat16",
     )
-    config.save_pretrained(tmp)
-    GenerationConfig(eos_token_id=ids("<|im_end|>")).save_pretrained(tmp)
-    (tmp / "preprocessor_config.json").write_text(json.dumps({
+    config.save_pretrained(folder)
+    GenerationConfig(eos_token_id=ids("<|im_end|>")).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
         "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
     }))
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process finished first
-        if not (target / "config.json").exists():
-            raise
-    return target
 
 
 # ----------------------------------------------------------------------------------------------- workload
@@ -215,59 +205,27 @@ def run_scenario(name: str, url: str, args: argparse.Namespace, seed: int) -> Sc
     )
 
 
-# ------------------------------------------------------------------------------------------------- server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serve(model: Path, dummy: bool, extra: list[str], log: Path):
-    port = _free_port()
-    command = [sys.executable, "-m", "loomserve.api.cli", "serve", str(model), "--port", str(port),
-               "--uvicorn-log-level", "warning", *(["--load-format", "dummy"] if dummy else []), *extra]
-    with open(log, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 1800
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}; see {log}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start; see {log}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def make_server(model: Path, dummy: bool, server_args: str, prefix_caching: bool) -> Server:
+    """`loomserve serve` for one group of scenarios, logging to a file in $TMPDIR."""
+    flags = ["--uvicorn-log-level", "warning", *(["--load-format", "dummy"] if dummy else []), *server_args.split()]
+    if not prefix_caching:
+        flags.append("--no-enable-prefix-caching")
+    log = f"loomserve-multimodal-bench-{os.getpid()}-{'pc' if prefix_caching else 'no-pc'}.log"
+    return Server(str(model), flags, Path(os.environ.get("TMPDIR", "/tmp")) / log)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dummy = args.shape != "tiny"
     model = build_preset_checkpoint(args.shape) if dummy else tiny_mm_checkpoint("qwen2_vl")
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"loomserve-multimodal-bench-{os.getpid()}.log"
-    extra = args.server_args.split()
     results = []
     for prefix_caching in (True, False):
         names = [s for s in args.scenarios if (s == "repeated-no-pc") != prefix_caching]
         if not names:
             continue
-        flags = extra + ([] if prefix_caching else ["--no-enable-prefix-caching"])
-        with serve(model, dummy, flags, log) as url:
+        server = make_server(model, dummy, args.server_args, prefix_caching)
+        with server.running(timeout=1800):
+            url = server.base_url
             warmup = [chat_body(image_url(args.image_size, 10_000 + i), args.output_len) for i in range(args.warmup)]
             asyncio.run(send_all(url, warmup, args.concurrency))
             for i, name in enumerate(names):

@@ -49,7 +49,6 @@ import os
 import platform
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,9 +62,9 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.throughput import PRESETS, build_preset_checkpoint, device_name, git_commit, prompt_vocab_size
+from benchmarks.server import Server
+from benchmarks.throughput import add_model_flags, device_name, git_commit, prompt_vocab_size, resolve_model
 
-HOST = "127.0.0.1"
 T = TypeVar("T")
 
 # --------------------------------------------------------------------------------------------- arguments
@@ -81,10 +80,7 @@ def _float_list(text: str) -> list[float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--shape", choices=sorted(PRESETS), default="tiny", help="model shape preset (dummy weights)")
-    model.add_argument("--model", help="a checkpoint folder instead of a preset")
-    p.add_argument("--load-format", default=None, help="server --load-format (default: dummy for presets, else auto)")
+    add_model_flags(p, "server --load-format")
     _add_workload_flags(p)
     _add_server_flags(p)
     args = p.parse_args(argv)
@@ -344,78 +340,9 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(coro) if hasattr(uvloop, "run") else asyncio.run(coro)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    command: list[str]
-    log_path: Path
-    port: int
-    process: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def start(self, timeout: float) -> float:
-        """Start and wait for /health; the seconds it took."""
-        t0 = time.perf_counter()
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, env=os.environ.copy())
-        while time.perf_counter() - t0 < timeout:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-            if self._healthy():
-                return time.perf_counter() - t0
-            time.sleep(0.5)
-        raise RuntimeError(f"server not healthy after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def _healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.base_url}/health", timeout=2.0, trust_env=False).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        """SIGINT (uvicorn's graceful shutdown), then SIGTERM and SIGKILL to the process group it leads."""
-        if self.process is None:
-            return
-        for sig, wait_s in ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
-            if self.process.poll() is not None:
-                break
-            if sig == signal.SIGINT:
-                self.process.send_signal(sig)  # the server stops its engine itself
-            else:
-                self._signal_group(sig)
-            try:
-                self.process.wait(wait_s)
-            except subprocess.TimeoutExpired:
-                continue
-        self._signal_group(signal.SIGKILL)  # whatever the server left behind in its session (its engine process)
-
-    def _signal_group(self, sig: signal.Signals) -> None:
-        assert self.process is not None
-        try:
-            os.killpg(self.process.pid, sig)  # the group this script started (start_new_session)
-        except ProcessLookupError:
-            pass
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-
-def server_command(args: argparse.Namespace, model_path: Path, port: int, budget: int | None) -> list[str]:
-    load_format = args.load_format or ("auto" if args.model else "dummy")
-    cmd = [sys.executable, "-m", "loomserve.api.cli", "serve", str(model_path), "--host", HOST, "--port", str(port),
-           "--load-format", load_format, "--device", args.device, "--uvicorn-log-level", "warning"]
+def server_flags(args: argparse.Namespace, load_format: str, budget: int | None) -> list[str]:
+    """`loomserve serve` flags for this run's engine settings and token budget."""
+    flags = ["--load-format", load_format, "--device", args.device, "--uvicorn-log-level", "warning"]
     optional = {
         "--dtype": args.dtype,
         "--max-num-batched-tokens": budget,
@@ -426,8 +353,8 @@ def server_command(args: argparse.Namespace, model_path: Path, port: int, budget
     }
     for flag, value in optional.items():
         if value is not None:
-            cmd += [flag, str(value)]
-    return cmd + shlex.split(args.server_args)
+            flags += [flag, str(value)]
+    return flags + shlex.split(args.server_args)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -564,14 +491,14 @@ def print_block(items: dict[str, str]) -> None:
 # -------------------------------------------------------------------------------------------------- main
 
 
-def bench_server(args: argparse.Namespace, model_path: Path, vocab: int, budget: int | None, log_dir: Path,
-                 server_index: int) -> None:
-    port = free_port()
-    server = Server(server_command(args, model_path, port, budget), log_dir / f"server-{server_index}.log", port)
+def bench_server(args: argparse.Namespace, model_path: Path, load_format: str, vocab: int, budget: int | None,
+                 log_dir: Path, server_index: int) -> None:
+    flags = server_flags(args, load_format, budget)
+    server = Server(str(model_path), flags, log_dir / f"server-{server_index}.log")
     print(f"\n## server {server_index}: max-num-batched-tokens {budget or 'default'}", flush=True)
     print(f"    {shlex.join(server.command[1:])}", flush=True)
-    try:
-        print(f"    healthy after {server.start(args.server_timeout):.1f} s", flush=True)
+    with server.running(args.server_timeout) as startup_s:
+        print(f"    healthy after {startup_s:.1f} s", flush=True)
         t0 = time.perf_counter()
         run_async(warm_up(server.base_url, warmup_specs(args, vocab), args))
         print(f"    warm-up ({args.warmup_requests} requests) {time.perf_counter() - t0:.1f} s\n", flush=True)
@@ -585,8 +512,6 @@ def bench_server(args: argparse.Namespace, model_path: Path, vocab: int, budget:
         for note in (n for s in summaries for n in s.notes()):
             print(f"  - {note}")
         sys.stdout.flush()
-    finally:
-        server.stop()
 
 
 def warmup_specs(args: argparse.Namespace, vocab: int) -> list[RequestSpec]:
@@ -602,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` still stops the servers (finally)
     t0 = time.perf_counter()
-    model_path = Path(args.model) if args.model else build_preset_checkpoint(args.shape)
+    model_path, load_format = resolve_model(args)
     vocab = prompt_vocab_size(model_path)
     print_block({**environment(args), **describe_workload(args)})
     print("\nColumns: rate = offered req/s; req/s and out tok/s over first send .. last finish; TTFT and e2e "
@@ -612,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for index, budget in enumerate(args.max_num_batched_tokens or [None]):
         try:
-            bench_server(args, model_path, vocab, budget, log_dir, index)
+            bench_server(args, model_path, load_format, vocab, budget, log_dir, index)
         except RuntimeError as exc:  # this server failed; the next one may still run
             print(f"    FAILED: {exc}", flush=True)
             status = 1

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import hashlib
 import inspect
 import json
 import os
@@ -105,23 +104,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--shape", choices=sorted(PRESETS), default="tiny", help="model shape preset (dummy weights)")
-    model.add_argument("--model", help="a checkpoint folder instead of a preset")
-    p.add_argument("--load-format", default=None, help="engine load_format (default: dummy for presets, else auto)")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len-min", type=int, default=32)
-    p.add_argument("--input-len-max", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: engine's choice)")
-    if "enforce_eager" in EngineArgs.field_names():
-        p.add_argument("--enforce-eager", action="store_true")
+    add_model_flags(p, "engine load_format")
+    add_workload_flags(p, input_len=(32, 128), output_len=64)
+    add_engine_flags(p)
     p.add_argument("--baseline", choices=["generate_batch", "static", "none"], default="generate_batch")
     p.add_argument("--baseline-batch-size", type=int, default=64, help="batch size of --baseline static")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per system; the fastest is reported")
@@ -134,11 +119,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_model_flags(p: argparse.ArgumentParser, load_format_help: str) -> None:
+    """--shape PRESET or --model PATH, and --load-format (`load_format_help` names what it sets)."""
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--shape", choices=sorted(PRESETS), default="tiny", help="model shape preset (dummy weights)")
+    model.add_argument("--model", help="a checkpoint folder instead of a preset")
+    p.add_argument("--load-format", default=None, help=f"{load_format_help} (default: dummy for presets, else auto)")
+
+
+def add_workload_flags(p: argparse.ArgumentParser, input_len: tuple[int, int], output_len: int) -> None:
+    """--num-prompts, --input-len-min/max, --output-len and --seed, with the script's default lengths."""
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len-min", type=int, default=input_len[0])
+    p.add_argument("--input-len-max", type=int, default=input_len[1])
+    p.add_argument("--output-len", type=int, default=output_len)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, the engine's batch and memory limits and (where the engine has it) --enforce-eager."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: engine's choice)")
+    if "enforce_eager" in EngineArgs.field_names():
+        p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in the engine")
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
+    """The checkpoint folder of --model, else --shape's preset folder, and the load format to read it with."""
+    model_path = Path(args.model) if args.model else build_preset_checkpoint(args.shape)
+    return model_path, args.load_format or ("auto" if args.model else "dummy")
+
+
 # ------------------------------------------------------------------------------------------ preset folders
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("LOOMSERVE_CACHE_DIR") or Path.home() / ".cache" / "loomserve") / "bench_checkpoints"
 
 
 def make_hf_config(preset: dict[str, Any], eos_token_id: int | None = None) -> Any:
@@ -168,7 +184,7 @@ def make_hf_config(preset: dict[str, Any], eos_token_id: int | None = None) -> A
     )
 
 
-def _pad_tokenizer_vocab(tokenizer_json: Path, vocab_size: int) -> None:
+def pad_tokenizer_vocab(tokenizer_json: Path, vocab_size: int) -> None:
     """Give every id below vocab_size a token (`Ġt123`-style fillers no merge produces), so any id the model
     samples detokenizes to text, as with a real tokenizer (unknown ids decode to nothing and stall the
     incremental detokenizer)."""
@@ -189,25 +205,20 @@ def _pad_tokenizer_vocab(tokenizer_json: Path, vocab_size: int) -> None:
 
 def build_preset_checkpoint(shape: str) -> Path:
     """config.json + a full-vocabulary byte-level BPE tokenizer in a cache folder (no weights: dummy load)."""
-    from loomserve.tiny_checkpoints import build_tokenizer
+    from loomserve.tiny_checkpoints import cached_build
 
     preset = PRESETS[shape]
-    key = hashlib.sha256(json.dumps([PRESET_FORMAT_VERSION, preset], sort_keys=True).encode()).hexdigest()[:16]
-    target = _cache_root() / f"{shape}-{key}"
-    if (target / "config.json").exists():
-        return target
-    tmp = target.with_name(f".tmp-{target.name}-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    return cached_build(shape, [PRESET_FORMAT_VERSION, preset], partial(_write_preset, preset))
+
+
+def _write_preset(preset: dict[str, Any], folder: Path) -> None:
+    """The preset's tokenizer (padded to its vocabulary) and config.json into `folder`."""
+    from loomserve.tiny_checkpoints import build_tokenizer
+
     tokenizer = build_tokenizer(preset["family"], model_max_length=preset["max_position_embeddings"])
-    tokenizer.save_pretrained(tmp)
-    _pad_tokenizer_vocab(tmp / "tokenizer.json", preset["vocab_size"])
-    make_hf_config(preset, eos_token_id=tokenizer.eos_token_id).save_pretrained(tmp)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process finished first
-        if not (target / "config.json").exists():
-            raise
-    return target
+    tokenizer.save_pretrained(folder)
+    pad_tokenizer_vocab(folder / "tokenizer.json", preset["vocab_size"])
+    make_hf_config(preset, eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
 
 
 # ---------------------------------------------------------------------------------------------- workload
@@ -476,7 +487,8 @@ def step_summary(recorder: StepRecorder) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ engine
 
 
-def engine_kwargs(args: argparse.Namespace, model_path: Path, load_format: str) -> dict[str, Any]:
+def engine_kwargs(args: argparse.Namespace, load_format: str) -> dict[str, Any]:
+    """`LLM` keyword arguments from the engine flags (`add_engine_flags`) and --seed."""
     kwargs: dict[str, Any] = {
         "load_format": load_format,
         "device": args.device,
@@ -499,11 +511,12 @@ def _engine_run(
     workload: Workload,
     steps: dict[float, list[StepRecord]],
     variant: int,
+    **generate_kwargs: Any,
 ) -> tuple[float, int]:
     prompts = [{"prompt_token_ids": p} for p in workload.prompts(variant)]
     recorder.records, recorder.enabled = [], True
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params, **generate_kwargs)
     synchronize(recorder.device)
     wall = time.perf_counter() - start
     recorder.enabled = False
@@ -511,28 +524,45 @@ def _engine_run(
     return wall, sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
+def measure_engine(
+    name: str,
+    llm: Any,
+    recorder: StepRecorder,
+    workload: Workload,
+    repeats: int,
+    extra: dict[str, str] | None = None,
+    **generate_kwargs: Any,
+) -> RunResult:
+    """`measure` of `llm.generate` on the workload (greedy, EOS ignored), with the step summary of the fastest
+    run, whose steps the recorder keeps; `generate_kwargs` go to every `generate` call."""
+    from loomserve import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
+    steps: dict[float, list[StepRecord]] = {}
+    run = partial(_engine_run, llm, recorder, params, workload, steps, **generate_kwargs)
+    result = measure(name, workload, repeats, run, extra)
+    recorder.records = steps[result.wall_s]
+    result.extra.update(step_summary(recorder))
+    return result
+
+
 def run_engine(args: argparse.Namespace, model_path: Path, load_format: str, workload: Workload) -> RunResult:
     from loomserve import LLM, SamplingParams
 
-    llm = LLM(str(model_path), **engine_kwargs(args, model_path, load_format))
+    llm = LLM(str(model_path), **engine_kwargs(args, load_format))
     device = llm.config.model_config.device
     recorder = StepRecorder(llm.engine, device)
     short = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in workload.warmup_prompts()], short)
     synchronize(device)
-    params = SamplingParams(temperature=0.0, max_tokens=workload.output_len, ignore_eos=True)
-    steps: dict[float, list[StepRecord]] = {}
-    run = partial(_engine_run, llm, recorder, params, workload, steps)
-    result = measure("loomserve", workload, args.repeats, run)
-    recorder.records = steps[result.wall_s]  # the steps of the reported (fastest) run
-    result.extra.update(step_summary(recorder))
+    result = measure_engine("loomserve", llm, recorder, workload, args.repeats)
     decode = recorder.decode_steps()
     if device.type == "cuda" and decode:
         bandwidth = measure_copy_bandwidth(device, nbytes=min(1 << 30, torch.cuda.mem_get_info()[0] // 4))
         weights = weight_bytes_per_step(llm.engine.runner.model)
         kv_per_token = kv_bytes_per_token(llm.config.model_config)
         result.extra.update(roofline_summary(decode, weights, kv_per_token, bandwidth))
-    del llm, recorder, run
+    del llm, recorder
     free_memory(device)
     return result
 
@@ -647,6 +677,19 @@ def run_static(
 # ------------------------------------------------------------------------------------------------ report
 
 
+def describe_workload(args: argparse.Namespace, workload: Workload) -> str:
+    """The report's one-line summary of the offline workload."""
+    return (
+        f"{args.num_prompts} prompts of {args.input_len_min}-{args.input_len_max} tokens "
+        f"({workload.prompt_tokens} in all), {args.output_len} output tokens each, greedy, EOS ignored"
+    )
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The script's name and its arguments, as the report quotes them."""
+    return " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+
+
 def format_table(results: list[RunResult]) -> str:
     header = ["system", "output tok/s", "total tok/s", "wall s", "req/s", "output tokens"]
     rows = [
@@ -689,8 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_path = Path(args.model) if args.model else build_preset_checkpoint(args.shape)
-    load_format = args.load_format or ("auto" if args.model else "dummy")
+    model_path, load_format = resolve_model(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     workload = Workload.sample(args, prompt_vocab_size(model_path))
@@ -704,12 +746,9 @@ def main(argv: list[str] | None = None) -> int:
     description = {
         "model": f"{args.model} ({load_format})" if args.model else f"--shape {args.shape} (dummy weights)",
         "dtype": str(dtype).removeprefix("torch."),
-        "workload": (
-            f"{args.num_prompts} prompts of {args.input_len_min}-{args.input_len_max} tokens "
-            f"({workload.prompt_tokens} in all), {args.output_len} output tokens each, greedy, EOS ignored"
-        ),
+        "workload": describe_workload(args, workload),
         "timing": f"per system: one untimed cold run, then the best of {args.repeats} timed run(s)",
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
     }
     print_report(environment(device), description, results)
     return 0
