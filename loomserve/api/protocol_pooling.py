@@ -81,19 +81,24 @@ class PoolingUsage(OpenAIBaseModel):
         return cls(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
 
 
+class PoolingListResponse(OpenAIBaseModel):
+    """What every pooling endpoint's answer carries besides its `data`."""
+
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=_now)
+    model: str
+    usage: PoolingUsage
+
+
 class EmbeddingData(OpenAIBaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: list[float] | str  # a base64 string of little-endian float32 with encoding_format=base64
 
 
-class EmbeddingResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=_now)
-    model: str
+class EmbeddingResponse(PoolingListResponse):
     data: list[EmbeddingData]
-    usage: PoolingUsage
 
 
 class ClassificationData(OpenAIBaseModel):
@@ -104,13 +109,8 @@ class ClassificationData(OpenAIBaseModel):
     num_classes: int
 
 
-class ClassificationResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=_now)
-    model: str
+class ClassificationResponse(PoolingListResponse):
     data: list[ClassificationData]
-    usage: PoolingUsage
 
 
 class ScoreData(OpenAIBaseModel):
@@ -119,13 +119,8 @@ class ScoreData(OpenAIBaseModel):
     score: float
 
 
-class ScoreResponse(OpenAIBaseModel):
-    id: str
-    object: Literal["list"] = "list"
-    created: int = Field(default_factory=_now)
-    model: str
+class ScoreResponse(PoolingListResponse):
     data: list[ScoreData]
-    usage: PoolingUsage
 
 
 class RerankResult(_DropsNone):
