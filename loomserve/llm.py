@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.chat import render_chat_with_media, split_media
@@ -19,6 +19,8 @@ from loomserve.platform.input_processor import InputProcessor, PromptType, load_
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
 from loomserve.pooling.llm_api import PoolingAPI
+
+T = TypeVar("T")
 
 Conversation = list[dict[str, Any]]
 
@@ -46,8 +48,8 @@ class LLM(PoolingAPI):
         """Run prompts to completion; outputs come back in the order of the prompts. `lora_request`: one
         adapter for all prompts or one (or None, the base model) per prompt."""
         prompts = _as_prompt_list(prompts)
-        params = _broadcast(sampling_params or SamplingParams(), len(prompts))
-        loras = _broadcast_loras(lora_request, len(prompts))
+        params = _per_prompt(sampling_params or SamplingParams(), SamplingParams, "sampling params", len(prompts))
+        loras = _per_prompt(lora_request, LoRARequest, "LoRA requests", len(prompts))
         tokenized = [self.input_processor.process(prompt) for prompt in prompts]
         for (_, token_ids, _), p in zip(tokenized, params):
             self.input_processor.validate(token_ids, p)  # all or nothing: refuse before any request starts
@@ -111,19 +113,11 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     return prompts
 
 
-def _broadcast_loras(loras: LoRARequest | Sequence[LoRARequest | None] | None, n: int) -> list[LoRARequest | None]:
-    if loras is None or isinstance(loras, LoRARequest):
-        return [loras] * n
-    loras = list(loras)
-    if len(loras) != n:
-        raise ValueError(f"got {len(loras)} LoRA requests for {n} prompts")
-    return loras
-
-
-def _broadcast(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
-    if isinstance(params, SamplingParams):
-        return [params] * n
-    params = list(params)
-    if len(params) != n:
-        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
-    return params
+def _per_prompt(value: T | Sequence[T | None] | None, kind: type[T], what: str, n: int) -> list[T | None]:
+    """One value for all n prompts, or a sequence of exactly one per prompt."""
+    if value is None or isinstance(value, kind):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"got {len(values)} {what} for {n} prompts")
+    return values

@@ -20,7 +20,7 @@ from torch import nn
 
 from loomserve.adapters.lora import LoRATarget, LoRAWeights
 from loomserve.adapters.ops import add_lora
-from loomserve.platform.models.packing import projection_names
+from loomserve.platform.models.packing import decoder_linears, projection_names
 from loomserve.platform.quantization import NF4Linear
 
 
@@ -151,14 +151,11 @@ def add_lora_layers(
     """Wrap every linear layer inside the decoder layers; returns the shared state, the wrapped layers by
     name, and the adaptable projections by their checkpoint name (fused layers split back into projections;
     a multimodal model's canonical names, see `MultiModalForCausalLM.canonical_name`).
-    A multimodal model's `lora_scope` confines adapters to its language model: its vision and audio towers
-    and projector stay as they are, as in vLLM."""
+    A multimodal model's vision and audio towers and projector stay as they are (`decoder_linears`)."""
     state = LoRAState(backend)
     layers: dict[str, LoRALinear] = {}
     targets: dict[str, LoRATarget] = {}
-    scope = getattr(model, "lora_scope", "")
-    linears = [(name, m) for name, m in model.named_modules()
-               if name.startswith(scope) and ".layers." in name and _is_linear(m)]
+    linears = decoder_linears(model, (nn.Linear, NF4Linear))
     outermost = [(name, m) for name, m in linears if not any(name.startswith(f"{other}.") for other, _ in linears)]
     for name, module in outermost:  # an NF4 layer's own bitsandbytes shards are linears too
         weight = next(module.parameters())
@@ -171,10 +168,6 @@ def add_lora_layers(
         for s, projection in enumerate(projection_names(model, name)):
             targets[projection] = LoRATarget(name, s, module.in_features, sizes[s])
     return state, layers, targets
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, NF4Linear))
 
 
 def _compute_dtype(module: nn.Module, weight: torch.Tensor) -> torch.dtype:

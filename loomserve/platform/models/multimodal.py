@@ -24,7 +24,7 @@ class MultiModalForCausalLM(nn.Module):
     is_multimodal = True
     uses_mrope = False
     tower_prefixes: tuple[str, ...] = ()  # first name components of non-LM checkpoint tensors
-    lora_scope = "language_model."  # LoRA adapters adapt the language model only (towers and projector stay)
+    language_model_prefix = "language_model."  # LoRA and NF4 touch the language model only, as in vLLM
     packed_modules_mapping = DecoderForCausalLM.packed_modules_mapping
 
     def __init__(self, hf_config: Any, attention_backend: str) -> None:

@@ -52,3 +52,11 @@ def projection_names(model: nn.Module, module_name: str) -> list[str]:
     mapping = getattr(model, "packed_modules_mapping", {})
     shards = sorted((shard, part) for part, (fused, shard) in mapping.items() if fused == leaf)
     return [f"{parent}.{part}" for _, part in shards] or [module_name]
+
+
+def decoder_linears(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[tuple[str, nn.Module]]:
+    """(name, module) of each module of `types` inside the language model's decoder layers: what LoRA adapts
+    and NF4 quantizes. A multimodal model's `language_model_prefix` leaves its towers and projector out."""
+    prefix = getattr(model, "language_model_prefix", "")
+    return [(name, m) for name, m in model.named_modules()
+            if name.startswith(prefix) and ".layers." in name and isinstance(m, types)]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loomserve.platform.models.packing import projection_names
+from loomserve.platform.models.packing import decoder_linears, projection_names
 
 QUANTIZATION_METHODS = ("bitsandbytes",)
 BLOCKSIZE = 64  # bitsandbytes' and transformers' default 4-bit block
@@ -132,14 +132,12 @@ def _set_bias(shard: nn.Module, bias: torch.Tensor | None) -> None:
 def quantize_model(
     model: nn.Module, loaded: set[str], prequantized: dict[str, dict[str, torch.Tensor]] | None = None
 ) -> set[str]:
-    """Make every linear layer of the decoder layers NF4: quantize its loaded dense weights, or, for a 4-bit
-    checkpoint, take the checkpoint's (`prequantized`: weight name -> packed data and state). Returns `loaded`
-    updated to the new parameter names; a layer whose weights are missing stays dense and unloaded, so the
-    loader's completeness check names it."""
+    """Make every linear layer of the language model's decoder layers NF4 (towers stay dense): quantize its
+    loaded dense weights, or, for a 4-bit checkpoint, take the checkpoint's (`prequantized`: weight name ->
+    packed data and state). Returns `loaded` updated to the new parameter names; a layer whose weights are
+    missing stays dense and unloaded, so the loader's completeness check names it."""
     loaded = set(loaded)
-    for name, module in list(model.named_modules()):
-        if ".layers." not in name or not isinstance(module, nn.Linear):
-            continue
+    for name, module in decoder_linears(model, (nn.Linear,)):
         own = {f"{name}.{p}" for p, _ in module.named_parameters()}
         if prequantized is None:
             if not own <= loaded:
