@@ -25,6 +25,13 @@ async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncIte
     However the merge ends (exhausted, failed, closed or cancelled), every iterator is closed, so an
     engine stream left unfinished aborts its request.
     """
+    if len(iterators) == 1:  # the common case (n = 1): no task and no wait per item
+        try:
+            async for item in iterators[0]:
+                yield 0, item
+        finally:
+            await iterators[0].aclose()
+        return
     pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iterators)}
     try:
         while pending:
