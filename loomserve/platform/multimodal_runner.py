@@ -46,7 +46,7 @@ class MultiModalRunner:
         if not embeds:
             return
         inputs_embeds = self.model.embed_input_ids(batch.input_ids)  # [T, hidden]
-        index = torch.cat(rows).to(self.device)
+        index = torch.cat(rows).to(self.device, non_blocking=True)  # a blocking copy would wait for the step in flight
         inputs_embeds.index_copy_(0, index, torch.cat(embeds).to(inputs_embeds.dtype))
         batch.model_inputs["inputs_embeds"] = inputs_embeds
 
@@ -72,4 +72,5 @@ class MultiModalRunner:
             if request.mm_positions is None:
                 request.mm_positions = self.model.mrope_positions(request.num_prompt_tokens, request.mm_items)
             chunks.append(chunk_positions(request.mm_positions, s.start, s.start + s.num_new_tokens))
-        return torch.from_numpy(np.concatenate(chunks, axis=1)).to(self.device)  # [3, T]
+        # [3, T]; on every step of an M-RoPE model, so never a blocking copy (it would wait for the step in flight)
+        return torch.from_numpy(np.concatenate(chunks, axis=1)).to(self.device, non_blocking=True)
