@@ -169,7 +169,8 @@ class AsyncLLM:
             raise EngineDeadError(self.errored or "the engine process is not running")
 
     async def reset_prefix_cache(self) -> None:
-        self._send(MessageType.UTILITY, "reset_prefix_cache")
+        """Drop every cached block not in use; returns once the engine has."""
+        await self._call("reset_prefix_cache")
 
     async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
         """Load an adapter and serve it under `lora_name`; raises ValueError saying why it cannot be served."""

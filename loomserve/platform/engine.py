@@ -140,6 +140,9 @@ class EngineCore:
             elif method == "remove_lora":
                 self.remove_lora(args[0])
                 future.set_result(None)
+            elif method == "reset_prefix_cache":
+                self.reset_prefix_cache()
+                future.set_result(None)
             else:
                 raise ValueError(f"unknown engine call {method!r}")
         except ValueError as e:
@@ -232,8 +235,6 @@ def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
                 engine.abort_requests(payload)
             elif kind == MessageType.UTILITY and payload == "shutdown":
                 return
-            elif kind == MessageType.UTILITY and payload == "reset_prefix_cache":
-                engine.reset_prefix_cache()
             elif kind == MessageType.UTILITY and isinstance(payload, list):
                 engine.call_utility(payload)
             timeout = 0

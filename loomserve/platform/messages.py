@@ -19,8 +19,8 @@ from loomserve.pooling.wire import PooledWire
 class MessageType(enum.IntEnum):
     ADD = 0
     ABORT = 1
-    # Front end -> engine: "shutdown", "reset_prefix_cache", or a call [method, call id, *args] (add_lora,
-    # remove_lora); engine -> front end: the call's reply [call id, error or None].
+    # Front end -> engine: "shutdown", or a call [method, call id, *args] (add_lora, remove_lora,
+    # reset_prefix_cache); engine -> front end: the call's reply [call id, error or None].
     UTILITY = 2
     OUTPUTS = 3
     READY = 4
