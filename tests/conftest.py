@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,11 +15,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import httpx  # noqa: E402
-import openai  # noqa: E402
 import pytest  # noqa: E402
 from live_server import Server, running_server  # noqa: E402
 
 from loomserve.tiny_checkpoints import FAMILIES, tiny_checkpoint  # noqa: E402
+
+if TYPE_CHECKING:
+    import openai
 
 
 @pytest.fixture(scope="session", params=FAMILIES)

@@ -12,11 +12,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
-import openai
 
 from loomserve.api.cli import DEMO_NAME
+
+if TYPE_CHECKING:  # the GPU image has no openai client; only the HTTP tests need it
+    import openai
 
 MODEL = "tiny-qwen2"
 STARTUP_TIMEOUT_S = 120.0
@@ -30,6 +33,8 @@ class Server:
     model: str = MODEL
 
     def client(self, api_key: str = "unused") -> openai.OpenAI:
+        import openai
+
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
     def http(self) -> httpx.Client:

@@ -16,9 +16,9 @@ _ENGINE_FLAGS = (
     "model", "tokenizer", "served_model_name", "max_model_len", "dtype", "device", "seed", "load_format",
     "block_size", "kv_cache_memory", "gpu_memory_utilization", "num_gpu_blocks_override",
     "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend", "enforce_eager",
-    "async_scheduling", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "quantization", "task",
-    "pooler_config", "limit_mm_per_prompt", "allowed_media_domains", "allowed_local_media_path", "max_image_pixels",
-    "encoder_cache_memory", "media_io_kwargs",
+    "max_cudagraph_capture_size", "async_scheduling", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras",
+    "quantization", "task", "pooler_config", "limit_mm_per_prompt", "allowed_media_domains",
+    "allowed_local_media_path", "max_image_pixels", "encoder_cache_memory", "media_io_kwargs",
 )
 
 
@@ -55,6 +55,9 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="requests in one step")
     p.add_argument("--attention-backend", default=defaults.attention_backend, help="auto, torch or triton")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
+    p.add_argument("--max-cudagraph-capture-size", type=int, default=defaults.max_cudagraph_capture_size,
+                   help="steps of up to this many tokens (prefill chunks beside decodes) replay CUDA graphs; "
+                        "0: only decode-only steps do")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the GPU runs this one (default: on for CUDA)")
     p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters on top of the model")

@@ -139,6 +139,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     attention_backend: str = "torch"
     enforce_eager: bool = False  # no CUDA graphs
+    max_cudagraph_capture_size: int = 512  # largest step (tokens) a mixed prefill/decode graph holds; 0: decode only
     async_scheduling: bool = False  # schedule step N+1 while the device runs step N
     lora_config: LoRAConfig | None = None  # None: LoRA off
     mm_config: MultiModalConfig = field(default_factory=MultiModalConfig)
@@ -165,6 +166,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    max_cudagraph_capture_size: int = 512
     async_scheduling: bool | None = None  # None: on for CUDA, off for CPU (where nothing runs asynchronously)
     enable_lora: bool = False
     max_loras: int = 1
@@ -238,9 +240,11 @@ class EngineArgs:
             self.limit_mm_per_prompt, self.allowed_media_domains, self.allowed_local_media_path,
             self.max_image_pixels, parse_memory(self.encoder_cache_memory), self.media_io_kwargs,
         )
+        if self.max_cudagraph_capture_size < 0:
+            raise ValueError(f"max_cudagraph_capture_size must be at least 0, got {self.max_cudagraph_capture_size}")
         return EngineConfig(
-            model_config, cache_config, scheduler_config, backend, self.enforce_eager, async_scheduling,
-            lora_config, mm_config,
+            model_config, cache_config, scheduler_config, backend, self.enforce_eager,
+            min(self.max_cudagraph_capture_size, budget), async_scheduling, lora_config, mm_config,
         )
 
 

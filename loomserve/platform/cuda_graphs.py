@@ -1,8 +1,12 @@
-"""CUDA graphs for decode-only steps: the model's forward and logits captured once per batch size.
+"""CUDA graphs for the model's forward: decode graphs per batch size, mixed graphs per token count.
 
-A decode step of B requests replays the graph of the smallest captured size >= B. Inputs are copied
-into static buffers; padding rows write no KV (slot -1) and attend to nothing (context 0), and their
-logits are dropped. Prefill steps, and batches larger than the biggest graph, run eagerly.
+A decode step of B requests replays the decode graph of the smallest captured size >= B, which yields the
+logits of its B rows. Any other step of at most `max_capture_tokens` tokens (prefill chunks beside decodes,
+prefill alone) replays the mixed graph of the smallest token count >= its T, which yields hidden states;
+the logits of the rows that sample follow eagerly. Inputs are copied into static buffers; padding tokens
+write no KV (slot -1) and belong to no sequence, since the attention kernels read the step's true sequence
+counts from the device and size their grids by the capture's bounds. Steps with extra model inputs
+(media embeddings, token types), pooling steps and larger steps run eagerly.
 """
 
 from __future__ import annotations
@@ -13,80 +17,133 @@ import time
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
+from loomserve.platform.attention.metadata import LaunchBounds
 
 logger = logging.getLogger(__name__)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to max_num_seqs (at most 512)."""
+    """Decode batch sizes: 1, 2, 4, 8, then every 8 up to max_num_seqs (at most 512)."""
     top = min(max_num_seqs, 512)
     sizes = [s for s in (1, 2, 4) if s < top] + list(range(8, top + 1, 8))
     return sorted(set(sizes + [top]))
 
 
+def mixed_capture_sizes(max_tokens: int) -> list[int]:
+    """Mixed-step token counts: every 32 up to 256, then every 128 up to max_tokens (padding stays under 1/3)."""
+    sizes = [s for s in range(32, 257, 32) if s <= max_tokens]
+    sizes += list(range(384, max_tokens + 1, 128))
+    return sorted(set(sizes + ([max_tokens] if max_tokens else [])))
+
+
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], max_num_seqs: int,
-                 max_blocks_per_seq: int) -> None:
+                 max_model_len: int, block_size: int, max_capture_tokens: int) -> None:
         self.model = model
         self.kv_caches = kv_caches
+        self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
-        n, device = self.sizes[-1], kv_caches[0].device
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
+        self.token_sizes = mixed_capture_sizes(max_capture_tokens)
+        n_seqs = self.sizes[-1]
+        n_tokens, device = max([n_seqs, *self.token_sizes]), kv_caches[0].device
+        self.input_ids = torch.zeros(n_tokens, dtype=torch.long, device=device)
         # M-RoPE models (Qwen2-VL) take three position rows per token.
         mrope = getattr(model, "uses_mrope", False)
-        self.positions = torch.zeros((3, n) if mrope else n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.long, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.long, device=device)
-        self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.long, device=device)
+        self.positions = torch.zeros((3, n_tokens) if mrope else n_tokens, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((n_tokens,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(n_seqs, dtype=torch.long, device=device)
+        self.query_start_loc = torch.zeros(n_seqs + 1, dtype=torch.long, device=device)
+        self.block_tables = torch.zeros(n_seqs, -(-max_model_len // block_size), dtype=torch.long, device=device)
+        self.seq_counts = torch.zeros(2, dtype=torch.long, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # decode size -> [bs, vocab] float32
+        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.hidden: dict[int, torch.Tensor] = {}  # token count -> [T, hidden]
         self._capture_all()
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, num_tokens: int, num_seqs: int, bounds: LaunchBounds) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bs],
-            query_start_loc=self.query_start_loc[: bs + 1],
-            seq_lens=self.seq_lens[:bs],
-            block_tables=self.block_tables[:bs],
-            num_decodes=bs,
-            num_decode_tokens=bs,
-            query_start_loc_cpu=list(range(bs + 1)),
-            seq_lens_cpu=[1] * bs,
+            slot_mapping=self.slot_mapping[:num_tokens],
+            query_start_loc=self.query_start_loc[: num_seqs + 1],
+            seq_lens=self.seq_lens[:num_seqs],
+            block_tables=self.block_tables[:num_seqs],
+            seq_counts=self.seq_counts,
+            num_decodes=bounds.decodes,
+            num_decode_tokens=bounds.decodes,
+            query_start_loc_cpu=list(range(num_seqs + 1)),
+            seq_lens_cpu=[1] * num_seqs,
+            capture_bounds=bounds,
         )
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:bs], self.positions[..., :bs], self.kv_caches, self._meta(bs))
-        return self.model.compute_logits(hidden)  # [bs, vocab] float32
+    def _hidden(self, num_tokens: int, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(self.input_ids[:num_tokens], self.positions[..., :num_tokens], self.kv_caches, meta)
+
+    def _decode_forward(self, bs: int) -> torch.Tensor:
+        bounds = LaunchBounds(decodes=bs, prefills=0, prefill_tokens=0, max_seq_len=self.max_model_len)
+        return self.model.compute_logits(self._hidden(bs, self._meta(bs, bs, bounds)))  # [bs, vocab] float32
+
+    def _mixed_forward(self, num_tokens: int) -> torch.Tensor:
+        num_seqs = self._seqs_for(num_tokens)
+        bounds = LaunchBounds(decodes=num_seqs, prefills=num_seqs, prefill_tokens=num_tokens,
+                              max_seq_len=self.max_model_len)
+        return self._hidden(num_tokens, self._meta(num_tokens, num_seqs, bounds))  # [T, hidden]
+
+    def _seqs_for(self, num_tokens: int) -> int:
+        return min(num_tokens, self.sizes[-1])
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            self._forward(bs)  # warm up: Triton compiles, allocator settles
+        # Largest first, so smaller graphs reuse its memory. Each is run once before capture: Triton compiles,
+        # the allocator settles. No sequence is live during capture (seq_counts is zero).
+        for num_tokens in reversed(self.token_sizes):
+            self._mixed_forward(num_tokens)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self._forward(bs)
+                self.hidden[num_tokens] = self._mixed_forward(num_tokens)
+            self.mixed_graphs[num_tokens] = graph
+        for bs in reversed(self.sizes):
+            self._decode_forward(bs)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[bs] = self._decode_forward(bs)
             self.graphs[bs] = graph
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for %d decode batch sizes (up to %d) in %.1f s",
-                    len(self.sizes), self.sizes[-1], time.perf_counter() - start)
+        logger.info("captured CUDA graphs for %d decode batch sizes (up to %d) and %d mixed token counts (up to %d) "
+                    "in %.1f s", len(self.sizes), self.sizes[-1], len(self.token_sizes),
+                    max(self.token_sizes, default=0), time.perf_counter() - start)
 
-    def can_run(self, num_seqs: int) -> bool:
+    def can_run_decode(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def can_run_mixed(self, num_tokens: int, num_seqs: int) -> bool:
+        return bool(self.token_sizes) and num_tokens <= self.token_sizes[-1] and num_seqs <= self.sizes[-1]
+
+    def _load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, padded: int) -> None:
+        """Copy a step's inputs into the static buffers; tokens up to `padded` write no KV."""
+        t, b = input_ids.shape[0], meta.num_seqs
+        self.input_ids[:t].copy_(input_ids)
+        self.positions[..., :t].copy_(positions)
+        self.slot_mapping[:t].copy_(meta.slot_mapping)
+        self.slot_mapping[t:padded].fill_(-1)
+        self.query_start_loc[: b + 1].copy_(meta.query_start_loc)
+        self.seq_lens[:b].copy_(meta.seq_lens)
+        self.block_tables[:b, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        self.seq_counts.copy_(meta.seq_counts)
+
+    def run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Logits [B, vocab] for a decode-only batch of B sequences."""
         b = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= b)
-        self.input_ids[:b].copy_(input_ids)
-        self.positions[..., :b].copy_(positions)
-        self.slot_mapping[:b].copy_(meta.slot_mapping)
-        self.slot_mapping[b:bs].fill_(-1)
-        self.seq_lens[:b].copy_(meta.seq_lens)
-        self.seq_lens[b:bs].zero_()
-        width = meta.block_tables.shape[1]
-        self.block_tables[:b, :width].copy_(meta.block_tables)
+        self._load(input_ids, positions, meta, bs)
         self.graphs[bs].replay()
         return self.logits[bs][:b]
+
+    def run_mixed(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] of any batch of T tokens within the mixed graphs' sizes."""
+        t = input_ids.shape[0]
+        padded = next(s for s in self.token_sizes if s >= t)
+        self._load(input_ids, positions, meta, padded)
+        self.mixed_graphs[padded].replay()
+        return self.hidden[padded][:t]

@@ -83,8 +83,7 @@ class ModelRunner:
         if config.lora_config is not None:
             from loomserve.adapters.manager import LoRAManager
 
-            self.lora_manager = LoRAManager(self.model, config.lora_config, self.device,
-                                            config.scheduler_config.max_num_seqs)
+            self.lora_manager = LoRAManager(self.model, config.lora_config, self.device, self._max_graph_tokens())
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
         self.pooler = Pooler(self.model, mc.pooler_config)
@@ -117,8 +116,12 @@ class ModelRunner:
         if (self.device.type != "cuda" or self.config.enforce_eager or self.config.attention_backend != "triton"
                 or mc.task != "generate"):
             return None
-        sc = self.config.scheduler_config
-        return CudaGraphRunner(self.model, self.kv_caches, sc.max_num_seqs, cdiv(mc.max_model_len, self.block_size))
+        return CudaGraphRunner(self.model, self.kv_caches, self.config.scheduler_config.max_num_seqs,
+                               mc.max_model_len, self.block_size, self.config.max_cudagraph_capture_size)
+
+    def _max_graph_tokens(self) -> int:
+        """The most tokens a CUDA-graph step may hold (what graph-side buffers are sized by)."""
+        return max(self.config.scheduler_config.max_num_seqs, self.config.max_cudagraph_capture_size)
 
     def _bytes_per_block(self) -> int:
         if not self.uses_kv_cache:
@@ -155,6 +158,7 @@ class ModelRunner:
             query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
             block_tables=torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None],
+            seq_counts=torch.tensor([0, 1], device=self.device),
             num_decodes=0,
             num_decode_tokens=0,
             query_start_loc_cpu=[0, num_tokens],
@@ -221,20 +225,23 @@ class ModelRunner:
         width = cdiv(max(seq_lens), bs)
         num_tokens, num_seqs = len(ids), len(scheduled)
         at, prev = (list(x) for x in zip(*from_previous)) if from_previous else ([], [])
+        counts = [num_decodes, num_seqs]
         host = np.concatenate([
-            np.array(ids + positions + slots + query_start_loc + seq_lens + logits_indices + at + prev, dtype=np.int64),
+            np.array(ids + positions + slots + query_start_loc + seq_lens + counts + logits_indices + at + prev,
+                     dtype=np.int64),
             self.block_table.gather(rows, width).ravel(),
         ])
         # One non-blocking copy: a blocking one would first wait for the step still running on the GPU.
         dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_indices), len(at), len(prev)]
+        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, 2, len(logits_indices), len(at), len(prev)]
         parts = torch.tensor_split(dev, np.cumsum(sizes).tolist())
-        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, logits_t, at_t, prev_t, tables_t = parts
+        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, counts_t, logits_t, at_t, prev_t, tables_t = parts
         attn = AttentionMetadata(
             slot_mapping=slot_t,
             query_start_loc=qsl_t,
             seq_lens=seq_lens_t,
             block_tables=tables_t.view(num_seqs, width),
+            seq_counts=counts_t,
             num_decodes=num_decodes,
             num_decode_tokens=num_decodes,
             query_start_loc_cpu=query_start_loc,
@@ -308,15 +315,20 @@ class ModelRunner:
     def _run_model(self, batch: BatchInputs) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Logits of the sampling rows [S, vocab] (None when no row samples) and the pooled outputs (on the device).
 
-        A decode-only batch replays a CUDA graph when there is one; a graph takes token ids and positions only and
-        yields logits, not hidden states, so a step with extra model inputs (media embeddings) or a pooling request (a
-        one-token prompt looks like a decode) always runs eagerly."""
-        num_seqs = batch.attn.num_seqs
-        if (self.cuda_graphs and not (batch.pooling or batch.model_inputs) and batch.attn.num_decodes == num_seqs
-                and self.cuda_graphs.can_run(num_seqs)):
-            logits = self.cuda_graphs.run(batch.input_ids, batch.positions, batch.attn)  # [B, vocab]
+        A decode-only batch replays a decode CUDA graph (logits), another batch within the mixed graphs' sizes a mixed
+        graph (hidden states). Graphs take token ids and positions only, so a step with extra model inputs (media
+        embeddings, token types) or a pooling request runs eagerly."""
+        graphs, attn = self.cuda_graphs, batch.attn
+        num_tokens, num_seqs = batch.input_ids.shape[0], attn.num_seqs
+        if graphs is None or batch.pooling or batch.model_inputs:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, attn, **batch.model_inputs)
+        elif attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
+            logits = graphs.run_decode(batch.input_ids, batch.positions, attn)  # [B, vocab]
             return (logits[batch.logits_indices] if batch.sample_requests else None), {}
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.attn, **batch.model_inputs)
+        elif graphs.can_run_mixed(num_tokens, num_seqs):
+            hidden = graphs.run_mixed(batch.input_ids, batch.positions, attn)  # [T, hidden]
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, attn)
         logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sample_requests else None
         return logits, self.pooler(hidden, batch.pooling)
 

@@ -43,6 +43,7 @@ def make_metadata(
         query_start_loc=torch.tensor(starts, dtype=torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32),
+        seq_counts=torch.tensor([num_decodes, len(query_lens)]),
         num_decodes=num_decodes,
         num_decode_tokens=num_decodes,
         query_start_loc_cpu=starts,

@@ -24,10 +24,14 @@ SCENARIOS = {
     "prefill-only": [(0, 15), (0, 16), (0, 17), (0, 33)],
     "mixed": [(31, 1), (32, 1), (15, 2), (0, 16), (16, 16), (5, 40)],
 }
+# Contexts long enough to be cut into KV splits of 64 keys: decodes, a chunk late in its prompt, a whole prompt.
+LONG = [(300, 1), (5, 1), (130, 1), (200, 40), (0, 130)]
 HEADS = {"mha": (4, 4), "gqa-4:1": (8, 2), "gqa-7:1": (14, 2)}
 
 
-def run_both(seqs, num_heads, num_kv_heads, block_size, dtype):
+def run_both(seqs, num_heads, num_kv_heads, block_size, dtype, split_min=512, pad=None):
+    """The reference's and Triton's outputs (and caches) for one step; `pad` = (tokens, sequences) runs Triton's
+    launch as a CUDA graph would, over that many padding tokens and sequences and bounds no step reaches."""
     gen = torch.Generator().manual_seed(0)
     lengths = [c + n for c, n in seqs]
     num_blocks = sum(-(-n // block_size) for n in lengths) + 3
@@ -39,13 +43,33 @@ def run_both(seqs, num_heads, num_kv_heads, block_size, dtype):
     k = torch.randn(num_new, num_kv_heads, HEAD_DIM, generator=gen).to(DEVICE, dtype)
     v = torch.randn(num_new, num_kv_heads, HEAD_DIM, generator=gen).to(DEVICE, dtype)
     meta = make_metadata([n for _, n in seqs], lengths, tables, block_size)
-    for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables"):
+    for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables", "seq_counts"):
         setattr(meta, name, getattr(meta, name).to(DEVICE))
     scale = HEAD_DIM**-0.5
     ref_cache, tri_cache = cache.clone(), cache.clone()
     ref = TorchAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale).forward(q, k, v, ref_cache, meta)
-    out = TritonAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale).forward(q, k, v, tri_cache, meta)
-    return out, ref, tri_cache, ref_cache
+    triton_backend = TritonAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale, split_min=split_min)
+    if pad is not None:
+        q, k, v, meta = padded_like_a_graph(q, k, v, meta, *pad)
+    out = triton_backend.forward(q, k, v, tri_cache, meta)
+    return out[: ref.shape[0]], ref, tri_cache, ref_cache
+
+
+def padded_like_a_graph(q, k, v, meta, pad_tokens: int, pad_seqs: int):
+    """The step as a CUDA graph's static buffers hold it: random rows after its tokens (slot -1), garbage
+    sequences after its sequences, and capture bounds (every sequence may be a decode or a prefill, and as
+    long as 2048 tokens) far above what it holds; only `seq_counts` tells the kernels the truth."""
+    from loomserve.platform.attention.metadata import LaunchBounds
+
+    t, b = q.shape[0] + pad_tokens, meta.num_seqs + pad_seqs
+    extra = lambda x: torch.cat([x, torch.randn(pad_tokens, *x.shape[1:]).to(x)])  # noqa: E731
+    junk = torch.full((pad_seqs,), 7, dtype=meta.seq_lens.dtype, device=DEVICE)
+    meta.slot_mapping = torch.cat([meta.slot_mapping, torch.full((pad_tokens,), -1, device=DEVICE)])
+    meta.query_start_loc = torch.cat([meta.query_start_loc, meta.query_start_loc[-1:] + junk.cumsum(0)])
+    meta.seq_lens = torch.cat([meta.seq_lens, junk])
+    meta.block_tables = torch.cat([meta.block_tables, meta.block_tables[:1].expand(pad_seqs, -1)])
+    meta.capture_bounds = LaunchBounds(decodes=b, prefills=b, prefill_tokens=t, max_seq_len=2048)
+    return extra(q), extra(k), extra(v), meta
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -56,6 +80,22 @@ def test_triton_attention_equals_torch_reference(scenario, heads, block_size, dt
     out, ref, _, _ = run_both(scenario, *heads, block_size, dtype)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("heads", [(8, 2), (14, 2)], ids=["gqa-4:1", "gqa-7:1"])
+def test_triton_attention_split_over_long_contexts_equals_torch_reference(heads):
+    out, ref, _, _ = run_both(LONG, *heads, 16, DTYPES[0], split_min=64)
+    tol = 1e-4 if DTYPES[0] == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("scenario", [SCENARIOS["decode-only"], SCENARIOS["mixed"], LONG],
+                         ids=["decode-only", "mixed", "long"])
+def test_triton_attention_in_a_padded_graph_launch_equals_torch_reference(scenario):
+    out, ref, tri_cache, ref_cache = run_both(scenario, 8, 2, 16, DTYPES[0], split_min=64, pad=(21, 3))
+    tol = 1e-4 if DTYPES[0] == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert torch.equal(tri_cache, ref_cache)  # padding tokens wrote nothing
 
 
 def test_triton_kv_write_fills_the_same_slots_as_the_reference():

@@ -1,7 +1,9 @@
 """The CUDA attention backend: Triton kernels for the KV write and the paged attention.
 
 Decodes (one query token each) and prefill chunks are the same kernel with different tile shapes:
-decodes take one sequence per program, prefill chunks BLOCK_Q tokens per program.
+decodes take one sequence per program, prefill chunks BLOCK_Q tokens per program. Grids and the number of
+KV splits come from the metadata's launch bounds, so a launch captured in a CUDA graph covers every step
+the graph may replay.
 """
 
 from __future__ import annotations
@@ -10,18 +12,23 @@ import torch
 import triton
 
 from loomserve.platform.attention.metadata import AttentionMetadata
-from loomserve.platform.attention.triton_kernels import paged_attention_kernel, write_kv_kernel
+from loomserve.platform.attention.triton_kernels import combine_splits_kernel, paged_attention_kernel, write_kv_kernel
 
 _PREFILL_ROWS = 64  # rows (query token x grouped head) per prefill tile
 _BLOCK_N = 64
+_SPLIT_MIN = 512  # keys: a context this short is one program's work
+_MAX_SPLITS = 16
+_SPLIT_BUFFER_BYTES = 64 << 20  # bound on a launch's float32 partial outputs
 
 
 class TritonAttentionBackend:
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 split_min: int = _SPLIT_MIN) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.split_min = split_min
         self.group = num_heads // num_kv_heads
         self.group_pad = max(triton.next_power_of_2(self.group), 1)
         self.head_dim_pad = triton.next_power_of_2(head_dim)
@@ -38,33 +45,48 @@ class TritonAttentionBackend:
     ) -> torch.Tensor:  # [T, H * D]
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
-        if meta.num_decodes:
-            self._launch(out, q, kv_cache, meta, 0, meta.num_decodes, decode=True)
-        num_prefills = meta.num_seqs - meta.num_decodes
-        if num_prefills:
-            self._launch(out, q, kv_cache, meta, meta.num_decodes, num_prefills, decode=False)
+        bounds = meta.launch_bounds()
+        splits = self.num_splits(bounds.max_seq_len, q.shape[0])
+        # Split outputs are indexed by the token's row in the batch: [T, H, splits, D] and [T, H, splits].
+        parts = (q.new_empty((q.shape[0], self.num_heads, splits, self.head_dim), dtype=torch.float32),
+                 q.new_empty((q.shape[0], self.num_heads, splits), dtype=torch.float32)) if splits > 1 else (q, q)
+        if bounds.decodes:
+            self._launch(out, q, kv_cache, meta, parts, splits, bounds.decodes, decode=True)
+        if bounds.prefills:
+            # Sequence s's tiles start at its first token // block_q + s: an upper bound; extra programs return.
+            tiles = bounds.prefill_tokens // self.prefill_block_q + bounds.prefills
+            self._launch(out, q, kv_cache, meta, parts, splits, tiles, decode=False)
         return out.flatten(1)
 
-    def _launch(self, out, q, kv_cache, meta: AttentionMetadata, first: int, count: int, decode: bool) -> None:
+    def num_splits(self, max_seq_len: int, num_tokens: int) -> int:
+        """KV splits per tile for a launch: enough that no program walks more than ~split_min keys of the longest
+        context, within the partial-output buffer's bound."""
+        by_len = triton.cdiv(max_seq_len, self.split_min)
+        by_buffer = _SPLIT_BUFFER_BYTES // max(1, num_tokens * self.num_heads * self.head_dim * 4)
+        return max(1, min(_MAX_SPLITS, by_len, by_buffer))
+
+    def _launch(self, out, q, kv_cache, meta: AttentionMetadata, parts: tuple[torch.Tensor, torch.Tensor],
+                splits: int, tiles: int, decode: bool) -> None:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
+        part_out, part_lse = parts
         block_q = self.decode_block_q if decode else self.prefill_block_q
-        if decode:
-            tiles = count
-        else:
-            num_tokens = meta.query_start_loc_cpu[first + count] - meta.query_start_loc_cpu[first]
-            tiles = num_tokens // block_q + count  # an upper bound; extra programs exit at once
-        paged_attention_kernel[(tiles, self.num_kv_heads)](
+        consts = dict(GROUP=self.group, GROUP_PAD=self.group_pad, HEAD_DIM=self.head_dim,
+                      HEAD_DIM_PAD=self.head_dim_pad, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N, SPLIT_MIN=self.split_min,
+                      IS_DECODE=decode)
+        paged_attention_kernel[(tiles, self.num_kv_heads, splits)](
             out, q, k_cache, v_cache,
-            meta.block_tables, meta.seq_lens, meta.query_start_loc,
-            first, count, self.scale,
+            meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.seq_counts,
+            part_out, part_lse, splits, self.scale,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             meta.block_tables.stride(0),
-            GROUP=self.group, GROUP_PAD=self.group_pad, BLOCK_SIZE=k_cache.shape[1],
-            HEAD_DIM=self.head_dim, HEAD_DIM_PAD=self.head_dim_pad,
-            BLOCK_Q=block_q, BLOCK_N=_BLOCK_N, IS_DECODE=decode,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_SIZE=k_cache.shape[1], PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **consts,
         )
+        if splits > 1:
+            combine_splits_kernel[(tiles, self.num_kv_heads)](
+                out, part_out, part_lse, meta.seq_lens, meta.query_start_loc, meta.seq_counts, splits,
+                out.stride(0), out.stride(1), **consts,
+            )
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

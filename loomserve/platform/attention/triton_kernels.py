@@ -1,9 +1,17 @@
-"""Triton kernels for paged attention: one varlen kernel for mixed prefill/decode batches, and the
-fused write of new keys and values into the cache through the slot mapping.
+"""Triton kernels for paged attention: one varlen kernel for mixed prefill/decode batches, the combine of
+its KV splits, and the fused write of new keys and values into the cache through the slot mapping.
 
-Each program of the attention kernel handles one KV head and a tile of BLOCK_Q query tokens of one
-sequence; the tile's rows are (query token, query head of that KV head's group) pairs, so grouped
-query heads share every key and value load. Softmax is online (flash-attention style) in float32.
+Each program of the attention kernel handles one KV head, a tile of BLOCK_Q query tokens of one sequence,
+and one split of the keys that tile sees; the tile's rows are (query token, query head of that KV head's
+group) pairs, so grouped query heads share every key and value load. Softmax is online (flash-attention
+style) in float32. A long context is cut into up to `num_splits` splits of at least SPLIT_MIN keys, each
+its own program (flash-decoding): otherwise one program would walk the whole context alone while the rest
+of the GPU idles. Splits land as normalized partial outputs with their log-sum-exp, and the combine kernel
+merges them; a tile whose context fits one split writes its output directly.
+
+Which sequences a launch covers is read on the device (`seq_counts`), and grids may be larger than the
+work (programs past it return), so one launch can be captured in a CUDA graph and replayed for any step
+within its bounds.
 """
 
 from __future__ import annotations
@@ -49,13 +57,54 @@ def _find_seq(query_start_loc_ptr, seq_offset, num_seqs, tile, BLOCK_Q: tl.const
 
 
 @triton.jit
+def _locate_tile(query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile,
+                 IS_DECODE: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """A program's tile: (sequence, its first token in the batch, its new tokens, the tile's first new token,
+    keys the tile sees, whether the tile holds work). Decode launches cover the first seq_counts[0] sequences,
+    prefill launches the rest up to seq_counts[1]."""
+    num_decodes = tl.load(seq_counts_ptr).to(tl.int32)
+    if IS_DECODE:
+        first = 0
+        count = num_decodes
+        s = tile
+    else:
+        first = num_decodes
+        count = tl.load(seq_counts_ptr + 1).to(tl.int32) - num_decodes
+        s = _find_seq(query_start_loc_ptr, first, count, tile, BLOCK_Q)
+    in_launch = s < count
+    seq = first + tl.where(in_launch, s, 0)
+    q_start = tl.load(query_start_loc_ptr + seq, mask=in_launch, other=0).to(tl.int32)
+    q_len = tl.load(query_start_loc_ptr + seq + 1, mask=in_launch, other=0).to(tl.int32) - q_start
+    if IS_DECODE:
+        q_first = tile * 0
+    else:
+        base = tl.load(query_start_loc_ptr + first).to(tl.int32)
+        q_first = (tile - ((q_start - base) // BLOCK_Q + s)) * BLOCK_Q
+    has_work = in_launch & (q_first < q_len)
+    seq_len = tl.load(seq_lens_ptr + seq, mask=has_work, other=0).to(tl.int32)
+    context = seq_len - q_len  # tokens already in the cache before this step's
+    kv_end = context + tl.minimum(q_first + BLOCK_Q, q_len)
+    return seq, q_start, q_len, q_first, context, kv_end, has_work
+
+
+@triton.jit
+def _split_len(kv_end, num_splits, SPLIT_MIN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys per split for a tile seeing kv_end keys: at most num_splits splits, each a whole number of key blocks."""
+    even = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+    return tl.maximum(even, SPLIT_MIN)
+
+
+@triton.jit
 def paged_attention_kernel(
     out_ptr, q_ptr,  # [T, H, D]
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
     query_start_loc_ptr,  # [B + 1] int32
-    seq_offset, num_seqs,  # this launch covers sequences [seq_offset, seq_offset + num_seqs)
+    seq_counts_ptr,  # [2]: (decodes, sequences) this step
+    part_out_ptr,  # [T, H, num_splits, D] float32: each split's normalized output (num_splits > 1 only)
+    part_lse_ptr,  # [T, H, num_splits] float32: each split's log2-sum-exp2 of its scores
+    num_splits,
     scale,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_c_blk, stride_c_tok, stride_c_head,
@@ -66,29 +115,22 @@ def paged_attention_kernel(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # query tokens per tile
     BLOCK_N: tl.constexpr,  # keys per iteration
+    SPLIT_MIN: tl.constexpr,  # fewest keys a split takes (a multiple of BLOCK_N)
     IS_DECODE: tl.constexpr,  # one query token per sequence: tile == sequence
     PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32), "tf32" otherwise (unused for 16-bit inputs)
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    if IS_DECODE:
-        s = tile
-    else:
-        s = _find_seq(query_start_loc_ptr, seq_offset, num_seqs, tile, BLOCK_Q)
-    if s >= num_seqs:
+    split = tl.program_id(2)
+    seq, q_start, q_len, q_first, context, kv_end, has_work = _locate_tile(
+        query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, IS_DECODE, BLOCK_Q)
+    if not has_work:
         return
-    seq = seq_offset + s
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if IS_DECODE:
-        q_first = 0
-    else:
-        base = tl.load(query_start_loc_ptr + seq_offset)
-        q_first = (tile - ((q_start - base) // BLOCK_Q + s)) * BLOCK_Q
-    if q_first >= q_len:
+    split_len = _split_len(kv_end, num_splits, SPLIT_MIN, BLOCK_N)
+    kv_start = split * split_len
+    if kv_start >= kv_end:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    context = seq_len - q_len  # tokens already in the cache before this step's
+    kv_stop = tl.minimum(kv_start + split_len, kv_end)
 
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     rows = tl.arange(0, BLOCK_M)
@@ -107,10 +149,9 @@ def paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     qk_scale = scale * 1.4426950408889634  # softmax in base 2
-    kv_end = context + tl.minimum(q_first + BLOCK_Q, q_len)
-    for start in range(0, kv_end, BLOCK_N):
+    for start in range(kv_start, kv_stop, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < kv_end
+        k_ok = k_pos < kv_stop
         blk = tl.load(block_tables_ptr + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
         off = blk.to(tl.int64) * stride_c_blk + (k_pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
         kv_mask = k_ok[:, None] & d_ok[None, :]
@@ -126,7 +167,70 @@ def paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_i[:, None]
-    o_rows = out_ptr + (q_start + q_idx)[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :]
+    token = q_start + q_idx
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out_mask = row_ok[:, None] & d_ok[None, :]
+    if split_len >= kv_end:  # the tile's only split: the output itself
+        o_rows = out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :]
+        tl.store(o_rows, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # A row whose causal window ends before this split sees nothing here: weight 0 in the combine.
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        part = (token * (GROUP * tl.num_programs(1)) + head) * num_splits + split  # [M]
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=out_mask)
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def combine_splits_kernel(
+    out_ptr,  # [T, H, D]
+    part_out_ptr, part_lse_ptr,  # as paged_attention_kernel wrote them
+    seq_lens_ptr, query_start_loc_ptr, seq_counts_ptr,
+    num_splits,
+    stride_o_t, stride_o_h,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_MIN: tl.constexpr,
+    IS_DECODE: tl.constexpr,
+):
+    """Merge a tile's splits, weighting each split's output by its share of the softmax mass; the same grid
+    as the attention launch, and tiles that had one split (already written) return."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq, q_start, q_len, q_first, context, kv_end, has_work = _locate_tile(
+        query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, IS_DECODE, BLOCK_Q)
+    if not has_work:
+        return
+    split_len = _split_len(kv_end, num_splits, SPLIT_MIN, BLOCK_N)
+    if split_len >= kv_end:
+        return
+    used = tl.cdiv(kv_end, split_len)
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_first + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    row_ok = (q_idx < q_len) & (g < GROUP)
+    head = kv_head * GROUP + g
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = d < HEAD_DIM
+    token = q_start + q_idx
+    base = (token * (GROUP * tl.num_programs(1)) + head) * num_splits  # [M]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for split in range(0, used):
+        lse = tl.load(part_lse_ptr + base + split, mask=row_ok, other=float("-inf"))
+        part = tl.load(part_out_ptr + (base + split)[:, None] * HEAD_DIM + d[None, :],
+                       mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+        m_new = tl.maximum(m_i, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        w = tl.exp2(lse - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * part
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_rows = out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :]
     tl.store(o_rows, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
