@@ -1,6 +1,6 @@
-"""On CUDA (Triton attention, CUDA graphs for decode steps, async scheduling: the engine's defaults there), pooling
+"""On CUDA (Triton attention, CUDA graphs, async scheduling: the engine's defaults there), pooling
 requests interleaved with generation give transformers' outputs (float32). A step of decodes and a one-token
-pooling request looks decode-only but needs hidden states, so it runs eagerly instead of replaying a graph.
+pooling request needs hidden states of its own, so it runs eagerly instead of replaying a graph.
 Encoders (no KV cache, no graphs) give the CPU engine's outputs."""
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ def test_embeddings_interleaved_with_generation_on_cuda_equal_transformers():
 def test_one_token_pooling_request_beside_decodes_runs_eagerly():
     llm = cuda_llm()
     graphs = llm.engine.runner.cuda_graphs
-    replays = []
-    run = graphs.run
-    graphs.run = lambda *args: replays.append(len(args[0])) or run(*args)
+    replays = []  # sequences in each replayed step
+    for name in ("run_decode", "run_mixed"):
+        run = getattr(graphs, name)
+        setattr(graphs, name, lambda *args, run=run: replays.append(args[2].num_seqs) or run(*args))
     arrivals = {0: ["g0"], 3: ["e1"]}  # "a" is one token: it joins g0's decodes
     tokens, pooled, _ = run_interleaved(llm, arrivals)
     check_outputs(tokens, pooled, arrivals)
-    assert replays and max(replays) == 1  # g0's decodes alone replay graphs; the step with e1 did not
+    assert replays and max(replays) == 1  # g0's steps alone replay graphs; the step with e1 did not
 
 
 def test_encoders_on_cuda_equal_the_cpu_engine():
