@@ -57,7 +57,7 @@ def main() -> None:
     args = p.parse_args()
     path = build_preset_checkpoint(args.shape)
     chunk = args.mixed_prefill
-    long_len = (args.steps + 4) * chunk  # enough chunks for every timed step
+    long_len = (args.steps + 4 + 10) * chunk  # a chunk for every step: warm-up, timed, and --kernels'
     llm = LLM(str(path), load_format="dummy", device=args.device, max_model_len=max(2048, long_len + 64),
               max_num_seqs=args.num_prompts + 1, enforce_eager=args.enforce_eager,
               async_scheduling=args.async_scheduling,

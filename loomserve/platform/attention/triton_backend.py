@@ -23,7 +23,7 @@ _SPLIT_BUFFER_BYTES = 64 << 20  # bound on a launch's float32 partial outputs
 
 class TritonAttentionBackend:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 split_min: int = _SPLIT_MIN) -> None:
+                 split_min: int = _SPLIT_MIN, prefill_rows: int = _PREFILL_ROWS) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -33,7 +33,7 @@ class TritonAttentionBackend:
         self.group_pad = max(triton.next_power_of_2(self.group), 1)
         self.head_dim_pad = triton.next_power_of_2(head_dim)
         self.decode_block_q = max(1, 16 // self.group_pad)  # tl.dot wants at least 16 rows
-        self.prefill_block_q = max(self.decode_block_q, _PREFILL_ROWS // self.group_pad)
+        self.prefill_block_q = max(self.decode_block_q, prefill_rows // self.group_pad)
 
     def forward(
         self,
