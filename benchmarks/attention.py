@@ -3,7 +3,7 @@ prompt (the step that sets the ITL tail under chunked prefill), per kernel setti
 
 Builds a random paged KV cache (blocks shuffled), D decodes with contexts uniform in [128, 768] plus one
 long-context decode, and one C-token prefill chunk at context L; times `TritonAttentionBackend.forward` (KV
-write, attention, split combine) with CUDA events, eager (not in a graph), and prints a table: microseconds
+write, attention, split combine) with CUDA events over CUDA-graph replays, and prints a table: microseconds
 per call per layer, and the chunk's attention FLOPs over that time (what the tensor cores deliver).
 
     python -m benchmarks.attention --chunk 256,512 --context 6144
@@ -12,6 +12,7 @@ per call per layer, and the chunk's attention FLOPs over that time (what the ten
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ def build_step(decodes: list[int], chunk: int, context: int, heads: tuple[int, i
                device: str, rng: np.random.Generator):
     """Inputs of one step: decodes of the given contexts, then `chunk` new tokens after `context` cached ones."""
     num_heads, num_kv_heads, head_dim = heads
-    lengths = [c + 1 for c in decodes] + [context + chunk]
-    query_lens = [1] * len(decodes) + [chunk]
+    lengths = [c + 1 for c in decodes] + ([context + chunk] if chunk else [])
+    query_lens = [1] * len(decodes) + ([chunk] if chunk else [])
     blocks = [-(-n // block_size) for n in lengths]
     order = rng.permutation(sum(blocks))
     tables, at = [], 0
@@ -58,13 +59,19 @@ def build_step(decodes: list[int], chunk: int, context: int, heads: tuple[int, i
 
 
 def time_us(fn, iters: int = 50) -> float:
-    for _ in range(5):
+    """GPU time per call: `fn` captured once in a CUDA graph (as the engine runs steps of up to
+    --max-cudagraph-capture-size tokens) and replayed, so Python's launch cost is not counted."""
+    fn()  # compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         fn()
+    for _ in range(3):
+        graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
     for _ in range(iters):
-        fn()
+        graph.replay()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1e3 / iters
@@ -75,10 +82,12 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
     p.add_argument("--decodes", type=int, default=48)
     p.add_argument("--long-decode", type=int, default=8192, help="context of one more decode (0: none)")
-    p.add_argument("--chunk", default="256,512", help="prefill chunk sizes, comma separated")
+    p.add_argument("--chunk", default="0,128,256,512", help="prefill chunk sizes, comma separated")
     p.add_argument("--context", type=int, default=6144, help="tokens cached before the chunk")
     p.add_argument("--split-min", default="512,1024,2048", help="TritonAttentionBackend split_min values")
     p.add_argument("--prefill-rows", default="64,128", help="TritonAttentionBackend prefill_rows values")
+    p.add_argument("--prefill-block-n", default="64,128", help="TritonAttentionBackend prefill_block_n values")
+    p.add_argument("--prefill-warps", default="4,8", help="TritonAttentionBackend prefill_warps values")
     p.add_argument("--block-size", type=int, default=16)
     args = p.parse_args()
     heads = SHAPES[args.shape]
@@ -87,16 +96,18 @@ def main() -> None:
     decodes = rng.integers(128, 769, args.decodes).tolist() + ([args.long_decode] if args.long_decode else [])
     print(f"{args.shape} heads {num_heads}/{num_kv_heads} dim {head_dim}, {len(decodes)} decodes "
           f"(one at {args.long_decode}), chunk at context {args.context}, bf16, {torch.cuda.get_device_name()}")
-    print("| chunk | split_min | prefill_rows | us/layer | chunk TFLOP/s |\n|---:|---:|---:|---:|---:|")
-    for chunk in (int(c) for c in args.chunk.split(",")):
+    print("| chunk | split_min | prefill_rows | prefill_block_n | prefill_warps | us/layer | chunk TFLOP/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    for chunk in ints(args.chunk):
         q, k, v, cache, meta = build_step(decodes, chunk, args.context, heads, args.block_size, "cuda", rng)
-        flops = 4 * chunk * (args.context + chunk / 2) * head_dim * num_heads  # QK^T and PV, causal
-        for split_min in (int(s) for s in args.split_min.split(",")):
-            for rows in (int(r) for r in args.prefill_rows.split(",")):
-                backend = TritonAttentionBackend(num_heads, num_kv_heads, head_dim, head_dim**-0.5,
-                                                 split_min=split_min, prefill_rows=rows)
-                us = time_us(lambda: backend.forward(q, k, v, cache, meta))  # noqa: B023
-                print(f"| {chunk} | {split_min} | {rows} | {us:.1f} | {flops / us / 1e6:.1f} |")
+        flops = 4 * chunk * (args.context + chunk / 2) * head_dim * num_heads or float("nan")  # QK^T, PV; causal
+        for setting in itertools.product(ints(args.split_min), ints(args.prefill_rows), ints(args.prefill_block_n),
+                                         ints(args.prefill_warps)):
+            knobs = dict(zip(("split_min", "prefill_rows", "prefill_block_n", "prefill_warps"), setting))
+            backend = TritonAttentionBackend(num_heads, num_kv_heads, head_dim, head_dim**-0.5, **knobs)
+            us = time_us(lambda: backend.forward(q, k, v, cache, meta))  # noqa: B023
+            print(f"| {chunk} | {' | '.join(map(str, setting))} | {us:.1f} | {flops / us / 1e6:.1f} |")
 
 
 if __name__ == "__main__":

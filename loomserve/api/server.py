@@ -36,6 +36,7 @@ from loomserve.api.serving_lora import load_startup_adapters
 from loomserve.api.serving_lora import router as lora_router
 from loomserve.platform.async_llm import EngineDeadError
 from loomserve.platform.config import EngineArgs
+from loomserve.platform.gc_heap import freeze_startup_heap
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # served without an API key
 
@@ -59,6 +60,7 @@ def build_app(
         app.state.models = ServedModels(await start_engines(all_args, stat_loggers))
         try:
             await load_startup_adapters(app.state.models, lora_modules)
+            freeze_startup_heap()
             yield
         finally:
             app.state.models.shutdown()

@@ -19,6 +19,7 @@ from loomserve.adapters.request import LoRARequest
 from loomserve.adapters.scheduling import LoRAAdmission
 from loomserve.modalities.encoder_cache import EncoderCacheManager
 from loomserve.platform.config import EngineArgs, EngineConfig, resolve_device
+from loomserve.platform.gc_heap import freeze_startup_heap
 from loomserve.platform.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -199,6 +200,7 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None
     outbox.connect(output_addr)
     try:
         engine = EngineCore(args.create_engine_config())
+        freeze_startup_heap()
         cc = engine.config.cache_config
         outbox.send(pack(MessageType.READY, {"num_blocks": cc.num_blocks, "block_size": cc.block_size}))
         _serve(engine, inbox, outbox)

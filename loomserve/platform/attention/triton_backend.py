@@ -23,7 +23,8 @@ _SPLIT_BUFFER_BYTES = 64 << 20  # bound on a launch's float32 partial outputs
 
 class TritonAttentionBackend:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 split_min: int = _SPLIT_MIN, prefill_rows: int = _PREFILL_ROWS) -> None:
+                 split_min: int = _SPLIT_MIN, prefill_rows: int = _PREFILL_ROWS, prefill_block_n: int = _BLOCK_N,
+                 prefill_warps: int = 4) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -34,6 +35,8 @@ class TritonAttentionBackend:
         self.head_dim_pad = triton.next_power_of_2(head_dim)
         self.decode_block_q = max(1, 16 // self.group_pad)  # tl.dot wants at least 16 rows
         self.prefill_block_q = max(self.decode_block_q, prefill_rows // self.group_pad)
+        self.prefill_block_n = prefill_block_n
+        self.prefill_warps = prefill_warps
 
     def forward(
         self,
@@ -69,9 +72,10 @@ class TritonAttentionBackend:
                 splits: int, tiles: int, decode: bool) -> None:
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         part_out, part_lse = parts
-        block_q = self.decode_block_q if decode else self.prefill_block_q
+        block_q, block_n, warps = ((self.decode_block_q, _BLOCK_N, 4) if decode
+                                   else (self.prefill_block_q, self.prefill_block_n, self.prefill_warps))
         consts = dict(GROUP=self.group, GROUP_PAD=self.group_pad, HEAD_DIM=self.head_dim,
-                      HEAD_DIM_PAD=self.head_dim_pad, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N, SPLIT_MIN=self.split_min,
+                      HEAD_DIM_PAD=self.head_dim_pad, BLOCK_Q=block_q, BLOCK_N=block_n, SPLIT_MIN=self.split_min,
                       IS_DECODE=decode)
         paged_attention_kernel[(tiles, self.num_kv_heads, splits)](
             out, q, k_cache, v_cache,
@@ -81,6 +85,7 @@ class TritonAttentionBackend:
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             meta.block_tables.stride(0),
             BLOCK_SIZE=k_cache.shape[1], PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **consts,
+            num_warps=warps,
         )
         if splits > 1:
             combine_splits_kernel[(tiles, self.num_kv_heads)](
