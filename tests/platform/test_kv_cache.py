@@ -115,3 +115,12 @@ def test_freed_request_evicts_its_tail_blocks_first():
     kv.free(req)
     unused = ({0, 1, 2, 3} - set(ids)).pop()
     assert list(kv.pool.free_queue) == [unused, *reversed(ids)]
+
+
+def test_a_new_prompt_is_hashed_only_as_far_as_its_prefix_hits_then_as_its_chunks_fill_blocks():
+    kv = KVCacheManager(num_blocks=64, block_size=4, enable_caching=True)
+    request = make_request("r", list(range(40)))
+    assert kv.get_computed_blocks(request) == ([], 0)
+    assert len(kv.req_hashes["r"]) == 1  # the first block missed: nothing past it was hashed
+    assert kv.allocate_slots(request, 12)
+    assert len(kv.req_hashes["r"]) == 3  # the chunk filled three blocks

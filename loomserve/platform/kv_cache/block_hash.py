@@ -21,10 +21,12 @@ def hash_request_blocks(
     cache_salt: str | None = None,
     mm_spans: Sequence[tuple[int, int, str]] = (),
     adapter_key: tuple = (),
+    num_blocks: int | None = None,
 ) -> list[bytes]:
-    """Extend `known` (the hashes already computed) to cover every full block of `token_ids`, each keyed with
-    its `block_extra_keys`."""
-    for i in range(len(known), len(token_ids) // block_size):
+    """Extend `known` (the hashes already computed) to cover the first `num_blocks` full blocks of `token_ids`
+    (default: every full block), each keyed with its `block_extra_keys`."""
+    full = len(token_ids) // block_size
+    for i in range(len(known), full if num_blocks is None else min(num_blocks, full)):
         parent = known[-1] if known else None
         start, end = i * block_size, (i + 1) * block_size
         extra = block_extra_keys(start, end, cache_salt, mm_spans, adapter_key)

@@ -35,11 +35,13 @@ class KVCacheManager:
         """The longest cached prefix of the request, in whole blocks, leaving at least one token to run."""
         if not self.enable_caching or request.needs_whole_prompt:  # see PoolingParams.needs_whole_prompt
             return [], 0
-        hashes = self._hashes(request)
+        # Keys are computed only as far as the hit goes: a long new prompt's are computed as its chunks fill blocks,
+        # not all at once on arrival (8k tokens take ~1 ms, a stall of every running stream).
+        tokens = request.all_token_ids
         max_blocks = (request.num_tokens - 1) // self.block_size
         hit: list[KVBlock] = []
-        for block_hash in hashes[:max_blocks]:
-            block = self.pool.lookup(block_hash)
+        while len(hit) < max_blocks:
+            block = self.pool.lookup(self._hashes(request, len(hit) + 1, tokens)[len(hit)])
             if block is None:
                 break
             hit.append(block)
@@ -79,12 +81,16 @@ class KVCacheManager:
         self.queries = self.hits = 0
         return queries, hits
 
-    def _hashes(self, request: Request) -> list[bytes]:
+    def _hashes(self, request: Request, num_blocks: int, tokens: list[int] | None = None) -> list[bytes]:
+        """The request's block keys, computed up to its first `num_blocks` full blocks."""
         known = self.req_hashes.setdefault(request.request_id, [])
+        if len(known) >= num_blocks:
+            return known
         mm_spans = [(it.placeholder.offset, it.placeholder.end, it.content_hash) for it in request.mm_items]
         lora_key = request.lora_request.kv_cache_key if request.lora_request is not None else ()
         return hash_request_blocks(
-            request.all_token_ids, self.block_size, known, request.cache_salt, mm_spans, lora_key
+            request.all_token_ids if tokens is None else tokens, self.block_size, known, request.cache_salt, mm_spans,
+            lora_key, num_blocks,
         )
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
@@ -95,7 +101,7 @@ class KVCacheManager:
         end = min(num_tokens, request.num_tokens) // self.block_size  # tokens still in flight are not known yet
         if end <= start:
             return
-        hashes = self._hashes(request)
+        hashes = self._hashes(request, end)
         blocks = self.req_blocks[request.request_id]
         for i in range(start, end):
             self.pool.cache(blocks[i], hashes[i])
