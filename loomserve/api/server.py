@@ -98,6 +98,16 @@ async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
+@router.post("/reset_prefix_cache")
+async def reset_prefix_cache(models: Models) -> Response:
+    """Drop every served model's cached KV blocks (blocks in use stay); vLLM's route, for benchmarks that must
+    start cold. 200 once every engine has done it."""
+    for engine in models.engines.values():
+        await engine.check_health()
+        await engine.reset_prefix_cache()
+    return Response(status_code=200)
+
+
 @router.get("/v1/models")
 async def models(served: Models) -> ModelList:
     """Every served model, each followed by its LoRA adapters."""

@@ -1,4 +1,4 @@
-"""The small routes: /health, /version, /v1/models, /tokenize, /detokenize, /metrics."""
+"""The small routes: /health, /version, /v1/models, /tokenize, /detokenize, /metrics, /reset_prefix_cache."""
 
 from __future__ import annotations
 
@@ -61,3 +61,16 @@ def test_metrics_count_requests(server, http, client, model):
     response = http.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     assert 'loomserve:request_success_total{finished_reason="abort",model_name="tiny-qwen2"}' in response.text
+
+
+def test_reset_prefix_cache_makes_the_next_identical_prompt_run_cold(client, http, model):
+    prompt = "a prompt long enough to fill several KV blocks of the tiny model, " * 4
+
+    def cached_tokens() -> int:
+        usage = client.completions.create(model=model, prompt=prompt, max_tokens=1).usage
+        return usage.prompt_tokens_details.cached_tokens
+
+    cached_tokens()
+    assert cached_tokens() > 0  # the same prompt again: a prefix-cache hit
+    assert http.post("/reset_prefix_cache").status_code == 200
+    assert cached_tokens() == 0
