@@ -88,6 +88,19 @@ def _locate_tile(query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile,
 
 
 @triton.jit
+def _tile_rows(q_first, q_len, kv_head, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """A tile's rows, (query token, query head of the KV head's group) pairs: each row's token within the
+    sequence's new tokens [M], its head [M], whether it is real [M], and the head dims [D] with their mask."""
+    rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    q_idx = q_first + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    row_ok = (q_idx < q_len) & (g < GROUP)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    return q_idx, kv_head * GROUP + g, row_ok, d, d < HEAD_DIM
+
+
+@triton.jit
 def _split_len(kv_end, num_splits, SPLIT_MIN: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys per split for a tile seeing kv_end keys: at most num_splits splits, each a whole number of key blocks."""
     even = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
@@ -133,14 +146,9 @@ def paged_attention_kernel(
     kv_stop = tl.minimum(kv_start + split_len, kv_end)
 
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    rows = tl.arange(0, BLOCK_M)
-    q_idx = q_first + rows // GROUP_PAD  # query token within the sequence's new tokens
-    g = rows % GROUP_PAD
-    row_ok = (q_idx < q_len) & (g < GROUP)
-    head = kv_head * GROUP + g
+    q_idx, head, row_ok, d, d_ok = _tile_rows(q_first, q_len, kv_head, GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM,
+                                              HEAD_DIM_PAD)
     q_pos = context + q_idx  # absolute position: attends to keys at positions <= q_pos
-    d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = d < HEAD_DIM
 
     q_rows = q_ptr + (q_start + q_idx)[:, None] * stride_q_t + head[:, None] * stride_q_h + d[None, :]
     q = tl.load(q_rows, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
@@ -207,13 +215,8 @@ def combine_splits_kernel(
     used = tl.cdiv(kv_end, split_len)
 
     BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    rows = tl.arange(0, BLOCK_M)
-    q_idx = q_first + rows // GROUP_PAD
-    g = rows % GROUP_PAD
-    row_ok = (q_idx < q_len) & (g < GROUP)
-    head = kv_head * GROUP + g
-    d = tl.arange(0, HEAD_DIM_PAD)
-    d_ok = d < HEAD_DIM
+    q_idx, head, row_ok, d, d_ok = _tile_rows(q_first, q_len, kv_head, GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM,
+                                              HEAD_DIM_PAD)
     token = q_start + q_idx
     base = (token * (GROUP * tl.num_programs(1)) + head) * num_splits  # [M]
 
