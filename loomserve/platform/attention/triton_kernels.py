@@ -57,11 +57,11 @@ def _find_seq(query_start_loc_ptr, seq_offset, num_seqs, tile, BLOCK_Q: tl.const
 
 
 @triton.jit
-def _locate_tile(query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile,
-                 IS_DECODE: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _locate_tile(query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, num_splits,
+                 IS_DECODE: tl.constexpr, BLOCK_Q: tl.constexpr, SPLIT_MIN: tl.constexpr, BLOCK_N: tl.constexpr):
     """A program's tile: (sequence, its first token in the batch, its new tokens, the tile's first new token,
-    keys the tile sees, whether the tile holds work). Decode launches cover the first seq_counts[0] sequences,
-    prefill launches the rest up to seq_counts[1]."""
+    keys cached before the step, keys the tile sees, keys per split, whether the tile holds work). Decode
+    launches cover the first seq_counts[0] sequences, prefill launches the rest up to seq_counts[1]."""
     num_decodes = tl.load(seq_counts_ptr).to(tl.int32)
     if IS_DECODE:
         first = 0
@@ -84,7 +84,8 @@ def _locate_tile(query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile,
     seq_len = tl.load(seq_lens_ptr + seq, mask=has_work, other=0).to(tl.int32)
     context = seq_len - q_len  # tokens already in the cache before this step's
     kv_end = context + tl.minimum(q_first + BLOCK_Q, q_len)
-    return seq, q_start, q_len, q_first, context, kv_end, has_work
+    split_len = _split_len(kv_end, num_splits, SPLIT_MIN, BLOCK_N)
+    return seq, q_start, q_len, q_first, context, kv_end, split_len, has_work
 
 
 @triton.jit
@@ -135,11 +136,10 @@ def paged_attention_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq, q_start, q_len, q_first, context, kv_end, has_work = _locate_tile(
-        query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, IS_DECODE, BLOCK_Q)
+    seq, q_start, q_len, q_first, context, kv_end, split_len, has_work = _locate_tile(
+        query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, num_splits, IS_DECODE, BLOCK_Q, SPLIT_MIN, BLOCK_N)
     if not has_work:
         return
-    split_len = _split_len(kv_end, num_splits, SPLIT_MIN, BLOCK_N)
     kv_start = split * split_len
     if kv_start >= kv_end:
         return
@@ -205,11 +205,10 @@ def combine_splits_kernel(
     as the attention launch, and tiles that had one split (already written) return."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq, q_start, q_len, q_first, context, kv_end, has_work = _locate_tile(
-        query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, IS_DECODE, BLOCK_Q)
+    seq, q_start, q_len, q_first, context, kv_end, split_len, has_work = _locate_tile(
+        query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, num_splits, IS_DECODE, BLOCK_Q, SPLIT_MIN, BLOCK_N)
     if not has_work:
         return
-    split_len = _split_len(kv_end, num_splits, SPLIT_MIN, BLOCK_N)
     if split_len >= kv_end:
         return
     used = tl.cdiv(kv_end, split_len)
