@@ -320,15 +320,14 @@ class ModelRunner:
         embeddings, token types) or a pooling request runs eagerly."""
         graphs, attn = self.cuda_graphs, batch.attn
         num_tokens, num_seqs = batch.input_ids.shape[0], attn.num_seqs
-        if graphs is None or batch.pooling or batch.model_inputs:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, attn, **batch.model_inputs)
-        elif attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
+        replayable = graphs is not None and not (batch.pooling or batch.model_inputs)
+        if replayable and attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
             logits = graphs.run_decode(batch.input_ids, batch.positions, attn)  # [B, vocab]
             return (logits[batch.logits_indices] if batch.sample_requests else None), {}
-        elif graphs.can_run_mixed(num_tokens, num_seqs):
+        if replayable and graphs.can_run_mixed(num_tokens, num_seqs):
             hidden = graphs.run_mixed(batch.input_ids, batch.positions, attn)  # [T, hidden]
         else:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, attn)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, attn, **batch.model_inputs)
         logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sample_requests else None
         return logits, self.pooler(hidden, batch.pooling)
 
