@@ -42,9 +42,11 @@ def write_kv_kernel(
 
 @triton.jit
 def _find_seq(query_start_loc_ptr, seq_offset, num_seqs, tile, BLOCK_Q: tl.constexpr):
-    """The sequence whose tiles contain `tile`: sequence s starts at tile (q_start(s) - q_start(0)) // BLOCK_Q + s."""
+    """The sequence whose tiles contain `tile`: sequence s starts at tile (q_start(s) - q_start(0)) // BLOCK_Q + s;
+    num_seqs for a tile past them all (most of a CUDA graph's grid), found without the search."""
     base = tl.load(query_start_loc_ptr + seq_offset)
-    lo = 0
+    end_tile = (tl.load(query_start_loc_ptr + seq_offset + num_seqs) - base) // BLOCK_Q + num_seqs
+    lo = tl.where(tile >= end_tile, num_seqs, 0)
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -1,0 +1,44 @@
+"""Compiles the Triton attention kernels to a Hopper (sm_90) cubin without a GPU: Triton's own front end, its
+MLIR passes and ptxas, as on the device. Run as a script, outside the Triton interpreter that conftest.py turns
+on where there is no CUDA (`python tests/platform/compile_attention_kernels.py`); prints one line per kernel."""
+
+from __future__ import annotations
+
+import itertools
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from loomserve.platform.attention import triton_kernels
+
+POINTERS = {
+    "out_ptr": "*bf16", "q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+    "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "seq_counts_ptr": "*i64",
+    "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "slot_ptr": "*i64", "k_ptr": "*bf16", "v_ptr": "*bf16",
+    "scale": "fp32",
+}
+
+
+def source(kernel, constants: dict) -> ASTSource:
+    constants = {name: value for name, value in constants.items() if name in kernel.arg_names}
+    signature = {name: "constexpr" if name in constants else POINTERS.get(name, "i32") for name in kernel.arg_names}
+    return ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+
+
+def main() -> None:
+    target = GPUTarget("cuda", 90, 32)
+    for (group, head_dim), decode in itertools.product([(7, 64), (4, 128)], [True, False]):
+        constants = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_SIZE=16, HEAD_DIM=head_dim,
+                         HEAD_DIM_PAD=head_dim, BLOCK_Q=2 if decode else 8, BLOCK_N=64, SPLIT_MIN=512,
+                         IS_DECODE=decode, PRECISION="tf32")
+        for kernel in (triton_kernels.paged_attention_kernel, triton_kernels.combine_splits_kernel):
+            compiled = triton.compile(source(kernel, constants), target=target)
+            print(f"{kernel.__name__} group={group} head_dim={head_dim} decode={decode}: "
+                  f"{len(compiled.asm['cubin'])} bytes")
+    compiled = triton.compile(source(triton_kernels.write_kv_kernel, dict(ROW=128, ROW_PAD=128)), target=target)
+    print(f"write_kv_kernel: {len(compiled.asm['cubin'])} bytes")
+
+
+if __name__ == "__main__":
+    main()
