@@ -111,7 +111,7 @@ class ModelRunner:
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
         # The torch reference backend reads host-side lengths, which a graph would freeze: Triton only. Graphs
-        # hold decode steps, which only a generating model has (pooling requests never decode).
+        # yield logits or hidden states for sampling; pooling steps always run eagerly, so a pooling model has none.
         mc = self.config.model_config
         if (self.device.type != "cuda" or self.config.enforce_eager or self.config.attention_backend != "triton"
                 or mc.task != "generate"):
