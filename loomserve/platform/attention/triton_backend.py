@@ -51,8 +51,9 @@ class TritonAttentionBackend:
         bounds = meta.launch_bounds()
         splits = self.num_splits(bounds.max_seq_len, q.shape[0])
         # Split outputs are indexed by the token's row in the batch: [T, H, splits, D] and [T, H, splits].
-        parts = (q.new_empty((q.shape[0], self.num_heads, splits, self.head_dim), dtype=torch.float32),
-                 q.new_empty((q.shape[0], self.num_heads, splits), dtype=torch.float32)) if splits > 1 else (q, q)
+        # With one split nothing is written there, but the pointers keep their type (one compiled kernel).
+        shape = (q.shape[0], self.num_heads, splits) if splits > 1 else (1, 1, 1)
+        parts = (q.new_empty((*shape, self.head_dim), dtype=torch.float32), q.new_empty(shape, dtype=torch.float32))
         if bounds.decodes:
             self._launch(out, q, kv_cache, meta, parts, splits, bounds.decodes, decode=True)
         if bounds.prefills:

@@ -110,7 +110,10 @@ def _split_len(kv_end, num_splits, SPLIT_MIN: tl.constexpr, BLOCK_N: tl.constexp
     return tl.maximum(even, SPLIT_MIN)
 
 
-@triton.jit
+# Arguments that change from step to step are not specialized on (Triton would compile a variant for values
+# divisible by 16 and for 1): the kernels captured in CUDA graphs at start-up then serve eager steps too,
+# instead of a compile stalling every stream the first time a step's block-table width or split count differs.
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def paged_attention_kernel(
     out_ptr, q_ptr,  # [T, H, D]
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -191,7 +194,7 @@ def paged_attention_kernel(
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def combine_splits_kernel(
     out_ptr,  # [T, H, D]
     part_out_ptr, part_lse_ptr,  # as paged_attention_kernel wrote them
