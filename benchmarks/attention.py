@@ -5,8 +5,12 @@ Builds a random paged KV cache (blocks shuffled), D decodes with contexts unifor
 long-context decode, and one C-token prefill chunk at context L; times `TritonAttentionBackend.forward` (KV
 write, attention, split combine) with CUDA events over CUDA-graph replays, and prints a table: microseconds
 per call per layer, and the chunk's attention FLOPs over that time (what the tensor cores deliver).
+With --graph-bounds the grids are sized as the engine's mixed CUDA graph holding that step sizes them (its
+token count padded to the capture ladder, up to --max-num-seqs sequences, --max-model-len keys), which
+shows what the programs that find no work cost.
 
     python -m benchmarks.attention --chunk 256,512 --context 6144
+    python -m benchmarks.attention --chunk 0,128 --decodes 8 --graph-bounds
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import itertools
 import numpy as np
 import torch
 
-from loomserve.platform.attention.metadata import AttentionMetadata
+from loomserve.platform.attention.metadata import AttentionMetadata, LaunchBounds
 from loomserve.platform.attention.triton_backend import TritonAttentionBackend
+from loomserve.platform.cuda_graphs import mixed_capture_sizes
 
 SHAPES = {"qwen2.5-0.5b": (14, 2, 64), "qwen3-8b": (32, 8, 128)}
 
@@ -58,6 +63,13 @@ def build_step(decodes: list[int], chunk: int, context: int, heads: tuple[int, i
     return q, k, v, cache, meta
 
 
+def graph_bounds(num_tokens: int, max_num_seqs: int, max_model_len: int) -> LaunchBounds:
+    """The launch bounds of the mixed graph the engine replays for a step of `num_tokens` tokens."""
+    padded = next(size for size in mixed_capture_sizes(max(512, num_tokens)) if size >= num_tokens)
+    seqs = min(padded, max_num_seqs)
+    return LaunchBounds(decodes=seqs, prefills=seqs, prefill_tokens=padded, max_seq_len=max_model_len)
+
+
 def time_us(fn, iters: int = 50) -> float:
     """GPU time per call: `fn` captured once in a CUDA graph (as the engine runs steps of up to
     --max-cudagraph-capture-size tokens) and replayed, so Python's launch cost is not counted."""
@@ -89,18 +101,24 @@ def main() -> None:
     p.add_argument("--prefill-block-n", default="64,128", help="TritonAttentionBackend prefill_block_n values")
     p.add_argument("--prefill-warps", default="4,8", help="TritonAttentionBackend prefill_warps values")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--graph-bounds", action="store_true", help="size grids as the engine's mixed graphs do")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="with --graph-bounds")
+    p.add_argument("--max-model-len", type=int, default=32768, help="with --graph-bounds")
     args = p.parse_args()
     heads = SHAPES[args.shape]
     num_heads, num_kv_heads, head_dim = heads
     rng = np.random.default_rng(0)
     decodes = rng.integers(128, 769, args.decodes).tolist() + ([args.long_decode] if args.long_decode else [])
+    grids = " (grids as the engine's mixed graphs size them)" if args.graph_bounds else ""
     print(f"{args.shape} heads {num_heads}/{num_kv_heads} dim {head_dim}, {len(decodes)} decodes "
-          f"(one at {args.long_decode}), chunk at context {args.context}, bf16, {torch.cuda.get_device_name()}")
+          f"(one at {args.long_decode}), chunk at context {args.context}, bf16, {torch.cuda.get_device_name()}{grids}")
     print("| chunk | split_min | prefill_rows | prefill_block_n | prefill_warps | us/layer | chunk TFLOP/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     for chunk in ints(args.chunk):
         q, k, v, cache, meta = build_step(decodes, chunk, args.context, heads, args.block_size, "cuda", rng)
+        if args.graph_bounds:
+            meta.capture_bounds = graph_bounds(q.shape[0], args.max_num_seqs, args.max_model_len)
         flops = 4 * chunk * (args.context + chunk / 2) * head_dim * num_heads or float("nan")  # QK^T, PV; causal
         for setting in itertools.product(ints(args.split_min), ints(args.prefill_rows), ints(args.prefill_block_n),
                                          ints(args.prefill_warps)):
