@@ -36,6 +36,15 @@ def mixed_capture_sizes(max_tokens: int) -> list[int]:
     return sorted(set(sizes + ([max_tokens] if max_tokens else [])))
 
 
+def graph_output_bytes(max_num_seqs: int, max_capture_tokens: int, vocab_size: int, hidden_size: int,
+                       itemsize: int) -> int:
+    """What the captured graphs keep for good beyond the KV cache: each decode graph's float32 logits
+    [bs, vocab] and each mixed graph's hidden states [T, hidden] (everything else shares one pool, no larger
+    than the memory profile's largest step)."""
+    logits = sum(capture_sizes(max_num_seqs)) * vocab_size * 4
+    return logits + sum(mixed_capture_sizes(max_capture_tokens)) * hidden_size * itemsize
+
+
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], max_num_seqs: int,
                  max_model_len: int, block_size: int, max_capture_tokens: int) -> None:

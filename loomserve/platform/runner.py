@@ -18,7 +18,7 @@ import torch
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.block_table import BlockTable
 from loomserve.platform.config import EngineConfig
-from loomserve.platform.cuda_graphs import CudaGraphRunner
+from loomserve.platform.cuda_graphs import CudaGraphRunner, graph_output_bytes
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.loader import load_model
 from loomserve.platform.multimodal_runner import MultiModalRunner
@@ -109,15 +109,26 @@ class ModelRunner:
             num_blocks * self._bytes_per_block() / 2**30, self.device,
         )
 
-    def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
+    def _uses_cuda_graphs(self) -> bool:
         # The torch reference backend reads host-side lengths, which a graph would freeze: Triton only. Graphs
         # yield logits or hidden states for sampling; pooling steps always run eagerly, so a pooling model has none.
-        mc = self.config.model_config
-        if (self.device.type != "cuda" or self.config.enforce_eager or self.config.attention_backend != "triton"
-                or mc.task != "generate"):
+        return (self.device.type == "cuda" and not self.config.enforce_eager
+                and self.config.attention_backend == "triton" and self.config.model_config.task == "generate")
+
+    def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
+        if not self._uses_cuda_graphs():
             return None
+        mc = self.config.model_config
         return CudaGraphRunner(self.model, self.kv_caches, self.config.scheduler_config.max_num_seqs,
                                mc.max_model_len, self.block_size, self.config.max_cudagraph_capture_size)
+
+    def _graph_memory(self) -> int:
+        """Bytes the CUDA graphs will keep, captured after the KV cache takes its share."""
+        if not self._uses_cuda_graphs():
+            return 0
+        mc = self.config.model_config
+        return graph_output_bytes(self.config.scheduler_config.max_num_seqs, self.config.max_cudagraph_capture_size,
+                                  mc.vocab_size, mc.text_config.hidden_size, mc.dtype.itemsize)
 
     def _max_graph_tokens(self) -> int:
         """The most tokens a CUDA-graph step may hold (what graph-side buffers are sized by)."""
@@ -173,7 +184,7 @@ class ModelRunner:
         del caches, hidden
         torch.cuda.empty_cache()
         _, total = torch.cuda.mem_get_info()
-        budget = total * self.config.cache_config.gpu_memory_utilization - peak
+        budget = total * self.config.cache_config.gpu_memory_utilization - peak - self._graph_memory()
         if budget <= 0:
             raise ValueError(f"no GPU memory left for the KV cache (peak use {peak / 2**30:.1f} GiB)")
         return int(budget // self._bytes_per_block())

@@ -41,3 +41,11 @@ def test_triton_backend_over_long_contexts_in_mixed_graphs_equals_torch_backend(
     assert greedy_ids(path, LONG_PROMPTS, attention_backend="triton", max_num_batched_tokens=128) == reference
     assert greedy_ids(path, LONG_PROMPTS, attention_backend="triton", max_num_batched_tokens=128,
                       max_cudagraph_capture_size=0) == reference
+
+
+def test_kv_cache_sizing_reserves_what_the_captured_graphs_keep(qwen2_checkpoint):
+    llm = LLM(qwen2_checkpoint, device="cuda", dtype="bfloat16", max_num_seqs=64, gpu_memory_utilization=0.5)
+    runner = llm.engine.runner
+    graphs = runner.cuda_graphs
+    kept = sum(t.numel() * t.element_size() for t in (*graphs.logits.values(), *graphs.hidden.values()))
+    assert kept > 0 and runner._graph_memory() >= kept
