@@ -71,11 +71,14 @@ class EncoderCacheManager:
         end = start + num_tokens
         while end > start:
             items = self._touched(request, start, end)
+            new = self._new(items)
+            if not new:  # every item the chunk touches is cached (always so once a request decodes)
+                return end - start
             needed = {it.content_hash for it in items}
             room = self.capacity - self.used + sum(n for h, n in self.unpinned.items() if h not in needed)
             budget, first = self.step.budget, not self.step.to_encode
             cut = None
-            for item in self._new(items):
+            for item in new:
                 size = item.placeholder.length
                 if size > room or (size > budget and not first):
                     cut = item.placeholder.offset
