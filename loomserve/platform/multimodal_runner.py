@@ -67,10 +67,23 @@ class MultiModalRunner:
 
     def _mrope_positions(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
         chunks = []
+        decodes: list[int] = []  # a run of decode tokens: past their prompts, one position in all three rows
         for s in scheduled:
             request = s.request
             if request.mm_positions is None:
                 request.mm_positions = self.model.mrope_positions(request.num_prompt_tokens, request.mm_items)
+            if s.num_new_tokens == 1 and s.start >= request.num_prompt_tokens:  # the hot path: a scalar
+                decodes.append(s.start + request.mm_positions.delta)
+                continue
+            _flush_decodes(chunks, decodes)
             chunks.append(chunk_positions(request.mm_positions, s.start, s.start + s.num_new_tokens))
+        _flush_decodes(chunks, decodes)
         # [3, T]; on every step of an M-RoPE model, so never a blocking copy (it would wait for the step in flight)
         return torch.from_numpy(np.concatenate(chunks, axis=1)).to(self.device, non_blocking=True)
+
+
+def _flush_decodes(chunks: list[np.ndarray], decodes: list[int]) -> None:
+    """Append the pending decode positions to `chunks` as [3, n] and clear them."""
+    if decodes:
+        chunks.append(np.broadcast_to(np.array(decodes, dtype=np.int64), (3, len(decodes))))
+        decodes.clear()
