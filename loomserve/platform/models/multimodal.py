@@ -8,7 +8,7 @@ LLaVA-style `language_model.model.*`, Qwen2-VL-style `model.layers.*`); all are 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.models.decoder import DecoderForCausalLM
-from loomserve.platform.models.layers import copy_checked
+from loomserve.platform.models.packing import load_packed_weights
 
 
 class MultiModalForCausalLM(nn.Module):
@@ -63,26 +63,16 @@ class MultiModalForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        tower_loaded: set[str] = set()
+        return load_packed_weights(self, weights, self._param_for)
 
-        def language_model_weights() -> Iterator[tuple[str, torch.Tensor]]:
-            for checkpoint_name, tensor in weights:
-                name = self.canonical_name(checkpoint_name)
-                if name.startswith("language_model."):
-                    yield name.removeprefix("language_model."), tensor
-                elif not self.skips_weight(name):
-                    if name not in params:
-                        raise ValueError(f"checkpoint tensor {checkpoint_name!r} has no parameter in "
-                                         f"{type(self).__name__}")
-                    try:
-                        copy_checked(params[name].data, tensor)
-                    except ValueError as e:
-                        raise ValueError(f"{checkpoint_name}: {e}") from None
-                    tower_loaded.add(name)
-
-        lm_loaded = self.language_model.load_weights(language_model_weights())
-        return {f"language_model.{n}" for n in lm_loaded} | tower_loaded
+    def _param_for(self, checkpoint_name: str) -> tuple[str, int | None] | None:
+        """A checkpoint tensor's (parameter, shard): the language model's own mapping under its prefix, towers and
+        projector as named; None for what the model does not use."""
+        name = self.canonical_name(checkpoint_name)
+        if name.startswith("language_model."):
+            target = self.language_model._used_param_for(name.removeprefix("language_model."))
+            return None if target is None else ("language_model." + target[0], target[1])
+        return None if self.skips_weight(name) else (name, None)
 
     def canonical_name(self, name: str) -> str:
         """Any checkpoint layout -> this module's names (`language_model.model.*`, `language_model.lm_head.*`,
