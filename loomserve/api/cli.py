@@ -11,16 +11,6 @@ from loomserve.platform.config import EngineArgs
 
 logger = logging.getLogger("loomserve")
 
-# Flags copied onto EngineArgs fields of the same name (dashes become underscores).
-_ENGINE_FLAGS = (
-    "model", "tokenizer", "served_model_name", "max_model_len", "dtype", "device", "seed", "load_format",
-    "block_size", "kv_cache_memory", "gpu_memory_utilization", "num_gpu_blocks_override",
-    "enable_prefix_caching", "max_num_batched_tokens", "max_num_seqs", "attention_backend", "enforce_eager",
-    "max_cudagraph_capture_size", "async_scheduling", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras",
-    "quantization", "task", "pooler_config", "limit_mm_per_prompt", "allowed_media_domains",
-    "allowed_local_media_path", "max_image_pixels", "encoder_cache_memory", "media_io_kwargs",
-)
-
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loomserve", description="loomserve: an LLM serving engine.")
@@ -107,7 +97,7 @@ def lora_module(value: str) -> tuple[str, str]:
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(**{name: getattr(ns, name) for name in _ENGINE_FLAGS})
+    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.field_names()})  # flags of the same names
 
 
 def pooling_model_args(ns: argparse.Namespace) -> list[EngineArgs]:
