@@ -269,9 +269,6 @@ class ModelRunner:
         for request_id in request_ids:
             self.block_table.release(request_id)
 
-    def execute(self, out: SchedulerOutput) -> StepOutput:
-        return self.collect(self.launch(out))
-
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput) -> InFlightStep | None:
         """Run the step's model, sampler and pooler without waiting for them; None when nothing samples or pools."""
