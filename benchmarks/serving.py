@@ -64,6 +64,7 @@ import torch
 
 from benchmarks.server import Server
 from benchmarks.throughput import add_model_flags, device_name, git_commit, prompt_vocab_size, resolve_model
+from loomserve.platform.config import resolve_device
 
 T = TypeVar("T")
 
@@ -127,17 +128,11 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("need --num-requests >= 1 and positive --request-rates")
     if not 0 < args.long_fraction <= 1:
         p.error("--long-fraction must be in (0, 1]")
-    cuda = resolve_device_type(args.device) == "cuda"
+    cuda = resolve_device(args.device).type == "cuda"
     args.long_input_len_min = args.long_input_len_min or (4096 if cuda else 1024)
     args.long_input_len_max = args.long_input_len_max or (8192 if cuda else 2048)
     if not 1 <= args.long_input_len_min <= args.long_input_len_max:
         p.error("need 1 <= --long-input-len-min <= --long-input-len-max")
-
-
-def resolve_device_type(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device.split(":")[0]
 
 
 # ---------------------------------------------------------------------------------------------- workload
@@ -441,7 +436,7 @@ def table_row(cells: list[str]) -> str:
 def environment(args: argparse.Namespace) -> dict[str, str]:
     import transformers
 
-    device_type = resolve_device_type(args.device)
+    device_type = resolve_device(args.device).type
     return {
         "device": _gpu_name() if device_type == "cuda" else device_name(torch.device("cpu")),
         "torch": torch.__version__,
