@@ -225,9 +225,9 @@ class LoRAManager:
             graph_slots[:n].copy_(torch.from_numpy(token_slots.astype(np.int32)).to(self.device, non_blocking=True))
         self._graph_slots_clear = not any_adapter
 
-    def prepare(self, scheduled: list[ScheduledRequest], active: dict[int, LoRARequest]) -> LoRABatch | None:
+    def prepare(self, scheduled: list[ScheduledRequest], active: dict[int, LoRARequest]) -> None:
         """Put the step's adapters into slots and set each token's slot on the model (in `scheduled`'s token
-        order); `active` are the running requests' adapters. None when no token uses an adapter."""
+        order): the LoRA layers read it from `state`; `active` are the running requests' adapters."""
         self.step += 1
         self.pinned = set(active)
         if self.removed:
@@ -242,7 +242,6 @@ class LoRAManager:
         if self.state.graph_slots is not None:
             self._write_graph_slots(token_slots, bool(wanted))
         self.state.batch = LoRABatch.build(token_slots, self.device) if wanted else None
-        return self.state.batch
 
     def _slot_for(self, lora_id: int, wanted: set[int]) -> int:
         slot = self.slot_of.get(lora_id)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,9 +27,6 @@ from loomserve.platform.scheduler import ScheduledRequest, SchedulerOutput
 from loomserve.pooling.batch import PoolingSpan, token_type_ids
 from loomserve.pooling.poolers import Pooler
 
-if TYPE_CHECKING:
-    from loomserve.adapters.layers import LoRABatch
-
 logger = logging.getLogger(__name__)
 
 _CPU_KV_DEFAULT_BYTES = 4 << 30
@@ -47,7 +43,6 @@ class BatchInputs:
     pooling: list[PoolingSpan] = field(default_factory=list)  # the requests whose prompt ends this step and pools
     # Extra forward inputs: token_type_ids [T] (cross-encoder pairs), inputs_embeds [T, hidden] (media in place).
     model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    lora: LoRABatch | None = None  # the step's tokens grouped by adapter slot; None: no adapter this step
 
 
 @dataclass
@@ -277,7 +272,7 @@ class ModelRunner:
         if self.mm is not None:
             self.mm.prepare(out, scheduled, batch)
         if self.lora_manager is not None:  # the model's LoRA layers read the step's slots from here
-            batch.lora = self.lora_manager.prepare(scheduled, out.active_loras)
+            self.lora_manager.prepare(scheduled, out.active_loras)
         logits, pooled = self._run_model(batch)
         if logits is None and not pooled:
             return None
