@@ -203,8 +203,10 @@ class LoRAManager:
 
     @torch.inference_mode()
     def _compile_kernels(self) -> None:
-        """Run each layer shape's kernels once (on zero weights), so no compilation happens inside a capture."""
-        batch = LoRABatch.build(np.zeros(1, dtype=np.int64), self.device)
+        """Run each layer shape's kernels once (on zero weights), for an eager batch and for a CUDA graph's (one
+        segment per slot, all empty here), so no compilation happens inside a capture."""
+        batches = (LoRABatch.build(np.zeros(1, dtype=np.int64), self.device),
+                   LoRABatch.for_graph(self.state.graph_slots[:1], self.config.max_loras))
         seen = set()
         for layer in self.layers.values():
             shape = (layer.in_features, tuple(layer.output_sizes))
@@ -212,7 +214,8 @@ class LoRAManager:
                 seen.add(shape)
                 x = torch.zeros(1, layer.in_features, dtype=self.dtype, device=self.device)
                 y = torch.zeros(1, sum(layer.output_sizes), dtype=self.dtype, device=self.device)
-                add_lora(y, x, layer, batch, self.state.backend)
+                for batch in batches:
+                    add_lora(y, x, layer, batch, self.state.backend)
 
     def _write_graph_slots(self, token_slots: np.ndarray, any_adapter: bool) -> None:
         """Every step's token slots, with -1 after them, for a CUDA-graph replay (stream-ordered copies)."""
