@@ -19,9 +19,9 @@ def as_item_list(value: Any) -> list[Any]:
 
 class MultiModalFrontend:
     def __init__(self, model_config: Any, tokenizer: Any, mm_config: MultiModalConfig) -> None:
-        self.model_config = model_config
         self.mm_config = mm_config
         self.processor = MODALITY_REGISTRY.create_processor(model_config, tokenizer, mm_config)
+        self.encoder_cache_capacity = encoder_cache_capacity(model_config, mm_config)  # embeddings
 
     def load(self, refs: list[MediaRef]) -> dict[str, list[Any]]:
         """Fetch and decode chat media under the allow-lists and limits."""
@@ -32,7 +32,7 @@ class MultiModalFrontend:
         """Expand each placeholder of `token_ids` for the items of `mm_data` (one item or a list per modality)."""
         self._require_processor(", ".join(mm_data))
         token_ids, items = self.processor.apply(token_ids, {m: as_item_list(v) for m, v in mm_data.items()})
-        capacity = encoder_cache_capacity(self.model_config, self.mm_config)
+        capacity = self.encoder_cache_capacity
         for item in items:
             if item.placeholder.length > capacity:
                 raise MediaError(f"the {item.modality} needs {item.placeholder.length} embeddings, more than the "
