@@ -14,15 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from loomserve.modalities.processors.qwen2_vl import _CLIP_MEAN, _CLIP_STD
 from loomserve.tiny_checkpoints import FORMAT_VERSION, INIT_STD, _init_weights, build_tokenizer, cached_build
 
 MM_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen2_audio")
 
 # Bump whenever the bytes a build writes change.
 MM_FORMAT_VERSION = 2
-
-_OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 _QWEN_AUDIO_TOKENS = ["<|audio_bos|>", "<|audio_eos|>", "<|AUDIO|>"]
@@ -129,8 +127,8 @@ def _qwen_vl(tokenizer: Any, family: str, max_len: int) -> tuple[Any, dict[str, 
     pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
     processor_class = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[family]
     image = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
-             "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": _OPENAI_CLIP_MEAN,
-             "image_std": _OPENAI_CLIP_STD, "do_resize": True, "do_rescale": True, "do_normalize": True,
+             "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": _CLIP_MEAN,
+             "image_std": _CLIP_STD, "do_resize": True, "do_rescale": True, "do_normalize": True,
              "do_convert_rgb": True, "resample": 3, "rescale_factor": 1 / 255, **pixels}
     video = {**image, "video_processor_type": "Qwen2VLVideoProcessor", "fps": 2.0, "min_frames": 2, "max_frames": 8}
     del video["image_processor_type"]
@@ -153,7 +151,7 @@ def _llava(tokenizer: Any, max_len: int) -> tuple[Any, dict[str, dict]]:
     image = {"image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
              "size": {"shortest_edge": 56}, "crop_size": {"height": 56, "width": 56}, "do_resize": True,
              "do_center_crop": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-             "image_mean": _OPENAI_CLIP_MEAN, "image_std": _OPENAI_CLIP_STD, "do_convert_rgb": True, "resample": 3}
+             "image_mean": _CLIP_MEAN, "image_std": _CLIP_STD, "do_convert_rgb": True, "resample": 3}
     processor = {"processor_class": "LlavaProcessor", "patch_size": 14, "vision_feature_select_strategy": "default",
                  "num_additional_image_tokens": 1, "image_token": "<image>"}
     return config, {"preprocessor_config.json": image, "processor_config.json": processor}

@@ -49,7 +49,6 @@ class MultiModalProcessor:
     def __init__(self, model_path: str, hf_config: Any, tokenizer: Any, mm_config: MultiModalConfig) -> None:
         self.model_path = model_path
         self.hf_config = hf_config
-        self.tokenizer = tokenizer
         self.mm_config = mm_config
         self.token_ids = {m: tokenizer.convert_tokens_to_ids(t) for m, t in self.placeholder_tokens.items()}
 

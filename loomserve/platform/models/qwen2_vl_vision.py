@@ -131,8 +131,6 @@ class QwenVisionTransformer(nn.Module):
             dim, out_dim = config.embed_dim, config.hidden_size
             mlp_hidden = int(dim * config.mlp_ratio)
         head_dim = dim // config.num_heads
-        self.out_dim = out_dim
-        in_dim = config.in_channels * self.temporal * self.patch * self.patch
         # Stored as the checkpoint's Conv3d weight [dim, C, temporal, p, p]; applied as a matmul over patches.
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Module()
@@ -142,7 +140,6 @@ class QwenVisionTransformer(nn.Module):
         spatial = head_dim // 2
         inv_freq = 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
-        self.in_dim = in_dim
         self.blocks = nn.ModuleList(
             VisionBlock(dim, config.num_heads, mlp_hidden, config.hidden_act, qwen2_5) for _ in range(config.depth)
         )
