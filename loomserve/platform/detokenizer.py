@@ -35,11 +35,11 @@ class IncrementalDetokenizer:
     def update(self, new_token_ids: list[int], finished: bool) -> str:
         """Add tokens; return the newly stable text (everything left, once finished)."""
         self.token_ids.extend(new_token_ids)
-        if self._stream is not None:
+        if self._stream is not None and finished:  # all that is left, bytes still waiting for their character too
+            delta = self._decode(self.token_ids)[self.num_emitted :]
+        elif self._stream is not None:
             pieces = [self._stream.step(self._backend, t) for t in new_token_ids]
             delta = "".join(p for p in pieces if p is not None)
-            if finished:  # flush bytes still waiting for the rest of their character
-                delta = self._decode(self.token_ids)[self.num_emitted :]
         else:
             delta = self._window_delta(finished)
         self.num_emitted += len(delta)
