@@ -56,6 +56,7 @@ from benchmarks.throughput import (
     synchronize,
 )
 from loomserve.platform.config import resolve_device, resolve_dtype
+from loomserve.platform.models.decoder import head_dim_of
 
 ADAPTER_FORMAT_VERSION = 1
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
     """(in, out) features of each adapted projection of one decoder layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     hidden, inter = config.hidden_size, config.intermediate_size
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
