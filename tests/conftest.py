@@ -35,18 +35,18 @@ def qwen2_checkpoint() -> str:
 
 
 @pytest.fixture(scope="session")
-def start_server(
-    qwen2_checkpoint: str, tmp_path_factory: pytest.TempPathFactory
-) -> Callable[..., AbstractContextManager[Server]]:
-    """`with start_server(*extra_flags) as server:` a server of the tiny qwen2 checkpoint."""
-    return lambda *flags: running_server(qwen2_checkpoint, tmp_path_factory.mktemp("server"), *flags)
-
-
-@pytest.fixture(scope="session")
 def serve_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., AbstractContextManager[Server]]:
     """`with serve_checkpoint(path, *extra_flags) as server:` a server of any checkpoint; None: the embedded
     default."""
     return lambda checkpoint, *flags: running_server(checkpoint, tmp_path_factory.mktemp("server"), *flags)
+
+
+@pytest.fixture(scope="session")
+def start_server(
+    qwen2_checkpoint: str, serve_checkpoint: Callable[..., AbstractContextManager[Server]]
+) -> Callable[..., AbstractContextManager[Server]]:
+    """`with start_server(*extra_flags) as server:` a server of the tiny qwen2 checkpoint."""
+    return lambda *flags: serve_checkpoint(qwen2_checkpoint, *flags)
 
 
 # `model`, `client` and `http` are of whichever `server` fixture the test sees: a conftest's or its own module's.
