@@ -38,8 +38,6 @@ from benchmarks.throughput import (
     RunResult,
     StepRecorder,
     Workload,
-    _greedy_config,
-    _left_padded,
     add_engine_flags,
     add_workload_flags,
     build_hf_model,
@@ -53,6 +51,7 @@ from benchmarks.throughput import (
     measure,
     measure_engine,
     prompt_vocab_size,
+    static_run,
     synchronize,
 )
 from loomserve.platform.config import resolve_device, resolve_dtype
@@ -171,27 +170,6 @@ def load_peft_model(model_path: Path, device: torch.device, dtype: torch.dtype, 
     return model.to(dtype).eval()
 
 
-def peft_generate(model: Any, batch: list[list[int]], names: list[str], output_len: int, device: torch.device) -> int:
-    """One padded batch, each row with its adapter (`adapter_names`); returns the number of tokens generated."""
-    ids, mask = _left_padded(batch, device)
-    extra = {"adapter_names": names} if any(n != "__base__" for n in names) else {}
-    config = _greedy_config(output_len, min_new_tokens=output_len)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
-    return (out.shape[1] - ids.shape[1]) * out.shape[0]
-
-
-@torch.inference_mode()
-def _peft_run(model: Any, size: int, names: list[str], workload: Workload, device: torch.device,
-              variant: int) -> tuple[float, int]:
-    prompts = workload.prompts(variant)
-    synchronize(device)
-    start = time.perf_counter()
-    produced = sum(peft_generate(model, prompts[i : i + size], names[i : i + size], workload.output_len, device)
-                   for i in range(0, len(prompts), size))
-    synchronize(device)
-    return time.perf_counter() - start, produced
-
-
 def run_peft(args: argparse.Namespace, model_path: Path, device: torch.device, dtype: torch.dtype,
              workload: Workload, adapters: list[Path]) -> RunResult:
     """transformers `generate` over padded batches of --baseline-batch-size, each row naming its adapter."""
@@ -201,7 +179,7 @@ def run_peft(args: argparse.Namespace, model_path: Path, device: torch.device, d
     load_s = time.perf_counter() - load_start
     names = ["__base__" if (j := adapter_of(i, k)) is None else f"a{j}" for i in range(len(workload.lengths))]
     size = args.baseline_batch_size
-    run = partial(_peft_run, model, size, names, workload, device)
+    run = partial(static_run, model, size, workload, device, adapter_names=names)
     extra = {"adapter loading": f"{load_s:.1f} s"} if k else {}
     result = measure(f"peft (adapter_names), {k} adapters, batch {size}", workload, args.repeats, run, extra)
     del model, run

@@ -640,21 +640,27 @@ def _left_padded(batch: list[list[int]], device: torch.device) -> tuple[torch.Te
     return ids.to(device), mask.to(device)
 
 
-def _static_generate(model: Any, batch: list[list[int]], output_len: int, device: torch.device) -> int:
-    """One padded batch; returns the number of tokens generated (all rows run to output_len)."""
+def _static_generate(model: Any, batch: list[list[int]], output_len: int, device: torch.device,
+                     adapter_names: list[str] | None = None) -> int:
+    """One padded batch; returns the number of tokens generated (all rows run to output_len). `adapter_names`:
+    each row's peft adapter ("__base__": none), for a PeftModel."""
     ids, mask = _left_padded(batch, device)
     config = _greedy_config(output_len, min_new_tokens=output_len)
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    extra = {"adapter_names": adapter_names} if any(n != "__base__" for n in adapter_names or ()) else {}
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
     return (out.shape[1] - ids.shape[1]) * out.shape[0]
 
 
 @torch.inference_mode()
-def _static_run(model: Any, size: int, workload: Workload, device: torch.device, variant: int) -> tuple[float, int]:
+def static_run(model: Any, size: int, workload: Workload, device: torch.device, variant: int,
+               adapter_names: list[str] | None = None) -> tuple[float, int]:
+    """Time `generate` over the workload's prompts in padded batches of `size` (rows' adapters by prompt index)."""
     prompts = workload.prompts(variant)
     synchronize(device)
     start = time.perf_counter()
     produced = sum(
-        _static_generate(model, prompts[i : i + size], workload.output_len, device)
+        _static_generate(model, prompts[i : i + size], workload.output_len, device,
+                         adapter_names[i : i + size] if adapter_names else None)
         for i in range(0, len(prompts), size)
     )
     synchronize(device)
@@ -667,7 +673,7 @@ def run_static(
     """Plain `generate` over padded batches of --baseline-batch-size, in the prompts' order."""
     model = build_hf_model(model_path, device, dtype, "sdpa")
     size = args.baseline_batch_size
-    run = partial(_static_run, model, size, workload, device)
+    run = partial(static_run, model, size, workload, device)
     result = measure(f"transformers generate (static, batch {size}, sdpa)", workload, args.repeats, run)
     del model, run
     free_memory(device)
