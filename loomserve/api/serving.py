@@ -20,17 +20,14 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def check_model(engine: AsyncLLM, model: str | None) -> None:
-    """404 unless `model` is absent or names the served model or one of its loaded adapters."""
-    if model and model != engine.model_config.served_model_name and engine.loras.get(model) is None:
-        raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
-
-
 def lora_for(engine: AsyncLLM, model: str | None) -> tuple[LoRARequest | None, str]:
-    """The adapter a request names in `model` (None: the base model) and the name its response carries."""
-    check_model(engine, model)
+    """The adapter a request names in `model` (None: the base model) and the name its response carries; 404 unless
+    `model` is absent or names the served model or one of its loaded adapters."""
     lora = engine.loras.get(model)
-    return lora, lora.lora_name if lora is not None else engine.model_config.served_model_name
+    served = engine.model_config.served_model_name
+    if model and model != served and lora is None:
+        raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
+    return lora, lora.lora_name if lora is not None else served
 
 
 def sampling_params(engine: AsyncLLM, request: SamplingRequest, prompt: Prompt) -> SamplingParams:
