@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from loomserve.api.errors import APIError
 from loomserve.modalities.inputs import MultiModalItem
+from loomserve.platform.input_processor import first_out_of_vocabulary
 
 
 @dataclass
@@ -25,7 +26,7 @@ def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
 
 
 def check_vocab(token_ids: list[int], vocab_size: int, param: str) -> None:
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    bad = first_out_of_vocabulary(token_ids, vocab_size)
     if bad is not None:
         raise APIError(f"Token id {bad} is out of the vocabulary [0, {vocab_size})", param=param)
 

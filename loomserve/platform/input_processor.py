@@ -39,9 +39,14 @@ def generation_eos_ids(model_path: str) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
+def first_out_of_vocabulary(token_ids: Sequence[int], vocab_size: int) -> int | None:
+    """The first id that does not index the embedding table, if any."""
+    return next((t for t in token_ids if not 0 <= t < vocab_size), None)
+
+
 def check_vocabulary(token_ids: Sequence[int], vocab_size: int, what: str) -> None:
     """Token ids from a client must index the embedding table: anything else is the client's error."""
-    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    bad = first_out_of_vocabulary(token_ids, vocab_size)
     if bad is not None:
         raise ValueError(f"token id {bad} in {what} is out of the vocabulary [0, {vocab_size})")
 
