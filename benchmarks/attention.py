@@ -96,10 +96,10 @@ def main() -> None:
     p.add_argument("--long-decode", type=int, default=8192, help="context of one more decode (0: none)")
     p.add_argument("--chunk", default="0,128,256,512", help="prefill chunk sizes, comma separated")
     p.add_argument("--context", type=int, default=6144, help="tokens cached before the chunk")
-    p.add_argument("--split-min", default="512,1024,2048", help="TritonAttentionBackend split_min values")
+    p.add_argument("--split-min", default="128,256,512", help="TritonAttentionBackend split_min values")
     p.add_argument("--prefill-rows", default="64,128", help="TritonAttentionBackend prefill_rows values")
     p.add_argument("--prefill-block-n", default="64,128", help="TritonAttentionBackend prefill_block_n values")
-    p.add_argument("--prefill-warps", default="4,8", help="TritonAttentionBackend prefill_warps values")
+    p.add_argument("--num-warps", default="4,8", help="TritonAttentionBackend num_warps values")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--graph-bounds", action="store_true", help="size grids as the engine's mixed graphs do")
     p.add_argument("--max-num-seqs", type=int, default=256, help="with --graph-bounds")
@@ -112,7 +112,7 @@ def main() -> None:
     grids = " (grids as the engine's mixed graphs size them)" if args.graph_bounds else ""
     print(f"{args.shape} heads {num_heads}/{num_kv_heads} dim {head_dim}, {len(decodes)} decodes "
           f"(one at {args.long_decode}), chunk at context {args.context}, bf16, {torch.cuda.get_device_name()}{grids}")
-    print("| chunk | split_min | prefill_rows | prefill_block_n | prefill_warps | us/layer | chunk TFLOP/s |")
+    print("| chunk | split_min | prefill_rows | prefill_block_n | num_warps | us/layer | chunk TFLOP/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
     for chunk in ints(args.chunk):
@@ -121,8 +121,8 @@ def main() -> None:
             meta.capture_bounds = graph_bounds(q.shape[0], args.max_num_seqs, args.max_model_len)
         flops = 4 * chunk * (args.context + chunk / 2) * head_dim * num_heads or float("nan")  # QK^T, PV; causal
         for setting in itertools.product(ints(args.split_min), ints(args.prefill_rows), ints(args.prefill_block_n),
-                                         ints(args.prefill_warps)):
-            knobs = dict(zip(("split_min", "prefill_rows", "prefill_block_n", "prefill_warps"), setting))
+                                         ints(args.num_warps)):
+            knobs = dict(zip(("split_min", "prefill_rows", "prefill_block_n", "num_warps"), setting))
             backend = TritonAttentionBackend(num_heads, num_kv_heads, head_dim, head_dim**-0.5, **knobs)
             us = time_us(lambda: backend.forward(q, k, v, cache, meta))  # noqa: B023
             print(f"| {chunk} | {' | '.join(map(str, setting))} | {us:.1f} | {flops / us / 1e6:.1f} |")

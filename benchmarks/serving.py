@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -82,14 +83,16 @@ def _float_list(text: str) -> list[float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add_model_flags(p, "server --load-format")
-    _add_workload_flags(p)
+    add_workload_flags(p)
+    p.add_argument("--client-processes", type=int, default=4,
+                   help="processes that send the requests (round-robin) and read their streams")
     _add_server_flags(p)
     args = p.parse_args(argv)
-    _check_args(p, args)
+    check_workload_args(p, args)
     return args
 
 
-def _add_workload_flags(p: argparse.ArgumentParser) -> None:
+def add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-rates", type=_float_list, default=[4.0, 8.0, 16.0], help="req/s, comma separated")
     p.add_argument("--num-requests", type=int, default=64, help="requests per rate")
     p.add_argument("--input-len-min", type=int, default=32)
@@ -121,7 +124,7 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-log-dir", default=None, help="keep the servers' logs here (default: a temp folder)")
 
 
-def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def check_workload_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not 1 <= args.input_len_min <= args.input_len_max:
         p.error("need 1 <= --input-len-min <= --input-len-max")
     if args.num_requests < 1 or not args.request_rates or min(args.request_rates) <= 0:
@@ -227,13 +230,16 @@ def request_body(spec: RequestSpec, args: argparse.Namespace) -> dict:
     return body
 
 
-async def send_request(client: httpx.AsyncClient, spec: RequestSpec, args: argparse.Namespace,
+async def send_request(client: httpx.AsyncClient, spec: RequestSpec, body: bytes, output_len: int,
                        start: float) -> RequestResult:
+    """One streamed completion; `body` is its JSON, encoded before the run (an 8k-token prompt takes the event
+    loop a millisecond to encode, a stall every open stream's next chunk would wait for)."""
     result = RequestResult(long=spec.long)
     result.sent = time.perf_counter()
     result.send_lag = result.sent - start - spec.arrival
+    headers = {"content-type": "application/json"}
     try:
-        async with client.stream("POST", "/v1/completions", json=request_body(spec, args)) as response:
+        async with client.stream("POST", "/v1/completions", content=body, headers=headers) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
@@ -241,7 +247,7 @@ async def send_request(client: httpx.AsyncClient, spec: RequestSpec, args: argpa
     except (httpx.HTTPError, OSError, ValueError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
-    _check_complete(result, args.output_len)
+    _check_complete(result, output_len)
     return result
 
 
@@ -283,27 +289,51 @@ def make_client(base_url: str, args: argparse.Namespace) -> httpx.AsyncClient:
     )
 
 
-async def run_rate(
-    base_url: str, specs: list[RequestSpec], args: argparse.Namespace
-) -> tuple[list[RequestResult], float]:
-    """Send `specs` on their schedule; (results, seconds from the first send to the last request's end)."""
+def run_rate(base_url: str, specs: list[RequestSpec], args: argparse.Namespace) -> tuple[list[RequestResult], float]:
+    """Send `specs` on their schedule from --client-processes processes, round-robin; (results, seconds from the
+    first send to the last request's end). One Python process reading every stream costs about as much CPU per
+    chunk as the server does, and its queue would show up in the measured ITL tail."""
+    n = max(1, min(args.client_processes, len(specs)))
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(n + 1)
+    with context.Pool(n, initializer=_wait_for_all, initargs=(ready,)) as pool:
+        ready.wait()  # every process started and imported before the clock starts
+        start = time.perf_counter() + 0.05
+        parts = pool.starmap(_client_process, [(base_url, specs[i::n], args, start) for i in range(n)])
+    results: list[RequestResult] = [RequestResult(long=False)] * len(specs)
+    for i, part in enumerate(parts):
+        results[i::n] = part
+    ends = [r.chunk_times[-1] for r in results if r.ok]
+    return results, (max(ends) - start) if ends else time.perf_counter() - start
+
+
+def _wait_for_all(ready: Any) -> None:
+    ready.wait()
+
+
+def _client_process(base_url: str, specs: list[RequestSpec], args: argparse.Namespace,
+                    start: float) -> list[RequestResult]:
+    return run_async(send_on_schedule(base_url, specs, args, start))
+
+
+async def send_on_schedule(base_url: str, specs: list[RequestSpec], args: argparse.Namespace,
+                           start: float) -> list[RequestResult]:
+    """Send each spec at `start` + its arrival (perf_counter time, which all processes share on one host)."""
+    bodies = [json.dumps(request_body(spec, args)).encode() for spec in specs]
     async with make_client(base_url, args) as client:
-        start = time.perf_counter()
         deadline = start + args.max_duration
         tasks: list[asyncio.Task[RequestResult]] = []
-        for spec in specs:
+        for spec, body in zip(specs, bodies, strict=True):
             delay = min(start + spec.arrival, deadline) - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             if time.perf_counter() >= deadline:
                 break
-            tasks.append(asyncio.create_task(send_request(client, spec, args, start)))
+            tasks.append(asyncio.create_task(send_request(client, spec, body, args.output_len, start)))
         if tasks:
             await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
         results = [await _collect(task, spec) for task, spec in zip(tasks, specs, strict=False)]
-        results += [RequestResult(long=s.long, error="not sent before --max-duration") for s in specs[len(tasks):]]
-    ends = [r.chunk_times[-1] for r in results if r.ok]
-    return results, (max(ends) - start) if ends else time.perf_counter() - start
+    return results + [RequestResult(long=s.long, error="not sent before --max-duration") for s in specs[len(tasks):]]
 
 
 async def _collect(task: asyncio.Task[RequestResult], spec: RequestSpec) -> RequestResult:
@@ -317,7 +347,9 @@ async def _collect(task: asyncio.Task[RequestResult], spec: RequestSpec) -> Requ
 async def warm_up(base_url: str, specs: list[RequestSpec], args: argparse.Namespace) -> None:
     """First-use costs (kernel compilation, allocator growth) out of the timed runs; all sent at once."""
     async with make_client(base_url, args) as client:
-        results = await asyncio.gather(*(send_request(client, s, args, time.perf_counter()) for s in specs))
+        bodies = [json.dumps(request_body(s, args)).encode() for s in specs]
+        results = await asyncio.gather(*(send_request(client, s, b, args.output_len, time.perf_counter())
+                                         for s, b in zip(specs, bodies, strict=True)))
     failed = [r.error for r in results if not r.ok]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(specs)} warm-up requests failed, e.g. {failed[0]}")
@@ -501,7 +533,7 @@ def bench_server(args: argparse.Namespace, model_path: Path, load_format: str, v
         summaries = []
         for i, rate in enumerate(args.request_rates):
             specs = sample_requests(args, vocab, rate, run_index=1000 * server_index + i + 1)
-            results, duration = run_async(run_rate(server.base_url, specs, args))
+            results, duration = run_rate(server.base_url, specs, args)
             summaries.append(RateSummary(rate, results, duration))
             print(table_row(summaries[-1].row()), flush=True)
         for note in (n for s in summaries for n in s.notes()):

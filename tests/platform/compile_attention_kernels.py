@@ -28,13 +28,14 @@ def source(kernel, constants: dict) -> ASTSource:
 
 def main() -> None:
     target = GPUTarget("cuda", 90, 32)
-    for (group, head_dim), decode in itertools.product([(7, 64), (4, 128)], [True, False]):
+    for (group, head_dim), has_prefill in itertools.product([(7, 64), (4, 128)], [True, False]):
         constants = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group), BLOCK_SIZE=16, HEAD_DIM=head_dim,
-                         HEAD_DIM_PAD=head_dim, BLOCK_Q=2 if decode else 8, BLOCK_N=64, SPLIT_MIN=512,
-                         IS_DECODE=decode, PRECISION="tf32")
-        for kernel in (triton_kernels.paged_attention_kernel, triton_kernels.combine_splits_kernel):
+                         HEAD_DIM_PAD=head_dim, SPLIT_MIN=128, MAX_SPLITS=16, DECODE_BLOCK_Q=2, DECODE_BLOCK_N=64,
+                         PREFILL_BLOCK_Q=8, PREFILL_BLOCK_N=64, PRECISION="tf32", HAS_PREFILL=has_prefill)
+        kernels = [triton_kernels.paged_attention_kernel] + [triton_kernels.combine_splits_kernel] * has_prefill
+        for kernel in kernels:
             compiled = triton.compile(source(kernel, constants), target=target)
-            print(f"{kernel.__name__} group={group} head_dim={head_dim} decode={decode}: "
+            print(f"{kernel.__name__} group={group} head_dim={head_dim} has_prefill={has_prefill}: "
                   f"{len(compiled.asm['cubin'])} bytes")
     compiled = triton.compile(source(triton_kernels.write_kv_kernel, dict(ROW=128, ROW_PAD=128)), target=target)
     print(f"write_kv_kernel: {len(compiled.asm['cubin'])} bytes")

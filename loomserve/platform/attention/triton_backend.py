@@ -1,9 +1,9 @@
 """The CUDA attention backend: Triton kernels for the KV write and the paged attention.
 
-Decodes (one query token each) and prefill chunks are the same kernel with different tile shapes:
-decodes take one sequence per program, prefill chunks BLOCK_Q tokens per program. Grids and the number of
-KV splits come from the metadata's launch bounds, so a launch captured in a CUDA graph covers every step
-the graph may replay.
+Decodes (one query token each) and prefill chunks share one launch with different tile shapes: decodes
+take one sequence per program, prefill chunks BLOCK_Q tokens per program; one more launch merges the KV
+splits. Grids and the number of KV splits come from the metadata's launch bounds, so a launch captured in a
+CUDA graph covers every step the graph may replay.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from loomserve.platform.attention.triton_kernels import combine_splits_kernel, p
 
 _PREFILL_ROWS = 64  # rows (query token x grouped head) per prefill tile
 _BLOCK_N = 64
-_SPLIT_MIN = 512  # keys: a context this short is one program's work
+_SPLIT_MIN = 128  # keys: a context this short is one program's work
 _MAX_SPLITS = 16
 _SPLIT_BUFFER_BYTES = 64 << 20  # bound on a launch's float32 partial outputs
 
@@ -24,19 +24,24 @@ _SPLIT_BUFFER_BYTES = 64 << 20  # bound on a launch's float32 partial outputs
 class TritonAttentionBackend:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  split_min: int = _SPLIT_MIN, prefill_rows: int = _PREFILL_ROWS, prefill_block_n: int = _BLOCK_N,
-                 prefill_warps: int = 4) -> None:
+                 num_warps: int = 4) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        if split_min % max(_BLOCK_N, prefill_block_n):
+            raise ValueError(f"split_min {split_min} must be a multiple of the key block ({prefill_block_n})")
         self.split_min = split_min
         self.group = num_heads // num_kv_heads
-        self.group_pad = max(triton.next_power_of_2(self.group), 1)
-        self.head_dim_pad = triton.next_power_of_2(head_dim)
-        self.decode_block_q = max(1, 16 // self.group_pad)  # tl.dot wants at least 16 rows
-        self.prefill_block_q = max(self.decode_block_q, prefill_rows // self.group_pad)
-        self.prefill_block_n = prefill_block_n
-        self.prefill_warps = prefill_warps
+        self.num_warps = num_warps
+        group_pad = max(triton.next_power_of_2(self.group), 1)
+        self.decode_block_q = max(1, 16 // group_pad)  # tl.dot wants at least 16 rows
+        self.prefill_block_q = max(self.decode_block_q, prefill_rows // group_pad)
+        # The attention launch and the combine cut tiles and splits alike.
+        self.consts = dict(GROUP=self.group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+                           HEAD_DIM_PAD=triton.next_power_of_2(head_dim), SPLIT_MIN=split_min,
+                           DECODE_BLOCK_N=_BLOCK_N, PREFILL_BLOCK_Q=self.prefill_block_q,
+                           PREFILL_BLOCK_N=prefill_block_n)
 
     def forward(
         self,
@@ -54,12 +59,26 @@ class TritonAttentionBackend:
         # With one split nothing is written there, but the pointers keep their type (one compiled kernel).
         shape = (q.shape[0], self.num_heads, splits) if splits > 1 else (1, 1, 1)
         parts = (q.new_empty((*shape, self.head_dim), dtype=torch.float32), q.new_empty(shape, dtype=torch.float32))
-        if bounds.decodes:
-            self._launch(out, q, kv_cache, meta, parts, splits, bounds.decodes, decode=True)
-        if bounds.prefills:
-            # Sequence s's tiles start at its first token // block_q + s: an upper bound; extra programs return.
-            tiles = bounds.prefill_tokens // self.prefill_block_q + bounds.prefills
-            self._launch(out, q, kv_cache, meta, parts, splits, tiles, decode=False)
+        # Sequence s's prefill tiles start at its first token // block_q + s: an upper bound; extra programs return.
+        prefill_tiles = bounds.prefill_tokens // self.prefill_block_q + bounds.prefills if bounds.prefills else 0
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        paged_attention_kernel[(bounds.decodes + prefill_tiles, self.num_kv_heads, splits)](
+            out, q, k_cache, v_cache,
+            meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.seq_counts,
+            *parts, bounds.decodes, splits, self.scale,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            meta.block_tables.stride(0),
+            BLOCK_SIZE=k_cache.shape[1], DECODE_BLOCK_Q=self.decode_block_q,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_PREFILL=prefill_tiles > 0, **self.consts,
+            num_warps=self.num_warps,
+            num_stages=2,  # splits are a few key blocks long: 2 stages beat Triton's default 3 on an H200
+        )
+        if splits > 1:
+            combine_splits_kernel[(bounds.decodes + bounds.prefill_tokens, self.num_kv_heads)](
+                out, *parts, meta.seq_lens, meta.query_start_loc, meta.seq_counts, splits,
+                out.stride(0), out.stride(1), MAX_SPLITS=_MAX_SPLITS, **self.consts,
+            )
         return out.flatten(1)
 
     def num_splits(self, max_seq_len: int, num_tokens: int) -> int:
@@ -68,31 +87,6 @@ class TritonAttentionBackend:
         by_len = triton.cdiv(max_seq_len, self.split_min)
         by_buffer = _SPLIT_BUFFER_BYTES // max(1, num_tokens * self.num_heads * self.head_dim * 4)
         return max(1, min(_MAX_SPLITS, by_len, by_buffer))
-
-    def _launch(self, out, q, kv_cache, meta: AttentionMetadata, parts: tuple[torch.Tensor, torch.Tensor],
-                splits: int, tiles: int, decode: bool) -> None:
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
-        part_out, part_lse = parts
-        block_q, block_n, warps = ((self.decode_block_q, _BLOCK_N, 4) if decode
-                                   else (self.prefill_block_q, self.prefill_block_n, self.prefill_warps))
-        consts = dict(GROUP=self.group, GROUP_PAD=self.group_pad, HEAD_DIM=self.head_dim,
-                      HEAD_DIM_PAD=self.head_dim_pad, BLOCK_Q=block_q, BLOCK_N=block_n, SPLIT_MIN=self.split_min,
-                      IS_DECODE=decode)
-        paged_attention_kernel[(tiles, self.num_kv_heads, splits)](
-            out, q, k_cache, v_cache,
-            meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.seq_counts,
-            part_out, part_lse, splits, self.scale,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            meta.block_tables.stride(0),
-            BLOCK_SIZE=k_cache.shape[1], PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **consts,
-            num_warps=warps,
-        )
-        if splits > 1:
-            combine_splits_kernel[(tiles, self.num_kv_heads)](
-                out, part_out, part_lse, meta.seq_lens, meta.query_start_loc, meta.seq_counts, splits,
-                out.stride(0), out.stride(1), **consts,
-            )
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

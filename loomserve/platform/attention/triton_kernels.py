@@ -1,13 +1,15 @@
 """Triton kernels for paged attention: one varlen kernel for mixed prefill/decode batches, the combine of
 its KV splits, and the fused write of new keys and values into the cache through the slot mapping.
 
-Each program of the attention kernel handles one KV head, a tile of BLOCK_Q query tokens of one sequence,
-and one split of the keys that tile sees; the tile's rows are (query token, query head of that KV head's
-group) pairs, so grouped query heads share every key and value load. Softmax is online (flash-attention
-style) in float32. A long context is cut into up to `num_splits` splits of at least SPLIT_MIN keys, each
-its own program (flash-decoding): otherwise one program would walk the whole context alone while the rest
-of the GPU idles. Splits land as normalized partial outputs with their log-sum-exp, and the combine kernel
-merges them; a tile whose context fits one split writes its output directly.
+Each program of the attention kernel handles one KV head, a tile of query tokens of one sequence (a decode,
+or BLOCK_Q tokens of a prefill chunk: both kinds in one launch, so the decodes' short programs run beside
+the chunk's), and one split of the keys that tile sees; the tile's rows are (query token, query head of that
+KV head's group) pairs, so grouped query heads share every key and value load. Softmax is online
+(flash-attention style) in float32, and key blocks wholly before the tile's first position skip the causal
+mask. A long context is cut into up to `num_splits` splits of at least SPLIT_MIN keys, each its own program
+(flash-decoding): otherwise one program would walk the whole context alone while the rest of the GPU idles.
+Splits land as normalized partial outputs with their log-sum-exp, and the combine kernel merges each token's
+splits in one load; a tile whose context fits one split writes its output directly.
 
 Which sequences a launch covers is read on the device (`seq_counts`), and grids may be larger than the
 work (programs past it return), so one launch can be captured in a CUDA graph and replayed for any step
@@ -41,17 +43,22 @@ def write_kv_kernel(
 
 
 @triton.jit
-def _find_seq(query_start_loc_ptr, seq_offset, num_seqs, tile, BLOCK_Q: tl.constexpr):
-    """The sequence whose tiles contain `tile`: sequence s starts at tile (q_start(s) - q_start(0)) // BLOCK_Q + s;
-    num_seqs for a tile past them all (most of a CUDA graph's grid), found without the search."""
+def _find_seq(query_start_loc_ptr, seq_offset, num_seqs, index, BLOCK_Q: tl.constexpr, PER_TILE: tl.constexpr):
+    """Which of the num_seqs sequences from seq_offset holds `index` (counted from the first one's start): a tile
+    when PER_TILE (sequence s starts at tile (q_start(s) - q_start(0)) // BLOCK_Q + s), else a token; num_seqs
+    for an index past them all (most of a CUDA graph's grid), found without the search."""
     base = tl.load(query_start_loc_ptr + seq_offset)
-    end_tile = (tl.load(query_start_loc_ptr + seq_offset + num_seqs) - base) // BLOCK_Q + num_seqs
-    lo = tl.where(tile >= end_tile, num_seqs, 0)
+    end = tl.load(query_start_loc_ptr + seq_offset + num_seqs) - base
+    if PER_TILE:
+        end = end // BLOCK_Q + num_seqs
+    lo = tl.where(index >= end, num_seqs, 0)
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        start = (tl.load(query_start_loc_ptr + seq_offset + mid) - base) // BLOCK_Q + mid
-        if start <= tile:
+        start = tl.load(query_start_loc_ptr + seq_offset + mid) - base
+        if PER_TILE:
+            start = start // BLOCK_Q + mid
+        if start <= index:
             lo = mid
         else:
             hi = mid - 1
@@ -72,7 +79,7 @@ def _locate_tile(query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, num_sp
     else:
         first = num_decodes
         count = tl.load(seq_counts_ptr + 1).to(tl.int32) - num_decodes
-        s = _find_seq(query_start_loc_ptr, first, count, tile, BLOCK_Q)
+        s = _find_seq(query_start_loc_ptr, first, count, tile, BLOCK_Q, True)
     in_launch = s < count
     seq = first + tl.where(in_launch, s, 0)
     q_start = tl.load(query_start_loc_ptr + seq, mask=in_launch, other=0).to(tl.int32)
@@ -110,10 +117,107 @@ def _split_len(kv_end, num_splits, SPLIT_MIN: tl.constexpr, BLOCK_N: tl.constexp
     return tl.maximum(even, SPLIT_MIN)
 
 
+@triton.jit
+def _attend_block(q, m_i, l_i, acc, start, kv_stop, q_pos, row_ok, kv_row, k_cache_ptr, v_cache_ptr, kv_head,
+                  stride_c_blk, stride_c_tok, stride_c_head, qk_scale, d, d_ok,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  HEAD_DIM_PAD: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over BLOCK_N keys from `start`: the running max [M], sum [M] and output [M, D].
+    Unmasked blocks lie wholly before every row's position and inside the split."""
+    k_pos = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        k_ok = k_pos < kv_stop
+        blk = tl.load(kv_row + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
+    else:
+        blk = tl.load(kv_row + k_pos // BLOCK_SIZE)
+    off = blk.to(tl.int64) * stride_c_blk + (k_pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
+    kv_ptrs = off[:, None] + d[None, :]
+    if MASKED:
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)  # [N, D]
+        v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)  # [N, D]
+    elif HEAD_DIM == HEAD_DIM_PAD:
+        k = tl.load(k_cache_ptr + kv_ptrs)
+        v = tl.load(v_cache_ptr + kv_ptrs)
+    else:
+        k = tl.load(k_cache_ptr + kv_ptrs, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + kv_ptrs, mask=d_ok[None, :], other=0.0)
+    s_ij = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [M, N], unscaled
+    if MASKED:
+        visible = row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        s_ij = tl.where(visible, s_ij * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s_ij, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        p = tl.exp2(s_ij - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+    else:
+        # Scale and shift in one multiply-add; every row sees these keys, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s_ij, 1) * qk_scale)
+        p = tl.exp2(s_ij * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_tile(
+    tile, kv_head, split,
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq_counts_ptr,
+    part_out_ptr, part_lse_ptr, num_splits, scale,
+    stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok, stride_c_head, stride_bt,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_MIN: tl.constexpr, IS_DECODE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program's work: one split of the keys of one tile (decode: a sequence) for one KV head's query heads,
+    written as the output itself when the tile has one split, else as a partial output for the combine."""
+    seq, q_start, q_len, q_first, context, kv_end, split_len, has_work = _locate_tile(
+        query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, num_splits, IS_DECODE, BLOCK_Q, SPLIT_MIN, BLOCK_N)
+    kv_start = split * split_len
+    if has_work & (kv_start < kv_end):
+        kv_stop = tl.minimum(kv_start + split_len, kv_end)
+        BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+        q_idx, head, row_ok, d, d_ok = _tile_rows(q_first, q_len, kv_head, GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM,
+                                                  HEAD_DIM_PAD)
+        q_pos = context + q_idx  # absolute position: attends to keys at positions <= q_pos
+        q_rows = q_ptr + (q_start + q_idx)[:, None] * stride_q_t + head[:, None] * stride_q_h + d[None, :]
+        q = tl.load(q_rows, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+        qk_scale = scale * 1.4426950408889634  # softmax in base 2
+        kv_row = block_tables_ptr + seq * stride_bt
+        # Keys before the tile's first query position are seen by every row: those whole blocks skip the masks,
+        # which (with the exp) bound the loop at head_dim 64. Only the causal edge and the split's tail are masked.
+        open_end = tl.maximum(kv_start, tl.minimum(kv_stop, context + q_first + 1) // BLOCK_N * BLOCK_N)
+        for start in range(kv_start, open_end, BLOCK_N):
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start, kv_stop, q_pos, row_ok, kv_row, k_cache_ptr,
+                                          v_cache_ptr, kv_head, stride_c_blk, stride_c_tok, stride_c_head, qk_scale,
+                                          d, d_ok, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, PRECISION, False)
+        for start in range(open_end, kv_stop, BLOCK_N):
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start, kv_stop, q_pos, row_ok, kv_row, k_cache_ptr,
+                                          v_cache_ptr, kv_head, stride_c_blk, stride_c_tok, stride_c_head, qk_scale,
+                                          d, d_ok, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, PRECISION, True)
+        token = q_start + q_idx
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        if split_len >= kv_end:  # the tile's only split: the output itself
+            o_rows = out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :]
+            tl.store(o_rows, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            # A row whose causal window ends before this split sees nothing here: weight 0 in the combine.
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+            part = (token * (GROUP * tl.num_programs(1)) + head) * num_splits + split  # [M]
+            tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=out_mask)
+            tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
 # Arguments that change from step to step are not specialized on (Triton would compile a variant for values
 # divisible by 16 and for 1): the kernels captured in CUDA graphs at start-up then serve eager steps too,
 # instead of a compile stalling every stream the first time a step's block-table width or split count differs.
-@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt", "decode_tiles"])
 def paged_attention_kernel(
     out_ptr, q_ptr,  # [T, H, D]
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
@@ -123,6 +227,7 @@ def paged_attention_kernel(
     seq_counts_ptr,  # [2]: (decodes, sequences) this step
     part_out_ptr,  # [T, H, num_splits, D] float32: each split's normalized output (num_splits > 1 only)
     part_lse_ptr,  # [T, H, num_splits] float32: each split's log2-sum-exp2 of its scores
+    decode_tiles,  # the grid's first decode_tiles tiles are decodes (a bound: those past the step's return)
     num_splits,
     scale,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
@@ -132,66 +237,35 @@ def paged_attention_kernel(
     GROUP_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr,  # query tokens per tile
-    BLOCK_N: tl.constexpr,  # keys per iteration
-    SPLIT_MIN: tl.constexpr,  # fewest keys a split takes (a multiple of BLOCK_N)
-    IS_DECODE: tl.constexpr,  # one query token per sequence: tile == sequence
+    SPLIT_MIN: tl.constexpr,  # fewest keys a split takes (a multiple of both BLOCK_Ns)
+    DECODE_BLOCK_Q: tl.constexpr, DECODE_BLOCK_N: tl.constexpr,  # query tokens per tile, keys per iteration
+    PREFILL_BLOCK_Q: tl.constexpr, PREFILL_BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32), "tf32" otherwise (unused for 16-bit inputs)
+    HAS_PREFILL: tl.constexpr,  # False: decodes only, compiled without the prefill path and its registers
 ):
+    """Decodes and prefill chunks in one launch, each with its own tile shape: the decodes' short programs run
+    beside the chunk's instead of before it."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq, q_start, q_len, q_first, context, kv_end, split_len, has_work = _locate_tile(
-        query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, num_splits, IS_DECODE, BLOCK_Q, SPLIT_MIN, BLOCK_N)
-    if not has_work:
-        return
-    kv_start = split * split_len
-    if kv_start >= kv_end:
-        return
-    kv_stop = tl.minimum(kv_start + split_len, kv_end)
-
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    q_idx, head, row_ok, d, d_ok = _tile_rows(q_first, q_len, kv_head, GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM,
-                                              HEAD_DIM_PAD)
-    q_pos = context + q_idx  # absolute position: attends to keys at positions <= q_pos
-
-    q_rows = q_ptr + (q_start + q_idx)[:, None] * stride_q_t + head[:, None] * stride_q_h + d[None, :]
-    q = tl.load(q_rows, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    qk_scale = scale * 1.4426950408889634  # softmax in base 2
-    for start in range(kv_start, kv_stop, BLOCK_N):
-        k_pos = start + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < kv_stop
-        blk = tl.load(block_tables_ptr + seq * stride_bt + k_pos // BLOCK_SIZE, mask=k_ok, other=0)
-        off = blk.to(tl.int64) * stride_c_blk + (k_pos % BLOCK_SIZE) * stride_c_tok + kv_head * stride_c_head
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-        s_ij = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N]
-        visible = row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
-        s_ij = tl.where(visible, s_ij, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s_ij, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
-        p = tl.exp2(s_ij - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-    token = q_start + q_idx
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    out_mask = row_ok[:, None] & d_ok[None, :]
-    if split_len >= kv_end:  # the tile's only split: the output itself
-        o_rows = out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :]
-        tl.store(o_rows, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if not HAS_PREFILL:
+        _attend_tile(tile, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+                     query_start_loc_ptr, seq_counts_ptr, part_out_ptr, part_lse_ptr, num_splits, scale,
+                     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok, stride_c_head,
+                     stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, DECODE_BLOCK_Q, DECODE_BLOCK_N,
+                     SPLIT_MIN, True, PRECISION)
+    elif tile < decode_tiles:
+        _attend_tile(tile, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+                     query_start_loc_ptr, seq_counts_ptr, part_out_ptr, part_lse_ptr, num_splits, scale,
+                     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok, stride_c_head,
+                     stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, DECODE_BLOCK_Q, DECODE_BLOCK_N,
+                     SPLIT_MIN, True, PRECISION)
     else:
-        # A row whose causal window ends before this split sees nothing here: weight 0 in the combine.
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-        part = (token * (GROUP * tl.num_programs(1)) + head) * num_splits + split  # [M]
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=out_mask)
-        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+        _attend_tile(tile - decode_tiles, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
+                     seq_lens_ptr, query_start_loc_ptr, seq_counts_ptr, part_out_ptr, part_lse_ptr, num_splits, scale,
+                     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok, stride_c_head,
+                     stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, PREFILL_BLOCK_Q,
+                     PREFILL_BLOCK_N, SPLIT_MIN, False, PRECISION)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -203,41 +277,52 @@ def combine_splits_kernel(
     stride_o_t, stride_o_h,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_MIN: tl.constexpr,
-    IS_DECODE: tl.constexpr,
+    SPLIT_MIN: tl.constexpr, MAX_SPLITS: tl.constexpr,  # MAX_SPLITS: a power of two >= num_splits
+    DECODE_BLOCK_N: tl.constexpr, PREFILL_BLOCK_Q: tl.constexpr, PREFILL_BLOCK_N: tl.constexpr,
 ):
-    """Merge a tile's splits, weighting each split's output by its share of the softmax mass; the same grid
-    as the attention launch, and tiles that had one split (already written) return."""
-    tile = tl.program_id(0)
+    """Merge the splits of one token's query heads of one KV head, weighting each split's output by its share
+    of the softmax mass. One launch covers the step's decodes and prefill chunks; all of a token's splits are
+    loaded at once (one trip to memory, not one per split), and tokens whose tile had one split return."""
+    token = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq, q_start, q_len, q_first, context, kv_end, split_len, has_work = _locate_tile(
-        query_start_loc_ptr, seq_counts_ptr, seq_lens_ptr, tile, num_splits, IS_DECODE, BLOCK_Q, SPLIT_MIN, BLOCK_N)
-    if not has_work:
+    num_decodes = tl.load(seq_counts_ptr).to(tl.int32)
+    count = tl.load(seq_counts_ptr + 1).to(tl.int32)
+    if token >= tl.load(query_start_loc_ptr + count):
         return
+    if token < num_decodes:
+        seq = token
+    else:
+        # Decodes hold one token each, so the prefill tokens start at token num_decodes.
+        seq = num_decodes + _find_seq(query_start_loc_ptr, num_decodes, count - num_decodes, token - num_decodes,
+                                      1, False)
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
+    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
+    context = tl.load(seq_lens_ptr + seq).to(tl.int32) - q_len
+    if token < num_decodes:
+        kv_end = context + 1
+        split_len = _split_len(kv_end, num_splits, SPLIT_MIN, DECODE_BLOCK_N)
+    else:  # the keys of the token's prefill tile, as the attention launch cut them
+        q_first = (token - q_start) // PREFILL_BLOCK_Q * PREFILL_BLOCK_Q
+        kv_end = context + tl.minimum(q_first + PREFILL_BLOCK_Q, q_len)
+        split_len = _split_len(kv_end, num_splits, SPLIT_MIN, PREFILL_BLOCK_N)
     if split_len >= kv_end:
         return
     used = tl.cdiv(kv_end, split_len)
 
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
-    q_idx, head, row_ok, d, d_ok = _tile_rows(q_first, q_len, kv_head, GROUP, GROUP_PAD, BLOCK_Q, HEAD_DIM,
-                                              HEAD_DIM_PAD)
-    token = q_start + q_idx
-    base = (token * (GROUP * tl.num_programs(1)) + head) * num_splits  # [M]
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    for split in range(0, used):
-        lse = tl.load(part_lse_ptr + base + split, mask=row_ok, other=float("-inf"))
-        part = tl.load(part_out_ptr + (base + split)[:, None] * HEAD_DIM + d[None, :],
-                       mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
-        m_new = tl.maximum(m_i, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        w = tl.exp2(lse - m_safe)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * part
-        m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    o_rows = out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :]
-    tl.store(o_rows, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    g = tl.arange(0, GROUP_PAD)
+    head = kv_head * GROUP + g  # [G]
+    split = tl.arange(0, MAX_SPLITS)  # [S]
+    d = tl.arange(0, HEAD_DIM_PAD)
+    part = (token * (GROUP * tl.num_programs(1)) + head)[:, None] * num_splits + split[None, :]  # [G, S]
+    ok = (g < GROUP)[:, None] & (split < used)[None, :]
+    # A split past a row's causal window holds lse -inf: weight 0.
+    lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"))  # [G, S]
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)  # padded heads
+    w = tl.exp2(lse - m[:, None])  # [G, S]
+    total = tl.sum(w, 1)
+    parts = tl.load(part_out_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :],
+                    mask=ok[:, :, None] & (d < HEAD_DIM)[None, None, :], other=0.0)  # [G, S, D]
+    out = tl.sum(parts * w[:, :, None], 1) / tl.where(total == 0.0, 1.0, total)[:, None]  # [G, D]
+    o_rows = out_ptr + token * stride_o_t + head[:, None] * stride_o_h + d[None, :]
+    tl.store(o_rows, out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :])
