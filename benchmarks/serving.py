@@ -22,6 +22,11 @@ exact ITLs; otherwise (`--token-count usage`, the default) its gaps are divided 
 and the table's `tok/chunk` column says how much coalescing there was. `--token-count logprobs` asks for
 `logprobs: 0` so every chunk lists its tokens (exact, at the price of the engine computing logprobs).
 
+The client sends from --client-processes processes (round-robin, one shared clock, bodies encoded before
+the run): one Python process reading every stream spends about as much CPU per chunk as the server does,
+and its own queue would show up in the measured ITL tail. `benchmarks/engine_trace.py` replays the same
+workload on the engine alone, to see which part of a tail is the engine's.
+
 Reported per rate: completed/failed requests, request throughput and output tokens/s (over the time from
 the first request sent to the last one finished), TTFT median/p99, ITL median/p99 and their ratio, e2e
 median, tokens per chunk, and the client's worst lag behind the arrival schedule (a large lag means the
