@@ -29,9 +29,10 @@ LONG = [(300, 1), (5, 1), (130, 1), (200, 40), (0, 130)]
 HEADS = {"mha": (4, 4), "gqa-4:1": (8, 2), "gqa-7:1": (14, 2)}
 
 
-def run_both(seqs, num_heads, num_kv_heads, block_size, dtype, split_min=512, pad=None):
+def run_both(seqs, num_heads, num_kv_heads, block_size, dtype, split_min=512, pad=None, **knobs):
     """The reference's and Triton's outputs (and caches) for one step; `pad` = (tokens, sequences) runs Triton's
-    launch as a CUDA graph would, over that many padding tokens and sequences and bounds no step reaches."""
+    launch as a CUDA graph would, over that many padding tokens and sequences and bounds no step reaches;
+    `knobs` are more TritonAttentionBackend settings."""
     gen = torch.Generator().manual_seed(0)
     lengths = [c + n for c, n in seqs]
     num_blocks = sum(-(-n // block_size) for n in lengths) + 3
@@ -48,7 +49,7 @@ def run_both(seqs, num_heads, num_kv_heads, block_size, dtype, split_min=512, pa
     scale = HEAD_DIM**-0.5
     ref_cache, tri_cache = cache.clone(), cache.clone()
     ref = TorchAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale).forward(q, k, v, ref_cache, meta)
-    triton_backend = TritonAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale, split_min=split_min)
+    triton_backend = TritonAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale, split_min=split_min, **knobs)
     if pad is not None:
         q, k, v, meta = padded_like_a_graph(q, k, v, meta, *pad)
     out = triton_backend.forward(q, k, v, tri_cache, meta)
@@ -96,6 +97,14 @@ def test_triton_attention_in_a_padded_graph_launch_equals_torch_reference(scenar
     tol = 1e-4 if DTYPES[0] == torch.float32 else 2e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
     assert torch.equal(tri_cache, ref_cache)  # padding tokens wrote nothing
+
+
+def test_triton_attention_with_prefill_key_blocks_wider_than_the_decodes_equals_torch_reference():
+    # Prefill tiles walk keys 128 at a time and decodes 64: both loops (unmasked, then the causal edge) and the
+    # combine must cut the same splits.
+    out, ref, _, _ = run_both(LONG, 14, 2, 16, DTYPES[0], split_min=128, prefill_block_n=128, prefill_rows=128)
+    tol = 1e-4 if DTYPES[0] == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
 def test_triton_kv_write_fills_the_same_slots_as_the_reference():
