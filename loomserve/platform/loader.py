@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from loomserve.platform.config import ModelConfig
 from loomserve.platform.models import get_model_class
+from loomserve.platform.models.packing import projection_names
 from loomserve.platform.quantization import quantize_model, split_prequantized
 
 logger = logging.getLogger(__name__)
@@ -130,9 +131,7 @@ def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
 
 def _checkpoint_names(model: nn.Module, param_name: str) -> str:
     """A parameter's name as the checkpoint spells it: fused ones name every projection they come from."""
-    sources = [
-        param_name.replace(f".{fused}.", f".{part}.")
-        for part, (fused, _) in getattr(model, "packed_modules_mapping", {}).items()
-        if f".{fused}." in param_name
-    ]
-    return " / ".join(sources) if sources else param_name
+    module, _, attr = param_name.rpartition(".")
+    if "." not in module:  # a top-level module (lm_head) is never fused
+        return param_name
+    return " / ".join(f"{name}.{attr}" for name in projection_names(model, module))

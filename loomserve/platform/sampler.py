@@ -6,9 +6,11 @@ penalties -> greedy argmax -> temperature -> min-p -> top-k / top-p -> exponenti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -102,8 +104,8 @@ def _tensor_unless(values: list, off: float, dtype: torch.dtype, device: torch.d
     return to_device(values, dtype, device)
 
 
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor without a blocking copy (a blocking one would wait for the GPU's queue)."""
+def to_device(values: Sequence | np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values as a device tensor without a blocking copy (a blocking one would wait for the GPU's queue)."""
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 

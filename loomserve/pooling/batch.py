@@ -3,13 +3,13 @@ that cross-encoder pairs feed to the model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from loomserve.platform.request import Request
+from loomserve.platform.sampler import to_device
 from loomserve.pooling.params import PoolingParams
 
 
@@ -37,9 +37,4 @@ def token_type_ids(spans: list[PoolingSpan], num_tokens: int, device: torch.devi
     ids = np.zeros(num_tokens, dtype=np.int64)
     for s in pairs:
         ids[s.start : s.end] = s.params.token_type_ids
-    return to_device(ids, device)
-
-
-def to_device(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
-    """int64 indices on the device without waiting for the step still running there (a blocking copy would)."""
-    return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(device, non_blocking=True)
+    return to_device(ids, torch.int64, device)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loomserve.pooling.batch import PoolingSpan, to_device
+from loomserve.platform.sampler import to_device
+from loomserve.pooling.batch import PoolingSpan
 from loomserve.pooling.config import PoolerConfig
 from loomserve.pooling.params import PoolingParams
 
@@ -59,17 +60,17 @@ def pool_vectors(hidden: torch.Tensor, spans: list[PoolingSpan]) -> torch.Tensor
     picked = [(i, s.start if s.params.pooling_type == "CLS" else s.end - 1)
               for i, s in enumerate(spans) if s.params.pooling_type != "MEAN"]
     if picked:
-        rows, index = (to_device(x, hidden.device) for x in zip(*picked))
+        rows, index = (to_device(x, torch.int64, hidden.device) for x in zip(*picked))
         out[rows] = hidden[index]
     means = [(i, s) for i, s in enumerate(spans) if s.params.pooling_type == "MEAN"]
     if means:
         lengths = np.array([s.end - s.start for _, s in means])
         index = np.concatenate([np.arange(s.start, s.end) for _, s in means])  # [N] rows of every mean span
         segment = np.repeat(np.arange(len(means)), lengths)  # [N] which span each row belongs to
-        index_t, segment_t, lengths_t = (to_device(x, hidden.device) for x in (index, segment, lengths))
+        index_t, segment_t, lengths_t = (to_device(x, torch.int64, hidden.device) for x in (index, segment, lengths))
         sums = torch.zeros(len(means), hidden.shape[1], dtype=torch.float32, device=hidden.device)
         sums.index_add_(0, segment_t, hidden[index_t].float())
-        rows = to_device([i for i, _ in means], hidden.device)
+        rows = to_device([i for i, _ in means], torch.int64, hidden.device)
         out[rows] = (sums / lengths_t[:, None]).to(hidden.dtype)
     return out
 
@@ -81,9 +82,9 @@ def token_vectors(hidden: torch.Tensor, span: PoolingSpan) -> torch.Tensor:
     if params.pooling_type == "STEP":
         if params.step_tag_id is not None:  # found among the prompt's tokens on the host: a device mask would sync
             tagged = np.flatnonzero(np.asarray(span.prompt_token_ids) == params.step_tag_id)
-            rows = rows[to_device(tagged, hidden.device)]
+            rows = rows[to_device(tagged, torch.int64, hidden.device)]
         if params.returned_token_ids:
-            rows = rows[:, to_device(params.returned_token_ids, hidden.device)]
+            rows = rows[:, to_device(params.returned_token_ids, torch.int64, hidden.device)]
     return rows
 
 
