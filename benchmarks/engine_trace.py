@@ -21,9 +21,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from benchmarks.serving import RequestSpec, add_workload_flags, check_workload_args, sample_requests, warmup_specs
+from benchmarks.serving import (
+    RequestSpec,
+    add_workload_flags,
+    check_workload_args,
+    pct,
+    sample_requests,
+    warmup_specs,
+)
 from benchmarks.throughput import add_model_flags, prompt_vocab_size, resolve_model
 from loomserve import LLM, SamplingParams
 from loomserve.platform.output_processor import OutputProcessor
@@ -34,9 +39,7 @@ CONTEXT_BINS = (0, 1024, 2048, 4096, 6144, 8192, 1 << 30)  # a prefill chunk's c
 
 @dataclass
 class Landing:
-    time: float
-    interval: float  # since the previous landing (nan after an idle engine)
-    prefill_tokens: int
+    interval: float  # seconds since the previous landing (nan after an idle engine)
     prefill_context: int  # the largest context a prefill chunk of the step attends over; -1: decodes only
 
 
@@ -47,10 +50,9 @@ class Trace:
     ttft: list[float] = field(default_factory=list)
 
 
-def step_shape(out: SchedulerOutput) -> tuple[int, int]:
-    """(prefill tokens, largest prefill context) of a scheduled step; context -1 when it only decodes."""
-    chunks = [s for s in out.scheduled if s.start < s.request.num_prompt_tokens]
-    return sum(s.num_new_tokens for s in chunks), max((s.start for s in chunks), default=-1)
+def prefill_context(out: SchedulerOutput) -> int:
+    """The largest context a prefill chunk of a scheduled step attends over; -1 when the step only decodes."""
+    return max((s.start for s in out.scheduled if s.start < s.request.num_prompt_tokens), default=-1)
 
 
 def replay(llm: LLM, specs: list[RequestSpec], output_len: int) -> Trace:
@@ -58,11 +60,11 @@ def replay(llm: LLM, specs: list[RequestSpec], output_len: int) -> Trace:
     engine = llm.engine
     processor = OutputProcessor(llm.tokenizer, final_only=True)
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    trace, shapes = Trace(), deque()
+    trace, contexts = Trace(), deque()
     land = engine._land
 
     def timed_land(out, step):  # the steps an engine.step() call lands, in order
-        shapes.append(step_shape(out))
+        contexts.append(prefill_context(out))
         return land(out, step)
 
     engine._land = timed_land
@@ -82,8 +84,8 @@ def replay(llm: LLM, specs: list[RequestSpec], output_len: int) -> Trace:
                 continue
             outputs = engine.step().outputs
             t = time.perf_counter()
-            for tokens, context in _drain(shapes):
-                trace.landings.append(Landing(t, t - prev, tokens, context))
+            while contexts:
+                trace.landings.append(Landing(t - prev, contexts.popleft()))
                 prev = t
             for out in outputs:
                 if not out.new_token_ids:
@@ -99,21 +101,12 @@ def replay(llm: LLM, specs: list[RequestSpec], output_len: int) -> Trace:
     return trace
 
 
-def _drain(shapes: deque) -> list[tuple[int, int]]:
-    drained = list(shapes)
-    shapes.clear()
-    return drained
-
-
-def _pct(values, q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else float("nan")
-
-
 def report(budget: int | None, trace: Trace) -> None:
-    itl = np.array([s for s, _ in trace.itl]) * 1e3
-    med, p99 = _pct(itl, 50), _pct(itl, 99)
+    itl = [s * 1e3 for s, _ in trace.itl]
+    ttft = [s * 1e3 for s in trace.ttft]
+    med, p99 = pct(itl, 50), pct(itl, 99)
     print(f"| {budget or 'default'} | {len(trace.landings)} | {med:.2f} | {p99:.2f} | {p99 / med:.2f} | "
-          f"{_pct(np.array(trace.ttft) * 1e3, 50):.1f} | {_pct(np.array(trace.ttft) * 1e3, 99):.1f} |")
+          f"{pct(ttft, 50):.1f} | {pct(ttft, 99):.1f} |")
     slow = [i for s, i in trace.itl if s * 1e3 > 2 * med]
     print(f"\n  landed steps, budget {budget or 'default'} ({len(slow)} ITL samples above 2x the median):\n")
     print("  | step carries | steps | interval med ms | interval p99 ms | share of the slow ITL samples |")
@@ -127,7 +120,7 @@ def report(budget: int | None, trace: Trace) -> None:
             continue
         intervals = [trace.landings[i].interval * 1e3 for i in members if not math.isnan(trace.landings[i].interval)]
         share = sum(i in members for i in slow) / max(1, len(slow))
-        print(f"  | {name} | {len(members)} | {_pct(intervals, 50):.2f} | {_pct(intervals, 99):.2f} | {share:.0%} |")
+        print(f"  | {name} | {len(members)} | {pct(intervals, 50):.2f} | {pct(intervals, 99):.2f} | {share:.0%} |")
 
 
 def main() -> None:

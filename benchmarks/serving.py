@@ -221,7 +221,9 @@ class RequestResult:
         return [mean] * len(self.chunk_times)
 
 
-def request_body(spec: RequestSpec, args: argparse.Namespace) -> dict:
+def request_body(spec: RequestSpec, args: argparse.Namespace) -> bytes:
+    """The request's JSON, encoded ahead of its send (an 8k-token prompt takes the event loop a millisecond to
+    encode, a stall every open stream's next chunk would wait for)."""
     body = {
         "prompt": spec.prompt,
         "max_tokens": args.output_len,
@@ -232,13 +234,12 @@ def request_body(spec: RequestSpec, args: argparse.Namespace) -> dict:
     }
     if args.token_count == "logprobs":
         body["logprobs"] = 0
-    return body
+    return json.dumps(body).encode()
 
 
 async def send_request(client: httpx.AsyncClient, spec: RequestSpec, body: bytes, output_len: int,
                        start: float) -> RequestResult:
-    """One streamed completion; `body` is its JSON, encoded before the run (an 8k-token prompt takes the event
-    loop a millisecond to encode, a stall every open stream's next chunk would wait for)."""
+    """One streamed completion of `body` (its request_body)."""
     result = RequestResult(long=spec.long)
     result.sent = time.perf_counter()
     result.send_lag = result.sent - start - spec.arrival
@@ -295,9 +296,8 @@ def make_client(base_url: str, args: argparse.Namespace) -> httpx.AsyncClient:
 
 
 def run_rate(base_url: str, specs: list[RequestSpec], args: argparse.Namespace) -> tuple[list[RequestResult], float]:
-    """Send `specs` on their schedule from --client-processes processes, round-robin; (results, seconds from the
-    first send to the last request's end). One Python process reading every stream costs about as much CPU per
-    chunk as the server does, and its queue would show up in the measured ITL tail."""
+    """Send `specs` on their schedule from --client-processes processes, round-robin (one process reading every
+    stream would queue); (results, seconds from the first send to the last request's end)."""
     n = max(1, min(args.client_processes, len(specs)))
     context = multiprocessing.get_context("spawn")
     ready = context.Barrier(n + 1)
@@ -324,7 +324,7 @@ def _client_process(base_url: str, specs: list[RequestSpec], args: argparse.Name
 async def send_on_schedule(base_url: str, specs: list[RequestSpec], args: argparse.Namespace,
                            start: float) -> list[RequestResult]:
     """Send each spec at `start` + its arrival (perf_counter time, which all processes share on one host)."""
-    bodies = [json.dumps(request_body(spec, args)).encode() for spec in specs]
+    bodies = [request_body(spec, args) for spec in specs]
     async with make_client(base_url, args) as client:
         deadline = start + args.max_duration
         tasks: list[asyncio.Task[RequestResult]] = []
@@ -352,7 +352,7 @@ async def _collect(task: asyncio.Task[RequestResult], spec: RequestSpec) -> Requ
 async def warm_up(base_url: str, specs: list[RequestSpec], args: argparse.Namespace) -> None:
     """First-use costs (kernel compilation, allocator growth) out of the timed runs; all sent at once."""
     async with make_client(base_url, args) as client:
-        bodies = [json.dumps(request_body(s, args)).encode() for s in specs]
+        bodies = [request_body(s, args) for s in specs]
         results = await asyncio.gather(*(send_request(client, s, b, args.output_len, time.perf_counter())
                                          for s, b in zip(specs, bodies, strict=True)))
     failed = [r.error for r in results if not r.ok]
@@ -392,7 +392,7 @@ def server_flags(args: argparse.Namespace, load_format: str, budget: int | None)
 # ----------------------------------------------------------------------------------------------- metrics
 
 
-def _pct(values: list[float], q: float) -> float:
+def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
@@ -413,18 +413,18 @@ class RateSummary:
         tokens = sum(r.output_tokens for r in ok)
         chunks = sum(len(r.chunk_times) for r in ok)
         lag = max((r.send_lag for r in self.results if r.sent), default=0.0)
-        ratio = _pct(itl, 99) / _pct(itl, 50) if itl else float("nan")
+        ratio = pct(itl, 99) / pct(itl, 50) if itl else float("nan")
         return [
             f"{self.rate:g}",
             f"{len(ok)}/{len(self.results) - len(ok)}",
             f"{len(ok) / self.duration:.2f}",
             f"{tokens / self.duration:,.0f}",
-            f"{1e3 * _pct(ttft, 50):.1f}",
-            f"{1e3 * _pct(ttft, 99):.1f}",
-            f"{1e3 * _pct(itl, 50):.2f}",
-            f"{1e3 * _pct(itl, 99):.2f}",
+            f"{1e3 * pct(ttft, 50):.1f}",
+            f"{1e3 * pct(ttft, 99):.1f}",
+            f"{1e3 * pct(itl, 50):.2f}",
+            f"{1e3 * pct(itl, 99):.2f}",
             f"{ratio:.2f}",
-            f"{_pct([r.e2e for r in ok], 50):.2f}",
+            f"{pct([r.e2e for r in ok], 50):.2f}",
             f"{tokens / chunks:.2f}" if chunks else "-",
             f"{1e3 * lag:.0f}",
         ]
@@ -443,9 +443,9 @@ class RateSummary:
             long_ttft = [r.ttft for r in long]
             short_itl = [x for r in self.ok if not r.long for x in r.itls()]
             out.append(
-                f"rate {self.rate:g}: {len(long)} long-prompt requests, TTFT median {1e3 * _pct(long_ttft, 50):.0f} ms"
-                f" / p99 {1e3 * _pct(long_ttft, 99):.0f} ms; short requests' ITL p99/median "
-                f"{_pct(short_itl, 99) / _pct(short_itl, 50):.2f}"
+                f"rate {self.rate:g}: {len(long)} long-prompt requests, TTFT median {1e3 * pct(long_ttft, 50):.0f} ms"
+                f" / p99 {1e3 * pct(long_ttft, 99):.0f} ms; short requests' ITL p99/median "
+                f"{pct(short_itl, 99) / pct(short_itl, 50):.2f}"
             )
         return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -104,20 +105,11 @@ class CudaGraphRunner:
     def _capture_all(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        # Largest first, so smaller graphs reuse its memory. Each is run once before capture: Triton compiles,
-        # the allocator settles. No sequence is live during capture (seq_counts is zero).
+        # Largest first, so smaller graphs reuse its memory. No sequence is live during capture (seq_counts is zero).
         for num_tokens in reversed(self.token_sizes):
-            self._mixed_forward(num_tokens)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.hidden[num_tokens] = self._mixed_forward(num_tokens)
-            self.mixed_graphs[num_tokens] = graph
+            self.mixed_graphs[num_tokens], self.hidden[num_tokens] = _capture(self._mixed_forward, num_tokens, pool)
         for bs in reversed(self.sizes):
-            self._decode_forward(bs)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bs] = self._decode_forward(bs)
-            self.graphs[bs] = graph
+            self.graphs[bs], self.logits[bs] = _capture(self._decode_forward, bs, pool)
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for %d decode batch sizes (up to %d) and %d mixed token counts (up to %d) "
                     "in %.1f s", len(self.sizes), self.sizes[-1], len(self.token_sizes),
@@ -156,3 +148,12 @@ class CudaGraphRunner:
         self._load(input_ids, positions, meta, padded)
         self.mixed_graphs[padded].replay()
         return self.hidden[padded][:t]
+
+
+def _capture(forward: Callable[[int], torch.Tensor], size: int, pool: tuple) -> tuple[torch.CUDAGraph, torch.Tensor]:
+    """`forward(size)` run once (Triton compiles, the allocator settles), then captured: the graph and its output."""
+    forward(size)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = forward(size)
+    return graph, out

@@ -248,24 +248,19 @@ def paged_attention_kernel(
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if not HAS_PREFILL:
-        _attend_tile(tile, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-                     query_start_loc_ptr, seq_counts_ptr, part_out_ptr, part_lse_ptr, num_splits, scale,
-                     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok, stride_c_head,
-                     stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, DECODE_BLOCK_Q, DECODE_BLOCK_N,
-                     SPLIT_MIN, True, PRECISION)
-    elif tile < decode_tiles:
-        _attend_tile(tile, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-                     query_start_loc_ptr, seq_counts_ptr, part_out_ptr, part_lse_ptr, num_splits, scale,
-                     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok, stride_c_head,
-                     stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, DECODE_BLOCK_Q, DECODE_BLOCK_N,
-                     SPLIT_MIN, True, PRECISION)
-    else:
-        _attend_tile(tile - decode_tiles, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
-                     seq_lens_ptr, query_start_loc_ptr, seq_counts_ptr, part_out_ptr, part_lse_ptr, num_splits, scale,
-                     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok, stride_c_head,
-                     stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, PREFILL_BLOCK_Q,
-                     PREFILL_BLOCK_N, SPLIT_MIN, False, PRECISION)
+    if HAS_PREFILL:
+        if tile >= decode_tiles:
+            _attend_tile(tile - decode_tiles, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                         block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq_counts_ptr, part_out_ptr,
+                         part_lse_ptr, num_splits, scale, stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk,
+                         stride_c_tok, stride_c_head, stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
+                         PREFILL_BLOCK_Q, PREFILL_BLOCK_N, SPLIT_MIN, False, PRECISION)
+            return
+    _attend_tile(tile, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+                 query_start_loc_ptr, seq_counts_ptr, part_out_ptr, part_lse_ptr, num_splits, scale,
+                 stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok, stride_c_head,
+                 stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, DECODE_BLOCK_Q, DECODE_BLOCK_N,
+                 SPLIT_MIN, True, PRECISION)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
