@@ -146,7 +146,7 @@ def run_engine(args: argparse.Namespace, model_path: Path, workload: Workload, a
                  lora_request=[loras[i % k] if k else None for i in range(len(warm))])
     synchronize(device)
     recorder = StepRecorder(llm.engine, device)
-    backend = llm.engine.lora_manager.state.backend if k else "-"
+    backend = llm.engine.executor.runner.hook("lora").manager.state.backend if k else "-"
     result = measure_engine(f"loomserve, {k} adapters", llm, recorder, workload, args.repeats,
                             {"LoRA kernels": backend}, lora_request=requests)
     del llm, recorder

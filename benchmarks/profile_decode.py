@@ -82,7 +82,7 @@ def main() -> None:
             processor.process_outputs(engine.step().outputs)
 
     totals: dict[str, float] = defaultdict(float)
-    runner, scheduler = engine.runner, engine.scheduler
+    runner, scheduler = engine.executor.runner, engine.scheduler
     if not args.async_scheduling:
         _instrument(totals, runner, scheduler)
     start = time.perf_counter()

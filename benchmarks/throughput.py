@@ -391,7 +391,7 @@ class StepRecorder:
         self.enabled = False
         self.device = device
         self._batch: tuple[bool, int, int, int] | None = None
-        runner = engine.runner
+        runner = engine.executor.runner
         launch, step = runner.launch, engine.step
 
         def timed_launch(out: Any) -> Any:
@@ -559,7 +559,7 @@ def run_engine(args: argparse.Namespace, model_path: Path, load_format: str, wor
     decode = recorder.decode_steps()
     if device.type == "cuda" and decode:
         bandwidth = measure_copy_bandwidth(device, nbytes=min(1 << 30, torch.cuda.mem_get_info()[0] // 4))
-        weights = weight_bytes_per_step(llm.engine.runner.model)
+        weights = weight_bytes_per_step(llm.engine.executor.runner.model)
         kv_per_token = kv_bytes_per_token(llm.config.model_config)
         result.extra.update(roofline_summary(decode, weights, kv_per_token, bandwidth))
     del llm, recorder

@@ -26,7 +26,6 @@ from loomserve.adapters.lora import LoRAModel, load_lora_model
 from loomserve.adapters.ops import add_lora
 from loomserve.adapters.request import LoRARequest
 from loomserve.platform.config import LoRAConfig
-from loomserve.platform.scheduler import ScheduledRequest
 
 logger = logging.getLogger(__name__)
 
@@ -228,20 +227,21 @@ class LoRAManager:
             graph_slots[:n].copy_(torch.from_numpy(token_slots.astype(np.int32)).to(self.device, non_blocking=True))
         self._graph_slots_clear = not any_adapter
 
-    def prepare(self, scheduled: list[ScheduledRequest], active: dict[int, LoRARequest]) -> None:
-        """Put the step's adapters into slots and set each token's slot on the model (in `scheduled`'s token
-        order): the LoRA layers read it from `state`; `active` are the running requests' adapters."""
+    def prepare(self, loras: list[LoRARequest | None], num_tokens: list[int], active: list[LoRARequest]) -> None:
+        """Put the step's adapters into slots and set each token's slot on the model: request i runs `num_tokens[i]`
+        tokens under `loras[i]` (None: the base model), in batch order; the LoRA layers read the slots from
+        `state`; `active` are the running requests' adapters, kept in their slots and host copies."""
         self.step += 1
-        self.pinned = set(active)
+        self.pinned = {lora.lora_int_id for lora in active}
         if self.removed:
             self._drop_removed()
-        wanted = {s.request.lora_request.lora_int_id for s in scheduled if s.request.lora_request is not None}
+        wanted = {lora.lora_int_id for lora in loras if lora is not None}
+        for lora in loras:
+            if lora is not None and lora.lora_int_id not in self.cpu and lora.lora_int_id not in self.slot_of:
+                self.add(lora)  # evicted since the scheduler saw it cached (a step in flight): read it now
         slot_of = {lora_id: self._slot_for(lora_id, wanted) for lora_id in wanted}
-        per_request = [
-            slot_of[s.request.lora_request.lora_int_id] if s.request.lora_request is not None else -1
-            for s in scheduled
-        ]
-        token_slots = np.repeat(np.asarray(per_request, dtype=np.int64), [s.num_new_tokens for s in scheduled])
+        per_request = [slot_of[lora.lora_int_id] if lora is not None else -1 for lora in loras]
+        token_slots = np.repeat(np.asarray(per_request, dtype=np.int64), num_tokens)
         if self.state.graph_slots is not None:
             self._write_graph_slots(token_slots, bool(wanted))
         self.state.batch = LoRABatch.build(token_slots, self.device) if wanted else None

@@ -1,11 +1,11 @@
 """Encoder outputs by content hash, shared across requests: what is cached, what each step must encode.
 
-`EncoderCacheManager` is the scheduler's side. It counts in embedding tokens (capacity = memory budget /
-bytes per embedding). An entry is pinned while some request still has tokens of that item to compute;
-unpinned entries stay cached and are evicted least recently used first when a new item needs room. For
-each scheduled chunk the scheduler asks `fit` how far the chunk may go (cutting it before the first item
-that can neither be found nor encoded this step, for lack of room or of the per-step encoder budget),
-then `commit`s it; `finish_step` hands the runner the items to encode and the hashes to drop.
+`EncoderCacheManager` is the scheduler's side (the multimodal feature's scheduler hook). It counts in embedding
+tokens (capacity = memory budget / bytes per embedding). An entry is pinned while some request still has tokens of
+that item to compute; unpinned entries stay cached and are evicted least recently used first when a new item needs
+room. For each scheduled chunk the scheduler asks `fit` how far the chunk may go (cutting it before the first item
+that can neither be found nor encoded this step, for lack of room or of the per-step encoder budget), then
+`commit`s it; `step_data` tells the runner the items to encode and the hashes to drop.
 `EncoderCache` is the runner's side: the tensors themselves.
 """
 
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loomserve.modalities.inputs import MultiModalItem
+from loomserve.platform.features import SchedulerHook
 
 if TYPE_CHECKING:
     from loomserve.modalities.config import MultiModalConfig
@@ -38,7 +39,11 @@ class EncoderStep:
     freed: list[str] = field(default_factory=list)
 
 
-class EncoderCacheManager:
+class EncoderCacheManager(SchedulerHook):
+    """The multimodal feature's scheduler hook; its step data: the content hashes to encode and to drop."""
+
+    name = "mm"
+
     def __init__(self, capacity: int, budget_per_step: int) -> None:
         self.capacity = capacity  # embedding tokens
         self.budget_per_step = budget_per_step
@@ -55,18 +60,23 @@ class EncoderCacheManager:
         capacity = encoder_cache_capacity(config.model_config, config.mm_config)
         return cls(capacity, config.scheduler_config.max_num_batched_tokens)
 
-    def start_step(self) -> None:
+    def begin_step(self, running: list[Request]) -> None:
         self.step = EncoderStep(self.budget_per_step)
 
-    def finish_step(self) -> tuple[list[MultiModalItem], list[str]]:
-        """(items to encode this step, hashes whose outputs to drop before encoding)."""
-        return list(self.step.to_encode.values()), self.step.freed
+    def step_data(self, running: list[Request]) -> dict[str, list[str]] | None:
+        """The hashes of the items to encode this step (each belongs to a request of the step) and of the outputs to
+        drop before encoding them; None when neither."""
+        if not (self.step.to_encode or self.step.freed):
+            return None
+        return {"encode": list(self.step.to_encode), "free": self.step.freed}
 
     def fit(self, request: Request, start: int, num_tokens: int) -> int:
         """How many of the `num_tokens` tokens from `start` can run this step: up to the first item that is
         neither cached nor encodable now (no room even after evicting what the chunk does not use, or over the
         step's encoder budget, which only the step's first item may exceed). Items the request has computed
         past are unpinned first."""
+        if not request.mm_items:
+            return num_tokens
         self._unpin_consumed(request, start)
         end = start + num_tokens
         while end > start:
@@ -91,6 +101,8 @@ class EncoderCacheManager:
 
     def commit(self, request: Request, start: int, num_tokens: int) -> None:
         """Pin every item the chunk touches; allocate (evicting unpinned entries) and queue the uncached ones."""
+        if not request.mm_items:
+            return
         items = self._touched(request, start, start + num_tokens)
         for item in items:
             if item.content_hash in self.sizes:

@@ -1,7 +1,7 @@
 """AsyncLLM: the server's client of an EngineCore running in its own process.
 
 The front end owns tokenization, detokenization, stop strings and metrics; the engine process owns
-the model. They talk over ZeroMQ (PUSH/PULL over ipc sockets) with msgpack-encoded messages.
+the model. They talk over ZeroMQ (PUSH/PULL over ipc sockets) with the declared messages of `messages.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,21 @@ from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import run_engine_core
 from loomserve.platform.input_processor import InputProcessor, load_tokenizer
-from loomserve.platform.messages import EngineCoreOutputs, EngineCoreRequest, MessageType, pack, unpack
+from loomserve.platform.messages import (
+    Abort,
+    AddLoRA,
+    CallReply,
+    EngineCall,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineFailed,
+    Ready,
+    RemoveLoRA,
+    ResetPrefixCache,
+    Shutdown,
+    pack,
+    unpack,
+)
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
 from loomserve.platform.stats import IterationStats, SchedulerStats
@@ -75,24 +89,24 @@ class AsyncLLM:
             target=run_engine_core, args=(args, input_addr, output_addr), name="loomserve-engine", daemon=True
         )
         self._proc.start()
-        self.kv_info = self._wait_ready()
+        self._wait_ready()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> AsyncLLM:
         return cls(args, stat_loggers)
 
-    def _wait_ready(self) -> dict[str, Any]:
+    def _wait_ready(self) -> None:
         """Block until the engine process has loaded the model (or died trying)."""
         sock = zmq.Socket.shadow(self._outbox.underlying)
         deadline = time.monotonic() + _STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
             if sock.poll(500):
-                kind, payload = unpack(sock.recv())
-                if kind == MessageType.READY:
-                    return payload
-                if kind == MessageType.ERROR:
+                message = unpack(sock.recv())
+                if isinstance(message, Ready):
+                    return
+                if isinstance(message, EngineFailed):
                     self.shutdown()
-                    raise RuntimeError(f"the engine failed to start:\n{payload}")
+                    raise RuntimeError(f"the engine failed to start:\n{message.traceback}")
             elif not self._proc.is_alive():
                 self.shutdown()
                 raise RuntimeError(f"the engine process exited with code {self._proc.exitcode} during start-up")
@@ -121,7 +135,7 @@ class AsyncLLM:
             request = self.input_processor.engine_request(
                 child_id, prompt_token_ids, params, mm_items=mm_items or (), lora_request=lora_request
             )
-            self._send(MessageType.ADD, request.to_wire())
+            self._send(request)
         finished = False
         try:
             while not finished:
@@ -147,12 +161,12 @@ class AsyncLLM:
         future = self.pooling.add(request_id, prompt_token_ids)
         request = EngineCoreRequest(request_id, prompt_token_ids, None, None, time.time(),
                                     pooling_params=pooling_params)
-        self._send(MessageType.ADD, request.to_wire())
+        self._send(request)
         try:
             return await future
         finally:
             if self.pooling.forget(request_id):  # left before its output came
-                self._send(MessageType.ABORT, [request_id])
+                self._send(Abort([request_id]))
 
     async def abort(self, request_id: str) -> None:
         self._abort(request_id)
@@ -160,7 +174,7 @@ class AsyncLLM:
     def _abort(self, request_id: str) -> None:
         child_ids, stats = self.output_processor.abort_request(request_id)
         if child_ids:
-            self._send(MessageType.ABORT, child_ids)
+            self._send(Abort(child_ids))
         for stat_logger in self.stat_loggers:
             stat_logger.record(None, stats)
 
@@ -170,13 +184,13 @@ class AsyncLLM:
 
     async def reset_prefix_cache(self) -> None:
         """Drop every cached block not in use; returns once the engine has."""
-        await self._call("reset_prefix_cache")
+        await self._call(ResetPrefixCache)
 
     async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
         """Load an adapter and serve it under `lora_name`; raises ValueError saying why it cannot be served."""
         lora = self.loras.reserve(lora_name, lora_path)
         try:
-            error = await self._call("add_lora", lora.to_wire())
+            error = await self._call(AddLoRA, lora)
         except BaseException:
             self.loras.abandon(lora)
             raise
@@ -189,23 +203,23 @@ class AsyncLLM:
     async def remove_lora(self, lora_name: str) -> None:
         """Stop serving an adapter (UnknownLoRAError if none has that name); running requests finish with it."""
         lora = self.loras.remove(lora_name)
-        await self._call("remove_lora", lora.lora_int_id)
+        await self._call(RemoveLoRA, lora.lora_int_id)
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def _call(self, kind: type[EngineCall], *args: Any) -> str | None:
         """Ask the engine process to do something and wait for its reply (an error message or None)."""
         self._ensure_output_task()
         if self.errored:
             raise EngineDeadError(self.errored)
         call_id = next(self._call_ids)
         reply = self._calls[call_id] = asyncio.get_running_loop().create_future()
-        self._send(MessageType.UTILITY, [method, call_id, *args])
+        self._send(kind(call_id, *args))
         try:
             return await reply
         finally:
             self._calls.pop(call_id, None)
 
-    def _send(self, kind: MessageType, payload: Any) -> None:
-        self._inbox.send(pack(kind, payload))
+    def _send(self, message: Any) -> None:
+        self._inbox.send(pack(message))
 
     def _ensure_output_task(self) -> None:
         if self._output_task is None or self._output_task.done() and not self.errored:
@@ -218,24 +232,23 @@ class AsyncLLM:
                     self._fail_all(f"the engine process exited with code {self._proc.exitcode}")
                     return
                 continue
-            kind, payload = unpack(await self._outbox.recv())
-            if kind == MessageType.ERROR:
-                self._fail_all(f"the engine failed:\n{payload}")
+            message = unpack(await self._outbox.recv())
+            if isinstance(message, EngineFailed):
+                self._fail_all(f"the engine failed:\n{message.traceback}")
                 return
-            if kind == MessageType.OUTPUTS:
-                self._handle_outputs(EngineCoreOutputs.from_wire(payload))
-            elif kind == MessageType.UTILITY:
-                call_id, error = payload
-                reply = self._calls.get(call_id)
+            if isinstance(message, EngineCoreOutputs):
+                self._handle_outputs(message)
+            elif isinstance(message, CallReply):
+                reply = self._calls.get(message.call_id)
                 if reply is not None and not reply.done():
-                    reply.set_result(error)
+                    reply.set_result(message.error)
 
     def _handle_outputs(self, outputs: EngineCoreOutputs) -> None:
         processed = self.output_processor.process_outputs(outputs.outputs)
         for parent, output in processed.request_outputs:
             parent.queue.put_nowait(output)
         if processed.to_abort:
-            self._send(MessageType.ABORT, processed.to_abort)
+            self._send(Abort(processed.to_abort))
         for stat_logger in self.stat_loggers:
             stat_logger.record(outputs.scheduler_stats, processed.stats)
         pooled_stats = self.pooling.process(outputs.outputs)
@@ -258,7 +271,7 @@ class AsyncLLM:
     def shutdown(self) -> None:
         if self._proc.is_alive():
             try:
-                self._inbox.send(pack(MessageType.UTILITY, "shutdown"), flags=zmq.NOBLOCK)
+                self._inbox.send(pack(Shutdown()), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             self._proc.join(timeout=5)

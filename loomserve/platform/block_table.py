@@ -1,7 +1,7 @@
 """The runner's persistent host copy of every running request's block table.
 
-Each request keeps one row while it runs; a step only appends the blocks allocated since the last one,
-and the step's table is a single gather of its requests' rows, not a rebuild from Python lists.
+Each request keeps one row while it runs; a step only appends the blocks the scheduler allocated since the last
+one, and the step's table is a single gather of its requests' rows, not a rebuild from Python lists.
 """
 
 from __future__ import annotations
@@ -13,22 +13,22 @@ class BlockTable:
     def __init__(self, max_rows: int, max_blocks_per_row: int) -> None:
         self.table = np.zeros((max_rows, max_blocks_per_row), dtype=np.int64)  # [rows, max_blocks]
         self.free_rows = list(range(max_rows - 1, -1, -1))
-        # request id -> (row, blocks written, the block-id list they came from)
-        self.rows: dict[str, tuple[int, int, list[int]]] = {}
+        self.rows: dict[str, tuple[int, int]] = {}  # request id -> (row, blocks written)
 
-    def sync(self, request_id: str, block_ids: list[int]) -> int:
-        """Bring the request's row up to date with its block ids; returns the row."""
+    def append(self, request_id: str, new_block_ids: list[int], replace: bool = False) -> int:
+        """Add the request's newly allocated blocks (its whole table when `replace`); returns its row."""
         entry = self.rows.get(request_id)
         if entry is None:
             if not self.free_rows:
                 self._grow()
-            entry = (self.free_rows.pop(), 0, block_ids)
-        row, written, source = entry
-        if source is not block_ids:  # re-admitted after preemption: a fresh block list
+            entry = (self.free_rows.pop(), 0)
+        row, written = entry
+        if replace:
             written = 0
-        if written < len(block_ids):
-            self.table[row, written : len(block_ids)] = block_ids[written:]
-        self.rows[request_id] = (row, len(block_ids), block_ids)
+        end = written + len(new_block_ids)
+        if new_block_ids:
+            self.table[row, written:end] = new_block_ids
+        self.rows[request_id] = (row, end)
         return row
 
     def release(self, request_id: str) -> None:

@@ -14,11 +14,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.attention.metadata import LaunchBounds
+
+if TYPE_CHECKING:
+    from loomserve.platform.config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,11 @@ def mixed_capture_sizes(max_tokens: int) -> list[int]:
     sizes = [s for s in range(32, 257, 32) if s <= max_tokens]
     sizes += list(range(384, max_tokens + 1, 128))
     return sorted(set(sizes + ([max_tokens] if max_tokens else [])))
+
+
+def max_graph_tokens(config: EngineConfig) -> int:
+    """The most tokens a CUDA-graph step may hold (what graph-side buffers, such as LoRA's slots, are sized by)."""
+    return max(config.scheduler_config.max_num_seqs, config.max_cudagraph_capture_size)
 
 
 def graph_output_bytes(max_num_seqs: int, max_capture_tokens: int, vocab_size: int, hidden_size: int,

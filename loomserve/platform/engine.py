@@ -15,47 +15,52 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loomserve.adapters.request import LoRARequest
-from loomserve.adapters.scheduling import LoRAAdmission
-from loomserve.modalities.encoder_cache import EncoderCacheManager
 from loomserve.platform.config import EngineArgs, EngineConfig, resolve_device
+from loomserve.platform.executor import Executor, create_executor
+from loomserve.platform.features import scheduler_hooks
 from loomserve.platform.gc_heap import freeze_startup_heap
 from loomserve.platform.messages import (
+    Abort,
+    CallReply,
+    EngineCall,
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
-    MessageType,
+    EngineFailed,
+    Ready,
+    ResetPrefixCache,
+    Shutdown,
     pack,
     unpack,
 )
 from loomserve.platform.request import Request, RequestStatus
-from loomserve.platform.runner import InFlightStep, ModelRunner, StepOutput
-from loomserve.platform.scheduler import Scheduler, SchedulerOutput
-from loomserve.pooling.wire import tensor_to_wire
+from loomserve.platform.scheduler import Scheduler
+from loomserve.platform.step import ScheduledStep, StepResult
 
 if TYPE_CHECKING:
-    from loomserve.adapters.manager import LoRAManager
+    from loomserve.adapters.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
-_LORA_WAIT_S = 0.005  # how long a step with nothing to run waits for an adapter to finish loading
-
 
 class EngineCore:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
-        self.runner = ModelRunner(config)
-        self.lora_manager = self.runner.lora_manager
-        admission = None
-        if self.lora_manager is not None:
-            admission = LoRAAdmission(config.lora_config.max_loras, self.lora_manager.ready)
-        encoder_cache = EncoderCacheManager.for_engine(config) if self.runner.mm is not None else None
-        self.scheduler = Scheduler(
-            config.scheduler_config, config.cache_config, config.model_config.max_model_len,
-            lora_admission=admission, encoder_cache=encoder_cache,
-        )
-        self.in_flight: tuple[SchedulerOutput, InFlightStep | None] | None = None  # launched, not yet landed
-        self.utility_calls: list[tuple[int, concurrent.futures.Future]] = []  # calls answered once done
+        self.executor = executor or create_executor(config)
+        self.num_blocks = self.executor.measure_kv_blocks()
+        block_size, max_model_len = config.cache_config.block_size, config.model_config.max_model_len
+        if self.num_blocks * block_size < max_model_len:
+            raise ValueError(
+                f"max_model_len {max_model_len} is larger than the {self.num_blocks * block_size} tokens the KV "
+                "cache can hold: give it more memory (--kv-cache-memory, --gpu-memory-utilization) or lower "
+                "--max-model-len"
+            )
+        self.executor.init_kv_cache(self.num_blocks)
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, max_model_len, self.num_blocks,
+                                   scheduler_hooks(config))
+        self.in_flight: tuple[ScheduledStep, Any] | None = None  # launched, not yet landed
+        # Front-end calls answered once done: (call id, the feature called or None, its future).
+        self.pending_calls: list[tuple[int, str | None, concurrent.futures.Future]] = []
 
     def add_request(self, req: EngineCoreRequest) -> None:
         request = Request(
@@ -69,13 +74,10 @@ class EngineCore:
             mm_items=req.mm_items,
             pooling_params=req.pooling_params,
         )
-        if request.lora_request is not None:
-            self._loras()  # refuses adapter requests when LoRA is off
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
-        self.runner.release(request_ids)
 
     def has_requests(self) -> bool:
         return self.scheduler.has_requests() or self.in_flight is not None
@@ -85,18 +87,18 @@ class EngineCore:
 
         With async scheduling the next step is scheduled and launched before the previous step's tokens are
         landed, so the host's bookkeeping overlaps the device's work; a request whose sampling reads its own
-        tokens (penalties, min_tokens) makes the engine land every step before scheduling the next.
+        tokens (penalties, min_tokens) makes the engine land every step before scheduling the next. A step with
+        no tokens still goes to the runner: it carries the features' data (adapters to load) and finished ids.
         """
         ahead = self.config.async_scheduling and self.scheduler.can_run_ahead()
-        outputs = self._abort_unloadable()
+        outputs = []
         if not ahead and self.in_flight is not None:
             outputs += self._land(*self.in_flight)
             self.in_flight = None
-        out = self.scheduler.schedule()
-        self.runner.release(out.preempted_ids)
-        launched = (out, self.runner.launch(out)) if out.scheduled else None
-        if launched is None and self.in_flight is None and self.lora_manager is not None:
-            self.lora_manager.wait(_LORA_WAIT_S)  # nothing to run but adapters still loading
+        step = self.scheduler.schedule()
+        launched = None
+        if self.scheduler.has_requests() or not step.is_empty:
+            launched = (step, self.executor.launch(step))
         if self.in_flight is not None:
             outputs += self._land(*self.in_flight)
         self.in_flight = launched
@@ -105,82 +107,73 @@ class EngineCore:
             self.in_flight = None
         return EngineCoreOutputs(outputs, self.scheduler.stats())
 
-    def _land(self, out: SchedulerOutput, step: InFlightStep | None) -> list[EngineCoreOutput]:
-        """Hand a launched step's sampled tokens and pooled outputs to the scheduler; one output per request that
-        got either, in step order."""
-        result = self.runner.collect(step)
-        updated = self.scheduler.update_from_output(out, result.sampled)
-        self.runner.release([r.request_id for r in updated if r.status.finished])
-        return [_output(r, result) for r in updated]
+    def _land(self, step: ScheduledStep, handle: Any) -> list[EngineCoreOutput]:
+        """Hand a launched step's sampled tokens and pooled outputs to the scheduler, and its features' results to
+        their hooks; one output per request that got tokens, its pooled output or an end, in step order."""
+        result = self.executor.collect(handle)
+        updated = self.scheduler.update_from_output(step, result)
+        refused = self.scheduler.update_features(result)
+        outputs = [_output(r, taken, result) for r, taken in updated]
+        return outputs + [EngineCoreOutput(r.request_id, [], finish_reason=r.finish_reason) for r in refused]
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.kv.pool.reset_prefix_cache()
 
-    # ------------------------------------------------------------------ LoRA adapters
+    def _take_call_result(self, feature: str, future: concurrent.futures.Future) -> None:
+        """What a done call to a feature's runner hook answered is that feature's result, for its scheduler hook
+        (taken on the engine's thread)."""
+        if future.exception() is None and future.result() is not None:
+            self.scheduler.update_features(StepResult(features={feature: future.result()}))
 
-    def _loras(self) -> LoRAManager:
-        """The adapter manager; ValueError when LoRA is off."""
-        if self.lora_manager is None:
-            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
-        return self.lora_manager
+    def _call_now(self, feature: str, method: str, *args: Any) -> None:
+        future = self.executor.call(feature, method, *args)
+        future.result()  # raises the call's ValueError
+        self._take_call_result(feature, future)
 
     def add_lora(self, lora: LoRARequest) -> None:
         """Load an adapter now (the offline API); raises ValueError saying why it cannot be served."""
-        self._loras().add(lora)
+        self._call_now("lora", "add", lora.to_wire())
 
     def remove_lora(self, lora_id: int) -> None:
-        self._loras().remove(lora_id)
+        self._call_now("lora", "remove", lora_id)
 
-    def call_utility(self, call: list) -> None:
-        """A front-end call [method, call id, *args]; its reply comes out of `take_utility_replies`."""
-        method, call_id, *args = call
+    def call(self, call: EngineCall) -> None:
+        """A front-end call; its reply comes out of `take_call_replies` once done. Calls that are a feature's go to
+        its runner hook."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        try:
-            if method == "add_lora":
-                future = self._loras().start_add(LoRARequest.from_wire(args[0]))
-            elif method == "remove_lora":
-                self.remove_lora(args[0])
-                future.set_result(None)
-            elif method == "reset_prefix_cache":
-                self.reset_prefix_cache()
-                future.set_result(None)
-            else:
-                raise ValueError(f"unknown engine call {method!r}")
-        except ValueError as e:
-            future.set_exception(e)
-        self.utility_calls.append((call_id, future))
+        feature = getattr(call, "feature", None)
+        if feature is not None:
+            future = self.executor.call(feature, call.method, *call.args())
+        elif isinstance(call, ResetPrefixCache):
+            self.reset_prefix_cache()
+            future.set_result(None)
+        self.pending_calls.append((call.call_id, feature, future))
 
-    def take_utility_replies(self) -> list[list]:
-        """[call id, error message or None] for each call that has finished."""
-        done = [(call_id, f) for call_id, f in self.utility_calls if f.done()]
-        self.utility_calls = [(call_id, f) for call_id, f in self.utility_calls if not f.done()]
-        return [[call_id, None if f.exception() is None else str(f.exception())] for call_id, f in done]
+    def take_call_replies(self) -> list[CallReply]:
+        """A reply for each call that has finished (with why, if it failed)."""
+        done = [call for call in self.pending_calls if call[2].done()]
+        self.pending_calls = [call for call in self.pending_calls if not call[2].done()]
+        for _, feature, future in done:
+            if feature is not None:
+                self._take_call_result(feature, future)
+        return [CallReply(call_id, None if f.exception() is None else str(f.exception())) for call_id, _, f in done]
 
-    def _abort_unloadable(self) -> list[EngineCoreOutput]:
-        """End the requests of adapters that failed to load from disk (e.g. their folder went away)."""
-        failures = self.lora_manager.take_failures() if self.lora_manager is not None else {}
-        if not failures:
-            return []
-        ids = [r.request_id for r in self.scheduler.requests.values()
-               if r.lora_request is not None and r.lora_request.lora_int_id in failures]
-        for lora_id, reason in failures.items():
-            logger.error("aborting the requests of LoRA adapter %d: %s", lora_id, reason)
-        finished = self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
-        self.runner.release([r.request_id for r in finished])
-        return [EngineCoreOutput(r.request_id, [], finish_reason=r.finish_reason) for r in finished]
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
 
-def _output(request: Request, result: StepOutput) -> EngineCoreOutput:
-    """What a landed step gave a request: its new token (and logprobs), or, for a pooling request, its pooled
+def _output(request: Request, taken: int, result: StepResult) -> EngineCoreOutput:
+    """What a landed step gave a request: its new tokens (and logprobs), or, for a pooling request, its pooled
     output and no tokens."""
     if request.pooling_params is not None:
         return EngineCoreOutput(request.request_id, [], finish_reason=request.finish_reason,
                                 num_cached_tokens=request.num_cached_tokens,
-                                pooled=tensor_to_wire(result.pooled[request.request_id]))
+                                pooled=result.pooled[request.request_id])
+    logprobs = result.logprobs.get(request.request_id)
     return EngineCoreOutput(
         request_id=request.request_id,
-        new_token_ids=[request.output_token_ids[-1]],
-        new_logprobs=[result.logprobs[request.request_id]] if request.request_id in result.logprobs else None,
+        new_token_ids=request.output_token_ids[len(request.output_token_ids) - taken:],
+        new_logprobs=logprobs[:taken] if logprobs is not None else None,
         finish_reason=request.finish_reason,
         stop_reason=request.stop_reason,
         num_cached_tokens=request.num_cached_tokens,
@@ -201,11 +194,13 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None
     try:
         engine = EngineCore(args.create_engine_config())
         freeze_startup_heap()
-        cc = engine.config.cache_config
-        outbox.send(pack(MessageType.READY, {"num_blocks": cc.num_blocks, "block_size": cc.block_size}))
-        _serve(engine, inbox, outbox)
+        outbox.send(pack(Ready()))
+        try:
+            _serve(engine, inbox, outbox)
+        finally:
+            engine.shutdown()
     except Exception:  # the front end must learn why the engine died, not just that it did
-        outbox.send(pack(MessageType.ERROR, traceback.format_exc()))
+        outbox.send(pack(EngineFailed(traceback.format_exc())))
         raise
     finally:
         inbox.close(linger=0)
@@ -228,24 +223,24 @@ def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
     poller.register(inbox, zmq.POLLIN)
     while True:
         # Block while idle; with work in hand, only drain what has already arrived; poll while calls run.
-        timeout = 0 if engine.has_requests() else (5 if engine.utility_calls else None)
+        timeout = 0 if engine.has_requests() else (5 if engine.pending_calls else None)
         while dict(poller.poll(timeout)).get(inbox):
-            kind, payload = unpack(inbox.recv())
-            if kind == MessageType.ADD:
-                engine.add_request(EngineCoreRequest.from_wire(payload))
-            elif kind == MessageType.ABORT:
-                engine.abort_requests(payload)
-            elif kind == MessageType.UTILITY and payload == "shutdown":
+            message = unpack(inbox.recv())
+            if isinstance(message, EngineCoreRequest):
+                engine.add_request(message)
+            elif isinstance(message, Abort):
+                engine.abort_requests(message.request_ids)
+            elif isinstance(message, Shutdown):
                 return
-            elif kind == MessageType.UTILITY and isinstance(payload, list):
-                engine.call_utility(payload)
+            else:
+                engine.call(message)
             timeout = 0
-        for reply in engine.take_utility_replies():
-            outbox.send(pack(MessageType.UTILITY, reply))
+        for reply in engine.take_call_replies():
+            outbox.send(pack(reply))
         if engine.has_requests():
             outputs = engine.step()
         elif timeout:  # woke up only to check on the calls: nothing new to report
             continue
         else:  # what arrived (aborts) left the engine idle: report the now-empty state once
             outputs = EngineCoreOutputs([], engine.scheduler.stats())
-        outbox.send(pack(MessageType.OUTPUTS, outputs.to_wire()))
+        outbox.send(pack(outputs))

@@ -1,30 +1,23 @@
-"""Typed messages between the front end and EngineCore, and their msgpack wire form."""
+"""Declared messages between the front end and EngineCore, and their wire form (`wire.py`, typed by name).
+
+Front end -> engine: `EngineCoreRequest`, `Abort`, the typed engine calls (`AddLoRA`, `RemoveLoRA`,
+`ResetPrefixCache`) and `Shutdown`. Engine -> front end: `Ready`, `EngineCoreOutputs`, `CallReply` (one per call,
+once done) and `EngineFailed`. In process (`LLM`) the same dataclasses are passed as they are.
+"""
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-import msgpack
+import torch
 
 from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.request import SamplingParams
 from loomserve.platform.stats import SchedulerStats
+from loomserve.platform.step import TokenLogprobs
 from loomserve.pooling.params import PoolingParams
-from loomserve.pooling.wire import PooledWire
-
-
-class MessageType(enum.IntEnum):
-    ADD = 0
-    ABORT = 1
-    # Front end -> engine: "shutdown", or a call [method, call id, *args] (add_lora, remove_lora,
-    # reset_prefix_cache); engine -> front end: the call's reply [call id, error or None].
-    UTILITY = 2
-    OUTPUTS = 3
-    READY = 4
-    ERROR = 5
 
 
 @dataclass
@@ -35,57 +28,83 @@ class EngineCoreRequest:
     eos_token_id: int | None
     arrival_time: float
     cache_salt: str | None = None
-    # What a request adds to plain generation, each None or empty when unused; new parts go last, here and on the
-    # wire.
+    # What a request adds to plain generation, each None or empty when unused.
     lora_request: LoRARequest | None = None
     mm_items: list[MultiModalItem] = field(default_factory=list)
     pooling_params: PoolingParams | None = None  # set (and sampling_params None) for embedding / scoring requests
 
-    def to_wire(self) -> list:
-        sampling = None if self.sampling_params is None else self.sampling_params.to_dict()
-        lora = None if self.lora_request is None else self.lora_request.to_wire()
-        pooling = None if self.pooling_params is None else self.pooling_params.to_dict()
-        return [self.request_id, self.prompt_token_ids, sampling, self.eos_token_id, self.arrival_time,
-                self.cache_salt, lora, [item.to_wire() for item in self.mm_items], pooling]
 
-    @classmethod
-    def from_wire(cls, w: list) -> EngineCoreRequest:
-        request_id, prompt_token_ids, sampling, eos_token_id, arrival_time, cache_salt, lora, mm_items, pooling = w
-        return cls(
-            request_id,
-            prompt_token_ids,
-            None if sampling is None else SamplingParams.from_dict(sampling),
-            eos_token_id,
-            arrival_time,
-            cache_salt,
-            lora_request=LoRARequest.from_wire(lora),
-            mm_items=[MultiModalItem.from_wire(item) for item in mm_items],
-            pooling_params=None if pooling is None else PoolingParams.from_dict(pooling),
-        )
+@dataclass
+class Abort:
+    request_ids: list[str]
 
 
-# Logprobs of one generated token: (token ids, logprobs, rank of the sampled token); sampled token first.
-TokenLogprobs = tuple[list[int], list[float], int]
+@dataclass
+class Shutdown:
+    pass
+
+
+@dataclass
+class AddLoRA:
+    """Read an adapter (in the background) so that requests can name it; answered once read, or why not."""
+
+    call_id: int
+    lora: LoRARequest
+    feature: ClassVar[str] = "lora"  # the runner hook that does it, and its method
+    method: ClassVar[str] = "start_add"
+
+    def args(self) -> list[Any]:
+        return [self.lora.to_wire()]
+
+
+@dataclass
+class RemoveLoRA:
+    """Forget an adapter; requests running with it finish first."""
+
+    call_id: int
+    lora_id: int
+    feature: ClassVar[str] = "lora"
+    method: ClassVar[str] = "remove"
+
+    def args(self) -> list[Any]:
+        return [self.lora_id]
+
+
+@dataclass
+class ResetPrefixCache:
+    """Drop every cached KV block no request uses (the scheduler's own call)."""
+
+    call_id: int
+
+
+EngineCall = AddLoRA | RemoveLoRA | ResetPrefixCache
+
+
+@dataclass
+class CallReply:
+    call_id: int
+    error: str | None = None  # why the call failed; None: done
+
+
+@dataclass
+class Ready:
+    """The engine has loaded the model and sized its KV cache."""
+
+
+@dataclass
+class EngineFailed:
+    traceback: str
 
 
 @dataclass
 class EngineCoreOutput:
     request_id: str
     new_token_ids: list[int]
-    new_logprobs: list[TokenLogprobs] | None = None
+    new_logprobs: list[TokenLogprobs] | None = None  # one entry per new token
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
-    pooled: PooledWire | None = None  # a pooling request's output (loomserve.pooling.wire)
-
-    def to_wire(self) -> list:
-        return [self.request_id, self.new_token_ids, self.new_logprobs, self.finish_reason, self.stop_reason,
-                self.num_cached_tokens, self.pooled]
-
-    @classmethod
-    def from_wire(cls, w: list) -> EngineCoreOutput:
-        logprobs = [tuple(x) for x in w[2]] if w[2] is not None else None
-        return cls(w[0], w[1], logprobs, w[3], w[4], w[5], w[6])
+    pooled: torch.Tensor | None = None  # a pooling request's output (float32)
 
 
 @dataclass
@@ -93,20 +112,20 @@ class EngineCoreOutputs:
     outputs: list[EngineCoreOutput] = field(default_factory=list)
     scheduler_stats: SchedulerStats | None = None
 
-    def to_wire(self) -> list:
-        stats = None if self.scheduler_stats is None else list(vars(self.scheduler_stats).values())
-        return [[o.to_wire() for o in self.outputs], stats]
 
-    @classmethod
-    def from_wire(cls, w: list) -> EngineCoreOutputs:
-        stats = None if w[1] is None else SchedulerStats(*w[1])
-        return cls([EngineCoreOutput.from_wire(o) for o in w[0]], stats)
+_MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (
+    EngineCoreRequest, Abort, Shutdown, AddLoRA, RemoveLoRA, ResetPrefixCache, CallReply, Ready, EngineFailed,
+    EngineCoreOutputs,
+)}
 
 
-def pack(kind: MessageType, payload: Any) -> bytes:
-    return msgpack.packb([int(kind), payload], use_bin_type=True)
+def pack(message: Any) -> bytes:
+    from loomserve.platform import wire  # msgspec: only where a process boundary is crossed
+
+    return wire.encode_tagged(message)
 
 
-def unpack(data: bytes) -> tuple[MessageType, Any]:
-    kind, payload = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    return MessageType(kind), payload
+def unpack(data: bytes) -> Any:
+    from loomserve.platform import wire
+
+    return wire.decode_tagged(data, _MESSAGES)

@@ -11,7 +11,6 @@ from loomserve.pooling.params import PoolingParams
 
 if TYPE_CHECKING:
     from loomserve.modalities.inputs import MultiModalItem
-    from loomserve.platform.models.mrope import MRopePositions
 
 _SAMPLING_EPS = 1e-5
 
@@ -106,7 +105,7 @@ FINISH_REASONS = {
 
 @dataclass(eq=False)
 class Request:
-    """Engine-side state of one sequence (a child of an `n > 1` request is its own Request)."""
+    """The scheduler's state of one sequence (a child of an `n > 1` request is its own Request)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -123,8 +122,10 @@ class Request:
     num_preemptions: int = 0
     lora_request: LoRARequest | None = None
     mm_items: list[MultiModalItem] = field(default_factory=list)  # media, in prompt order
-    mm_positions: MRopePositions | None = None  # M-RoPE prompt positions, computed by the runner when first needed
     pooling_params: PoolingParams | None = None  # set for embedding / scoring requests: prefill only, then done
+    # What the runner has been told: whether it knows the request, and how many of its blocks it holds.
+    known_to_runner: bool = False
+    num_blocks_sent: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -143,16 +144,16 @@ class Request:
         return len(self.output_token_ids)
 
     @property
-    def sample_index(self) -> int:
-        """While a step runs: how many output tokens come before the one it samples."""
-        return self.num_output_tokens + self.num_pending_tokens - 1
-
-    @property
     def needs_history(self) -> bool:
         """Whether sampling reads the generated tokens themselves (penalties, min_tokens), not just their count."""
         p = self.sampling_params
         return p is not None and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                                   or p.frequency_penalty != 0.0 or p.min_tokens > 0)
+
+    @property
+    def needed_features(self) -> list[str]:
+        """The features (by their hooks' names) without which the engine cannot run this request."""
+        return [name for name, needed in (("lora", self.lora_request), ("mm", self.mm_items)) if needed]
 
     @property
     def finish_reason(self) -> str | None:

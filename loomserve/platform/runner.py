@@ -1,48 +1,33 @@
-"""Turns a SchedulerOutput into one flat batch, runs the model, and samples the next tokens or pools.
+"""Runs ScheduledSteps: one flat batch through the model, then sampling and the features' outputs.
 
-The batch has no padding: every scheduled request contributes its new tokens, decodes first so the
-attention backend can treat them together. Only requests that reach the end of their known tokens
-this step are sampled; a prefill chunk that stops short computes KV and nothing else. A pooling
-request whose prompt ends this step has its hidden states pooled instead of sampled.
+The runner knows requests only through the steps (`input_batch.py` keeps its own state of each), so it may live
+in another process than the scheduler (`executor.py`). Only requests that reach the end of their known tokens this
+step are sampled; a prefill chunk that stops short computes KV and nothing else. Features add their forward inputs
+and act on the hidden states through their runner hooks (a pooling request's hidden states are pooled there).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
-from loomserve.platform.block_table import BlockTable
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.cuda_graphs import CudaGraphRunner, graph_output_bytes
+from loomserve.platform.features import RunnerHook, feature_off, runner_hooks
+from loomserve.platform.input_batch import BatchInputs, InputBatch
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.loader import load_model
-from loomserve.platform.multimodal_runner import MultiModalRunner
-from loomserve.platform.request import Request
 from loomserve.platform.sampler import Sampler, build_sampling_metadata
-from loomserve.platform.scheduler import ScheduledRequest, SchedulerOutput
-from loomserve.pooling.batch import PoolingSpan, token_type_ids
-from loomserve.pooling.poolers import Pooler
+from loomserve.platform.step import ScheduledStep, StepResult
 
 logger = logging.getLogger(__name__)
 
 _CPU_KV_DEFAULT_BYTES = 4 << 30
 _NO_TOKENS = torch.zeros(0, dtype=torch.long)  # what a step samples when only pooling requests reach their end
-
-
-@dataclass
-class BatchInputs:
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    attn: AttentionMetadata
-    logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
-    sample_requests: list[Request]
-    pooling: list[PoolingSpan] = field(default_factory=list)  # the requests whose prompt ends this step and pools
-    # Extra forward inputs: token_type_ids [T] (cross-encoder pairs), inputs_embeds [T, hidden] (media in place).
-    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,15 +39,8 @@ class InFlightStep:
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host copies of the sampler's
     logprob_counts: list[int | None]  # per row: how many top logprobs it asked for
     pooled: dict[str, torch.Tensor]  # request id -> pooled output (float32), on the host once `done` has fired
+    features: dict[str, Any]  # feature name -> its runner hook's result
     done: torch.cuda.Event | None  # fires when the copies have landed (CUDA only)
-
-
-@dataclass
-class StepOutput:
-    sampled: dict[str, int]  # request id -> new token
-    # request id -> (token ids, logprobs, rank of the sampled token): sampled token first, then the top-k
-    logprobs: dict[str, tuple[list[int], list[float], int]]
-    pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> pooled output (float32, CPU)
 
 
 class ModelRunner:
@@ -73,31 +51,41 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         torch.manual_seed(mc.seed)
         self.model = load_model(mc, config.attention_backend)
-        self.mm = MultiModalRunner(self.model, self.device) if getattr(self.model, "is_multimodal", False) else None
-        self.lora_manager = None
-        if config.lora_config is not None:
-            from loomserve.adapters.manager import LoRAManager
-
-            self.lora_manager = LoRAManager(self.model, config.lora_config, self.device, self._max_graph_tokens())
+        self.hooks: list[RunnerHook] = runner_hooks(config, self.model, self.device)
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
-        self.pooler = Pooler(self.model, mc.pooler_config)
         self.uses_kv_cache = getattr(self.model, "uses_kv_cache", True)  # encoder-only models keep no KV
-        num_blocks = self._num_kv_blocks()
-        config.cache_config.num_blocks = num_blocks
-        if num_blocks * self.block_size < mc.max_model_len:
-            raise ValueError(
-                f"max_model_len {mc.max_model_len} is larger than the {num_blocks * self.block_size} tokens the "
-                "KV cache can hold: give it more memory (--kv-cache-memory, --gpu-memory-utilization) or "
-                "lower --max-model-len"
-            )
+        self.input_batch = InputBatch(config.scheduler_config.max_num_seqs, mc.max_model_len, self.block_size,
+                                      self.device)
+        self.kv_caches: list[torch.Tensor] = []
+        self.cuda_graphs: CudaGraphRunner | None = None
+
+    def hook(self, name: str) -> RunnerHook | None:
+        return next((h for h in self.hooks if h.name == name), None)
+
+    def measure_kv_blocks(self) -> int:
+        """How many KV blocks fit: given, or what the memory budget leaves after a profile of the largest step."""
+        cc = self.config.cache_config
+        if not self.uses_kv_cache:  # block tables as bookkeeping only, enough for every sequence at full length
+            mc, sc = self.config.model_config, self.config.scheduler_config
+            return sc.max_num_seqs * cdiv(mc.max_model_len, self.block_size)
+        if cc.num_gpu_blocks_override:
+            return cc.num_gpu_blocks_override
+        if cc.kv_cache_memory:
+            return cc.kv_cache_memory // self._bytes_per_block()
+        if self.device.type == "cuda":
+            return self._profile_cuda_blocks()
+        mc, sc = self.config.model_config, self.config.scheduler_config
+        most_ever_used = sc.max_num_seqs * cdiv(mc.max_model_len, self.block_size)
+        return min(_CPU_KV_DEFAULT_BYTES // self._bytes_per_block(), most_ever_used)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the KV cache of `num_blocks` blocks per layer, then capture the CUDA graphs over it."""
+        mc = self.config.model_config
         shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         num_cache_layers = mc.num_layers if self.uses_kv_cache else 0
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(num_cache_layers)]
-        self.block_table = BlockTable(config.scheduler_config.max_num_seqs, cdiv(mc.max_model_len, self.block_size))
         self.cuda_graphs = self._capture_cuda_graphs()
-        self.previous_sampled = torch.zeros(0, dtype=torch.long, device=self.device)  # [S] last launch's tokens
-        self.previous_rows: dict[str, int] = {}  # request id -> its row in previous_sampled
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
             num_blocks, self.block_size, num_blocks * self.block_size,
@@ -125,31 +113,12 @@ class ModelRunner:
         return graph_output_bytes(self.config.scheduler_config.max_num_seqs, self.config.max_cudagraph_capture_size,
                                   mc.vocab_size, mc.text_config.hidden_size, mc.dtype.itemsize)
 
-    def _max_graph_tokens(self) -> int:
-        """The most tokens a CUDA-graph step may hold (what graph-side buffers are sized by)."""
-        return max(self.config.scheduler_config.max_num_seqs, self.config.max_cudagraph_capture_size)
-
     def _bytes_per_block(self) -> int:
         if not self.uses_kv_cache:
             return 0
         mc = self.config.model_config
         itemsize = torch.empty((), dtype=mc.dtype).element_size()
         return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * itemsize
-
-    def _num_kv_blocks(self) -> int:
-        cc = self.config.cache_config
-        if not self.uses_kv_cache:  # block tables as bookkeeping only, enough for every sequence at full length
-            mc, sc = self.config.model_config, self.config.scheduler_config
-            return sc.max_num_seqs * cdiv(mc.max_model_len, self.block_size)
-        if cc.num_gpu_blocks_override:
-            return cc.num_gpu_blocks_override
-        if cc.kv_cache_memory:
-            return cc.kv_cache_memory // self._bytes_per_block()
-        if self.device.type == "cuda":
-            return self._profile_cuda_blocks()
-        mc, sc = self.config.model_config, self.config.scheduler_config
-        most_ever_used = sc.max_num_seqs * cdiv(mc.max_model_len, self.block_size)
-        return min(_CPU_KV_DEFAULT_BYTES // self._bytes_per_block(), most_ever_used)
 
     def _profile_cuda_blocks(self) -> int:
         """Run the largest step once to measure peak activation memory; the KV cache gets what is left."""
@@ -184,108 +153,39 @@ class ModelRunner:
             raise ValueError(f"no GPU memory left for the KV cache (peak use {peak / 2**30:.1f} GiB)")
         return int(budget // self._bytes_per_block())
 
-    def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> BatchInputs:
-        """Pack the step's tokens; `scheduled` must list single-token (decode) requests first.
-
-        Everything the device needs goes over in one int64 host buffer and one copy.
-        """
-        bs = self.block_size
-        num_decodes = 0
-        while num_decodes < len(scheduled) and scheduled[num_decodes].num_new_tokens == 1:
-            num_decodes += 1
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens = []
-        logits_indices = []
-        sample_requests = []
-        pooling = []
-        rows = []
-        from_previous: list[tuple[int, int]] = []  # (batch position, previous step's row): tokens in flight
-        for s in scheduled:
-            request, start, n = s.request, s.start, s.num_new_tokens
-            end = start + n
-            rows.append(self.block_table.sync(request.request_id, s.block_ids))
-            if n == 1:  # the decode hot path: scalars only
-                if start < request.num_tokens:
-                    ids.append(_token_at(request, start))
-                else:
-                    from_previous.append((len(ids), self.previous_rows[request.request_id]))
-                    ids.append(0)
-                positions.append(start)
-                slots.append(s.block_ids[start // bs] * bs + start % bs)
-            else:
-                ids.extend(request.all_token_ids[start:end])
-                pos = np.arange(start, end)
-                table = np.asarray(s.block_ids[: cdiv(end, bs)], dtype=np.int64)
-                positions.extend(pos.tolist())
-                slots.extend((table[pos // bs] * bs + pos % bs).tolist())
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(end)
-            if s.samples:
-                logits_indices.append(query_start_loc[-1] - 1)
-                sample_requests.append(request)
-            elif s.pools:
-                pooling.append(PoolingSpan.of(request, query_start_loc[-2], query_start_loc[-1]))
-        width = cdiv(max(seq_lens), bs)
-        num_tokens, num_seqs = len(ids), len(scheduled)
-        at, prev = (list(x) for x in zip(*from_previous)) if from_previous else ([], [])
-        counts = [num_decodes, num_seqs]
-        host = np.concatenate([
-            np.array(ids + positions + slots + query_start_loc + seq_lens + counts + logits_indices + at + prev,
-                     dtype=np.int64),
-            self.block_table.gather(rows, width).ravel(),
-        ])
-        # One non-blocking copy: a blocking one would first wait for the step still running on the GPU.
-        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, 2, len(logits_indices), len(at), len(prev)]
-        parts = torch.tensor_split(dev, np.cumsum(sizes).tolist())
-        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, counts_t, logits_t, at_t, prev_t, tables_t = parts
-        attn = AttentionMetadata(
-            slot_mapping=slot_t,
-            query_start_loc=qsl_t,
-            seq_lens=seq_lens_t,
-            block_tables=tables_t.view(num_seqs, width),
-            seq_counts=counts_t,
-            num_decodes=num_decodes,
-            num_decode_tokens=num_decodes,
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
-        )
-        if from_previous:  # fill in tokens that exist only on the device so far
-            input_ids[at_t] = self.previous_sampled[prev_t]
-        types = token_type_ids(pooling, num_tokens, self.device)
-        return BatchInputs(input_ids, pos_t, attn, logits_t, sample_requests, pooling,
-                           {} if types is None else {"token_type_ids": types})
-
-    def release(self, request_ids: list[str]) -> None:
-        """Forget the block-table rows of requests that finished, were aborted or were preempted."""
-        for request_id in request_ids:
-            self.block_table.release(request_id)
+    def call(self, feature: str, method: str, *args: Any) -> Any:
+        """An engine call to a feature's runner hook; ValueError when the feature is off or refuses."""
+        hook = self.hook(feature)
+        if hook is None:
+            raise feature_off(feature)
+        return hook.call(method, *args)
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput) -> InFlightStep | None:
-        """Run the step's model, sampler and pooler without waiting for them; None when nothing samples or pools."""
-        scheduled = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
-        batch = self.prepare_inputs(scheduled)
-        if self.mm is not None:
-            self.mm.prepare(out, scheduled, batch)
-        if self.lora_manager is not None:  # the model's LoRA layers read the step's slots from here
-            self.lora_manager.prepare(scheduled, out.active_loras)
-        logits, pooled = self._run_model(batch)
-        if logits is None and not pooled:
-            return None
-        ids = [r.request_id for r in batch.sample_requests]
-        counts = [r.sampling_params.logprobs for r in batch.sample_requests]
+    def launch(self, step: ScheduledStep) -> InFlightStep:
+        """Take in the step's diff, then run its model, sampler and features without waiting for them."""
+        forgotten = self.input_batch.apply(step)
+        for hook in self.hooks:
+            if forgotten:
+                hook.release(forgotten)
+            hook.begin_step(step)
+        logits, pooled, batch = None, {}, None
+        if step.scheduled:
+            batch = self.input_batch.prepare(step)
+            for hook in self.hooks:
+                hook.prepare(step, batch)
+            logits, pooled = self._run_model(batch)
+        features = {h.name: r for h in self.hooks if (r := h.result()) is not None}
+        rows = batch.sample_requests if batch is not None else []
+        ids = [r.request_id for r in rows]
+        counts = [r.sampling_params.logprobs for r in rows]
         sampled, logprobs = (_NO_TOKENS, None) if logits is None else self._sample(batch, logits)
         if self.device.type != "cuda":
-            return InFlightStep(ids, sampled, logprobs, counts, pooled, None)
+            return InFlightStep(ids, sampled, logprobs, counts, pooled, features, None)
         host = [t.to("cpu", non_blocking=True) for t in (sampled, *(logprobs or ()))]
         pooled = {request_id: t.to("cpu", non_blocking=True) for request_id, t in pooled.items()}
         done = torch.cuda.Event()
         done.record()
-        return InFlightStep(ids, host[0], tuple(host[1:]) if logprobs else None, counts, pooled, done)
+        return InFlightStep(ids, host[0], tuple(host[1:]) if logprobs else None, counts, pooled, features, done)
 
     def _sample(
         self, batch: BatchInputs, logits: torch.Tensor
@@ -294,26 +194,24 @@ class ModelRunner:
         flight."""
         meta = build_sampling_metadata(batch.sample_requests, self.vocab_size, self.device)
         result = self.sampler(logits, meta)
-        self.previous_sampled = result.sampled_token_ids
-        self.previous_rows = {r.request_id: i for i, r in enumerate(batch.sample_requests)}
+        self.input_batch.keep_sampled(result.sampled_token_ids, batch.sample_requests)
         if result.logprobs is None:
             return result.sampled_token_ids, None
         return result.sampled_token_ids, (result.logprob_token_ids, result.logprobs, result.sampled_token_ranks)
 
-    def collect(self, step: InFlightStep | None) -> StepOutput:
+    def collect(self, step: InFlightStep) -> StepResult:
         """Wait for a launched step's tokens (and logprobs) and pooled outputs, and hand them out by request."""
-        if step is None:
-            return StepOutput({}, {})
         if step.done is not None:
             step.done.synchronize()
-        sampled = dict(zip(step.request_ids, step.sampled.tolist()))
+        sampled = {request_id: [token] for request_id, token in zip(step.request_ids, step.sampled.tolist())}
         logprobs = {}
         if step.logprobs is not None:
             rows = zip(*(t.tolist() for t in step.logprobs))
             for request_id, k, (tok, lp, rank) in zip(step.request_ids, step.logprob_counts, rows):
                 if k is not None:
-                    logprobs[request_id] = (tok[: k + 1], lp[: k + 1], rank)
-        return StepOutput(sampled, logprobs, step.pooled)
+                    logprobs[request_id] = [(tok[: k + 1], lp[: k + 1], rank)]
+        self.input_batch.land(sampled)
+        return StepResult(sampled, logprobs, step.pooled, step.features)
 
     def _run_model(self, batch: BatchInputs) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Logits of the sampling rows [S, vocab] (None when no row samples) and the pooled outputs (on the device).
@@ -332,11 +230,8 @@ class ModelRunner:
         else:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, attn, **batch.model_inputs)
         logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sample_requests else None
-        return logits, self.pooler(hidden, batch.pooling)
-
-
-def _token_at(request: Request, position: int) -> int:
-    """One token without building the whole token list (the decode hot path)."""
-    n = request.num_prompt_tokens
-    return request.prompt_token_ids[position] if position < n else request.output_token_ids[position - n]
+        pooled = {}
+        for hook in self.hooks:
+            pooled.update(hook.pool(hidden, batch))
+        return logits, pooled
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from loomserve.platform.request import Request, SamplingParams
+from loomserve.platform.request import SamplingParams
+
+if TYPE_CHECKING:
+    from loomserve.platform.input_batch import RequestState
 
 _SEED_MIX = 1_000_003  # a seeded row's generator at a step is seeded with seed * _SEED_MIX + step
 
@@ -48,7 +52,7 @@ class SamplerOutput:
 
 
 def build_sampling_metadata(
-    requests: list[Request], vocab_size: int, device: torch.device
+    requests: list[RequestState], vocab_size: int, device: torch.device
 ) -> SamplingMetadata:
     """Gather the sampling settings of this step's requests (one row each, in order) into tensors."""
     params = [r.sampling_params for r in requests]
@@ -125,7 +129,7 @@ def _flat_token_index(
     return (row_ids[keep] * vocab_size + tokens[keep]).to(device)
 
 
-def _min_tokens_block(requests: list[Request], vocab_size: int, device: torch.device) -> torch.Tensor | None:
+def _min_tokens_block(requests: list[RequestState], vocab_size: int, device: torch.device) -> torch.Tensor | None:
     """[2, N] (row, token id) pairs: eos and stop ids of rows still short of min_tokens."""
     pairs = []
     for i, r in enumerate(requests):

@@ -9,42 +9,13 @@ from its prompt plus what it has generated, which the prefix cache often still h
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from loomserve.modalities.encoder_cache import EncoderCacheManager
-from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import CacheConfig, SchedulerConfig
+from loomserve.platform.features import SchedulerHook, feature_off
 from loomserve.platform.kv_cache import KVCacheManager
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.stats import SchedulerStats
-
-if TYPE_CHECKING:
-    from loomserve.adapters.request import LoRARequest
-    from loomserve.adapters.scheduling import LoRAAdmission
-
-
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int
-    block_ids: list[int]  # the request's whole block table (the KV manager's list, not a copy)
-    start: int  # tokens computed before this step: the step runs positions [start, start + num_new_tokens)
-    samples: bool  # the step reaches the end of the sequence, so its last logits pick the next token
-    pools: bool  # the step ends a pooling request's prompt, so its hidden states become its output (nothing samples)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted_ids: list[str] = field(default_factory=list)
-    encoder_inputs: list[MultiModalItem] = field(default_factory=list)  # media whose encoder runs this step
-    freed_encoder_hashes: list[str] = field(default_factory=list)  # encoder outputs to drop before that
-    active_loras: dict[int, LoRARequest] = field(default_factory=dict)  # adapters of all running requests
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+from loomserve.platform.step import NewRequest, ScheduledRequest, ScheduledStep, StepResult
 
 
 class Scheduler:
@@ -53,23 +24,29 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         max_model_len: int,
-        *,
-        lora_admission: LoRAAdmission | None = None,  # None: LoRA off
-        encoder_cache: EncoderCacheManager | None = None,  # multimodal models only
+        num_blocks: int,
+        hooks: list[SchedulerHook] | None = None,  # the features' admission, budgets and step data
     ) -> None:
         self.config = scheduler_config
         self.max_model_len = max_model_len
-        self.kv = KVCacheManager(cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since the last stats()
         self.total_preemptions = 0
         self.num_needing_history = 0  # requests whose sampling reads their generated tokens
-        self.lora_admission = lora_admission
-        self.encoder_cache = encoder_cache
+        self.hooks = hooks or []
+        self.finished_ids: list[str] = []  # ended since the last step: the runner forgets them with the next one
+
+    def hook(self, name: str) -> SchedulerHook | None:
+        return next((h for h in self.hooks if h.name == name), None)
 
     def add_request(self, request: Request) -> None:
+        """Queue a request; ValueError when it needs a feature this engine runs without."""
+        for name in request.needed_features:
+            if self.hook(name) is None:
+                raise feature_off(name)
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.num_needing_history += request.needs_history
@@ -82,21 +59,22 @@ class Scheduler:
     def has_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        if self.encoder_cache is not None:
-            self.encoder_cache.start_step()
+    def schedule(self) -> ScheduledStep:
+        step = ScheduledStep(finished_ids=self.finished_ids)
+        self.finished_ids = []
+        for hook in self.hooks:
+            hook.begin_step(self.running)
         budget = self.config.max_num_batched_tokens
-        budget = self._schedule_running(out, budget)
-        if not out.preempted_ids:
-            self._schedule_waiting(out, budget)
-        if self.encoder_cache is not None:
-            out.encoder_inputs, out.freed_encoder_hashes = self.encoder_cache.finish_step()
-        if self.lora_admission is not None:
-            out.active_loras = self.lora_admission.active(self.running)
-        return out
+        budget = self._schedule_running(step, budget)
+        if not step.preempted_ids:
+            self._schedule_waiting(step, budget)
+        for hook in self.hooks:
+            data = hook.step_data(self.running)
+            if data is not None:
+                step.features[hook.name] = data
+        return step
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, step: ScheduledStep, budget: int) -> int:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -104,18 +82,17 @@ class Scheduler:
                 i += 1
                 continue
             n = min(request.num_tokens + request.num_pending_tokens - request.num_computed_tokens, budget)
-            n = self._fit_encoder(request, request.num_computed_tokens, n)
-            if n == 0:  # its next media item cannot be encoded this step
+            n = self._fit(request, request.num_computed_tokens, n)
+            if n == 0:  # a feature holds its next tokens back this step (e.g. a media item that cannot be encoded)
                 i += 1
                 continue
             while not self.kv.allocate_slots(request, n):
                 victim = self.running.pop()
                 self._preempt(victim)
-                out.preempted_ids.append(victim.request_id)
+                step.preempted_ids.append(victim.request_id)
                 if victim is request:
                     return budget
-            self._commit_encoder(request, request.num_computed_tokens, n)
-            out.scheduled.append(self._schedule(request, n))
+            self._schedule(step, request, n)
             budget -= n
             i += 1
         return budget
@@ -131,32 +108,29 @@ class Scheduler:
         num_output = request.num_output_tokens + request.num_pending_tokens
         return num_output >= max_tokens or request.num_tokens + request.num_pending_tokens >= self.max_model_len
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        skipped: list[Request] = []  # waiting on an adapter: passed over this step, keeping their places
-        if self.lora_admission is not None:
-            self.lora_admission.begin(self.running)
+    def _schedule_waiting(self, step: ScheduledStep, budget: int) -> None:
+        skipped: list[Request] = []  # held back by a feature (e.g. an adapter loading): keep their places
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.num_pending_tokens:  # preempted with a token in flight: resume once it has landed
                 break
-            if self.lora_admission is not None and not self.lora_admission.admits(request):
+            if not all(hook.admits(request) for hook in self.hooks):
                 skipped.append(self.waiting.popleft())
                 continue
             computed_blocks, num_hit = self.kv.get_computed_blocks(request)
             remaining = request.num_tokens - num_hit
-            n = self._fit_encoder(request, num_hit, min(remaining, budget))
+            n = self._fit(request, num_hit, min(remaining, budget))
             if n < remaining and not self._may_chunk(request):
                 break  # runs whole in a later step (the front end refuses prompts over the whole budget)
             if n == 0 or not self.kv.allocate_slots(request, n, computed_blocks):
                 break
-            self._commit_encoder(request, num_hit, n)
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.scheduled.append(self._schedule(request, n))
+            self._schedule(step, request, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
 
@@ -164,62 +138,84 @@ class Scheduler:
         """Bidirectional models and pooling over every token need the whole prompt in one step."""
         return self.config.enable_chunked_prefill and not request.needs_whole_prompt
 
-    def _schedule(self, request: Request, n: int) -> ScheduledRequest:
-        """Commit `n` tokens of the request to this step; a step that reaches the end puts a token in flight, or a
-        pooling request's output."""
+    def _fit(self, request: Request, start: int, n: int) -> int:
+        for hook in self.hooks:
+            n = hook.fit(request, start, n)
+        return n
+
+    def _schedule(self, step: ScheduledStep, request: Request, n: int) -> None:
+        """Commit `n` tokens of the request to the step; a step that reaches the end puts a token in flight, or a
+        pooling request's output. The runner hears of the request in full once, then of its new blocks."""
+        for hook in self.hooks:
+            hook.commit(request, request.num_computed_tokens, n)
         start = request.num_computed_tokens
         reaches_end = start + n == request.num_tokens + request.num_pending_tokens
         pools = reaches_end and request.pooling_params is not None
         samples = reaches_end and not pools
         request.num_computed_tokens = start + n
         request.num_pending_tokens += samples
-        return ScheduledRequest(request, n, self.kv.block_ids(request.request_id), start, samples, pools)
+        resumed = request.known_to_runner and request.num_blocks_sent == 0
+        if not request.known_to_runner:
+            step.new_requests.append(NewRequest(
+                request.request_id, request.prompt_token_ids, request.sampling_params, request.eos_token_id,
+                request.pooling_params, request.lora_request, request.mm_items,
+            ))
+            request.known_to_runner = True
+        block_ids = self.kv.block_ids(request.request_id)
+        new_block_ids = block_ids[request.num_blocks_sent:]
+        request.num_blocks_sent = len(block_ids)
+        step.scheduled.append(ScheduledRequest(request.request_id, n, start, new_block_ids, resumed, samples, pools))
 
-    def _fit_encoder(self, request: Request, start: int, n: int) -> int:
-        """`n` cut before the first media item whose encoder output can be neither found nor made this step."""
-        if self.encoder_cache is None or not request.mm_items:
-            return n
-        return self.encoder_cache.fit(request, start, n)
-
-    def _commit_encoder(self, request: Request, start: int, n: int) -> None:
-        if self.encoder_cache is not None and request.mm_items:
-            self.encoder_cache.commit(request, start, n)
-
-    def _release_encoder(self, request: Request) -> None:
-        if self.encoder_cache is not None:
-            self.encoder_cache.release(request)
+    def _release(self, request: Request) -> None:
+        for hook in self.hooks:
+            hook.release(request)
 
     def _preempt(self, request: Request) -> None:
-        self._release_encoder(request)
+        self._release(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.num_blocks_sent = 0
         request.num_preemptions += 1
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
         self.total_preemptions += 1
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Land the step's sampled tokens, finish what stopped and the pooling requests (done once their prompt is);
-        returns the requests that got a token or their pooled output."""
+    def update_from_output(self, step: ScheduledStep, result: StepResult) -> list[tuple[Request, int]]:
+        """Land a step's sampled tokens (any number per request), finish what stopped and the pooling requests (done
+        once their prompt is); returns each request that got tokens or its pooled output, with how many of the
+        step's tokens it took (tokens after a stop are dropped)."""
         updated = []
-        for s in out.scheduled:
+        for s in step.scheduled:
             if not (s.samples or s.pools):
                 continue
-            request = s.request
-            request.num_pending_tokens -= s.samples
-            if request.status.finished:  # stopped or aborted while this step was in flight
+            request = self.requests.get(s.request_id)
+            if request is None:  # finished (stopped or aborted) while this step was in flight
                 continue
+            request.num_pending_tokens -= s.samples
+            taken = 0
             if s.pools:
                 request.status = RequestStatus.FINISHED_STOPPED
             else:
-                token = sampled[request.request_id]
-                request.output_token_ids.append(token)
-                self._check_stop(request, token)
+                for token in result.sampled[s.request_id]:
+                    request.output_token_ids.append(token)
+                    taken += 1
+                    self._check_stop(request, token)
+                    if request.status.finished:
+                        break
             if request.status.finished:
                 self._finish(request)
-            updated.append(request)
+            updated.append((request, taken))
         return updated
+
+    def update_features(self, result: StepResult) -> list[Request]:
+        """Hand each feature its runner hooks' result; ends (aborted) the requests a feature cannot serve."""
+        finished = []
+        for hook in self.hooks:
+            if hook.name in result.features:
+                refused = hook.update(result.features[hook.name], self.requests)
+                finished += self.finish_requests(list(refused), RequestStatus.FINISHED_ABORTED)
+        return finished
 
     def _check_stop(self, request: Request, token: int) -> None:
         params = request.sampling_params
@@ -256,9 +252,11 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:  # preempted while its last token was in flight
             self.waiting.remove(request)
-        self._release_encoder(request)
+        self._release(request)
         self.kv.free(request)
         del self.requests[request.request_id]
+        if request.known_to_runner:
+            self.finished_ids.append(request.request_id)
         self.num_needing_history -= request.needs_history
 
     def stats(self) -> SchedulerStats:

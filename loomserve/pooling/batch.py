@@ -4,13 +4,16 @@ that cross-encoder pairs feed to the model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from loomserve.platform.request import Request
 from loomserve.platform.sampler import to_device
 from loomserve.pooling.params import PoolingParams
+
+if TYPE_CHECKING:
+    from loomserve.platform.input_batch import RequestState
 
 
 @dataclass
@@ -24,7 +27,7 @@ class PoolingSpan:
     prompt_token_ids: list[int]  # the request's prompt: the tokens of a whole-prompt span's rows
 
     @classmethod
-    def of(cls, request: Request, start: int, end: int) -> PoolingSpan:
+    def of(cls, request: RequestState, start: int, end: int) -> PoolingSpan:
         return cls(request.request_id, start, end, request.pooling_params, request.prompt_token_ids)
 
 

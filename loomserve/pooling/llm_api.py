@@ -25,7 +25,6 @@ from loomserve.pooling.outputs import (
 )
 from loomserve.pooling.params import PoolingParams
 from loomserve.pooling.scoring import plan_scores
-from loomserve.pooling.wire import tensor_from_wire
 
 
 class PoolingAPI:
@@ -103,7 +102,7 @@ class PoolingAPI:
         while len(finished) < len(order):
             finished.update((out.request_id, out) for out in self.engine.step().outputs if out.pooled is not None)
         return [
-            PoolingRequestOutput(request_id, PoolingOutput(tensor_from_wire(finished[request_id].pooled)), token_ids,
+            PoolingRequestOutput(request_id, PoolingOutput(finished[request_id].pooled), token_ids,
                                  num_cached_tokens=finished[request_id].num_cached_tokens)
             for request_id, (token_ids, _) in zip(order, requests)
         ]

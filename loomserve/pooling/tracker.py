@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from loomserve.platform.messages import EngineCoreOutput
 from loomserve.platform.stats import IterationStats
 from loomserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
-from loomserve.pooling.wire import tensor_from_wire
 
 
 @dataclass
@@ -38,7 +37,7 @@ class PoolingTracker:
             pending = self.pending.pop(out.request_id, None) if out.pooled is not None else None
             if pending is None:
                 continue
-            data = tensor_from_wire(out.pooled)
+            data = out.pooled
             if not pending.future.done():
                 pending.future.set_result(PoolingRequestOutput(out.request_id, PoolingOutput(data),
                                                                pending.prompt_token_ids,

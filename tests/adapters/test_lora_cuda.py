@@ -18,8 +18,8 @@ def test_mixed_adapters_on_cuda_equal_peft(qwen2_checkpoint, shaped_adapters, en
     loras = [None] + [LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())]
     llm = LLM(qwen2_checkpoint, device="cuda", dtype="float32", enable_lora=True, max_loras=len(SHAPES),
               max_lora_rank=16, kv_cache_memory="64MiB", enforce_eager=enforce_eager)
-    runner = llm.engine.runner
-    assert llm.engine.lora_manager.state.backend == "triton"
+    runner = llm.engine.executor.runner
+    assert llm.engine.executor.runner.hook("lora").manager.state.backend == "triton"
     assert (runner.cuda_graphs is None) == enforce_eager
     prompts = [p for p in PROMPTS for _ in loras]
     requests = [lora for _ in PROMPTS for lora in loras]

@@ -70,7 +70,7 @@ def test_more_adapters_than_the_cpu_cache_in_rotation_stay_correct(qwen2_checkpo
     loras = [LoRARequest(f"rot{i}", i + 1, p) for i, p in enumerate(paths)]
     llm = LLM(qwen2_checkpoint, enable_lora=True, max_loras=2, max_cpu_loras=2, max_lora_rank=16, block_size=4,
               kv_cache_memory="32MiB")
-    manager = llm.engine.lora_manager
+    manager = llm.engine.executor.runner.hook("lora").manager
     reads = []
     read = manager._read
     manager._read = lambda lora: reads.append(lora.lora_int_id) or read(lora)

@@ -9,6 +9,7 @@ import pytest
 from peft_reference import PROMPTS, peft_greedy
 
 from loomserve import LLM, LoRARequest, SamplingParams
+from loomserve.platform.messages import AddLoRA, CallReply
 
 
 def engine_request(llm: LLM, request_id: str, lora: LoRARequest | None, max_tokens: int = 8):
@@ -25,29 +26,29 @@ def adapters(qwen2_checkpoint, make_lora) -> list[str]:
 
 def test_a_slow_adapter_load_does_not_stall_the_steps(qwen2_checkpoint, adapters):
     llm = LLM(qwen2_checkpoint, enable_lora=True, max_loras=2, block_size=4, kv_cache_memory="32MiB")
-    engine, manager = llm.engine, llm.engine.lora_manager
+    engine, manager = llm.engine, llm.engine.executor.runner.hook("lora").manager
     disk = threading.Event()  # a slow disk: reads wait until it is set
     read = manager._read
     manager._read = lambda lora: disk.wait(60) and read(lora)
     engine.add_request(engine_request(llm, "base", None, max_tokens=6))
-    engine.call_utility(["add_lora", 7, LoRARequest("a", 1, adapters[0]).to_wire()])
+    engine.call(AddLoRA(7, LoRARequest("a", 1, adapters[0])))
     engine.add_request(engine_request(llm, "waits", LoRARequest("b", 2, adapters[1])))
     tokens = [o for _ in range(6) for o in engine.step().outputs if o.request_id == "base"]
     assert len(tokens) == 6 and tokens[-1].finish_reason == "length"  # the base request ran to its end
-    assert engine.take_utility_replies() == [] and engine.scheduler.requests["waits"].num_computed_tokens == 0
+    assert engine.take_call_replies() == [] and engine.scheduler.requests["waits"].num_computed_tokens == 0
     disk.set()
     replies, waits = [], []
     while not replies or not (waits and waits[-1].finish_reason):
-        replies += engine.take_utility_replies()
+        replies += engine.take_call_replies()
         waits += [o for o in engine.step().outputs if o.request_id == "waits"]
-    assert replies == [[7, None]]
+    assert replies == [CallReply(7, None)]
     assert [o.new_token_ids[0] for o in waits] == peft_greedy(qwen2_checkpoint, adapters[1], (PROMPTS[1],), 8)[0]
 
 
 def test_host_cache_evicts_least_recently_used_but_keeps_running_adapters(qwen2_checkpoint, adapters):
     llm = LLM(qwen2_checkpoint, enable_lora=True, max_loras=1, max_cpu_loras=2, block_size=4,
               kv_cache_memory="32MiB")
-    engine, manager = llm.engine, llm.engine.lora_manager
+    engine, manager = llm.engine, llm.engine.executor.runner.hook("lora").manager
     a, b, c = (LoRARequest(f"l{i}", i + 1, path) for i, path in enumerate(adapters))
     engine.add_lora(a)
     engine.add_lora(b)
@@ -63,7 +64,7 @@ def test_host_cache_evicts_least_recently_used_but_keeps_running_adapters(qwen2_
 
 def test_removing_an_adapter_lets_its_running_request_finish(qwen2_checkpoint, adapters):
     llm = LLM(qwen2_checkpoint, enable_lora=True, max_loras=1, block_size=4, kv_cache_memory="32MiB")
-    engine, manager = llm.engine, llm.engine.lora_manager
+    engine, manager = llm.engine, llm.engine.executor.runner.hook("lora").manager
     a = LoRARequest("a", 1, adapters[0])
     engine.add_lora(a)
     engine.add_request(engine_request(llm, "runs", a))

@@ -59,7 +59,7 @@ def adapter(qwen2_checkpoint, make_lora) -> str:
 def test_qlora_equals_peft_over_the_same_nf4_base(qwen2_checkpoint, adapter):
     llm = LLM(qwen2_checkpoint, quantization="bitsandbytes", enable_lora=True, max_lora_rank=16, block_size=4,
               kv_cache_memory="32MiB")
-    qkv = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.base_layer
+    qkv = llm.engine.executor.runner.model.model.layers[0].self_attn.qkv_proj.base_layer
     assert [type(s).__name__ for s in qkv.shards] == ["Linear4bit"] * 3 and qkv.shards[0].weight.dtype == torch.uint8
     tokens, logprobs = engine_run(llm, LoRARequest("a", 1, adapter))
     ref_tokens, ref_logprobs = peft_reference(nf4_model(qwen2_checkpoint), qwen2_checkpoint, adapter)

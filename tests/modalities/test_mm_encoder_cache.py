@@ -10,6 +10,7 @@ from loomserve.platform.config import CacheConfig, SchedulerConfig
 from loomserve.platform.kv_cache.block_hash import hash_request_blocks
 from loomserve.platform.request import Request, SamplingParams
 from loomserve.platform.scheduler import Scheduler
+from loomserve.platform.step import StepResult
 
 
 def item(h: str, offset: int, length: int) -> MultiModalItem:
@@ -24,15 +25,15 @@ def request(request_id: str, num_tokens: int, *items: MultiModalItem) -> Request
 def step(manager: EncoderCacheManager, *chunks: tuple[Request, int, int]) -> tuple[list[int], list[str], list[str]]:
     """Fit and commit each (request, start, tokens) chunk as the scheduler does; (tokens granted, hashes to encode,
     hashes freed)."""
-    manager.start_step()
+    manager.begin_step([])
     granted = []
     for req, start, n in chunks:
         n = manager.fit(req, start, n)
         if n:
             manager.commit(req, start, n)
         granted.append(n)
-    to_encode, freed = manager.finish_step()
-    return granted, [i.content_hash for i in to_encode], freed
+    data = manager.step_data([]) or {"encode": [], "free": []}
+    return granted, data["encode"], data["free"]
 
 
 def test_an_item_is_encoded_once_in_the_step_its_range_enters():
@@ -102,20 +103,19 @@ def test_an_item_that_can_never_fit_now_yields_no_tokens_and_is_not_committed():
 
 
 def test_scheduler_splits_an_item_across_steps_and_encodes_it_at_its_first_chunk():
-    cache = CacheConfig(block_size=4, num_blocks=64, enable_prefix_caching=True)
-    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=6, max_num_seqs=4), cache, 256,
-                          encoder_cache=EncoderCacheManager(capacity=64, budget_per_step=64))
+    cache = CacheConfig(block_size=4, enable_prefix_caching=True)
+    encoder_cache = EncoderCacheManager(capacity=64, budget_per_step=64)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=6, max_num_seqs=4), cache, 256, 64, [encoder_cache])
     r = request("r", 20, item("img", 4, 9))
     scheduler.add_request(r)
     encoded_per_step = []
     while r.num_computed_tokens < r.num_prompt_tokens:
         out = scheduler.schedule()
-        encoded_per_step.append([i.content_hash for i in out.encoder_inputs])
-        sampled = {s.request.request_id: 7 for s in out.scheduled if s.samples}
-        scheduler.update_from_output(out, sampled)
+        encoded_per_step.append(out.features["mm"]["encode"] if "mm" in out.features else [])
+        scheduler.update_from_output(out, StepResult({s.request_id: [7] for s in out.scheduled if s.samples}))
     assert encoded_per_step == [["img"], [], [], []]  # tokens 0-5 (image starts at 4), 6-11, 12-17, 18-19
     scheduler.finish_requests(["r"], r.status.FINISHED_ABORTED)
-    assert "img" in scheduler.encoder_cache.unpinned  # kept for reuse after the request ends
+    assert "img" in encoder_cache.unpinned  # kept for reuse after the request ends
 
 
 def test_block_keys_include_the_content_hashes_of_overlapping_media():

@@ -95,7 +95,7 @@ def test_token_budget_splitting_an_image_across_steps(mm_checkpoint, family):
     outs = run(llm, prompts)
     assert outs[0] == hf_greedy(path, ids, images=[LARGE, SMALL])
     assert outs[1] == hf_greedy(path, prompts[1]["prompt_token_ids"])
-    assert llm.engine.scheduler.encoder_cache.num_encoded == 2  # each image encoded once, though split
+    assert llm.engine.scheduler.hook("mm").num_encoded == 2  # each image encoded once, though split
 
 
 @pytest.mark.parametrize("family", VISION)
@@ -104,14 +104,14 @@ def test_repeated_image_hits_the_prefix_cache_and_another_image_of_the_same_size
     llm = engine(path, enable_prefix_caching=True, max_num_batched_tokens=2048, max_num_seqs=8)
     ids = ids_of(path, image_prompt(family, 1, "Describe the picture in detail please."))
     first = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": SMALL}}, GREEDY)[0]
-    encoded = llm.engine.scheduler.encoder_cache.num_encoded
+    encoded = llm.engine.scheduler.hook("mm").num_encoded
     again = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": SMALL}}, GREEDY)[0]
     expected = hf_greedy(path, ids, images=[SMALL])
     assert first.outputs[0].token_ids == again.outputs[0].token_ids == expected
     placeholder = tokenizer(path).convert_tokens_to_ids("<image>" if family == "llava" else "<|image_pad|>")
     start = first.prompt_token_ids.index(placeholder)
     assert again.num_cached_tokens >= (len(first.prompt_token_ids) - 1) // 4 * 4 > start
-    assert llm.engine.scheduler.encoder_cache.num_encoded == encoded  # all inside cached blocks: no encoder run
+    assert llm.engine.scheduler.hook("mm").num_encoded == encoded  # all inside cached blocks: no encoder run
 
     other = llm.generate({"prompt_token_ids": ids, "multi_modal_data": {"image": OTHER_SMALL}}, GREEDY)[0]
     assert other.prompt_token_ids == first.prompt_token_ids  # same tokens, different pixels
@@ -123,13 +123,13 @@ def test_repeated_image_hits_the_prefix_cache_and_another_image_of_the_same_size
 def test_encoder_cache_serves_the_same_image_in_another_prompt(mm_checkpoint, family):
     path = mm_checkpoint(family)
     llm = engine(path, enable_prefix_caching=False)
-    before = llm.engine.scheduler.encoder_cache.num_encoded
+    before = llm.engine.scheduler.hook("mm").num_encoded
     first = ids_of(path, image_prompt(family, 1, "First question?"))
     second = ids_of(path, image_prompt(family, 1, "A different, longer second question?"))
     outs = run(llm, [{"prompt_token_ids": first, "multi_modal_data": {"image": LARGE}}])
     outs += run(llm, [{"prompt_token_ids": second, "multi_modal_data": {"image": LARGE}}])
     assert outs == [hf_greedy(path, first, images=[LARGE]), hf_greedy(path, second, images=[LARGE])]
-    assert llm.engine.scheduler.encoder_cache.num_encoded - before <= 1
+    assert llm.engine.scheduler.hook("mm").num_encoded - before <= 1
 
 
 def test_preempted_requests_recompute_their_media_with_unchanged_output(mm_checkpoint):

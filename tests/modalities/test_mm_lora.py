@@ -16,7 +16,6 @@ from transformers import AutoConfig
 
 from loomserve import LLM, LoRARequest, PoolingParams, SamplingParams
 from loomserve.platform.messages import EngineCoreRequest
-from loomserve.pooling.wire import tensor_from_wire
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS)
 IMAGE = noise_image(56, 56, seed=11)
@@ -81,7 +80,8 @@ def test_on_cuda_graphs_and_triton_kernels_equal_peft(qwen2_vl_lora):
     path, lora, peft_model = qwen2_vl_lora
     llm = LLM(path, device="cuda", dtype="float32", enable_lora=True, kv_cache_memory="64MiB",
               attention_backend="triton")
-    assert llm.engine.runner.cuda_graphs is not None and llm.engine.lora_manager.state.backend == "triton"
+    runner = llm.engine.executor.runner
+    assert runner.cuda_graphs is not None and runner.hook("lora").manager.state.backend == "triton"
     assert mixed_batch(llm, path, lora) == references(path, peft_model)
 
 
@@ -120,7 +120,7 @@ def test_one_engine_steps_media_adapters_and_pooling_together(qwen2_vl_lora):
             if out.pooled is None:
                 tokens[out.request_id] += out.new_token_ids
             else:
-                pooled[out.request_id] = tensor_from_wire(out.pooled)
+                pooled[out.request_id] = out.pooled
     assert any({"image", "last"} <= step for step in steps)  # the image and a pooled output in one step
     assert tokens == {"image": hf_greedy(path, image_ids, images=[IMAGE], model=peft_model),
                       "text": hf_greedy(path, ids_of(path, TEXT))}

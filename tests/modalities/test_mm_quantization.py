@@ -18,7 +18,7 @@ pytest.importorskip("bitsandbytes")
 def test_nf4_quantizes_the_language_model_and_leaves_the_vision_tower_dense(mm_checkpoint):
     path = mm_checkpoint("llava")
     llm = LLM(path, device="cpu", quantization="bitsandbytes", block_size=4, kv_cache_memory="8MiB")
-    model = llm.engine.runner.model
+    model = llm.engine.executor.runner.model
     nf4 = [name for name, m in model.named_modules() if isinstance(m, NF4Linear)]
     assert nf4 and all(name.startswith("language_model.model.layers.") for name in nf4)
     tower = [m for name, m in model.named_modules() if name.startswith("vision_tower.") and isinstance(m, nn.Linear)]

@@ -4,24 +4,23 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from loomserve.platform.request import Request, SamplingParams
+from loomserve.platform.input_batch import RequestState
+from loomserve.platform.request import SamplingParams
 from loomserve.platform.sampler import Sampler, apply_penalties, build_sampling_metadata
 
 CPU = torch.device("cpu")
 EOS = 0
 
 
-def make_request(prompt=(1, 2, 3), output=(), **params) -> Request:
-    return Request(
-        request_id="r",
-        prompt_token_ids=list(prompt),
-        sampling_params=SamplingParams(**params),
-        eos_token_id=EOS,
-        output_token_ids=list(output),
-    )
+def make_request(prompt=(1, 2, 3), output=(), **params) -> RequestState:
+    """The runner's state of a request that has landed `output`."""
+    return RequestState("r", list(prompt), SamplingParams(**params), EOS, None, None, [], list(output))
 
 
-def sample(logits: torch.Tensor, requests: list[Request]):
+def sample(logits: torch.Tensor, requests: list[RequestState]):
+    """Sample each request's next output token, as the runner does."""
+    for r in requests:
+        r.num_sampled = r.num_output_tokens + 1
     meta = build_sampling_metadata(requests, logits.shape[1], CPU)
     return Sampler()(logits, meta)
 

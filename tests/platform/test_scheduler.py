@@ -5,11 +5,12 @@ from __future__ import annotations
 from loomserve.platform.config import CacheConfig, SchedulerConfig
 from loomserve.platform.request import Request, RequestStatus, SamplingParams
 from loomserve.platform.scheduler import Scheduler
+from loomserve.platform.step import StepResult
 
 
 def make_scheduler(num_blocks=64, block_size=4, budget=32, max_seqs=8) -> Scheduler:
-    cache = CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=True)
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), cache, 256)
+    cache = CacheConfig(block_size=block_size, enable_prefix_caching=True)
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), cache, 256, num_blocks)
 
 
 def add(s: Scheduler, request_id: str, n: int, max_tokens: int = 8) -> Request:
@@ -20,7 +21,7 @@ def add(s: Scheduler, request_id: str, n: int, max_tokens: int = 8) -> Request:
 
 def run_step(s: Scheduler, token: int = 7):
     out = s.schedule()
-    s.update_from_output(out, {x.request.request_id: token for x in out.scheduled if x.samples})
+    s.update_from_output(out, StepResult({x.request_id: [token] for x in out.scheduled if x.samples}))
     return out
 
 
@@ -39,7 +40,7 @@ def test_running_decodes_come_before_new_prefills():
     run_step(s)
     add(s, "b", 30)
     out = run_step(s)
-    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 9)]
+    assert [(x.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 9)]
 
 
 def test_max_num_seqs_caps_running_requests():

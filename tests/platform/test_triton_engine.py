@@ -45,7 +45,7 @@ def test_triton_backend_over_long_contexts_in_mixed_graphs_equals_torch_backend(
 
 def test_kv_cache_sizing_reserves_what_the_captured_graphs_keep(qwen2_checkpoint):
     llm = LLM(qwen2_checkpoint, device="cuda", dtype="bfloat16", max_num_seqs=64, gpu_memory_utilization=0.5)
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     graphs = runner.cuda_graphs
     kept = sum(t.numel() * t.element_size() for t in (*graphs.logits.values(), *graphs.hidden.values()))
     assert kept > 0 and runner._graph_memory() >= kept

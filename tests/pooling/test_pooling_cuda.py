@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def cuda_llm(**engine_args) -> LLM:
     llm = LLM(path(), device="cuda", dtype="float32", block_size=4, kv_cache_memory="64MiB", **engine_args)
-    assert llm.config.async_scheduling and llm.engine.runner.cuda_graphs is not None
+    assert llm.config.async_scheduling and llm.engine.executor.runner.cuda_graphs is not None
     return llm
 
 
@@ -30,7 +30,7 @@ def test_embeddings_interleaved_with_generation_on_cuda_equal_transformers():
 
 def test_one_token_pooling_request_beside_decodes_runs_eagerly():
     llm = cuda_llm()
-    graphs = llm.engine.runner.cuda_graphs
+    graphs = llm.engine.executor.runner.cuda_graphs
     replays = []  # sequences in each replayed step
     for name in ("run_decode", "run_mixed"):
         run = getattr(graphs, name)

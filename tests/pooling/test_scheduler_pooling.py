@@ -8,12 +8,13 @@ from loomserve import PoolingParams, SamplingParams
 from loomserve.platform.config import CacheConfig, SchedulerConfig
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.scheduler import Scheduler
+from loomserve.platform.step import StepResult
 
 
 def make_scheduler(budget: int = 10, chunked: bool = True, num_blocks: int = 64) -> Scheduler:
-    cache = CacheConfig(block_size=4, num_blocks=num_blocks, enable_prefix_caching=True)
+    cache = CacheConfig(block_size=4, enable_prefix_caching=True)
     config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=8, enable_chunked_prefill=chunked)
-    return Scheduler(config, cache, 256)
+    return Scheduler(config, cache, 256, num_blocks)
 
 
 def pooling(s: Scheduler, request_id: str, n: int, pooling_type: str = "LAST") -> Request:
@@ -31,9 +32,9 @@ def generation(s: Scheduler, request_id: str, n: int) -> Request:
 
 def run_step(s: Scheduler) -> list[tuple[str, int]]:
     out = s.schedule()
-    sampled = {x.request.request_id: 7 for x in out.scheduled if x.samples}
-    s.update_from_output(out, sampled)
-    return [(x.request.request_id, x.num_new_tokens) for x in out.scheduled]
+    sampled = {x.request_id: [7] for x in out.scheduled if x.samples}
+    s.update_from_output(out, StepResult(sampled))
+    return [(x.request_id, x.num_new_tokens) for x in out.scheduled]
 
 
 def test_pooling_request_finishes_after_its_prefill_and_frees_its_blocks():
@@ -41,7 +42,7 @@ def test_pooling_request_finishes_after_its_prefill_and_frees_its_blocks():
     request = pooling(s, "p", 6)
     out = s.schedule()
     assert [(x.pools, x.samples) for x in out.scheduled] == [(True, False)]
-    s.update_from_output(out, {})
+    s.update_from_output(out, StepResult())
     assert request.status == RequestStatus.FINISHED_STOPPED and request.output_token_ids == []
     assert s.kv.pool.num_free_blocks == 64 and not s.has_requests()
 
@@ -87,8 +88,8 @@ def test_pooling_request_in_flight_is_not_scheduled_again_and_lands_once():
     first = s.schedule()
     second = s.schedule()  # async scheduling: the next step is scheduled before the first lands
     assert [x.pools for x in first.scheduled] == [True] and second.scheduled == []
-    assert s.update_from_output(first, {}) == [p] and p.status == RequestStatus.FINISHED_STOPPED
-    assert s.update_from_output(second, {}) == []
+    assert s.update_from_output(first, StepResult()) == [(p, 0)] and p.status == RequestStatus.FINISHED_STOPPED
+    assert s.update_from_output(second, StepResult()) == []
     assert s.kv.pool.num_free_blocks == 64 and not s.has_requests()
 
 
@@ -98,12 +99,13 @@ def test_pooling_request_preempted_while_in_flight_finishes_with_its_step_and_ne
     run_step(s)  # g holds 2 blocks and 8 tokens
     p = pooling(s, "p", 8, "MEAN")  # no prefix-cache hit on g's blocks
     first = s.schedule()  # g's decode and p's whole prompt: every block taken
-    assert [(x.request.request_id, x.pools) for x in first.scheduled] == [("g", False), ("p", True)]
+    assert [(x.request_id, x.pools) for x in first.scheduled] == [("g", False), ("p", True)]
     second = s.schedule()  # g's next token needs a block: the latest admitted, p, is preempted in flight
-    assert second.preempted_ids == ["p"] and [x.request.request_id for x in second.scheduled] == ["g"]
-    assert s.update_from_output(first, {"g": 7}) == [g, p]  # p's output was computed: it finishes all the same
+    assert second.preempted_ids == ["p"] and [x.request_id for x in second.scheduled] == ["g"]
+    # p's output was computed: it finishes all the same
+    assert s.update_from_output(first, StepResult({"g": [7]})) == [(g, 1), (p, 0)]
     assert p.status == RequestStatus.FINISHED_STOPPED and p not in s.waiting
-    s.update_from_output(second, {"g": 7})
+    s.update_from_output(second, StepResult({"g": [7]}))
     while s.has_requests():
         assert [request_id for request_id, _ in run_step(s)] == ["g"]
     assert s.kv.pool.num_free_blocks == 4

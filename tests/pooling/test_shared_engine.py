@@ -14,7 +14,6 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from loomserve import LLM, PoolingParams, SamplingParams
 from loomserve.platform.engine import EngineCore
 from loomserve.platform.messages import EngineCoreRequest
-from loomserve.pooling.wire import tensor_from_wire
 from loomserve.tiny_checkpoints import tiny_checkpoint
 
 GENERATE = {"g0": "hello world",
@@ -81,7 +80,7 @@ def run_interleaved(
         for out in outputs:
             if out.pooled is not None:
                 assert out.new_token_ids == [] and out.finish_reason == "stop"
-                pooled[out.request_id] = tensor_from_wire(out.pooled)
+                pooled[out.request_id] = out.pooled
             else:
                 tokens[out.request_id] += out.new_token_ids
         overlapped += any(out.pooled is not None for out in outputs) and engine.in_flight is not None

@@ -27,4 +27,3 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
-    num_blocks: int = 0  # set once the runner has measured memory

@@ -1,0 +1,118 @@
+"""How features (LoRA, media encoders, pooling, later speculative decoding and KV transfer) plug into the engine.
+
+A feature has two halves. Its `SchedulerHook` lives beside the scheduler: it decides which waiting requests may
+start and how far a chunk may go, and each step it puts its data in `ScheduledStep.features[name]`. Its
+`RunnerHook` lives in each runner: it reads that data, adds its part to the step's forward inputs, acts on the
+hidden states, and puts its result in `StepResult.features[name]`, which comes back to the scheduler hook. The
+halves share only plain values (lists, dicts, numbers, strings, bytes), so a runner may live in another process.
+
+Features are registered here by name with where their hooks are made ("module:function"), and made from the
+config by `scheduler_hooks` / `runner_hooks`; `platform/` never imports a feature's behaviour itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from loomserve.platform.config import EngineConfig
+    from loomserve.platform.input_batch import BatchInputs
+    from loomserve.platform.request import Request
+    from loomserve.platform.step import ScheduledStep
+
+
+class SchedulerHook(Protocol):
+    """A feature's say in scheduling; every method has a do-nothing default."""
+
+    name: str
+
+    def begin_step(self, running: list[Request]) -> None:
+        """Before a step's admissions."""
+
+    def admits(self, request: Request) -> bool:
+        """Whether a waiting request may start now."""
+        return True
+
+    def fit(self, request: Request, start: int, num_tokens: int) -> int:
+        """How many of the request's next `num_tokens` tokens (from `start`) the feature lets this step run."""
+        return num_tokens
+
+    def commit(self, request: Request, start: int, num_tokens: int) -> None:
+        """The step runs those tokens."""
+
+    def release(self, request: Request) -> None:
+        """The request finished or was preempted."""
+
+    def step_data(self, running: list[Request]) -> Any:
+        """What the runner hooks get for this step in `features[name]`; None: nothing."""
+        return None
+
+    def update(self, result: Any, requests: dict[str, Request]) -> dict[str, str]:
+        """Take in the runner hooks' result; returns the requests the feature cannot serve (id -> why)."""
+        return {}
+
+
+class RunnerHook(Protocol):
+    """A feature's part in running a step; every method has a do-nothing default."""
+
+    name: str
+
+    def begin_step(self, step: ScheduledStep) -> None:
+        """Every step, also one with no tokens to run (which then only carries features' data)."""
+
+    def prepare(self, step: ScheduledStep, batch: BatchInputs) -> None:
+        """Add the feature's forward inputs to the packed batch (before the model runs)."""
+
+    def pool(self, hidden: torch.Tensor, batch: BatchInputs) -> dict[str, torch.Tensor]:
+        """Per-request outputs made from the step's hidden states [T, hidden] (on the device)."""
+        return {}
+
+    def result(self) -> Any:
+        """What goes back to the scheduler hook in `StepResult.features[name]`; None: nothing."""
+        return None
+
+    def release(self, request_ids: list[str]) -> None:
+        """The runner forgot these requests."""
+
+    def call(self, method: str, *args: Any) -> Any:
+        """An engine call addressed to this feature (e.g. add_lora); raises ValueError when it cannot be done."""
+        raise ValueError(f"unknown engine call {method!r}")
+
+
+# Feature name -> (scheduler hook factory, runner hook factory): "module:function" taking the config (and, for the
+# runner side, the model and the device), returning the hook or None when the feature is off for this model.
+FEATURES: dict[str, tuple[str | None, str | None]] = {
+    "lora": ("loomserve.adapters.hooks:scheduler_hook", "loomserve.adapters.hooks:runner_hook"),
+    "mm": ("loomserve.modalities.hooks:scheduler_hook", "loomserve.modalities.hooks:runner_hook"),
+    "pooling": (None, "loomserve.pooling.hooks:runner_hook"),
+}
+
+
+# What a request, or a call, that needs a feature the engine runs without is told.
+FEATURE_OFF = {
+    "lora": "LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)",
+    "mm": "this model takes no media input",
+}
+
+
+def feature_off(name: str) -> ValueError:
+    return ValueError(FEATURE_OFF.get(name, f"the {name} feature is not enabled on this engine"))
+
+
+def _factory(target: str) -> Any:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def scheduler_hooks(config: EngineConfig) -> list[SchedulerHook]:
+    hooks = (_factory(s)(config) for s, _ in FEATURES.values() if s is not None)
+    return [h for h in hooks if h is not None]
+
+
+def runner_hooks(config: EngineConfig, model: nn.Module, device: torch.device) -> list[RunnerHook]:
+    hooks = (_factory(r)(config, model, device) for _, r in FEATURES.values() if r is not None)
+    return [h for h in hooks if h is not None]

@@ -1,0 +1,197 @@
+"""The runner's own view of the requests it runs, and the packing of a step into one flat batch.
+
+The runner learns a request once (`NewRequest`) and keeps it here: its tokens (the prompt plus every token it
+sampled, which it appends itself when a step lands), its block table row, its media positions. Each step
+applies the scheduler's diff (new blocks, resumed tables, finished and preempted ids) and packs its tokens:
+decodes first, so the attention backend can treat them together, no padding. A token sampled by the step
+still in flight exists only on the device; the packing reads it from there (`previous_sampled`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from loomserve.platform.attention import AttentionMetadata
+from loomserve.platform.block_table import BlockTable
+from loomserve.platform.kv_cache.manager import cdiv
+from loomserve.platform.step import NewRequest, ScheduledRequest, ScheduledStep
+
+if TYPE_CHECKING:
+    from loomserve.adapters.request import LoRARequest
+    from loomserve.modalities.inputs import MultiModalItem
+    from loomserve.platform.models.mrope import MRopePositions
+    from loomserve.platform.request import SamplingParams
+    from loomserve.pooling.batch import PoolingSpan
+    from loomserve.pooling.params import PoolingParams
+
+
+@dataclass(eq=False)
+class RequestState:
+    """What the runner keeps about one request between steps."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams | None
+    eos_token_id: int | None
+    pooling_params: PoolingParams | None
+    lora_request: LoRARequest | None
+    mm_items: list[MultiModalItem]
+    output_token_ids: list[int] = field(default_factory=list)  # landed tokens, appended by the runner
+    num_sampled: int = 0  # tokens sampled so far, landed or still in flight
+    mm_positions: MRopePositions | None = None  # M-RoPE prompt positions, computed when first needed
+
+    @classmethod
+    def of(cls, new: NewRequest) -> RequestState:
+        return cls(new.request_id, new.prompt_token_ids, new.sampling_params, new.eos_token_id, new.pooling_params,
+                   new.lora_request, new.mm_items)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def sample_index(self) -> int:
+        """While a step runs: how many output tokens come before the one it samples."""
+        return self.num_sampled - 1
+
+    def token_at(self, position: int) -> int:
+        """One token without building the whole token list (the decode hot path)."""
+        n = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+
+@dataclass
+class BatchInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64 ([3, T] once an M-RoPE model's hook has set them)
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
+    sample_requests: list[RequestState]
+    scheduled: list[ScheduledRequest]  # the step's requests in batch order (decodes first)
+    requests: list[RequestState]  # their states, in the same order
+    pooling: list[PoolingSpan] = field(default_factory=list)  # the requests whose prompt ends this step and pools
+    # Extra forward inputs: token_type_ids [T] (cross-encoder pairs), inputs_embeds [T, hidden] (media in place).
+    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class InputBatch:
+    def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.device = device
+        self.requests: dict[str, RequestState] = {}
+        self.block_table = BlockTable(max_num_seqs, cdiv(max_model_len, block_size))
+        self.previous_sampled = torch.zeros(0, dtype=torch.long, device=device)  # [S] last launch's tokens
+        self.previous_rows: dict[str, int] = {}  # request id -> its row in previous_sampled
+
+    def apply(self, step: ScheduledStep) -> list[str]:
+        """Take in the step's diff; returns the ids of the requests forgotten (finished)."""
+        for request_id in step.preempted_ids:
+            self.block_table.release(request_id)
+        forgotten = [i for i in step.finished_ids if self.requests.pop(i, None) is not None]
+        for request_id in forgotten:
+            self.block_table.release(request_id)
+        for new in step.new_requests:
+            self.requests[new.request_id] = RequestState.of(new)
+        return forgotten
+
+    def land(self, sampled: dict[str, list[int]]) -> None:
+        """Append a landed step's tokens to their requests (those not forgotten since)."""
+        for request_id, tokens in sampled.items():
+            state = self.requests.get(request_id)
+            if state is not None:
+                state.output_token_ids.extend(tokens)
+
+    def keep_sampled(self, sampled: torch.Tensor, rows: list[RequestState]) -> None:
+        """The launched step's tokens [S], read by the next step's packing while they are still in flight."""
+        self.previous_sampled = sampled
+        self.previous_rows = {r.request_id: i for i, r in enumerate(rows)}
+
+    def prepare(self, step: ScheduledStep) -> BatchInputs:
+        """Pack the step's tokens, decodes first; everything the device needs goes over in one int64 host buffer and
+        one copy."""
+        scheduled = sorted(step.scheduled, key=lambda s: s.num_new_tokens != 1)
+        bs, table = self.block_size, self.block_table.table
+        num_decodes = 0
+        while num_decodes < len(scheduled) and scheduled[num_decodes].num_new_tokens == 1:
+            num_decodes += 1
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens = []
+        logits_indices = []
+        sample_requests = []
+        states = []
+        rows = []
+        from_previous: list[tuple[int, int]] = []  # (batch position, previous step's row): tokens in flight
+        for s in scheduled:
+            state, start, n = self.requests[s.request_id], s.start, s.num_new_tokens
+            end = start + n
+            row = self.block_table.append(s.request_id, s.new_block_ids, replace=s.resumed)
+            rows.append(row)
+            states.append(state)
+            if n == 1:  # the decode hot path: scalars only
+                if start < state.num_tokens:
+                    ids.append(state.token_at(start))
+                else:
+                    from_previous.append((len(ids), self.previous_rows[s.request_id]))
+                    ids.append(0)
+                positions.append(start)
+                slots.append(int(table[row, start // bs]) * bs + start % bs)
+            else:
+                ids.extend(state.tokens(start, end))
+                pos = np.arange(start, end)
+                positions.extend(pos.tolist())
+                slots.extend((table[row, pos // bs] * bs + pos % bs).tolist())
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(end)
+            if s.samples:
+                logits_indices.append(query_start_loc[-1] - 1)
+                sample_requests.append(state)
+                state.num_sampled += 1
+        width = cdiv(max(seq_lens), bs)
+        num_tokens, num_seqs = len(ids), len(scheduled)
+        at, prev = (list(x) for x in zip(*from_previous)) if from_previous else ([], [])
+        counts = [num_decodes, num_seqs]
+        host = np.concatenate([
+            np.array(ids + positions + slots + query_start_loc + seq_lens + counts + logits_indices + at + prev,
+                     dtype=np.int64),
+            self.block_table.gather(rows, width).ravel(),
+        ])
+        # One non-blocking copy: a blocking one would first wait for the step still running on the GPU.
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, 2, len(logits_indices), len(at), len(prev)]
+        parts = torch.tensor_split(dev, np.cumsum(sizes).tolist())
+        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, counts_t, logits_t, at_t, prev_t, tables_t = parts
+        attn = AttentionMetadata(
+            slot_mapping=slot_t,
+            query_start_loc=qsl_t,
+            seq_lens=seq_lens_t,
+            block_tables=tables_t.view(num_seqs, width),
+            seq_counts=counts_t,
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decodes,
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+        )
+        if from_previous:  # fill in tokens that exist only on the device so far
+            input_ids[at_t] = self.previous_sampled[prev_t]
+        return BatchInputs(input_ids, pos_t, attn, logits_t, sample_requests, scheduled, states)
