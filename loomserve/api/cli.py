@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 
+from loomserve.api.engine_flags import add_engine_flags, engine_args_from
 from loomserve.platform.config import EngineArgs
 
 logger = logging.getLogger("loomserve")
@@ -22,62 +23,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def _add_serve_flags(p: argparse.ArgumentParser) -> None:
-    defaults = EngineArgs(model="")
-    p.add_argument("model", nargs="?", default=None,
-                   help="Hugging Face checkpoint folder or hub name; none serves a random demo checkpoint")
+    add_engine_flags(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer <key>` on the API routes")
-    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or name (default: MODEL)")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--dtype", default=defaults.dtype, help="auto, float32, bfloat16 or float16")
-    p.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=defaults.seed)
-    p.add_argument("--load-format", default=defaults.load_format, help="auto, safetensors or dummy")
-    p.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per KV-cache block")
-    p.add_argument("--kv-cache-memory", default=None, help="KV-cache size, e.g. 4GiB (wins over utilization)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
-    p.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=defaults.enable_prefix_caching)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
-    p.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs, help="requests in one step")
-    p.add_argument("--attention-backend", default=defaults.attention_backend, help="auto, torch or triton")
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs: run every step eagerly")
-    p.add_argument("--max-cudagraph-capture-size", type=int, default=defaults.max_cudagraph_capture_size,
-                   help="steps of up to this many tokens (prefill chunks beside decodes) replay CUDA graphs; "
-                        "0: only decode-only steps do")
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule the next step while the GPU runs this one (default: on for CUDA)")
-    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters on top of the model")
     p.add_argument("--lora-modules", nargs="+", default=[], type=lora_module, metavar="NAME=PATH",
                    help='adapters to serve from the start: name=path or {"name": ..., "path": ...}')
-    p.add_argument("--max-loras", type=int, default=defaults.max_loras, help="adapters in one step")
-    p.add_argument("--max-lora-rank", type=int, default=defaults.max_lora_rank)
-    p.add_argument("--max-cpu-loras", type=int, default=None,
-                   help="adapters cached in host memory (default: --max-loras)")
-    p.add_argument("--quantization", default=None, choices=["bitsandbytes"],
-                   help="bitsandbytes: NF4 base weights (QLoRA); 4-bit checkpoints set it themselves")
-    p.add_argument("--task", default=defaults.task, choices=["auto", "generate", "embed", "classify"],
-                   help="what MODEL serves (default: read from the checkpoint)")
-    p.add_argument("--pooler-config", default=None,
-                   help='JSON overrides of the pooling defaults, e.g. \'{"pooling_type": "MEAN", "normalize": true}\'')
     p.add_argument("--embedding-model", action="append", default=[], metavar="NAME=PATH",
                    help="also serve an embedding model (/v1/embeddings, /v1/score, /rerank) as NAME; repeatable")
     p.add_argument("--rerank-model", action="append", default=[], metavar="NAME=PATH",
                    help="also serve a cross-encoder (/v1/score, /rerank, /classify) as NAME; repeatable")
-    p.add_argument("--limit-mm-per-prompt", default=None,
-                   help='most media items per prompt, JSON, e.g. \'{"image": 4, "video": 1, "audio": 2}\'')
-    p.add_argument("--allowed-media-domains", nargs="+", default=None,
-                   help="hosts (and their subdomains) http(s) media URLs may name; none: no remote media")
-    p.add_argument("--allowed-local-media-path", default=None, help="folder file:// media URLs may read from")
-    p.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
-                   help="largest image (or video frame) in pixels, checked before decoding")
-    p.add_argument("--encoder-cache-memory", default=defaults.encoder_cache_memory,
-                   help="memory for encoder outputs reused across requests, e.g. 256MiB")
-    p.add_argument("--media-io-kwargs", default=None,
-                   help='media decoding options, JSON, e.g. \'{"video": {"num_frames": 8}}\' or {"video": {"fps": 1}}')
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -94,10 +49,6 @@ def lora_module(value: str) -> tuple[str, str]:
     if not (sep and name and path):
         raise argparse.ArgumentTypeError(f"expected name=path, got {value!r}")
     return name, path
-
-
-def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.field_names()})  # flags of the same names
 
 
 def pooling_model_args(ns: argparse.Namespace) -> list[EngineArgs]:

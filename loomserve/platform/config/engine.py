@@ -1,0 +1,191 @@
+"""EngineArgs, the flat user-facing knobs, and EngineConfig, the checked sub-configs they resolve into.
+
+Each EngineArgs field carries its help text (and choices) in its metadata: the CLI builds its flags from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from loomserve.modalities.config import MultiModalConfig, build_mm_config
+from loomserve.platform.attention import resolve_attention_backend
+from loomserve.platform.config.cache import CacheConfig, parse_memory
+from loomserve.platform.config.lora import LoRAConfig
+from loomserve.platform.config.model import (
+    ModelConfig,
+    context_limit,
+    default_served_name,
+    resolve_device,
+    resolve_dtype,
+)
+from loomserve.platform.config.parallel import EXECUTOR_BACKENDS, ParallelConfig
+from loomserve.platform.config.scheduler import SchedulerConfig
+from loomserve.platform.config.speculative import parse_speculative_config
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    attention_backend: str = "torch"
+    enforce_eager: bool = False  # no CUDA graphs
+    max_cudagraph_capture_size: int = 512  # largest step (tokens) a mixed prefill/decode graph holds; 0: decode only
+    async_scheduling: bool = False  # schedule step N+1 while the device runs step N
+    lora_config: LoRAConfig | None = None  # None: LoRA off
+    mm_config: MultiModalConfig = field(default_factory=MultiModalConfig)
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def _arg(default: Any, help: str, **cli: Any) -> Any:
+    """A field whose metadata the CLI turns into a flag: its help text and any argparse extras (choices)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class EngineArgs:
+    """The flat, user-facing knobs (CLI flags and `LLM(...)` keywords), vLLM's names."""
+
+    model: str = field(metadata={"help": "Hugging Face checkpoint folder or hub name; `loomserve serve` without one "
+                                         "serves a random demo checkpoint"})
+    tokenizer: str | None = _arg(None, "tokenizer folder or name (default: MODEL)")
+    served_model_name: str | None = _arg(None, "the model name clients send (default: MODEL)")
+    dtype: str = _arg("auto", "auto, float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    device: str = _arg("auto", "auto, cpu, cuda, cuda:1, ...")
+    max_model_len: int | None = _arg(None, "context length (default: the model's)")
+    load_format: str = _arg("auto", "auto, safetensors or dummy (random weights)")
+    seed: int = _arg(0, "seed of the random weights of load_format dummy and of unseeded sampling")
+    block_size: int = _arg(16, "tokens per KV-cache block")
+    kv_cache_memory: int | str | None = _arg(None, "KV-cache size, e.g. 4GiB (wins over utilization)")
+    gpu_memory_utilization: float = _arg(0.9, "share of the GPU's memory the engine may use, KV cache included")
+    num_gpu_blocks_override: int | None = _arg(None, "KV-cache blocks to allocate, whatever memory says")
+    enable_prefix_caching: bool = _arg(True, "reuse the KV blocks of prompt prefixes seen before")
+    max_num_batched_tokens: int | None = _arg(None, "token budget of one step (default: chosen for the device)")
+    max_num_seqs: int = _arg(256, "requests in one step")
+    attention_backend: str = _arg("auto", "auto, torch or triton")
+    enforce_eager: bool = _arg(False, "no CUDA graphs: run every step eagerly")
+    max_cudagraph_capture_size: int = _arg(
+        512, "steps of up to this many tokens (prefill chunks beside decodes) replay CUDA graphs; "
+             "0: only decode-only steps do")
+    async_scheduling: bool | None = _arg(
+        None, "schedule the next step while the GPU runs this one (default: on for CUDA, off for CPU, where "
+              "nothing runs asynchronously)")
+    enable_lora: bool = _arg(False, "serve LoRA adapters on top of the model")
+    max_loras: int = _arg(1, "adapters in one step")
+    max_lora_rank: int = _arg(16, "largest adapter rank served")
+    max_cpu_loras: int | None = _arg(None, "adapters cached in host memory (default: max_loras)")
+    quantization: str | None = _arg(
+        None, "bitsandbytes: NF4 base weights (QLoRA); 4-bit checkpoints set it themselves", choices=["bitsandbytes"])
+    task: str = _arg("auto", "what MODEL serves (default: read from the checkpoint)",
+                     choices=["auto", "generate", "embed", "classify"])
+    pooler_config: str | dict | None = _arg(
+        None, 'JSON overrides of the pooling defaults, e.g. \'{"pooling_type": "MEAN", "normalize": true}\'')
+    limit_mm_per_prompt: dict[str, int] | str | None = _arg(
+        None, 'most media items per prompt, JSON, e.g. \'{"image": 4, "video": 1, "audio": 2}\'')
+    allowed_media_domains: list[str] | None = _arg(
+        None, "hosts (and their subdomains) http(s) media URLs may name; none: no remote media")
+    allowed_local_media_path: str | None = _arg(None, "folder file:// media URLs may read from")
+    max_image_pixels: int = _arg(89_478_485, "largest image (or video frame) in pixels, checked before decoding")
+    encoder_cache_memory: int | str = _arg("256MiB", "memory for encoder outputs reused across requests, e.g. 256MiB")
+    media_io_kwargs: dict[str, dict[str, Any]] | str | None = _arg(
+        None, 'media decoding options, JSON, e.g. \'{"video": {"num_frames": 8}}\' or \'{"video": {"fps": 1}}\'')
+    tensor_parallel_size: int = _arg(1, "tensor-parallel ranks (only 1 is supported yet)")
+    data_parallel_size: int = _arg(1, "data-parallel engine replicas (only 1 is supported yet)")
+    pipeline_parallel_size: int = _arg(1, "pipeline stages (only 1 is supported yet)")
+    distributed_executor_backend: str | None = _arg(
+        None, "mp: one process per rank (default: chosen from the parallel sizes)", choices=list(EXECUTOR_BACKENDS))
+    enable_expert_parallel: bool = _arg(False, "split MoE experts across ranks instead of slicing each expert")
+    speculative_config: str | dict | None = _arg(
+        None, 'speculative decoding, JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+              '"prompt_lookup_max": 3}\' (not implemented yet)')
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def create_engine_config(self) -> EngineConfig:
+        from transformers import AutoConfig
+
+        from loomserve.platform.quantization import check_quantization
+        from loomserve.pooling.config import resolve_pooling
+
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"unknown load_format {self.load_format!r}; choose auto, safetensors or dummy")
+        parallel_config = self._parallel_config()
+        self._refuse_speculative_decoding()
+        hf_config = AutoConfig.from_pretrained(self.model)
+        text = hf_config.get_text_config()
+        device = resolve_device(self.device)
+        limit = context_limit(text)
+        pooling = resolve_pooling(self.model, hf_config, self.task, self.pooler_config)
+        limit = min(limit, pooling.max_model_len or limit)
+        max_model_len = self.max_model_len or limit
+        if max_model_len > limit:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
+        model_config = ModelConfig(
+            model=self.model,
+            tokenizer=self.tokenizer or self.model,
+            dtype=resolve_dtype(self.dtype, device),
+            device=device,
+            max_model_len=max_model_len,
+            load_format=self.load_format,
+            seed=self.seed,
+            hf_config=hf_config,
+            served_model_name=self.served_model_name or default_served_name(self.model),
+            quantization=check_quantization(self.quantization, hf_config),
+            task=pooling.task,
+            encoder_only=pooling.encoder_only,
+            pooler_config=pooling.pooler_config,
+        )
+        cache_config = CacheConfig(
+            block_size=self.block_size,
+            kv_cache_memory=parse_memory(self.kv_cache_memory),
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+            enable_prefix_caching=self.enable_prefix_caching and not pooling.encoder_only,
+        )
+        budget = self.max_num_batched_tokens or _default_token_budget(device, max_model_len, pooling.encoder_only)
+        scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=budget,
+            max_num_seqs=self.max_num_seqs,
+            enable_chunked_prefill=not pooling.encoder_only,
+        )
+        lora_config = None
+        if self.enable_lora:
+            lora_config = LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
+        backend = resolve_attention_backend(self.attention_backend, device)
+        async_scheduling = device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
+        mm_config = build_mm_config(
+            self.limit_mm_per_prompt, self.allowed_media_domains, self.allowed_local_media_path,
+            self.max_image_pixels, parse_memory(self.encoder_cache_memory), self.media_io_kwargs,
+        )
+        if self.max_cudagraph_capture_size < 0:
+            raise ValueError(f"max_cudagraph_capture_size must be at least 0, got {self.max_cudagraph_capture_size}")
+        return EngineConfig(
+            model_config, cache_config, scheduler_config, backend, self.enforce_eager,
+            min(self.max_cudagraph_capture_size, budget), async_scheduling, lora_config, mm_config, parallel_config,
+        )
+
+    def _parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.pipeline_parallel_size,
+                              self.distributed_executor_backend, self.enable_expert_parallel)
+
+    def _refuse_speculative_decoding(self) -> None:
+        """A well-formed config is refused as unimplemented, a malformed one for what is wrong with it."""
+        if self.speculative_config is None:
+            return
+        spec = parse_speculative_config(self.speculative_config)
+        raise ValueError(f"speculative decoding is not implemented yet (asked for {spec.method} with "
+                         f"{spec.num_speculative_tokens} tokens); leave speculative_config unset")
+
+
+def _default_token_budget(device: torch.device, max_model_len: int, encoder_only: bool) -> int:
+    """Bigger steps keep a GPU's matmuls efficient; a CPU keeps them short so decodes are not starved. Encoders (no
+    KV cache, no decodes) run every prompt whole, so a step holds at least one whole context; on CPU they pack 4096
+    tokens, where their matmuls run most efficiently (measured for all-MiniLM-L6-v2)."""
+    if device.type == "cuda":
+        return max(8192, max_model_len) if encoder_only else 8192
+    return max(4096, max_model_len) if encoder_only else max(2048, min(max_model_len, 8192))
