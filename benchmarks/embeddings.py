@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from server import Server
+
+from loomserve.testing.server import Server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -156,7 +157,7 @@ def bench_http(minilm: str, sentences: list[str], clients: int, omp_threads: int
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(minilm, flags, Path(tmp) / "server.log", env)
         with server.running(timeout=300):
-            wall, latencies = asyncio.run(_drive(server.base_url, sentences, clients))
+            wall, latencies = asyncio.run(_drive(server.url, sentences, clients))
     latencies.sort()
     return {
         "clients": clients,

@@ -41,11 +41,11 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
-from server import Server
 from throughput import environment, pad_tokenizer_vocab
 
-from loomserve.tiny_checkpoints import cached_build
-from loomserve.tiny_mm_checkpoints import _QWEN_VL_TEMPLATE, _QWEN_VL_TOKENS, _tokenizer, tiny_mm_checkpoint
+from loomserve.testing.cache import cached_build
+from loomserve.testing.mm_checkpoints import QWEN_VL_TEMPLATE, QWEN_VL_TOKENS, build_mm_tokenizer, tiny_mm_checkpoint
+from loomserve.testing.server import Server
 
 PRESET_FORMAT_VERSION = 2
 
@@ -103,7 +103,7 @@ def _write_preset(preset: dict[str, Any], folder: Path) -> None:
     from transformers import GenerationConfig, Qwen2VLConfig
 
     text = preset["text"]
-    tokenizer = _tokenizer("qwen2", _QWEN_VL_TOKENS, _QWEN_VL_TEMPLATE, text["max_position_embeddings"])
+    tokenizer = build_mm_tokenizer("qwen2", QWEN_VL_TOKENS, QWEN_VL_TEMPLATE, text["max_position_embeddings"])
     tokenizer.save_pretrained(folder)
     pad_tokenizer_vocab(folder / "tokenizer.json", text["vocab_size"])
     ids = tokenizer.convert_tokens_to_ids
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         server = make_server(model, dummy, args.server_args, prefix_caching)
         with server.running(timeout=1800):
-            url = server.base_url
+            url = server.url
             warmup = [chat_body(image_url(args.image_size, 10_000 + i), args.output_len) for i in range(args.warmup)]
             asyncio.run(send_all(url, warmup, args.concurrency))
             for i, name in enumerate(names):

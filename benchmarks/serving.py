@@ -68,9 +68,9 @@ import httpx
 import numpy as np
 import torch
 
-from benchmarks.server import Server
 from benchmarks.throughput import add_model_flags, device_name, git_commit, prompt_vocab_size, resolve_model
 from loomserve.platform.config import resolve_device
+from loomserve.testing.server import Server
 
 T = TypeVar("T")
 
@@ -532,13 +532,13 @@ def bench_server(args: argparse.Namespace, model_path: Path, load_format: str, v
     with server.running(args.server_timeout) as startup_s:
         print(f"    healthy after {startup_s:.1f} s", flush=True)
         t0 = time.perf_counter()
-        run_async(warm_up(server.base_url, warmup_specs(args, vocab), args))
+        run_async(warm_up(server.url, warmup_specs(args, vocab), args))
         print(f"    warm-up ({args.warmup_requests} requests) {time.perf_counter() - t0:.1f} s\n", flush=True)
         print(table_header(), flush=True)
         summaries = []
         for i, rate in enumerate(args.request_rates):
             specs = sample_requests(args, vocab, rate, run_index=1000 * server_index + i + 1)
-            results, duration = run_rate(server.base_url, specs, args)
+            results, duration = run_rate(server.url, specs, args)
             summaries.append(RateSummary(rate, results, duration))
             print(table_row(summaries[-1].row()), flush=True)
         for note in (n for s in summaries for n in s.notes()):

@@ -205,7 +205,7 @@ def pad_tokenizer_vocab(tokenizer_json: Path, vocab_size: int) -> None:
 
 def build_preset_checkpoint(shape: str) -> Path:
     """config.json + a full-vocabulary byte-level BPE tokenizer in a cache folder (no weights: dummy load)."""
-    from loomserve.tiny_checkpoints import cached_build
+    from loomserve.testing.cache import cached_build
 
     preset = PRESETS[shape]
     return cached_build(shape, [PRESET_FORMAT_VERSION, preset], partial(_write_preset, preset))
@@ -213,7 +213,7 @@ def build_preset_checkpoint(shape: str) -> Path:
 
 def _write_preset(preset: dict[str, Any], folder: Path) -> None:
     """The preset's tokenizer (padded to its vocabulary) and config.json into `folder`."""
-    from loomserve.tiny_checkpoints import build_tokenizer
+    from loomserve.testing.checkpoints import build_tokenizer
 
     tokenizer = build_tokenizer(preset["family"], model_max_length=preset["max_position_embeddings"])
     tokenizer.save_pretrained(folder)

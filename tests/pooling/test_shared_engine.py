@@ -15,7 +15,7 @@ from loomserve import LLM, PoolingParams, SamplingParams
 from loomserve.platform.engine import EngineCore
 from loomserve.platform.messages import EngineCoreRequest
 from loomserve.pooling.wire import tensor_from_wire
-from loomserve.tiny_checkpoints import tiny_checkpoint
+from loomserve.testing.checkpoints import tiny_checkpoint
 
 GENERATE = {"g0": "hello world",
             "g1": "café naïve 日本語 and some more words so that this prompt crosses several blocks"}
