@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.throughput import PRESETS, build_preset_checkpoint, prompt_vocab_size
+from benchmarks.common import PRESETS, build_preset_checkpoint, prompt_vocab_size
 from loomserve.testing.server import Server
 
 

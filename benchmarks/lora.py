@@ -33,24 +33,20 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import PRESETS, build_preset_checkpoint, command_line, environment, prompt_vocab_size
 from benchmarks.throughput import (
-    PRESETS,
     RunResult,
     StepRecorder,
     Workload,
     add_engine_flags,
     add_workload_flags,
     build_hf_model,
-    build_preset_checkpoint,
-    command_line,
     describe_workload,
     engine_kwargs,
-    environment,
     format_table,
     free_memory,
     measure,
     measure_engine,
-    prompt_vocab_size,
     static_run,
     synchronize,
 )

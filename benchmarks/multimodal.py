@@ -19,9 +19,9 @@ Shapes: `tiny` serves the tiny Qwen2-VL test checkpoint (real weights; images at
 `qwen2-vl-small`, `qwen2-vl-2b` and `qwen2-vl-7b` write config-only folders (Qwen2-VL's processor
 settings, the real models' shapes for 2b and 7b) and serve them with dummy weights (`--load-format dummy`).
 
-    python benchmarks/multimodal.py --shape tiny --num-requests 48 --concurrency 8 --image-size 112
-    python benchmarks/multimodal.py --shape qwen2-vl-small --num-requests 24 --concurrency 4 --image-size 448
-    python benchmarks/multimodal.py --shape qwen2-vl-2b --num-requests 512 --concurrency 64 --image-size 448
+    python -m benchmarks.multimodal --shape tiny --num-requests 48 --concurrency 8 --image-size 112
+    python -m benchmarks.multimodal --shape qwen2-vl-small --num-requests 24 --concurrency 4 --image-size 448
+    python -m benchmarks.multimodal --shape qwen2-vl-2b --num-requests 512 --concurrency 64 --image-size 448
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
-from throughput import environment, pad_tokenizer_vocab
 
+from benchmarks.common import environment, pad_tokenizer_vocab, percentile
 from loomserve.testing.cache import cached_build
 from loomserve.testing.mm_checkpoints import QWEN_VL_TEMPLATE, QWEN_VL_TOKENS, build_mm_tokenizer, tiny_mm_checkpoint
 from loomserve.testing.server import Server
@@ -159,9 +159,9 @@ class ScenarioResult:
     cached_tokens: int
 
     def row(self) -> list[str]:
-        lat = np.asarray(self.latencies)
+        lat = self.latencies
         return [self.name, f"{self.num_requests / self.wall_s:,.2f}", f"{self.output_tokens / self.wall_s:,.1f}",
-                f"{np.percentile(lat, 50):.3f}", f"{np.percentile(lat, 90):.3f}", f"{lat.max():.3f}",
+                f"{percentile(lat, 50):.3f}", f"{percentile(lat, 90):.3f}", f"{max(lat):.3f}",
                 f"{self.cached_tokens / max(self.prompt_tokens, 1):.0%}", f"{self.wall_s:.2f}"]
 
 
