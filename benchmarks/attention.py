@@ -21,11 +21,10 @@ import itertools
 import numpy as np
 import torch
 
+from benchmarks.common import PRESETS, attention_heads
 from loomserve.platform.attention.metadata import AttentionMetadata, LaunchBounds
 from loomserve.platform.attention.triton_backend import TritonAttentionBackend
 from loomserve.platform.cuda_graphs import mixed_capture_sizes
-
-SHAPES = {"qwen2.5-0.5b": (14, 2, 64), "qwen3-8b": (32, 8, 128)}
 
 
 def build_step(decodes: list[int], chunk: int, context: int, heads: tuple[int, int, int], block_size: int,
@@ -91,7 +90,7 @@ def time_us(fn, iters: int = 50) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    p.add_argument("--shape", choices=sorted(PRESETS), default="qwen2.5-0.5b")
     p.add_argument("--decodes", type=int, default=48)
     p.add_argument("--long-decode", type=int, default=8192, help="context of one more decode (0: none)")
     p.add_argument("--chunk", default="0,128,256,512", help="prefill chunk sizes, comma separated")
@@ -105,7 +104,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="with --graph-bounds")
     p.add_argument("--max-model-len", type=int, default=32768, help="with --graph-bounds")
     args = p.parse_args()
-    heads = SHAPES[args.shape]
+    heads = attention_heads(args.shape)
     num_heads, num_kv_heads, head_dim = heads
     rng = np.random.default_rng(0)
     decodes = rng.integers(128, 769, args.decodes).tolist() + ([args.long_decode] if args.long_decode else [])

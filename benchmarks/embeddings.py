@@ -19,7 +19,7 @@ What it measures
 
 Prints a Markdown section for benchmarks/RESULTS.md and, with --json, writes every number to a file.
 
-    HF_HUB_OFFLINE=1 python benchmarks/embeddings.py
+    HF_HUB_OFFLINE=1 python -m benchmarks.embeddings
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -39,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from server import Server
+
+from benchmarks.common import device_name, percentile
+from loomserve.testing.server import Server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -156,23 +157,15 @@ def bench_http(minilm: str, sentences: list[str], clients: int, omp_threads: int
     with tempfile.TemporaryDirectory() as tmp:
         server = Server(minilm, flags, Path(tmp) / "server.log", env)
         with server.running(timeout=300):
-            wall, latencies = asyncio.run(_drive(server.base_url, sentences, clients))
-    latencies.sort()
+            wall, latencies = asyncio.run(_drive(server.url, sentences, clients))
     return {
         "clients": clients,
         "omp_threads": omp_threads,
         "requests": len(latencies),
         "wall_s": wall,
-        "p50_ms": 1e3 * latencies[len(latencies) // 2],
-        "p99_ms": 1e3 * latencies[int(len(latencies) * 0.99)],
+        "p50_ms": 1e3 * percentile(latencies, 50),
+        "p99_ms": 1e3 * percentile(latencies, 99),
     }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def report(results: dict[str, Any]) -> str:
@@ -182,10 +175,10 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         "## Embeddings",
         "",
-        f"{results['date']}, {results['cpu']} ({results['threads']} torch threads, {results['cores']} cores, shared "
-        f"with other work), torch {results['versions']['torch']}, sentence-transformers "
+        f"{results['date']}, {results['cpu']}, {results['threads']} torch threads (the cores shared with other "
+        f"work), torch {results['versions']['torch']}, sentence-transformers "
         f"{results['versions']['sentence_transformers']}, transformers {results['versions']['transformers']}. "
-        "`python benchmarks/embeddings.py` (medians of alternating runs; load and warm-up excluded).",
+        "`python -m benchmarks.embeddings` (medians of alternating runs; load and warm-up excluded).",
         "",
         f"**all-MiniLM-L6-v2**, {emb['num_sentences']:,} sentences of mixed length ({emb['num_tokens']:,} tokens, "
         f"3-80 words), fp32. loomserve steps take up to {emb['max_num_batched_tokens']:,} tokens.",
@@ -253,7 +246,7 @@ def main() -> None:
     sentences = make_sentences(args.sentences, args.seed, Path(minilm) / "vocab.txt")
     results: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu_name(),
+        "cpu": device_name(torch.device("cpu")),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -21,15 +21,14 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from benchmarks.common import add_model_flags, percentile, prompt_vocab_size, resolve_model
 from benchmarks.serving import (
     RequestSpec,
     add_workload_flags,
     check_workload_args,
-    pct,
     sample_requests,
     warmup_specs,
 )
-from benchmarks.throughput import add_model_flags, prompt_vocab_size, resolve_model
 from loomserve import LLM, SamplingParams
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.scheduler import SchedulerOutput
@@ -104,9 +103,9 @@ def replay(llm: LLM, specs: list[RequestSpec], output_len: int) -> Trace:
 def report(budget: int | None, trace: Trace) -> None:
     itl = [s * 1e3 for s, _ in trace.itl]
     ttft = [s * 1e3 for s in trace.ttft]
-    med, p99 = pct(itl, 50), pct(itl, 99)
+    med, p99 = percentile(itl, 50), percentile(itl, 99)
     print(f"| {budget or 'default'} | {len(trace.landings)} | {med:.2f} | {p99:.2f} | {p99 / med:.2f} | "
-          f"{pct(ttft, 50):.1f} | {pct(ttft, 99):.1f} |")
+          f"{percentile(ttft, 50):.1f} | {percentile(ttft, 99):.1f} |")
     slow = [i for s, i in trace.itl if s * 1e3 > 2 * med]
     print(f"\n  landed steps, budget {budget or 'default'} ({len(slow)} ITL samples above 2x the median):\n")
     print("  | step carries | steps | interval med ms | interval p99 ms | share of the slow ITL samples |")
@@ -120,7 +119,8 @@ def report(budget: int | None, trace: Trace) -> None:
             continue
         intervals = [trace.landings[i].interval * 1e3 for i in members if not math.isnan(trace.landings[i].interval)]
         share = sum(i in members for i in slow) / max(1, len(slow))
-        print(f"  | {name} | {len(members)} | {pct(intervals, 50):.2f} | {pct(intervals, 99):.2f} | {share:.0%} |")
+        interval_med, interval_p99 = percentile(intervals, 50), percentile(intervals, 99)
+        print(f"  | {name} | {len(members)} | {interval_med:.2f} | {interval_p99:.2f} | {share:.0%} |")
 
 
 def main() -> None:

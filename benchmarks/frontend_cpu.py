@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.server import Server
-from benchmarks.throughput import PRESETS, build_preset_checkpoint, prompt_vocab_size
+from benchmarks.common import PRESETS, build_preset_checkpoint, prompt_vocab_size
+from loomserve.testing.server import Server
 
 
 def cpu_seconds(pid: int) -> float:
@@ -68,13 +68,13 @@ def main() -> None:
         server = Server(str(path), flags, Path(logs) / "server.log")
         with server.running(timeout=600):
             prompts = lambda: [rng.integers(0, vocab, args.prompt_len).tolist() for _ in range(args.concurrency)]  # noqa: E731
-            asyncio.run(load(server.base_url, prompts(), 8))  # warm-up
+            asyncio.run(load(server.url, prompts(), 8))  # warm-up
             print(f"{args.shape} on {args.device}: {args.concurrency} concurrent streams of {args.output_len} tokens")
             print("| repeat | chunks | API CPU s | API CPU us/chunk | client CPU us/chunk | wall s |\n"
                   "|---:|---:|---:|---:|---:|---:|")
             for i in range(args.repeats):
                 cpu0, own0, t0 = cpu_seconds(server.process.pid), cpu_seconds(os.getpid()), time.perf_counter()
-                chunks = asyncio.run(load(server.base_url, prompts(), args.output_len))
+                chunks = asyncio.run(load(server.url, prompts(), args.output_len))
                 cpu, wall = cpu_seconds(server.process.pid) - cpu0, time.perf_counter() - t0
                 own = cpu_seconds(os.getpid()) - own0
                 print(f"| {i + 1} | {chunks} | {cpu:.2f} | {cpu / chunks * 1e6:.0f} | {own / chunks * 1e6:.0f} | "

@@ -33,24 +33,20 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import PRESETS, build_preset_checkpoint, command_line, environment, prompt_vocab_size
 from benchmarks.throughput import (
-    PRESETS,
     RunResult,
     StepRecorder,
     Workload,
     add_engine_flags,
     add_workload_flags,
     build_hf_model,
-    build_preset_checkpoint,
-    command_line,
     describe_workload,
     engine_kwargs,
-    environment,
     format_table,
     free_memory,
     measure,
     measure_engine,
-    prompt_vocab_size,
     static_run,
     synchronize,
 )
@@ -92,7 +88,7 @@ def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
 
 def make_adapters(model_path: Path, count: int, rank: int, dtype: torch.dtype, seed: int) -> list[Path]:
     """`count` PEFT adapter folders with random weights (N(0, 0.02), like the dummy base), cached on disk."""
-    from loomserve.tiny_checkpoints import cached_build
+    from loomserve.testing.cache import cached_build
 
     key = [ADAPTER_FORMAT_VERSION, str(model_path), rank, str(dtype), seed]
     return [cached_build(f"lora-adapter-{i}", [*key, i], partial(_write_adapter, model_path, rank, dtype, seed, i))

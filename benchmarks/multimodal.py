@@ -19,9 +19,9 @@ Shapes: `tiny` serves the tiny Qwen2-VL test checkpoint (real weights; images at
 `qwen2-vl-small`, `qwen2-vl-2b` and `qwen2-vl-7b` write config-only folders (Qwen2-VL's processor
 settings, the real models' shapes for 2b and 7b) and serve them with dummy weights (`--load-format dummy`).
 
-    python benchmarks/multimodal.py --shape tiny --num-requests 48 --concurrency 8 --image-size 112
-    python benchmarks/multimodal.py --shape qwen2-vl-small --num-requests 24 --concurrency 4 --image-size 448
-    python benchmarks/multimodal.py --shape qwen2-vl-2b --num-requests 512 --concurrency 64 --image-size 448
+    python -m benchmarks.multimodal --shape tiny --num-requests 48 --concurrency 8 --image-size 112
+    python -m benchmarks.multimodal --shape qwen2-vl-small --num-requests 24 --concurrency 4 --image-size 448
+    python -m benchmarks.multimodal --shape qwen2-vl-2b --num-requests 512 --concurrency 64 --image-size 448
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
-from server import Server
-from throughput import environment, pad_tokenizer_vocab
 
-from loomserve.tiny_checkpoints import cached_build
-from loomserve.tiny_mm_checkpoints import _QWEN_VL_TEMPLATE, _QWEN_VL_TOKENS, _tokenizer, tiny_mm_checkpoint
+from benchmarks.common import environment, pad_tokenizer_vocab, percentile
+from loomserve.testing.cache import cached_build
+from loomserve.testing.mm_checkpoints import QWEN_VL_TEMPLATE, QWEN_VL_TOKENS, build_mm_tokenizer, tiny_mm_checkpoint
+from loomserve.testing.server import Server
 
 PRESET_FORMAT_VERSION = 2
 
@@ -103,7 +103,7 @@ def _write_preset(preset: dict[str, Any], folder: Path) -> None:
     from transformers import GenerationConfig, Qwen2VLConfig
 
     text = preset["text"]
-    tokenizer = _tokenizer("qwen2", _QWEN_VL_TOKENS, _QWEN_VL_TEMPLATE, text["max_position_embeddings"])
+    tokenizer = build_mm_tokenizer("qwen2", QWEN_VL_TOKENS, QWEN_VL_TEMPLATE, text["max_position_embeddings"])
     tokenizer.save_pretrained(folder)
     pad_tokenizer_vocab(folder / "tokenizer.json", text["vocab_size"])
     ids = tokenizer.convert_tokens_to_ids
@@ -159,9 +159,9 @@ class ScenarioResult:
     cached_tokens: int
 
     def row(self) -> list[str]:
-        lat = np.asarray(self.latencies)
+        lat = self.latencies
         return [self.name, f"{self.num_requests / self.wall_s:,.2f}", f"{self.output_tokens / self.wall_s:,.1f}",
-                f"{np.percentile(lat, 50):.3f}", f"{np.percentile(lat, 90):.3f}", f"{lat.max():.3f}",
+                f"{percentile(lat, 50):.3f}", f"{percentile(lat, 90):.3f}", f"{max(lat):.3f}",
                 f"{self.cached_tokens / max(self.prompt_tokens, 1):.0%}", f"{self.wall_s:.2f}"]
 
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         server = make_server(model, dummy, args.server_args, prefix_caching)
         with server.running(timeout=1800):
-            url = server.base_url
+            url = server.url
             warmup = [chat_body(image_url(args.image_size, 10_000 + i), args.output_len) for i in range(args.warmup)]
             asyncio.run(send_all(url, warmup, args.concurrency))
             for i, name in enumerate(names):

@@ -7,8 +7,8 @@ host), the scheduler's update, and the front end's output processing (detokeniza
 With --mixed-prefill C a long prompt arrives as the timing starts and every timed step also carries a
 C-token chunk of it (chunked prefill beside the decodes): the step that sets the ITL tail.
 
-    python benchmarks/profile_decode.py --shape qwen2.5-0.5b --device cuda --num-prompts 256
-    python benchmarks/profile_decode.py --shape qwen2.5-0.5b --device cuda --num-prompts 256 --mixed-prefill 256
+    python -m benchmarks.profile_decode --shape qwen2.5-0.5b --device cuda --num-prompts 256
+    python -m benchmarks.profile_decode --shape qwen2.5-0.5b --device cuda --num-prompts 256 --mixed-prefill 256
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from benchmarks.throughput import PRESETS, build_preset_checkpoint, prompt_vocab_size
+from benchmarks.common import PRESETS, build_preset_checkpoint, prompt_vocab_size
 from loomserve import LLM, SamplingParams
 from loomserve.platform.output_processor import OutputProcessor
 

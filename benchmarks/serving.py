@@ -48,14 +48,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import multiprocessing
-import os
-import platform
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,11 +62,10 @@ from typing import Any, TypeVar
 
 import httpx
 import numpy as np
-import torch
 
-from benchmarks.server import Server
-from benchmarks.throughput import add_model_flags, device_name, git_commit, prompt_vocab_size, resolve_model
+from benchmarks.common import add_model_flags, command_line, environment, percentile, prompt_vocab_size, resolve_model
 from loomserve.platform.config import resolve_device
+from loomserve.testing.server import Server
 
 T = TypeVar("T")
 
@@ -392,10 +387,6 @@ def server_flags(args: argparse.Namespace, load_format: str, budget: int | None)
 # ----------------------------------------------------------------------------------------------- metrics
 
 
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
-
-
 @dataclass
 class RateSummary:
     rate: float
@@ -413,18 +404,18 @@ class RateSummary:
         tokens = sum(r.output_tokens for r in ok)
         chunks = sum(len(r.chunk_times) for r in ok)
         lag = max((r.send_lag for r in self.results if r.sent), default=0.0)
-        ratio = pct(itl, 99) / pct(itl, 50) if itl else float("nan")
+        ratio = percentile(itl, 99) / percentile(itl, 50) if itl else float("nan")
         return [
             f"{self.rate:g}",
             f"{len(ok)}/{len(self.results) - len(ok)}",
             f"{len(ok) / self.duration:.2f}",
             f"{tokens / self.duration:,.0f}",
-            f"{1e3 * pct(ttft, 50):.1f}",
-            f"{1e3 * pct(ttft, 99):.1f}",
-            f"{1e3 * pct(itl, 50):.2f}",
-            f"{1e3 * pct(itl, 99):.2f}",
+            f"{1e3 * percentile(ttft, 50):.1f}",
+            f"{1e3 * percentile(ttft, 99):.1f}",
+            f"{1e3 * percentile(itl, 50):.2f}",
+            f"{1e3 * percentile(itl, 99):.2f}",
             f"{ratio:.2f}",
-            f"{pct([r.e2e for r in ok], 50):.2f}",
+            f"{percentile([r.e2e for r in ok], 50):.2f}",
             f"{tokens / chunks:.2f}" if chunks else "-",
             f"{1e3 * lag:.0f}",
         ]
@@ -443,9 +434,10 @@ class RateSummary:
             long_ttft = [r.ttft for r in long]
             short_itl = [x for r in self.ok if not r.long for x in r.itls()]
             out.append(
-                f"rate {self.rate:g}: {len(long)} long-prompt requests, TTFT median {1e3 * pct(long_ttft, 50):.0f} ms"
-                f" / p99 {1e3 * pct(long_ttft, 99):.0f} ms; short requests' ITL p99/median "
-                f"{pct(short_itl, 99) / pct(short_itl, 50):.2f}"
+                f"rate {self.rate:g}: {len(long)} long-prompt requests, "
+                f"TTFT median {1e3 * percentile(long_ttft, 50):.0f} ms"
+                f" / p99 {1e3 * percentile(long_ttft, 99):.0f} ms; short requests' ITL p99/median "
+                f"{percentile(short_itl, 99) / percentile(short_itl, 50):.2f}"
             )
         return out
 
@@ -470,34 +462,6 @@ def table_row(cells: list[str]) -> str:
 # ----------------------------------------------------------------------------------------------- reports
 
 
-def environment(args: argparse.Namespace) -> dict[str, str]:
-    import transformers
-
-    device_type = resolve_device(args.device).type
-    return {
-        "device": _gpu_name() if device_type == "cuda" else device_name(torch.device("cpu")),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "commit": git_commit(),
-        "load avg (1/5/15m)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
-
-
-def _gpu_name() -> str:
-    """The GPU's name without creating a CUDA context in this (client) process."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "cuda (name unknown)"
-
-
 def describe_workload(args: argparse.Namespace) -> dict[str, str]:
     model = f"{args.model}" if args.model else f"--shape {args.shape} (dummy weights)"
     workload = (
@@ -511,7 +475,7 @@ def describe_workload(args: argparse.Namespace) -> dict[str, str]:
         "model": model,
         "workload": workload,
         "token count": args.token_count,
-        "command": " ".join(["python -m benchmarks.serving", *sys.argv[1:]]),
+        "command": command_line(),
     }
 
 
@@ -532,13 +496,13 @@ def bench_server(args: argparse.Namespace, model_path: Path, load_format: str, v
     with server.running(args.server_timeout) as startup_s:
         print(f"    healthy after {startup_s:.1f} s", flush=True)
         t0 = time.perf_counter()
-        run_async(warm_up(server.base_url, warmup_specs(args, vocab), args))
+        run_async(warm_up(server.url, warmup_specs(args, vocab), args))
         print(f"    warm-up ({args.warmup_requests} requests) {time.perf_counter() - t0:.1f} s\n", flush=True)
         print(table_header(), flush=True)
         summaries = []
         for i, rate in enumerate(args.request_rates):
             specs = sample_requests(args, vocab, rate, run_index=1000 * server_index + i + 1)
-            results, duration = run_rate(server.base_url, specs, args)
+            results, duration = run_rate(server.url, specs, args)
             summaries.append(RateSummary(rate, results, duration))
             print(table_row(summaries[-1].row()), flush=True)
         for note in (n for s in summaries for n in s.notes()):
@@ -561,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model_path, load_format = resolve_model(args)
     vocab = prompt_vocab_size(model_path)
-    print_block({**environment(args), **describe_workload(args)})
+    print_block({**environment(resolve_device(args.device)), **describe_workload(args)})
     print("\nColumns: rate = offered req/s; req/s and out tok/s over first send .. last finish; TTFT and e2e "
           "from send; ITL = chunk gap / tokens in chunk; max send lag = client behind the arrival schedule.")
     log_dir = Path(args.server_log_dir or tempfile.mkdtemp(prefix="loomserve-bench-"))

@@ -28,20 +28,15 @@ roofline (1.0 = at the floor; activations, logits and launch overheads are left 
 Model shapes come from `--shape` presets (a config-only checkpoint folder with a tokenizer covering the
 whole vocabulary is written into a cache folder; the engine uses `load_format="dummy"`) or `--model PATH`.
 
-    python benchmarks/throughput.py --shape tiny --num-prompts 64 --input-len-min 32 --input-len-max 128 \
+    python -m benchmarks.throughput --shape tiny --num-prompts 64 --input-len-min 32 --input-len-max 128 \
         --output-len 64 --baseline generate_batch
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import inspect
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -53,51 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from loomserve.platform.config import EngineArgs, resolve_device, resolve_dtype
-
-# Bump when the files a preset folder holds change.
-PRESET_FORMAT_VERSION = 1
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "family": "llama",
-        "hidden_size": 256,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 2,
-        "intermediate_size": 688,
-        "vocab_size": 32000,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": False,
-        "rope_theta": 10000.0,
-    },
-    "qwen2.5-0.5b": {
-        "family": "qwen2",
-        "hidden_size": 896,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 14,
-        "num_key_value_heads": 2,
-        "intermediate_size": 4864,
-        "vocab_size": 151936,
-        "max_position_embeddings": 32768,
-        "tie_word_embeddings": True,
-        "rope_theta": 1000000.0,
-    },
-    "qwen3-8b": {
-        "family": "qwen3",
-        "hidden_size": 4096,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "intermediate_size": 12288,
-        "vocab_size": 151936,
-        "max_position_embeddings": 40960,
-        "tie_word_embeddings": False,
-        "rope_theta": 1000000.0,
-    },
-}
-
+from benchmarks.common import add_model_flags, command_line, environment, prompt_vocab_size, resolve_model
+from loomserve.platform.config import resolve_device, resolve_dtype
 
 # ----------------------------------------------------------------------------------------------- arguments
 
@@ -119,14 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def add_model_flags(p: argparse.ArgumentParser, load_format_help: str) -> None:
-    """--shape PRESET or --model PATH, and --load-format (`load_format_help` names what it sets)."""
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--shape", choices=sorted(PRESETS), default="tiny", help="model shape preset (dummy weights)")
-    model.add_argument("--model", help="a checkpoint folder instead of a preset")
-    p.add_argument("--load-format", default=None, help=f"{load_format_help} (default: dummy for presets, else auto)")
-
-
 def add_workload_flags(p: argparse.ArgumentParser, input_len: tuple[int, int], output_len: int) -> None:
     """--num-prompts, --input-len-min/max, --output-len and --seed, with the script's default lengths."""
     p.add_argument("--num-prompts", type=int, default=64)
@@ -137,88 +81,14 @@ def add_workload_flags(p: argparse.ArgumentParser, input_len: tuple[int, int], o
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    """--device, --dtype, the engine's batch and memory limits and (where the engine has it) --enforce-eager."""
+    """--device, --dtype, the engine's batch and memory limits and --enforce-eager."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", help="auto = float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 4GiB (default: engine's choice)")
-    if "enforce_eager" in EngineArgs.field_names():
-        p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in the engine")
-
-
-def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
-    """The checkpoint folder of --model, else --shape's preset folder, and the load format to read it with."""
-    model_path = Path(args.model) if args.model else build_preset_checkpoint(args.shape)
-    return model_path, args.load_format or ("auto" if args.model else "dummy")
-
-
-# ------------------------------------------------------------------------------------------ preset folders
-
-
-def make_hf_config(preset: dict[str, Any], eos_token_id: int | None = None) -> Any:
-    """A transformers config object for a preset (RoPE settings in `rope_parameters`, transformers 5)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-
-    spec = {k: v for k, v in preset.items() if k not in ("family", "rope_theta")}
-    family = preset["family"]
-    common = {
-        **spec,
-        "rope_parameters": {"rope_type": "default", "rope_theta": preset["rope_theta"]},
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-6,
-        "eos_token_id": eos_token_id,
-        "dtype": "bfloat16",
-    }
-    if family == "llama":
-        return LlamaConfig(architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False, **common)
-    if family == "qwen2":
-        return Qwen2Config(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, sliding_window=None, **common)
-    return Qwen3Config(
-        architectures=["Qwen3ForCausalLM"],
-        use_sliding_window=False,
-        sliding_window=None,
-        attention_bias=False,
-        **common,
-    )
-
-
-def pad_tokenizer_vocab(tokenizer_json: Path, vocab_size: int) -> None:
-    """Give every id below vocab_size a token (`Ġt123`-style fillers no merge produces), so any id the model
-    samples detokenizes to text, as with a real tokenizer (unknown ids decode to nothing and stall the
-    incremental detokenizer)."""
-    data = json.loads(tokenizer_json.read_text())
-    vocab: dict[str, int] = data["model"]["vocab"]
-    taken = set(vocab) | {t["content"] for t in data["added_tokens"]}
-    used = set(vocab.values()) | {t["id"] for t in data["added_tokens"]}
-    counter = 0
-    for token_id in range(vocab_size):
-        if token_id in used:
-            continue
-        while f"Ġt{counter}" in taken:
-            counter += 1
-        vocab[f"Ġt{counter}"] = token_id
-        counter += 1
-    tokenizer_json.write_text(json.dumps(data, ensure_ascii=False))
-
-
-def build_preset_checkpoint(shape: str) -> Path:
-    """config.json + a full-vocabulary byte-level BPE tokenizer in a cache folder (no weights: dummy load)."""
-    from loomserve.tiny_checkpoints import cached_build
-
-    preset = PRESETS[shape]
-    return cached_build(shape, [PRESET_FORMAT_VERSION, preset], partial(_write_preset, preset))
-
-
-def _write_preset(preset: dict[str, Any], folder: Path) -> None:
-    """The preset's tokenizer (padded to its vocabulary) and config.json into `folder`."""
-    from loomserve.tiny_checkpoints import build_tokenizer
-
-    tokenizer = build_tokenizer(preset["family"], model_max_length=preset["max_position_embeddings"])
-    tokenizer.save_pretrained(folder)
-    pad_tokenizer_vocab(folder / "tokenizer.json", preset["vocab_size"])
-    make_hf_config(preset, eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs in the engine")
 
 
 # ---------------------------------------------------------------------------------------------- workload
@@ -251,66 +121,6 @@ class Workload:
     @property
     def prompt_tokens(self) -> int:
         return sum(self.lengths)
-
-
-def prompt_vocab_size(model_path: Path) -> int:
-    """Ids must be valid for the model and, for real checkpoints, for its tokenizer too."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    vocab = AutoConfig.from_pretrained(model_path).get_text_config().vocab_size
-    return min(vocab, len(AutoTokenizer.from_pretrained(model_path)))
-
-
-# ------------------------------------------------------------------------------------------ environment
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
-        commit = out.stdout.strip() or "unknown"
-        return commit + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    import transformers
-
-    return {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "threads": str(torch.get_num_threads()) if device.type == "cpu" else "-",
-        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "commit": git_commit(),
-        "load avg at end (1/5/15m)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
 
 
 def synchronize(device: torch.device) -> None:
@@ -689,11 +499,6 @@ def describe_workload(args: argparse.Namespace, workload: Workload) -> str:
         f"{args.num_prompts} prompts of {args.input_len_min}-{args.input_len_max} tokens "
         f"({workload.prompt_tokens} in all), {args.output_len} output tokens each, greedy, EOS ignored"
     )
-
-
-def command_line(argv: list[str] | None) -> str:
-    """The script's name and its arguments, as the report quotes them."""
-    return " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
 
 
 def format_table(results: list[RunResult]) -> str:

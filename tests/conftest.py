@@ -1,5 +1,5 @@
 """Shared fixtures: tiny seeded checkpoints in real Hugging Face format, built once per session, and real servers
-of them (tests/live_server.py) for the HTTP tests."""
+of them (loomserve/testing/server.py) for the HTTP tests."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ if not torch.cuda.is_available():
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
-from live_server import Server, running_server  # noqa: E402
 
-from loomserve.tiny_checkpoints import FAMILIES, tiny_checkpoint  # noqa: E402
+from loomserve.testing.checkpoints import FAMILIES, tiny_checkpoint  # noqa: E402
+from loomserve.testing.server import Server, running_server  # noqa: E402
 
 if TYPE_CHECKING:
     import openai

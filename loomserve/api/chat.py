@@ -1,4 +1,5 @@
-"""Chat messages -> prompt text through the tokenizer's chat template (text content only for now)."""
+"""Chat messages of text-only models -> prompt text through the tokenizer's chat template; media parts are refused
+here (multimodal models render through chat_media.py)."""
 
 from __future__ import annotations
 

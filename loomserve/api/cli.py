@@ -68,12 +68,8 @@ def _extra_model_args(base: EngineArgs, spec: str, task: str) -> EngineArgs:
                                quantization=None)
 
 
-DEMO_NAME = "loomserve-demo"
-DEMO_EMBEDDING_NAME = "all-MiniLM-L6-v2"
-
-
 def _use_demo_model(ns: argparse.Namespace) -> None:
-    from loomserve.tiny_checkpoints import demo_checkpoint
+    from loomserve.demo import DEMO_EMBEDDING_NAME, DEMO_NAME, demo_checkpoint
 
     ns.model = str(demo_checkpoint())
     ns.served_model_name = ns.served_model_name or DEMO_NAME

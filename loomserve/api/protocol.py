@@ -77,7 +77,9 @@ class StreamOptions(OpenAIBaseModel):
 
 
 class ContentPart(BaseModel):
-    """One part of a message's content; only `text` parts are served for now (see chat.py)."""
+    """One part of a message's content: `text`, or a media part (image_url, video_url, audio_url, input_audio) whose
+    payload rides in the extra fields; multimodal models serve media parts (chat_media.py), text-only ones refuse
+    them (chat.py)."""
 
     model_config = ConfigDict(extra="allow")
     type: str

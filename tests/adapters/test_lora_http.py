@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from live_server import MODEL, Server
 from peft_reference import PROMPTS, SHAPES, peft_greedy, tokenizer
 from safetensors.torch import load_file, save_file
 
-from loomserve.tiny_pooling_checkpoints import tiny_decoder_embedder
+from loomserve.testing.pooling_checkpoints import tiny_decoder_embedder
+from loomserve.testing.server import MODEL, Server
 
 BASE = MODEL  # the name the server gives `base`
 EMBEDDER = "tiny-embedder"  # a second model of the server, with an engine of its own

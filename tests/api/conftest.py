@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from live_server import Server
 from pooling_models import CROSS_ENCODER, DECODER_EMBEDDER
+
+from loomserve.testing.server import Server
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +22,7 @@ def server(start_server) -> Iterator[Server]:
 def pooling_server(serve_checkpoint) -> Iterator[Server]:
     """The embedded default (a demo chat model plus the real all-MiniLM-L6-v2) with a decoder embedder and a
     cross-encoder beside it: four engines behind one server."""
-    from loomserve.tiny_pooling_checkpoints import tiny_decoder_embedder, tiny_encoder
+    from loomserve.testing.pooling_checkpoints import tiny_decoder_embedder, tiny_encoder
 
     flags = ["--embedding-model", f"{DECODER_EMBEDDER}={tiny_decoder_embedder()}",
              "--rerank-model", f"{CROSS_ENCODER}={tiny_encoder('bert', head='classify')}"]

@@ -13,7 +13,7 @@ import pytest
 from media_samples import mp4_bytes, noise_image, noise_video, png_data_url, tone, wav_base64
 
 from loomserve import LLM, SamplingParams
-from loomserve.tiny_mm_checkpoints import tiny_mm_checkpoint
+from loomserve.testing.mm_checkpoints import tiny_mm_checkpoint
 
 IMAGE_LIMIT = 2
 MAX_PIXELS = 20_000  # 112 x 84 = 9408 passes, 200 x 200 = 40000 does not

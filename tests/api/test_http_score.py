@@ -9,7 +9,7 @@ import pytest
 import torch
 from pooling_models import CHAT, CROSS_ENCODER, DECODER_EMBEDDER, MINILM
 
-from loomserve.tiny_pooling_checkpoints import tiny_decoder_embedder, tiny_encoder
+from loomserve.testing.pooling_checkpoints import tiny_decoder_embedder, tiny_encoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loomserve.tiny_mm_checkpoints import tiny_mm_checkpoint
+from loomserve.testing.mm_checkpoints import tiny_mm_checkpoint
 
 
 @pytest.fixture(scope="session")

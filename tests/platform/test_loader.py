@@ -10,7 +10,7 @@ import torch
 from paged_batch import PagedRunner, load
 from safetensors.torch import load_file, save_file
 
-from loomserve.tiny_checkpoints import tiny_checkpoint
+from loomserve.testing.checkpoints import tiny_checkpoint
 
 
 def prompt_logits(model: torch.nn.Module) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from paged_batch import PagedRunner, load
 
-from loomserve.tiny_checkpoints import INIT_STD, tiny_checkpoint
+from loomserve.testing.checkpoints import INIT_STD, tiny_checkpoint
 
 CASES = {
     "llama": ("llama", {}),

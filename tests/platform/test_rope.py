@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from loomserve.platform.models.rope import RotaryEmbedding, apply_rotary
-from loomserve.tiny_checkpoints import tiny_checkpoint
+from loomserve.testing.checkpoints import tiny_checkpoint
 
 MAX_POSITIONS = 256
 ROPE_PARAMETERS = {

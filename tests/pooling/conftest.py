@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from loomserve.tiny_pooling_checkpoints import tiny_decoder_embedder, tiny_encoder
+from loomserve.testing.pooling_checkpoints import tiny_decoder_embedder, tiny_encoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sentence-transformers must read the local folders only
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from loomserve import LLM, PoolingParams
-from loomserve.tiny_pooling_checkpoints import DECODER_PROMPTS
+from loomserve.testing.pooling_checkpoints import DECODER_PROMPTS
 
 TEXTS = [
     "hello world",

@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 
 from loomserve import LLM, PoolingParams
 from loomserve.pooling.scoring import rerank_order
-from loomserve.tiny_pooling_checkpoints import tiny_encoder
+from loomserve.testing.pooling_checkpoints import tiny_encoder
 
 QUERY = "What is the capital of France?"
 DOCUMENTS = [

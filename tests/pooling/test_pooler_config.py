@@ -10,8 +10,8 @@ import pytest
 
 from loomserve.platform.config import EngineArgs
 from loomserve.pooling.config import PoolerConfig
-from loomserve.tiny_checkpoints import tiny_checkpoint
-from loomserve.tiny_pooling_checkpoints import tiny_decoder_embedder, tiny_encoder
+from loomserve.testing.checkpoints import tiny_checkpoint
+from loomserve.testing.pooling_checkpoints import tiny_decoder_embedder, tiny_encoder
 
 
 def model_config(path, **kwargs):

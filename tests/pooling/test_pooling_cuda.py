@@ -11,7 +11,7 @@ from test_encoders import DOCUMENTS, QUERY
 from test_shared_engine import check_outputs, path, run_interleaved
 
 from loomserve import LLM
-from loomserve.tiny_pooling_checkpoints import tiny_encoder
+from loomserve.testing.pooling_checkpoints import tiny_encoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

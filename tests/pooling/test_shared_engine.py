@@ -14,7 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from loomserve import LLM, PoolingParams, SamplingParams
 from loomserve.platform.engine import EngineCore
 from loomserve.platform.messages import EngineCoreRequest
-from loomserve.tiny_checkpoints import tiny_checkpoint
+from loomserve.testing.checkpoints import tiny_checkpoint
 
 GENERATE = {"g0": "hello world",
             "g1": "café naïve 日本語 and some more words so that this prompt crosses several blocks"}

@@ -8,7 +8,7 @@
 - A Qwen3-Embedding-style decoder embedder: a `Qwen3Model` (base-model tensor names, no LM head) with last-token
   pooling, Normalize, query/document prompts and matryoshka dimensions.
 
-Built once into the same cache as the text checkpoints (`tiny_checkpoints.cached_build`), keyed by a SHA-256 of the
+Built once into the same cache as the text checkpoints (`testing.cache.cached_build`), keyed by a SHA-256 of the
 arguments; safe under concurrent builds (temp folder + rename).
 """
 
@@ -19,34 +19,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loomserve.tiny_checkpoints import CORPUS, FORMAT_VERSION, build_tokenizer, cached_build
+from loomserve.testing.cache import cached_build
+from loomserve.testing.checkpoints import CORPUS, FORMAT_VERSION, build_tokenizer
+from loomserve.testing.weights import init_weights
 
 ENCODER_FAMILIES = ("bert", "xlm-roberta")
 
 # Bump whenever the bytes a build writes change.
 POOLING_FORMAT_VERSION = 1
 
-INIT_STD = 0.2  # weights, embeddings and biases; LayerNorm gains are 1 + N(0, NORM_JITTER)
-NORM_JITTER = 0.1
+INIT_STD = 0.2  # weights, embeddings and biases (see init_weights)
 ENCODER_VOCAB_SIZE = 600
 
 DECODER_PROMPTS = {"query": "Instruct: Given a question, find passages that answer it\nQuery: ", "document": ""}
 DECODER_MATRYOSHKA_DIMENSIONS = [16, 32, 64]
 
 _ST_VERSION = {"__version__": {"sentence_transformers": "6.2.0", "transformers": "5.24.0", "pytorch": "2.13.0"}}
-
-
-def _init_weights(model: Any, seed: int) -> None:
-    """Every parameter from a generator seeded with `seed`, in sorted-name order (independent of transformers'
-    own init): N(0, INIT_STD), norm gains 1 + N(0, NORM_JITTER), so a forward that drops any of them differs."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            values = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-            is_gain = name.endswith("weight") and param.ndim == 1 and "norm" in name.lower()
-            param.copy_(1.0 + NORM_JITTER * values if is_gain else INIT_STD * values)
 
 
 def _bert_tokenizer(max_len: int) -> Any:
@@ -164,7 +152,7 @@ def build_tiny_encoder(
     model_cls = getattr(transformers, config.architectures[0])
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32)
-    _init_weights(model, seed)
+    init_weights(model, seed, INIT_STD)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     if not sentence_transformers:
@@ -207,7 +195,7 @@ def build_tiny_decoder_embedder(
     )
     torch.manual_seed(seed)
     model = Qwen3Model(config).to(torch.float32)
-    _init_weights(model, seed)
+    init_weights(model, seed, INIT_STD)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     _write_embedder_files(path, "lasttoken", hidden_size, max_position_embeddings, DECODER_PROMPTS)

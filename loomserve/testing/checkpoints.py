@@ -12,15 +12,12 @@ norm weight produces different tokens.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from loomserve.testing.cache import cached_build
+from loomserve.testing.weights import init_weights
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -28,9 +25,8 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 FORMAT_VERSION = 1
 
 # Standard deviation of every weight matrix, embedding and bias (HF's default initializer_range is 0.02,
-# which leaves random tiny models with nearly flat logits). Norm gains are 1 + N(0, NORM_JITTER).
+# which leaves random tiny models with nearly flat logits).
 INIT_STD = 0.3
-NORM_JITTER = 0.1
 
 TOKENIZER_VOCAB_SIZE = 640  # BPE target before special tokens; the corpus may yield slightly fewer.
 
@@ -295,25 +291,6 @@ def _make_config(
     return Qwen3Config(use_sliding_window=False, sliding_window=None, attention_bias=False, **kwargs)
 
 
-def _init_weights(model: Any, seed: int) -> None:
-    """Overwrites every parameter from a generator seeded with `seed`, in sorted-name order.
-
-    Independent of transformers' own `_init_weights`, so the same seed gives the same tensors across
-    transformers versions. Matrices, embeddings and biases ~ N(0, INIT_STD); 1-D norm gains ~ 1 + N(0,
-    NORM_JITTER) (random, so an implementation that ignores a norm's weight is caught).
-    """
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            values = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-            if param.ndim == 1 and "norm" in name:
-                param.copy_(1.0 + NORM_JITTER * values)
-            else:
-                param.copy_(INIT_STD * values)
-
-
 def build_tiny_checkpoint(
     path: str | Path,
     family: str,
@@ -363,7 +340,7 @@ def build_tiny_checkpoint(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _init_weights(model, seed)
+    init_weights(model, seed, INIT_STD)
     model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
     save_kwargs: dict[str, Any] = {}
     if max_shard_size is not None:
@@ -371,10 +348,6 @@ def build_tiny_checkpoint(
     model.save_pretrained(path, **save_kwargs)
     tokenizer.save_pretrained(path)
     return path
-
-
-def _cache_root() -> Path:
-    return Path(os.environ.get("LOOMSERVE_CACHE_DIR") or Path.home() / ".cache" / "loomserve")
 
 
 _BUILD_SIGNATURE = inspect.signature(build_tiny_checkpoint)
@@ -389,33 +362,8 @@ def _build_key(family: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "args": args}
 
 
-def cached_build(name: str, key: Any, build: Callable[[Path], Any]) -> Path:
-    """Runs `build(folder)` once per (name, key) into the cache folder (env LOOMSERVE_CACHE_DIR, default
-    ~/.cache/loomserve) under `name-<SHA-256 of key>`, and returns the folder. Safe when several processes
-    call it at once: each builds into a temp dir in the same parent, then os.rename; if the target already
-    exists, it is used."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()
-    root = _cache_root() / "tiny_checkpoints"
-    target = root / f"{name}-{digest}"
-    if target.is_dir():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=root))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished first (rename onto a non-empty directory fails): use its build.
-            if not target.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _cached_build(family: str, kwargs: dict[str, Any], name: str) -> Path:
+def cached_tiny_checkpoint(family: str, kwargs: dict[str, Any], name: str) -> Path:
+    """`build_tiny_checkpoint(folder, family, **kwargs)`, built once into the cache as `name-<key digest>`."""
     return cached_build(name, _build_key(family, kwargs), lambda path: build_tiny_checkpoint(path, family, **kwargs))
 
 
@@ -425,21 +373,4 @@ def tiny_checkpoint(family: str, **kwargs: Any) -> Path:
     _check_family(family)
     if "path" in kwargs:
         raise TypeError("tiny_checkpoint() chooses the path itself; use build_tiny_checkpoint(path, ...)")
-    return _cached_build(family, kwargs, family)
-
-
-DEMO_KWARGS: dict[str, Any] = {
-    "seed": 0,
-    "hidden_size": 256,
-    "num_layers": 4,
-    "num_heads": 8,
-    "num_kv_heads": 2,
-    "intermediate_size": 512,
-    "max_position_embeddings": 4096,
-}
-
-
-def demo_checkpoint() -> Path:
-    """The server's embedded default: a qwen2-family checkpoint a bit bigger than the test ones (hidden 256,
-    4 layers, 8 heads, 2 kv heads, intermediate 512, 4096 positions), cached like tiny_checkpoint."""
-    return _cached_build("qwen2", DEMO_KWARGS, "demo-qwen2")
+    return cached_tiny_checkpoint(family, kwargs, family)

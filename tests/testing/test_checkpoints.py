@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from loomserve import tiny_checkpoints as tc
-from loomserve.tiny_checkpoints import FAMILIES, build_tiny_checkpoint, tiny_checkpoint
+from loomserve.testing import checkpoints as tc
+from loomserve.testing.checkpoints import FAMILIES, build_tiny_checkpoint, tiny_checkpoint
 
 NON_ASCII = "Un café naïve au Zürich, 日本語のテキスト, ¿qué? 😀🚀 ❤️ — done."
 
@@ -286,14 +286,3 @@ def test_concurrent_callers_get_one_complete_checkpoint(tmp_path, monkeypatch):
     assert len(results) == 4 and len(set(results)) == 1
     assert [p.name for p in results[0].parent.iterdir()] == [results[0].name]
     AutoModelForCausalLM.from_pretrained(results[0])
-
-
-def test_demo_checkpoint_is_a_bigger_cached_qwen2(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOOMSERVE_CACHE_DIR", str(tmp_path))
-    path = tc.demo_checkpoint()
-    assert tc.demo_checkpoint() == path
-    config = AutoConfig.from_pretrained(path)
-    assert config.architectures == ["Qwen2ForCausalLM"]
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (256, 4, 8)
-    assert (config.num_key_value_heads, config.max_position_embeddings) == (2, 4096)
-    AutoTokenizer.from_pretrained(path).apply_chat_template(MESSAGES, tokenize=False)

@@ -5,7 +5,7 @@ sub-configs), safetensors weights as transformers 5 saves them, ``generation_con
 BPE tokenizer with the family's special tokens and a chat template that renders image/video/audio parts,
 and the processor configs (``preprocessor_config.json``, ``video_preprocessor_config.json``,
 ``processor_config.json``). Built once into the same cache as the text checkpoints
-(`tiny_checkpoints.cached_build`), keyed by a SHA-256 of the arguments.
+(`testing.cache.cached_build`), keyed by a SHA-256 of the arguments.
 """
 
 from __future__ import annotations
@@ -15,18 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from loomserve.modalities.processors.qwen2_vl import _CLIP_MEAN, _CLIP_STD
-from loomserve.tiny_checkpoints import FORMAT_VERSION, INIT_STD, _init_weights, build_tokenizer, cached_build
+from loomserve.testing.cache import cached_build
+from loomserve.testing.checkpoints import FORMAT_VERSION, INIT_STD, build_tokenizer
+from loomserve.testing.weights import init_weights
 
 MM_FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen2_audio")
 
 # Bump whenever the bytes a build writes change.
-MM_FORMAT_VERSION = 2
+MM_FORMAT_VERSION = 3
 
-_QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 _QWEN_AUDIO_TOKENS = ["<|audio_bos|>", "<|audio_eos|>", "<|AUDIO|>"]
 
 # ChatML whose content parts may be images and videos (as Qwen2-VL's own template renders them).
-_QWEN_VL_TEMPLATE = (
+QWEN_VL_TEMPLATE = (
     "{%- for message in messages -%}\n"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}\n"
     "{%- if message['content'] is string -%}{{- message['content'] -}}\n"
@@ -73,7 +75,8 @@ _LLAVA_TEMPLATE = (
 )
 
 
-def _tokenizer(base_family: str, extra_tokens: list[str], chat_template: str, max_len: int) -> Any:
+def build_mm_tokenizer(base_family: str, extra_tokens: list[str], chat_template: str, max_len: int) -> Any:
+    """The text tokenizer of `base_family` with a multimodal family's special tokens and chat template."""
     tokenizer = build_tokenizer(base_family, model_max_length=max_len)
     tokenizer.add_special_tokens({"additional_special_tokens": extra_tokens}, replace_extra_special_tokens=False)
     tokenizer.chat_template = chat_template
@@ -194,17 +197,17 @@ def build_tiny_mm_checkpoint(path: str | Path, family: str, *, seed: int = 0, ma
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if family == "llava":
-        tokenizer = _tokenizer("llama", ["<image>"], _LLAVA_TEMPLATE, max_len)
+        tokenizer = build_mm_tokenizer("llama", ["<image>"], _LLAVA_TEMPLATE, max_len)
         config, processor_files = _llava(tokenizer, max_len)
     elif family == "qwen2_audio":
-        tokenizer = _tokenizer("qwen2", _QWEN_AUDIO_TOKENS, _QWEN_AUDIO_TEMPLATE, max_len)
+        tokenizer = build_mm_tokenizer("qwen2", _QWEN_AUDIO_TOKENS, _QWEN_AUDIO_TEMPLATE, max_len)
         config, processor_files = _qwen_audio(tokenizer, max_len)
     else:
-        tokenizer = _tokenizer("qwen2", _QWEN_VL_TOKENS, _QWEN_VL_TEMPLATE, max_len)
+        tokenizer = build_mm_tokenizer("qwen2", QWEN_VL_TOKENS, QWEN_VL_TEMPLATE, max_len)
         config, processor_files = _qwen_vl(tokenizer, family, max_len)
     torch.manual_seed(seed)
     model = _model_class(family)(config).to(torch.float32)
-    _init_weights(model, seed)
+    init_weights(model, seed, INIT_STD)
     text = config.get_text_config()
     model.generation_config = GenerationConfig(
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
@@ -217,7 +220,7 @@ def build_tiny_mm_checkpoint(path: str | Path, family: str, *, seed: int = 0, ma
 
 
 def tiny_mm_checkpoint(family: str, **kwargs: Any) -> Path:
-    """`build_tiny_mm_checkpoint`, built once into the cache (`tiny_checkpoints.cached_build`); returns the
+    """`build_tiny_mm_checkpoint`, built once into the cache (`testing.cache.cached_build`); returns the
     folder."""
     key = {"v": [FORMAT_VERSION, MM_FORMAT_VERSION], "family": family, "args": kwargs}
     return cached_build(family, key, lambda path: build_tiny_mm_checkpoint(path, family, **kwargs))
