@@ -73,7 +73,7 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         torch.manual_seed(mc.seed)
         self.model = load_model(mc, config.attention_backend)
-        self.mm = MultiModalRunner(self.model, self.device) if getattr(self.model, "is_multimodal", False) else None
+        self.mm = MultiModalRunner(self.model, self.device) if self.model.is_multimodal else None
         self.lora_manager = None
         if config.lora_config is not None:
             from loomserve.adapters.manager import LoRAManager
@@ -82,7 +82,7 @@ class ModelRunner:
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
         self.pooler = Pooler(self.model, mc.pooler_config)
-        self.uses_kv_cache = getattr(self.model, "uses_kv_cache", True)  # encoder-only models keep no KV
+        self.uses_kv_cache = not self.model.encoder_only  # encoder-only models keep no KV
         num_blocks = self._num_kv_blocks()
         config.cache_config.num_blocks = num_blocks
         if num_blocks * self.block_size < mc.max_model_len:
