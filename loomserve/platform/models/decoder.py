@@ -41,15 +41,6 @@ DECODER_SPECS: dict[str, DecoderSpec] = {
     "qwen3": DecoderSpec(qk_norm=True),
 }
 
-# checkpoint projection -> (fused parameter module, shard index)
-DECODER_PACKED_MODULES = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-
 
 def decoder_spec(config: Any) -> DecoderSpec:
     if config.model_type not in DECODER_SPECS:
@@ -57,6 +48,16 @@ def decoder_spec(config: Any) -> DecoderSpec:
             f"decoder model_type {config.model_type!r} is not supported; supported: {', '.join(DECODER_SPECS)}"
         )
     return DECODER_SPECS[config.model_type]
+
+
+# checkpoint projection -> (fused parameter module, shard index)
+DECODER_PACKED_MODULES: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 
 def decoder_param_for(name: str, tied_lm_head: bool) -> tuple[str, int | None] | None:
