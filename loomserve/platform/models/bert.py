@@ -37,14 +37,13 @@ _SKIPPED = ("embeddings.position_ids", "embeddings.token_type_ids")
 _SKIPPED_PREFIXES = ("cls.", "lm_head.")
 
 
-
 @dataclass(frozen=True)
 class EncoderSpec:
     """How an encoder family departs from BERT."""
 
     positions_after_padding: bool  # positions are numbered from padding_idx + 1 (RoBERTa), not from 0
     # checkpoint name prefix of the classifier head's tensors -> this module's parameter prefix
-    classifier_names: dict[str, str]
+    classifier_names: dict[str, str | None]
 
 
 _ROBERTA = EncoderSpec(True, {"classifier.dense.": "pooler.", "classifier.out_proj.": "classifier."})
