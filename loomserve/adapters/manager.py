@@ -48,7 +48,7 @@ class LoRAManager:
         self.state, self.layers, self.targets = add_lora_layers(
             model, config.max_loras, config.max_lora_rank, default_backend(device)
         )
-        self.canonical_name = getattr(model, "canonical_name", None)  # adapter module names -> the model's
+        self.canonical_name = model.canonical_name  # adapter module names -> the model's
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no linear layers to put LoRA adapters on")
         self.dtype = next(iter(self.layers.values())).lora_a.dtype

@@ -9,7 +9,7 @@ from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.encoder_cache import encoder_cache_capacity
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
-from loomserve.modalities.registry import MODALITY_REGISTRY
+from loomserve.platform.models.registry import create_processor
 
 
 def as_item_list(value: Any) -> list[Any]:
@@ -20,7 +20,7 @@ def as_item_list(value: Any) -> list[Any]:
 class MultiModalFrontend:
     def __init__(self, model_config: Any, tokenizer: Any, mm_config: MultiModalConfig) -> None:
         self.mm_config = mm_config
-        self.processor = MODALITY_REGISTRY.create_processor(model_config, tokenizer, mm_config)
+        self.processor = create_processor(model_config, tokenizer, mm_config)
         self.encoder_cache_capacity = encoder_cache_capacity(model_config, mm_config)  # embeddings
 
     def load(self, refs: list[MediaRef]) -> dict[str, list[Any]]:

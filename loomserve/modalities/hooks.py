@@ -15,9 +15,9 @@ from torch import nn
 
 from loomserve.modalities.encoder_cache import EncoderCache, EncoderCacheManager
 from loomserve.modalities.inputs import MultiModalItem
-from loomserve.modalities.registry import MODALITY_REGISTRY
 from loomserve.platform.features import RunnerHook
 from loomserve.platform.models.mrope import chunk_positions
+from loomserve.platform.models.registry import is_multimodal
 
 if TYPE_CHECKING:
     from loomserve.platform.config import EngineConfig
@@ -26,13 +26,13 @@ if TYPE_CHECKING:
 
 
 def scheduler_hook(config: EngineConfig) -> EncoderCacheManager | None:
-    if not MODALITY_REGISTRY.is_multimodal(config.model_config.architecture):
+    if not is_multimodal(config.model_config.architecture):
         return None
     return EncoderCacheManager.for_engine(config)
 
 
 def runner_hook(config: EngineConfig, model: nn.Module, device: torch.device) -> MultiModalRunnerHook | None:
-    if not MODALITY_REGISTRY.is_multimodal(config.model_config.architecture):
+    if not model.is_multimodal:
         return None
     return MultiModalRunnerHook(model, device)
 

@@ -67,7 +67,7 @@ class CudaGraphRunner:
         n_tokens, device = max([n_seqs, *self.token_sizes]), kv_caches[0].device
         self.input_ids = torch.zeros(n_tokens, dtype=torch.long, device=device)
         # M-RoPE models (Qwen2-VL) take three position rows per token.
-        mrope = getattr(model, "uses_mrope", False)
+        mrope = model.uses_mrope
         self.positions = torch.zeros((3, n_tokens) if mrope else n_tokens, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((n_tokens,), -1, dtype=torch.long, device=device)
         self.seq_lens = torch.zeros(n_seqs, dtype=torch.long, device=device)

@@ -18,8 +18,9 @@ from torch import nn
 from tqdm import tqdm
 
 from loomserve.platform.config import ModelConfig
-from loomserve.platform.models import get_model_class
+from loomserve.platform.models.interfaces import ServedModel, is_multimodal
 from loomserve.platform.models.packing import projection_names
+from loomserve.platform.models.registry import get_model_class
 from loomserve.platform.quantization import quantize_model, split_prequantized
 
 logger = logging.getLogger(__name__)
@@ -27,11 +28,11 @@ logger = logging.getLogger(__name__)
 _INDEX = "model.safetensors.index.json"
 
 
-def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> nn.Module:
+def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> ServedModel:
     start = time.perf_counter()
     model_cls = get_model_class(model_config.architecture, model_config.task)
     # Multimodal models take the whole config (towers and text); decoders and encoders take the text config.
-    config = model_config.hf_config if getattr(model_cls, "is_multimodal", False) else model_config.text_config
+    config = model_config.hf_config if is_multimodal(model_cls) else model_config.text_config
     with default_dtype(model_config.dtype), model_config.device:
         model = model_cls(config, attention_backend)
     prequantized = None
@@ -122,14 +123,14 @@ def init_dummy_weights(model: nn.Module, seed: int, config: object) -> set[str]:
     return names
 
 
-def check_all_loaded(model: nn.Module, loaded: set[str]) -> None:
+def check_all_loaded(model: ServedModel, loaded: set[str]) -> None:
     missing = sorted({name for name, _ in model.named_parameters()} - loaded)
     if missing:
         names = ", ".join(_checkpoint_names(model, name) for name in missing)
         raise ValueError(f"the checkpoint lacks {len(missing)} weights: {names}")
 
 
-def _checkpoint_names(model: nn.Module, param_name: str) -> str:
+def _checkpoint_names(model: ServedModel, param_name: str) -> str:
     """A parameter's name as the checkpoint spells it: fused ones name every projection they come from."""
     module, _, attr = param_name.rpartition(".")
     if "." not in module:  # a top-level module (lm_head) is never fused

@@ -54,7 +54,7 @@ class ModelRunner:
         self.hooks: list[RunnerHook] = runner_hooks(config, self.model, self.device)
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
-        self.uses_kv_cache = getattr(self.model, "uses_kv_cache", True)  # encoder-only models keep no KV
+        self.uses_kv_cache = not self.model.encoder_only  # encoder-only models keep no KV
         self.input_batch = InputBatch(config.scheduler_config.max_num_seqs, mc.max_model_len, self.block_size,
                                       self.device)
         self.kv_caches: list[torch.Tensor] = []

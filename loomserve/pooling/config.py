@@ -1,4 +1,5 @@
-"""A model's task and pooling defaults, read from its checkpoint as sentence-transformers saved it.
+"""A model's task and pooling defaults, read from its checkpoint as sentence-transformers saved it (which tasks
+an architecture serves is the model registry's).
 
 `modules.json` lists the sentence-transformers modules: a `Pooling` module (`1_Pooling/config.json`: CLS, mean or
 last-token pooling) and a `Normalize` module. `config_sentence_transformers.json` holds the prompts and, for a
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from loomserve.platform.json_args import json_object
-from loomserve.platform.models import architecture_tasks, is_encoder_only
+from loomserve.platform.models.bert import first_position
+from loomserve.platform.models.registry import is_encoder_only, resolve_task
 from loomserve.pooling.params import POOLING_TYPES, PoolingParams
 
-TASKS = ("generate", "embed", "classify")
 ACTIVATIONS = ("identity", "sigmoid", "softmax", "tanh")
 
 # sentence-transformers pooling modes this engine computes -> pooling type.
@@ -104,27 +105,16 @@ def resolve_pooling(model: str, hf_config: Any, task: str = "auto", override: st
     architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
     folder = _local_folder(model)
     st = _SentenceTransformerFiles.read(folder) if folder is not None else None
-    task = _resolve_task(architecture, task, has_pooling=st is not None and st.pooling_type is not None)
+    task = resolve_task(architecture, task, has_pooling=st is not None and st.pooling_type is not None)
     encoder_only = is_encoder_only(architecture)
     config = _default_config(task, encoder_only, hf_config, st)
     if override:
         config = _apply_override(config, override)
     limits = [st.max_seq_length] if st is not None and st.max_seq_length else []
-    if encoder_only and getattr(hf_config, "model_type", "") in ("roberta", "xlm-roberta"):
-        # RoBERTa positions start after the padding index, which costs padding_idx + 1 learned positions.
-        limits.append(hf_config.max_position_embeddings - hf_config.pad_token_id - 1)
+    offset = first_position(hf_config) if encoder_only else 0
+    if offset:  # RoBERTa positions start after the padding index, which costs padding_idx + 1 learned positions
+        limits.append(hf_config.max_position_embeddings - offset)
     return PoolingSetup(task, encoder_only, config, min(limits) if limits else None)
-
-
-def _resolve_task(architecture: str, task: str, has_pooling: bool) -> str:
-    tasks = architecture_tasks(architecture)
-    if task == "auto":
-        return "embed" if has_pooling and "embed" in tasks else tasks[0]
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose auto, {', '.join(TASKS)}")
-    if task not in tasks:
-        raise ValueError(f"a {architecture} checkpoint cannot serve the {task!r} task, only: {', '.join(tasks)}")
-    return task
 
 
 def _default_config(

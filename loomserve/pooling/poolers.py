@@ -30,7 +30,7 @@ _ACTIVATIONS = {
 
 class Pooler:
     def __init__(self, model: nn.Module, config: PoolerConfig) -> None:
-        self.classify = getattr(model, "classify", None)
+        self.classify = model.classify if "classify" in model.pooling_tasks else None
         self.activation = _ACTIVATIONS[config.classifier_activation]
 
     def __call__(self, hidden: torch.Tensor, spans: list[PoolingSpan]) -> dict[str, torch.Tensor]:

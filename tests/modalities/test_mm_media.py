@@ -22,9 +22,9 @@ from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.image import decode_image
 from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
-from loomserve.modalities.registry import MODALITY_REGISTRY
 from loomserve.modalities.video import decode_video
 from loomserve.platform.config import EngineArgs
+from loomserve.platform.models.registry import create_processor
 
 PNG = base64.b64decode(png_data_url(noise_image(20, 30, 0)).split(",", 1)[1])
 
@@ -178,7 +178,7 @@ def test_templates_without_media_support_get_inline_placeholders(mm_checkpoint):
     path = mm_checkpoint("qwen2_audio")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model_config = EngineArgs(model=path).create_engine_config().model_config
-    processor = MODALITY_REGISTRY.create_processor(model_config, tokenizer, MultiModalConfig())
+    processor = create_processor(model_config, tokenizer, MultiModalConfig())
     conversation, refs = split_media([{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, {"type": "text", "text": "Hm?"}]}])
     assert "Audio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\nHm?" in render_chat_with_media(

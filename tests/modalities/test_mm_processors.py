@@ -24,16 +24,16 @@ from transformers import (
 
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.media import MediaError
-from loomserve.modalities.registry import MODALITY_REGISTRY
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.models.qwen2_vl_vision import patchify
+from loomserve.platform.models.registry import create_processor, is_multimodal
 
 
 @functools.cache
 def processor(path: str, **limits: int):
     model_config = EngineArgs(model=path).create_engine_config().model_config
     mm_config = MultiModalConfig(limit_per_prompt=limits)
-    return MODALITY_REGISTRY.create_processor(model_config, AutoTokenizer.from_pretrained(path), mm_config)
+    return create_processor(model_config, AutoTokenizer.from_pretrained(path), mm_config)
 
 
 def transparent_image() -> Image.Image:
@@ -163,4 +163,4 @@ def test_content_hashes_follow_content_and_settings(mm_checkpoint):
 
 def test_architectures_without_a_processor_are_text_only(mm_checkpoint, qwen2_checkpoint):
     assert processor(qwen2_checkpoint) is None
-    assert MODALITY_REGISTRY.is_multimodal(AutoConfig.from_pretrained(mm_checkpoint("llava")).architectures[0])
+    assert is_multimodal(AutoConfig.from_pretrained(mm_checkpoint("llava")).architectures[0])

@@ -10,6 +10,7 @@ oneDNN-packed weights with GELU fused in (PackedLinear).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.attention.encoder import EncoderAttention, LengthGroups
+from loomserve.platform.models.interfaces import ServedModel
 from loomserve.platform.models.packed_linear import PackedLinear
 from loomserve.platform.models.packing import load_packed_weights
 
@@ -35,8 +37,36 @@ _SKIPPED = ("embeddings.position_ids", "embeddings.token_type_ids")
 _SKIPPED_PREFIXES = ("cls.", "lm_head.")
 
 
-def _is_roberta(config: Any) -> bool:
-    return config.model_type in ("roberta", "xlm-roberta")
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How an encoder family departs from BERT."""
+
+    positions_after_padding: bool  # positions are numbered from padding_idx + 1 (RoBERTa), not from 0
+    # checkpoint name prefix of the classifier head's tensors -> this module's parameter prefix
+    classifier_names: dict[str, str | None]
+
+
+_ROBERTA = EncoderSpec(True, {"classifier.dense.": "pooler.", "classifier.out_proj.": "classifier."})
+# Config `model_type` -> its family's spec. BERT names the head's dense layer bert.pooler.dense, RoBERTa
+# classifier.dense (and the linear classifier.out_proj).
+ENCODER_SPECS: dict[str, EncoderSpec] = {
+    "bert": EncoderSpec(False, {"pooler.dense.": "pooler.", "classifier.": "classifier."}),
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
+}
+
+
+def encoder_spec(config: Any) -> EncoderSpec:
+    if config.model_type not in ENCODER_SPECS:
+        raise ValueError(
+            f"encoder model_type {config.model_type!r} is not supported; supported: {', '.join(ENCODER_SPECS)}"
+        )
+    return ENCODER_SPECS[config.model_type]
+
+
+def first_position(config: Any) -> int:
+    """The position embedding index of each sequence's first token."""
+    return config.pad_token_id + 1 if encoder_spec(config).positions_after_padding else 0
 
 
 class BertEmbeddings(nn.Module):
@@ -48,8 +78,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        # RoBERTa numbers positions from padding_idx + 1.
-        self.position_offset = config.pad_token_id + 1 if _is_roberta(config) else 0
+        self.position_offset = first_position(config)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None
@@ -97,10 +126,15 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
 
-class BertEmbeddingModel(nn.Module):
+class BertEmbeddingModel(ServedModel):
     """BertModel / RobertaModel / XLMRobertaModel: the last hidden state of every token."""
 
-    uses_kv_cache = False
+    is_multimodal = False
+    supports_lora = False  # LoRA adapts decoder layers only
+    pooling_tasks = ("embed",)
+    encoder_only = True
+    uses_mrope = False
+    is_moe = False
     packed_modules_mapping = {"self.query": ("qkv_proj", 0), "self.key": ("qkv_proj", 1), "self.value": ("qkv_proj", 2)}
     # checkpoint name prefix of the head's tensors -> this module's parameter prefix (None: not used)
     head_names: dict[str, str | None] = {"pooler.dense.": None}
@@ -150,13 +184,11 @@ class BertEmbeddingModel(nn.Module):
 class BertClassificationModel(BertEmbeddingModel):
     """*ForSequenceClassification: the encoder plus its head (dense + tanh on the first token, then a linear)."""
 
+    pooling_tasks = ("classify",)
+
     def __init__(self, hf_config: Any, attention_backend: str = "auto") -> None:
         super().__init__(hf_config, attention_backend)
-        # BERT names the dense layer bert.pooler.dense; RoBERTa classifier.dense (and the linear out_proj).
-        if _is_roberta(hf_config):
-            self.head_names = {"classifier.dense.": "pooler.", "classifier.out_proj.": "classifier."}
-        else:
-            self.head_names = {"pooler.dense.": "pooler.", "classifier.": "classifier."}
+        self.head_names = encoder_spec(hf_config).classifier_names
         self.pooler = nn.Linear(hf_config.hidden_size, hf_config.hidden_size)
         self.classifier = nn.Linear(hf_config.hidden_size, hf_config.num_labels)
 

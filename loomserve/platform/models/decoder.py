@@ -1,4 +1,4 @@
-"""One decoder-only causal LM for the Llama, Mistral, Qwen2 and Qwen3 families, switched by config.
+"""One decoder-only causal LM for the Llama, Mistral, Qwen2 and Qwen3 families, switched by their `DecoderSpec`.
 
 Tokens of many sequences arrive packed in one flat batch (no padding); attention reads and writes the paged
 KV cache through `AttentionMetadata`. Parameter layout follows vLLM: q/k/v and gate/up are fused, loaded
@@ -8,18 +8,68 @@ shard by shard from the checkpoint's separate projections (`packed_modules_mappi
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from loomserve.platform.attention import AttentionMetadata, get_attention_backend
+from loomserve.platform.models.interfaces import ServedModel
 from loomserve.platform.models.layers import MergedLinear, RMSNorm, SiluAndMul
 from loomserve.platform.models.packing import load_packed_weights
 from loomserve.platform.models.rope import RotaryEmbedding, rotate_qk
 
-# Text configs whose q/k/v projections always carry biases (Qwen2 and the Qwen2-VL family's language models).
-QKV_BIAS_MODEL_TYPES = ("qwen2", "qwen2_vl_text", "qwen2_5_vl_text")
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """How a decoder family departs from Llama's layers; `attention_bias` and `mlp_bias` still come from config."""
+
+    qkv_bias: bool = False  # q/k/v projections always carry biases (o_proj follows `attention_bias`)
+    qk_norm: bool = False  # each head's queries and keys are RMS-normalized before RoPE
+
+
+_QWEN2 = DecoderSpec(qkv_bias=True)
+# Text config `model_type` -> its family's spec (the Qwen2-VL family's language models are Qwen2's).
+DECODER_SPECS: dict[str, DecoderSpec] = {
+    "llama": DecoderSpec(),
+    "mistral": DecoderSpec(),
+    "qwen2": _QWEN2,
+    "qwen2_vl_text": _QWEN2,
+    "qwen2_5_vl_text": _QWEN2,
+    "qwen3": DecoderSpec(qk_norm=True),
+}
+
+
+def decoder_spec(config: Any) -> DecoderSpec:
+    if config.model_type not in DECODER_SPECS:
+        raise ValueError(
+            f"decoder model_type {config.model_type!r} is not supported; supported: {', '.join(DECODER_SPECS)}"
+        )
+    return DECODER_SPECS[config.model_type]
+
+
+# checkpoint projection -> (fused parameter module, shard index)
+DECODER_PACKED_MODULES: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def decoder_param_for(name: str, tied_lm_head: bool) -> tuple[str, int | None] | None:
+    """A decoder checkpoint tensor -> (parameter, shard of a fused projection): `...self_attn.k_proj.weight` ->
+    (`...self_attn.qkv_proj.weight`, 1), others map to themselves; None for tensors the model recomputes or
+    shares (inv_freq, a tied lm_head)."""
+    if "rotary_emb.inv_freq" in name or (tied_lm_head and name == "lm_head.weight"):
+        return None
+    for checkpoint_part, (fused, shard_id) in DECODER_PACKED_MODULES.items():
+        if f".{checkpoint_part}." in name:
+            return name.replace(f".{checkpoint_part}.", f".{fused}."), shard_id
+    return name, None
 
 
 def head_dim_of(config: Any) -> int:
@@ -35,12 +85,11 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         attention_bias = getattr(config, "attention_bias", False)
-        # Qwen2 always has q/k/v biases (and no o_proj bias); Llama/Qwen3 follow `attention_bias`.
-        qkv_bias = attention_bias or config.model_type in QKV_BIAS_MODEL_TYPES
+        spec = decoder_spec(config)
         sizes = [self.q_size, self.kv_size, self.kv_size]
-        self.qkv_proj = MergedLinear(config.hidden_size, sizes, bias=qkv_bias)
+        self.qkv_proj = MergedLinear(config.hidden_size, sizes, bias=attention_bias or spec.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias)
-        self.qk_norm = config.model_type == "qwen3"
+        self.qk_norm = spec.qk_norm
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -125,17 +174,16 @@ class DecoderModel(nn.Module):
         return hidden
 
 
-class DecoderForCausalLM(nn.Module):
+class DecoderForCausalLM(ServedModel):
     """LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM over packed tokens."""
 
-    # checkpoint projection -> (fused parameter module, shard index)
-    packed_modules_mapping = {
-        "q_proj": ("qkv_proj", 0),
-        "k_proj": ("qkv_proj", 1),
-        "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
+    is_multimodal = False
+    supports_lora = True
+    pooling_tasks = ()
+    encoder_only = False
+    uses_mrope = False
+    is_moe = False
+    packed_modules_mapping = DECODER_PACKED_MODULES
 
     def __init__(self, hf_config: Any, attention_backend: str = "auto") -> None:
         super().__init__()
@@ -163,17 +211,4 @@ class DecoderForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named checkpoint tensors into parameters; returns the names of parameters fully loaded
         (a fused parameter counts once all its shards are in)."""
-        return load_packed_weights(self, weights, self._used_param_for)
-
-    def _used_param_for(self, name: str) -> tuple[str, int | None] | None:
-        """`_param_for`, or None for tensors the model recomputes or shares (inv_freq, a tied lm_head)."""
-        if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
-            return None
-        return self._param_for(name)
-
-    def _param_for(self, name: str) -> tuple[str, int | None]:
-        """`...self_attn.k_proj.weight` -> (`...self_attn.qkv_proj.weight`, 1); others map to themselves."""
-        for checkpoint_part, (fused, shard_id) in self.packed_modules_mapping.items():
-            if f".{checkpoint_part}." in name:
-                return name.replace(f".{checkpoint_part}.", f".{fused}."), shard_id
-        return name, None
+        return load_packed_weights(self, weights, partial(decoder_param_for, tied_lm_head=self.tie_word_embeddings))

@@ -7,26 +7,37 @@ the embed task; either way no LM head is built.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
 
-from loomserve.platform.models.decoder import DecoderForCausalLM, DecoderModel
+from loomserve.platform.models.decoder import DECODER_PACKED_MODULES, DecoderModel, decoder_param_for
+from loomserve.platform.models.interfaces import ServedModel
+from loomserve.platform.models.packing import load_packed_weights
 
 
-class DecoderForEmbedding(DecoderForCausalLM):
-    """The causal LM's modules minus its LM head: `forward` gives hidden states [T, hidden]."""
+class DecoderForEmbedding(ServedModel):
+    """A `DecoderModel` under `model.` (the causal LM's names, so LoRA adapters fit): hidden states [T, hidden]."""
+
+    is_multimodal = False
+    supports_lora = True
+    pooling_tasks = ("embed",)
+    encoder_only = False
+    uses_mrope = False
+    is_moe = False
+    packed_modules_mapping = DECODER_PACKED_MODULES
 
     def __init__(self, hf_config: Any, attention_backend: str = "auto") -> None:
-        nn.Module.__init__(self)  # not DecoderForCausalLM.__init__: it would build the LM head
+        super().__init__()
         self.config = hf_config
         self.model = DecoderModel(hf_config, attention_backend)
-        self.tie_word_embeddings = False
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        raise ValueError("an embedding model has no LM head: it cannot generate")
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # [T, hidden]
+        # Exactly the decoder's inputs: whatever the decoder takes, the embedder takes.
+        return self.model(*args, **kwargs)
 
+    @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Base-model tensors with or without the `model.` prefix; an LM head in the checkpoint is left out."""
         renamed = (
@@ -34,4 +45,4 @@ class DecoderForEmbedding(DecoderForCausalLM):
             for name, tensor in weights
             if not name.startswith("lm_head.")
         )
-        return super().load_weights(renamed)
+        return load_packed_weights(self, renamed, partial(decoder_param_for, tied_lm_head=False))

@@ -12,20 +12,24 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch import nn
 
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.attention import AttentionMetadata
-from loomserve.platform.models.decoder import DecoderForCausalLM
+from loomserve.platform.models.decoder import DECODER_PACKED_MODULES, DecoderForCausalLM, decoder_param_for
+from loomserve.platform.models.interfaces import ServedModel
 from loomserve.platform.models.packing import load_packed_weights
 
 
-class MultiModalForCausalLM(nn.Module):
+class MultiModalForCausalLM(ServedModel):
     is_multimodal = True
+    supports_lora = True
+    pooling_tasks = ()
+    encoder_only = False
     uses_mrope = False
-    tower_prefixes: tuple[str, ...] = ()  # first name components of non-LM checkpoint tensors
+    is_moe = False
+    packed_modules_mapping = DECODER_PACKED_MODULES
     language_model_prefix = "language_model."  # LoRA and NF4 touch the language model only, as in vLLM
-    packed_modules_mapping = DecoderForCausalLM.packed_modules_mapping
+    tower_prefixes: tuple[str, ...] = ()  # first name components of non-LM checkpoint tensors
 
     def __init__(self, hf_config: Any, attention_backend: str) -> None:
         super().__init__()
@@ -70,7 +74,7 @@ class MultiModalForCausalLM(nn.Module):
         projector as named; None for what the model does not use."""
         name = self.canonical_name(checkpoint_name)
         if name.startswith("language_model."):
-            target = self.language_model._used_param_for(name.removeprefix("language_model."))
+            target = decoder_param_for(name.removeprefix("language_model."), self.language_model.tie_word_embeddings)
             return None if target is None else ("language_model." + target[0], target[1])
         return None if self.skips_weight(name) else (name, None)
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from loomserve.platform.models.interfaces import ServedModel
 from loomserve.platform.models.layers import copy_checked
 
 
@@ -45,18 +46,18 @@ def load_packed_weights(
     return loaded
 
 
-def projection_names(model: nn.Module, module_name: str) -> list[str]:
+def projection_names(model: ServedModel, module_name: str) -> list[str]:
     """Checkpoint names of the projections a module computes, in output order: a fused
     `...self_attn.qkv_proj` gives `[...q_proj, ...k_proj, ...v_proj]`; any other module gives its own name."""
     parent, leaf = module_name.rsplit(".", 1)
-    mapping = getattr(model, "packed_modules_mapping", {})
+    mapping = model.packed_modules_mapping
     shards = sorted((shard, part) for part, (fused, shard) in mapping.items() if fused == leaf)
     return [f"{parent}.{part}" for _, part in shards] or [module_name]
 
 
-def decoder_linears(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[tuple[str, nn.Module]]:
+def decoder_linears(model: ServedModel, types: tuple[type[nn.Module], ...]) -> list[tuple[str, nn.Module]]:
     """(name, module) of each module of `types` inside the language model's decoder layers: what LoRA adapts
     and NF4 quantizes. A multimodal model's `language_model_prefix` leaves its towers and projector out."""
-    prefix = getattr(model, "language_model_prefix", "")
+    prefix = model.language_model_prefix
     return [(name, m) for name, m in model.named_modules()
             if name.startswith(prefix) and ".layers." in name and isinstance(m, types)]
