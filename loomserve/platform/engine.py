@@ -1,6 +1,6 @@
 """EngineCore: the schedule -> run -> update loop, and the process that runs it behind ZeroMQ.
 
-In the server, EngineCore lives in its own process: the front end sends msgpack messages (add,
+In the server, EngineCore lives in its own process: the front end sends declared messages (add,
 abort) over a PUSH socket and reads batches of outputs from a PULL socket, so tokenization,
 detokenization and HTTP never compete with the model for the GIL.
 """
