@@ -23,6 +23,7 @@ from loomserve.platform.step import ScheduledStep, StepResult
 logger = logging.getLogger(__name__)
 
 _CALL_POLL_S = 0.005  # how often a worker with calls under way checks on them
+_DIED = RuntimeError("the runner process died")
 
 
 class Executor(Protocol):
@@ -98,6 +99,7 @@ class MultiprocExecutor:
         child.close()
         self.ids = itertools.count()
         self.pending: dict[int, concurrent.futures.Future] = {}
+        self.dead = False  # the worker is gone: every call fails at once
         self.lock = threading.Lock()  # one sender at a time; the reader thread only receives
         self.reader = threading.Thread(target=self._read, name="loomserve-runner-reader", daemon=True)
         self.reader.start()
@@ -107,9 +109,15 @@ class MultiprocExecutor:
 
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self.lock:
+            if self.dead:
+                future.set_exception(_DIED)
+                return future
             message_id = next(self.ids)
             self.pending[message_id] = future
-            self.conn.send_bytes(wire.encode([kind, message_id, payload]))
+            try:
+                self.conn.send_bytes(wire.encode([kind, message_id, payload]))
+            except OSError:  # the reader fails this future too, once it sees the pipe closed
+                pass
         return future
 
     def _read(self) -> None:
@@ -127,10 +135,11 @@ class MultiprocExecutor:
                 future.set_exception(RuntimeError(f"the runner process failed:\n{payload}"))
             else:
                 future.set_result(payload)
-        error = RuntimeError("the runner process died")
-        for future in self.pending.values():
-            future.set_exception(error)
-        self.pending.clear()
+        with self.lock:
+            self.dead = True
+            for future in self.pending.values():
+                future.set_exception(_DIED)
+            self.pending.clear()
 
     def measure_kv_blocks(self) -> int:
         return self._send("measure_kv_blocks").result()
@@ -156,6 +165,8 @@ class MultiprocExecutor:
         if self.process.is_alive():
             self._send("shutdown")
             self.process.join(10)
+            if self.process.is_alive():
+                self.process.kill()
         self.conn.close()
 
 

@@ -94,3 +94,20 @@ def test_adapter_needs_lora_enabled_and_a_servable_folder(qwen2_checkpoint, shap
     assert not llm.engine.has_requests()  # refused before any request started
     with pytest.raises(ValueError, match="not a folder"):
         llm.generate("hi", GREEDY, lora_request=LoRARequest("gone", 2, str(tmp_path / "nothing")))
+
+
+def test_adapters_and_the_base_sharing_steps_in_a_runner_process_equal_peft(qwen2_checkpoint, shaped_adapters):
+    """The runner in its own process: adapters are named in the steps and read there."""
+    adapters = shaped_adapters(qwen2_checkpoint)
+    loras = [None] + [LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())]
+    llm = LLM(qwen2_checkpoint, enable_lora=True, max_loras=3, max_lora_rank=16, block_size=4,
+              kv_cache_memory="32MiB", distributed_executor_backend="mp")
+    try:
+        prompts = [p for p in PROMPTS for _ in loras]
+        requests = [lora for _ in PROMPTS for lora in loras]
+        got = token_ids(llm.generate(prompts, GREEDY, lora_request=requests))
+    finally:
+        llm.engine.shutdown()
+    expected = {None: peft_greedy(qwen2_checkpoint, None)}
+    expected.update({lora: peft_greedy(qwen2_checkpoint, lora.lora_path) for lora in loras[1:]})
+    assert got == [expected[lora][i] for i in range(len(PROMPTS)) for lora in loras]

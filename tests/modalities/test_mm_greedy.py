@@ -181,3 +181,18 @@ def test_audio_clips_alone_mixed_split_and_repeated(mm_checkpoint):
     again = small_budget.generate(prompts[:1], GREEDY)[0]
     assert again.outputs[0].token_ids == expected[0]
     assert again.num_cached_tokens >= (len(again.prompt_token_ids) - 1) // 4 * 4
+
+
+def test_images_and_text_sharing_steps_in_a_runner_process_equal_transformers(mm_checkpoint):
+    """The runner in its own process: media items reach it inside the step, encoded there."""
+    path = mm_checkpoint("qwen2_vl")
+    text_ids = ids_of(path, image_prompt("qwen2_vl", 0, "Tell me a story about the sea."))
+    two = ids_of(path, image_prompt("qwen2_vl", 2))
+    llm = LLM(path, block_size=4, kv_cache_memory="8MiB", max_num_batched_tokens=16,
+              distributed_executor_backend="mp")
+    try:
+        outs = run(llm, [{"prompt_token_ids": two, "multi_modal_data": {"image": [SMALL, LARGE]}},
+                         {"prompt_token_ids": text_ids}])
+    finally:
+        llm.engine.shutdown()
+    assert outs == [hf_greedy(path, two, images=[SMALL, LARGE]), hf_greedy(path, text_ids)]

@@ -46,9 +46,9 @@ def test_a_request_is_sent_in_full_once_then_as_new_blocks_only():
 
 
 def test_a_preempted_request_resumes_with_its_whole_block_table():
-    s = scheduler(num_blocks=4, budget=64)
+    s = scheduler(num_blocks=6, budget=64)  # each needs 5 blocks of 4 tokens at its end: only one fits
     for request_id in "ab":
-        s.add_request(Request(request_id, list(range(7)), SamplingParams(max_tokens=20, ignore_eos=True)))
+        s.add_request(Request(request_id, list(range(7)), SamplingParams(max_tokens=10, ignore_eos=True)))
     step = s.schedule()
     while not step.preempted_ids:
         land(s, step)
@@ -102,7 +102,7 @@ class ScriptedExecutor:
         self.num_new_tokens: list[int] = []
 
     def measure_kv_blocks(self) -> int:
-        return 64
+        return 512  # 2,048 tokens of 4: the checkpoint's whole context
 
     def init_kv_cache(self, num_blocks: int) -> None:
         pass

@@ -76,7 +76,7 @@ def run_interleaved(
         outputs = engine.step().outputs
         if landing is not None:
             ids = [out.request_id for out in outputs]
-            assert ids == [s.request.request_id for s in landing[0].scheduled if s.request.request_id in ids]
+            assert ids == [s.request_id for s in landing[0].scheduled if s.request_id in ids]
         for out in outputs:
             if out.pooled is not None:
                 assert out.new_token_ids == [] and out.finish_reason == "stop"
@@ -121,3 +121,14 @@ def test_async_scheduling_with_preemption_keeps_embeddings_and_generation_correc
     check_outputs(tokens, pooled)
     assert llm.engine.scheduler.total_preemptions > 0
     assert llm.engine.scheduler.kv.pool.num_free_blocks == 16
+
+
+def test_embeddings_and_generation_sharing_steps_in_a_runner_process_stay_correct():
+    """The runner in its own process: pooled vectors come back inside the step results."""
+    llm = LLM(path(), block_size=4, kv_cache_memory="8MiB", max_num_batched_tokens=16,
+              distributed_executor_backend="mp")
+    try:
+        tokens, pooled, _ = run_interleaved(llm)
+    finally:
+        llm.engine.shutdown()
+    check_outputs(tokens, pooled)
