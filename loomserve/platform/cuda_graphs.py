@@ -7,6 +7,10 @@ the logits of the rows that sample follow eagerly. Inputs are copied into static
 write no KV (slot -1) and belong to no sequence, since the attention kernels read the step's true sequence
 counts from the device and size their grids by the capture's bounds. Steps with extra model inputs
 (media embeddings, token types), pooling steps and larger steps run eagerly.
+
+Each graph is captured with its own `ForwardBatch` over the static buffers. With LoRA (Triton kernels) its LoRA
+batch comes from `lora_for_graph`, which computes it on the device from the slots buffer the LoRA manager refills
+every step, inside the graph, so a replay groups that step's tokens by adapter.
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.attention.metadata import LaunchBounds
+from loomserve.platform.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:  # platform knows the adapters' data type only, never their behaviour
+    from loomserve.adapters.layers import LoRABatch
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +57,11 @@ def graph_output_bytes(max_num_seqs: int, max_capture_tokens: int, vocab_size: i
 
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], max_num_seqs: int,
-                 max_model_len: int, block_size: int, max_capture_tokens: int) -> None:
+                 max_model_len: int, block_size: int, max_capture_tokens: int,
+                 lora_for_graph: Callable[[int], LoRABatch | None] | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
+        self.lora_for_graph = lora_for_graph  # token count -> the LoRA batch a graph of that size is captured with
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
         self.token_sizes = mixed_capture_sizes(max_capture_tokens)
@@ -86,7 +97,10 @@ class CudaGraphRunner:
         )
 
     def _hidden(self, num_tokens: int, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(self.input_ids[:num_tokens], self.positions[..., :num_tokens], self.kv_caches, meta)
+        """The forward over the static buffers; run inside the capture, so a LoRA batch made here is made on replay."""
+        lora = self.lora_for_graph(num_tokens) if self.lora_for_graph is not None else None
+        batch = ForwardBatch(meta, self.positions[..., :num_tokens], lora)
+        return self.model(self.input_ids[:num_tokens], self.kv_caches, batch)
 
     def _decode_forward(self, bs: int) -> torch.Tensor:
         bounds = LaunchBounds(decodes=bs, prefills=0, prefill_tokens=0, max_seq_len=self.max_model_len)
@@ -121,11 +135,13 @@ class CudaGraphRunner:
     def can_run_mixed(self, num_tokens: int, num_seqs: int) -> bool:
         return bool(self.token_sizes) and num_tokens <= self.token_sizes[-1] and num_seqs <= self.sizes[-1]
 
-    def _load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, padded: int) -> None:
-        """Copy a step's inputs into the static buffers; tokens up to `padded` write no KV."""
+    def _load(self, input_ids: torch.Tensor, batch: ForwardBatch, padded: int) -> None:
+        """Copy a step's inputs into the static buffers; tokens up to `padded` write no KV. The step's LoRA batch
+        is not copied: the graph recomputes its own from the slots the LoRA manager wrote."""
+        meta = batch.attn
         t, b = input_ids.shape[0], meta.num_seqs
         self.input_ids[:t].copy_(input_ids)
-        self.positions[..., :t].copy_(positions)
+        self.positions[..., :t].copy_(batch.positions)
         self.slot_mapping[:t].copy_(meta.slot_mapping)
         self.slot_mapping[t:padded].fill_(-1)
         self.query_start_loc[: b + 1].copy_(meta.query_start_loc)
@@ -133,19 +149,19 @@ class CudaGraphRunner:
         self.block_tables[:b, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         self.seq_counts.copy_(meta.seq_counts)
 
-    def run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run_decode(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B, vocab] for a decode-only batch of B sequences."""
         b = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= b)
-        self._load(input_ids, positions, meta, bs)
+        self._load(input_ids, batch, bs)
         self.graphs[bs].replay()
         return self.logits[bs][:b]
 
-    def run_mixed(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run_mixed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states [T, hidden] of any batch of T tokens within the mixed graphs' sizes."""
         t = input_ids.shape[0]
         padded = next(s for s in self.token_sizes if s >= t)
-        self._load(input_ids, positions, meta, padded)
+        self._load(input_ids, batch, padded)
         self.mixed_graphs[padded].replay()
         return self.hidden[padded][:t]
 

@@ -26,12 +26,11 @@ class MultiModalRunner:
         self.cache = EncoderCache()
 
     def prepare(self, out: SchedulerOutput, scheduled: list[ScheduledRequest], batch: BatchInputs) -> None:
-        """Encode this step's items, set `batch.positions` for M-RoPE models, and, when the batch holds media tokens,
-        the input embeddings [T, hidden] as `batch.model_inputs["inputs_embeds"]` (else the model embeds the token
-        ids itself)."""
+        """Encode this step's items, set the forward's `positions` for M-RoPE models, and, when the batch holds media
+        tokens, its input embeddings [T, hidden] as `inputs_embeds` (else the model embeds the token ids itself)."""
         self._encode(out)
         if self.model.uses_mrope:
-            batch.positions = self._mrope_positions(scheduled)
+            batch.forward.positions = self._mrope_positions(scheduled)
         rows, embeds = [], []
         offset = 0
         for s in scheduled:
@@ -48,7 +47,7 @@ class MultiModalRunner:
         inputs_embeds = self.model.embed_input_ids(batch.input_ids)  # [T, hidden]
         index = torch.cat(rows).to(self.device, non_blocking=True)  # a blocking copy would wait for the step in flight
         inputs_embeds.index_copy_(0, index, torch.cat(embeds).to(inputs_embeds.dtype))
-        batch.model_inputs["inputs_embeds"] = inputs_embeds
+        batch.forward.inputs_embeds = inputs_embeds
 
     def _encode(self, out: SchedulerOutput) -> None:
         by_modality = defaultdict(list)

@@ -18,6 +18,7 @@ from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.block_table import BlockTable
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.cuda_graphs import CudaGraphRunner, graph_output_bytes
+from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.loader import load_model
 from loomserve.platform.multimodal_runner import MultiModalRunner
@@ -36,13 +37,10 @@ _NO_TOKENS = torch.zeros(0, dtype=torch.long)  # what a step samples when only p
 @dataclass
 class BatchInputs:
     input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    attn: AttentionMetadata
+    forward: ForwardBatch  # the model's per-step argument: attention metadata, positions, LoRA batch, extra inputs
     logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
     sample_requests: list[Request]
     pooling: list[PoolingSpan] = field(default_factory=list)  # the requests whose prompt ends this step and pools
-    # Extra forward inputs: token_type_ids [T] (cross-encoder pairs), inputs_embeds [T, hidden] (media in place).
-    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,8 +112,10 @@ class ModelRunner:
         if not self._uses_cuda_graphs():
             return None
         mc = self.config.model_config
+        lora_for_graph = self.lora_manager.graph_batch if self.lora_manager is not None else None
         return CudaGraphRunner(self.model, self.kv_caches, self.config.scheduler_config.max_num_seqs,
-                               mc.max_model_len, self.block_size, self.config.max_cudagraph_capture_size)
+                               mc.max_model_len, self.block_size, self.config.max_cudagraph_capture_size,
+                               lora_for_graph)
 
     def _graph_memory(self) -> int:
         """Bytes the CUDA graphs will keep, captured after the KV cache takes its share."""
@@ -171,7 +171,7 @@ class ModelRunner:
             seq_lens_cpu=[num_tokens],
         )
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), caches, attn)
+        hidden = self.model(ids, caches, ForwardBatch(attn, torch.arange(num_tokens, device=self.device)))
         if mc.task == "generate":  # pooling models have no LM head
             self.model.compute_logits(hidden[: min(sc.max_num_seqs, num_tokens)])
         torch.cuda.synchronize()
@@ -255,9 +255,8 @@ class ModelRunner:
         )
         if from_previous:  # fill in tokens that exist only on the device so far
             input_ids[at_t] = self.previous_sampled[prev_t]
-        types = token_type_ids(pooling, num_tokens, self.device)
-        return BatchInputs(input_ids, pos_t, attn, logits_t, sample_requests, pooling,
-                           {} if types is None else {"token_type_ids": types})
+        forward = ForwardBatch(attn, pos_t, token_type_ids=token_type_ids(pooling, num_tokens, self.device))
+        return BatchInputs(input_ids, forward, logits_t, sample_requests, pooling)
 
     def release(self, request_ids: list[str]) -> None:
         """Forget the block-table rows of requests that finished, were aborted or were preempted."""
@@ -271,8 +270,8 @@ class ModelRunner:
         batch = self.prepare_inputs(scheduled)
         if self.mm is not None:
             self.mm.prepare(out, scheduled, batch)
-        if self.lora_manager is not None:  # the model's LoRA layers read the step's slots from here
-            self.lora_manager.prepare(scheduled, out.active_loras)
+        if self.lora_manager is not None:
+            batch.forward.lora = self.lora_manager.prepare(scheduled, out.active_loras)
         logits, pooled = self._run_model(batch)
         if logits is None and not pooled:
             return None
@@ -321,16 +320,16 @@ class ModelRunner:
         A decode-only batch replays a decode CUDA graph (logits), another batch within the mixed graphs' sizes a mixed
         graph (hidden states). Graphs take token ids and positions only, so a step with extra model inputs (media
         embeddings, token types) or a pooling request runs eagerly."""
-        graphs, attn = self.cuda_graphs, batch.attn
-        num_tokens, num_seqs = batch.input_ids.shape[0], attn.num_seqs
-        replayable = graphs is not None and not (batch.pooling or batch.model_inputs)
-        if replayable and attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
-            logits = graphs.run_decode(batch.input_ids, batch.positions, attn)  # [B, vocab]
+        graphs, forward = self.cuda_graphs, batch.forward
+        num_tokens, num_seqs = batch.input_ids.shape[0], forward.attn.num_seqs
+        replayable = graphs is not None and not (batch.pooling or forward.has_extra_inputs)
+        if replayable and forward.attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
+            logits = graphs.run_decode(batch.input_ids, forward)  # [B, vocab]
             return (logits[batch.logits_indices] if batch.sample_requests else None), {}
         if replayable and graphs.can_run_mixed(num_tokens, num_seqs):
-            hidden = graphs.run_mixed(batch.input_ids, batch.positions, attn)  # [T, hidden]
+            hidden = graphs.run_mixed(batch.input_ids, forward)  # [T, hidden]
         else:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, attn, **batch.model_inputs)
+            hidden = self.model(batch.input_ids, self.kv_caches, forward)
         logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sample_requests else None
         return logits, self.pooler(hidden, batch.pooling)
 
