@@ -318,8 +318,9 @@ class ModelRunner:
         """Logits of the sampling rows [S, vocab] (None when no row samples) and the pooled outputs (on the device).
 
         A decode-only batch replays a decode CUDA graph (logits), another batch within the mixed graphs' sizes a mixed
-        graph (hidden states). Graphs take token ids and positions only, so a step with extra model inputs (media
-        embeddings, token types) or a pooling request runs eagerly."""
+        graph (hidden states). Graphs take token ids and positions only (their LoRA batch comes from the slots the LoRA
+        manager wrote), so a step with extra model inputs (media embeddings, token types) or a pooling request runs
+        eagerly."""
         graphs, forward = self.cuda_graphs, batch.forward
         num_tokens, num_seqs = batch.input_ids.shape[0], forward.attn.num_seqs
         replayable = graphs is not None and not (batch.pooling or forward.has_extra_inputs)
