@@ -16,6 +16,7 @@ from loomserve.platform.features import RunnerHook
 if TYPE_CHECKING:
     from loomserve.adapters.manager import LoRAManager
     from loomserve.platform.config import EngineConfig
+    from loomserve.platform.forward_batch import ForwardBatch
     from loomserve.platform.input_batch import BatchInputs
     from loomserve.platform.step import ScheduledStep
 
@@ -53,7 +54,10 @@ class LoRARunnerHook(RunnerHook):
         loras = [r.lora_request for r in batch.requests]
         num_tokens = [s.num_new_tokens for s in batch.scheduled]
         active = [LoRARequest.from_wire(lora) for lora in data["active"]] if data else []
-        self.manager.prepare(loras, num_tokens, active)
+        batch.forward.lora = self.manager.prepare(loras, num_tokens, active)
+
+    def for_graph(self, batch: ForwardBatch) -> None:
+        batch.lora = self.manager.graph_batch(batch.positions.shape[-1])
 
     def result(self) -> dict[str, Any]:
         failed = self.manager.take_failures()

@@ -5,9 +5,10 @@ buffers hold all slots: A `[slots, n_slices * r_max, in]`, B `[slots, out, r_max
 adapter's rank is below r_max or where it leaves a projection alone. A fused layer (qkv, gate_up) has one
 slice per projection: slice s reads rows `s * r_max ...` of A and writes its own rows of B's output.
 
-The step's `LoRABatch` (tokens grouped by slot) is set on the model's shared `LoRAState` before the forward;
-tokens of many adapters and of the base model (slot -1) go through one forward together. Under CUDA-graph
-capture the batch is derived on the device from `LoRAState.graph_slots`, which each step then refills.
+The step's `LoRABatch` (tokens grouped by slot) rides in the forward's `ForwardBatch` and reaches each layer with
+its input (`platform.models.layers.project`); tokens of many adapters and of the base model (slot -1) go through one
+forward together. A CUDA graph is captured with a batch derived on the device from `LoRAState.graph_slots`, which
+each step then refills.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from loomserve.adapters.lora import LoRATarget, LoRAWeights
 from loomserve.adapters.ops import add_lora
+from loomserve.platform.models.layers import AdaptedLinear
 from loomserve.platform.models.packing import decoder_linears, projection_names
 from loomserve.platform.quantization import NF4Linear
 
@@ -87,16 +89,15 @@ def _block_m(mean_segment_len: float) -> int:
 
 
 class LoRAState:
-    """What all LoRA layers of one model share: the current step's batch and the math backend. `graph_slots`
-    ([max tokens] int32, -1 = base) is where CUDA-graph replays read each token's slot from."""
+    """What all LoRA layers of one model share for good (never a step's batch): the math backend, and
+    `graph_slots` ([max tokens] int32, -1 = base), where CUDA-graph replays read each token's slot from."""
 
     def __init__(self, backend: str) -> None:
         self.backend = backend  # "torch" or "triton"
-        self.batch: LoRABatch | None = None
         self.graph_slots: torch.Tensor | None = None
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdaptedLinear):
     """A base linear layer (dense, fused or NF4) plus the slots' adapters: y = base(x) + scaling * x A^T B^T."""
 
     def __init__(self, base: nn.Module, output_sizes: list[int], max_loras: int, max_rank: int,
@@ -137,11 +138,10 @@ class LoRALinear(nn.Module):
             self.scalings[slot][s] = scaling
         self.scaling[slot].copy_(torch.tensor(self.scalings[slot], dtype=torch.float32), non_blocking=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         y = self.base_layer(x)  # [T, out]
-        batch = self.state.batch
-        if batch is not None:
-            add_lora(y, x, self, batch, self.state.backend)
+        if lora is not None:
+            add_lora(y, x, self, lora, self.state.backend)
         return y
 
 

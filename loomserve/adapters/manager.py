@@ -6,9 +6,10 @@ slot. Adapters of running requests (`pinned`) are never evicted from either. Rea
 happens off the engine loop (a worker thread), so loading never stalls the other requests' steps; the
 loop only moves finished loads into the cache and copies weights into slots.
 
+Each step's `prepare` returns the step's `LoRABatch`, which the runner passes down in the forward's `ForwardBatch`.
 With the Triton kernels the manager also makes the LoRA layers fit CUDA graphs: it compiles the kernels
-before any capture, derives a capture's batch on the device from `LoRAState.graph_slots` (a forward
-pre-hook on the model), and writes every step's token slots into that buffer, so a replay reads them.
+before any capture, gives each capture a batch derived on the device from `LoRAState.graph_slots`
+(`graph_batch`), and writes every step's token slots into that buffer, so a replay reads them.
 """
 
 from __future__ import annotations
@@ -55,8 +56,6 @@ class LoRAManager:
         if self.state.backend == "triton":
             self.state.graph_slots = torch.full((max_graph_tokens,), -1, dtype=torch.int32, device=device)
             self._graph_slots_clear = True
-            model.register_forward_pre_hook(self._capture_hook)
-            model.register_forward_hook(self._capture_done)
             self._compile_kernels()
         self.known: dict[int, LoRARequest] = {}  # id -> its adapter: an id always names one adapter
         self.cpu: OrderedDict[int, LoRAModel] = OrderedDict()  # least recently used first
@@ -188,17 +187,13 @@ class LoRAManager:
 
     # ------------------------------------------------------------------ device slots and CUDA graphs
 
-    def _capture_hook(self, model: nn.Module, args: tuple) -> None:
-        """While a CUDA graph is captured, the LoRA layers get a batch computed on the device from
-        `graph_slots`, so each replay groups whatever tokens the buffer then names."""
-        if torch.cuda.is_current_stream_capturing():
-            num_tokens = args[0].shape[0]  # input_ids [T]
-            self.state.batch = LoRABatch.for_graph(self.state.graph_slots[:num_tokens], self.config.max_loras)
-
-    def _capture_done(self, model: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        """The graph holds its batch now; the next forward (a warm-up or a step) must not see it."""
-        if torch.cuda.is_current_stream_capturing():
-            self.state.batch = None
+    def graph_batch(self, num_tokens: int) -> LoRABatch | None:
+        """The batch a CUDA graph of `num_tokens` tokens is captured with: computed on the device from `graph_slots`
+        inside the graph, so each replay groups whatever tokens the buffer then names. None with the torch
+        kernels, whose batches need host copies a graph would freeze."""
+        if self.state.graph_slots is None:
+            return None
+        return LoRABatch.for_graph(self.state.graph_slots[:num_tokens], self.config.max_loras)
 
     @torch.inference_mode()
     def _compile_kernels(self) -> None:
@@ -227,10 +222,12 @@ class LoRAManager:
             graph_slots[:n].copy_(torch.from_numpy(token_slots.astype(np.int32)).to(self.device, non_blocking=True))
         self._graph_slots_clear = not any_adapter
 
-    def prepare(self, loras: list[LoRARequest | None], num_tokens: list[int], active: list[LoRARequest]) -> None:
-        """Put the step's adapters into slots and set each token's slot on the model: request i runs `num_tokens[i]`
-        tokens under `loras[i]` (None: the base model), in batch order; the LoRA layers read the slots from
-        `state`; `active` are the running requests' adapters, kept in their slots and host copies."""
+    def prepare(self, loras: list[LoRARequest | None], num_tokens: list[int],
+                active: list[LoRARequest]) -> LoRABatch | None:
+        """Put the step's adapters into slots and return the step's batch of token slots, None when no token uses an
+        adapter: request i runs `num_tokens[i]` tokens under `loras[i]` (None: the base model), in batch order;
+        `active` are the running requests' adapters, kept in their slots and host copies. Also writes the slots where
+        a CUDA-graph replay reads them."""
         self.step += 1
         self.pinned = {lora.lora_int_id for lora in active}
         if self.removed:
@@ -244,7 +241,7 @@ class LoRAManager:
         token_slots = np.repeat(np.asarray(per_request, dtype=np.int64), num_tokens)
         if self.state.graph_slots is not None:
             self._write_graph_slots(token_slots, bool(wanted))
-        self.state.batch = LoRABatch.build(token_slots, self.device) if wanted else None
+        return LoRABatch.build(token_slots, self.device) if wanted else None
 
     def _slot_for(self, lora_id: int, wanted: set[int]) -> int:
         slot = self.slot_of.get(lora_id)

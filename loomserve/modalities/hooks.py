@@ -46,14 +46,13 @@ class MultiModalRunnerHook(RunnerHook):
         self.cache = EncoderCache()
 
     def prepare(self, step: ScheduledStep, batch: BatchInputs) -> None:
-        """Encode this step's items, set `batch.positions` for M-RoPE models, and, when the batch holds media tokens,
-        the input embeddings [T, hidden] as `batch.model_inputs["inputs_embeds"]` (else the model embeds the token
-        ids itself)."""
+        """Encode this step's items, set the positions for M-RoPE models, and, when the batch holds media tokens, the
+        input embeddings [T, hidden] (else the model embeds the token ids itself)."""
         data = step.features.get(self.name)
         if data is not None:
             self._encode(data["encode"], data["free"], batch)
         if self.model.uses_mrope:
-            batch.positions = self._mrope_positions(batch)
+            batch.forward.positions = self._mrope_positions(batch)
         rows, embeds = [], []
         offset = 0
         for s, state in zip(batch.scheduled, batch.requests):
@@ -70,7 +69,7 @@ class MultiModalRunnerHook(RunnerHook):
         inputs_embeds = self.model.embed_input_ids(batch.input_ids)  # [T, hidden]
         index = torch.cat(rows).to(self.device, non_blocking=True)  # a blocking copy would wait for the step in flight
         inputs_embeds.index_copy_(0, index, torch.cat(embeds).to(inputs_embeds.dtype))
-        batch.model_inputs["inputs_embeds"] = inputs_embeds
+        batch.forward.inputs_embeds = inputs_embeds
 
     def _encode(self, hashes: list[str], freed: list[str], batch: BatchInputs) -> None:
         """Run the encoders over the items named by content hash (each belongs to a request of the step)."""

@@ -7,6 +7,10 @@ the logits of the rows that sample follow eagerly. Inputs are copied into static
 write no KV (slot -1) and belong to no sequence, since the attention kernels read the step's true sequence
 counts from the device and size their grids by the capture's bounds. Steps with extra model inputs
 (media embeddings, token types), pooling steps and larger steps run eagerly.
+
+Each graph is captured with its own `ForwardBatch` over the static buffers, to which the features add their parts
+(`RunnerHook.for_graph`): with LoRA (Triton kernels) a LoRA batch computed on the device, inside the graph, from the
+slots buffer the LoRA manager refills every step, so a replay groups that step's tokens by adapter.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.attention.metadata import LaunchBounds
+from loomserve.platform.forward_batch import ForwardBatch
 
 if TYPE_CHECKING:
     from loomserve.platform.config import EngineConfig
@@ -57,9 +62,11 @@ def graph_output_bytes(max_num_seqs: int, max_capture_tokens: int, vocab_size: i
 
 class CudaGraphRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[torch.Tensor], max_num_seqs: int,
-                 max_model_len: int, block_size: int, max_capture_tokens: int) -> None:
+                 max_model_len: int, block_size: int, max_capture_tokens: int,
+                 for_graph: Callable[[ForwardBatch], None] | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
+        self.for_graph = for_graph  # adds the features' parts (a LoRA batch) to a graph's ForwardBatch
         self.max_model_len = max_model_len
         self.sizes = capture_sizes(max_num_seqs)
         self.token_sizes = mixed_capture_sizes(max_capture_tokens)
@@ -95,7 +102,12 @@ class CudaGraphRunner:
         )
 
     def _hidden(self, num_tokens: int, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(self.input_ids[:num_tokens], self.positions[..., :num_tokens], self.kv_caches, meta)
+        """The forward over the static buffers; run inside the capture, so what the features add here (a LoRA batch
+        computed on the device) is made anew on each replay."""
+        batch = ForwardBatch(meta, self.positions[..., :num_tokens])
+        if self.for_graph is not None:
+            self.for_graph(batch)
+        return self.model(self.input_ids[:num_tokens], self.kv_caches, batch)
 
     def _decode_forward(self, bs: int) -> torch.Tensor:
         bounds = LaunchBounds(decodes=bs, prefills=0, prefill_tokens=0, max_seq_len=self.max_model_len)
@@ -130,11 +142,13 @@ class CudaGraphRunner:
     def can_run_mixed(self, num_tokens: int, num_seqs: int) -> bool:
         return bool(self.token_sizes) and num_tokens <= self.token_sizes[-1] and num_seqs <= self.sizes[-1]
 
-    def _load(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, padded: int) -> None:
-        """Copy a step's inputs into the static buffers; tokens up to `padded` write no KV."""
+    def _load(self, input_ids: torch.Tensor, batch: ForwardBatch, padded: int) -> None:
+        """Copy a step's inputs into the static buffers; tokens up to `padded` write no KV. The step's LoRA batch
+        is not copied: the graph recomputes its own from the slots the LoRA manager wrote."""
+        meta = batch.attn
         t, b = input_ids.shape[0], meta.num_seqs
         self.input_ids[:t].copy_(input_ids)
-        self.positions[..., :t].copy_(positions)
+        self.positions[..., :t].copy_(batch.positions)
         self.slot_mapping[:t].copy_(meta.slot_mapping)
         self.slot_mapping[t:padded].fill_(-1)
         self.query_start_loc[: b + 1].copy_(meta.query_start_loc)
@@ -142,19 +156,19 @@ class CudaGraphRunner:
         self.block_tables[:b, : meta.block_tables.shape[1]].copy_(meta.block_tables)
         self.seq_counts.copy_(meta.seq_counts)
 
-    def run_decode(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run_decode(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Logits [B, vocab] for a decode-only batch of B sequences."""
         b = input_ids.shape[0]
         bs = next(s for s in self.sizes if s >= b)
-        self._load(input_ids, positions, meta, bs)
+        self._load(input_ids, batch, bs)
         self.graphs[bs].replay()
         return self.logits[bs][:b]
 
-    def run_mixed(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def run_mixed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states [T, hidden] of any batch of T tokens within the mixed graphs' sizes."""
         t = input_ids.shape[0]
         padded = next(s for s in self.token_sizes if s >= t)
-        self._load(input_ids, positions, meta, padded)
+        self._load(input_ids, batch, padded)
         self.mixed_graphs[padded].replay()
         return self.hidden[padded][:t]
 

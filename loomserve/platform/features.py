@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from loomserve.platform.config import EngineConfig
+    from loomserve.platform.forward_batch import ForwardBatch
     from loomserve.platform.input_batch import BatchInputs
     from loomserve.platform.request import Request
     from loomserve.platform.step import ScheduledStep
@@ -66,6 +67,10 @@ class RunnerHook(Protocol):
 
     def prepare(self, step: ScheduledStep, batch: BatchInputs) -> None:
         """Add the feature's forward inputs to the packed batch (before the model runs)."""
+
+    def for_graph(self, batch: ForwardBatch) -> None:
+        """Add the feature's part to the ForwardBatch a CUDA graph is captured with (made inside the capture, so made
+        anew on each replay)."""
 
     def pool(self, hidden: torch.Tensor, batch: BatchInputs) -> dict[str, torch.Tensor]:
         """Per-request outputs made from the step's hidden states [T, hidden] (on the device)."""

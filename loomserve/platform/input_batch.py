@@ -17,6 +17,7 @@ import torch
 
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.block_table import BlockTable
+from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.step import NewRequest, ScheduledRequest, ScheduledStep
 
@@ -81,15 +82,12 @@ class RequestState:
 @dataclass
 class BatchInputs:
     input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64 ([3, T] once an M-RoPE model's hook has set them)
-    attn: AttentionMetadata
+    forward: ForwardBatch  # the model's argument: attention metadata, positions; the features add theirs
     logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
     sample_requests: list[RequestState]
     scheduled: list[ScheduledRequest]  # the step's requests in batch order (decodes first)
     requests: list[RequestState]  # their states, in the same order
     pooling: list[PoolingSpan] = field(default_factory=list)  # the requests whose prompt ends this step and pools
-    # Extra forward inputs: token_type_ids [T] (cross-encoder pairs), inputs_embeds [T, hidden] (media in place).
-    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class InputBatch:
@@ -194,4 +192,4 @@ class InputBatch:
         )
         if from_previous:  # fill in tokens that exist only on the device so far
             input_ids[at_t] = self.previous_sampled[prev_t]
-        return BatchInputs(input_ids, pos_t, attn, logits_t, sample_requests, scheduled, states)
+        return BatchInputs(input_ids, ForwardBatch(attn, pos_t), logits_t, sample_requests, scheduled, states)

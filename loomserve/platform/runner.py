@@ -18,6 +18,7 @@ from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.cuda_graphs import CudaGraphRunner, graph_output_bytes
 from loomserve.platform.features import RunnerHook, feature_off, runner_hooks
+from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.input_batch import BatchInputs, InputBatch
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.loader import load_model
@@ -103,7 +104,12 @@ class ModelRunner:
             return None
         mc = self.config.model_config
         return CudaGraphRunner(self.model, self.kv_caches, self.config.scheduler_config.max_num_seqs,
-                               mc.max_model_len, self.block_size, self.config.max_cudagraph_capture_size)
+                               mc.max_model_len, self.block_size, self.config.max_cudagraph_capture_size,
+                               self._for_graph)
+
+    def _for_graph(self, batch: ForwardBatch) -> None:
+        for hook in self.hooks:
+            hook.for_graph(batch)
 
     def _graph_memory(self) -> int:
         """Bytes the CUDA graphs will keep, captured after the KV cache takes its share."""
@@ -140,7 +146,7 @@ class ModelRunner:
             seq_lens_cpu=[num_tokens],
         )
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), caches, attn)
+        hidden = self.model(ids, caches, ForwardBatch(attn, torch.arange(num_tokens, device=self.device)))
         if mc.task == "generate":  # pooling models have no LM head
             self.model.compute_logits(hidden[: min(sc.max_num_seqs, num_tokens)])
         torch.cuda.synchronize()
@@ -217,18 +223,19 @@ class ModelRunner:
         """Logits of the sampling rows [S, vocab] (None when no row samples) and the pooled outputs (on the device).
 
         A decode-only batch replays a decode CUDA graph (logits), another batch within the mixed graphs' sizes a mixed
-        graph (hidden states). Graphs take token ids and positions only, so a step with extra model inputs (media
-        embeddings, token types) or a pooling request runs eagerly."""
-        graphs, attn = self.cuda_graphs, batch.attn
-        num_tokens, num_seqs = batch.input_ids.shape[0], attn.num_seqs
-        replayable = graphs is not None and not (batch.pooling or batch.model_inputs)
-        if replayable and attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
-            logits = graphs.run_decode(batch.input_ids, batch.positions, attn)  # [B, vocab]
+        graph (hidden states). Graphs take token ids and positions only (their LoRA batch comes from the slots the LoRA
+        manager wrote), so a step with extra model inputs (media embeddings, token types) or a pooling request runs
+        eagerly."""
+        graphs, forward = self.cuda_graphs, batch.forward
+        num_tokens, num_seqs = batch.input_ids.shape[0], forward.attn.num_seqs
+        replayable = graphs is not None and not (batch.pooling or forward.has_extra_inputs)
+        if replayable and forward.attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
+            logits = graphs.run_decode(batch.input_ids, forward)  # [B, vocab]
             return (logits[batch.logits_indices] if batch.sample_requests else None), {}
         if replayable and graphs.can_run_mixed(num_tokens, num_seqs):
-            hidden = graphs.run_mixed(batch.input_ids, batch.positions, attn)  # [T, hidden]
+            hidden = graphs.run_mixed(batch.input_ids, forward)  # [T, hidden]
         else:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, attn, **batch.model_inputs)
+            hidden = self.model(batch.input_ids, self.kv_caches, forward)
         logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sample_requests else None
         pooled = {}
         for hook in self.hooks:

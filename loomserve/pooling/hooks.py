@@ -36,9 +36,7 @@ class PoolingRunnerHook(RunnerHook):
             if s.pools:
                 batch.pooling.append(PoolingSpan.of(state, start, start + s.num_new_tokens))
             start += s.num_new_tokens
-        types = token_type_ids(batch.pooling, start, self.device)
-        if types is not None:
-            batch.model_inputs["token_type_ids"] = types
+        batch.forward.token_type_ids = token_type_ids(batch.pooling, start, self.device)
 
     def pool(self, hidden: torch.Tensor, batch: BatchInputs) -> dict[str, torch.Tensor]:
         return self.pooler(hidden, batch.pooling)

@@ -9,6 +9,7 @@ import torch
 
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.config import EngineArgs, ModelConfig
+from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.loader import load_model
 from loomserve.platform.models.decoder import head_dim_of
 
@@ -82,6 +83,7 @@ class PagedRunner:
             positions.extend(range(start, self.lengths[seq]))
         meta = make_metadata(query_lens, seq_lens, tables, self.block_size)
         input_ids = torch.tensor([t for tokens in chunks.values() for t in tokens], dtype=torch.int64)
-        hidden = self.model(input_ids, torch.tensor(positions, dtype=torch.int64), self.kv_caches, meta)
+        batch = ForwardBatch(meta, torch.tensor(positions, dtype=torch.int64))
+        hidden = self.model(input_ids, self.kv_caches, batch)
         logits = self.model.compute_logits(hidden)  # [T, V]
         return dict(zip(chunks, logits.split(query_lens), strict=True))

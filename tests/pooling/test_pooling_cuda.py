@@ -34,7 +34,7 @@ def test_one_token_pooling_request_beside_decodes_runs_eagerly():
     replays = []  # sequences in each replayed step
     for name in ("run_decode", "run_mixed"):
         run = getattr(graphs, name)
-        setattr(graphs, name, lambda *args, run=run: replays.append(args[2].num_seqs) or run(*args))
+        setattr(graphs, name, lambda *args, run=run: replays.append(args[1].attn.num_seqs) or run(*args))
     arrivals = {0: ["g0"], 3: ["e1"]}  # "a" is one token: it joins g0's decodes
     tokens, pooled, _ = run_interleaved(llm, arrivals)
     check_outputs(tokens, pooled, arrivals)

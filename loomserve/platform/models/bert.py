@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.attention.encoder import EncoderAttention, LengthGroups
+from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.models.interfaces import ServedModel
 from loomserve.platform.models.packed_linear import PackedLinear
 from loomserve.platform.models.packing import load_packed_weights
@@ -148,13 +148,11 @@ class BertEmbeddingModel(ServedModel):
     def forward(
         self,
         input_ids: torch.Tensor,  # [T] int64
-        positions: torch.Tensor,  # [T] int64: 0-based within each sequence
         kv_caches: list[torch.Tensor],  # unused: encoders keep no KV cache
-        meta: AttentionMetadata,
-        token_type_ids: torch.Tensor | None = None,  # [T] int64 segment ids (cross-encoder pairs)
+        batch: ForwardBatch,  # positions [T] 0-based within each sequence; token_type_ids [T] for cross-encoder pairs
     ) -> torch.Tensor:  # [T, hidden]
-        layout = LengthGroups.from_query_start_loc(meta.query_start_loc_cpu, input_ids.device)
-        x = self.embeddings(input_ids, positions, token_type_ids)
+        layout = LengthGroups.from_query_start_loc(batch.attn.query_start_loc_cpu, input_ids.device)
+        x = self.embeddings(input_ids, batch.positions, batch.token_type_ids)
         for layer in self.encoder.layer:
             x = layer(x, layout)
         return x

@@ -1,8 +1,9 @@
 """One decoder-only causal LM for the Llama, Mistral, Qwen2 and Qwen3 families, switched by their `DecoderSpec`.
 
-Tokens of many sequences arrive packed in one flat batch (no padding); attention reads and writes the paged
-KV cache through `AttentionMetadata`. Parameter layout follows vLLM: q/k/v and gate/up are fused, loaded
-shard by shard from the checkpoint's separate projections (`packed_modules_mapping`).
+Tokens of many sequences arrive packed in one flat batch (no padding); the step's `ForwardBatch` goes down to every
+layer: attention reads and writes the paged KV cache through its `AttentionMetadata`, and each projection gets its
+LoRA batch (used only once adapters wrap the projections). Parameter layout follows vLLM: q/k/v and gate/up are
+fused, loaded shard by shard from the checkpoint's separate projections (`packed_modules_mapping`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from loomserve.platform.attention import AttentionMetadata, get_attention_backend
+from loomserve.platform.attention import get_attention_backend
+from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.models.interfaces import ServedModel
-from loomserve.platform.models.layers import MergedLinear, RMSNorm, SiluAndMul
+from loomserve.platform.models.layers import MergedLinear, RMSNorm, SiluAndMul, project
 from loomserve.platform.models.packing import load_packed_weights
 from loomserve.platform.models.rope import RotaryEmbedding, rotate_qk
 
@@ -97,16 +99,17 @@ class Attention(nn.Module):
         self.attn = backend_cls(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(
-        self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = project(self.qkv_proj, x, batch.lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate_qk(q, k, cos_sin)
-        return self.o_proj(self.attn.forward(q, k, v, kv_cache, meta))  # [T, hidden]
+        out = self.attn.forward(q, k, v, kv_cache, batch.attn)  # [T, H * D]
+        return project(self.o_proj, out, batch.lora)  # [T, hidden]
 
 
 class MLP(nn.Module):
@@ -120,8 +123,9 @@ class MLP(nn.Module):
         self.act = SiluAndMul()
         self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, hidden]
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        gate_up = project(self.gate_up_proj, x, batch.lora)  # [T, 2I]
+        return project(self.down_proj, self.act(gate_up), batch.lora)  # [T, I] -> [T, hidden]
 
 
 class DecoderLayer(nn.Module):
@@ -138,15 +142,15 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         cos_sin: torch.Tensor,
         kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos_sin, kv_cache, meta)
+        hidden = self.self_attn(hidden, cos_sin, kv_cache, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, batch), residual
 
 
 class DecoderModel(nn.Module):
@@ -157,19 +161,12 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [T, hidden]
-        cos_sin = self.rotary_emb(positions)  # [T, rotary_dim], shared by all layers
+    def forward(self, input_ids: torch.Tensor, kv_caches: list[torch.Tensor], batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids) if batch.inputs_embeds is None else batch.inputs_embeds  # [T, hidden]
+        cos_sin = self.rotary_emb(batch.positions)  # [T, rotary_dim], shared by all layers
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, cos_sin, kv_cache, meta)
+            hidden, residual = layer(hidden, residual, cos_sin, kv_cache, batch)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -197,12 +194,10 @@ class DecoderForCausalLM(ServedModel):
     def forward(
         self,
         input_ids: torch.Tensor,  # [T] int64
-        positions: torch.Tensor,  # [T] int64
         kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, Hkv, D]
-        meta: AttentionMetadata,
-        inputs_embeds: torch.Tensor | None = None,  # [T, hidden], replaces the token embeddings (multimodal)
+        batch: ForwardBatch,  # positions [T]; inputs_embeds [T, hidden], when set, replace the token embeddings
     ) -> torch.Tensor:  # [T, hidden]
-        return self.model(input_ids, positions, kv_caches, meta, inputs_embeds)
+        return self.model(input_ids, kv_caches, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, vocab]

@@ -1,12 +1,17 @@
-"""Building blocks of the decoder families: RMSNorm (with fused residual add), SiLU-and-mul, fused linears."""
+"""Building blocks of the decoder families: RMSNorm (with fused residual add), SiLU-and-mul, fused linears, and the
+one way a decoder calls its projections, which adapted (LoRA) linears need the step's adapter batch for."""
 
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # platform knows the adapters' data type only, never their behaviour
+    from loomserve.adapters.layers import LoRABatch
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -70,6 +75,20 @@ class MergedLinear(nn.Linear):
         start = sum(self.output_sizes[:shard_id])
         rows = param.data.narrow(0, start, self.output_sizes[shard_id])
         copy_checked(rows, tensor)
+
+
+class AdaptedLinear(nn.Module):
+    """A linear layer with per-token adapters on top of its base output (LoRA: `adapters/layers.py`). Which adapter
+    each token uses changes every step, so the step's adapter batch comes with the input."""
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def project(layer: nn.Module, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+    """A decoder projection of x [T, in] -> [T, out]: an adapted layer gets the step's adapter batch (None: no token
+    uses one), a plain, fused or NF4 linear the input alone."""
+    return layer(x, lora) if isinstance(layer, AdaptedLinear) else layer(x)
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:

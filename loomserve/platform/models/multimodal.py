@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from loomserve.modalities.inputs import MultiModalItem
-from loomserve.platform.attention import AttentionMetadata
+from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.models.decoder import DECODER_PACKED_MODULES, DecoderForCausalLM, decoder_param_for
 from loomserve.platform.models.interfaces import ServedModel
 from loomserve.platform.models.packing import load_packed_weights
@@ -51,12 +51,10 @@ class MultiModalForCausalLM(ServedModel):
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
-        positions: torch.Tensor,  # [T], or [3, T] for M-RoPE models
         kv_caches: list[torch.Tensor],
-        meta: AttentionMetadata,
-        inputs_embeds: torch.Tensor | None = None,  # [T, hidden]: token embeddings with media embeddings in place
-    ) -> torch.Tensor:
-        return self.language_model(input_ids, positions, kv_caches, meta, inputs_embeds=inputs_embeds)
+        batch: ForwardBatch,  # positions [T], or [3, T] for M-RoPE models; inputs_embeds [T, hidden] with media
+    ) -> torch.Tensor:  # [T, hidden]
+        return self.language_model(input_ids, kv_caches, batch)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model.compute_logits(hidden)
