@@ -14,7 +14,8 @@ SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=11, max_tokens=12, igno
 
 @pytest.fixture(scope="module")
 def mp_llm(qwen2_checkpoint):
-    llm = LLM(qwen2_checkpoint, distributed_executor_backend="mp", block_size=4, kv_cache_memory="32MiB")
+    llm = LLM(qwen2_checkpoint, distributed_executor_backend="mp", device="cpu", block_size=4,
+              kv_cache_memory="32MiB")
     yield llm
     llm.engine.shutdown()
 
@@ -29,8 +30,8 @@ def test_a_batch_in_a_runner_process_equals_each_request_alone(mp_llm):
 
 
 def test_preemption_chunks_and_async_scheduling_in_a_runner_process_equal_transformers(qwen2_checkpoint):
-    llm = LLM(qwen2_checkpoint, distributed_executor_backend="mp", block_size=4, num_gpu_blocks_override=24,
-              max_model_len=96, max_num_batched_tokens=6, async_scheduling=True)
+    llm = LLM(qwen2_checkpoint, distributed_executor_backend="mp", device="cpu", block_size=4,
+              num_gpu_blocks_override=24, max_model_len=96, max_num_batched_tokens=6, async_scheduling=True)
     try:
         assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference(qwen2_checkpoint)
         assert llm.engine.scheduler.total_preemptions > 0
@@ -39,7 +40,7 @@ def test_preemption_chunks_and_async_scheduling_in_a_runner_process_equal_transf
 
 
 def test_a_runner_process_that_dies_fails_the_next_step_at_once(qwen2_checkpoint):
-    llm = LLM(qwen2_checkpoint, distributed_executor_backend="mp", block_size=4, kv_cache_memory="8MiB")
+    llm = LLM(qwen2_checkpoint, distributed_executor_backend="mp", device="cpu", block_size=4, kv_cache_memory="8MiB")
     llm.engine.executor.process.kill()
     with pytest.raises(RuntimeError, match="the runner process died"):
         llm.generate("hello", GREEDY)
