@@ -68,6 +68,8 @@ class LoRAAdmission(SchedulerHook):
     def update(self, result: dict[str, Any], requests: dict[str, Request]) -> dict[str, str]:
         """Take in the runner's host cache; the requests of adapters that failed to load end with the reason."""
         self.cached = set(result["cached"])
+        if not result["failed"]:
+            return {}
         failed = {int(lora_id): reason for lora_id, reason in result["failed"].items()}
         for lora_id, reason in failed.items():
             logger.error("aborting the requests of LoRA adapter %d: %s", lora_id, reason)

@@ -47,16 +47,15 @@ class EngineCore:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
         self.executor = executor or create_executor(config)
-        self.num_blocks = self.executor.measure_kv_blocks()
+        num_blocks = self.executor.measure_kv_blocks()
         block_size, max_model_len = config.cache_config.block_size, config.model_config.max_model_len
-        if self.num_blocks * block_size < max_model_len:
+        if num_blocks * block_size < max_model_len:
             raise ValueError(
-                f"max_model_len {max_model_len} is larger than the {self.num_blocks * block_size} tokens the KV "
-                "cache can hold: give it more memory (--kv-cache-memory, --gpu-memory-utilization) or lower "
-                "--max-model-len"
+                f"max_model_len {max_model_len} is larger than the {num_blocks * block_size} tokens the KV cache can "
+                "hold: give it more memory (--kv-cache-memory, --gpu-memory-utilization) or lower --max-model-len"
             )
-        self.executor.init_kv_cache(self.num_blocks)
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, max_model_len, self.num_blocks,
+        self.executor.init_kv_cache(num_blocks)
+        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, max_model_len, num_blocks,
                                    scheduler_hooks(config))
         self.in_flight: tuple[ScheduledStep, Any] | None = None  # launched, not yet landed
         # Front-end calls answered once done: (call id, the feature called or None, its future).

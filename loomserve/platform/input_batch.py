@@ -19,6 +19,7 @@ from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.block_table import BlockTable
 from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.kv_cache.manager import cdiv
+from loomserve.platform.request import TokenCounts
 from loomserve.platform.step import NewRequest, ScheduledRequest, ScheduledStep
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(eq=False)
-class RequestState:
+class RequestState(TokenCounts):
     """What the runner keeps about one request between steps."""
 
     request_id: str
@@ -49,18 +50,6 @@ class RequestState:
     def of(cls, new: NewRequest) -> RequestState:
         return cls(new.request_id, new.prompt_token_ids, new.sampling_params, new.eos_token_id, new.pooling_params,
                    new.lora_request, new.mm_items)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def sample_index(self) -> int:

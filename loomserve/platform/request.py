@@ -103,8 +103,27 @@ FINISH_REASONS = {
 }
 
 
+class TokenCounts:
+    """Counts over `prompt_token_ids` and `output_token_ids`, for the scheduler's and the runner's request state."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+
 @dataclass(eq=False)
-class Request:
+class Request(TokenCounts):
     """The scheduler's state of one sequence (a child of an `n > 1` request is its own Request)."""
 
     request_id: str
@@ -130,18 +149,6 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
 
     @property
     def needs_history(self) -> bool:

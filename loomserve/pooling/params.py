@@ -45,7 +45,3 @@ class PoolingParams:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PoolingParams:
-        return cls(**d)
