@@ -1,55 +1,52 @@
-"""Chat messages of text-only models -> prompt text through the tokenizer's chat template; media parts are refused
-here (multimodal models render through chat_media.py)."""
+"""Chat messages of a request -> the engine prompt: rendered through the one chat-rendering path
+(`modalities/chat.py`, for text and media alike), media loaded and preprocessed off the event loop, placeholders
+expanded. Every problem with the messages or their media answers 400 with its reason."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 
 from loomserve.api.errors import APIError
-from loomserve.api.protocol import ChatMessage, ContentPart
+from loomserve.api.prompts import Prompt
+from loomserve.api.protocol import ChatMessage
+from loomserve.modalities.chat import render_chat_with_media, split_media
+from loomserve.modalities.media import MediaError, MediaRef
+
+if TYPE_CHECKING:
+    from loomserve.modalities.processors.base import MultiModalProcessor
+    from loomserve.platform.async_llm import AsyncLLM
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
-    """The prompt text the model sees for `messages`; APIError (400) when they cannot be rendered."""
-    check_chat(tokenizer, messages)
-    conversation = [_template_message(message) for message in messages]
-    try:
-        return tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except jinja2.TemplateError as exc:
-        raise APIError(f"The chat template rejected these messages: {exc}", param="messages") from exc
-
-
-def check_chat(tokenizer: Any, messages: list[ChatMessage]) -> None:
-    """APIError (400) for an empty conversation or a model without a chat template."""
+def render_chat(tokenizer: Any, messages: list[ChatMessage], processor: MultiModalProcessor | None,
+                add_generation_prompt: bool = True) -> tuple[str, list[MediaRef]]:
+    """The prompt text the model sees for `messages` and their media references; APIError (400) when they cannot
+    be rendered (no chat template, media the model does not take, a template that rejects them)."""
     if not messages:
         raise APIError("`messages` must not be empty", param="messages")
     if not getattr(tokenizer, "chat_template", None):
         raise APIError("This model has no chat template: use /v1/completions", param="messages")
+    try:
+        conversation, refs = split_media([m.model_dump(exclude_none=True) for m in messages])
+        return render_chat_with_media(tokenizer, conversation, refs, processor, add_generation_prompt), refs
+    except MediaError as exc:
+        raise APIError(str(exc), param="messages") from exc
+    except jinja2.TemplateError as exc:
+        raise APIError(f"The chat template rejected these messages: {exc}", param="messages") from exc
 
 
-def _template_message(message: ChatMessage) -> dict[str, str]:
-    rendered = {"role": message.role, "content": _content_text(message.content)}
-    if message.name is not None:
-        rendered["name"] = message.name
-    return rendered
-
-
-def _content_text(content: str | list[ContentPart] | None) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    return "\n".join(_part_text(part) for part in content)
-
-
-def _part_text(part: ContentPart) -> str:
-    if part.type != "text":
-        raise APIError(
-            f"Content parts of type {part.type!r} are not supported: this model accepts text only",
-            param="messages",
-        )
-    if part.text is None:
-        raise APIError("A content part of type 'text' needs a `text` field", param="messages")
-    return part.text
+async def chat_prompt(engine: AsyncLLM, messages: list[ChatMessage]) -> Prompt:
+    """The engine prompt for `messages`: token ids, text, and the media items in place."""
+    mm = engine.input_processor.mm
+    text, refs = render_chat(engine.tokenizer, messages, mm.processor)
+    token_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    if not refs:
+        return Prompt(token_ids, text)
+    try:
+        mm_data = await asyncio.to_thread(mm.load, refs)
+        token_ids, items = await asyncio.to_thread(mm.apply, token_ids, mm_data)
+    except MediaError as exc:
+        raise APIError(str(exc), param="messages") from exc
+    return Prompt(token_ids, text, items)

@@ -78,8 +78,7 @@ class StreamOptions(OpenAIBaseModel):
 
 class ContentPart(BaseModel):
     """One part of a message's content: `text`, or a media part (image_url, video_url, audio_url, input_audio) whose
-    payload rides in the extra fields; multimodal models serve media parts (chat_media.py), text-only ones refuse
-    them (chat.py)."""
+    payload rides in the extra fields; multimodal models serve media parts, text-only ones refuse them (chat.py)."""
 
     model_config = ConfigDict(extra="allow")
     type: str

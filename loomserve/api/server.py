@@ -127,7 +127,8 @@ async def models(served: Models) -> ModelList:
 async def tokenize(body: TokenizeRequest, models: Models) -> TokenizeResponse:
     engine = models.get(body.model)
     if body.messages is not None:
-        text = render_chat(engine.tokenizer, body.messages, body.add_generation_prompt)
+        text, _ = render_chat(engine.tokenizer, body.messages, engine.input_processor.mm.processor,
+                              body.add_generation_prompt)
         add_special_tokens = bool(body.add_special_tokens)
     else:
         text = body.prompt

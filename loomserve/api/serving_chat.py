@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from loomserve.api.chat_media import chat_prompt
+from loomserve.api.chat import chat_prompt
 from loomserve.api.errors import error_body_for
 from loomserve.api.logprobs import chat_logprobs
 from loomserve.api.prompts import check_token_ids

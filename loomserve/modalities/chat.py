@@ -67,12 +67,13 @@ def render_chat_with_media(
     template_kwargs: dict[str, Any] | None = None,
 ) -> str:
     """The prompt text for `split_media`'s messages, with one placeholder per media reference; MediaError first
-    when the model does not take the media or the prompt has more than the limits allow."""
+    when the model does not take the media or the prompt has more than the limits allow. The one way chat
+    messages become a prompt, for text and media, offline and over HTTP."""
     render = lambda msgs: tokenizer.apply_chat_template(
         msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
     )
-    if not refs:
-        return render(messages)
+    if not refs:  # text parts only: each message's parts as one text, a part a line
+        return render([_joined(message) for message in messages])
     if processor is None:
         raise MediaError(f"this model accepts text only; it cannot take {refs[0].modality} input")
     wanted = {m: sum(r.modality == m for r in refs) for m in {r.modality for r in refs}}
@@ -88,3 +89,10 @@ def render_chat_with_media(
             message = {**message, "content": "\n".join(lines)}
         inline.append(message)
     return render(inline)
+
+
+def _joined(message: dict[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if isinstance(content, list):
+        return {**message, "content": "\n".join(part["text"] for part in content)}
+    return {**message, "content": content or ""}

@@ -191,6 +191,19 @@ def test_templates_without_media_support_get_inline_placeholders(mm_checkpoint):
             {"type": "image_url", "image_url": {"url": "data:,"}}]}]), processor)
 
 
+def test_text_parts_render_as_one_text_a_part_a_line_offline_and_over_http(qwen2_checkpoint):
+    from loomserve.api.chat import render_chat
+    from loomserve.api.protocol import ChatMessage
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_checkpoint)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}: {{ m['content'] }}]{% endfor %}"
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]
+    offline = render_chat_with_media(tokenizer, *split_media(messages), None)
+    text, refs = render_chat(tokenizer, [ChatMessage.model_validate(m) for m in messages], None)
+    assert offline == text == "[system: Be brief.][user: one\ntwo]" and refs == []
+
+
 def test_media_for_a_text_only_model_is_refused_by_the_python_api(qwen2_checkpoint):
     from loomserve import LLM
 
