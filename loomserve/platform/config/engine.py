@@ -24,6 +24,7 @@ from loomserve.platform.config.model import (
 from loomserve.platform.config.parallel import EXECUTOR_BACKENDS, ParallelConfig
 from loomserve.platform.config.scheduler import SchedulerConfig
 from loomserve.platform.config.speculative import parse_speculative_config
+from loomserve.platform.models.registry import get_model_class
 
 
 @dataclass
@@ -155,6 +156,7 @@ class EngineArgs:
         )
         lora_config = None
         if self.enable_lora:
+            _check_lora_support(model_config)
             lora_config = LoRAConfig(self.max_loras, self.max_lora_rank, self.max_cpu_loras or self.max_loras)
         backend = resolve_attention_backend(self.attention_backend, device)
         async_scheduling = device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
@@ -189,3 +191,11 @@ def _default_token_budget(device: torch.device, max_model_len: int, encoder_only
     if device.type == "cuda":
         return max(8192, max_model_len) if encoder_only else 8192
     return max(4096, max_model_len) if encoder_only else max(2048, min(max_model_len, 8192))
+
+
+def _check_lora_support(model_config: ModelConfig) -> None:
+    """Refuse --enable-lora before any weight loads for a model class that takes no adapters."""
+    model_cls = get_model_class(model_config.architecture, model_config.task)
+    if not model_cls.supports_lora:
+        raise ValueError(f"{model_config.architecture} takes no LoRA adapters (LoRA adapts decoder layers): "
+                         "serve it without --enable-lora")
