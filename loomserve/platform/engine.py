@@ -140,18 +140,21 @@ class EngineCore:
         """A front-end call; its reply comes out of `take_call_replies` once done. Calls that are a feature's go to
         its runner hook."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        feature = getattr(call, "feature", None)
-        if feature is not None:
-            future = self.executor.call(feature, call.method, *call.args())
-        elif isinstance(call, ResetPrefixCache):
+        if isinstance(call, ResetPrefixCache):
             self.reset_prefix_cache()
             future.set_result(None)
+            feature = None
+        else:
+            feature = call.feature
+            future = self.executor.call(feature, call.method, *call.args())
         self.pending_calls.append((call.call_id, feature, future))
 
     def take_call_replies(self) -> list[CallReply]:
         """A reply for each call that has finished (with why, if it failed)."""
-        done = [call for call in self.pending_calls if call[2].done()]
-        self.pending_calls = [call for call in self.pending_calls if not call[2].done()]
+        done, waiting = [], []
+        for call in self.pending_calls:  # one look at each future: one that ends meanwhile is answered next time
+            (done if call[2].done() else waiting).append(call)
+        self.pending_calls = waiting
         for _, feature, future in done:
             if feature is not None:
                 self._take_call_result(feature, future)

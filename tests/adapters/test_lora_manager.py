@@ -4,6 +4,7 @@ keeps the adapters of running requests and evicts the least recently used others
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from peft_reference import PROMPTS, peft_greedy
@@ -77,3 +78,24 @@ def test_removing_an_adapter_lets_its_running_request_finish(qwen2_checkpoint, a
     engine.add_request(engine_request(llm, "next", None))
     engine.step()  # the first step without it lets its weights go
     assert 1 not in manager.cpu and 1 not in manager.slots
+
+
+def test_an_adapter_call_to_a_runner_process_is_answered_once_read_and_its_requests_run(qwen2_checkpoint, adapters):
+    llm = LLM(qwen2_checkpoint, enable_lora=True, max_loras=2, block_size=4, kv_cache_memory="32MiB",
+              distributed_executor_backend="mp", device="cpu")
+    engine = llm.engine
+    try:
+        engine.call(AddLoRA(3, LoRARequest("a", 1, adapters[0])))
+        engine.call(AddLoRA(4, LoRARequest("gone", 2, "/no/such/adapter")))
+        errors, deadline = {}, time.monotonic() + 60
+        while len(errors) < 2 and time.monotonic() < deadline:
+            errors.update((r.call_id, r.error) for r in engine.take_call_replies())
+        assert errors[3] is None and "/no/such/adapter" in errors[4]
+        engine.add_request(engine_request(llm, "runs", LoRARequest("a", 1, adapters[0])))
+        outputs = []
+        while engine.has_requests():
+            outputs += engine.step().outputs
+    finally:
+        engine.shutdown()
+    want = peft_greedy(qwen2_checkpoint, adapters[0], (PROMPTS[1],), 8)[0]
+    assert [t for o in outputs for t in o.new_token_ids] == want
