@@ -31,7 +31,7 @@ from benchmarks.serving import (
 )
 from loomserve import LLM, SamplingParams
 from loomserve.platform.output_processor import OutputProcessor
-from loomserve.platform.scheduler import SchedulerOutput
+from loomserve.platform.step import ScheduledStep
 
 CONTEXT_BINS = (0, 1024, 2048, 4096, 6144, 8192, 1 << 30)  # a prefill chunk's context (tokens cached before it)
 
@@ -49,9 +49,10 @@ class Trace:
     ttft: list[float] = field(default_factory=list)
 
 
-def prefill_context(out: SchedulerOutput) -> int:
-    """The largest context a prefill chunk of a scheduled step attends over; -1 when the step only decodes."""
-    return max((s.start for s in out.scheduled if s.start < s.request.num_prompt_tokens), default=-1)
+def prefill_context(step: ScheduledStep) -> int:
+    """The largest context a prefill chunk of a scheduled step attends over; -1 when the step only decodes (a decode
+    runs one token, a chunk more)."""
+    return max((s.start for s in step.scheduled if s.num_new_tokens > 1), default=-1)
 
 
 def replay(llm: LLM, specs: list[RequestSpec], output_len: int) -> Trace:

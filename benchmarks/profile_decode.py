@@ -120,7 +120,7 @@ def _print_kernels(engine, processor: OutputProcessor, top: int, steps: int = 10
 
 def _instrument(totals: dict[str, float], runner, scheduler) -> None:
     scheduler.schedule = timed(totals, "schedule", scheduler.schedule)
-    runner.prepare_inputs = timed(totals, "prepare_inputs", runner.prepare_inputs, sync=True)
+    runner.input_batch.prepare = timed(totals, "prepare_inputs", runner.input_batch.prepare, sync=True)
     runner._run_model = timed(totals, "model", runner._run_model, sync=True)
     runner.sampler.forward = timed(totals, "sample", runner.sampler.forward)
     scheduler.update_from_output = timed(totals, "update", scheduler.update_from_output)
