@@ -60,15 +60,18 @@ class LoRARunnerHook(RunnerHook):
         batch.lora = self.manager.graph_batch(batch.positions.shape[-1])
 
     def result(self) -> dict[str, Any]:
-        failed = self.manager.take_failures()
+        return self._report(self.manager.take_failures())
+
+    def _report(self, failed: dict[int, str]) -> dict[str, Any]:
         return {"cached": list(self.manager.cpu), "failed": {str(i): why for i, why in failed.items()}}
 
     def call(self, method: str, *args: Any) -> Any:
         """add (now, raising ValueError when the adapter cannot be served), start_add (a future, done once read),
-        remove; adapters travel in their wire form. The answer is the hook's result, for the scheduler's hook."""
+        remove; adapters travel in their wire form. The answer is the host cache, for the scheduler's hook; failed
+        background loads wait for a step's result, whose landing ends their requests with an output."""
         if method == "add":
             self.manager.add(LoRARequest.from_wire(*args))
-            return self.result()
+            return self._report({})
         if method == "start_add":
             read: concurrent.futures.Future = concurrent.futures.Future()
             loading = self.manager.start_add(LoRARequest.from_wire(*args))
@@ -76,7 +79,7 @@ class LoRARunnerHook(RunnerHook):
             return read
         if method == "remove":
             self.manager.remove(*args)
-            return self.result()
+            return self._report({})
         return super().call(method, *args)
 
 

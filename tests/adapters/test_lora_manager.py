@@ -99,3 +99,21 @@ def test_an_adapter_call_to_a_runner_process_is_answered_once_read_and_its_reque
         engine.shutdown()
     want = peft_greedy(qwen2_checkpoint, adapters[0], (PROMPTS[1],), 8)[0]
     assert [t for o in outputs for t in o.new_token_ids] == want
+
+
+def test_a_request_whose_adapter_fails_to_load_ends_with_an_abort_output_even_across_adapter_calls(
+        qwen2_checkpoint, adapters):
+    llm = LLM(qwen2_checkpoint, enable_lora=True, max_loras=2, block_size=4, kv_cache_memory="32MiB")
+    engine, manager = llm.engine, llm.engine.executor.runner.hook("lora").manager
+    disk = threading.Event()  # the broken adapter's read fails only once this is set
+    read = manager._read
+    manager._read = lambda lora: (lora.lora_int_id != 2 or disk.wait(60)) and read(lora)
+    engine.add_request(engine_request(llm, "broken", LoRARequest("gone", 2, "/no/such/adapter")))
+    outputs = engine.step().outputs  # asks the runner to read the adapter, in the background
+    [load] = manager.loads.values()
+    disk.set()
+    assert load.exception(timeout=60) is not None  # failed, and not yet reported by a step
+    engine.add_lora(LoRARequest("a", 1, adapters[0]))  # an adapter call between the failure and the next step
+    while engine.has_requests():
+        outputs += engine.step().outputs
+    assert [(o.request_id, o.finish_reason) for o in outputs] == [("broken", "abort")]
