@@ -121,7 +121,7 @@ class InputBatch:
             num_decodes += 1
         ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
+        slots: list[int] = []  # the chunks'; the decodes' are computed at once below
         query_start_loc = [0]
         seq_lens = []
         logits_indices = []
@@ -142,7 +142,6 @@ class InputBatch:
                     from_previous.append((len(ids), self.previous_rows[s.request_id]))
                     ids.append(0)
                 positions.append(start)
-                slots.append(int(table[row, start // bs]) * bs + start % bs)
             else:
                 ids.extend(state.tokens(start, end))
                 pos = np.arange(start, end)
@@ -158,9 +157,12 @@ class InputBatch:
         num_tokens, num_seqs = len(ids), len(scheduled)
         at, prev = (list(x) for x in zip(*from_previous)) if from_previous else ([], [])
         counts = [num_decodes, num_seqs]
+        decode_pos = np.asarray(positions[:num_decodes], dtype=np.int64)
+        decode_slots = table[rows[:num_decodes], decode_pos // bs] * bs + decode_pos % bs  # [decodes]
         host = np.concatenate([
-            np.array(ids + positions + slots + query_start_loc + seq_lens + counts + logits_indices + at + prev,
-                     dtype=np.int64),
+            np.array(ids + positions, dtype=np.int64),
+            decode_slots,
+            np.array(slots + query_start_loc + seq_lens + counts + logits_indices + at + prev, dtype=np.int64),
             self.block_table.gather(rows, width).ravel(),
         ])
         # One non-blocking copy: a blocking one would first wait for the step still running on the GPU.
