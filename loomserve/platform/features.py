@@ -108,6 +108,11 @@ def feature_off(name: str) -> ValueError:
     return ValueError(FEATURE_OFF.get(name, f"the {name} feature is not enabled on this engine"))
 
 
+def find_hook(hooks: list[Any], name: str) -> Any:
+    """The hook of feature `name` among `hooks` (scheduler or runner side), or None when the feature is off."""
+    return next((h for h in hooks if h.name == name), None)
+
+
 def _factory(target: str) -> Any:
     module, name = target.split(":")
     return getattr(importlib.import_module(module), name)

@@ -17,7 +17,7 @@ import torch
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.cuda_graphs import CudaGraphRunner, graph_output_bytes
-from loomserve.platform.features import RunnerHook, feature_off, runner_hooks
+from loomserve.platform.features import RunnerHook, feature_off, find_hook, runner_hooks
 from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.input_batch import BatchInputs, InputBatch
 from loomserve.platform.kv_cache.manager import cdiv
@@ -62,7 +62,7 @@ class ModelRunner:
         self.cuda_graphs: CudaGraphRunner | None = None
 
     def hook(self, name: str) -> RunnerHook | None:
-        return next((h for h in self.hooks if h.name == name), None)
+        return find_hook(self.hooks, name)
 
     def measure_kv_blocks(self) -> int:
         """How many KV blocks fit: given, or what the memory budget leaves after a profile of the largest step."""

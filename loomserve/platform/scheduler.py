@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 
 from loomserve.platform.config import CacheConfig, SchedulerConfig
-from loomserve.platform.features import SchedulerHook, feature_off
+from loomserve.platform.features import SchedulerHook, feature_off, find_hook
 from loomserve.platform.kv_cache import KVCacheManager
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.stats import SchedulerStats
@@ -40,7 +40,7 @@ class Scheduler:
         self.finished_ids: list[str] = []  # ended since the last step: the runner forgets them with the next one
 
     def hook(self, name: str) -> SchedulerHook | None:
-        return next((h for h in self.hooks if h.name == name), None)
+        return find_hook(self.hooks, name)
 
     def add_request(self, request: Request) -> None:
         """Queue a request; ValueError when it needs a feature this engine runs without."""
