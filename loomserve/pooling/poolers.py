@@ -10,6 +10,8 @@ runner brings them to the host with the step's sampled tokens).
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,8 +48,7 @@ class Pooler:
                 for s, row in zip(single, logits):
                     out[s.request_id] = self.activation(row) if s.params.activation else row
             else:
-                for s, row in zip(single, vectors.float()):
-                    out[s.request_id] = finish_vectors(row, s.params)
+                out.update(finish_each(vectors.float(), single))
         for s in spans:
             if s.params.returns_sequence:
                 out[s.request_id] = finish_vectors(token_vectors(hidden, s), s.params)
@@ -72,6 +73,19 @@ def pool_vectors(hidden: torch.Tensor, spans: list[PoolingSpan]) -> torch.Tensor
         sums.index_add_(0, segment_t, hidden[index_t].float())
         rows = to_device([i for i, _ in means], torch.int64, hidden.device)
         out[rows] = (sums / lengths_t[:, None]).to(hidden.dtype)
+    return out
+
+
+def finish_each(vectors: torch.Tensor, spans: list[PoolingSpan]) -> dict[str, torch.Tensor]:
+    """vectors [B, hidden] -> each span's finished vector; spans that ask for the same finish share one call."""
+    by_finish: dict[tuple[int | None, bool], list[int]] = defaultdict(list)
+    for i, s in enumerate(spans):
+        by_finish[(s.params.dimensions, s.params.normalize)].append(i)
+    out = {}
+    for rows in by_finish.values():
+        picked = vectors if len(rows) == len(spans) else vectors[to_device(rows, torch.int64, vectors.device)]
+        finished = finish_vectors(picked, spans[rows[0]].params)  # [b, D]
+        out.update(zip((spans[i].request_id for i in rows), finished.unbind(0)))
     return out
 
 

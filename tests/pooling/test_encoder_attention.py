@@ -3,10 +3,11 @@ whatever the mix of lengths."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from loomserve.platform.attention.encoder import EncoderAttention, LengthGroups
+from loomserve.platform.attention.encoder import EncoderAttention, SequenceLayout
 
 LENGTHS = [1, 5, 5, 17, 3, 64, 60, 2, 16, 16, 16, 40]
 H, D = 4, 8
@@ -30,14 +31,14 @@ def reference(qkv: torch.Tensor, query_start_loc: list[int]) -> torch.Tensor:
 
 def test_packed_attention_equals_each_sequence_alone():
     qkv, query_start_loc = packed(LENGTHS)
-    layout = LengthGroups.from_query_start_loc(query_start_loc, torch.device("cpu"))
+    layout = SequenceLayout(query_start_loc, torch.device("cpu"), torch.float32)
     got = EncoderAttention(H, D, D**-0.5).forward(qkv, layout)
     assert torch.allclose(got, reference(qkv, query_start_loc), atol=1e-6)
 
 
 def test_a_sequence_does_not_see_its_neighbours():
     qkv, query_start_loc = packed(LENGTHS)
-    layout = LengthGroups.from_query_start_loc(query_start_loc, torch.device("cpu"))
+    layout = SequenceLayout(query_start_loc, torch.device("cpu"), torch.float32)
     attention = EncoderAttention(H, D, D**-0.5)
     before = attention.forward(qkv, layout)
     start, end = query_start_loc[8], query_start_loc[9]  # change a 16-token sequence that shares its group
@@ -49,6 +50,21 @@ def test_a_sequence_does_not_see_its_neighbours():
 
 def test_sequences_of_equal_length_share_one_call():
     _, query_start_loc = packed(LENGTHS)
-    groups = LengthGroups.from_query_start_loc(query_start_loc, torch.device("cpu")).groups
+    groups = SequenceLayout(query_start_loc, torch.device("cpu"), torch.float32).groups
     assert sorted((g.L, g.b) for g in groups) == sorted((n, LENGTHS.count(n)) for n in set(LENGTHS))
     assert sorted(torch.cat([g.rows for g in groups]).tolist()) == list(range(query_start_loc[-1]))
+
+
+def test_a_cpu_step_groups_by_length_instead_of_the_varlen_kernel():
+    _, query_start_loc = packed(LENGTHS)
+    assert not SequenceLayout(query_start_loc, torch.device("cpu"), torch.bfloat16).varlen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash kernel runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_varlen_call_equals_each_sequence_alone_on_cuda(dtype):
+    qkv, query_start_loc = packed(LENGTHS)
+    layout = SequenceLayout(query_start_loc, torch.device("cuda"), dtype)
+    assert layout.varlen
+    got = EncoderAttention(H, D, D**-0.5).forward(qkv.to("cuda", dtype), layout)
+    assert torch.allclose(got.float().cpu(), reference(qkv, query_start_loc), atol=2e-2)

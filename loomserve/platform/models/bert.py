@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from loomserve.platform.attention.encoder import EncoderAttention, LengthGroups
+from loomserve.platform.attention.encoder import EncoderAttention, SequenceLayout
 from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.models.interfaces import ServedModel
 from loomserve.platform.models.packed_linear import PackedLinear
@@ -100,7 +100,7 @@ class BertSelfAttention(nn.Module):
         self.out_proj = PackedLinear(hidden, [hidden])
         self.attn = EncoderAttention(self.num_heads, self.head_dim, self.head_dim**-0.5)
 
-    def forward(self, x: torch.Tensor, layout: LengthGroups) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
         qkv = self.qkv_proj(x).view(-1, 3, self.num_heads, self.head_dim)  # [T, 3, H, D]
         return self.out_proj(self.attn.forward(qkv, layout))  # [T, hidden]
 
@@ -115,7 +115,7 @@ class BertLayer(nn.Module):
         self.output = PackedLinear(config.intermediate_size, [config.hidden_size])
         self.output_norm = nn.LayerNorm(config.hidden_size, eps=eps)
 
-    def forward(self, x: torch.Tensor, layout: LengthGroups) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
         x = self.attention_norm(self.attention(x, layout).add_(x))  # the residual added into the fresh output
         return self.output_norm(self.output(self.intermediate(x)).add_(x))  # [T, I] inside
 
@@ -151,8 +151,8 @@ class BertEmbeddingModel(ServedModel):
         kv_caches: list[torch.Tensor],  # unused: encoders keep no KV cache
         batch: ForwardBatch,  # positions [T] 0-based within each sequence; token_type_ids [T] for cross-encoder pairs
     ) -> torch.Tensor:  # [T, hidden]
-        layout = LengthGroups.from_query_start_loc(batch.attn.query_start_loc_cpu, input_ids.device)
         x = self.embeddings(input_ids, batch.positions, batch.token_type_ids)
+        layout = SequenceLayout(batch.attn.query_start_loc_cpu, x.device, x.dtype)
         for layer in self.encoder.layer:
             x = layer(x, layout)
         return x

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from loomserve.platform.attention.encoder import EncoderAttention, LengthGroups
+from loomserve.platform.attention.encoder import EncoderAttention, SequenceLayout
 from loomserve.platform.models.layers import RMSNorm
 from loomserve.platform.models.rope import apply_rotary
 
@@ -66,7 +66,7 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attn = EncoderAttention(num_heads, self.head_dim, self.head_dim**-0.5)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, layout: LengthGroups) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
         q, k, v = self.qkv(x).view(-1, 3, self.num_heads, self.head_dim).unbind(1)  # [N, H, D] each
         q = apply_rotary(q.float(), cos_sin).to(x.dtype)  # rotated in float32, as transformers does
         k = apply_rotary(k.float(), cos_sin).to(x.dtype)
@@ -100,7 +100,7 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(dim, num_heads)
         self.mlp = VisionMLP(dim, mlp_hidden, act, gated=qwen2_5)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, layout: LengthGroups) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos_sin, layout)
         return x + self.mlp(self.norm2(x))
 
@@ -174,8 +174,8 @@ class QwenVisionTransformer(nn.Module):
             perm = torch.cat(order).to(x.device)
             x = x.view(num_merged, unit, -1)[perm].flatten(0, 1)
             cos_sin = cos_sin.view(num_merged, unit, -1)[perm].flatten(0, 1)
-        frames = LengthGroups.from_query_start_loc(frame_bounds, x.device)  # attention within each frame
-        windows = LengthGroups.from_query_start_loc(window_bounds, x.device) if self.qwen2_5 else frames
+        frames = SequenceLayout(frame_bounds, x.device, x.dtype)  # attention within each frame
+        windows = SequenceLayout(window_bounds, x.device, x.dtype) if self.qwen2_5 else frames
         for i, block in enumerate(self.blocks):
             full = not self.qwen2_5 or i in self.full_blocks
             x = block(x, cos_sin, frames if full else windows)
