@@ -15,6 +15,7 @@ from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import EngineCore
+from loomserve.platform.gc_heap import freeze_startup_heap
 from loomserve.platform.input_processor import InputProcessor, PromptType, load_tokenizer
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
@@ -35,6 +36,7 @@ class LLM(PoolingAPI):
         self.input_processor = InputProcessor(self.config.model_config, self.tokenizer, self.config.mm_config)
         self.engine = EngineCore(self.config)
         self._ids = itertools.count()
+        freeze_startup_heap()  # as the serving processes do: collections then walk only the requests' objects
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer

@@ -82,6 +82,14 @@ def test_token_ids_embed_like_their_text(llm):
     assert by_ids.outputs.embedding == by_dict.outputs.embedding == llm.embed(TEXTS[1])[0].outputs.embedding
 
 
+def test_texts_tokenize_as_transformers_tokenizes_them_before_and_after_a_truncated_call(llm):
+    tokenizer = llm.get_tokenizer()
+    want = tokenizer(TEXTS)["input_ids"]
+    assert [o.prompt_token_ids for o in llm.embed(TEXTS)] == want
+    llm.embed(TEXTS[-1], truncate_prompt_tokens=8)  # leaves truncation set on the Rust tokenizer
+    assert [o.prompt_token_ids for o in llm.embed(TEXTS)] == want
+
+
 def test_over_long_input_is_refused_unless_truncated(llm, reference):
     text = "many words " * 200  # ~400 tokens: more than max_seq_length 256
     with pytest.raises(ValueError, match="maximum context length is 256 tokens"):
