@@ -110,7 +110,8 @@ class Scheduler:
 
     def _schedule_waiting(self, step: ScheduledStep, budget: int) -> None:
         skipped: list[Request] = []  # held back by a feature (e.g. an adapter loading): keep their places
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        seated = len(self.running) - self._num_awaiting_pooled()
+        while self.waiting and budget > 0 and seated < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.num_pending_tokens:  # preempted with a token in flight: resume once it has landed
                 break
@@ -130,9 +131,15 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            seated += 1
             self._schedule(step, request, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def _num_awaiting_pooled(self) -> int:
+        """Pooling requests whose whole prompt has run: they wait only for their step to land, so they hold no seat
+        of max_num_seqs (else, with async scheduling, no request could join the step after theirs)."""
+        return sum(1 for r in self.running if r.pooling_params is not None and r.num_computed_tokens == r.num_tokens)
 
     def _may_chunk(self, request: Request) -> bool:
         """Bidirectional models and pooling over every token need the whole prompt in one step."""

@@ -109,3 +109,13 @@ def test_pooling_request_preempted_while_in_flight_finishes_with_its_step_and_ne
     while s.has_requests():
         assert [request_id for request_id, _ in run_step(s)] == ["g"]
     assert s.kv.pool.num_free_blocks == 4
+
+
+def test_pooling_requests_awaiting_their_landing_leave_their_seats_to_the_next_step():
+    s = make_scheduler(budget=100, chunked=False)  # max_num_seqs 8
+    for i in range(16):
+        pooling(s, f"p{i}", 4, "MEAN")
+    first = s.schedule()
+    second = s.schedule()  # scheduled ahead, before the first step lands (async scheduling)
+    assert [x.request_id for x in first.scheduled] == [f"p{i}" for i in range(8)]
+    assert [x.request_id for x in second.scheduled] == [f"p{i}" for i in range(8, 16)]
