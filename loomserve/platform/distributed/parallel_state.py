@@ -31,12 +31,14 @@ def get_tp_group() -> TPGroup:
 def init_tensor_parallel(
     rank: int, size: int, init_method: str, device: torch.device, expert_parallel: bool = False
 ) -> TPGroup:
-    """Join the `size` ranks rendezvousing at `init_method` (tcp://host:port): NCCL on CUDA, gloo on CPU."""
+    """Join the `size` ranks rendezvousing at `init_method` (tcp://host:port): NCCL on CUDA, gloo on CPU. A process
+    already in the group keeps it and only changes how experts are split."""
     global _tp_group
     import torch.distributed as dist
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size)
     _tp_group = TPGroup(rank, size, dist.group.WORLD, expert_parallel)
     return _tp_group
 
