@@ -95,7 +95,11 @@ class EngineArgs:
         None, 'media decoding options, JSON, e.g. \'{"video": {"num_frames": 8}}\' or \'{"video": {"fps": 1}}\'')
     tensor_parallel_size: int = _arg(1, "tensor-parallel ranks: the model's heads, MLPs and vocabulary split across "
                                         "this many processes (devices)")
-    data_parallel_size: int = _arg(1, "data-parallel engine replicas (only 1 is supported yet)")
+    data_parallel_size: int = _arg(1, "data-parallel engine replicas behind one server (`loomserve serve`), each "
+                                      "in its own process with its own KV cache")
+    data_parallel_routing: str = _arg(
+        "cache_aware", "how the server picks a data-parallel replica: cache_aware (prefix-cache affinity, then load) "
+                       "or round_robin", choices=["cache_aware", "round_robin"])
     pipeline_parallel_size: int = _arg(1, "pipeline stages (only 1 is supported yet)")
     distributed_executor_backend: str | None = _arg(
         None, "mp: the runner in its own process, one per rank (default: mp when tensor_parallel_size > 1, else the "
@@ -177,7 +181,8 @@ class EngineArgs:
 
     def _parallel_config(self) -> ParallelConfig:
         return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.pipeline_parallel_size,
-                              self.distributed_executor_backend, self.enable_expert_parallel)
+                              self.distributed_executor_backend, self.enable_expert_parallel,
+                              self.data_parallel_routing)
 
     def _refuse_speculative_decoding(self) -> None:
         """A well-formed config is refused as unimplemented, a malformed one for what is wrong with it."""

@@ -1,8 +1,10 @@
 """ParallelConfig: how the model is split across devices and processes (vLLM's names).
 
-Tensor parallelism runs one process per rank under the multi-process executor (torch.distributed: gloo on CPU,
-NCCL on CUDA), with the experts of MoE models sliced or, with `enable_expert_parallel`, split across the same ranks.
-Pipeline parallelism is not implemented and is refused rather than silently served on one device."""
+Data parallelism runs N EngineCore processes, each a whole replica, behind the server's front end, which routes
+each request to one of them. Tensor parallelism runs one process per rank under the multi-process executor
+(torch.distributed: gloo on CPU, NCCL on CUDA), with the experts of MoE models sliced or, with
+`enable_expert_parallel`, split across the same ranks. Pipeline parallelism is not implemented and is refused
+rather than silently served on one device."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loomserve.platform.distributed.parallel_state import check_tensor_parallel, divide
+from loomserve.platform.dp_router import ROUTINGS
 
 EXECUTOR_BACKENDS = ("mp",)
 
@@ -21,14 +24,16 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # "mp": one process per rank; None: chosen from the sizes
     enable_expert_parallel: bool = False  # MoE experts split across the tensor-parallel ranks instead of sliced
+    data_parallel_routing: str = "cache_aware"  # how the front end picks an engine replica (`dp_router.py`)
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "data_parallel_size", "pipeline_parallel_size"):
             size = getattr(self, name)
             if size < 1:
                 raise ValueError(f"{name} must be at least 1, got {size}")
-        if self.data_parallel_size != 1:
-            raise ValueError(f"data_parallel_size={self.data_parallel_size} is not supported yet")
+        if self.data_parallel_routing not in ROUTINGS:
+            raise ValueError(f"unknown data_parallel_routing {self.data_parallel_routing!r}; choose "
+                             f"{', '.join(ROUTINGS)}")
         if self.pipeline_parallel_size != 1:
             raise ValueError(f"pipeline_parallel_size={self.pipeline_parallel_size} is not supported yet: use "
                              "tensor_parallel_size to split a model across devices")
