@@ -1,9 +1,9 @@
 """Mixture-of-experts math over packed tokens: top-k routing, and every expert's gated MLP as two grouped GEMMs.
 
 The (token, expert) pairs are sorted by expert, so each expert's tokens sit in one contiguous run of rows; one
-grouped matmul (`torch._grouped_mm`: one launch for all experts) then multiplies each run by its expert's weights.
-Where the grouped matmul cannot run (unaligned sizes, or a CUDA device/dtype it does not take) a loop over the runs
-computes the same rows.
+grouped matmul then multiplies each run by its expert's weights: `torch._grouped_mm` on CUDA (one launch for all
+experts), else one batched matmul over the runs padded to the longest (torch's CPU `_grouped_mm` is a slow
+reference), or, when routing is so skewed that padding would multiply the work, a loop over the runs.
 """
 
 from __future__ import annotations
@@ -25,17 +25,17 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -
     return weights, ids
 
 
+_PAD_ROWS = 2048  # a padded batch this small always pays off (launches dominate)
+_PAD_FACTOR = 4  # a larger one only while it holds at most this many times the real rows
+
+
 def _grouped_mm_runs(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` takes x [N, in] times w [E, out, in]^T: rows 16-byte aligned, and on CUDA
-    bf16 on Hopper or newer (the kernel's requirement)."""
-    if not hasattr(torch, "_grouped_mm"):
+    """Whether `torch._grouped_mm` takes x [N, in] times w [E, out, in]^T: CUDA, bf16, Hopper or newer (the
+    kernel's requirement), rows 16-byte aligned."""
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
         return False
-    itemsize = x.element_size()
-    if (w.shape[1] * itemsize) % 16 or (w.shape[2] * itemsize) % 16:
-        return False
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return True
+    aligned = (w.shape[1] * x.element_size()) % 16 == 0 and (w.shape[2] * x.element_size()) % 16 == 0
+    return aligned and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -44,6 +44,23 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     if _grouped_mm_runs(x, w):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each expert's run
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    longest = int(counts.max())
+    padded_rows = w.shape[0] * longest
+    if padded_rows <= max(_PAD_ROWS, _PAD_FACTOR * x.shape[0]):
+        return _padded_bmm(x, w, counts, longest)
+    return _loop_mm(x, w, counts)
+
+
+def _padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, longest: int) -> torch.Tensor:
+    """Each run placed in its expert's row of a zero-padded [E, longest, in] batch, one bmm, the rows read back."""
+    experts = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts)  # [N] each row's expert
+    slots = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(counts, 0) - counts)[experts]  # [N] in run
+    padded = x.new_zeros((w.shape[0], longest, x.shape[1]))
+    padded[experts, slots] = x
+    return torch.bmm(padded, w.transpose(1, 2))[experts, slots]  # [E, longest, out] -> [N, out]
+
+
+def _loop_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     out = x.new_empty((x.shape[0], w.shape[1]))
     start = 0
     for expert, count in enumerate(counts.tolist()):
