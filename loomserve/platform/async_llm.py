@@ -9,6 +9,7 @@ parallelism (`data_parallel_size` N) there are N engines: each request goes to t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -87,6 +88,7 @@ class AsyncLLM:
         routing = config.parallel_config.data_parallel_routing
         self._router = DPRouter(num_engines, config.cache_config.block_size, routing) if num_engines > 1 else None
         self._call_replies: dict[int, list[str | None]] = {}  # engine call -> the engines' replies so far
+        self._latest_stats = [SchedulerStats() for _ in self._engines]  # each engine's last report (DP gauges)
         for engine in self._engines:
             try:
                 engine.wait_ready()
@@ -243,6 +245,8 @@ class AsyncLLM:
                 if isinstance(message, EngineCoreOutputs):
                     if self._router is not None and message.scheduler_stats is not None:
                         self._router.report(sockets[sock], message.scheduler_stats)
+                        self._latest_stats[sockets[sock]] = message.scheduler_stats
+                        message.scheduler_stats = _across_engines(self._latest_stats, message.scheduler_stats)
                     self._handle_outputs(message)
                 elif isinstance(message, CallReply):
                     self._take_reply(message)
@@ -291,6 +295,17 @@ class AsyncLLM:
             engine.close()
         self._ctx.term()
         shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+def _across_engines(latest: list[SchedulerStats], step: SchedulerStats) -> SchedulerStats:
+    """One engine's step stats as the server's: its counters as they are (they count that step only), its gauges
+    replaced by all engines' latest: requests summed, KV usage averaged."""
+    return dataclasses.replace(
+        step,
+        num_running=sum(s.num_running for s in latest),
+        num_waiting=sum(s.num_waiting for s in latest),
+        kv_cache_usage=sum(s.kv_cache_usage for s in latest) / len(latest),
+    )
 
 
 class _EngineProcess:

@@ -2,9 +2,10 @@
 
 EngineCore asks the executor how many KV blocks fit (`measure_kv_blocks`), has it allocate them (`init_kv_cache`),
 then hands it steps as values (`launch`, later `collect`) and feature calls (`call`, answered by a future). The
-in-process executor holds the runner itself; the multi-process one runs it in a worker process and sends steps
-and results over a pipe in their wire form (`wire.py`), in order, so a launched step can be collected after the
-next one is launched, as in process.
+in-process executor holds the runner itself; the multi-process one runs one runner process per tensor-parallel
+rank and sends each of them every step and call over a pipe in their wire form (`wire.py`), in order, so a
+launched step can be collected after the next one is launched, as in process. The ranks run the same forward over
+their shards and meet in its collectives (torch.distributed); rank 0's answers are the executor's.
 """
 
 from __future__ import annotations
