@@ -28,6 +28,7 @@ from loomserve.platform.models.linear import (
     ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
+    ShardedRMSNorm,
     VocabParallelEmbedding,
 )
 from loomserve.platform.models.packing import load_packed_weights
@@ -117,13 +118,13 @@ class Attention(nn.Module):
         self.clip_qkv = getattr(config, "clip_qkv", None)  # OLMoE: q, k and v clamped to [-clip, clip]
         self.qk_norm = spec.qk_norm
         self.qk_norm_across_heads = spec.qk_norm_across_heads
-        if self.qk_norm_across_heads and tp.size > 1:
-            raise ValueError(f"{config.model_type}'s query/key norms span all heads: tensor parallelism is not "
-                             "implemented for it")
-        if self.qk_norm:
-            q_width, k_width = (self.q_size, self.kv_size) if self.qk_norm_across_heads else (self.head_dim,) * 2
-            self.q_norm = RMSNorm(q_width, config.rms_norm_eps)
-            self.k_norm = RMSNorm(k_width, config.rms_norm_eps)
+        if self.qk_norm_across_heads:  # over this rank's heads, the mean square taken over every rank's
+            q_start, kv_start = self.qkv_proj.shard_starts[:2]
+            self.q_norm = ShardedRMSNorm(self.q_size, total_heads * self.head_dim, q_start, config.rms_norm_eps)
+            self.k_norm = ShardedRMSNorm(self.kv_size, total_kv_heads * self.head_dim, kv_start, config.rms_norm_eps)
+        elif self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         backend_cls = get_attention_backend(attention_backend)
         self.attn = backend_cls(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 

@@ -165,3 +165,27 @@ class ParallelLMHead(nn.Linear):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)  # [N, vocab / ranks]
         return all_gather(logits, self.tp)[:, : self.vocab_size]  # [N, vocab]
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a vector whose entries are split across the ranks (OLMoE's query/key norms span all heads):
+    each rank holds `size` entries from `start` of the `full_size` weight; the mean square is summed over the
+    ranks. Entries held by several ranks (replicated KV heads) are counted as often on every entry, so the mean
+    is still the full vector's."""
+
+    def __init__(self, size: int, full_size: int, start: int, eps: float, tp: TPGroup | None = None) -> None:
+        super().__init__()
+        self.tp = tp or get_tp_group()
+        self.eps, self.start, self.full_size = eps, start, full_size
+        self.weight = nn.Parameter(torch.ones(size))
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: CheckpointTensor) -> None:
+        _check_full(loaded, 0, self.full_size)
+        copy_checked(param.data, narrow(loaded, 0, self.start, param.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        square_sum = all_reduce(h.pow(2).sum(-1, keepdim=True), self.tp)  # [T, 1] over every rank's entries
+        h = h * torch.rsqrt(square_sum / (x.shape[-1] * self.tp.size) + self.eps)
+        return self.weight * h.to(x.dtype)

@@ -29,6 +29,7 @@ CASES = {
     "qwen3": (tiny_checkpoint, ("qwen3",), {}, False),
     "qwen2_moe-tp": (tiny_moe_checkpoint, ("qwen2_moe",), {}, False),
     "mixtral-ep": (tiny_moe_checkpoint, ("mixtral",), {}, True),
+    "olmoe-tp": (tiny_moe_checkpoint, ("olmoe",), {}, False),  # query/key norms over all heads, split
 }
 PROMPT_LENS = (5, 12, 2)  # 19 tokens, then 3 decodes a step: the ranks' token shares (EP) are uneven
 DECODE_STEPS = 4
