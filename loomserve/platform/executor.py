@@ -154,21 +154,22 @@ class _RankProcess:
 
 
 def _all_of(futures: list[concurrent.futures.Future], pick: Any) -> concurrent.futures.Future:
-    """A future of `pick([each result])` once every future is done, or of the first failure among them."""
+    """A future of `pick([each result])` once every future is done, or of the first failure as soon as it comes:
+    the other ranks may be stuck in a collective waiting for the failed one."""
     combined: concurrent.futures.Future = concurrent.futures.Future()
     remaining = [len(futures)]
     lock = threading.Lock()
 
-    def one_done(_: concurrent.futures.Future) -> None:
+    def one_done(future: concurrent.futures.Future) -> None:
         with lock:
-            remaining[0] -= 1
-            if remaining[0]:
+            if combined.done():
                 return
-        failed = [f.exception() for f in futures if f.exception() is not None]
-        if failed:
-            combined.set_exception(failed[0])
-        else:
-            combined.set_result(pick([f.result() for f in futures]))
+            if future.exception() is not None:
+                combined.set_exception(future.exception())
+                return
+            remaining[0] -= 1
+            if not remaining[0]:
+                combined.set_result(pick([f.result() for f in futures]))
 
     for future in futures:
         future.add_done_callback(one_done)
