@@ -98,7 +98,9 @@ class ModelRunner:
     def _uses_cuda_graphs(self) -> bool:
         # The torch reference backend reads host-side lengths, which a graph would freeze: Triton only. Graphs
         # yield logits or hidden states for sampling; pooling steps always run eagerly, so a pooling model has none.
+        # Expert parallelism sizes its all-to-all exchanges on the host each step: eager only.
         return (self.device.type == "cuda" and not self.config.enforce_eager
+                and not self.config.parallel_config.enable_expert_parallel
                 and self.config.attention_backend == "triton" and self.config.model_config.task == "generate")
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:

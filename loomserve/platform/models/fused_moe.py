@@ -44,16 +44,18 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
     if _grouped_mm_runs(x, w):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each expert's run
         return torch._grouped_mm(x, w.transpose(1, 2), offs=offsets)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():  # no host reads: pad every run to all the rows
+        return _padded_bmm(x, w, counts, x.shape[0])
     longest = int(counts.max())
-    padded_rows = w.shape[0] * longest
-    if padded_rows <= max(_PAD_ROWS, _PAD_FACTOR * x.shape[0]):
+    if w.shape[0] * longest <= max(_PAD_ROWS, _PAD_FACTOR * x.shape[0]):
         return _padded_bmm(x, w, counts, longest)
     return _loop_mm(x, w, counts)
 
 
 def _padded_bmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, longest: int) -> torch.Tensor:
     """Each run placed in its expert's row of a zero-padded [E, longest, in] batch, one bmm, the rows read back."""
-    experts = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts)  # [N] each row's expert
+    experts = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts,
+                                      output_size=x.shape[0])  # [N] each row's expert (no host read)
     slots = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(counts, 0) - counts)[experts]  # [N] in run
     padded = x.new_zeros((w.shape[0], longest, x.shape[1]))
     padded[experts, slots] = x
@@ -73,7 +75,9 @@ def _loop_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Te
 def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """expert_ids [N] -> (order [N]: the pairs grouped by expert, stable; counts [num_experts])."""
     order = torch.argsort(expert_ids, stable=True)
-    return order, torch.bincount(expert_ids, minlength=num_experts)
+    # index_add_ rather than bincount, whose output size is read back to the host: a CUDA graph can capture it
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_ids.device)
+    return order, counts.index_add_(0, expert_ids, torch.ones_like(expert_ids))
 
 
 def expert_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
