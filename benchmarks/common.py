@@ -63,6 +63,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
         "rope_theta": 1000000.0,
     },
+    "tiny-moe": {
+        "family": "qwen3_moe",
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "intermediate_size": 688,
+        "moe_intermediate_size": 128,
+        "num_experts": 16,
+        "num_experts_per_tok": 4,
+        "norm_topk_prob": True,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+        "rope_theta": 1000000.0,
+    },
+    "qwen3-30b-a3b": {
+        "family": "qwen3_moe",
+        "hidden_size": 2048,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+        "vocab_size": 151936,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": False,
+        "rope_theta": 1000000.0,
+    },
 }
 
 
@@ -95,7 +129,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[Path, str]:
 
 def make_hf_config(preset: dict[str, Any], eos_token_id: int | None = None) -> Any:
     """A transformers config object for a preset (RoPE settings in `rope_parameters`, transformers 5)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     spec = {k: v for k, v in preset.items() if k not in ("family", "rope_theta")}
     family = preset["family"]
@@ -109,6 +143,9 @@ def make_hf_config(preset: dict[str, Any], eos_token_id: int | None = None) -> A
     }
     if family == "llama":
         return LlamaConfig(architectures=["LlamaForCausalLM"], attention_bias=False, mlp_bias=False, **common)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], use_sliding_window=False, sliding_window=None,
+                              attention_bias=False, **common)
     if family == "qwen2":
         return Qwen2Config(architectures=["Qwen2ForCausalLM"], use_sliding_window=False, sliding_window=None, **common)
     return Qwen3Config(
@@ -147,7 +184,8 @@ def build_preset_checkpoint(shape: str) -> Path:
 
 def _write_preset(preset: dict[str, Any], folder: Path) -> None:
     """The preset's tokenizer (padded to its vocabulary) and config.json into `folder`."""
-    tokenizer = build_tokenizer(preset["family"], model_max_length=preset["max_position_embeddings"])
+    family = "qwen3" if preset["family"] == "qwen3_moe" else preset["family"]  # Qwen3-MoE uses Qwen3's tokenizer
+    tokenizer = build_tokenizer(family, model_max_length=preset["max_position_embeddings"])
     tokenizer.save_pretrained(folder)
     pad_tokenizer_vocab(folder / "tokenizer.json", preset["vocab_size"])
     make_hf_config(preset, eos_token_id=tokenizer.eos_token_id).save_pretrained(folder)

@@ -265,15 +265,26 @@ def kv_bytes_per_token(model_config: Any) -> int:
     return 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * itemsize
 
 
+StepWeightBytes = Callable[[StepRecord], int]  # weight bytes a decode step reads
+
+
+def dense_weight_bytes(model: torch.nn.Module) -> StepWeightBytes:
+    """Every step reads the same weights (`weight_bytes_per_step`)."""
+    weights = weight_bytes_per_step(model)
+    return lambda record: weights
+
+
 def roofline_summary(
-    decode: list[StepRecord], weight_bytes: int, kv_per_token: int, bandwidth: float
+    decode: list[StepRecord], weight_bytes: StepWeightBytes, kv_per_token: int, bandwidth: float
 ) -> dict[str, str]:
-    floor = sum((weight_bytes + r.context_tokens * kv_per_token) / bandwidth for r in decode)
+    weights = [weight_bytes(r) for r in decode]
+    floor = sum((w + r.context_tokens * kv_per_token) / bandwidth for w, r in zip(weights, decode, strict=True))
     measured = sum(r.seconds for r in decode)
-    mean_bytes = weight_bytes + kv_per_token * sum(r.context_tokens for r in decode) / len(decode)
+    mean_weights = sum(weights) / len(decode)
+    mean_bytes = mean_weights + kv_per_token * sum(r.context_tokens for r in decode) / len(decode)
     return {
         "copy bandwidth": f"{bandwidth / 1e12:.2f} TB/s",
-        "bytes / decode step (mean)": f"{mean_bytes / 1e6:.1f} MB (weights {weight_bytes / 1e6:.1f} MB)",
+        "bytes / decode step (mean)": f"{mean_bytes / 1e6:.1f} MB (weights {mean_weights / 1e6:.1f} MB)",
         "floor / decode step (mean)": f"{floor / len(decode) * 1e3:.3f} ms",
         "bandwidth floor / measured": f"{floor / measured:.3f}",
     }
@@ -356,7 +367,8 @@ def measure_engine(
     return result
 
 
-def run_engine(args: argparse.Namespace, model_path: Path, load_format: str, workload: Workload) -> RunResult:
+def run_engine(args: argparse.Namespace, model_path: Path, load_format: str, workload: Workload,
+               weight_bytes: Callable[[torch.nn.Module], StepWeightBytes] = dense_weight_bytes) -> RunResult:
     from loomserve import LLM, SamplingParams
 
     llm = LLM(str(model_path), **engine_kwargs(args, load_format))
@@ -369,7 +381,7 @@ def run_engine(args: argparse.Namespace, model_path: Path, load_format: str, wor
     decode = recorder.decode_steps()
     if device.type == "cuda" and decode:
         bandwidth = measure_copy_bandwidth(device, nbytes=min(1 << 30, torch.cuda.mem_get_info()[0] // 4))
-        weights = weight_bytes_per_step(llm.engine.executor.runner.model)
+        weights = weight_bytes(llm.engine.executor.runner.model)
         kv_per_token = kv_bytes_per_token(llm.config.model_config)
         result.extra.update(roofline_summary(decode, weights, kv_per_token, bandwidth))
     del llm, recorder
@@ -540,7 +552,13 @@ def print_report(env: dict[str, str], workload: dict[str, str], results: list[Ru
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv), argv)
+
+
+def run(args: argparse.Namespace, argv: list[str] | None,
+        weight_bytes: Callable[[torch.nn.Module], StepWeightBytes] = dense_weight_bytes) -> int:
+    """The benchmark of `args`: the engine, then the baseline, then the report; `weight_bytes` says what a decode
+    step reads of the model's weights (the bandwidth floor)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model_path, load_format = resolve_model(args)
@@ -548,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype, device)
     workload = Workload.sample(args, prompt_vocab_size(model_path))
 
-    results = [run_engine(args, model_path, load_format, workload)]
+    results = [run_engine(args, model_path, load_format, workload, weight_bytes)]
     if args.baseline == "generate_batch":
         results.append(run_generate_batch(args, model_path, device, dtype, workload))
     elif args.baseline == "static":

@@ -32,6 +32,9 @@ class LLM(PoolingAPI):
         if unknown:
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
         self.config = EngineArgs(model=model, **engine_args).create_engine_config()
+        if self.config.parallel_config.data_parallel_size > 1:
+            raise ValueError("LLM drives one engine in this process: serve data_parallel_size > 1 with "
+                             "`loomserve serve` (or AsyncLLM)")
         self.tokenizer = load_tokenizer(self.config.model_config)
         self.input_processor = InputProcessor(self.config.model_config, self.tokenizer, self.config.mm_config)
         self.engine = EngineCore(self.config)

@@ -195,6 +195,9 @@ def _target(
     leaf = module.rsplit(".", 1)[-1]
     if leaf in ("lm_head", "embed_tokens"):
         raise LoRALoadError(f"the adapter targets {module!r}; LoRA on the embeddings or lm_head is not supported")
+    if ".experts." in f".{module}.":
+        raise LoRALoadError(f"the adapter targets the MoE expert {module!r}; LoRA on experts is not supported "
+                            "(adapt the attention projections, or a shared expert)")
     known = sorted({name.rsplit(".", 1)[-1] for name in targets})
     raise LoRALoadError(
         f"the adapter targets {module!r}, which this model does not have or does not adapt (it adapts "

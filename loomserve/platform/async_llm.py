@@ -1,12 +1,15 @@
-"""AsyncLLM: the server's client of an EngineCore running in its own process.
+"""AsyncLLM: the server's client of the EngineCores running in their own processes.
 
-The front end owns tokenization, detokenization, stop strings and metrics; the engine process owns
-the model. They talk over ZeroMQ (PUSH/PULL over ipc sockets) with the declared messages of `messages.py`.
+The front end owns tokenization, detokenization, stop strings and metrics; an engine process owns a model replica.
+They talk over ZeroMQ (PUSH/PULL over ipc sockets) with the declared messages of `messages.py`. With data
+parallelism (`data_parallel_size` N) there are N engines: each request goes to the one the router picks
+(`dp_router.py`), aborts and engine calls (adapters, prefix-cache resets) go to all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import multiprocessing
@@ -24,6 +27,7 @@ from loomserve.adapters.registry import LoRARegistry
 from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import EngineArgs
+from loomserve.platform.dp_router import DPRouter
 from loomserve.platform.engine import run_engine_core
 from loomserve.platform.input_processor import InputProcessor, load_tokenizer
 from loomserve.platform.messages import (
@@ -78,40 +82,23 @@ class AsyncLLM:
         self._calls: dict[int, asyncio.Future] = {}  # engine calls awaiting their reply
         self._call_ids = itertools.count()
         self._ipc_dir = tempfile.mkdtemp(prefix="loomserve-")
-        input_addr = f"ipc://{os.path.join(self._ipc_dir, 'input')}"
-        output_addr = f"ipc://{os.path.join(self._ipc_dir, 'output')}"
         self._ctx = zmq.asyncio.Context()
-        self._inbox = self._ctx.socket(zmq.PUSH)  # the engine's inbox: requests and aborts
-        self._inbox.bind(input_addr)
-        self._outbox = self._ctx.socket(zmq.PULL)  # the engine's outbox: outputs and stats
-        self._outbox.bind(output_addr)
-        self._proc = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(args, input_addr, output_addr), name="loomserve-engine", daemon=True
-        )
-        self._proc.start()
-        self._wait_ready()
+        num_engines = config.parallel_config.data_parallel_size
+        self._engines = [_EngineProcess(self._ctx, args, self._ipc_dir, i) for i in range(num_engines)]
+        routing = config.parallel_config.data_parallel_routing
+        self._router = DPRouter(num_engines, config.cache_config.block_size, routing) if num_engines > 1 else None
+        self._call_replies: dict[int, list[str | None]] = {}  # engine call -> the engines' replies so far
+        self._latest_stats = [SchedulerStats() for _ in self._engines]  # each engine's last report (DP gauges)
+        for engine in self._engines:
+            try:
+                engine.wait_ready()
+            except RuntimeError:
+                self.shutdown()
+                raise
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> AsyncLLM:
         return cls(args, stat_loggers)
-
-    def _wait_ready(self) -> None:
-        """Block until the engine process has loaded the model (or died trying)."""
-        sock = zmq.Socket.shadow(self._outbox.underlying)
-        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if sock.poll(500):
-                message = unpack(sock.recv())
-                if isinstance(message, Ready):
-                    return
-                if isinstance(message, EngineFailed):
-                    self.shutdown()
-                    raise RuntimeError(f"the engine failed to start:\n{message.traceback}")
-            elif not self._proc.is_alive():
-                self.shutdown()
-                raise RuntimeError(f"the engine process exited with code {self._proc.exitcode} during start-up")
-        self.shutdown()
-        raise RuntimeError("the engine did not start in time")
 
     async def generate(
         self,
@@ -131,11 +118,13 @@ class AsyncLLM:
         children = self.output_processor.add_request(
             request_id, prompt, prompt_token_ids, sampling_params, time.time(), queue
         )
+        engine = None
         for child_id, params in children:
             request = self.input_processor.engine_request(
                 child_id, prompt_token_ids, params, mm_items=mm_items or (), lora_request=lora_request
             )
-            self._send(request)
+            engine = self._route(request) if engine is None else engine  # a parent's children share its engine
+            self._send(request, engine)
         finished = False
         try:
             while not finished:
@@ -161,12 +150,12 @@ class AsyncLLM:
         future = self.pooling.add(request_id, prompt_token_ids)
         request = EngineCoreRequest(request_id, prompt_token_ids, None, None, time.time(),
                                     pooling_params=pooling_params)
-        self._send(request)
+        self._send(request, self._route(request))
         try:
             return await future
         finally:
             if self.pooling.forget(request_id):  # left before its output came
-                self._send(Abort([request_id]))
+                self._broadcast(Abort([request_id]))
 
     async def abort(self, request_id: str) -> None:
         self._abort(request_id)
@@ -174,13 +163,13 @@ class AsyncLLM:
     def _abort(self, request_id: str) -> None:
         child_ids, stats = self.output_processor.abort_request(request_id)
         if child_ids:
-            self._send(Abort(child_ids))
+            self._broadcast(Abort(child_ids))
         for stat_logger in self.stat_loggers:
             stat_logger.record(None, stats)
 
     async def check_health(self) -> None:
-        if self.errored or not self._proc.is_alive():
-            raise EngineDeadError(self.errored or "the engine process is not running")
+        if self.errored or not all(engine.proc.is_alive() for engine in self._engines):
+            raise EngineDeadError(self.errored or "an engine process is not running")
 
     async def reset_prefix_cache(self) -> None:
         """Drop every cached block not in use; returns once the engine has."""
@@ -212,43 +201,72 @@ class AsyncLLM:
             raise EngineDeadError(self.errored)
         call_id = next(self._call_ids)
         reply = self._calls[call_id] = asyncio.get_running_loop().create_future()
-        self._send(kind(call_id, *args))
+        self._call_replies[call_id] = []
+        self._broadcast(kind(call_id, *args))
         try:
             return await reply
         finally:
             self._calls.pop(call_id, None)
+            self._call_replies.pop(call_id, None)
 
-    def _send(self, message: Any) -> None:
-        self._inbox.send(pack(message))
+    def _route(self, request: EngineCoreRequest) -> int:
+        return 0 if self._router is None else self._router.route(request)
+
+    def _send(self, message: Any, engine: int) -> None:
+        self._engines[engine].inbox.send(pack(message))
+
+    def _broadcast(self, message: Any) -> None:
+        data = pack(message)
+        for engine in self._engines:
+            engine.inbox.send(data)
 
     def _ensure_output_task(self) -> None:
         if self._output_task is None or self._output_task.done() and not self.errored:
             self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
 
     async def _output_loop(self) -> None:
+        poller = zmq.asyncio.Poller()
+        for engine in self._engines:
+            poller.register(engine.outbox, zmq.POLLIN)
+        sockets = {engine.outbox: i for i, engine in enumerate(self._engines)}
         while True:
-            if not await self._outbox.poll(1000):
-                if not self._proc.is_alive():
-                    self._fail_all(f"the engine process exited with code {self._proc.exitcode}")
+            ready = await poller.poll(1000)
+            if not ready:
+                dead = next((engine for engine in self._engines if not engine.proc.is_alive()), None)
+                if dead is not None:
+                    self._fail_all(f"the engine process exited with code {dead.proc.exitcode}")
                     return
                 continue
-            message = unpack(await self._outbox.recv())
-            if isinstance(message, EngineFailed):
-                self._fail_all(f"the engine failed:\n{message.traceback}")
-                return
-            if isinstance(message, EngineCoreOutputs):
-                self._handle_outputs(message)
-            elif isinstance(message, CallReply):
-                reply = self._calls.get(message.call_id)
-                if reply is not None and not reply.done():
-                    reply.set_result(message.error)
+            for sock, _ in ready:
+                message = unpack(await sock.recv())
+                if isinstance(message, EngineFailed):
+                    self._fail_all(f"the engine failed:\n{message.traceback}")
+                    return
+                if isinstance(message, EngineCoreOutputs):
+                    if self._router is not None and message.scheduler_stats is not None:
+                        self._router.report(sockets[sock], message.scheduler_stats)
+                        self._latest_stats[sockets[sock]] = message.scheduler_stats
+                        message.scheduler_stats = _across_engines(self._latest_stats, message.scheduler_stats)
+                    self._handle_outputs(message)
+                elif isinstance(message, CallReply):
+                    self._take_reply(message)
+
+    def _take_reply(self, message: CallReply) -> None:
+        """An engine's reply to a call sent to all: answered once every engine has (with the first error)."""
+        replies = self._call_replies.get(message.call_id)
+        reply = self._calls.get(message.call_id)
+        if replies is None or reply is None or reply.done():
+            return
+        replies.append(message.error)
+        if len(replies) == len(self._engines):
+            reply.set_result(next((error for error in replies if error is not None), None))
 
     def _handle_outputs(self, outputs: EngineCoreOutputs) -> None:
         processed = self.output_processor.process_outputs(outputs.outputs)
         for parent, output in processed.request_outputs:
             parent.queue.put_nowait(output)
         if processed.to_abort:
-            self._send(Abort(processed.to_abort))
+            self._broadcast(Abort(processed.to_abort))
         for stat_logger in self.stat_loggers:
             stat_logger.record(outputs.scheduler_stats, processed.stats)
         pooled_stats = self.pooling.process(outputs.outputs)
@@ -269,18 +287,70 @@ class AsyncLLM:
                 reply.set_exception(EngineDeadError(reason))
 
     def shutdown(self) -> None:
-        if self._proc.is_alive():
-            try:
-                self._inbox.send(pack(Shutdown()), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-            self._proc.join(timeout=5)
-            if self._proc.is_alive():
-                self._proc.terminate()
-                self._proc.join(timeout=5)
+        for engine in self._engines:
+            engine.stop()
         if self._output_task is not None:
             self._output_task.cancel()
-        self._inbox.close(linger=0)
-        self._outbox.close(linger=0)
+        for engine in self._engines:
+            engine.close()
         self._ctx.term()
         shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+def _across_engines(latest: list[SchedulerStats], step: SchedulerStats) -> SchedulerStats:
+    """One engine's step stats as the server's: its counters as they are (they count that step only), its gauges
+    replaced by all engines' latest: requests summed, KV usage averaged."""
+    return dataclasses.replace(
+        step,
+        num_running=sum(s.num_running for s in latest),
+        num_waiting=sum(s.num_waiting for s in latest),
+        kv_cache_usage=sum(s.kv_cache_usage for s in latest) / len(latest),
+    )
+
+
+class _EngineProcess:
+    """One EngineCore process and its two sockets: its inbox (requests, aborts, calls) and its outbox (outputs,
+    stats, call replies)."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, args: EngineArgs, ipc_dir: str, index: int) -> None:
+        input_addr = f"ipc://{os.path.join(ipc_dir, f'input-{index}')}"
+        output_addr = f"ipc://{os.path.join(ipc_dir, f'output-{index}')}"
+        self.inbox = ctx.socket(zmq.PUSH)
+        self.inbox.bind(input_addr)
+        self.outbox = ctx.socket(zmq.PULL)
+        self.outbox.bind(output_addr)
+        self.proc = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, args=(args, input_addr, output_addr), name=f"loomserve-engine-{index}",
+            daemon=True,
+        )
+        self.proc.start()
+
+    def wait_ready(self) -> None:
+        """Block until the engine process has loaded the model (or died trying)."""
+        sock = zmq.Socket.shadow(self.outbox.underlying)
+        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if sock.poll(500):
+                message = unpack(sock.recv())
+                if isinstance(message, Ready):
+                    return
+                if isinstance(message, EngineFailed):
+                    raise RuntimeError(f"the engine failed to start:\n{message.traceback}")
+            elif not self.proc.is_alive():
+                raise RuntimeError(f"the engine process exited with code {self.proc.exitcode} during start-up")
+        raise RuntimeError("the engine did not start in time")
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.inbox.send(pack(Shutdown()), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            self.proc.join(timeout=5)
+            if self.proc.is_alive():
+                self.proc.terminate()
+                self.proc.join(timeout=5)
+
+    def close(self) -> None:
+        self.inbox.close(linger=0)
+        self.outbox.close(linger=0)

@@ -2,9 +2,10 @@
 
 EngineCore asks the executor how many KV blocks fit (`measure_kv_blocks`), has it allocate them (`init_kv_cache`),
 then hands it steps as values (`launch`, later `collect`) and feature calls (`call`, answered by a future). The
-in-process executor holds the runner itself; the multi-process one runs it in a worker process and sends steps
-and results over a pipe in their wire form (`wire.py`), in order, so a launched step can be collected after the
-next one is launched, as in process.
+in-process executor holds the runner itself; the multi-process one runs one runner process per tensor-parallel
+rank and sends each of them every step and call over a pipe in their wire form (`wire.py`), in order, so a
+launched step can be collected after the next one is launched, as in process. The ranks run the same forward over
+their shards and meet in its collectives (torch.distributed); rank 0's answers are the executor's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import concurrent.futures
 import itertools
 import logging
 import multiprocessing
+import socket
 import threading
 import traceback
 from typing import Any, Protocol
@@ -88,23 +90,24 @@ class InProcExecutor:
         pass
 
 
-class MultiprocExecutor:
-    """One worker process running the runner; a reader thread hands its replies to the waiting futures."""
+class _RankProcess:
+    """One runner process and the thread that hands its replies to the waiting futures."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, rank: int, init_method: str) -> None:
         ctx = multiprocessing.get_context("spawn")  # a forked CUDA context is unusable; spawn is also what CI tests
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(config, child), name="loomserve-runner", daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(config, child, rank, init_method),
+                                   name=f"loomserve-runner-{rank}", daemon=True)
         self.process.start()
         child.close()
         self.ids = itertools.count()
         self.pending: dict[int, concurrent.futures.Future] = {}
         self.dead = False  # the worker is gone: every call fails at once
         self.lock = threading.Lock()  # one sender at a time; the reader thread only receives
-        self.reader = threading.Thread(target=self._read, name="loomserve-runner-reader", daemon=True)
+        self.reader = threading.Thread(target=self._read, name=f"loomserve-runner-reader-{rank}", daemon=True)
         self.reader.start()
 
-    def _send(self, kind: str, payload: Any = None) -> concurrent.futures.Future:
+    def send(self, kind: str, payload: Any = None) -> concurrent.futures.Future:
         from loomserve.platform import wire
 
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -141,38 +144,90 @@ class MultiprocExecutor:
                 future.set_exception(_DIED)
             self.pending.clear()
 
-    def measure_kv_blocks(self) -> int:
-        return self._send("measure_kv_blocks").result()
-
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self._send("init_kv_cache", num_blocks).result()
-
-    def launch(self, step: ScheduledStep) -> Any:
-        from loomserve.platform import wire
-
-        return self._send("launch", wire.encode(step))
-
-    def collect(self, handle: Any) -> StepResult:
-        from loomserve.platform import wire
-
-        handle.result()  # launched (or raised)
-        return wire.decode(self._send("collect").result(), StepResult)
-
-    def call(self, feature: str, method: str, *args: Any) -> concurrent.futures.Future:
-        return self._send("call", [feature, method, list(args)])
-
     def shutdown(self) -> None:
         if self.process.is_alive():
-            self._send("shutdown")
+            self.send("shutdown")
             self.process.join(10)
             if self.process.is_alive():
                 self.process.kill()
         self.conn.close()
 
 
-def _worker_main(config: EngineConfig, conn: Any) -> None:
-    """The runner process: messages are handled in order; calls whose answer comes later (a future) are answered
-    once done."""
+def _all_of(futures: list[concurrent.futures.Future], pick: Any) -> concurrent.futures.Future:
+    """A future of `pick([each result])` once every future is done, or of the first failure as soon as it comes:
+    the other ranks may be stuck in a collective waiting for the failed one."""
+    combined: concurrent.futures.Future = concurrent.futures.Future()
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(future: concurrent.futures.Future) -> None:
+        with lock:
+            if combined.done():
+                return
+            if future.exception() is not None:
+                combined.set_exception(future.exception())
+                return
+            remaining[0] -= 1
+            if not remaining[0]:
+                combined.set_result(pick([f.result() for f in futures]))
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    return combined
+
+
+def _first(results: list[Any]) -> Any:
+    return results[0]
+
+
+class MultiprocExecutor:
+    """One runner process per tensor-parallel rank. Every step and call goes to every rank (they run the same
+    forward, each over its shard, and meet in its collectives); rank 0's answer is the executor's."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        size = config.parallel_config.tensor_parallel_size
+        init_method = f"tcp://127.0.0.1:{_free_port()}" if size > 1 else ""
+        self.ranks = [_RankProcess(config, rank, init_method) for rank in range(size)]
+
+    def _broadcast(self, kind: str, payload: Any = None, pick: Any = _first) -> concurrent.futures.Future:
+        """Send one message to every rank; the future gives `pick` of their answers."""
+        return _all_of([rank.send(kind, payload) for rank in self.ranks], pick)
+
+    def measure_kv_blocks(self) -> int:
+        return self._broadcast("measure_kv_blocks", pick=min).result()  # what fits on every rank
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self._broadcast("init_kv_cache", num_blocks).result()
+
+    def launch(self, step: ScheduledStep) -> Any:
+        from loomserve.platform import wire
+
+        return self._broadcast("launch", wire.encode(step))
+
+    def collect(self, handle: Any) -> StepResult:
+        from loomserve.platform import wire
+
+        handle.result()  # launched (or raised)
+        return wire.decode(self._broadcast("collect").result(), StepResult)
+
+    def call(self, feature: str, method: str, *args: Any) -> concurrent.futures.Future:
+        return self._broadcast("call", [feature, method, list(args)])
+
+    def shutdown(self) -> None:
+        for rank in self.ranks:
+            rank.shutdown()
+
+
+def _free_port() -> int:
+    """A TCP port free now on the loopback, where the ranks rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(config: EngineConfig, conn: Any, rank: int, init_method: str) -> None:
+    """A runner process: messages are handled in order; calls whose answer comes later (a future) are answered
+    once done. Ranks other than 0 answer a collect with nothing: rank 0's result is the step's."""
     from loomserve.platform import wire
     from loomserve.platform.runner import ModelRunner
 
@@ -189,6 +244,7 @@ def _worker_main(config: EngineConfig, conn: Any) -> None:
                 conn.send_bytes(wire.encode(["ok", message_id, None]))
                 return
             if runner is None:
+                _join_tensor_parallel(config, rank, init_method)
                 runner = ModelRunner(config)
             reply: Any = None
             if kind == "measure_kv_blocks":
@@ -198,7 +254,8 @@ def _worker_main(config: EngineConfig, conn: Any) -> None:
             elif kind == "launch":
                 in_flight.append(runner.launch(wire.decode(payload, ScheduledStep)))
             elif kind == "collect":
-                reply = wire.encode(runner.collect(in_flight.pop(0)))
+                result = runner.collect(in_flight.pop(0))
+                reply = wire.encode(result) if rank == 0 else None
             elif kind == "call":
                 feature, method, args = payload
                 calls.append((message_id, _as_future(runner.call, feature, method, *args)))
@@ -208,6 +265,21 @@ def _worker_main(config: EngineConfig, conn: Any) -> None:
         except Exception:  # the engine must learn why the runner failed, not only that it did
             conn.send_bytes(wire.encode(["crash", message_id, traceback.format_exc()]))
         calls = _answer_done(conn, calls)
+
+
+def _join_tensor_parallel(config: EngineConfig, rank: int, init_method: str) -> None:
+    """Join the ranks' process group before the model is built (its layers read their shard from it)."""
+    pc = config.parallel_config
+    if pc.tensor_parallel_size == 1:
+        return
+    import torch
+
+    from loomserve.platform.distributed.parallel_state import init_tensor_parallel
+
+    device = config.model_config.device
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+    init_tensor_parallel(rank, pc.tensor_parallel_size, init_method, device, pc.enable_expert_parallel)
 
 
 def _answer_done(conn: Any, calls: list[tuple[int, concurrent.futures.Future]]) -> list:

@@ -18,7 +18,9 @@ from torch import nn
 from tqdm import tqdm
 
 from loomserve.platform.config import ModelConfig
+from loomserve.platform.distributed.parallel_state import get_tp_group
 from loomserve.platform.models.interfaces import ServedModel, is_multimodal
+from loomserve.platform.models.linear import CheckpointTensor
 from loomserve.platform.models.packing import projection_names
 from loomserve.platform.models.registry import get_model_class
 from loomserve.platform.quantization import quantize_model, split_prequantized
@@ -39,7 +41,8 @@ def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> Se
     if model_config.load_format == "dummy":
         loaded = init_dummy_weights(model, model_config.seed, model_config.text_config)
     else:
-        weights = iterate_safetensors(safetensors_files(model_config.model))
+        # Under tensor parallelism each rank reads only its shard of a tensor: loaders narrow lazy slices.
+        weights = iterate_safetensors(safetensors_files(model_config.model), lazy=get_tp_group().size > 1)
         if getattr(model_config.hf_config, "quantization_config", None):
             prequantized = {}
             weights = split_prequantized(weights, prequantized)
@@ -93,8 +96,9 @@ def _snapshot(repo_id: str) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=["*.json", "model*.safetensors"]))
 
 
-def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every file, with a progress bar over tensors (on a terminal)."""
+def iterate_safetensors(files: list[Path], lazy: bool = False) -> Iterator[tuple[str, CheckpointTensor]]:
+    """(name, tensor) for every tensor of every file, with a progress bar over tensors (on a terminal); `lazy`:
+    safetensors slices instead, read from disk only where indexed (`linear.narrow`)."""
     total = 0
     for path in files:
         with safe_open(path, framework="pt") as f:
@@ -103,7 +107,7 @@ def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]
         for path in files:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    yield name, f.get_slice(name) if lazy else f.get_tensor(name)
                     bar.update()
 
 

@@ -17,6 +17,7 @@ import torch
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.cuda_graphs import CudaGraphRunner, graph_output_bytes
+from loomserve.platform.distributed.parallel_state import kv_heads_per_rank
 from loomserve.platform.features import RunnerHook, feature_off, find_hook, runner_hooks
 from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.input_batch import BatchInputs, InputBatch
@@ -56,6 +57,7 @@ class ModelRunner:
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
         self.uses_kv_cache = not self.model.encoder_only  # encoder-only models keep no KV
+        self.num_kv_heads = kv_heads_per_rank(mc.num_kv_heads, config.parallel_config.tensor_parallel_size)
         self.input_batch = InputBatch(config.scheduler_config.max_num_seqs, mc.max_model_len, self.block_size,
                                       self.device)
         self.kv_caches: list[torch.Tensor] = []
@@ -83,7 +85,7 @@ class ModelRunner:
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate the KV cache of `num_blocks` blocks per layer, then capture the CUDA graphs over it."""
         mc = self.config.model_config
-        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         num_cache_layers = mc.num_layers if self.uses_kv_cache else 0
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(num_cache_layers)]
         self.cuda_graphs = self._capture_cuda_graphs()
@@ -96,7 +98,9 @@ class ModelRunner:
     def _uses_cuda_graphs(self) -> bool:
         # The torch reference backend reads host-side lengths, which a graph would freeze: Triton only. Graphs
         # yield logits or hidden states for sampling; pooling steps always run eagerly, so a pooling model has none.
+        # Expert parallelism sizes its all-to-all exchanges on the host each step: eager only.
         return (self.device.type == "cuda" and not self.config.enforce_eager
+                and not self.config.parallel_config.enable_expert_parallel
                 and self.config.attention_backend == "triton" and self.config.model_config.task == "generate")
 
     def _capture_cuda_graphs(self) -> CudaGraphRunner | None:
@@ -124,14 +128,14 @@ class ModelRunner:
             return 0
         mc = self.config.model_config
         itemsize = torch.empty((), dtype=mc.dtype).element_size()
-        return 2 * mc.num_layers * self.block_size * mc.num_kv_heads * mc.head_dim * itemsize
+        return 2 * mc.num_layers * self.block_size * self.num_kv_heads * mc.head_dim * itemsize
 
     def _profile_cuda_blocks(self) -> int:
         """Run the largest step once to measure peak activation memory; the KV cache gets what is left."""
         mc, sc = self.config.model_config, self.config.scheduler_config
         num_tokens = min(sc.max_num_batched_tokens, mc.max_model_len)
         num_blocks = cdiv(num_tokens, self.block_size)
-        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
         torch.cuda.reset_peak_memory_stats()
         attn = AttentionMetadata(

@@ -238,6 +238,12 @@ def build_tokenizer(family: str, model_max_length: int = 1024) -> Any:
     return PreTrainedTokenizerFast(**kwargs)
 
 
+def special_token_ids(tokenizer: Any, family: str) -> tuple[int, int, int]:
+    """(bos, eos, pad) ids a config of the family's checkpoint names, for its tokenizer."""
+    spec = _special_tokens(family)
+    return tuple(tokenizer.convert_tokens_to_ids(spec[key]) for key in ("config_bos", "eos_token", "pad_token"))
+
+
 def _make_config(
     family: str,
     *,
@@ -317,10 +323,7 @@ def build_tiny_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer(family, model_max_length=max_position_embeddings)
-    spec = _special_tokens(family)
-    eos_id = tokenizer.convert_tokens_to_ids(spec["eos_token"])
-    bos_id = tokenizer.convert_tokens_to_ids(spec["config_bos"])
-    pad_id = tokenizer.convert_tokens_to_ids(spec["pad_token"])
+    bos_id, eos_id, pad_id = special_token_ids(tokenizer, family)
 
     config = _make_config(
         family,

@@ -9,6 +9,7 @@ import torch
 
 from loomserve.platform.attention import AttentionMetadata
 from loomserve.platform.config import EngineArgs, ModelConfig
+from loomserve.platform.distributed.parallel_state import get_tp_group, kv_heads_per_rank
 from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.loader import load_model
 from loomserve.platform.models.decoder import head_dim_of
@@ -57,7 +58,7 @@ class PagedRunner:
 
     def __init__(self, model: torch.nn.Module, block_size: int, num_blocks: int = 64, seed: int = 0) -> None:
         config = model.config
-        num_kv_heads = config.num_key_value_heads
+        num_kv_heads = kv_heads_per_rank(config.num_key_value_heads, get_tp_group().size)  # this rank's
         shape = (2, num_blocks, block_size, num_kv_heads, head_dim_of(config))
         dtype = next(model.parameters()).dtype
         self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]

@@ -41,7 +41,7 @@ def test_preemption_chunks_and_async_scheduling_in_a_runner_process_equal_transf
 
 def test_a_runner_process_that_dies_fails_the_next_step_at_once(qwen2_checkpoint):
     llm = LLM(qwen2_checkpoint, distributed_executor_backend="mp", device="cpu", block_size=4, kv_cache_memory="8MiB")
-    llm.engine.executor.process.kill()
+    llm.engine.executor.ranks[0].process.kill()
     with pytest.raises(RuntimeError, match="the runner process died"):
         llm.generate("hello", GREEDY)
     llm.engine.shutdown()

@@ -22,6 +22,7 @@ from loomserve.platform.models.registry import (
     resolve_task,
 )
 
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM")
 FLAGS = ("is_multimodal", "supports_lora", "pooling_tasks", "encoder_only", "uses_mrope", "is_moe")
 
 
@@ -44,7 +45,7 @@ def test_every_architecture_resolves_to_a_class_that_states_its_flags(architectu
         else:
             assert task in model_cls.pooling_tasks
         assert interfaces.supports_classify(model_cls) == hasattr(model_cls, "classify")
-        assert not interfaces.is_moe(model_cls)
+        assert interfaces.is_moe(model_cls) == (architecture in MOE_ARCHITECTURES)
 
 
 @pytest.mark.parametrize("architecture", SUPPORTED_ARCHITECTURES)

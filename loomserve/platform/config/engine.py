@@ -93,11 +93,17 @@ class EngineArgs:
     encoder_cache_memory: int | str = _arg("256MiB", "memory for encoder outputs reused across requests, e.g. 256MiB")
     media_io_kwargs: dict[str, dict[str, Any]] | str | None = _arg(
         None, 'media decoding options, JSON, e.g. \'{"video": {"num_frames": 8}}\' or \'{"video": {"fps": 1}}\'')
-    tensor_parallel_size: int = _arg(1, "tensor-parallel ranks (only 1 is supported yet)")
-    data_parallel_size: int = _arg(1, "data-parallel engine replicas (only 1 is supported yet)")
+    tensor_parallel_size: int = _arg(1, "tensor-parallel ranks: the model's heads, MLPs and vocabulary split across "
+                                        "this many processes (devices)")
+    data_parallel_size: int = _arg(1, "data-parallel engine replicas behind one server (`loomserve serve`), each "
+                                      "in its own process with its own KV cache")
+    data_parallel_routing: str = _arg(
+        "cache_aware", "how the server picks a data-parallel replica: cache_aware (prefix-cache affinity, then load) "
+                       "or round_robin", choices=["cache_aware", "round_robin"])
     pipeline_parallel_size: int = _arg(1, "pipeline stages (only 1 is supported yet)")
     distributed_executor_backend: str | None = _arg(
-        None, "mp: one process per rank (default: chosen from the parallel sizes)", choices=list(EXECUTOR_BACKENDS))
+        None, "mp: the runner in its own process, one per rank (default: mp when tensor_parallel_size > 1, else the "
+              "runner in the engine's process)", choices=list(EXECUTOR_BACKENDS))
     enable_expert_parallel: bool = _arg(False, "split MoE experts across ranks instead of slicing each expert")
     speculative_config: str | dict | None = _arg(
         None, 'speculative decoding, JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
@@ -154,6 +160,8 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs,
             enable_chunked_prefill=not pooling.encoder_only,
         )
+        parallel_config.check_model(text, get_model_class(model_config.architecture, model_config.task),
+                                    self.enable_lora, model_config.quantization)
         lora_config = None
         if self.enable_lora:
             _check_lora_support(model_config)
@@ -173,7 +181,8 @@ class EngineArgs:
 
     def _parallel_config(self) -> ParallelConfig:
         return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.pipeline_parallel_size,
-                              self.distributed_executor_backend, self.enable_expert_parallel)
+                              self.distributed_executor_backend, self.enable_expert_parallel,
+                              self.data_parallel_routing)
 
     def _refuse_speculative_decoding(self) -> None:
         """A well-formed config is refused as unimplemented, a malformed one for what is wrong with it."""

@@ -1,14 +1,16 @@
-"""One decoder-only causal LM for the Llama, Mistral, Qwen2 and Qwen3 families, switched by their `DecoderSpec`.
+"""One decoder-only causal LM for the Llama, Mistral, Qwen2 and Qwen3 families, switched by their `DecoderSpec`;
+the MoE families (`moe_decoder.py`) are the same model with a mixture of experts for MLP.
 
 Tokens of many sequences arrive packed in one flat batch (no padding); the step's `ForwardBatch` goes down to every
 layer: attention reads and writes the paged KV cache through its `AttentionMetadata`, and each projection gets its
 LoRA batch (used only once adapters wrap the projections). Parameter layout follows vLLM: q/k/v and gate/up are
-fused, loaded shard by shard from the checkpoint's separate projections (`packed_modules_mapping`).
+fused, loaded shard by shard from the checkpoint's separate projections (`packed_modules_mapping`). Under tensor
+parallelism each rank builds the same model over its slice of the heads, MLP and vocabulary (`linear.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -17,9 +19,18 @@ import torch
 from torch import nn
 
 from loomserve.platform.attention import get_attention_backend
+from loomserve.platform.distributed.parallel_state import divide, get_tp_group, kv_heads_per_rank
 from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.models.interfaces import ServedModel
-from loomserve.platform.models.layers import MergedLinear, RMSNorm, SiluAndMul, project
+from loomserve.platform.models.layers import RMSNorm, SiluAndMul, project
+from loomserve.platform.models.linear import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    ShardedRMSNorm,
+    VocabParallelEmbedding,
+)
 from loomserve.platform.models.packing import load_packed_weights
 from loomserve.platform.models.rope import RotaryEmbedding, rotate_qk
 
@@ -30,7 +41,10 @@ class DecoderSpec:
 
     qkv_bias: bool = False  # q/k/v projections always carry biases (o_proj follows `attention_bias`)
     qk_norm: bool = False  # each head's queries and keys are RMS-normalized before RoPE
+    qk_norm_across_heads: bool = False  # OLMoE: one RMSNorm over all heads' queries (keys) instead of per head
 
+
+MakeMLP = Callable[[Any, int], nn.Module]  # (text config, layer index) -> the layer's MLP
 
 _QWEN2 = DecoderSpec(qkv_bias=True)
 # Text config `model_type` -> its family's spec (the Qwen2-VL family's language models are Qwen2's).
@@ -41,6 +55,10 @@ DECODER_SPECS: dict[str, DecoderSpec] = {
     "qwen2_vl_text": _QWEN2,
     "qwen2_5_vl_text": _QWEN2,
     "qwen3": DecoderSpec(qk_norm=True),
+    "qwen2_moe": _QWEN2,
+    "qwen3_moe": DecoderSpec(qk_norm=True),
+    "mixtral": DecoderSpec(),
+    "olmoe": DecoderSpec(qk_norm=True, qk_norm_across_heads=True),
 }
 
 
@@ -79,20 +97,32 @@ def head_dim_of(config: Any) -> int:
 
 
 class Attention(nn.Module):
+    """Self-attention over this rank's heads (all of them in a group of one): q/k/v split by heads, o_proj summed
+    over the ranks."""
+
     def __init__(self, config: Any, attention_backend: str) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        tp = get_tp_group()
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.num_heads = divide(total_heads, tp.size, "num_attention_heads")
+        self.num_kv_heads = kv_heads_per_rank(total_kv_heads, tp.size)
         self.head_dim = head_dim_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         attention_bias = getattr(config, "attention_bias", False)
         spec = decoder_spec(config)
-        sizes = [self.q_size, self.kv_size, self.kv_size]
-        self.qkv_proj = MergedLinear(config.hidden_size, sizes, bias=attention_bias or spec.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=attention_bias)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads, total_kv_heads,
+                                          bias=attention_bias or spec.qkv_bias)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=attention_bias)
+        self.clip_qkv = getattr(config, "clip_qkv", None)  # OLMoE: q, k and v clamped to [-clip, clip]
         self.qk_norm = spec.qk_norm
-        if self.qk_norm:
+        self.qk_norm_across_heads = spec.qk_norm_across_heads
+        if self.qk_norm_across_heads:  # over this rank's heads, the mean square taken over every rank's
+            q_start, kv_start = self.qkv_proj.shard_starts[:2]
+            self.q_norm = ShardedRMSNorm(self.q_size, total_heads * self.head_dim, q_start, config.rms_norm_eps)
+            self.k_norm = ShardedRMSNorm(self.kv_size, total_kv_heads * self.head_dim, kv_start, config.rms_norm_eps)
+        elif self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         backend_cls = get_attention_backend(attention_backend)
@@ -102,10 +132,14 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor, batch: ForwardBatch
     ) -> torch.Tensor:
         q, k, v = project(self.qkv_proj, x, batch.lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm_across_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:  # after the norms, as OLMoE does
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        if self.qk_norm:
+        if self.qk_norm and not self.qk_norm_across_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate_qk(q, k, cos_sin)
         out = self.attn.forward(q, k, v, kv_cache, batch.attn)  # [T, H * D]
@@ -113,26 +147,32 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: Any) -> None:
+    """The gated SiLU MLP: gate/up split by rows across the ranks, down_proj by columns (summed over the ranks)."""
+
+    def __init__(self, config: Any, intermediate_size: int | None = None) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only silu")
         bias = getattr(config, "mlp_bias", False)
-        size = config.intermediate_size
-        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=bias)
+        size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=bias)
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate_up = project(self.gate_up_proj, x, batch.lora)  # [T, 2I]
-        return project(self.down_proj, self.act(gate_up), batch.lora)  # [T, I] -> [T, hidden]
+        gate_up = project(self.gate_up_proj, x, batch.lora)  # [T, 2I / ranks]
+        return project(self.down_proj, self.act(gate_up), batch.lora)  # [T, I / ranks] -> [T, hidden]
+
+
+def dense_mlp(config: Any, layer_index: int) -> nn.Module:
+    return MLP(config)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Any, attention_backend: str) -> None:
+    def __init__(self, config: Any, attention_backend: str, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = Attention(config, attention_backend)
-        self.mlp = MLP(config)
+        self.mlp = mlp  # MLP, or a mixture of experts (`moe.py`): forward(x [T, hidden], batch) -> [T, hidden]
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -154,10 +194,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: Any, attention_backend: str) -> None:
+    def __init__(self, config: Any, attention_backend: str, make_mlp: MakeMLP = dense_mlp) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, attention_backend) for _ in range(config.num_hidden_layers))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, attention_backend, make_mlp(config, i))
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
 
@@ -182,12 +223,12 @@ class DecoderForCausalLM(ServedModel):
     is_moe = False
     packed_modules_mapping = DECODER_PACKED_MODULES
 
-    def __init__(self, hf_config: Any, attention_backend: str = "auto") -> None:
+    def __init__(self, hf_config: Any, attention_backend: str = "auto", make_mlp: MakeMLP = dense_mlp) -> None:
         super().__init__()
         self.config = hf_config
-        self.model = DecoderModel(hf_config, attention_backend)
+        self.model = DecoderModel(hf_config, attention_backend, make_mlp)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(hf_config.hidden_size, hf_config.vocab_size)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -70,6 +70,10 @@ class MergedLinear(nn.Linear):
         super().__init__(in_features, sum(output_sizes), bias=bias)
         self.output_sizes = output_sizes
 
+    def num_shards(self, param: nn.Parameter) -> int:
+        """Checkpoint tensors that fill `param` (weight or bias): one per projection."""
+        return len(self.output_sizes)
+
     def load_shard(self, param: nn.Parameter, shard_id: int, tensor: torch.Tensor) -> None:
         """Copy one checkpoint projection (weight [out_i, in] or bias [out_i]) into its rows of `param`."""
         start = sum(self.output_sizes[:shard_id])

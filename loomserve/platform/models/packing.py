@@ -4,22 +4,23 @@ and naming a fused layer's projections back (through the model's `packed_modules
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 from torch import nn
 
 from loomserve.platform.models.interfaces import ServedModel
-from loomserve.platform.models.layers import copy_checked
+from loomserve.platform.models.linear import load_param
 
 
 def load_packed_weights(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
-    param_for: Callable[[str], tuple[str, int | None] | None],
+    param_for: Callable[[str], tuple[str, Hashable | None] | None],
 ) -> set[str]:
-    """Copy HF-named checkpoint tensors into `model`'s parameters. `param_for` maps a tensor's name to
-    (parameter name, shard of a fused projection or None), or None for tensors the model does not use.
+    """Copy HF-named checkpoint tensors (whole, or lazy slices: `linear.narrow`) into `model`'s parameters.
+    `param_for` maps a tensor's name to (parameter name, shard of a fused parameter or None), or None for tensors
+    the model does not use (or another rank loads). A sharded parameter loads through its own `weight_loader`.
     Returns the names of parameters fully loaded (a fused parameter counts once all its shards are in)."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -33,7 +34,7 @@ def load_packed_weights(
             raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
         try:
             if shard_id is None:
-                copy_checked(params[param_name].data, tensor)
+                load_param(params[param_name], tensor)
                 loaded.add(param_name)
                 continue
             module = model.get_submodule(param_name.rsplit(".", 1)[0])
@@ -41,7 +42,7 @@ def load_packed_weights(
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         shards[param_name].add(shard_id)
-        if len(shards[param_name]) == len(module.output_sizes):
+        if len(shards[param_name]) == module.num_shards(params[param_name]):
             loaded.add(param_name)
     return loaded
 

@@ -33,6 +33,7 @@ _PROCESSORS = "loomserve.modalities.processors"
 _EMBEDDER = f"{_MODELS}.decoder_embedding:DecoderForEmbedding"
 _CAUSAL_LM = ModelEntry(f"{_MODELS}.decoder:DecoderForCausalLM", ("generate", "embed"), embed_model=_EMBEDDER)
 _DECODER_EMBEDDER = ModelEntry(_EMBEDDER, ("embed",))
+_MOE_CAUSAL_LM = ModelEntry(f"{_MODELS}.moe_decoder:MoeForCausalLM", ("generate",))
 _ENCODER = ModelEntry(f"{_MODELS}.bert:BertEmbeddingModel", ("embed",))
 _CLASSIFIER = ModelEntry(f"{_MODELS}.bert:BertClassificationModel", ("classify",))
 _QWEN2_VL_PROCESSOR = f"{_PROCESSORS}.qwen2_vl:Qwen2VLProcessor"
@@ -42,6 +43,10 @@ REGISTRY: dict[str, ModelEntry] = {
     "MistralForCausalLM": _CAUSAL_LM,
     "Qwen2ForCausalLM": _CAUSAL_LM,
     "Qwen3ForCausalLM": _CAUSAL_LM,
+    "Qwen3MoeForCausalLM": _MOE_CAUSAL_LM,
+    "Qwen2MoeForCausalLM": _MOE_CAUSAL_LM,
+    "MixtralForCausalLM": _MOE_CAUSAL_LM,
+    "OlmoeForCausalLM": _MOE_CAUSAL_LM,
     "LlamaModel": _DECODER_EMBEDDER,
     "MistralModel": _DECODER_EMBEDDER,
     "Qwen2Model": _DECODER_EMBEDDER,

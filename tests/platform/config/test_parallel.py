@@ -1,9 +1,11 @@
-"""Parallel sizes use vLLM's names; anything but one device in one process is refused, not silently ignored."""
+"""Parallel sizes use vLLM's names; what is not implemented (pipeline stages, data parallelism inside one `LLM`) is
+refused, not silently ignored, and tensor parallelism picks the multi-process executor."""
 
 from __future__ import annotations
 
 import pytest
 
+from loomserve import LLM
 from loomserve.platform.config import EngineArgs, ParallelConfig
 
 
@@ -12,12 +14,22 @@ def test_the_default_is_one_device_in_one_process(qwen2_checkpoint):
     assert config.parallel_config == ParallelConfig()
     assert (config.parallel_config.tensor_parallel_size, config.parallel_config.data_parallel_size,
             config.parallel_config.pipeline_parallel_size) == (1, 1, 1)
+    assert config.parallel_config.distributed_executor_backend is None
 
 
-@pytest.mark.parametrize("name", ["tensor_parallel_size", "data_parallel_size", "pipeline_parallel_size"])
-def test_sizes_above_one_are_not_supported_yet(qwen2_checkpoint, name):
-    with pytest.raises(ValueError, match=f"{name}=2 is not supported yet"):
-        EngineArgs(qwen2_checkpoint, device="cpu", **{name: 2}).create_engine_config()
+def test_tensor_parallel_runs_one_process_per_rank(qwen2_checkpoint):
+    config = EngineArgs(qwen2_checkpoint, device="cpu", tensor_parallel_size=2).create_engine_config()
+    assert config.parallel_config.distributed_executor_backend == "mp"
+
+
+def test_pipeline_stages_are_not_supported_yet(qwen2_checkpoint):
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 is not supported yet"):
+        EngineArgs(qwen2_checkpoint, device="cpu", pipeline_parallel_size=2).create_engine_config()
+
+
+def test_llm_refuses_data_parallel_replicas(qwen2_checkpoint):
+    with pytest.raises(ValueError, match="serve data_parallel_size > 1 with `loomserve serve`"):
+        LLM(qwen2_checkpoint, device="cpu", data_parallel_size=2)
 
 
 def test_sizes_below_one_are_rejected():
