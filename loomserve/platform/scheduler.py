@@ -37,6 +37,8 @@ class Scheduler:
         self.total_preemptions = 0
         self.num_needing_history = 0  # requests whose sampling reads their generated tokens
         self.hooks = hooks or []
+        for hook in self.hooks:
+            hook.attach_kv(self.kv)
         self.finished_ids: list[str] = []  # ended since the last step: the runner forgets them with the next one
 
     def hook(self, name: str) -> SchedulerHook | None:

@@ -1,0 +1,184 @@
+"""The CPU tier of the prefix cache (`--kv-offloading-size`): a feature whose scheduler hook decides which blocks
+move, and whose runner hook moves them (`copier.py`).
+
+A cached block the device pool hands to a new owner is stored first, under the same block hash, in a host block
+(least recently used host blocks make room). A waiting request whose prefix continues in the host pool past what
+the device still holds gets device blocks for that part and a load; it waits, held back by `admits`, until the
+runner reports the load landed. The loaded blocks then join the device prefix cache under their hashes (held for
+the request until it starts), so the request starts as on any prefix hit. A preempted request's full blocks take
+the same way back: freed into the prefix cache, stored on eviction, loaded on its resumption, so preemption
+recomputes at most its last partial block.
+
+Step data (`features["kv_offload"]`): `store` = [device ids, host ids], `load` = [[request id, host ids, device
+ids], ...]. Result: `loaded` = the request ids whose loads have landed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from loomserve.platform.features import RunnerHook, SchedulerHook
+from loomserve.platform.kv_cache.manager import kv_block_bytes
+from loomserve.platform.kv_transfer.copier import BlockCopier
+from loomserve.platform.kv_transfer.host_pool import HostBlockPool
+
+if TYPE_CHECKING:
+    from loomserve.platform.config import EngineConfig
+    from loomserve.platform.kv_cache import KVBlock, KVCacheManager
+    from loomserve.platform.request import Request
+    from loomserve.platform.step import ScheduledStep
+
+logger = logging.getLogger(__name__)
+
+NAME = "kv_offload"
+
+
+def num_host_blocks(config: EngineConfig) -> int:
+    """Host blocks the configured CPU-tier size holds; 0 when the tier is off."""
+    kt = config.kv_transfer_config
+    if kt is None or not kt.offload_bytes or config.model_config.encoder_only:
+        return 0
+    return kt.offload_bytes // kv_block_bytes(config.model_config, config.cache_config.block_size)
+
+
+def scheduler_hook(config: EngineConfig) -> OffloadScheduler | None:
+    n = num_host_blocks(config)
+    return OffloadScheduler(n) if n else None
+
+
+def runner_hook(config: EngineConfig, model: nn.Module, device: torch.device) -> OffloadWorker | None:
+    n = num_host_blocks(config)
+    return OffloadWorker(n) if n else None
+
+
+@dataclass
+class PendingLoad:
+    blocks: list[KVBlock]  # device blocks taken for the load, in prefix order
+    hashes: list[bytes]  # their block hashes
+    host_ids: list[int]  # where they come from
+    abandoned: bool = False  # the request ended meanwhile: free the blocks once landed
+
+
+class OffloadScheduler(SchedulerHook):
+    name = NAME
+
+    def __init__(self, num_blocks: int) -> None:
+        self.host = HostBlockPool(num_blocks)
+        self.kv: KVCacheManager | None = None
+        self.stores: list[list[int]] = [[], []]  # device ids, host ids: evicted since the last step
+        self.loads: list[list[Any]] = []  # issued since the last step
+        self.loading: dict[str, PendingLoad] = {}
+        self.held: dict[str, list[KVBlock]] = {}  # loaded, cached, kept for their request until it starts
+        self.loaded_tokens = 0  # prefix tokens brought back from the host pool, ever
+        self.stored_blocks = 0
+
+    def attach_kv(self, kv: KVCacheManager) -> None:
+        self.kv = kv
+        kv.pool.on_evict = self._store
+
+    def _store(self, block_id: int, block_hash: bytes) -> None:
+        host_id = self.host.take(block_hash)
+        if host_id is not None:
+            self.stores[0].append(block_id)
+            self.stores[1].append(host_id)
+            self.stored_blocks += 1
+
+    def admits(self, request: Request) -> bool:
+        """False while the request's blocks load; starts a load when its prefix continues in the host pool."""
+        if request.request_id in self.loading:
+            return False
+        if request.needs_whole_prompt:
+            return True
+        on_device = len(self.kv.cached_prefix(request))
+        hashes = self._host_prefix(request, on_device)
+        if not hashes or len(hashes) > self.kv.pool.num_free_blocks:  # nothing there, or no room: recompute
+            return True
+        host_ids = self.host.read(hashes)  # kept from eviction by the stores the allocation below may cause
+        blocks = self.kv.pool.allocate(len(hashes))
+        self.loads.append([request.request_id, host_ids, [b.block_id for b in blocks]])
+        self.loading[request.request_id] = PendingLoad(blocks, hashes, host_ids)
+        return False
+
+    def _host_prefix(self, request: Request, start: int) -> list[bytes]:
+        """The hashes of the request's blocks from block `start` on that the host pool holds, up to the first miss."""
+        found: list[bytes] = []
+        tokens = request.all_token_ids
+        for i in range(start, self.kv.max_hit_blocks(request)):
+            block_hash = self.kv.block_hashes(request, i + 1, tokens)[i]
+            if self.host.lookup(block_hash) is None:
+                break
+            found.append(block_hash)
+        return found
+
+    def commit(self, request: Request, start: int, num_tokens: int) -> None:
+        """The request started: its prefix hit holds the loaded blocks now, so this hook lets go of them."""
+        if self.held:
+            self._free(self.held.pop(request.request_id, []))
+
+    def release(self, request: Request) -> None:
+        load = self.loading.get(request.request_id)
+        if load is not None:
+            load.abandoned = True  # the copy may still be writing its blocks: free them once it has landed
+        self._free(self.held.pop(request.request_id, []))
+
+    def step_data(self, running: list[Request]) -> dict[str, Any] | None:
+        if not (self.stores[0] or self.loads):
+            return None
+        data = {"store": self.stores, "load": self.loads}
+        self.stores, self.loads = [[], []], []
+        return data
+
+    def update(self, result: dict[str, Any], requests: dict[str, Request]) -> dict[str, str]:
+        """Loads that landed: their blocks join the device prefix cache."""
+        for request_id in result["loaded"]:
+            load = self.loading.pop(request_id)
+            self.host.done_reading(load.host_ids)
+            for block, block_hash in zip(load.blocks, load.hashes):
+                self.kv.pool.cache(block, block_hash)
+            self.loaded_tokens += len(load.blocks) * self.kv.block_size
+            if load.abandoned:
+                self._free(load.blocks)
+            else:
+                self.held[request_id] = load.blocks
+        return {}
+
+    def _free(self, blocks: list[KVBlock]) -> None:
+        self.kv.pool.free(list(reversed(blocks)))  # tail blocks first to be evicted, as the manager frees
+
+
+class OffloadWorker(RunnerHook):
+    name = NAME
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.copier: BlockCopier | None = None
+        self.loads: list[tuple[str, torch.cuda.Event | None]] = []  # in flight: request id, landed event
+
+    def register_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        self.copier = BlockCopier(kv_caches, self.num_blocks)
+        logger.info("CPU KV tier: %d blocks (%.2f GiB)", self.num_blocks,
+                    self.copier.host.numel() * self.copier.host.element_size() / 2**30)
+
+    def begin_step(self, step: ScheduledStep) -> None:
+        """Stores before loads (a load may read a host block stored this step), both before the step's forward."""
+        data = step.features.get(self.name)
+        if data is not None:
+            device_ids, host_ids = data["store"]
+            if device_ids:
+                self.copier.store(device_ids, host_ids)
+            for request_id, host_ids, device_ids in data["load"]:
+                self.loads.append((request_id, self.copier.load(host_ids, device_ids)))
+        if self.loads and not step.scheduled:  # nothing else to do: let the loads land
+            self.copier.wait()
+
+    def result(self) -> dict[str, list[str]] | None:
+        landed = [request_id for request_id, done in self.loads if done is None or done.query()]
+        if not landed:
+            return None
+        self.loads = [(request_id, done) for request_id, done in self.loads if request_id not in landed]
+        return {"loaded": landed}
