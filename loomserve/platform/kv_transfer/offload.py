@@ -5,9 +5,9 @@ A cached block the device pool hands to a new owner is stored first, under the s
 (least recently used host blocks make room). A waiting request whose prefix continues in the host pool past what
 the device still holds gets device blocks for that part and a load; it waits, held back by `admits`, until the
 runner reports the load landed. The loaded blocks then join the device prefix cache under their hashes (held for
-the request until it starts), so the request starts as on any prefix hit. A preempted request's full blocks take
-the same way back: freed into the prefix cache, stored on eviction, loaded on its resumption, so preemption
-recomputes at most its last partial block.
+the request through one scheduling pass), so the request starts as on any prefix hit. A preempted request's full
+blocks take the same way back: freed into the prefix cache, stored on eviction, loaded on its resumption, so
+preemption recomputes at most its last partial block.
 
 Step data (`features["kv_offload"]`): `store` = [device ids, host ids], `load` = [[request id, host ids, device
 ids], ...]. Result: `loaded` = the request ids whose loads have landed.
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from loomserve.platform.features import RunnerHook, SchedulerHook
-from loomserve.platform.kv_cache.manager import kv_block_bytes
+from loomserve.platform.kv_cache.manager import cdiv, kv_block_bytes
 from loomserve.platform.kv_transfer.copier import BlockCopier
 from loomserve.platform.kv_transfer.host_pool import HostBlockPool
 
@@ -58,6 +58,7 @@ def runner_hook(config: EngineConfig, model: nn.Module, device: torch.device) ->
 
 @dataclass
 class PendingLoad:
+    prefix: list[KVBlock]  # the request's blocks already on the device, held so the load continues them
     blocks: list[KVBlock]  # device blocks taken for the load, in prefix order
     hashes: list[bytes]  # their block hashes
     host_ids: list[int]  # where they come from
@@ -73,7 +74,8 @@ class OffloadScheduler(SchedulerHook):
         self.stores: list[list[int]] = [[], []]  # device ids, host ids: evicted since the last step
         self.loads: list[list[Any]] = []  # issued since the last step
         self.loading: dict[str, PendingLoad] = {}
-        self.held: dict[str, list[KVBlock]] = {}  # loaded, cached, kept for their request until it starts
+        self.held: dict[str, list[KVBlock]] = {}  # loaded (and their prefix), cached, kept until the request starts
+        self.stale: set[str] = set()  # held at the last step's start
         self.loaded_tokens = 0  # prefix tokens brought back from the host pool, ever
         self.stored_blocks = 0
 
@@ -88,20 +90,33 @@ class OffloadScheduler(SchedulerHook):
             self.stores[1].append(host_id)
             self.stored_blocks += 1
 
+    def begin_step(self, running: list[Request]) -> None:
+        """Blocks held through a whole step without their request starting go back to the pool (still cached): a
+        request that cannot start must not keep others from running."""
+        for request_id in self.stale & self.held.keys():
+            self._free(self.held.pop(request_id))
+        self.stale = set(self.held)
+
     def admits(self, request: Request) -> bool:
-        """False while the request's blocks load; starts a load when its prefix continues in the host pool."""
+        """False while the request's blocks load; starts a load when its prefix continues in the host pool and the
+        device pool has room for the rest of the prompt too."""
         if request.request_id in self.loading:
             return False
         if request.needs_whole_prompt:
             return True
-        on_device = len(self.kv.cached_prefix(request))
-        hashes = self._host_prefix(request, on_device)
-        if not hashes or len(hashes) > self.kv.pool.num_free_blocks:  # nothing there, or no room: recompute
+        on_device = self.kv.cached_prefix(request)
+        hashes = self._host_prefix(request, len(on_device))
+        if not hashes:
             return True
-        host_ids = self.host.read(hashes)  # kept from eviction by the stores the allocation below may cause
+        computed = (len(on_device) + len(hashes)) * self.kv.block_size
+        needed = len(hashes) + cdiv(request.num_tokens - computed, self.kv.block_size)
+        if needed > self.kv.pool.num_free_blocks - sum(1 for b in on_device if b.ref_cnt == 0):
+            return True  # no room to run it after the load either: leave it to the scheduler
+        self.kv.pool.touch(on_device)  # the allocation below must not evict the prefix the load continues
+        host_ids = self.host.read(hashes)  # nor the stores it causes the host blocks the load reads
         blocks = self.kv.pool.allocate(len(hashes))
         self.loads.append([request.request_id, host_ids, [b.block_id for b in blocks]])
-        self.loading[request.request_id] = PendingLoad(blocks, hashes, host_ids)
+        self.loading[request.request_id] = PendingLoad(on_device, blocks, hashes, host_ids)
         return False
 
     def _host_prefix(self, request: Request, start: int) -> list[bytes]:
@@ -141,10 +156,11 @@ class OffloadScheduler(SchedulerHook):
             for block, block_hash in zip(load.blocks, load.hashes):
                 self.kv.pool.cache(block, block_hash)
             self.loaded_tokens += len(load.blocks) * self.kv.block_size
+            blocks = load.prefix + load.blocks
             if load.abandoned:
-                self._free(load.blocks)
+                self._free(blocks)
             else:
-                self.held[request_id] = load.blocks
+                self.held.setdefault(request_id, []).extend(blocks)
         return {}
 
     def _free(self, blocks: list[KVBlock]) -> None:
