@@ -31,7 +31,7 @@ class BlockCopier:
         """Copy device blocks into host blocks; later work on the compute stream (a new owner's writes) waits."""
         device_ids, host_ids = _by_host_id(device_ids, host_ids)
         with self._side_stream():
-            staging = self._gather(self._index(device_ids))  # [n, layers, 2, block_size, kv_heads, head_dim]
+            staging = gather_blocks(self.caches, device_index(device_ids, self.device))
             for dst, src, n in _runs(host_ids):
                 self.host[dst : dst + n].copy_(staging[src : src + n], non_blocking=True)
         if self.stream is not None:
@@ -45,7 +45,7 @@ class BlockCopier:
             staging = torch.empty((len(host_ids), *self.block_shape), dtype=self.host.dtype, device=self.device)
             for dst, src, n in _runs(host_ids):
                 staging[src : src + n].copy_(self.host[dst : dst + n], non_blocking=True)
-            self._scatter(staging, self._index(device_ids))
+            scatter_blocks(self.caches, staging, device_index(device_ids, self.device))
             if self.stream is None:
                 return None
             done = torch.cuda.Event()
@@ -57,16 +57,6 @@ class BlockCopier:
         if self.stream is not None:
             self.stream.synchronize()
 
-    def _index(self, ids: list[int]) -> torch.Tensor:
-        return torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
-
-    def _gather(self, index: torch.Tensor) -> torch.Tensor:
-        return torch.stack([cache.index_select(1, index).transpose(0, 1) for cache in self.caches], dim=1)
-
-    def _scatter(self, blocks: torch.Tensor, index: torch.Tensor) -> None:
-        for layer, cache in enumerate(self.caches):
-            cache.index_copy_(1, index, blocks[:, layer].transpose(0, 1))
-
     @contextlib.contextmanager
     def _side_stream(self) -> Iterator[None]:
         """Run on the side stream, after everything the compute stream has queued (the steps before this one)."""
@@ -76,6 +66,21 @@ class BlockCopier:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             yield
+
+
+def device_index(ids: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
+
+
+def gather_blocks(caches: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """The blocks `index` of every layer as one tensor [n, layers, 2, block_size, kv_heads, head_dim]."""
+    return torch.stack([cache.index_select(1, index).transpose(0, 1) for cache in caches], dim=1)
+
+
+def scatter_blocks(caches: list[torch.Tensor], blocks: torch.Tensor, index: torch.Tensor) -> None:
+    """Write `blocks` [n, layers, 2, block_size, kv_heads, head_dim] into the blocks `index` of every layer."""
+    for layer, cache in enumerate(caches):
+        cache.index_copy_(1, index, blocks[:, layer].transpose(0, 1))
 
 
 def _by_host_id(device_ids: list[int], host_ids: list[int]) -> tuple[list[int], list[int]]:

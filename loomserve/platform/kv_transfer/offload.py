@@ -4,8 +4,7 @@ move, and whose runner hook moves them (`copier.py`).
 A cached block the device pool hands to a new owner is stored first, under the same block hash, in a host block
 (least recently used host blocks make room). A waiting request whose prefix continues in the host pool past what
 the device still holds gets device blocks for that part and a load; it waits, held back by `admits`, until the
-runner reports the load landed. The loaded blocks then join the device prefix cache under their hashes (held for
-the request through one scheduling pass), so the request starts as on any prefix hit. A preempted request's full
+runner reports the load landed; it then starts as on any prefix hit (`loads.py`). A preempted request's full
 blocks take the same way back: freed into the prefix cache, stored on eviction, loaded on its resumption, so
 preemption recomputes at most its last partial block.
 
@@ -16,20 +15,20 @@ ids], ...]. Result: `loaded` = the request ids whose loads have landed.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from loomserve.platform.features import RunnerHook, SchedulerHook
-from loomserve.platform.kv_cache.manager import cdiv, kv_block_bytes
+from loomserve.platform.features import RunnerHook
+from loomserve.platform.kv_cache.manager import kv_block_bytes
 from loomserve.platform.kv_transfer.copier import BlockCopier
 from loomserve.platform.kv_transfer.host_pool import HostBlockPool
+from loomserve.platform.kv_transfer.loads import BlockLoads
 
 if TYPE_CHECKING:
     from loomserve.platform.config import EngineConfig
-    from loomserve.platform.kv_cache import KVBlock, KVCacheManager
+    from loomserve.platform.kv_cache import KVCacheManager
     from loomserve.platform.request import Request
     from loomserve.platform.step import ScheduledStep
 
@@ -56,31 +55,18 @@ def runner_hook(config: EngineConfig, model: nn.Module, device: torch.device) ->
     return OffloadWorker(n) if n else None
 
 
-@dataclass
-class PendingLoad:
-    prefix: list[KVBlock]  # the request's blocks already on the device, held so the load continues them
-    blocks: list[KVBlock]  # device blocks taken for the load, in prefix order
-    hashes: list[bytes]  # their block hashes
-    host_ids: list[int]  # where they come from
-    abandoned: bool = False  # the request ended meanwhile: free the blocks once landed
-
-
-class OffloadScheduler(SchedulerHook):
+class OffloadScheduler(BlockLoads):
     name = NAME
 
     def __init__(self, num_blocks: int) -> None:
+        super().__init__()
         self.host = HostBlockPool(num_blocks)
-        self.kv: KVCacheManager | None = None
         self.stores: list[list[int]] = [[], []]  # device ids, host ids: evicted since the last step
         self.loads: list[list[Any]] = []  # issued since the last step
-        self.loading: dict[str, PendingLoad] = {}
-        self.held: dict[str, list[KVBlock]] = {}  # loaded (and their prefix), cached, kept until the request starts
-        self.stale: set[str] = set()  # held at the last step's start
-        self.loaded_tokens = 0  # prefix tokens brought back from the host pool, ever
         self.stored_blocks = 0
 
     def attach_kv(self, kv: KVCacheManager) -> None:
-        self.kv = kv
+        super().attach_kv(kv)
         kv.pool.on_evict = self._store
 
     def _store(self, block_id: int, block_hash: bytes) -> None:
@@ -89,13 +75,6 @@ class OffloadScheduler(SchedulerHook):
             self.stores[0].append(block_id)
             self.stores[1].append(host_id)
             self.stored_blocks += 1
-
-    def begin_step(self, running: list[Request]) -> None:
-        """Blocks held through a whole step without their request starting go back to the pool (still cached): a
-        request that cannot start must not keep others from running."""
-        for request_id in self.stale & self.held.keys():
-            self._free(self.held.pop(request_id))
-        self.stale = set(self.held)
 
     def admits(self, request: Request) -> bool:
         """False while the request's blocks load; starts a load when its prefix continues in the host pool and the
@@ -106,17 +85,11 @@ class OffloadScheduler(SchedulerHook):
             return True
         on_device = self.kv.cached_prefix(request)
         hashes = self._host_prefix(request, len(on_device))
-        if not hashes:
-            return True
-        computed = (len(on_device) + len(hashes)) * self.kv.block_size
-        needed = len(hashes) + cdiv(request.num_tokens - computed, self.kv.block_size)
-        if needed > self.kv.pool.num_free_blocks - sum(1 for b in on_device if b.ref_cnt == 0):
-            return True  # no room to run it after the load either: leave it to the scheduler
-        self.kv.pool.touch(on_device)  # the allocation below must not evict the prefix the load continues
-        host_ids = self.host.read(hashes)  # nor the stores it causes the host blocks the load reads
-        blocks = self.kv.pool.allocate(len(hashes))
-        self.loads.append([request.request_id, host_ids, [b.block_id for b in blocks]])
-        self.loading[request.request_id] = PendingLoad(on_device, blocks, hashes, host_ids)
+        if not hashes or not self.has_room(request, on_device, len(hashes)):
+            return True  # nothing there, or no room to run it after the load either: the scheduler decides
+        host_ids = self.host.read(hashes)  # kept from eviction by the stores the allocation may cause
+        device_ids = self.start_load(request, on_device, hashes, host_ids)
+        self.loads.append([request.request_id, host_ids, device_ids])
         return False
 
     def _host_prefix(self, request: Request, start: int) -> list[bytes]:
@@ -130,17 +103,6 @@ class OffloadScheduler(SchedulerHook):
             found.append(block_hash)
         return found
 
-    def commit(self, request: Request, start: int, num_tokens: int) -> None:
-        """The request started: its prefix hit holds the loaded blocks now, so this hook lets go of them."""
-        if self.held:
-            self._free(self.held.pop(request.request_id, []))
-
-    def release(self, request: Request) -> None:
-        load = self.loading.get(request.request_id)
-        if load is not None:
-            load.abandoned = True  # the copy may still be writing its blocks: free them once it has landed
-        self._free(self.held.pop(request.request_id, []))
-
     def step_data(self, running: list[Request]) -> dict[str, Any] | None:
         if not (self.stores[0] or self.loads):
             return None
@@ -151,20 +113,8 @@ class OffloadScheduler(SchedulerHook):
     def update(self, result: dict[str, Any], requests: dict[str, Request]) -> dict[str, str]:
         """Loads that landed: their blocks join the device prefix cache."""
         for request_id in result["loaded"]:
-            load = self.loading.pop(request_id)
-            self.host.done_reading(load.host_ids)
-            for block, block_hash in zip(load.blocks, load.hashes):
-                self.kv.pool.cache(block, block_hash)
-            self.loaded_tokens += len(load.blocks) * self.kv.block_size
-            blocks = load.prefix + load.blocks
-            if load.abandoned:
-                self._free(blocks)
-            else:
-                self.held.setdefault(request_id, []).extend(blocks)
+            self.host.done_reading(self.land(request_id, ok=True).source)
         return {}
-
-    def _free(self, blocks: list[KVBlock]) -> None:
-        self.kv.pool.free(list(reversed(blocks)))  # tail blocks first to be evicted, as the manager frees
 
 
 class OffloadWorker(RunnerHook):
