@@ -35,6 +35,10 @@ class SchedulerHook(Protocol):
     def attach_kv(self, kv: KVCacheManager) -> None:
         """The scheduler's KV cache manager, once made (a KV connector reads and takes its blocks)."""
 
+    def busy(self) -> bool:
+        """Whether the feature needs steps with no request to run (e.g. to tell its runner hook to serve blocks)."""
+        return False
+
     def begin_step(self, running: list[Request]) -> None:
         """Before a step's admissions."""
 
@@ -103,6 +107,8 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     "pooling": (None, "loomserve.pooling.hooks:runner_hook"),
     "kv_offload": ("loomserve.platform.kv_transfer.offload:scheduler_hook",
                    "loomserve.platform.kv_transfer.offload:runner_hook"),
+    "kv_pd": ("loomserve.platform.kv_transfer.disagg:scheduler_hook",
+              "loomserve.platform.kv_transfer.disagg:runner_hook"),
 }
 
 

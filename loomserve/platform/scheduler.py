@@ -59,7 +59,8 @@ class Scheduler:
         return self.num_needing_history == 0
 
     def has_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether there is work for a step: requests, or a feature's own (a KV connector serving blocks)."""
+        return bool(self.waiting or self.running) or any(hook.busy() for hook in self.hooks)
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(finished_ids=self.finished_ids)

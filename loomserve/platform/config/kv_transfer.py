@@ -3,7 +3,9 @@ memory for a CPU tier of the prefix cache) and `--kv-transfer-config` JSON (a co
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +21,7 @@ class KVTransferConfig:
     kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
     engine_id: str | None = None
     kv_ip: str = "127.0.0.1"  # where a producer's worker serves its blocks to consumers
-    kv_port: int = 0  # 0: any free port
+    kv_port: int = 0  # 0: a free port, chosen when the config is read
     offload_bytes: int = 0  # host memory of the CPU tier
 
     def __post_init__(self) -> None:
@@ -55,4 +57,14 @@ def parse_kv_transfer_config(
         offload_bytes = int(spec.get("kv_connector_extra_config", {}).get("cpu_bytes_to_use", 0))
         if offload_bytes <= 0:
             raise ValueError(f"{OFFLOADING} needs --kv-offloading-size or kv_connector_extra_config.cpu_bytes_to_use")
-    return KVTransferConfig(**spec, offload_bytes=offload_bytes)
+    config = KVTransferConfig(**spec, offload_bytes=offload_bytes)
+    if config.kv_connector != OFFLOADING and config.is_producer and not config.kv_port:
+        config = dataclasses.replace(config, kv_port=_free_port(config.kv_ip))
+    return config
+
+
+def _free_port(host: str) -> int:
+    """A TCP port nothing listens on now: the producer's block server binds it once its KV cache exists."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

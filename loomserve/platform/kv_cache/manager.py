@@ -42,6 +42,9 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return self.req_block_ids[request_id]
 
+    def blocks(self, request_id: str) -> list[KVBlock]:
+        return self.req_blocks.get(request_id, [])
+
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of the request, in whole blocks, leaving at least one token to run."""
         if not self.enable_caching or request.needs_whole_prompt:  # see PoolingParams.needs_whole_prompt
