@@ -21,7 +21,7 @@ PROMPTS = ["the cat sat on the mat and then it walked far away over the hills", 
 MAX_TOKENS = 12
 GREEDY_BODY = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
 PRODUCER = ('{"kv_connector": "TcpConnector", "kv_role": "kv_producer", '
-            '"kv_connector_extra_config": {"abort_timeout_s": 3}}')
+            '"kv_connector_extra_config": {"abort_timeout_s": 10}}')
 CONSUMER = '{"kv_connector": "TcpConnector", "kv_role": "kv_consumer"}'
 
 
@@ -87,9 +87,12 @@ def test_completions_through_the_proxy_equal_one_colocated_engine(instances, col
 
 
 def test_streamed_completions_through_the_proxy_equal_one_colocated_engine(instances, colocated):
-    _, _, proxy = instances
+    prefill, _, proxy = instances
     with proxy.http() as http:
         assert [_stream_text(http, {**GREEDY_BODY, "prompt": p}) for p in PROMPTS] == colocated
+    # The decode instance had these prompts cached already, yet told the prefill instance to let go (long before
+    # its 10 s timeout).
+    assert _eventually(lambda: _prefill_blocks_in_use(prefill) == 0, timeout_s=5)
 
 
 def test_chat_through_the_proxy_is_answered_by_the_decode_instance(instances):
@@ -120,7 +123,7 @@ def test_a_decode_restart_fails_requests_in_flight_cleanly_and_serves_later_ones
             events += [e for e in lines if e]
         assert whole.result().status_code == 502
     assert any('"error"' in e for e in events) and events[-1] == "data: [DONE]"
-    assert _eventually(lambda: _prefill_blocks_in_use(prefill) == 0)  # unfetched blocks freed after the timeout
+    assert _eventually(lambda: _prefill_blocks_in_use(prefill) == 0, timeout_s=30)  # unfetched: freed at timeout
     decode.start()
     with proxy.http() as http:
         r = http.post("/v1/completions", json={**GREEDY_BODY, "prompt": PROMPTS[1]})

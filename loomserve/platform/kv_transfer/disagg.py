@@ -106,9 +106,8 @@ class DisaggScheduler(BlockLoads):
         remote = params["remote_block_ids"]
         num_blocks = min(len(remote), self.kv.max_hit_blocks(request))
         on_device = self.kv.cached_prefix(request)[:num_blocks]
-        if len(on_device) == num_blocks:  # our own prefix cache has it all
-            request.kv_transfer_params = None
-            return True
+        # Even with nothing to fetch (our own prefix cache has it all) the fetch goes out: it tells the prefill
+        # instance to let its blocks go now rather than at its timeout.
         if not self.has_room(request, on_device, num_blocks - len(on_device)):
             return False  # wait for room rather than compute what the prefill instance holds
         hashes = self.kv.block_hashes(request, num_blocks)[len(on_device) : num_blocks]
