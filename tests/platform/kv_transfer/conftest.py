@@ -1,4 +1,4 @@
-"""What the KV-transfer tests share: a multi-turn workload of long shared prefixes and transformers' greedy answers."""
+"""What the KV-transfer tests share: transformers' greedy answers."""
 
 from __future__ import annotations
 
@@ -6,16 +6,8 @@ import functools
 
 import pytest
 import torch
+from kv_workload import MAX_TOKENS
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from loomserve import SamplingParams
-
-MAX_TOKENS = 8
-GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-# Four conversations of ~37 tokens each (~10 blocks of 4): together well over a 16-block device pool.
-PREFIXES = [" ".join(f"w{p}x{i}" for i in range(8)) for p in range(4)]
-FIRST_TURNS = [p + " question one" for p in PREFIXES]
-SECOND_TURNS = [p + " question two" for p in PREFIXES]
 
 
 @functools.cache

@@ -5,7 +5,7 @@ process boundary; preemption resumes from the tier; a request that ends while it
 from __future__ import annotations
 
 import pytest
-from conftest import FIRST_TURNS, GREEDY, SECOND_TURNS
+from kv_workload import FIRST_TURNS, GREEDY, SECOND_TURNS
 
 from loomserve import LLM, SamplingParams
 from loomserve.platform.messages import EngineCoreRequest
