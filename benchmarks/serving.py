@@ -495,19 +495,24 @@ def bench_server(args: argparse.Namespace, model_path: Path, load_format: str, v
     print(f"    {shlex.join(server.command[1:])}", flush=True)
     with server.running(args.server_timeout) as startup_s:
         print(f"    healthy after {startup_s:.1f} s", flush=True)
-        t0 = time.perf_counter()
-        run_async(warm_up(server.url, warmup_specs(args, vocab), args))
-        print(f"    warm-up ({args.warmup_requests} requests) {time.perf_counter() - t0:.1f} s\n", flush=True)
-        print(table_header(), flush=True)
-        summaries = []
-        for i, rate in enumerate(args.request_rates):
-            specs = sample_requests(args, vocab, rate, run_index=1000 * server_index + i + 1)
-            results, duration = run_rate(server.url, specs, args)
-            summaries.append(RateSummary(rate, results, duration))
-            print(table_row(summaries[-1].row()), flush=True)
-        for note in (n for s in summaries for n in s.notes()):
-            print(f"  - {note}")
-        sys.stdout.flush()
+        bench_url(server.url, args, vocab, server_index)
+
+
+def bench_url(url: str, args: argparse.Namespace, vocab: int, server_index: int) -> None:
+    """Warm up the server at `url`, then run and print every rate (`server_index` picks the runs' token ids)."""
+    t0 = time.perf_counter()
+    run_async(warm_up(url, warmup_specs(args, vocab), args))
+    print(f"    warm-up ({args.warmup_requests} requests) {time.perf_counter() - t0:.1f} s\n", flush=True)
+    print(table_header(), flush=True)
+    summaries = []
+    for i, rate in enumerate(args.request_rates):
+        specs = sample_requests(args, vocab, rate, run_index=1000 * server_index + i + 1)
+        results, duration = run_rate(url, specs, args)
+        summaries.append(RateSummary(rate, results, duration))
+        print(table_row(summaries[-1].row()), flush=True)
+    for note in (n for s in summaries for n in s.notes()):
+        print(f"  - {note}")
+    sys.stdout.flush()
 
 
 def warmup_specs(args: argparse.Namespace, vocab: int) -> list[RequestSpec]:

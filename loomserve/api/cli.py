@@ -19,6 +19,9 @@ def make_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser("serve", help="serve a model over OpenAI-compatible HTTP")
     _add_serve_flags(serve_parser)
     serve_parser.set_defaults(run=serve)
+    proxy_parser = commands.add_parser("proxy", help="one endpoint in front of disaggregated prefill/decode instances")
+    _add_proxy_flags(proxy_parser)
+    proxy_parser.set_defaults(run=proxy)
     return parser
 
 
@@ -33,6 +36,15 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="also serve an embedding model (/v1/embeddings, /v1/score, /rerank) as NAME; repeatable")
     p.add_argument("--rerank-model", action="append", default=[], metavar="NAME=PATH",
                    help="also serve a cross-encoder (/v1/score, /rerank, /classify) as NAME; repeatable")
+    p.add_argument("--uvicorn-log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+
+
+def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill", nargs="+", required=True, metavar="URL", help="prefill instances (kv_producer)")
+    p.add_argument("--decode", nargs="+", required=True, metavar="URL", help="decode instances (kv_consumer)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -100,6 +112,15 @@ def serve(ns: argparse.Namespace) -> None:
     logger.info("Serving %s at http://%s:%d (OpenAI API under http://%s:%d/v1)",
                 ns.served_model_name or ns.model, ns.host, ns.port, ns.host, ns.port)
     uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level)
+
+
+def proxy(ns: argparse.Namespace) -> None:
+    import uvicorn
+
+    from loomserve.api.proxy import build_proxy_app
+
+    logger.info("Proxying http://%s:%d: prefill %s, decode %s", ns.host, ns.port, ns.prefill, ns.decode)
+    uvicorn.run(build_proxy_app(ns.prefill, ns.decode), host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level)
 
 
 def main(argv: list[str] | None = None) -> None:

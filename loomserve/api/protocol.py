@@ -118,6 +118,7 @@ class SamplingRequest(OpenAIBaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # disaggregated prefill/decode, set by the proxy (vLLM's)
 
     _unicode = field_validator("stop")(_valid_unicode)
 
@@ -247,6 +248,7 @@ class CompletionResponse(_DropsNone):
     model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer: where the decode finds the KV
 
 
 class ChatLogProb(OpenAIBaseModel):
@@ -283,6 +285,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer: where the decode finds the KV
 
 
 class DeltaMessage(_DropsNone):

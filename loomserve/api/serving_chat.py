@@ -71,7 +71,8 @@ async def create_chat_completion(
     params = sampling_params(engine, request, prompt)
     call = _Call(request, model_name)
     stream = engine.generate(
-        prompt.token_ids, params, call.id, prompt=prompt.text, mm_items=prompt.mm_items, lora_request=lora
+        prompt.token_ids, params, call.id, prompt=prompt.text, mm_items=prompt.mm_items, lora_request=lora,
+        kv_transfer_params=request.kv_transfer_params,
     )
     if request.stream:
         return StreamingResponse(_stream(call, stream), media_type="text/event-stream")
@@ -90,7 +91,8 @@ def _full_response(call: _Call, output: RequestOutput) -> ChatCompletionResponse
             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
         ))
     return ChatCompletionResponse(
-        id=call.id, created=call.created, model=call.model, choices=choices, usage=usage([output])
+        id=call.id, created=call.created, model=call.model, choices=choices, usage=usage([output]),
+        kv_transfer_params=output.kv_transfer_params,
     )
 
 

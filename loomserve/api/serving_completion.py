@@ -60,7 +60,8 @@ async def create_completion(engine: AsyncLLM, request: CompletionRequest, raw_re
     echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
     call = _Call(request, echo_texts, model_name)
     streams = [
-        engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text, lora_request=lora)
+        engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text, lora_request=lora,
+                        kv_transfer_params=request.kv_transfer_params)
         for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
     ]
     if request.stream:
@@ -93,7 +94,7 @@ def _full_response(call: _Call, outputs: list[RequestOutput]) -> CompletionRespo
         for i, output in enumerate(outputs)
         for c in output.outputs
     ]
-    return call.response(choices, usage=usage(outputs))
+    return call.response(choices, usage=usage(outputs), kv_transfer_params=outputs[0].kv_transfer_params)
 
 
 async def _stream(call: _Call, streams: list[AsyncGenerator[RequestOutput, None]]) -> AsyncIterator[str]:

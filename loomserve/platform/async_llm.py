@@ -108,8 +108,10 @@ class AsyncLLM:
         prompt: str | None = None,
         mm_items: list[MultiModalItem] | None = None,
         lora_request: LoRARequest | None = None,
+        kv_transfer_params: dict[str, Any] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative outputs of one request; leaving early aborts it in the engine."""
+        """Stream cumulative outputs of one request; leaving early aborts it in the engine. `kv_transfer_params`:
+        a disaggregated prefill/decode request's orders to the KV connector (the proxy's)."""
         self._ensure_output_task()
         if self.errored:
             raise EngineDeadError(self.errored)
@@ -123,6 +125,7 @@ class AsyncLLM:
             request = self.input_processor.engine_request(
                 child_id, prompt_token_ids, params, mm_items=mm_items or (), lora_request=lora_request
             )
+            request.kv_transfer_params = kv_transfer_params
             engine = self._route(request) if engine is None else engine  # a parent's children share its engine
             self._send(request, engine)
         finished = False

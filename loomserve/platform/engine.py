@@ -72,6 +72,7 @@ class EngineCore:
             lora_request=req.lora_request,
             mm_items=req.mm_items,
             pooling_params=req.pooling_params,
+            kv_transfer_params=req.kv_transfer_params,
         )
         self.scheduler.add_request(request)
 
@@ -179,6 +180,7 @@ def _output(request: Request, taken: int, result: StepResult) -> EngineCoreOutpu
         finish_reason=request.finish_reason,
         stop_reason=request.stop_reason,
         num_cached_tokens=request.num_cached_tokens,
+        kv_transfer_params=request.kv_transfer_params if request.status.finished else None,
     )
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from loomserve.platform.config import EngineConfig
     from loomserve.platform.forward_batch import ForwardBatch
     from loomserve.platform.input_batch import BatchInputs
+    from loomserve.platform.kv_cache import KVCacheManager
     from loomserve.platform.request import Request
     from loomserve.platform.step import ScheduledStep
 
@@ -30,6 +31,13 @@ class SchedulerHook(Protocol):
     """A feature's say in scheduling; every method has a do-nothing default."""
 
     name: str
+
+    def attach_kv(self, kv: KVCacheManager) -> None:
+        """The scheduler's KV cache manager, once made (a KV connector reads and takes its blocks)."""
+
+    def busy(self) -> bool:
+        """Whether the feature needs steps with no request to run (e.g. to tell its runner hook to serve blocks)."""
+        return False
 
     def begin_step(self, running: list[Request]) -> None:
         """Before a step's admissions."""
@@ -61,6 +69,9 @@ class RunnerHook(Protocol):
     """A feature's part in running a step; every method has a do-nothing default."""
 
     name: str
+
+    def register_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        """The runner's KV cache, once allocated: per layer [2, num_blocks, block_size, kv_heads, head_dim]."""
 
     def begin_step(self, step: ScheduledStep) -> None:
         """Every step, also one with no tokens to run (which then only carries features' data)."""
@@ -94,6 +105,10 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     "lora": ("loomserve.adapters.hooks:scheduler_hook", "loomserve.adapters.hooks:runner_hook"),
     "mm": ("loomserve.modalities.hooks:scheduler_hook", "loomserve.modalities.hooks:runner_hook"),
     "pooling": (None, "loomserve.pooling.hooks:runner_hook"),
+    "kv_offload": ("loomserve.platform.kv_transfer.offload:scheduler_hook",
+                   "loomserve.platform.kv_transfer.offload:runner_hook"),
+    "kv_pd": ("loomserve.platform.kv_transfer.disagg:scheduler_hook",
+              "loomserve.platform.kv_transfer.disagg:runner_hook"),
 }
 
 

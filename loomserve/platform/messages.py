@@ -32,6 +32,7 @@ class EngineCoreRequest:
     lora_request: LoRARequest | None = None
     mm_items: list[MultiModalItem] = field(default_factory=list)
     pooling_params: PoolingParams | None = None  # set (and sampling_params None) for embedding / scoring requests
+    kv_transfer_params: dict[str, Any] | None = None  # disaggregated prefill/decode: what the KV connector reads
 
 
 @dataclass
@@ -105,6 +106,7 @@ class EngineCoreOutput:
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     pooled: torch.Tensor | None = None  # a pooling request's output (float32)
+    kv_transfer_params: dict[str, Any] | None = None  # on a finished request: where a decode instance finds its KV
 
 
 @dataclass

@@ -70,6 +70,7 @@ class ParentState:
     arrival_time: float
     first_token_time: float | None = None
     num_cached_tokens: int = 0
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer (n == 1)
     queue: Any = None  # the async front end's per-request queue
 
     @property
@@ -84,6 +85,7 @@ class ParentState:
             outputs=[c.to_output() for c in self.children],
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
+            kv_transfer_params=self.kv_transfer_params,
         )
 
 
@@ -158,6 +160,7 @@ class OutputProcessor:
                 continue  # aborted by the front end while the engine was still running it
             parent, child = entry
             self._record_timing(parent, child, out, now, stats)
+            parent.kv_transfer_params = out.kv_transfer_params or parent.kv_transfer_params
             if self._update_child(child, out):
                 to_abort.append(out.request_id)
             if child.finish_reason is not None:

@@ -142,6 +142,7 @@ class Request(TokenCounts):
     lora_request: LoRARequest | None = None
     mm_items: list[MultiModalItem] = field(default_factory=list)  # media, in prompt order
     pooling_params: PoolingParams | None = None  # set for embedding / scoring requests: prefill only, then done
+    kv_transfer_params: dict[str, Any] | None = None  # in: the KV connector's orders; out once finished: its answer
     # What the runner has been told: whether it knows the request, and how many of its blocks it holds.
     known_to_runner: bool = False
     num_blocks_sent: int = 0
@@ -209,3 +210,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer: where its KV waits

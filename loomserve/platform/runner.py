@@ -21,7 +21,7 @@ from loomserve.platform.distributed.parallel_state import kv_heads_per_rank
 from loomserve.platform.features import RunnerHook, feature_off, find_hook, runner_hooks
 from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.input_batch import BatchInputs, InputBatch
-from loomserve.platform.kv_cache.manager import cdiv
+from loomserve.platform.kv_cache.manager import cdiv, kv_block_bytes
 from loomserve.platform.loader import load_model
 from loomserve.platform.sampler import Sampler, build_sampling_metadata
 from loomserve.platform.step import ScheduledStep, StepResult
@@ -88,6 +88,8 @@ class ModelRunner:
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         num_cache_layers = mc.num_layers if self.uses_kv_cache else 0
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(num_cache_layers)]
+        for hook in self.hooks:
+            hook.register_kv_caches(self.kv_caches)
         self.cuda_graphs = self._capture_cuda_graphs()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
@@ -124,11 +126,7 @@ class ModelRunner:
                                   mc.vocab_size, mc.text_config.hidden_size, mc.dtype.itemsize)
 
     def _bytes_per_block(self) -> int:
-        if not self.uses_kv_cache:
-            return 0
-        mc = self.config.model_config
-        itemsize = torch.empty((), dtype=mc.dtype).element_size()
-        return 2 * mc.num_layers * self.block_size * self.num_kv_heads * mc.head_dim * itemsize
+        return kv_block_bytes(self.config.model_config, self.block_size, self.num_kv_heads) if self.uses_kv_cache else 0
 
     def _profile_cuda_blocks(self) -> int:
         """Run the largest step once to measure peak activation memory; the KV cache gets what is left."""

@@ -37,6 +37,8 @@ class Scheduler:
         self.total_preemptions = 0
         self.num_needing_history = 0  # requests whose sampling reads their generated tokens
         self.hooks = hooks or []
+        for hook in self.hooks:
+            hook.attach_kv(self.kv)
         self.finished_ids: list[str] = []  # ended since the last step: the runner forgets them with the next one
 
     def hook(self, name: str) -> SchedulerHook | None:
@@ -57,7 +59,8 @@ class Scheduler:
         return self.num_needing_history == 0
 
     def has_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether there is work for a step: requests, or a feature's own (a KV connector serving blocks)."""
+        return bool(self.waiting or self.running) or any(hook.busy() for hook in self.hooks)
 
     def schedule(self) -> ScheduledStep:
         step = ScheduledStep(finished_ids=self.finished_ids)

@@ -44,14 +44,15 @@ class Server:
     log_path: Path
     env: dict[str, str] | None = None
     port: int = field(default_factory=free_port)
+    subcommand: str = "serve"  # or "proxy" (its flags name the instances behind it; `checkpoint` None)
     process: subprocess.Popen | None = None
 
     @property
     def command(self) -> list[str]:
         """The command line the server runs with."""
         model = [self.checkpoint] if self.checkpoint is not None else []
-        return [sys.executable, "-m", "loomserve.api.cli", "serve", *model, "--host", HOST, "--port", str(self.port),
-                *self.flags]
+        return [sys.executable, "-m", "loomserve.api.cli", self.subcommand, *model, "--host", HOST, "--port",
+                str(self.port), *self.flags]
 
     @property
     def url(self) -> str:

@@ -13,6 +13,7 @@ import torch
 from loomserve.modalities.config import MultiModalConfig, build_mm_config
 from loomserve.platform.attention import resolve_attention_backend
 from loomserve.platform.config.cache import CacheConfig, parse_memory
+from loomserve.platform.config.kv_transfer import KVTransferConfig, parse_kv_transfer_config
 from loomserve.platform.config.lora import LoRAConfig
 from loomserve.platform.config.model import (
     ModelConfig,
@@ -39,6 +40,7 @@ class EngineConfig:
     lora_config: LoRAConfig | None = None  # None: LoRA off
     mm_config: MultiModalConfig = field(default_factory=MultiModalConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    kv_transfer_config: KVTransferConfig | None = None  # None: KV stays in the device's pool
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -108,6 +110,12 @@ class EngineArgs:
     speculative_config: str | dict | None = _arg(
         None, 'speculative decoding, JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
               '"prompt_lookup_max": 3}\' (not implemented yet)')
+    kv_offloading_size: float | None = _arg(
+        None, "GiB of host memory for a CPU tier of the prefix cache: blocks evicted from the device come back "
+              "from there on a hit")
+    kv_transfer_config: str | dict | None = _arg(
+        None, 'KV connector, JSON, e.g. \'{"kv_connector": "TcpConnector", "kv_role": "kv_producer"}\' '
+              "(disaggregated prefill/decode: kv_producer, kv_consumer or kv_both)")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -177,7 +185,15 @@ class EngineArgs:
         return EngineConfig(
             model_config, cache_config, scheduler_config, backend, self.enforce_eager,
             min(self.max_cudagraph_capture_size, budget), async_scheduling, lora_config, mm_config, parallel_config,
+            self._kv_transfer_config(cache_config),
         )
+
+    def _kv_transfer_config(self, cache_config: CacheConfig) -> KVTransferConfig | None:
+        config = parse_kv_transfer_config(self.kv_transfer_config, self.kv_offloading_size)
+        if config is not None and config.offload_bytes and not cache_config.enable_prefix_caching:
+            raise ValueError("kv_offloading_size keeps evicted prefix-cache blocks: it needs prefix caching (and a "
+                             "model with a KV cache)")
+        return config
 
     def _parallel_config(self) -> ParallelConfig:
         return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.pipeline_parallel_size,

@@ -1,12 +1,14 @@
 """A fixed pool of KV blocks: refcounts, an LRU queue of free blocks, and the hash -> block prefix cache.
 
 A free block keeps its hash until it is handed out again, so a later request can still hit it; the
-free queue is ordered so the least recently freed block is evicted first.
+free queue is ordered so the least recently freed block is evicted first. Whoever keeps evicted blocks elsewhere
+(the CPU tier) learns of each eviction through `on_evict` before the block's new owner can write over it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -23,6 +25,7 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.free_queue: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[bytes, KVBlock] = {}
+        self.on_evict: Callable[[int, bytes], None] | None = None  # (block id, hash) of a cached block handed out
 
     @property
     def num_blocks(self) -> int:
@@ -52,6 +55,8 @@ class BlockPool:
         out = []
         for _ in range(n):
             _, block = self.free_queue.popitem(last=False)
+            if self.on_evict is not None and self.cached.get(block.block_hash) is block:
+                self.on_evict(block.block_id, block.block_hash)
             self._evict(block)
             block.ref_cnt = 1
             out.append(block)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from loomserve.platform.kv_cache.block_hash import hash_request_blocks
 from loomserve.platform.kv_cache.block_pool import BlockPool, KVBlock
 from loomserve.platform.request import Request
 
+if TYPE_CHECKING:
+    from loomserve.platform.config import ModelConfig
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def kv_block_bytes(model_config: ModelConfig, block_size: int, num_kv_heads: int | None = None) -> int:
+    """Bytes of one KV block across every layer (keys and values); `num_kv_heads`: a tensor-parallel rank's."""
+    mc = model_config
+    heads = num_kv_heads or mc.num_kv_heads
+    return 2 * mc.num_layers * block_size * heads * mc.head_dim * mc.dtype.itemsize
 
 
 class KVCacheManager:
@@ -31,23 +43,34 @@ class KVCacheManager:
     def block_ids(self, request_id: str) -> list[int]:
         return self.req_block_ids[request_id]
 
+    def blocks(self, request_id: str) -> list[KVBlock]:
+        return self.req_blocks.get(request_id, [])
+
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of the request, in whole blocks, leaving at least one token to run."""
         if not self.enable_caching or request.needs_whole_prompt:  # see PoolingParams.needs_whole_prompt
             return [], 0
-        # Keys are computed only as far as the hit goes: a long new prompt's are computed as its chunks fill blocks,
-        # not all at once on arrival (8k tokens take ~1 ms, a stall of every running stream).
-        tokens = request.all_token_ids
-        max_blocks = (request.num_tokens - 1) // self.block_size
-        hit: list[KVBlock] = []
-        while len(hit) < max_blocks:
-            block = self.pool.lookup(self._hashes(request, len(hit) + 1, tokens)[len(hit)])
-            if block is None:
-                break
-            hit.append(block)
+        hit = self.cached_prefix(request)
         self.queries += request.num_tokens
         self.hits += len(hit) * self.block_size
         return hit, len(hit) * self.block_size
+
+    def cached_prefix(self, request: Request) -> list[KVBlock]:
+        """The request's leading blocks found in the prefix cache (no counters touched)."""
+        # Keys are computed only as far as the hit goes: a long new prompt's are computed as its chunks fill blocks,
+        # not all at once on arrival (8k tokens take ~1 ms, a stall of every running stream).
+        tokens = request.all_token_ids
+        hit: list[KVBlock] = []
+        while len(hit) < self.max_hit_blocks(request):
+            block = self.pool.lookup(self.block_hashes(request, len(hit) + 1, tokens)[len(hit)])
+            if block is None:
+                break
+            hit.append(block)
+        return hit
+
+    def max_hit_blocks(self, request: Request) -> int:
+        """Most whole blocks a prefix hit may cover: at least one token is left to run (it yields the logits)."""
+        return (request.num_tokens - 1) // self.block_size
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None
@@ -81,7 +104,7 @@ class KVCacheManager:
         self.queries = self.hits = 0
         return queries, hits
 
-    def _hashes(self, request: Request, num_blocks: int, tokens: list[int] | None = None) -> list[bytes]:
+    def block_hashes(self, request: Request, num_blocks: int, tokens: list[int] | None = None) -> list[bytes]:
         """The request's block keys, computed up to its first `num_blocks` full blocks."""
         known = self.req_hashes.setdefault(request.request_id, [])
         if len(known) >= num_blocks:
@@ -101,7 +124,7 @@ class KVCacheManager:
         end = min(num_tokens, request.num_tokens) // self.block_size  # tokens still in flight are not known yet
         if end <= start:
             return
-        hashes = self._hashes(request, end)
+        hashes = self.block_hashes(request, end)
         blocks = self.req_blocks[request.request_id]
         for i in range(start, end):
             self.pool.cache(blocks[i], hashes[i])

@@ -1,0 +1,273 @@
+"""KV beyond the device's pool: the CPU tier of the prefix cache, and disaggregated prefill/decode.
+
+`offload` (what the CPU tier buys)
+----------------------------------
+A multi-turn chat workload on the engine in this process (`EngineCore`, no HTTP): --num-conversations
+conversations, each a distinct system prompt of --system-len random token ids, then --turns turns; a turn's prompt
+is the conversation so far (system prompt, earlier user messages and the engine's own answers) plus a new user
+message of --user-len tokens, answered with --answer-len greedy tokens (EOS ignored). Turns go round the
+conversations (every conversation's turn 1, then every turn 2, ...), --concurrency requests at a time, so by the
+time a conversation comes back the others have pushed its prefix out of the device pool whenever their contexts
+together exceed it: the table reports that working set (the contexts at the end) as a multiple of the device pool.
+The same workload runs twice on the same device pool (--kv-cache-memory): without a CPU tier, then with
+--kv-offloading-size GiB. Before each timed run a short warm-up of other conversations runs and the prefix cache
+is reset. Reported per run: prefix hit rate (prompt tokens found cached over prompt tokens looked up; hits from
+the CPU tier count once loaded), tokens loaded from the CPU tier, TTFT (submission to the first token, queueing
+included) median and p90, wall time; then TTFT median without / with.
+
+`pd` (disaggregated prefill/decode on one device)
+-------------------------------------------------
+`benchmarks/serving.py`'s workload and client (take its flags: --long-prompt-mix, --request-rates, ...) against one
+colocated server, then against a prefill server (kv_producer) and a decode server (kv_consumer) sharing the
+device, each with --pd-gpu-memory-utilization, behind `loomserve proxy`. Reported: serving.py's table for each
+(TTFT, ITL median / p99 and their ratio).
+
+    python -m benchmarks.kv_offload offload --shape tiny --device cpu
+    python -m benchmarks.kv_offload pd --shape tiny --device cpu --request-rates 2 --num-requests 16 \
+        --long-prompt-mix
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import serving
+from benchmarks.common import add_model_flags, command_line, environment, percentile, prompt_vocab_size, resolve_model
+from loomserve.platform.config import EngineArgs, resolve_device
+from loomserve.platform.engine import EngineCore
+from loomserve.platform.messages import EngineCoreRequest
+from loomserve.platform.request import SamplingParams
+from loomserve.testing.server import Server
+
+# ------------------------------------------------------------------------------------------------ offload
+
+
+def parse_offload_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kv_offload offload", description="multi-turn chat with and without a CPU tier")
+    add_model_flags(p, "engine load_format")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--kv-cache-memory", default=None, help="device KV pool (default: 1GiB on CUDA, 2MiB on CPU)")
+    p.add_argument("--kv-offloading-size", type=float, default=None, help="GiB (default: 16 on CUDA, 0.05 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: 8192 on CUDA, 512 on CPU")
+    p.add_argument("--num-conversations", type=int, default=None, help="default: 128 on CUDA, 24 on CPU")
+    p.add_argument("--turns", type=int, default=None, help="default: 4 on CUDA, 3 on CPU")
+    p.add_argument("--system-len", type=int, default=None, help="default: 2048 on CUDA, 128 on CPU")
+    p.add_argument("--user-len", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
+    p.add_argument("--answer-len", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
+    p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default: 8 on CUDA, 4 on CPU)")
+    p.add_argument("--warmup-conversations", type=int, default=4)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cuda = resolve_device(args.device).type == "cuda"
+    defaults = {  # CUDA: Qwen2.5-0.5B's 12 KiB per token, a 1 GiB pool of ~87k tokens, a working set of ~5x
+        "kv_cache_memory": "1GiB" if cuda else "2MiB", "kv_offloading_size": 16.0 if cuda else 0.05,
+        "max_model_len": 8192 if cuda else 512, "num_conversations": 128 if cuda else 24, "turns": 4 if cuda else 3,
+        "system_len": 2048 if cuda else 128, "user_len": 256 if cuda else 16, "answer_len": 128 if cuda else 8,
+        "concurrency": 8 if cuda else 4,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+@dataclass
+class Conversation:
+    system: list[int]
+    user_turns: list[list[int]]
+    history: list[int] = field(default_factory=list)  # everything said so far
+
+    def prompt(self, turn: int) -> list[int]:
+        return (self.history or self.system) + self.user_turns[turn]
+
+
+def make_conversations(args: argparse.Namespace, vocab: int, num: int, variant: int) -> list[Conversation]:
+    rng = np.random.default_rng([args.seed, variant])
+    return [Conversation(rng.integers(0, vocab, args.system_len).tolist(),
+                         [rng.integers(0, vocab, args.user_len).tolist() for _ in range(args.turns)])
+            for _ in range(num)]
+
+
+@dataclass
+class ChatRun:
+    name: str
+    ttfts: list[float]
+    queries: int
+    hits: int
+    loaded_tokens: int
+    wall_s: float
+    working_set_tokens: int
+    pool_tokens: int
+
+    def row(self) -> list[str]:
+        return [self.name, str(len(self.ttfts)), f"{self.working_set_tokens / self.pool_tokens:.1f}x",
+                f"{self.hits / max(self.queries, 1):.1%}", f"{self.loaded_tokens:,}",
+                f"{1e3 * percentile(self.ttfts, 50):.1f}", f"{1e3 * percentile(self.ttfts, 90):.1f}",
+                f"{self.wall_s:.1f}"]
+
+
+CHAT_HEADER = ["run", "requests", "working set / pool", "prefix hit rate", "tokens from CPU tier", "TTFT med ms",
+               "TTFT p90 ms", "wall s"]
+
+
+def chat(
+    engine: EngineCore, conversations: list[Conversation], args: argparse.Namespace
+) -> tuple[list[float], int, int]:
+    """Run every turn of `conversations`; (TTFTs, prompt tokens looked up, found cached)."""
+    params = SamplingParams(temperature=0.0, max_tokens=args.answer_len, ignore_eos=True)
+    order = deque((turn, c) for turn in range(args.turns) for c in range(len(conversations)))
+    running: dict[str, tuple[int, list[int], float]] = {}  # request id -> conversation, prompt, submitted at
+    answers: dict[str, list[int]] = {}
+    ttfts: list[float] = []
+    queries = hits = 0
+    while order or running:
+        while order and len(running) < args.concurrency:
+            turn, c = order[0]
+            if any(conv == c for conv, _, _ in running.values()):
+                break  # its previous turn is still being answered
+            order.popleft()
+            request_id, prompt = f"{c}-{turn}", conversations[c].prompt(turn)
+            engine.add_request(EngineCoreRequest(request_id, prompt, params, None, time.perf_counter()))
+            running[request_id] = (c, prompt, time.perf_counter())
+            answers[request_id] = []
+        outputs = engine.step()
+        now = time.perf_counter()
+        if outputs.scheduler_stats is not None:
+            queries += outputs.scheduler_stats.prefix_cache_queries
+            hits += outputs.scheduler_stats.prefix_cache_hits
+        for out in outputs.outputs:
+            c, prompt, submitted = running[out.request_id]
+            if not answers[out.request_id] and out.new_token_ids:
+                ttfts.append(now - submitted)
+            answers[out.request_id] += out.new_token_ids
+            if out.finish_reason is not None:
+                conversations[c].history = prompt + answers.pop(out.request_id)
+                del running[out.request_id]
+    return ttfts, queries, hits
+
+
+def run_offload(args: argparse.Namespace) -> None:
+    model_path, load_format = resolve_model(args)
+    vocab = prompt_vocab_size(model_path)
+    print_block({**environment(resolve_device(args.device)), "command": command_line(),
+                 "workload": f"{args.num_conversations} conversations x {args.turns} turns; system {args.system_len}, "
+                             f"user {args.user_len}, answer {args.answer_len} tokens; {args.concurrency} in flight"})
+    runs = []
+    for name, offload in (("device pool only", None), (f"+ CPU tier {args.kv_offloading_size:g} GiB",
+                                                      args.kv_offloading_size)):
+        engine_args = EngineArgs(model=str(model_path), load_format=load_format, device=args.device, dtype=args.dtype,
+                                 kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len,
+                                 enforce_eager=args.enforce_eager, kv_offloading_size=offload)
+        engine = EngineCore(engine_args.create_engine_config())
+        try:
+            chat(engine, make_conversations(args, vocab, args.warmup_conversations, 1 << 20), args)
+            engine.reset_prefix_cache()
+            conversations = make_conversations(args, vocab, args.num_conversations, 0)
+            t0 = time.perf_counter()
+            ttfts, queries, hits = chat(engine, conversations, args)
+            wall = time.perf_counter() - t0
+            tier = engine.scheduler.hook("kv_offload")
+            pool_tokens = engine.scheduler.kv.pool.num_blocks * engine.config.cache_config.block_size
+            runs.append(ChatRun(name, ttfts, queries, hits, tier.loaded_tokens if tier else 0, wall,
+                                sum(len(c.history) for c in conversations), pool_tokens))
+        finally:
+            engine.shutdown()
+    print()
+    print_table(CHAT_HEADER, [r.row() for r in runs])
+    base, tiered = (percentile(r.ttfts, 50) for r in runs)
+    print(f"\nTTFT median without / with the CPU tier: {base / tiered:.2f}x", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------- pd
+
+
+def parse_pd_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kv_offload pd", add_help=False)
+    p.add_argument("--pd-gpu-memory-utilization", type=float, default=0.4,
+                   help="share of the device each of the prefill and decode servers may use")
+    own, rest = p.parse_known_args(argv)
+    args = serving.parse_args(rest)
+    args.pd_gpu_memory_utilization = own.pd_gpu_memory_utilization
+    return args
+
+
+PRODUCER = '{"kv_connector": "TcpConnector", "kv_role": "kv_producer"}'
+CONSUMER = '{"kv_connector": "TcpConnector", "kv_role": "kv_consumer"}'
+
+
+def run_pd(args: argparse.Namespace) -> None:
+    """The same workload on one colocated server, then on a prefill and a decode server behind the proxy; both
+    runs draw the same token ids."""
+    model_path, load_format = resolve_model(args)
+    vocab = prompt_vocab_size(model_path)
+    print_block({**environment(resolve_device(args.device)), **serving.describe_workload(args)})
+    log_dir = Path(args.server_log_dir or tempfile.mkdtemp(prefix="loomserve-bench-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    flags = serving.server_flags(args, load_format, (args.max_num_batched_tokens or [None])[0])
+    share = ["--gpu-memory-utilization", str(args.pd_gpu_memory_utilization)]
+    colocated = Server(str(model_path), flags, log_dir / "colocated.log")
+    prefill, decode = (
+        Server(str(model_path), [*flags, *share, "--kv-transfer-config", config], log_dir / f"{name}.log")
+        for name, config in (("prefill", PRODUCER), ("decode", CONSUMER))
+    )
+    proxy = Server(None, ["--prefill", prefill.url, "--decode", decode.url, "--uvicorn-log-level", "warning"],
+                   log_dir / "proxy.log", subcommand="proxy")
+    print("\n## colocated: one server", flush=True)
+    print(f"    {shlex.join(colocated.command[1:])}", flush=True)
+    with colocated.running(args.server_timeout):
+        serving.bench_url(colocated.url, args, vocab, 0)
+    print("\n## disaggregated: prefill and decode servers on one device, behind loomserve proxy", flush=True)
+    for server in (prefill, decode):
+        print(f"    {shlex.join(server.command[1:])}", flush=True)
+    try:
+        for server in (prefill, decode, proxy):
+            server.start(args.server_timeout)
+        serving.bench_url(proxy.url, args, vocab, 0)
+    finally:
+        for server in (proxy, decode, prefill):
+            server.stop()
+    print(f"\nserver logs in {log_dir}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def print_block(items: dict[str, str]) -> None:
+    for key, value in items.items():
+        print(f"{key:>18}: {value}", flush=True)
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("| " + " | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("offload", "pd"):
+        print(__doc__)
+        print("usage: python -m benchmarks.kv_offload {offload,pd} [flags]", file=sys.stderr)
+        return 2
+    if argv[0] == "offload":
+        run_offload(parse_offload_args(argv[1:]))
+    else:
+        run_pd(parse_pd_args(argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
