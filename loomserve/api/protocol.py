@@ -33,6 +33,9 @@ def _valid_unicode(value: Any) -> Any:
 # Integers travel to the engine through msgpack, which holds at most 64 bits.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+# vLLM's `cache_salt`: prompts with different salts share no prefix-cache block (tenants cannot time each other's
+# prompts through cache hits); it keys the first block of the prompt's chain.
+CacheSalt = Annotated[str, Field(min_length=1, max_length=256)]
 
 # Request fields passed to SamplingParams under the same name when the client sets them.
 _SAMPLING_FIELDS = (
@@ -118,6 +121,7 @@ class SamplingRequest(OpenAIBaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    cache_salt: CacheSalt | None = None
 
     _unicode = field_validator("stop")(_valid_unicode)
 

@@ -34,6 +34,7 @@ from loomserve.platform.messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineFailed,
+    Ping,
     Ready,
     RemoveLoRA,
     ResetPrefixCache,
@@ -52,6 +53,7 @@ from loomserve.pooling.tracker import PoolingTracker
 logger = logging.getLogger(__name__)
 
 _STARTUP_TIMEOUT_S = 900.0
+_PING_INTERVAL_MS = 1000  # a quiet engine is pinged this often
 
 
 class EngineDeadError(RuntimeError):
@@ -76,6 +78,7 @@ class AsyncLLM:
         self._output_task: asyncio.Task | None = None
         self.loras = LoRARegistry(args.enable_lora, self.model_config.served_model_name)
         self._calls: dict[int, asyncio.Future] = {}  # engine calls awaiting their reply
+        self.last_heard = 0.0  # time.monotonic() the engine last sent anything (outputs each step, pings when idle)
         self._call_ids = itertools.count()
         self._ipc_dir = tempfile.mkdtemp(prefix="loomserve-")
         input_addr = f"ipc://{os.path.join(self._ipc_dir, 'input')}"
@@ -121,6 +124,7 @@ class AsyncLLM:
         prompt: str | None = None,
         mm_items: list[MultiModalItem] | None = None,
         lora_request: LoRARequest | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request; leaving early aborts it in the engine."""
         self._ensure_output_task()
@@ -133,7 +137,8 @@ class AsyncLLM:
         )
         for child_id, params in children:
             request = self.input_processor.engine_request(
-                child_id, prompt_token_ids, params, mm_items=mm_items or (), lora_request=lora_request
+                child_id, prompt_token_ids, params, mm_items=mm_items or (), lora_request=lora_request,
+                cache_salt=cache_salt,
             )
             self._send(request)
         finished = False
@@ -151,7 +156,8 @@ class AsyncLLM:
                 self._abort(request_id)
 
     async def encode(
-        self, prompt_token_ids: list[int], pooling_params: PoolingParams, request_id: str
+        self, prompt_token_ids: list[int], pooling_params: PoolingParams, request_id: str,
+        cache_salt: str | None = None,
     ) -> PoolingRequestOutput[PoolingOutput]:
         """Pool one prompt (complete params, see `pooling_inputs.params`); cancelling aborts it in the engine."""
         self._ensure_output_task()
@@ -159,7 +165,7 @@ class AsyncLLM:
             raise EngineDeadError(self.errored)
         self.pooling_inputs.validate(prompt_token_ids, pooling_params)
         future = self.pooling.add(request_id, prompt_token_ids)
-        request = EngineCoreRequest(request_id, prompt_token_ids, None, None, time.time(),
+        request = EngineCoreRequest(request_id, prompt_token_ids, None, None, time.time(), cache_salt=cache_salt,
                                     pooling_params=pooling_params)
         self._send(request)
         try:
@@ -179,8 +185,14 @@ class AsyncLLM:
             stat_logger.record(None, stats)
 
     async def check_health(self) -> None:
+        self._ensure_output_task()  # which pings the engine, so `silent_for` is meaningful
         if self.errored or not self._proc.is_alive():
             raise EngineDeadError(self.errored or "the engine process is not running")
+
+    def silent_for(self) -> float:
+        """Seconds since the engine last answered: it reports every step and is pinged each second it is quiet, so
+        a few seconds of silence mean a frozen engine (stopped, or stuck in one step)."""
+        return time.monotonic() - self.last_heard
 
     async def reset_prefix_cache(self) -> None:
         """Drop every cached block not in use; returns once the engine has."""
@@ -223,16 +235,19 @@ class AsyncLLM:
 
     def _ensure_output_task(self) -> None:
         if self._output_task is None or self._output_task.done() and not self.errored:
+            self.last_heard = time.monotonic()  # the silence before anyone listened does not count
             self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
 
     async def _output_loop(self) -> None:
         while True:
-            if not await self._outbox.poll(1000):
+            if not await self._outbox.poll(_PING_INTERVAL_MS):
                 if not self._proc.is_alive():
                     self._fail_all(f"the engine process exited with code {self._proc.exitcode}")
                     return
+                self._send(Ping())
                 continue
             message = unpack(await self._outbox.recv())
+            self.last_heard = time.monotonic()
             if isinstance(message, EngineFailed):
                 self._fail_all(f"the engine failed:\n{message.traceback}")
                 return
