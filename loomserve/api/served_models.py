@@ -109,7 +109,7 @@ class ServedModels:
             engine.shutdown()
 
 
-def _served_models(request: Request) -> ServedModels:
+async def _served_models(request: Request) -> ServedModels:  # async: no worker-thread hop per request
     return request.app.state.models
 
 

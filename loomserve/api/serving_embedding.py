@@ -9,11 +9,12 @@ import torch
 from fastapi import Request
 from fastapi.responses import Response
 
-from loomserve.api.offload import json_response
+from loomserve.api.offload import json_response, offload
 from loomserve.api.protocol_pooling import EmbeddingData, EmbeddingRequest, EmbeddingResponse, PoolingUsage
 from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import random_id
 from loomserve.api.serving_pooling import bad_request, input_list, pool_all, tokenize_all
+from loomserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
 from loomserve.pooling.params import PoolingParams
 
 
@@ -33,13 +34,15 @@ async def create_embedding(models: ServedModels, body: EmbeddingRequest, raw_req
     outputs = await pool_all(models, engine, requests, call_id, raw_request, body.cache_salt)
     if outputs is None:
         return Response(status_code=499)  # the client left; nobody reads this
-    data = [
-        EmbeddingData(index=i, embedding=_encode(out.outputs.data, body.encoding_format))
-        for i, out in enumerate(outputs)
-    ]
+    data = await offload(_embedding_data, outputs, body.encoding_format)
     usage = PoolingUsage.of(sum(len(ids) for ids, _ in requests))
     response = EmbeddingResponse(id=call_id, model=engine.model_config.served_model_name, data=data, usage=usage)
-    return await json_response(response)
+    return await json_response(response, long_list="data")
+
+
+def _embedding_data(outputs: list[PoolingRequestOutput[PoolingOutput]], encoding_format: str) -> list[EmbeddingData]:
+    return [EmbeddingData(index=i, embedding=_encode(out.outputs.data, encoding_format))
+            for i, out in enumerate(outputs)]
 
 
 def _encode(vector: torch.Tensor, encoding_format: str) -> list[float] | str:

@@ -30,6 +30,8 @@ from loomserve.pooling.params import PoolingParams
 
 PoolingRequests = list[tuple[list[int], PoolingParams]]
 
+_SEND_SLICE = 32  # engine requests a pooling call sends per turn of the event loop
+
 
 @contextmanager
 def bad_request(param: str | None) -> Iterator[None]:
@@ -88,10 +90,25 @@ async def pool_all(
     the model's queue has no room for them."""
     await engine.check_health()
     with models.admit(engine, len(requests)):
-        work = asyncio.gather(*(engine.encode(ids, params, f"{call_id}-{i}", cache_salt)
-                                for i, (ids, params) in enumerate(requests)))
+        work = _encode_all(engine, requests, call_id, cache_salt)
         finished, outputs = await run_unless_disconnected(raw_request, work)
     return outputs if finished else None
+
+
+async def _encode_all(engine: AsyncLLM, requests: PoolingRequests, call_id: str,
+                      cache_salt: str | None) -> list[PoolingRequestOutput[PoolingOutput]]:
+    """Every request's output, in order. They are sent a slice at a time, the event loop serving other requests
+    (and /health) between slices: sending thousands at once would hold it for seconds."""
+    tasks = []
+    try:
+        for i, (ids, params) in enumerate(requests):
+            tasks.append(asyncio.ensure_future(engine.encode(ids, params, f"{call_id}-{i}", cache_salt)))
+            if i % _SEND_SLICE == _SEND_SLICE - 1:
+                await asyncio.sleep(0.002)  # the slice's tasks send their requests; other callbacks get a turn
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()  # left early (client gone, a request failed): the rest are aborted
 
 
 async def create_classification(models: ServedModels, body: ClassificationRequest, raw_request: Request) -> Response:
@@ -113,4 +130,4 @@ async def create_classification(models: ServedModels, body: ClassificationReques
         data.append(ClassificationData(index=i, label=labels.get(best), probs=probs, num_classes=len(probs)))
     usage = PoolingUsage.of(sum(len(ids) for ids, _ in requests))
     response = ClassificationResponse(id=call_id, model=engine.model_config.served_model_name, data=data, usage=usage)
-    return await json_response(response)
+    return await json_response(response, long_list="data")

@@ -40,7 +40,7 @@ async def create_score(models: ServedModels, body: ScoreRequest, raw_request: Re
     data = [ScoreData(index=i, score=score) for i, score in enumerate(scores)]
     response = ScoreResponse(id=call_id, model=engine.model_config.served_model_name, data=data,
                              usage=PoolingUsage.of(plan.num_tokens))
-    return await json_response(response)
+    return await json_response(response, long_list="data")
 
 
 async def create_rerank(models: ServedModels, body: RerankRequest, raw_request: Request, route: str) -> Response:
@@ -61,7 +61,7 @@ async def create_rerank(models: ServedModels, body: RerankRequest, raw_request: 
     ]
     response = RerankResponse(id=call_id, model=engine.model_config.served_model_name,
                               usage=RerankUsage(total_tokens=plan.num_tokens), results=results)
-    return await json_response(response)
+    return await json_response(response, long_list="results")
 
 
 def _plan(
