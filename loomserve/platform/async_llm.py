@@ -285,8 +285,8 @@ class AsyncLLM:
 
     def shutdown(self) -> None:
         if self._proc.is_alive():
-            try:
-                self._inbox.send(pack(Shutdown()), flags=zmq.NOBLOCK)
+            try:  # a plain socket over the same one: shutdown also runs where no event loop is (a failed start)
+                zmq.Socket.shadow(self._inbox.underlying).send(pack(Shutdown()), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             self._proc.join(timeout=5)
