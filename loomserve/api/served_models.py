@@ -17,6 +17,7 @@ from fastapi import Depends, Request
 from loomserve.api.admission import Admission, Hold
 from loomserve.api.errors import APIError
 from loomserve.api.limits import ServerLimits
+from loomserve.api.lora_paths import LoRAPathPolicy
 from loomserve.platform.async_llm import AsyncLLM, StatLogger
 from loomserve.platform.config import EngineArgs
 
@@ -48,11 +49,13 @@ async def start_engines(all_args: Sequence[EngineArgs], stat_loggers: Sequence[S
 
 
 class ServedModels:
-    def __init__(self, engines: Sequence[AsyncLLM], limits: ServerLimits, admissions: dict[str, Admission]) -> None:
+    def __init__(self, engines: Sequence[AsyncLLM], limits: ServerLimits, admissions: dict[str, Admission],
+                 lora_paths: LoRAPathPolicy) -> None:
         self.engines = {engine.model_config.served_model_name: engine for engine in engines}
         self.main = engines[0]
         self.limits = limits
         self.admissions = admissions  # served name -> its admission control
+        self.lora_paths = lora_paths
 
     def admit(self, engine: AsyncLLM, count: int) -> AbstractContextManager[Hold]:
         """Hold `count` engine requests of `engine` for the block; 429 when its queue is full."""
@@ -90,6 +93,8 @@ class ServedModels:
         """Serve a LoRA adapter of the main model as `lora_name`; ValueError saying why it cannot be served."""
         if self.engines.get(lora_name, self.main) is not self.main:
             raise ValueError(f"{lora_name!r} is the name of another model served here; choose another lora_name")
+        if self.main.loras.enabled:  # else the engine says adapters are off, whatever the path
+            self.lora_paths.check(lora_path)
         await self.main.add_lora(lora_name, lora_path)
 
     async def check_health(self) -> None:

@@ -18,6 +18,7 @@ from loomserve.api.body_limit import BodySizeLimitMiddleware
 from loomserve.api.chat import render_chat
 from loomserve.api.errors import APIError, error_response, exception_response
 from loomserve.api.limits import ServerLimits
+from loomserve.api.lora_paths import LoRAPathPolicy
 from loomserve.api.metrics import CONTENT_TYPE, PrometheusStatLogger
 from loomserve.api.metrics_group import MetricsGroup
 from loomserve.api.offload import offload
@@ -53,6 +54,7 @@ def build_app(
     pooling_models: Sequence[EngineArgs] = (),
     lora_modules: Sequence[tuple[str, str]] = (),
     limits: ServerLimits = ServerLimits(),
+    lora_paths: LoRAPathPolicy | None = None,
 ) -> FastAPI:
     """The app; its engines (the main model's, then one per pooling model, each in its own process) start when
     the app starts and stop with it, the main model having loaded the `lora_modules` (name, path) adapters."""
@@ -63,7 +65,9 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.models = ServedModels(await start_engines(all_args, stat_loggers), limits, admissions)
+        engines = await start_engines(all_args, stat_loggers)
+        app.state.models = ServedModels(engines, limits, admissions,
+                                        lora_paths or LoRAPathPolicy.of([], [path for _, path in lora_modules], False))
         try:
             await load_startup_adapters(app.state.models, lora_modules)
             freeze_startup_heap()
@@ -119,13 +123,16 @@ async def reset_prefix_cache(models: Models) -> Response:
 
 @router.get("/v1/models")
 async def models(served: Models) -> ModelList:
-    """Every served model, each followed by its LoRA adapters."""
+    """Every served model, each followed by its LoRA adapters; `root` is a hub id, or the name when the model is a
+    path on this server (unless --show-model-paths)."""
     cards = []
+    shown = served.lora_paths.shown
     for engine in served.engines.values():
         config = engine.model_config
-        cards.append(ModelCard(id=config.served_model_name, root=config.model, max_model_len=config.max_model_len))
+        name = config.served_model_name
+        cards.append(ModelCard(id=name, root=shown(config.model, name), max_model_len=config.max_model_len))
         cards += [
-            ModelCard(id=lora.lora_name, root=lora.lora_path, parent=config.served_model_name,
+            ModelCard(id=lora.lora_name, root=shown(lora.lora_path, lora.lora_name), parent=name,
                       max_model_len=config.max_model_len)
             for lora in engine.loras.adapters.values()
         ]

@@ -67,7 +67,7 @@ class _Call:
 async def create_chat_completion(
     models: ServedModels, engine: AsyncLLM, request: ChatCompletionRequest, raw_request: Request
 ) -> Response:
-    lora, model_name = lora_for(engine, request.model)
+    lora, model_name = await lora_for(engine, request.model)
     models.limits.check_generation(1, request.n, request.stop)
     with models.admit(engine, request.n) as hold:
         prompt = await chat_prompt(engine, request.messages, models.limits.media_budget)

@@ -56,7 +56,7 @@ class _Call:
 async def create_completion(
     models: ServedModels, engine: AsyncLLM, request: CompletionRequest, raw_request: Request
 ) -> Response:
-    lora, model_name = lora_for(engine, request.model)
+    lora, model_name = await lora_for(engine, request.model)
     if request.echo and request.logprobs is not None:
         raise APIError("`echo` together with `logprobs` is not supported yet", param="echo")
     given = _prompt_list(request.prompt)
