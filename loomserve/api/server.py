@@ -22,6 +22,7 @@ from loomserve.api.lora_paths import LoRAPathPolicy
 from loomserve.api.metrics import CONTENT_TYPE, PrometheusStatLogger
 from loomserve.api.metrics_group import MetricsGroup
 from loomserve.api.offload import offload
+from loomserve.api.openapi import install_openapi
 from loomserve.api.pooling_routes import pooling_router
 from loomserve.api.prompts import check_vocab, encode_fitting
 from loomserve.api.protocol import (
@@ -84,6 +85,7 @@ def build_app(
     app.add_exception_handler(HTTPException, _http_error)
     for handled in (APIError, EngineDeadError, Exception):
         app.add_exception_handler(handled, _api_error)
+    install_openapi(app, limits)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=limits.max_request_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)  # added last: runs first, before any body is read
