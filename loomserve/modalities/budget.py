@@ -39,6 +39,7 @@ class MediaSpend:
         limit = getattr(self.budget, limit_name)
         total = self.spent.get(unit, 0) + amount
         if total > limit:
-            raise MediaError(f"the media of this request add up to more than the server's limit of {limit:g} {what} "
+            shown = f"{limit:,}" if isinstance(limit, int) else f"{limit:g}"
+            raise MediaError(f"the media of this request add up to more than the server's limit of {shown} {what} "
                              "per request")
         self.spent[unit] = total
