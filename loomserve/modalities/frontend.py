@@ -7,14 +7,17 @@ import asyncio
 import os
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loomserve.modalities.budget import MediaBudget, MediaSpend
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.encoder_cache import encoder_cache_capacity
 from loomserve.modalities.inputs import MultiModalItem
-from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
+from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef, media_client
 from loomserve.platform.models.registry import create_processor
+
+if TYPE_CHECKING:
+    import httpx
 
 # Decoding (and local reads) of the server's media: a pool of its own, so media work never waits behind the front
 # end's tokenizing, nor the other way round. Downloads take no thread at all.
@@ -31,6 +34,7 @@ class MultiModalFrontend:
         self.mm_config = mm_config
         self.processor = create_processor(model_config, tokenizer, mm_config)
         self.encoder_cache_capacity = encoder_cache_capacity(model_config, mm_config)  # embeddings
+        self._client: httpx.AsyncClient | None = None  # the server's media downloads, made on first use
 
     def load(self, refs: list[MediaRef], budget: MediaBudget = MediaBudget()) -> dict[str, list[Any]]:
         """Fetch and decode chat media under the allow-lists and limits (blocking: the Python API)."""
@@ -45,7 +49,10 @@ class MultiModalFrontend:
         self.processor.check_refs(refs)
         spend = MediaSpend(budget)
         fetcher = MediaFetcher(self.mm_config, spend)
-        data = await _all_within(budget.deadline_s, [fetcher.read_async(ref, _MEDIA_POOL) for ref in refs])
+        if self._client is None:
+            self._client = media_client()
+        reads = [fetcher.read_async(ref, _MEDIA_POOL, self._client) for ref in refs]
+        data = await _all_within(budget.deadline_s, reads)
         return await asyncio.get_running_loop().run_in_executor(
             _MEDIA_POOL, self.processor.decode_all, refs, data, spend)
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 from loomserve.modalities.config import MultiModalConfig
 
 if TYPE_CHECKING:
+    import httpx
+
     from loomserve.modalities.budget import MediaSpend
 
 
@@ -54,10 +56,10 @@ class MediaFetcher:
             return self._counted(self._http(ref.url))
         return self._counted(self._local(ref))
 
-    async def read_async(self, ref: MediaRef, pool: Executor) -> bytes:
-        """`read` for the server: http(s) fetched without a thread, anything else read on `pool`."""
+    async def read_async(self, ref: MediaRef, pool: Executor, client: httpx.AsyncClient) -> bytes:
+        """`read` for the server: http(s) fetched by `client` without a thread, anything else read on `pool`."""
         if self._is_http(ref):
-            return self._counted(await self._http_async(ref.url))
+            return self._counted(await self._http_async(ref.url, client))
         return self._counted(await asyncio.get_running_loop().run_in_executor(pool, self._local, ref))
 
     @staticmethod
@@ -141,24 +143,21 @@ class MediaFetcher:
         except httpx.HTTPError as exc:
             raise MediaError(f"fetching the media URL failed: {type(exc).__name__}") from None
 
-    async def _http_async(self, url: str) -> bytes:
+    async def _http_async(self, url: str, client: httpx.AsyncClient) -> bytes:
         """Non-blocking fetch, cancelled at its deadline wherever it is (connecting, waiting for a byte)."""
         self._check_host(url)
         import httpx
 
         timeout = self.config.media_fetch_timeout
         try:
-            return await asyncio.wait_for(self._get(url, time.monotonic() + timeout), timeout)
+            return await asyncio.wait_for(self._get(client, url, time.monotonic() + timeout), timeout)
         except (asyncio.TimeoutError, httpx.TimeoutException):
             raise self._too_slow() from None
         except httpx.HTTPError as exc:
             raise MediaError(f"fetching the media URL failed: {type(exc).__name__}") from None
 
-    async def _get(self, url: str, deadline: float) -> bytes:
-        import httpx
-
-        async with httpx.AsyncClient(timeout=self.config.media_fetch_timeout, follow_redirects=False) as client, \
-                client.stream("GET", url) as resp:
+    async def _get(self, client: httpx.AsyncClient, url: str, deadline: float) -> bytes:
+        async with client.stream("GET", url, timeout=self.config.media_fetch_timeout, follow_redirects=False) as resp:
             _check_status(resp.status_code)
             body = bytearray()
             async for chunk in resp.aiter_bytes():
@@ -183,3 +182,12 @@ class MediaFetcher:
 def _check_status(status: int) -> None:
     if status != 200:
         raise MediaError(f"fetching the media URL answered HTTP {status}")
+
+
+def media_client() -> httpx.AsyncClient:
+    """The server's client for media downloads, one for all of them: a client of its own per fetch would build an
+    SSL context each time, on the event loop. Connections are not capped by the client (a few slow hosts must not
+    queue other downloads behind them): admission control bounds the requests."""
+    import httpx
+
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=20))

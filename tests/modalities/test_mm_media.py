@@ -25,7 +25,7 @@ from loomserve.modalities.budget import MediaBudget, MediaSpend
 from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.image import decode_image
-from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
+from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef, media_client
 from loomserve.modalities.video import decode_video
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.models.registry import create_processor
@@ -225,6 +225,11 @@ def dripping_host() -> Iterator[str]:
         yield url
 
 
+async def read_async(fetcher: MediaFetcher, ref: MediaRef) -> bytes:
+    async with media_client() as client:
+        return await fetcher.read_async(ref, ThreadPoolExecutor(1), client)
+
+
 def slow_fetcher(**config) -> MediaFetcher:
     return MediaFetcher(MultiModalConfig(allowed_media_domains=["127.0.0.1"], media_fetch_timeout=1.0, **config))
 
@@ -233,7 +238,7 @@ def test_a_dripping_host_is_cut_off_at_the_deadline_of_the_whole_fetch(dripping_
     ref = MediaRef("image", url=f"{dripping_host}/drip")
     t0 = time.monotonic()
     with pytest.raises(MediaError, match="took longer than the server's limit of 1 s"):
-        asyncio.run(slow_fetcher().read_async(ref, ThreadPoolExecutor(1)))
+        asyncio.run(read_async(slow_fetcher(), ref))
     assert time.monotonic() - t0 < 1.5
     t0 = time.monotonic()
     with pytest.raises(MediaError, match="took longer than the server's limit of 1 s"):
@@ -246,9 +251,9 @@ def test_async_fetches_serve_allowed_hosts_and_charge_the_request(dripping_host)
     fetcher = MediaFetcher(MultiModalConfig(allowed_media_domains=["127.0.0.1"]), spend)
     ref = MediaRef("image", url=f"{dripping_host}/image.png")
     for _ in range(2):
-        assert asyncio.run(fetcher.read_async(ref, ThreadPoolExecutor(1))) == PNG
+        assert asyncio.run(read_async(fetcher, ref)) == PNG
     with pytest.raises(MediaError, match=f"more than the server's limit of {len(PNG) * 2:,} bytes of media"):
-        asyncio.run(fetcher.read_async(ref, ThreadPoolExecutor(1)))
+        asyncio.run(read_async(fetcher, ref))
 
 
 def test_an_image_over_the_request_budget_is_refused_from_its_header():
