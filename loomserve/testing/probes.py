@@ -1,15 +1,22 @@
 """Probes of a live server for the hardening tests and benchmarks: how long /health takes to answer while some
-other work (a large request) runs, and the processes and IPC folders a server leaves behind."""
+other work (a large request) runs, whether a process is still there, a decompression-bomb PNG, and a media host
+that drips its bytes."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import io
 import json
 import subprocess
 import sys
+import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
+
+from PIL import Image
 
 T = TypeVar("T")
 
@@ -54,3 +61,50 @@ def process_exists(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
     except (FileNotFoundError, IndexError):
         return False
+
+
+def blank_png(side: int) -> bytes:
+    """A side x side grayscale PNG of zeros: tens of kilobytes that decode to side² bytes (a decompression bomb)."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def media_host(files: dict[str, bytes], drip_interval_s: float = 0.5) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1 serving `files` by path, and /drip: a body promised 1 MB long that comes one byte
+    every `drip_interval_s` (a slow or hostile media host). Yields its base URL."""
+    stop = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = files.get(self.path)
+            if body is None and self.path != "/drip":
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body) if body is not None else 1 << 20))
+            self.end_headers()
+            if body is not None:
+                self.wfile.write(body)
+                return
+            while not stop.wait(drip_interval_s):
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:  # the server gave up on us
+                    return
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        stop.set()
+        server.shutdown()
+        thread.join()

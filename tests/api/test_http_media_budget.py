@@ -13,10 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from media_samples import blank_png, media_host, noise_image, png_data_url
+from media_samples import noise_image, png_data_url
 
 from loomserve.api.limits import ServerLimits
 from loomserve.testing.mm_checkpoints import tiny_mm_checkpoint
+from loomserve.testing.probes import blank_png, media_host
 
 MEDIA_DEADLINE_S = 2.0
 SLOW_FETCHES = 6

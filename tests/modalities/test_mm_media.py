@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from media_samples import blank_png, media_host, mp4_bytes, noise_image, noise_video, png_data_url, tone, wav_base64
+from media_samples import mp4_bytes, noise_image, noise_video, png_data_url, tone, wav_base64
 from transformers import AutoTokenizer
 
 from loomserve.modalities.audio import decode_audio
@@ -29,6 +29,7 @@ from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef, media
 from loomserve.modalities.video import decode_video
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.models.registry import create_processor
+from loomserve.testing.probes import blank_png, media_host
 
 PNG = base64.b64decode(png_data_url(noise_image(20, 30, 0)).split(",", 1)[1])
 
