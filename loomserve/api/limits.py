@@ -65,6 +65,9 @@ class ServerLimits:
                            f"{self.max_stop_string_chars} (--max-stop-string-chars)", param="stop")
 
 
+_BLANKS = (" ", "\n", "\t", "\r")
+
+
 def check_count(count: int, limit: int, what: str, param: str, flag: str) -> None:
     if count > limit:
         raise APIError(f"This request has {count} {what}; this server takes at most {limit} per request ({flag})",
@@ -73,9 +76,10 @@ def check_count(count: int, limit: int, what: str, param: str, flag: str) -> Non
 
 def check_text_fits(text: str, tokenizer: Any, max_model_len: int, param: str) -> None:
     """400 for a text so long that its tokens must overflow the context, decided from its length alone so that a
-    huge prompt costs no tokenizing: no token spells more than `max_chars_per_token` characters."""
+    huge prompt costs no tokenizing: no token spells more than `max_chars_per_token` characters. Blanks are not
+    counted, as some tokenizers (WordPiece) drop them."""
     most = max_model_len * max_chars_per_token(tokenizer)
-    if len(text) > most:
+    if len(text) > most and len(text) - sum(map(text.count, _BLANKS)) > most:
         raise APIError(f"The text has {len(text)} characters, more than the {most} that the {max_model_len} tokens "
                        "of this model's context can spell. Please reduce the length of the input.", param=param)
 

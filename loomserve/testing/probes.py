@@ -37,6 +37,8 @@ while not select.select([sys.stdin], [], [], 0)[0]:  # until the parent closes o
     except OSError:
         latencies.append(float("inf"))
         conn = http.client.HTTPConnection(host, port, timeout=30)
+    if len(latencies) == 1:
+        print("polling", flush=True)  # the parent starts its work now
     time.sleep(interval)
 print(json.dumps(latencies))
 """
@@ -48,6 +50,7 @@ def health_latencies(url: str, work: Callable[[], T], interval_s: float = 0.02) 
     where = urllib.parse.urlsplit(url)
     poller = subprocess.Popen([sys.executable, "-c", _POLLER, where.hostname, str(where.port), str(interval_s)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    poller.stdout.readline()  # /health answered once: the poller is running
     try:
         result = work()
     finally:
