@@ -46,7 +46,7 @@ def rss_mb(pid: int) -> float:
 def server_of(model: str, flags: list[str], pythonpath: str | None, tmp: Path) -> Iterator[Server]:
     env = {**os.environ, "TMPDIR": str(tmp), **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     server = Server(model, ["--kv-cache-memory", "64MiB", "--uvicorn-log-level", "warning", *flags],
-                    tmp / f"server-{time.monotonic_ns()}.log", env=env)
+                    tmp / f"server-{time.monotonic_ns()}.log", env=env, cwd=pythonpath)
     with server.running(timeout=600):
         yield server
 
@@ -88,6 +88,7 @@ def text_probes(server: Server) -> None:
 def media_probes(server: Server, host: str) -> None:
     bomb = f"data:image/png;base64,{base64.b64encode(blank_png(9000)).decode()}"
     small = f"data:image/png;base64,{base64.b64encode(blank_png(56)).decode()}"
+    large = f"data:image/png;base64,{base64.b64encode(blank_png(2800)).decode()}"
 
     def chat(client: httpx.Client, urls: list[str]) -> httpx.Response:
         content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": "?"}]
@@ -96,6 +97,7 @@ def media_probes(server: Server, host: str) -> None:
 
     probe(server, "data: image (baseline)", lambda c: chat(c, [small]))
     probe(server, "12 x 9000x9000 grayscale PNGs", lambda c: chat(c, [bomb] * 12))
+    probe(server, "12 x 2800x2800 grayscale PNGs (94 Mpx, within budget)", lambda c: chat(c, [large] * 12))
     with ThreadPoolExecutor(6) as pool:
         def slow() -> None:
             with httpx.Client(base_url=server.url, timeout=120, trust_env=False) as client:
