@@ -16,7 +16,7 @@ from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import EngineCore
 from loomserve.platform.gc_heap import freeze_startup_heap
-from loomserve.platform.input_processor import InputProcessor, PromptType, load_tokenizer
+from loomserve.platform.input_processor import InputProcessor, PromptType, cache_salt_of, load_tokenizer
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
 from loomserve.pooling.llm_api import PoolingAPI
@@ -51,7 +51,8 @@ class LLM(PoolingAPI):
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Run prompts to completion; outputs come back in the order of the prompts. `lora_request`: one
-        adapter for all prompts or one (or None, the base model) per prompt."""
+        adapter for all prompts or one (or None, the base model) per prompt. A dict prompt's "cache_salt" keeps its
+        prefix-cache blocks apart from other salts'."""
         prompts = _as_prompt_list(prompts)
         params = _per_prompt(sampling_params or SamplingParams(), SamplingParams, "sampling params", len(prompts))
         loras = _per_prompt(lora_request, LoRARequest, "LoRA requests", len(prompts))
@@ -62,12 +63,13 @@ class LLM(PoolingAPI):
             self.engine.add_lora(lora)  # reads and checks the adapter, raising before any request starts
         processor = OutputProcessor(self.tokenizer, final_only=True)
         order = []
-        for (text, token_ids, mm_items), p, lora in zip(tokenized, params, loras):
+        for prompt, (text, token_ids, mm_items), p, lora in zip(prompts, tokenized, params, loras):
             request_id = str(next(self._ids))
             order.append(request_id)
             for child_id, child_params in processor.add_request(request_id, text, token_ids, p, time.time()):
                 request = self.input_processor.engine_request(
-                    child_id, token_ids, child_params, mm_items=mm_items, lora_request=lora
+                    child_id, token_ids, child_params, mm_items=mm_items, lora_request=lora,
+                    cache_salt=cache_salt_of(prompt),
                 )
                 self.engine.add_request(request)
         return self._run(processor, order)

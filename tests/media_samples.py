@@ -54,3 +54,4 @@ def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+

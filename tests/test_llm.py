@@ -141,3 +141,11 @@ def test_async_scheduling_keeps_seeded_sampling_stop_ids_and_lengths(qwen2_check
     expected = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate([PROMPT] * 3, params)]
     got = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in ahead.generate([PROMPT] * 3, params)]
     assert got == expected
+
+
+def test_a_cache_salt_in_the_prompt_keeps_its_blocks_apart(llm):
+    text = "salted prompt: the quick brown fox jumps over the lazy dog " * 3
+    params = SamplingParams(max_tokens=1)
+    assert llm.generate({"prompt": text, "cache_salt": "a"}, params)[0].num_cached_tokens == 0
+    assert llm.generate({"prompt": text, "cache_salt": "b"}, params)[0].num_cached_tokens == 0
+    assert llm.generate({"prompt": text, "cache_salt": "a"}, params)[0].num_cached_tokens >= 8

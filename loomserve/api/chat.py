@@ -1,17 +1,18 @@
 """Chat messages of a request -> the engine prompt: rendered through the one chat-rendering path
-(`modalities/chat.py`, for text and media alike), media loaded and preprocessed off the event loop, placeholders
-expanded. Every problem with the messages or their media answers 400 with its reason."""
+(`modalities/chat.py`, for text and media alike), tokenized, media loaded and placeholders expanded, all off the
+event loop. Every problem with the messages or their media answers 400 with its reason."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 import jinja2
 
 from loomserve.api.errors import APIError
-from loomserve.api.prompts import Prompt
+from loomserve.api.offload import offload
+from loomserve.api.prompts import Prompt, encode_fitting
 from loomserve.api.protocol import ChatMessage
+from loomserve.modalities.budget import MediaBudget
 from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.modalities.media import MediaError, MediaRef
 
@@ -37,16 +38,18 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], processor: MultiMod
         raise APIError(f"The chat template rejected these messages: {exc}", param="messages") from exc
 
 
-async def chat_prompt(engine: AsyncLLM, messages: list[ChatMessage]) -> Prompt:
-    """The engine prompt for `messages`: token ids, text, and the media items in place."""
+async def chat_prompt(engine: AsyncLLM, messages: list[ChatMessage], media_budget: MediaBudget) -> Prompt:
+    """The engine prompt for `messages`: token ids, text, and the media items in place (all of them within
+    `media_budget`)."""
     mm = engine.input_processor.mm
-    text, refs = render_chat(engine.tokenizer, messages, mm.processor)
-    token_ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    text, refs = await offload(render_chat, engine.tokenizer, messages, mm.processor)
+    token_ids = await offload(encode_fitting, engine, text, "messages", add_special_tokens=False)
     if not refs:
         return Prompt(token_ids, text)
     try:
-        mm_data = await asyncio.to_thread(mm.load, refs)
-        token_ids, items = await asyncio.to_thread(mm.apply, token_ids, mm_data)
+        mm_data = await mm.load_async(refs, media_budget)
+        token_ids, items = await offload(mm.apply, token_ids, mm_data)
     except MediaError as exc:
         raise APIError(str(exc), param="messages") from exc
     return Prompt(token_ids, text, items)
+

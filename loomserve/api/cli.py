@@ -8,6 +8,8 @@ import json
 import logging
 
 from loomserve.api.engine_flags import add_engine_flags, engine_args_from
+from loomserve.api.limits import add_limit_flags, limits_from
+from loomserve.api.lora_paths import add_lora_path_flags, lora_path_policy_from
 from loomserve.platform.config import EngineArgs
 
 logger = logging.getLogger("loomserve")
@@ -38,6 +40,8 @@ def _add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="also serve a cross-encoder (/v1/score, /rerank, /classify) as NAME; repeatable")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_limit_flags(p)
+    add_lora_path_flags(p)
 
 
 def _add_proxy_flags(p: argparse.ArgumentParser) -> None:
@@ -108,7 +112,7 @@ def serve(ns: argparse.Namespace) -> None:
     if ns.lora_modules and not ns.enable_lora:
         raise SystemExit("--lora-modules needs --enable-lora")
     app = build_app(engine_args_from(ns), api_key=ns.api_key, pooling_models=pooling_model_args(ns),
-                    lora_modules=ns.lora_modules)
+                    lora_modules=ns.lora_modules, limits=limits_from(ns), lora_paths=lora_path_policy_from(ns))
     logger.info("Serving %s at http://%s:%d (OpenAI API under http://%s:%d/v1)",
                 ns.served_model_name or ns.model, ns.host, ns.port, ns.host, ns.port)
     uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.uvicorn_log_level)

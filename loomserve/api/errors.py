@@ -13,6 +13,8 @@ _ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    413: "RequestTooLargeError",
+    429: "RateLimitError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
@@ -21,11 +23,13 @@ _ERROR_TYPES = {
 class APIError(Exception):
     """A request the server answers with an error status instead of a result."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.param = param
+        self.headers = headers  # e.g. Retry-After on a 429
 
 
 def error_body(status: int, message: str, param: str | None = None) -> ErrorResponse:
@@ -39,7 +43,8 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 
 def exception_response(exc: Exception) -> JSONResponse:
     body = error_body_for(exc)
-    return JSONResponse(body.model_dump(), status_code=body.error.code)
+    headers = exc.headers if isinstance(exc, APIError) else None
+    return JSONResponse(body.model_dump(), status_code=body.error.code, headers=headers)
 
 
 def error_body_for(exc: Exception) -> ErrorResponse:

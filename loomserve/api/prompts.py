@@ -1,12 +1,18 @@
-"""Prompt checks shared by the routes: token ids in the vocabulary, lengths within the model's context."""
+"""Prompt checks shared by the routes: token ids in the vocabulary, lengths within the model's context, text
+tokenized only once its length can fit."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from loomserve.api.errors import APIError
+from loomserve.api.limits import check_text_fits
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.input_processor import first_out_of_vocabulary
+
+if TYPE_CHECKING:
+    from loomserve.platform.async_llm import AsyncLLM
 
 
 @dataclass
@@ -16,6 +22,13 @@ class Prompt:
     token_ids: list[int]
     text: str | None = None
     mm_items: list[MultiModalItem] = field(default_factory=list)  # media of a multimodal chat, in prompt order
+
+
+def encode_fitting(engine: AsyncLLM, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    """`text`'s token ids, unless its length alone shows they cannot fit the model's context (400, untokenized).
+    Blocking: call it on the front end's pool."""
+    check_text_fits(text, engine.tokenizer, engine.model_config.max_model_len, param)
+    return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def check_token_ids(token_ids: list[int], vocab_size: int, param: str) -> None:

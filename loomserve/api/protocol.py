@@ -33,6 +33,10 @@ def _valid_unicode(value: Any) -> Any:
 # Integers travel to the engine through msgpack, which holds at most 64 bits.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # vLLM's default --max-logprobs, OpenAI's limit
+# vLLM's `cache_salt`: prompts with different salts share no prefix-cache block (tenants cannot time each other's
+# prompts through cache hits); it keys the first block of the prompt's chain.
+CacheSalt = Annotated[str, Field(min_length=1, max_length=256)]
 
 # Request fields passed to SamplingParams under the same name when the client sets them.
 _SAMPLING_FIELDS = (
@@ -119,6 +123,7 @@ class SamplingRequest(OpenAIBaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     kv_transfer_params: dict[str, Any] | None = None  # disaggregated prefill/decode, set by the proxy (vLLM's)
+    cache_salt: CacheSalt | None = None
 
     _unicode = field_validator("stop")(_valid_unicode)
 
@@ -143,7 +148,7 @@ class SamplingRequest(OpenAIBaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    logprobs: Int64 | None = None
+    logprobs: TopLogprobs | None = None
     echo: bool = False
 
     _prompt_unicode = field_validator("prompt")(_valid_unicode)
@@ -157,7 +162,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: TopLogprobs | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:

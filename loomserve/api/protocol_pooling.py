@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from loomserve.api.protocol import OpenAIBaseModel, TokenId, _DropsNone, _valid_unicode
+from loomserve.api.protocol import CacheSalt, OpenAIBaseModel, TokenId, _DropsNone, _valid_unicode
 
 
 def _now() -> int:
@@ -24,6 +24,7 @@ class PoolingRequest(OpenAIBaseModel):
     model: str | None = None
     truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None  # -1: the model's context length
     user: str | None = None
+    cache_salt: CacheSalt | None = None
 
 
 class EmbeddingRequest(PoolingRequest):

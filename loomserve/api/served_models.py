@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Annotated
 
 from fastapi import Depends, Request
 
+from loomserve.api.admission import Admission, Hold
 from loomserve.api.errors import APIError
+from loomserve.api.limits import ServerLimits
+from loomserve.api.lora_paths import LoRAPathPolicy
 from loomserve.platform.async_llm import AsyncLLM, StatLogger
 from loomserve.platform.config import EngineArgs
 
@@ -45,9 +49,17 @@ async def start_engines(all_args: Sequence[EngineArgs], stat_loggers: Sequence[S
 
 
 class ServedModels:
-    def __init__(self, engines: Sequence[AsyncLLM]) -> None:
+    def __init__(self, engines: Sequence[AsyncLLM], limits: ServerLimits, admissions: dict[str, Admission],
+                 lora_paths: LoRAPathPolicy) -> None:
         self.engines = {engine.model_config.served_model_name: engine for engine in engines}
         self.main = engines[0]
+        self.limits = limits
+        self.admissions = admissions  # served name -> its admission control
+        self.lora_paths = lora_paths
+
+    def admit(self, engine: AsyncLLM, count: int) -> AbstractContextManager[Hold]:
+        """Hold `count` engine requests of `engine` for the block; 429 when its queue is full."""
+        return self.admissions[engine.model_config.served_model_name].hold(count)
 
     def get(self, model: str | None) -> AsyncLLM:
         """The engine serving `model`, a model or one of its LoRA adapters (absent: the main model); 404 for a name
@@ -81,18 +93,28 @@ class ServedModels:
         """Serve a LoRA adapter of the main model as `lora_name`; ValueError saying why it cannot be served."""
         if self.engines.get(lora_name, self.main) is not self.main:
             raise ValueError(f"{lora_name!r} is the name of another model served here; choose another lora_name")
+        if self.main.loras.enabled:  # else the engine says adapters are off, whatever the path
+            self.lora_paths.check(lora_path)
         await self.main.add_lora(lora_name, lora_path)
 
     async def check_health(self) -> None:
         for engine in self.engines.values():
             await engine.check_health()
 
+    def check_heartbeats(self) -> None:
+        """503 naming the first engine silent for longer than --engine-heartbeat-timeout (frozen, or stuck)."""
+        timeout = self.limits.engine_heartbeat_timeout
+        for name, engine in self.engines.items():
+            silent = engine.silent_for()
+            if silent > timeout:
+                raise APIError(f"The engine of {name} has not answered for {silent:.1f} s", status=503)
+
     def shutdown(self) -> None:
         for engine in self.engines.values():
             engine.shutdown()
 
 
-def _served_models(request: Request) -> ServedModels:
+async def _served_models(request: Request) -> ServedModels:  # async: no worker-thread hop per request
     return request.app.state.models
 
 

@@ -13,12 +13,18 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loomserve import __version__
+from loomserve.api.admission import Admission
+from loomserve.api.body_limit import BodySizeLimitMiddleware
 from loomserve.api.chat import render_chat
 from loomserve.api.errors import APIError, error_response, exception_response
+from loomserve.api.limits import ServerLimits
+from loomserve.api.lora_paths import LoRAPathPolicy
 from loomserve.api.metrics import CONTENT_TYPE, PrometheusStatLogger
 from loomserve.api.metrics_group import MetricsGroup
+from loomserve.api.offload import offload
+from loomserve.api.openapi import install_openapi
 from loomserve.api.pooling_routes import pooling_router
-from loomserve.api.prompts import check_vocab
+from loomserve.api.prompts import check_vocab, encode_fitting
 from loomserve.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -48,16 +54,21 @@ def build_app(
     api_key: str | None = None,
     pooling_models: Sequence[EngineArgs] = (),
     lora_modules: Sequence[tuple[str, str]] = (),
+    limits: ServerLimits = ServerLimits(),
+    lora_paths: LoRAPathPolicy | None = None,
 ) -> FastAPI:
     """The app; its engines (the main model's, then one per pooling model, each in its own process) start when
     the app starts and stop with it, the main model having loaded the `lora_modules` (name, path) adapters."""
     all_args = [engine_args, *pooling_models]
     check_unique_names(all_args)
     stat_loggers = [PrometheusStatLogger(served_name(args)) for args in all_args]
+    admissions = {served_name(args): Admission(args.max_num_seqs + limits.max_queued_requests) for args in all_args}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.models = ServedModels(await start_engines(all_args, stat_loggers))
+        engines = await start_engines(all_args, stat_loggers)
+        app.state.models = ServedModels(engines, limits, admissions,
+                                        lora_paths or LoRAPathPolicy.of([], [path for _, path in lora_modules], False))
         try:
             await load_startup_adapters(app.state.models, lora_modules)
             freeze_startup_heap()
@@ -74,8 +85,10 @@ def build_app(
     app.add_exception_handler(HTTPException, _http_error)
     for handled in (APIError, EngineDeadError, Exception):
         app.add_exception_handler(handled, _api_error)
+    install_openapi(app, limits)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=limits.max_request_body_bytes)
     if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)  # added last: runs first, before any body is read
     return app
 
 
@@ -84,7 +97,9 @@ def build_app(
 
 @router.get("/health")
 async def health(models: Models) -> Response:
+    """200 while every engine runs and has answered within --engine-heartbeat-timeout; 503 otherwise."""
     await models.check_health()
+    models.check_heartbeats()
     return Response(status_code=200)
 
 
@@ -110,13 +125,16 @@ async def reset_prefix_cache(models: Models) -> Response:
 
 @router.get("/v1/models")
 async def models(served: Models) -> ModelList:
-    """Every served model, each followed by its LoRA adapters."""
+    """Every served model, each followed by its LoRA adapters; `root` is a hub id, or the name when the model is a
+    path on this server (unless --show-model-paths)."""
     cards = []
+    shown = served.lora_paths.shown
     for engine in served.engines.values():
         config = engine.model_config
-        cards.append(ModelCard(id=config.served_model_name, root=config.model, max_model_len=config.max_model_len))
+        name = config.served_model_name
+        cards.append(ModelCard(id=name, root=shown(config.model, name), max_model_len=config.max_model_len))
         cards += [
-            ModelCard(id=lora.lora_name, root=lora.lora_path, parent=config.served_model_name,
+            ModelCard(id=lora.lora_name, root=shown(lora.lora_path, lora.lora_name), parent=name,
                       max_model_len=config.max_model_len)
             for lora in engine.loras.adapters.values()
         ]
@@ -127,35 +145,36 @@ async def models(served: Models) -> ModelList:
 async def tokenize(body: TokenizeRequest, models: Models) -> TokenizeResponse:
     engine = models.get(body.model)
     if body.messages is not None:
-        text, _ = render_chat(engine.tokenizer, body.messages, engine.input_processor.mm.processor,
-                              body.add_generation_prompt)
+        text, _ = await offload(render_chat, engine.tokenizer, body.messages, engine.input_processor.mm.processor,
+                                body.add_generation_prompt)
         add_special_tokens = bool(body.add_special_tokens)
     else:
         text = body.prompt
         add_special_tokens = body.add_special_tokens is not False
-    tokens = engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    tokens = await offload(encode_fitting, engine, text, "prompt" if body.messages is None else "messages",
+                           add_special_tokens)
     return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.model_config.max_model_len)
 
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, models: Models) -> DetokenizeResponse:
     engine = models.get(body.model)
-    check_vocab(body.tokens, engine.model_config.vocab_size, param="tokens")
-    return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+    await offload(check_vocab, body.tokens, engine.model_config.vocab_size, param="tokens")
+    return DetokenizeResponse(prompt=await offload(engine.tokenizer.decode, body.tokens))
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, raw_request: Request, models: Models) -> Response:
     engine = models.for_route(body.model, "/v1/completions", ("generate",))
     await engine.check_health()
-    return await create_completion(engine, body, raw_request)
+    return await create_completion(models, engine, body, raw_request)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, raw_request: Request, models: Models) -> Response:
     engine = models.for_route(body.model, "/v1/chat/completions", ("generate",))
     await engine.check_health()
-    return await create_chat_completion(engine, body, raw_request)
+    return await create_chat_completion(models, engine, body, raw_request)
 
 
 # ---------------------------------------------------------------- errors

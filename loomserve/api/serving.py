@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from loomserve.adapters.registry import UnknownLoRAError
 from loomserve.adapters.request import LoRARequest
 from loomserve.api.errors import APIError
 from loomserve.api.prompts import Prompt, resolve_max_tokens
@@ -20,13 +23,19 @@ def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def lora_for(engine: AsyncLLM, model: str | None) -> tuple[LoRARequest | None, str]:
+async def lora_for(engine: AsyncLLM, model: str | None) -> tuple[LoRARequest | None, str]:
     """The adapter a request names in `model` (None: the base model) and the name its response carries; 404 unless
-    `model` is absent or names the served model or one of its loaded adapters."""
+    `model` is absent or names the served model or one of its loaded adapters. An adapter whose folder is gone
+    (the engine could not read it again once evicted from its caches) is unloaded, with a 404 that says so."""
     lora = engine.loras.get(model)
     served = engine.model_config.served_model_name
     if model and model != served and lora is None:
         raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
+    if lora is not None and not os.path.isdir(lora.lora_path):
+        with contextlib.suppress(UnknownLoRAError):  # a concurrent request unloaded it first
+            await engine.remove_lora(lora.lora_name)
+        raise APIError(f"The adapter `{model}` can no longer be served: its files are gone from the server, so it "
+                       "has been unloaded", status=404, param="model")
     return lora, lora.lora_name if lora is not None else served
 
 

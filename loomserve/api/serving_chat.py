@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from loomserve.api.chat import chat_prompt
 from loomserve.api.errors import error_body_for
 from loomserve.api.logprobs import chat_logprobs
+from loomserve.api.offload import json_response
 from loomserve.api.prompts import check_token_ids
 from loomserve.api.protocol import (
     ChatChoice,
@@ -26,6 +27,7 @@ from loomserve.api.protocol import (
     ChatStreamChoice,
     DeltaMessage,
 )
+from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import (
     Delta,
     DeltaTracker,
@@ -63,23 +65,24 @@ class _Call:
 
 
 async def create_chat_completion(
-    engine: AsyncLLM, request: ChatCompletionRequest, raw_request: Request
+    models: ServedModels, engine: AsyncLLM, request: ChatCompletionRequest, raw_request: Request
 ) -> Response:
-    lora, model_name = lora_for(engine, request.model)
-    prompt = await chat_prompt(engine, request.messages)
-    check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
-    params = sampling_params(engine, request, prompt)
-    call = _Call(request, model_name)
-    stream = engine.generate(
-        prompt.token_ids, params, call.id, prompt=prompt.text, mm_items=prompt.mm_items, lora_request=lora,
-        kv_transfer_params=request.kv_transfer_params,
-    )
-    if request.stream:
-        return StreamingResponse(_stream(call, stream), media_type="text/event-stream")
-    finished, outputs = await run_unless_disconnected(raw_request, collect_final([stream]))
+    lora, model_name = await lora_for(engine, request.model)
+    models.limits.check_generation(1, request.n, request.stop)
+    with models.admit(engine, request.n) as hold:
+        prompt = await chat_prompt(engine, request.messages, models.limits.media_budget)
+        check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
+        params = sampling_params(engine, request, prompt)
+        call = _Call(request, model_name)
+        stream = engine.generate(prompt.token_ids, params, call.id, prompt=prompt.text, mm_items=prompt.mm_items,
+                                 lora_request=lora, cache_salt=request.cache_salt,
+                                 kv_transfer_params=request.kv_transfer_params)
+        if request.stream:
+            return StreamingResponse(hold.over(_stream(call, stream)), media_type="text/event-stream")
+        finished, outputs = await run_unless_disconnected(raw_request, collect_final([stream]))
     if not finished:
         return Response(status_code=499)  # the client left; nobody reads this
-    return JSONResponse(_full_response(call, outputs[0]).model_dump(mode="json"))
+    return await json_response(_full_response(call, outputs[0]))
 
 
 def _full_response(call: _Call, output: RequestOutput) -> ChatCompletionResponse:

@@ -10,12 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from loomserve.api.errors import APIError, error_body_for
 from loomserve.api.logprobs import completion_logprobs
-from loomserve.api.prompts import Prompt, check_token_ids
+from loomserve.api.offload import json_response, offload
+from loomserve.api.prompts import Prompt, check_token_ids, encode_fitting
 from loomserve.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import (
     Delta,
     DeltaTracker,
@@ -51,34 +53,45 @@ class _Call:
         )
 
 
-async def create_completion(engine: AsyncLLM, request: CompletionRequest, raw_request: Request) -> Response:
-    lora, model_name = lora_for(engine, request.model)
+async def create_completion(
+    models: ServedModels, engine: AsyncLLM, request: CompletionRequest, raw_request: Request
+) -> Response:
+    lora, model_name = await lora_for(engine, request.model)
     if request.echo and request.logprobs is not None:
         raise APIError("`echo` together with `logprobs` is not supported yet", param="echo")
-    prompts = _prompts(engine, request.prompt)
-    params = [sampling_params(engine, request, prompt) for prompt in prompts]
-    echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
-    call = _Call(request, echo_texts, model_name)
-    streams = [
-        engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text, lora_request=lora,
-                        kv_transfer_params=request.kv_transfer_params)
-        for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
-    ]
-    if request.stream:
-        return StreamingResponse(_stream(call, streams), media_type="text/event-stream")
-    finished, outputs = await run_unless_disconnected(raw_request, collect_final(streams))
+    given = _prompt_list(request.prompt)
+    models.limits.check_generation(len(given), request.n, request.stop)
+    with models.admit(engine, len(given) * request.n) as hold:
+        prompts = await offload(_prompts, engine, given)
+        params = [sampling_params(engine, request, prompt) for prompt in prompts]
+        echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
+        call = _Call(request, echo_texts, model_name)
+        streams = [
+            engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text, lora_request=lora,
+                            cache_salt=request.cache_salt, kv_transfer_params=request.kv_transfer_params)
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+        ]
+        if request.stream:
+            return StreamingResponse(hold.over(_stream(call, streams)), media_type="text/event-stream")
+        finished, outputs = await run_unless_disconnected(raw_request, collect_final(streams))
     if not finished:
         return Response(status_code=499)  # the client left; nobody reads this
-    return JSONResponse(_full_response(call, outputs).model_dump(mode="json"))
+    return await json_response(_full_response(call, outputs))
 
 
-def _prompts(engine: AsyncLLM, prompt: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
     """The request's prompts: one string, strings, one token-id list or token-id lists."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-        prompt = [prompt]
+        return [prompt]
     if not prompt:
         raise APIError("`prompt` must not be empty", param="prompt")
-    prompts = [Prompt(engine.tokenizer.encode(p), p) if isinstance(p, str) else Prompt(p) for p in prompt]
+    return prompt
+
+
+def _prompts(engine: AsyncLLM, given: list[str] | list[list[int]]) -> list[Prompt]:
+    """Each prompt's token ids (text is tokenized once its length can fit the context), checked against the
+    vocabulary; on the front end's pool."""
+    prompts = [Prompt(encode_fitting(engine, p, "prompt"), p) if isinstance(p, str) else Prompt(p) for p in given]
     for p in prompts:
         check_token_ids(p.token_ids, engine.model_config.vocab_size, param="prompt")
     return prompts

@@ -7,39 +7,42 @@ import base64
 import numpy as np
 import torch
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
+from loomserve.api.offload import json_response, offload
 from loomserve.api.protocol_pooling import EmbeddingData, EmbeddingRequest, EmbeddingResponse, PoolingUsage
 from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import random_id
-from loomserve.api.serving_pooling import bad_request, input_list, pool_all, validate_all
+from loomserve.api.serving_pooling import bad_request, input_list, pool_all, tokenize_all
+from loomserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
 from loomserve.pooling.params import PoolingParams
 
 
 async def create_embedding(models: ServedModels, body: EmbeddingRequest, raw_request: Request) -> Response:
     engine = models.for_route(body.model, "/v1/embeddings", ("embed",))
     inputs = engine.pooling_inputs
-    prompts = input_list(body.input)
+    prompts = input_list(body.input, models.limits)
     with bad_request("dimensions"):
         params = inputs.params(PoolingParams(dimensions=body.dimensions, normalize=body.normalize))
     with bad_request("truncate_prompt_tokens"):
         inputs.truncation(body.truncate_prompt_tokens)
     with bad_request("prompt_name"):
         inputs.pooler_config.prompt(body.prompt_name)
-    token_ids = inputs.tokenize(prompts, body.truncate_prompt_tokens, body.prompt_name, body.add_special_tokens)
-    requests = [(ids, params) for ids in token_ids]
-    validate_all(engine, requests, [f"input {i}" for i in range(len(requests))], "input")
+    requests = await tokenize_all(engine, prompts, params, body.truncate_prompt_tokens, body.prompt_name,
+                                  body.add_special_tokens)
     call_id = random_id("embd")
-    outputs = await pool_all(engine, requests, call_id, raw_request)
+    outputs = await pool_all(models, engine, requests, call_id, raw_request, body.cache_salt)
     if outputs is None:
         return Response(status_code=499)  # the client left; nobody reads this
-    data = [
-        EmbeddingData(index=i, embedding=_encode(out.outputs.data, body.encoding_format))
-        for i, out in enumerate(outputs)
-    ]
-    usage = PoolingUsage.of(sum(len(ids) for ids in token_ids))
+    data = await offload(_embedding_data, outputs, body.encoding_format)
+    usage = PoolingUsage.of(sum(len(ids) for ids, _ in requests))
     response = EmbeddingResponse(id=call_id, model=engine.model_config.served_model_name, data=data, usage=usage)
-    return JSONResponse(response.model_dump(mode="json"))
+    return await json_response(response, long_list="data")
+
+
+def _embedding_data(outputs: list[PoolingRequestOutput[PoolingOutput]], encoding_format: str) -> list[EmbeddingData]:
+    return [EmbeddingData(index=i, embedding=_encode(out.outputs.data, encoding_format))
+            for i, out in enumerate(outputs)]
 
 
 def _encode(vector: torch.Tensor, encoding_format: str) -> list[float] | str:

@@ -4,9 +4,10 @@ cross-encoder's head or a bi-encoder's cosine similarity; reranking orders docum
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from loomserve.api.errors import APIError
+from loomserve.api.offload import json_response, offload
 from loomserve.api.protocol_pooling import (
     PoolingUsage,
     RerankDocument,
@@ -20,7 +21,7 @@ from loomserve.api.protocol_pooling import (
 )
 from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import random_id
-from loomserve.api.serving_pooling import bad_request, pool_all, validate_all
+from loomserve.api.serving_pooling import bad_request, check_texts_fit, pool_all, validate_all
 from loomserve.platform.async_llm import AsyncLLM
 from loomserve.pooling.scoring import ScorePlan, plan_scores, rerank_order
 
@@ -30,14 +31,16 @@ SCORE_TASKS = ("classify", "embed")
 async def create_score(models: ServedModels, body: ScoreRequest, raw_request: Request) -> Response:
     engine = models.for_route(body.model, "/v1/score", SCORE_TASKS)
     call_id = random_id("score")
-    plan = _plan(engine, body.text_1, body.text_2, body.truncate_prompt_tokens, "text_2")
-    scores = await _run(engine, plan, call_id, raw_request)
+    for param, texts in (("text_1", body.text_1), ("text_2", body.text_2)):
+        models.limits.check_inputs(len(texts) if isinstance(texts, list) else 1, param)
+    plan = await offload(_plan, engine, body.text_1, body.text_2, body.truncate_prompt_tokens, "text_2")
+    scores = await _run(models, engine, plan, call_id, raw_request, body.cache_salt)
     if scores is None:
         return Response(status_code=499)  # the client left; nobody reads this
     data = [ScoreData(index=i, score=score) for i, score in enumerate(scores)]
     response = ScoreResponse(id=call_id, model=engine.model_config.served_model_name, data=data,
                              usage=PoolingUsage.of(plan.num_tokens))
-    return JSONResponse(response.model_dump(mode="json"))
+    return await json_response(response, long_list="data")
 
 
 async def create_rerank(models: ServedModels, body: RerankRequest, raw_request: Request, route: str) -> Response:
@@ -45,9 +48,10 @@ async def create_rerank(models: ServedModels, body: RerankRequest, raw_request: 
     documents = body.document_texts
     if not documents:
         raise APIError("`documents` must not be empty", param="documents")
+    models.limits.check_inputs(len(documents), "documents")
     call_id = random_id("rerank")
-    plan = _plan(engine, body.query, documents, body.truncate_prompt_tokens, "documents")
-    scores = await _run(engine, plan, call_id, raw_request)
+    plan = await offload(_plan, engine, body.query, documents, body.truncate_prompt_tokens, "documents")
+    scores = await _run(models, engine, plan, call_id, raw_request, body.cache_salt)
     if scores is None:
         return Response(status_code=499)  # the client left; nobody reads this
     results = [
@@ -57,20 +61,24 @@ async def create_rerank(models: ServedModels, body: RerankRequest, raw_request: 
     ]
     response = RerankResponse(id=call_id, model=engine.model_config.served_model_name,
                               usage=RerankUsage(total_tokens=plan.num_tokens), results=results)
-    return JSONResponse(response.model_dump(mode="json"))
+    return await json_response(response, long_list="results")
 
 
 def _plan(
     engine: AsyncLLM, text_1: str | list[str], text_2: str | list[str], truncate: int | None, param: str
 ) -> ScorePlan:
+    """The score requests, tokenized and checked (blocking: the front end's pool)."""
     with bad_request("truncate_prompt_tokens"):
         engine.pooling_inputs.truncation(truncate)
+    for texts in (text_1, text_2):
+        check_texts_fit(engine, [texts] if isinstance(texts, str) else texts, truncate, param)
     with bad_request(param):
         plan = plan_scores(engine.pooling_inputs, text_1, text_2, truncate)
     validate_all(engine, plan.requests, plan.labels, param)
     return plan
 
 
-async def _run(engine: AsyncLLM, plan: ScorePlan, call_id: str, raw_request: Request) -> list[float] | None:
-    outputs = await pool_all(engine, plan.requests, call_id, raw_request)
+async def _run(models: ServedModels, engine: AsyncLLM, plan: ScorePlan, call_id: str, raw_request: Request,
+               cache_salt: str | None) -> list[float] | None:
+    outputs = await pool_all(models, engine, plan.requests, call_id, raw_request, cache_salt)
     return None if outputs is None else plan.scores([o.outputs.data for o in outputs])

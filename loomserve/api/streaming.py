@@ -14,9 +14,14 @@ T = TypeVar("T")
 SSE_DONE = "data: [DONE]\n\n"
 
 
+# Characters that JSON allows raw inside strings but that line-splitting clients (JavaScript, Python's
+# str.splitlines) take for line ends: escaped, as OpenAI's and vLLM's servers do.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\u0085": "\\u0085"})
+
+
 def sse(body: BaseModel) -> str:
-    """One Server-Sent Event carrying `body` as JSON."""
-    return f"data: {body.model_dump_json()}\n\n"
+    """One Server-Sent Event carrying `body` as JSON, on one line whoever splits it."""
+    return f"data: {body.model_dump_json().translate(_LINE_BREAKS)}\n\n"
 
 
 async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncIterator[tuple[int, T]]:

@@ -10,23 +10,33 @@ from __future__ import annotations
 
 import io
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from loomserve.modalities.media import MediaError
 
+if TYPE_CHECKING:
+    from loomserve.modalities.budget import MediaSpend
+
 AUDIO_FORMATS = ("wav", "flac", "mp3", "ogg")
 
 
-def decode_audio(data: bytes, fmt: str | None = None) -> tuple[np.ndarray, int]:
-    """Encoded bytes -> (mono float32 samples, sampling rate)."""
+def decode_audio(data: bytes, fmt: str | None = None, spend: MediaSpend | None = None) -> tuple[np.ndarray, int]:
+    """Encoded bytes -> (mono float32 samples, sampling rate); the clip's length is charged to the request's
+    `spend` from its header before any sample is decoded."""
     if fmt is not None and fmt.lower() not in AUDIO_FORMATS:
         raise MediaError(f"unsupported audio format {fmt!r}; use one of {', '.join(AUDIO_FORMATS)}")
     import soundfile
 
     try:
+        if spend is not None:
+            header = soundfile.info(io.BytesIO(data))
+            spend.charge("audio_seconds", header.frames / header.samplerate)
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except MediaError:
+        raise
     except Exception as exc:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
         raise MediaError(f"cannot decode the audio: {exc}") from None
     if samples.shape[0] == 0:

@@ -15,7 +15,7 @@ class MultiModalConfig:
     limit_per_prompt: dict[str, int] = field(default_factory=dict)  # modality -> most items in one prompt
     allowed_media_domains: list[str] | None = None  # hosts (and their subdomains) http(s) media may come from
     allowed_local_media_path: str | None = None  # file:// media only under this folder
-    media_fetch_timeout: float = 10.0  # seconds, per http(s) fetch
+    media_fetch_timeout: float = 10.0  # seconds for one whole http(s) fetch, however the host paces its bytes
     max_media_bytes: int = 64 << 20  # encoded size of one item (data URL, download or file)
     max_image_pixels: int = 89_478_485  # width x height of an image or video frame (PIL's bomb threshold)
     encoder_cache_memory: int = 256 << 20  # bytes of encoder outputs kept for reuse across requests

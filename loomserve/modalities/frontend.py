@@ -3,13 +3,25 @@ token ids and processed items, checked against what the model takes, the limits 
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import os
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
+from loomserve.modalities.budget import MediaBudget, MediaSpend
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.encoder_cache import encoder_cache_capacity
 from loomserve.modalities.inputs import MultiModalItem
-from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
+from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef, media_client
 from loomserve.platform.models.registry import create_processor
+
+if TYPE_CHECKING:
+    import httpx
+
+# Decoding (and local reads) of the server's media: a pool of its own, so media work never waits behind the front
+# end's tokenizing, nor the other way round. Downloads take no thread at all.
+_MEDIA_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="loomserve-media")
 
 
 def as_item_list(value: Any) -> list[Any]:
@@ -22,11 +34,27 @@ class MultiModalFrontend:
         self.mm_config = mm_config
         self.processor = create_processor(model_config, tokenizer, mm_config)
         self.encoder_cache_capacity = encoder_cache_capacity(model_config, mm_config)  # embeddings
+        self._client: httpx.AsyncClient | None = None  # the server's media downloads, made on first use
 
-    def load(self, refs: list[MediaRef]) -> dict[str, list[Any]]:
-        """Fetch and decode chat media under the allow-lists and limits."""
+    def load(self, refs: list[MediaRef], budget: MediaBudget = MediaBudget()) -> dict[str, list[Any]]:
+        """Fetch and decode chat media under the allow-lists and limits (blocking: the Python API)."""
         self._require_processor(refs[0].modality)
-        return self.processor.load_all(refs, MediaFetcher(self.mm_config))
+        spend = MediaSpend(budget)
+        return self.processor.load_all(refs, MediaFetcher(self.mm_config, spend), spend)
+
+    async def load_async(self, refs: list[MediaRef], budget: MediaBudget) -> dict[str, list[Any]]:
+        """`load` for the server: the items are fetched at once (http(s) without a thread), all within the budget's
+        deadline, then decoded on the media pool, so slow hosts hold no thread that other requests need."""
+        self._require_processor(refs[0].modality)
+        self.processor.check_refs(refs)
+        spend = MediaSpend(budget)
+        fetcher = MediaFetcher(self.mm_config, spend)
+        if self._client is None:
+            self._client = media_client()
+        reads = [fetcher.read_async(ref, _MEDIA_POOL, self._client) for ref in refs]
+        data = await _all_within(budget.deadline_s, reads)
+        return await asyncio.get_running_loop().run_in_executor(
+            _MEDIA_POOL, self.processor.decode_all, refs, data, spend)
 
     def apply(self, token_ids: list[int], mm_data: dict[str, Any]) -> tuple[list[int], list[MultiModalItem]]:
         """Expand each placeholder of `token_ids` for the items of `mm_data` (one item or a list per modality)."""
@@ -42,3 +70,15 @@ class MultiModalFrontend:
     def _require_processor(self, modality: str) -> None:
         if self.processor is None:
             raise MediaError(f"this model accepts text only; it cannot take {modality} input")
+
+
+async def _all_within(seconds: float, reads: list[Coroutine[Any, Any, bytes]]) -> list[bytes]:
+    """Every read's bytes, in order; MediaError once `seconds` pass. The first failure cancels the other reads."""
+    tasks = [asyncio.ensure_future(read) for read in reads]
+    try:
+        return await asyncio.wait_for(asyncio.gather(*tasks), seconds)
+    except asyncio.TimeoutError:
+        raise MediaError(f"loading this request's media took longer than the server's limit of {seconds:g} s") from None
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -10,22 +10,29 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from loomserve.modalities.media import MediaError
 
+if TYPE_CHECKING:
+    from loomserve.modalities.budget import MediaSpend
+
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value HF processor configs store as "resample"
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Encoded bytes -> a loaded PIL image; the size is checked from the header before any pixel is decoded."""
+def decode_image(data: bytes, max_pixels: int, spend: MediaSpend | None = None) -> Image.Image:
+    """Encoded bytes -> a loaded PIL image; the size is checked (and charged to the request's `spend`) from the
+    header before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             check_pixels(image.width, image.height, max_pixels)
+            if spend is not None:
+                spend.charge("pixels", image.width * image.height)
             image.load()
     except MediaError:
         raise

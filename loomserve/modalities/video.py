@@ -6,12 +6,16 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from loomserve.modalities.image import as_pil, check_pixels, to_rgb
 from loomserve.modalities.media import MediaError
+
+if TYPE_CHECKING:
+    from loomserve.modalities.budget import MediaSpend
 
 DEFAULT_FPS = 2.0  # frames per second a video is taken to have when nobody says (qwen-vl-utils' default)
 MAX_VIDEO_PIXELS_FACTOR = 4  # all sampled frames together: at most this many images' worth of pixels
@@ -41,9 +45,10 @@ def sample_indices(total: int, video_fps: float, fps: float | None, num_frames: 
 
 
 def decode_video(data: bytes, max_pixels: int, fps: float | None, num_frames: int | None, multiple: int,
-                 min_frames: int, max_frames: int) -> VideoInput:
+                 min_frames: int, max_frames: int, spend: MediaSpend | None = None) -> VideoInput:
     """Encoded bytes -> the sampled RGB frames and the frame rate they represent. Only sampled frames are
-    kept, and their pixels together stay under MAX_VIDEO_PIXELS_FACTOR x the image pixel cap."""
+    kept, and their pixels together stay under MAX_VIDEO_PIXELS_FACTOR x the image pixel cap; their count and
+    pixels are charged to the request's `spend` before any is decoded."""
     import av
 
     try:
@@ -56,6 +61,9 @@ def decode_video(data: bytes, max_pixels: int, fps: float | None, num_frames: in
             indices = sample_indices(total, video_fps, fps, num_frames, multiple, min_frames, max_frames)
             if len(indices) * width * height > MAX_VIDEO_PIXELS_FACTOR * max_pixels:
                 raise MediaError(f"{len(indices)} frames of {width}x{height} exceed the server's pixel limit")
+            if spend is not None:
+                spend.charge("video_frames", len(indices))
+                spend.charge("pixels", len(indices) * width * height)
             container.seek(0)
             wanted = set(indices.tolist())
             kept = {i: f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(stream)) if i in wanted}

@@ -38,6 +38,7 @@ from loomserve.platform.messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineFailed,
+    Ping,
     Ready,
     RemoveLoRA,
     ResetPrefixCache,
@@ -56,6 +57,7 @@ from loomserve.pooling.tracker import PoolingTracker
 logger = logging.getLogger(__name__)
 
 _STARTUP_TIMEOUT_S = 900.0
+_PING_INTERVAL_MS = 1000  # a quiet engine is pinged this often
 
 
 class EngineDeadError(RuntimeError):
@@ -80,6 +82,7 @@ class AsyncLLM:
         self._output_task: asyncio.Task | None = None
         self.loras = LoRARegistry(args.enable_lora, self.model_config.served_model_name)
         self._calls: dict[int, asyncio.Future] = {}  # engine calls awaiting their reply
+        self.last_heard = 0.0  # time.monotonic() the engine last sent anything (outputs each step, pings when idle)
         self._call_ids = itertools.count()
         self._ipc_dir = tempfile.mkdtemp(prefix="loomserve-")
         self._ctx = zmq.asyncio.Context()
@@ -109,6 +112,7 @@ class AsyncLLM:
         mm_items: list[MultiModalItem] | None = None,
         lora_request: LoRARequest | None = None,
         kv_transfer_params: dict[str, Any] | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request; leaving early aborts it in the engine. `kv_transfer_params`:
         a disaggregated prefill/decode request's orders to the KV connector (the proxy's)."""
@@ -123,7 +127,8 @@ class AsyncLLM:
         engine = None
         for child_id, params in children:
             request = self.input_processor.engine_request(
-                child_id, prompt_token_ids, params, mm_items=mm_items or (), lora_request=lora_request
+                child_id, prompt_token_ids, params, mm_items=mm_items or (), lora_request=lora_request,
+                cache_salt=cache_salt,
             )
             request.kv_transfer_params = kv_transfer_params
             engine = self._route(request) if engine is None else engine  # a parent's children share its engine
@@ -143,7 +148,8 @@ class AsyncLLM:
                 self._abort(request_id)
 
     async def encode(
-        self, prompt_token_ids: list[int], pooling_params: PoolingParams, request_id: str
+        self, prompt_token_ids: list[int], pooling_params: PoolingParams, request_id: str,
+        cache_salt: str | None = None,
     ) -> PoolingRequestOutput[PoolingOutput]:
         """Pool one prompt (complete params, see `pooling_inputs.params`); cancelling aborts it in the engine."""
         self._ensure_output_task()
@@ -151,7 +157,7 @@ class AsyncLLM:
             raise EngineDeadError(self.errored)
         self.pooling_inputs.validate(prompt_token_ids, pooling_params)
         future = self.pooling.add(request_id, prompt_token_ids)
-        request = EngineCoreRequest(request_id, prompt_token_ids, None, None, time.time(),
+        request = EngineCoreRequest(request_id, prompt_token_ids, None, None, time.time(), cache_salt=cache_salt,
                                     pooling_params=pooling_params)
         self._send(request, self._route(request))
         try:
@@ -171,8 +177,14 @@ class AsyncLLM:
             stat_logger.record(None, stats)
 
     async def check_health(self) -> None:
+        self._ensure_output_task()  # which pings the engines, so `silent_for` is meaningful
         if self.errored or not all(engine.proc.is_alive() for engine in self._engines):
             raise EngineDeadError(self.errored or "an engine process is not running")
+
+    def silent_for(self) -> float:
+        """Seconds since the engine last answered: it reports every step and is pinged each second it is quiet, so
+        a few seconds of silence mean a frozen engine (stopped, or stuck in one step)."""
+        return time.monotonic() - self.last_heard
 
     async def reset_prefix_cache(self) -> None:
         """Drop every cached block not in use; returns once the engine has."""
@@ -225,6 +237,7 @@ class AsyncLLM:
 
     def _ensure_output_task(self) -> None:
         if self._output_task is None or self._output_task.done() and not self.errored:
+            self.last_heard = time.monotonic()  # the silence before anyone listened does not count
             self._output_task = asyncio.get_running_loop().create_task(self._output_loop())
 
     async def _output_loop(self) -> None:
@@ -233,15 +246,17 @@ class AsyncLLM:
             poller.register(engine.outbox, zmq.POLLIN)
         sockets = {engine.outbox: i for i, engine in enumerate(self._engines)}
         while True:
-            ready = await poller.poll(1000)
+            ready = await poller.poll(_PING_INTERVAL_MS)
             if not ready:
                 dead = next((engine for engine in self._engines if not engine.proc.is_alive()), None)
                 if dead is not None:
                     self._fail_all(f"the engine process exited with code {dead.proc.exitcode}")
                     return
+                self._broadcast(Ping())
                 continue
             for sock, _ in ready:
                 message = unpack(await sock.recv())
+                self.last_heard = time.monotonic()
                 if isinstance(message, EngineFailed):
                     self._fail_all(f"the engine failed:\n{message.traceback}")
                     return
@@ -345,8 +360,8 @@ class _EngineProcess:
 
     def stop(self) -> None:
         if self.proc.is_alive():
-            try:
-                self.inbox.send(pack(Shutdown()), flags=zmq.NOBLOCK)
+            try:  # a plain socket over the same one: shutdown also runs where no event loop is (a failed start)
+                zmq.Socket.shadow(self.inbox.underlying).send(pack(Shutdown()), flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             self.proc.join(timeout=5)

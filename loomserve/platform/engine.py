@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import shutil
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +28,14 @@ from loomserve.platform.messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineFailed,
+    Ping,
     Ready,
     ResetPrefixCache,
     Shutdown,
     pack,
     unpack,
 )
+from loomserve.platform.parent_watch import exit_with_parent
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.scheduler import Scheduler
 from loomserve.platform.step import ScheduledStep, StepResult
@@ -189,6 +192,8 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None
     import zmq  # the in-process engine (LLM) needs no ZeroMQ
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [engine] %(message)s")
+    ipc_dir = os.path.dirname(input_addr.removeprefix("ipc://"))
+    exit_with_parent(lambda: shutil.rmtree(ipc_dir, ignore_errors=True))
     _leave_a_core_to_the_front_end(args)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
@@ -236,6 +241,8 @@ def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
                 engine.abort_requests(message.request_ids)
             elif isinstance(message, Shutdown):
                 return
+            elif isinstance(message, Ping):
+                pass  # answered by the report this loop sends below
             else:
                 engine.call(message)
             timeout = 0

@@ -17,8 +17,14 @@ from loomserve.platform.messages import EngineCoreRequest
 from loomserve.platform.request import SamplingParams
 
 # A prompt: text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": [...]}, which may add
-# {"multi_modal_data": {"image": ..., "video": ..., "audio": ...}} (one item or a list per modality).
+# {"multi_modal_data": {"image": ..., "video": ..., "audio": ...}} (one item or a list per modality) and a
+# "cache_salt".
 PromptType = str | list[int] | dict[str, Any]
+
+
+def cache_salt_of(prompt: PromptType) -> str | None:
+    """A dict prompt's "cache_salt" (vLLM's name), if any."""
+    return prompt.get("cache_salt") if isinstance(prompt, dict) else None
 
 
 def load_tokenizer(model_config: ModelConfig) -> Any:
@@ -102,12 +108,13 @@ class InputProcessor:
         *,
         mm_items: Sequence[MultiModalItem] = (),
         lora_request: LoRARequest | None = None,
+        cache_salt: str | None = None,
     ) -> EngineCoreRequest:
         if self.extra_stop_ids and not params.ignore_eos:
             params = SamplingParams.from_dict(
                 {**params.to_dict(), "stop_token_ids": params.stop_token_ids + self.extra_stop_ids}
             )
         return EngineCoreRequest(
-            request_id, token_ids, params, self.eos_token_id, time.time(),
+            request_id, token_ids, params, self.eos_token_id, time.time(), cache_salt=cache_salt,
             mm_items=list(mm_items), lora_request=lora_request,
         )

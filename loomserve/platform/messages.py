@@ -1,6 +1,6 @@
 """Declared messages between the front end and EngineCore, and their wire form (`wire.py`, typed by name).
 
-Front end -> engine: `EngineCoreRequest`, `Abort`, the typed engine calls (`AddLoRA`, `RemoveLoRA`,
+Front end -> engine: `EngineCoreRequest`, `Abort`, `Ping`, the typed engine calls (`AddLoRA`, `RemoveLoRA`,
 `ResetPrefixCache`) and `Shutdown`. Engine -> front end: `Ready`, `EngineCoreOutputs`, `CallReply` (one per call,
 once done) and `EngineFailed`. In process (`LLM`) the same dataclasses are passed as they are.
 """
@@ -43,6 +43,11 @@ class Abort:
 @dataclass
 class Shutdown:
     pass
+
+
+@dataclass
+class Ping:
+    """Answered by the engine's next report: an idle engine's sign of life for the front end's health check."""
 
 
 @dataclass
@@ -116,7 +121,7 @@ class EngineCoreOutputs:
 
 
 _MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (
-    EngineCoreRequest, Abort, Shutdown, AddLoRA, RemoveLoRA, ResetPrefixCache, CallReply, Ready, EngineFailed,
+    EngineCoreRequest, Abort, Shutdown, Ping, AddLoRA, RemoveLoRA, ResetPrefixCache, CallReply, Ready, EngineFailed,
     EngineCoreOutputs,
 )}
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.engine import EngineCore
+from loomserve.platform.input_processor import cache_salt_of
 from loomserve.platform.messages import EngineCoreOutput, EngineCoreRequest
 from loomserve.pooling.inputs import PoolingInputs, PoolingPrompt, prompt_list
 from loomserve.pooling.outputs import (
@@ -80,23 +81,27 @@ class PoolingAPI:
         truncate_prompt_tokens: int | None = None,
         prompt_name: str | None = None,
     ) -> list[PoolingRequestOutput[PoolingOutput]]:
-        """Raw pooled tensors (`.outputs.data`) of any pooling type: ALL and STEP give one row per token."""
+        """Raw pooled tensors (`.outputs.data`) of any pooling type: ALL and STEP give one row per token. A dict
+        prompt's "cache_salt" keeps its prefix-cache blocks apart from other salts'."""
         self.pooling_inputs.require_task("Pooling", "embed", "classify")
         prompts = prompt_list(prompts)
         token_ids = self.pooling_inputs.tokenize(prompts, truncate_prompt_tokens, prompt_name)
         params = self.pooling_inputs.params(pooling_params)
-        return self._pool([(ids, params) for ids in token_ids], [f"prompt {i}" for i in range(len(prompts))])
+        return self._pool([(ids, params) for ids in token_ids], [f"prompt {i}" for i in range(len(prompts))],
+                          [cache_salt_of(p) for p in prompts])
 
     def _pool(
-        self, requests: list[tuple[list[int], PoolingParams]], labels: list[str]
+        self, requests: list[tuple[list[int], PoolingParams]], labels: list[str],
+        cache_salts: Sequence[str | None] | None = None,
     ) -> list[PoolingRequestOutput[PoolingOutput]]:
         for (token_ids, params), label in zip(requests, labels, strict=True):
             self.pooling_inputs.validate(token_ids, params, label)  # all or nothing: refuse before any runs
         order = []
-        for token_ids, params in requests:
+        for (token_ids, params), salt in zip(requests, cache_salts or [None] * len(requests), strict=True):
             request_id = str(next(self._ids))
             order.append(request_id)
-            request = EngineCoreRequest(request_id, token_ids, None, None, time.time(), pooling_params=params)
+            request = EngineCoreRequest(request_id, token_ids, None, None, time.time(), cache_salt=salt,
+                                        pooling_params=params)
             self.engine.add_request(request)
         finished: dict[str, EngineCoreOutput] = {}
         while len(finished) < len(order):

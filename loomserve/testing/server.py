@@ -45,6 +45,7 @@ class Server:
     env: dict[str, str] | None = None
     port: int = field(default_factory=free_port)
     subcommand: str = "serve"  # or "proxy" (its flags name the instances behind it; `checkpoint` None)
+    cwd: str | None = None  # where it runs (`-m` imports from there first); None: here
     process: subprocess.Popen | None = None
 
     @property
@@ -79,7 +80,7 @@ class Server:
         t0 = time.perf_counter()
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, env=self.env)
+                                            start_new_session=True, env=self.env, cwd=self.cwd)
         while time.perf_counter() - t0 < timeout:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,6 +18,7 @@ import pytest
 from peft_reference import PROMPTS, SHAPES, peft_greedy, tokenizer
 from safetensors.torch import load_file, save_file
 
+from loomserve.api.lora_paths import NO_ADAPTER
 from loomserve.testing.pooling_checkpoints import tiny_decoder_embedder
 from loomserve.testing.server import MODEL, Server
 
@@ -37,9 +40,10 @@ def adapters(base, make_lora) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(start_server, adapters) -> Iterator[Server]:
+def server(start_server, adapters, tmp_path_factory) -> Iterator[Server]:
     flags = [
         "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "2", "--max-lora-rank", "16",
+        "--allowed-lora-paths", str(tmp_path_factory.getbasetemp()),  # the made adapters and each test's tmp_path
         "--lora-modules", f"qv={adapters['qv-r8']}", json.dumps({"name": "all", "path": adapters["all-r16"]}),
         "--embedding-model", f"{EMBEDDER}={tiny_decoder_embedder()}",
     ]
@@ -72,7 +76,8 @@ def models(http: httpx.Client) -> dict[str, dict]:
 def test_models_lists_start_up_adapters_with_their_parent(http, adapters):
     cards = models(http)
     assert cards["qv"]["parent"] == cards["all"]["parent"] == BASE and cards[BASE]["parent"] is None
-    assert cards["qv"]["root"] == adapters["qv-r8"]
+    assert cards["qv"]["root"] == "qv"  # not the adapter's folder: /v1/models shows no server paths
+    assert adapters["qv-r8"] not in json.dumps(cards)
     assert cards[EMBEDDER]["parent"] is None
 
 
@@ -117,7 +122,7 @@ def test_load_errors_answer_400_with_the_reason(http, base, adapters, tmp_path):
     save_file({k.replace("layers.1.", "layers.5."): v for k, v in tensors.items()},
               other_model / "adapter_model.safetensors")
     cases = {
-        "missing path": (load(http, "x1", str(tmp_path / "nowhere")), "not a folder"),
+        "missing path": (load(http, "x1", str(tmp_path / "nowhere")), NO_ADAPTER),
         "unreadable": (load(http, "x2", str(bad_json)), "cannot read"),
         "duplicate name": (load(http, "qv", adapters["rslora"]), "already loaded"),
         "base name": (load(http, BASE, adapters["rslora"]), "base model's name"),
@@ -131,6 +136,29 @@ def test_load_errors_answer_400_with_the_reason(http, base, adapters, tmp_path):
     assert set(models(http)) == {BASE, "qv", "all", EMBEDDER}
     assert load(http, "x1", adapters["rslora"]).status_code == 200  # a failed load left the name free
     assert unload(http, "x1").status_code == 200
+
+
+def test_adapter_path_errors_do_not_tell_whether_a_path_exists(http, adapters, tmp_path):
+    (tmp_path / "empty").mkdir()
+    outside = shutil.copytree(adapters["qv-r8"], Path(tempfile.mkdtemp()) / "outside")  # a real adapter, not allowed
+    try:
+        paths = [str(tmp_path / "nowhere"), str(tmp_path / "empty"), "/etc", "/nonexistent/x", str(outside),
+                 str(tmp_path / ".." / ".." / "..")]
+        replies = [load(http, "probe", path) for path in paths]
+    finally:
+        shutil.rmtree(outside.parent)
+    assert {(r.status_code, r.json()["error"]["message"]) for r in replies} == {(400, NO_ADAPTER)}
+
+
+def test_an_adapter_whose_folder_vanished_answers_404_and_leaves_the_listing(http, client, adapters, tmp_path):
+    folder = shutil.copytree(adapters["rslora"], tmp_path / "soon-gone")
+    assert load(http, "gone", str(folder)).status_code == 200
+    shutil.rmtree(folder)
+    with pytest.raises(openai.NotFoundError, match="its files are gone from the server"):
+        complete(client, "gone")
+    assert "gone" not in models(http)
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        complete(client, "gone")
 
 
 def test_requests_run_on_while_one_adapter_loads_and_another_unloads(http, client, base, adapters):

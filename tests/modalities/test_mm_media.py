@@ -4,13 +4,16 @@ content parts rendered into prompts."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import io
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -18,13 +21,15 @@ from media_samples import mp4_bytes, noise_image, noise_video, png_data_url, ton
 from transformers import AutoTokenizer
 
 from loomserve.modalities.audio import decode_audio
+from loomserve.modalities.budget import MediaBudget, MediaSpend
 from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.image import decode_image
-from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
+from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef, media_client
 from loomserve.modalities.video import decode_video
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.models.registry import create_processor
+from loomserve.testing.probes import blank_png, media_host
 
 PNG = base64.b64decode(png_data_url(noise_image(20, 30, 0)).split(",", 1)[1])
 
@@ -213,3 +218,49 @@ def test_media_for_a_text_only_model_is_refused_by_the_python_api(qwen2_checkpoi
             noise_image(20, 30, 0))}}]}])
     with pytest.raises(MediaError, match="accepts text only"):
         llm.generate({"prompt": "hello", "multi_modal_data": {"image": noise_image(20, 30, 0)}})
+
+
+@pytest.fixture(scope="module")
+def dripping_host() -> Iterator[str]:
+    with media_host({"/image.png": PNG}, drip_interval_s=0.2) as url:
+        yield url
+
+
+async def read_async(fetcher: MediaFetcher, ref: MediaRef) -> bytes:
+    async with media_client() as client:
+        return await fetcher.read_async(ref, ThreadPoolExecutor(1), client)
+
+
+def slow_fetcher(**config) -> MediaFetcher:
+    return MediaFetcher(MultiModalConfig(allowed_media_domains=["127.0.0.1"], media_fetch_timeout=1.0, **config))
+
+
+def test_a_dripping_host_is_cut_off_at_the_deadline_of_the_whole_fetch(dripping_host):
+    ref = MediaRef("image", url=f"{dripping_host}/drip")
+    t0 = time.monotonic()
+    with pytest.raises(MediaError, match="took longer than the server's limit of 1 s"):
+        asyncio.run(read_async(slow_fetcher(), ref))
+    assert time.monotonic() - t0 < 1.5
+    t0 = time.monotonic()
+    with pytest.raises(MediaError, match="took longer than the server's limit of 1 s"):
+        slow_fetcher().read(ref)  # the Python API's blocking fetch: past the deadline at the next byte
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_async_fetches_serve_allowed_hosts_and_charge_the_request(dripping_host):
+    spend = MediaSpend(MediaBudget(max_bytes=len(PNG) * 2))
+    fetcher = MediaFetcher(MultiModalConfig(allowed_media_domains=["127.0.0.1"]), spend)
+    ref = MediaRef("image", url=f"{dripping_host}/image.png")
+    for _ in range(2):
+        assert asyncio.run(read_async(fetcher, ref)) == PNG
+    with pytest.raises(MediaError, match=f"more than the server's limit of {len(PNG) * 2:,} bytes of media"):
+        asyncio.run(read_async(fetcher, ref))
+
+
+def test_an_image_over_the_request_budget_is_refused_from_its_header():
+    header_only = blank_png(9000)[:200]  # the pixel data cut off: decoding it would fail
+    spend = MediaSpend(MediaBudget(max_pixels=100_000_000))
+    spend.charge("pixels", 30_000_000)  # the request's images so far
+    with pytest.raises(MediaError, match="more than the server's limit of 100,000,000 pixels"):
+        decode_image(header_only, 10**9, spend)
+    assert spend.spent["pixels"] == 30_000_000

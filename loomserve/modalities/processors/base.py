@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from loomserve.modalities.audio import decode_audio
+from loomserve.modalities.budget import MediaSpend
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.image import decode_image
 from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
@@ -59,26 +60,34 @@ class MultiModalProcessor:
     def process_item(self, modality: str, item: Any) -> ProcessedItem:
         raise NotImplementedError
 
-    def load(self, ref: MediaRef, fetcher: MediaFetcher) -> Any:
-        """A chat content part's media, decoded into what `process_item` takes."""
-        data = fetcher.read(ref)
+    def decode(self, ref: MediaRef, data: bytes, spend: MediaSpend) -> Any:
+        """A chat content part's encoded media, decoded into what `process_item` takes, charged to `spend`."""
         max_pixels = self.mm_config.max_image_pixels
         if ref.modality == "image":
-            return decode_image(data, max_pixels)
+            return decode_image(data, max_pixels, spend)
         if ref.modality == "audio":
-            return decode_audio(data, ref.format)
-        return decode_video(data, max_pixels, **self.video_sampling)
+            return decode_audio(data, ref.format, spend)
+        return decode_video(data, max_pixels, **self.video_sampling, spend=spend)
 
-    def load_all(self, refs: list[MediaRef], fetcher: MediaFetcher) -> dict[str, list[Any]]:
-        """Load every reference, after checking the counts against what the model takes and the limits."""
+    def decode_all(self, refs: list[MediaRef], data: list[bytes], spend: MediaSpend) -> dict[str, list[Any]]:
+        """Each reference's bytes decoded, grouped by modality in the order given."""
+        loaded: dict[str, list[Any]] = {}
+        for ref, item in zip(refs, data, strict=True):
+            loaded.setdefault(ref.modality, []).append(self.decode(ref, item, spend))
+        return loaded
+
+    def load_all(self, refs: list[MediaRef], fetcher: MediaFetcher, spend: MediaSpend) -> dict[str, list[Any]]:
+        """Read and decode every reference (blocking), after checking the counts against what the model takes and
+        the limits."""
+        self.check_refs(refs)
+        return self.decode_all(refs, [fetcher.read(ref) for ref in refs], spend)
+
+    def check_refs(self, refs: list[MediaRef]) -> None:
+        """`check_counts` of the references, before any is read."""
         counts: dict[str, int] = {}
         for ref in refs:
             counts[ref.modality] = counts.get(ref.modality, 0) + 1
         self.check_counts(counts)
-        loaded: dict[str, list[Any]] = {}
-        for ref in refs:
-            loaded.setdefault(ref.modality, []).append(self.load(ref, fetcher))
-        return loaded
 
     def check_counts(self, counts: dict[str, int]) -> None:
         """MediaError when a modality is not served or over the per-prompt limit (before any loading)."""
