@@ -84,8 +84,10 @@ class BatchInputs:
 
 
 class InputBatch:
-    def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device) -> None:
+    def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device,
+                 num_lookahead_tokens: int = 0) -> None:
         self.block_size = block_size
+        self.num_lookahead_tokens = num_lookahead_tokens  # a draft model's slots past the step's: its tables cover them
         self.device = device
         self.requests: dict[str, RequestState] = {}
         self.block_table = BlockTable(max_num_seqs, cdiv(max_model_len, block_size))
@@ -162,7 +164,7 @@ class InputBatch:
                 sample_requests.append(state)
                 drafts.append(s.spec_token_ids)
                 state.num_sampled += 1
-        width = cdiv(max(seq_lens), bs)
+        width = min(cdiv(max(seq_lens) + self.num_lookahead_tokens, bs), table.shape[1])
         num_tokens, num_seqs = len(ids), len(scheduled)
         at, prev = (list(x) for x in zip(*from_previous)) if from_previous else ([], [])
         draft_ids = [t for d in drafts for t in d]

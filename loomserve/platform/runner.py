@@ -66,7 +66,7 @@ class ModelRunner:
         self.rejection_sampler = RejectionSampler(spec.synthetic_acceptance_rate if spec is not None else None)
         self.uses_kv_cache = not self.model.encoder_only  # encoder-only models keep no KV
         self.input_batch = InputBatch(config.scheduler_config.max_num_seqs, mc.max_model_len, self.block_size,
-                                      self.device)
+                                      self.device, config.scheduler_config.num_lookahead_tokens)
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CudaGraphRunner | None = None
 

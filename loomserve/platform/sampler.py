@@ -93,7 +93,7 @@ def build_sampling_metadata(
         prompt_token_mask=mask,
         min_tokens_block=_min_tokens_block(requests, vocab_size, device),
         generators={
-            i: _step_generator(p.seed, r.sample_index, device)
+            i: step_generator(p.seed, r.sample_index, device)
             for i, (r, p, g) in enumerate(zip(requests, params, greedy, strict=True))
             if p.seed is not None and not g
         },
@@ -145,7 +145,7 @@ def _min_tokens_block(requests: list[RequestState], vocab_size: int, device: tor
     return to_device(pairs, torch.int64, device).T
 
 
-def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """A generator for a seeded request's `step`-th output token: the same across batches and recomputes."""
     generator = torch.Generator(device=device)
     generator.manual_seed((seed * _SEED_MIX + step) % 2**63)
