@@ -83,7 +83,8 @@ def parse_speculative_config(value: str | dict[str, Any]) -> SpeculativeConfig:
 
 def check_speculative_config(spec: SpeculativeConfig, model_config: ModelConfig) -> None:
     """Refuse, before any weight loads, what the target cannot speculate with: a pooling model, EAGLE-3 (its head
-    loader is not implemented), a draft whose vocabulary or context differs from the target's."""
+    loader is not implemented), a draft for a multimodal target, a draft whose vocabulary or context differs from
+    the target's."""
     if model_config.task != "generate":
         raise ValueError(f"speculative decoding needs a generative model; {model_config.model} serves "
                          f"{model_config.task!r}")
@@ -94,6 +95,11 @@ def check_speculative_config(spec: SpeculativeConfig, model_config: ModelConfig)
     from transformers import AutoConfig
 
     from loomserve.platform.config.model import context_limit
+    from loomserve.platform.models.registry import is_multimodal
+
+    if is_multimodal(model_config.architecture):
+        raise ValueError("a draft model for a multimodal target is not supported yet (its positions would not follow "
+                         "the target's media): use the 'ngram' method")
 
     draft = AutoConfig.from_pretrained(spec.model).get_text_config()
     if draft.vocab_size != model_config.vocab_size:
