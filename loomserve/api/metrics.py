@@ -14,7 +14,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from loomserve.platform.stats import IterationStats, SchedulerStats
+from loomserve.platform.stats import IterationStats, SchedulerStats, SpecDecodingStats
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 FINISHED_REASONS = ("stop", "length", "abort")
@@ -52,6 +52,14 @@ class PrometheusStatLogger:
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.num_preemptions = counter("num_preemptions", "Requests preempted to free KV-cache blocks.")
         self.model_name = model_name
+        self.spec_decode_num_drafts = counter("spec_decode_num_drafts", "Number of spec decoding drafts.")
+        self.spec_decode_num_draft_tokens = counter("spec_decode_num_draft_tokens", "Number of draft tokens.")
+        self.spec_decode_num_accepted_tokens = counter("spec_decode_num_accepted_tokens",
+                                                       "Number of accepted tokens.")
+        self.spec_decode_num_accepted_tokens_per_pos = Counter(
+            "loomserve:spec_decode_num_accepted_tokens_per_pos", "Accepted tokens, per draft position.",
+            labelnames=["model_name", "position"], registry=self.registry,
+        )
         self.request_success = Counter(
             "loomserve:request_success", "Finished requests, by finish reason.",
             labelnames=["model_name", "finished_reason"], registry=self.registry,
@@ -81,6 +89,16 @@ class PrometheusStatLogger:
         self.prefix_cache_queries.inc(stats.prefix_cache_queries)
         self.prefix_cache_hits.inc(stats.prefix_cache_hits)
         self.num_preemptions.inc(stats.num_preemptions)
+        if stats.spec_decoding is not None:
+            self._record_spec_decoding(stats.spec_decoding)
+
+    def _record_spec_decoding(self, stats: SpecDecodingStats) -> None:
+        self.spec_decode_num_drafts.inc(stats.num_drafts)
+        self.spec_decode_num_draft_tokens.inc(stats.num_draft_tokens)
+        self.spec_decode_num_accepted_tokens.inc(stats.num_accepted_tokens)
+        for position, accepted in enumerate(stats.num_accepted_tokens_per_pos):
+            self.spec_decode_num_accepted_tokens_per_pos.labels(model_name=self.model_name,
+                                                                position=str(position)).inc(accepted)
 
     def _record_iteration(self, stats: IterationStats) -> None:
         self.prompt_tokens.inc(stats.num_prompt_tokens)

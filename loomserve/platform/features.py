@@ -1,4 +1,4 @@
-"""How features (LoRA, media encoders, pooling, later speculative decoding and KV transfer) plug into the engine.
+"""How features (LoRA, media encoders, pooling, speculative decoding, later KV transfer) plug into the engine.
 
 A feature has two halves. Its `SchedulerHook` lives beside the scheduler: it decides which waiting requests may
 start and how far a chunk may go, and each step it puts its data in `ScheduledStep.features[name]`. Its
@@ -64,6 +64,10 @@ class SchedulerHook(Protocol):
         """Take in the runner hooks' result; returns the requests the feature cannot serve (id -> why)."""
         return {}
 
+    def holds_run_ahead(self) -> bool:
+        """Whether the next step must wait for the one in flight to land (its result decides what the next runs)."""
+        return False
+
 
 class RunnerHook(Protocol):
     """A feature's part in running a step; every method has a do-nothing default."""
@@ -91,6 +95,18 @@ class RunnerHook(Protocol):
         """What goes back to the scheduler hook in `StepResult.features[name]`; None: nothing."""
         return None
 
+    def land(self, sampled: dict[str, list[int]]) -> Any:
+        """A step's tokens reached the host (request id -> its new tokens); what goes back to the scheduler hook in
+        `StepResult.features[name]` in place of `result()`'s; None: nothing more."""
+        return None
+
+    def kv_bytes_per_block(self) -> int:
+        """KV-cache bytes the feature keeps per block beside the model's (a draft model's own layers)."""
+        return 0
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the feature's KV cache of `num_blocks` blocks (it shares the model's block tables)."""
+
     def release(self, request_ids: list[str]) -> None:
         """The runner forgot these requests."""
 
@@ -109,6 +125,7 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
                    "loomserve.platform.kv_transfer.offload:runner_hook"),
     "kv_pd": ("loomserve.platform.kv_transfer.disagg:scheduler_hook",
               "loomserve.platform.kv_transfer.disagg:runner_hook"),
+    "spec": ("loomserve.platform.spec_decode.hooks:scheduler_hook", "loomserve.platform.spec_decode.hooks:runner_hook"),
 }
 
 

@@ -4,7 +4,8 @@ The runner learns a request once (`NewRequest`) and keeps it here: its tokens (t
 sampled, which it appends itself when a step lands), its block table row, its media positions. Each step
 applies the scheduler's diff (new blocks, resumed tables, finished and preempted ids) and packs its tokens:
 decodes first, so the attention backend can treat them together, no padding. A token sampled by the step
-still in flight exists only on the device; the packing reads it from there (`previous_sampled`).
+still in flight exists only on the device; the packing reads it from there (`previous_sampled`). A request that
+verifies drafts runs its last token and the drafts after it, and samples at every one of those positions.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from loomserve.platform.block_table import BlockTable
 from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.request import TokenCounts
+from loomserve.platform.spec_decode.rejection_sampler import DraftBatch
 from loomserve.platform.step import NewRequest, ScheduledRequest, ScheduledStep
 
 if TYPE_CHECKING:
@@ -72,16 +74,20 @@ class RequestState(TokenCounts):
 class BatchInputs:
     input_ids: torch.Tensor  # [T] int64
     forward: ForwardBatch  # the model's argument: attention metadata, positions; the features add theirs
-    logits_indices: torch.Tensor  # [S] int64: the last token of each request that samples
+    logits_indices: torch.Tensor  # [S] int64: the positions that sample (the last, or 1 + k verifying k drafts)
     sample_requests: list[RequestState]
     scheduled: list[ScheduledRequest]  # the step's requests in batch order (decodes first)
     requests: list[RequestState]  # their states, in the same order
     pooling: list[PoolingSpan] = field(default_factory=list)  # the requests whose prompt ends this step and pools
+    drafts: list[list[int]] = field(default_factory=list)  # per sampling request, the drafts it verifies
+    spec: DraftBatch | None = None  # the drafts on the device, when any request verifies some
 
 
 class InputBatch:
-    def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device) -> None:
+    def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device,
+                 num_lookahead_tokens: int = 0) -> None:
         self.block_size = block_size
+        self.num_lookahead_tokens = num_lookahead_tokens  # a draft model's slots past the step's: its tables cover them
         self.device = device
         self.requests: dict[str, RequestState] = {}
         self.block_table = BlockTable(max_num_seqs, cdiv(max_model_len, block_size))
@@ -100,11 +106,13 @@ class InputBatch:
         return forgotten
 
     def land(self, sampled: dict[str, list[int]]) -> None:
-        """Append a landed step's tokens to their requests (those not forgotten since)."""
+        """Append a landed step's tokens to their requests (those not forgotten since). The step counted one token
+        sampled per request; verified drafts add the rest."""
         for request_id, tokens in sampled.items():
             state = self.requests.get(request_id)
             if state is not None:
                 state.output_token_ids.extend(tokens)
+                state.num_sampled += len(tokens) - 1
 
     def keep_sampled(self, sampled: torch.Tensor, rows: list[RequestState]) -> None:
         """The launched step's tokens [S], read by the next step's packing while they are still in flight."""
@@ -126,6 +134,7 @@ class InputBatch:
         seq_lens = []
         logits_indices = []
         sample_requests = []
+        drafts = []
         states = []
         rows = []
         from_previous: list[tuple[int, int]] = []  # (batch position, previous step's row): tokens in flight
@@ -143,33 +152,38 @@ class InputBatch:
                     ids.append(0)
                 positions.append(start)
             else:
-                ids.extend(state.tokens(start, end))
+                ids.extend(state.tokens(start, end - len(s.spec_token_ids)))
+                ids.extend(s.spec_token_ids)
                 pos = np.arange(start, end)
                 positions.extend(pos.tolist())
                 slots.extend((table[row, pos // bs] * bs + pos % bs).tolist())
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
             if s.samples:
-                logits_indices.append(query_start_loc[-1] - 1)
+                logits_indices.extend(range(query_start_loc[-1] - 1 - len(s.spec_token_ids), query_start_loc[-1]))
                 sample_requests.append(state)
+                drafts.append(s.spec_token_ids)
                 state.num_sampled += 1
-        width = cdiv(max(seq_lens), bs)
+        width = min(cdiv(max(seq_lens) + self.num_lookahead_tokens, bs), table.shape[1])
         num_tokens, num_seqs = len(ids), len(scheduled)
         at, prev = (list(x) for x in zip(*from_previous)) if from_previous else ([], [])
+        draft_ids = [t for d in drafts for t in d]
         counts = [num_decodes, num_seqs]
         decode_pos = np.asarray(positions[:num_decodes], dtype=np.int64)
         decode_slots = table[rows[:num_decodes], decode_pos // bs] * bs + decode_pos % bs  # [decodes]
         host = np.concatenate([
             np.array(ids + positions, dtype=np.int64),
             decode_slots,
-            np.array(slots + query_start_loc + seq_lens + counts + logits_indices + at + prev, dtype=np.int64),
+            np.array(slots + query_start_loc + seq_lens + counts + logits_indices + at + prev + draft_ids,
+                     dtype=np.int64),
             self.block_table.gather(rows, width).ravel(),
         ])
         # One non-blocking copy: a blocking one would first wait for the step still running on the GPU.
         dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, 2, len(logits_indices), len(at), len(prev)]
+        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, 2, len(logits_indices), len(at), len(prev),
+                 len(draft_ids)]
         parts = torch.tensor_split(dev, np.cumsum(sizes).tolist())
-        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, counts_t, logits_t, at_t, prev_t, tables_t = parts
+        input_ids, pos_t, slot_t, qsl_t, seq_lens_t, counts_t, logits_t, at_t, prev_t, drafts_t, tables_t = parts
         attn = AttentionMetadata(
             slot_mapping=slot_t,
             query_start_loc=qsl_t,
@@ -183,4 +197,6 @@ class InputBatch:
         )
         if from_previous:  # fill in tokens that exist only on the device so far
             input_ids[at_t] = self.previous_sampled[prev_t]
-        return BatchInputs(input_ids, ForwardBatch(attn, pos_t), logits_t, sample_requests, scheduled, states)
+        spec = DraftBatch([len(d) for d in drafts], drafts_t) if draft_ids else None
+        return BatchInputs(input_ids, ForwardBatch(attn, pos_t), logits_t, sample_requests, scheduled, states,
+                           drafts=drafts, spec=spec)

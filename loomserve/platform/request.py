@@ -135,6 +135,7 @@ class Request(TokenCounts):
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_pending_tokens: int = 0  # sampled on the device, not yet appended (async scheduling keeps one in flight)
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts proposed for the next step, not yet verified
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache at first schedule
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None

@@ -2,8 +2,10 @@
 
 The runner knows requests only through the steps (`input_batch.py` keeps its own state of each), so it may live
 in another process than the scheduler (`executor.py`). Only requests that reach the end of their known tokens this
-step are sampled; a prefill chunk that stops short computes KV and nothing else. Features add their forward inputs
-and act on the hidden states through their runner hooks (a pooling request's hidden states are pooled there).
+step are sampled; a prefill chunk that stops short computes KV and nothing else. A request verifying drafts samples
+at each of its 1 + k positions through the rejection sampler and gets 1 to k + 1 tokens. Features add their forward
+inputs and act on the hidden states through their runner hooks (a pooling request's hidden states are pooled
+there); once a step's tokens reach the host the hooks see them (the proposer drafts from them).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
@@ -23,21 +26,25 @@ from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.input_batch import BatchInputs, InputBatch
 from loomserve.platform.kv_cache.manager import cdiv, kv_block_bytes
 from loomserve.platform.loader import load_model
-from loomserve.platform.sampler import Sampler, build_sampling_metadata
+from loomserve.platform.sampler import Sampler, SamplerOutput, build_sampling_metadata
+from loomserve.platform.spec_decode.rejection_sampler import RejectionSampler, verify_rows
 from loomserve.platform.step import ScheduledStep, StepResult
 
 logger = logging.getLogger(__name__)
 
 _CPU_KV_DEFAULT_BYTES = 4 << 30
 _NO_TOKENS = torch.zeros(0, dtype=torch.long)  # what a step samples when only pooling requests reach their end
+_NO_SAMPLES = SamplerOutput(_NO_TOKENS, None, None, None)
 
 
 @dataclass
 class InFlightStep:
     """A launched step whose sampled tokens and pooled outputs are on their way to the host."""
 
-    request_ids: list[str]  # of the rows that sample
-    sampled: torch.Tensor  # [S] int64, on the host once `done` has fired
+    request_ids: list[str]  # of the requests that sample
+    sampled: torch.Tensor  # [N] int64 per sampling row (one per request, 1 + k verifying k drafts), on the host
+    num_emitted: torch.Tensor | None  # [S] tokens each request keeps of its rows; None: one row, one token each
+    num_drafts: list[int]  # per request: its rows are 1 + this many
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # host copies of the sampler's
     logprob_counts: list[int | None]  # per row: how many top logprobs it asked for
     pooled: dict[str, torch.Tensor]  # request id -> pooled output (float32), on the host once `done` has fired
@@ -56,10 +63,12 @@ class ModelRunner:
         self.hooks: list[RunnerHook] = runner_hooks(config, self.model, self.device)
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
+        spec = config.speculative_config
+        self.rejection_sampler = RejectionSampler(spec.synthetic_acceptance_rate if spec is not None else None)
         self.uses_kv_cache = not self.model.encoder_only  # encoder-only models keep no KV
         self.num_kv_heads = kv_heads_per_rank(mc.num_kv_heads, config.parallel_config.tensor_parallel_size)
         self.input_batch = InputBatch(config.scheduler_config.max_num_seqs, mc.max_model_len, self.block_size,
-                                      self.device)
+                                      self.device, config.scheduler_config.num_lookahead_tokens)
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CudaGraphRunner | None = None
 
@@ -90,6 +99,7 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(num_cache_layers)]
         for hook in self.hooks:
             hook.register_kv_caches(self.kv_caches)
+            hook.init_kv_cache(num_blocks)
         self.cuda_graphs = self._capture_cuda_graphs()
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
@@ -126,7 +136,10 @@ class ModelRunner:
                                   mc.vocab_size, mc.text_config.hidden_size, mc.dtype.itemsize)
 
     def _bytes_per_block(self) -> int:
-        return kv_block_bytes(self.config.model_config, self.block_size, self.num_kv_heads) if self.uses_kv_cache else 0
+        if not self.uses_kv_cache:
+            return 0
+        features = sum(hook.kv_bytes_per_block() for hook in self.hooks)
+        return kv_block_bytes(self.config.model_config, self.block_size, self.num_kv_heads) + features
 
     def _profile_cuda_blocks(self) -> int:
         """Run the largest step once to measure peak activation memory; the KV cache gets what is left."""
@@ -186,40 +199,60 @@ class ModelRunner:
         rows = batch.sample_requests if batch is not None else []
         ids = [r.request_id for r in rows]
         counts = [r.sampling_params.logprobs for r in rows]
-        sampled, logprobs = (_NO_TOKENS, None) if logits is None else self._sample(batch, logits)
+        num_drafts = [len(d) for d in batch.drafts] if batch is not None else []
+        result, num_emitted = (_NO_SAMPLES, None) if logits is None else self._sample(batch, logits)
+        sampled = result.sampled_token_ids
+        logprobs = None if result.logprobs is None else (
+            result.logprob_token_ids, result.logprobs, result.sampled_token_ranks)
         if self.device.type != "cuda":
-            return InFlightStep(ids, sampled, logprobs, counts, pooled, features, None)
-        host = [t.to("cpu", non_blocking=True) for t in (sampled, *(logprobs or ()))]
+            return InFlightStep(ids, sampled, num_emitted, num_drafts, logprobs, counts, pooled, features, None)
+        emitted = () if num_emitted is None else (num_emitted,)
+        host = [t.to("cpu", non_blocking=True) for t in (sampled, *emitted, *(logprobs or ()))]
         pooled = pooled_to_host(pooled)
         done = torch.cuda.Event()
         done.record()
-        return InFlightStep(ids, host[0], tuple(host[1:]) if logprobs else None, counts, pooled, features, done)
+        sampled, num_emitted = host[0], (host[1] if emitted else None)
+        logprobs = tuple(host[1 + len(emitted):]) if logprobs else None
+        return InFlightStep(ids, sampled, num_emitted, num_drafts, logprobs, counts, pooled, features, done)
 
-    def _sample(
-        self, batch: BatchInputs, logits: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-        """The sampling rows' next tokens [S] (and logprobs where asked for), kept for the next step's tokens in
-        flight."""
+    def _sample(self, batch: BatchInputs, logits: torch.Tensor) -> tuple[SamplerOutput, torch.Tensor | None]:
+        """The sampling rows' tokens (and logprobs where asked for); with drafts to verify, also how many tokens
+        each request keeps [S]. Without drafts the tokens [S] are kept for the next step's tokens in flight (a step
+        that verifies drafts lands before the next is scheduled)."""
+        if batch.spec is not None:
+            rows = verify_rows(batch.sample_requests, batch.drafts)
+            meta = build_sampling_metadata(rows, self.vocab_size, self.device)
+            result, num_emitted = self.rejection_sampler(logits, meta, batch.spec)
+            self.input_batch.keep_sampled(_NO_TOKENS, [])
+            return result, num_emitted
         meta = build_sampling_metadata(batch.sample_requests, self.vocab_size, self.device)
         result = self.sampler(logits, meta)
         self.input_batch.keep_sampled(result.sampled_token_ids, batch.sample_requests)
-        if result.logprobs is None:
-            return result.sampled_token_ids, None
-        return result.sampled_token_ids, (result.logprob_token_ids, result.logprobs, result.sampled_token_ranks)
+        return result, None
 
     def collect(self, step: InFlightStep) -> StepResult:
         """Wait for a launched step's tokens (and logprobs) and pooled outputs, and hand them out by request."""
         if step.done is not None:
             step.done.synchronize()
-        sampled = {request_id: [token] for request_id, token in zip(step.request_ids, step.sampled.tolist())}
+        tokens = step.sampled.tolist()
+        emitted = [1] * len(tokens) if step.num_emitted is None else step.num_emitted.tolist()
+        starts = np.cumsum([0] + [k + 1 for k in step.num_drafts]).tolist()  # each request's first row
+        sampled = {request_id: tokens[start : start + n]
+                   for request_id, start, n in zip(step.request_ids, starts, emitted)}
         logprobs = {}
         if step.logprobs is not None:
-            rows = zip(*(t.tolist() for t in step.logprobs))
-            for request_id, k, (tok, lp, rank) in zip(step.request_ids, step.logprob_counts, rows):
+            rows = list(zip(*(t.tolist() for t in step.logprobs)))
+            for request_id, k, start, n in zip(step.request_ids, step.logprob_counts, starts, emitted):
                 if k is not None:
-                    logprobs[request_id] = [(tok[: k + 1], lp[: k + 1], rank)]
+                    logprobs[request_id] = [(tok[: k + 1], lp[: k + 1], rank)
+                                            for tok, lp, rank in rows[start : start + n]]
         self.input_batch.land(sampled)
-        return StepResult(sampled, logprobs, step.pooled, step.features)
+        features = dict(step.features)
+        for hook in self.hooks:
+            landed = hook.land(sampled)
+            if landed is not None:
+                features[hook.name] = landed
+        return StepResult(sampled, logprobs, step.pooled, features)
 
     def _run_model(self, batch: BatchInputs) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Logits of the sampling rows [S, vocab] (None when no row samples) and the pooled outputs (on the device).

@@ -93,7 +93,7 @@ def build_sampling_metadata(
         prompt_token_mask=mask,
         min_tokens_block=_min_tokens_block(requests, vocab_size, device),
         generators={
-            i: _step_generator(p.seed, r.sample_index, device)
+            i: step_generator(p.seed, r.sample_index, device)
             for i, (r, p, g) in enumerate(zip(requests, params, greedy, strict=True))
             if p.seed is not None and not g
         },
@@ -145,7 +145,7 @@ def _min_tokens_block(requests: list[RequestState], vocab_size: int, device: tor
     return to_device(pairs, torch.int64, device).T
 
 
-def _step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """A generator for a seeded request's `step`-th output token: the same across batches and recomputes."""
     generator = torch.Generator(device=device)
     generator.manual_seed((seed * _SEED_MIX + step) % 2**63)
@@ -168,14 +168,20 @@ class Sampler(nn.Module):
         greedy = None if meta.all_random else logits.argmax(dim=-1)  # [B]
         if meta.all_greedy:
             return greedy
-        temperature = torch.where(meta.temperature > 0, meta.temperature, 1.0)  # [B]
-        logits = logits / temperature.unsqueeze(1)  # [B, V], our own copy: the steps below write in place
-        logits = apply_min_p(logits, meta.min_p)
-        logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-        sampled = random_sample(logits.softmax(dim=-1), meta.generators)  # [B]
+        sampled = random_sample(target_probs(logits, meta), meta.generators)  # [B]
         if greedy is None:
             return sampled
         return torch.where(meta.temperature > 0, sampled, greedy)
+
+
+def target_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """[B, V] the distribution each random row draws from: temperature, min-p, top-k / top-p, softmax (greedy rows
+    get their temperature-1 distribution, which the caller ignores). A new tensor; `logits` is left as it is."""
+    temperature = torch.where(meta.temperature > 0, meta.temperature, 1.0)  # [B]
+    logits = logits / temperature.unsqueeze(1)  # [B, V], our own copy: the steps below write in place
+    logits = apply_min_p(logits, meta.min_p)
+    logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+    return logits.softmax(dim=-1)
 
 
 def apply_min_tokens(logits: torch.Tensor, block: torch.Tensor | None) -> torch.Tensor:

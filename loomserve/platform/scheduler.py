@@ -1,9 +1,11 @@
 """Continuous batching over a token budget: running requests first, then waiting ones.
 
-Decodes take one token, prefills take chunks of whatever budget is left (chunked prefill), so
-prefill and decode share one flat batch. When blocks run out, the lowest-priority running request
-(the latest admitted) is preempted by recompute: its blocks are freed and it waits to run again
-from its prompt plus what it has generated, which the prefix cache often still holds.
+Decodes take one token (plus the drafts a speculative proposer made for it, verified in the same
+forward; what the target rejects is rolled back when the step lands), prefills take chunks of
+whatever budget is left (chunked prefill), so prefill and decode share one flat batch. When
+blocks run out, the lowest-priority running request (the latest admitted) is preempted by
+recompute: its blocks are freed and it waits to run again from its prompt plus what it has
+generated, which the prefix cache often still holds.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from loomserve.platform.config import CacheConfig, SchedulerConfig
 from loomserve.platform.features import SchedulerHook, feature_off, find_hook
 from loomserve.platform.kv_cache import KVCacheManager
 from loomserve.platform.request import Request, RequestStatus
-from loomserve.platform.stats import SchedulerStats
+from loomserve.platform.stats import SchedulerStats, SpecDecodingStats
 from loomserve.platform.step import NewRequest, ScheduledRequest, ScheduledStep, StepResult
 
 
@@ -40,6 +42,7 @@ class Scheduler:
         for hook in self.hooks:
             hook.attach_kv(self.kv)
         self.finished_ids: list[str] = []  # ended since the last step: the runner forgets them with the next one
+        self.spec_stats: SpecDecodingStats | None = None  # drafts verified since the last stats()
 
     def hook(self, name: str) -> SchedulerHook | None:
         return find_hook(self.hooks, name)
@@ -55,8 +58,8 @@ class Scheduler:
 
     def can_run_ahead(self) -> bool:
         """Whether the next step may be scheduled before this one's tokens are known: only when no request's
-        sampling depends on the tokens themselves."""
-        return self.num_needing_history == 0
+        sampling depends on the tokens themselves, and no feature's next step depends on this one's result (drafts)."""
+        return self.num_needing_history == 0 and not any(hook.holds_run_ahead() for hook in self.hooks)
 
     def has_requests(self) -> bool:
         """Whether there is work for a step: requests, or a feature's own (a KV connector serving blocks)."""
@@ -84,18 +87,20 @@ class Scheduler:
             if self._awaits_landing(request):
                 i += 1
                 continue
-            n = min(request.num_tokens + request.num_pending_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens + request.num_pending_tokens - request.num_computed_tokens
+            num_drafts = len(request.spec_token_ids) if remaining == 1 else 0  # drafts follow a decode's token
+            n = min(remaining + num_drafts, budget)
             n = self._fit(request, request.num_computed_tokens, n)
             if n == 0:  # a feature holds its next tokens back this step (e.g. a media item that cannot be encoded)
                 i += 1
                 continue
-            while not self.kv.allocate_slots(request, n):
+            while not self.kv.allocate_slots(request, self._with_lookahead(request, n)):
                 victim = self.running.pop()
                 self._preempt(victim)
                 step.preempted_ids.append(victim.request_id)
                 if victim is request:
                     return budget
-            self._schedule(step, request, n)
+            self._schedule(step, request, n, max(0, n - remaining))
             budget -= n
             i += 1
         return budget
@@ -126,7 +131,8 @@ class Scheduler:
             n = self._fit(request, num_hit, min(remaining, budget))
             if n < remaining and not self._may_chunk(request):
                 break  # runs whole in a later step (the front end refuses prompts over the whole budget)
-            if n == 0 or not self.kv.allocate_slots(request, n, computed_blocks):
+            if n == 0 or not self.kv.allocate_slots(request, self._with_lookahead(request, n, num_hit),
+                                                    computed_blocks):
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
@@ -148,18 +154,25 @@ class Scheduler:
         """Bidirectional models and pooling over every token need the whole prompt in one step."""
         return self.config.enable_chunked_prefill and not request.needs_whole_prompt
 
+    def _with_lookahead(self, request: Request, n: int, num_hit: int = 0) -> int:
+        """`n` tokens and the KV slots a draft model writes ahead of them, within the context."""
+        start = request.num_computed_tokens + num_hit
+        return min(n + self.config.num_lookahead_tokens, max(n, self.max_model_len - start))
+
     def _fit(self, request: Request, start: int, n: int) -> int:
         for hook in self.hooks:
             n = hook.fit(request, start, n)
         return n
 
-    def _schedule(self, step: ScheduledStep, request: Request, n: int) -> None:
-        """Commit `n` tokens of the request to the step; a step that reaches the end puts a token in flight, or a
-        pooling request's output. The runner hears of the request in full once, then of its new blocks."""
+    def _schedule(self, step: ScheduledStep, request: Request, n: int, num_drafts: int = 0) -> None:
+        """Commit `n` tokens of the request to the step, the last `num_drafts` of them its first drafts; a step that
+        reaches the end puts a token in flight (1 + the accepted drafts, once verified), or a pooling request's
+        output. The runner hears of the request in full once, then of its new blocks."""
         for hook in self.hooks:
             hook.commit(request, request.num_computed_tokens, n)
         start = request.num_computed_tokens
-        reaches_end = start + n == request.num_tokens + request.num_pending_tokens
+        drafts, request.spec_token_ids = request.spec_token_ids[:num_drafts], []
+        reaches_end = start + n - num_drafts == request.num_tokens + request.num_pending_tokens
         pools = reaches_end and request.pooling_params is not None
         samples = reaches_end and not pools
         request.num_computed_tokens = start + n
@@ -174,7 +187,8 @@ class Scheduler:
         block_ids = self.kv.block_ids(request.request_id)
         new_block_ids = block_ids[request.num_blocks_sent:]
         request.num_blocks_sent = len(block_ids)
-        step.scheduled.append(ScheduledRequest(request.request_id, n, start, new_block_ids, resumed, samples, pools))
+        step.scheduled.append(ScheduledRequest(request.request_id, n, start, new_block_ids, resumed, samples, pools,
+                                               drafts))
 
     def _release(self, request: Request) -> None:
         for hook in self.hooks:
@@ -207,7 +221,10 @@ class Scheduler:
             if s.pools:
                 request.status = RequestStatus.FINISHED_STOPPED
             else:
-                for token in result.sampled[s.request_id]:
+                tokens = result.sampled[s.request_id]
+                if s.spec_token_ids:
+                    self._roll_back(request, s.spec_token_ids, tokens)
+                for token in tokens:
                     request.output_token_ids.append(token)
                     taken += 1
                     self._check_stop(request, token)
@@ -217,6 +234,15 @@ class Scheduler:
                 self._finish(request)
             updated.append((request, taken))
         return updated
+
+    def _roll_back(self, request: Request, drafts: list[int], tokens: list[int]) -> None:
+        """The target kept the first len(tokens) - 1 drafts: the KV of the rest is recomputed over (the prefix cache
+        never held it: only landed tokens fill cached blocks)."""
+        num_accepted = len(tokens) - 1
+        request.num_computed_tokens -= len(drafts) - num_accepted
+        if self.spec_stats is None:
+            self.spec_stats = SpecDecodingStats()
+        self.spec_stats.observe(len(drafts), num_accepted)
 
     def update_features(self, result: StepResult) -> list[Request]:
         """Hand each feature its runner hooks' result; ends (aborted) the requests a feature cannot serve."""
@@ -272,6 +298,7 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         queries, hits = self.kv.take_stats()
         preemptions, self.num_preemptions = self.num_preemptions, 0
+        spec, self.spec_stats = self.spec_stats, None
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -279,4 +306,5 @@ class Scheduler:
             prefix_cache_queries=queries,
             prefix_cache_hits=hits,
             num_preemptions=preemptions,
+            spec_decoding=spec,
         )

@@ -47,6 +47,7 @@ class ScheduledRequest:
     resumed: bool = False  # back after a preemption: `new_block_ids` is its whole block table
     samples: bool = False  # the step reaches the end of the sequence: its last logits pick the next token
     pools: bool = False  # the step ends a pooling request's prompt: its hidden states become its output
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts run after its last token, verified by sampling
 
 
 @dataclass

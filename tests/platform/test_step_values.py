@@ -75,8 +75,9 @@ def test_steps_and_results_survive_their_wire_form():
     item = MultiModalItem("image", "hash", PlaceholderRange(1, 2), {"pixel_values": pixels}, {"fps": 2.0})
     new = NewRequest("r", [1, 2, 3], SamplingParams(temperature=0.5, stop=["x"], seed=3), 9,
                      lora_request=LoRARequest("sql", 2, "/a/sql"), mm_items=[item])
-    step = ScheduledStep([new], [ScheduledRequest("r", 3, 0, [5, 6], samples=True)], ["gone"], ["later"],
-                         {"lora": {"active": [["sql", 2, "/a/sql"]], "load": []}})
+    features = {"lora": {"active": [["sql", 2, "/a/sql"]], "load": []}, "spec": {"propose": False}}
+    step = ScheduledStep([new], [ScheduledRequest("r", 3, 0, [5, 6], samples=True, spec_token_ids=[7, 8])], ["gone"],
+                         ["later"], features)
     back = wire.decode(wire.encode(step), ScheduledStep)
     assert back.scheduled == step.scheduled and back.finished_ids == ["gone"] and back.preempted_ids == ["later"]
     assert back.features == step.features
@@ -84,7 +85,7 @@ def test_steps_and_results_survive_their_wire_form():
     assert got.sampling_params == new.sampling_params and got.lora_request == new.lora_request
     assert torch.equal(got.mm_items[0].data["pixel_values"], pixels) and got.mm_items[0].meta == {"fps": 2.0}
     result = StepResult({"r": [4, 5]}, {"r": [([4, 1], [-0.5, -1.0], 1), ([5], [-0.25], 1)]},
-                        {"p": torch.arange(3.0)}, {"lora": {"cached": [2], "failed": {}}})
+                        {"p": torch.arange(3.0)}, {"lora": {"cached": [2], "failed": {}}, "spec": {"r": [6, 7]}})
     again = wire.decode(wire.encode(result), StepResult)
     assert again.sampled == result.sampled and again.features == result.features
     assert [list(x) for x in again.logprobs["r"]] == [list(x) for x in result.logprobs["r"]]

@@ -1,8 +1,9 @@
 """The reference paged attention in plain torch, for mixed prefill/decode batches, on CPU and CUDA.
 
 The KV cache of a layer is one tensor `[2, num_blocks, block_size, num_kv_heads, head_dim]`. New K/V
-are written through `slot_mapping`; then decodes attend in one batched call over their gathered
-blocks, and each prefill chunk attends causally to its whole context.
+are written through `slot_mapping`; then decodes and short chunks (a decode verifying speculative
+drafts) attend in one batched call over their gathered blocks, and each longer prefill chunk attends
+causally to its whole context on its own.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from loomserve.platform.attention.metadata import AttentionMetadata
+
+_SHORT_QUERY = 16  # chunks of at most this many tokens are batched like decodes (padding stays small)
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -49,28 +52,44 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:  # [T, H * D]
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
-        if meta.num_decodes:
-            out[: meta.num_decode_tokens] = self._decode(q[: meta.num_decode_tokens], kv_cache, meta)
-        for i in range(meta.num_decodes, meta.num_seqs):
-            start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
-            out[start:end] = self._prefill(q[start:end], kv_cache, meta.block_tables[i], meta.seq_lens_cpu[i])
+        qsl = meta.query_start_loc_cpu
+        chunks = range(meta.num_decodes, meta.num_seqs)
+        short = [i for i in chunks if qsl[i + 1] - qsl[i] <= _SHORT_QUERY]
+        for seqs in (list(range(meta.num_decodes)), short):
+            if seqs:
+                self._batched(q, kv_cache, meta, seqs, out)
+        for i in chunks:
+            if qsl[i + 1] - qsl[i] > _SHORT_QUERY:
+                out[qsl[i] : qsl[i + 1]] = self._prefill(q[qsl[i] : qsl[i + 1]], kv_cache, meta.block_tables[i],
+                                                         meta.seq_lens_cpu[i])
         return out.flatten(1)
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One new token per sequence: attend over each sequence's blocks, padding masked out."""
-        b = meta.num_decodes
-        max_len = max(meta.seq_lens_cpu[:b])
+    def _batched(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, seqs: list[int],
+                 out: torch.Tensor) -> None:
+        """Sequences with few new tokens each (decodes, drafts being verified) in one call: their queries padded
+        to the longest, each causal over its own blocks, padding masked out; written into `out`."""
+        qsl = meta.query_start_loc_cpu
+        q_lens = [qsl[i + 1] - qsl[i] for i in seqs]
+        seq_lens = [meta.seq_lens_cpu[i] for i in seqs]
+        width, max_len = max(q_lens), max(seq_lens)
+        device = q.device
         block_size = kv_cache.shape[2]
-        num_blocks = -(-max_len // block_size)
-        tables = meta.block_tables[:b, :num_blocks].long()
+        tables = meta.block_tables[seqs, : -(-max_len // block_size)].long()
         kv = kv_cache[:, tables].flatten(2, 3)[:, :, :max_len]  # [2, B, L, Hkv, D]
-        positions = torch.arange(max_len, device=q.device)
-        mask = positions[None, :] < meta.seq_lens[:b, None].to(q.device)  # [B, L]
+        starts = torch.tensor([qsl[i] for i in seqs], device=device)  # [B]
+        lens = torch.tensor([q_lens, seq_lens], device=device)  # [2, B]
+        j = torch.arange(width, device=device)
+        real = j[None, :] < lens[0, :, None]  # [B, Q]: query j is one of the sequence's new tokens
+        q_pos = lens[1, :, None] - lens[0, :, None] + j[None, :]  # [B, Q] its position
+        keys = torch.arange(max_len, device=device)
+        # A padding query sees key 0 only, so its (discarded) row stays finite.
+        mask = (keys[None, None, :] <= q_pos[:, :, None]) & real[:, :, None] | (keys == 0)  # [B, Q, L]
         # Slots past a sequence's end hold whatever was there (NaN/inf in never-written memory); masking
         # the scores alone still lets 0 * NaN into the output, so zero them.
-        kv.masked_fill_(~mask[None, :, :, None, None], 0)
-        out = self._sdpa(q[:, None], kv[0], kv[1], mask[:, None, None, :])  # [B, 1, H, D]
-        return out[:, 0]
+        kv.masked_fill_(~(keys[None, :] < lens[1, :, None])[None, :, :, None, None], 0)
+        rows = (starts[:, None] + j[None, :]).clamp_max_(q.shape[0] - 1)  # [B, Q]
+        attended = self._sdpa(q[rows], kv[0], kv[1], mask[:, None])  # [B, Q, H, D]
+        out[rows[real]] = attended[real]
 
     def _prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
         """A chunk of `n` new tokens at the end of a `seq_len` context: causal over the whole context."""

@@ -24,7 +24,7 @@ from loomserve.platform.config.model import (
 )
 from loomserve.platform.config.parallel import EXECUTOR_BACKENDS, ParallelConfig
 from loomserve.platform.config.scheduler import SchedulerConfig
-from loomserve.platform.config.speculative import parse_speculative_config
+from loomserve.platform.config.speculative import SpeculativeConfig, check_speculative_config, parse_speculative_config
 from loomserve.platform.models.registry import get_model_class
 
 
@@ -41,6 +41,7 @@ class EngineConfig:
     mm_config: MultiModalConfig = field(default_factory=MultiModalConfig)
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     kv_transfer_config: KVTransferConfig | None = None  # None: KV stays in the device's pool
+    speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
 
 
 def _arg(default: Any, help: str, **cli: Any) -> Any:
@@ -109,7 +110,7 @@ class EngineArgs:
     enable_expert_parallel: bool = _arg(False, "split MoE experts across ranks instead of slicing each expert")
     speculative_config: str | dict | None = _arg(
         None, 'speculative decoding, JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
-              '"prompt_lookup_max": 3}\' (not implemented yet)')
+              '"prompt_lookup_max": 3}\' or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\'')
     kv_offloading_size: float | None = _arg(
         None, "GiB of host memory for a CPU tier of the prefix cache: blocks evicted from the device come back "
               "from there on a hit")
@@ -130,7 +131,7 @@ class EngineArgs:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"unknown load_format {self.load_format!r}; choose auto, safetensors or dummy")
         parallel_config = self._parallel_config()
-        self._refuse_speculative_decoding()
+        spec = parse_speculative_config(self.speculative_config) if self.speculative_config is not None else None
         hf_config = AutoConfig.from_pretrained(self.model)
         text = hf_config.get_text_config()
         device = resolve_device(self.device)
@@ -167,9 +168,12 @@ class EngineArgs:
             max_num_batched_tokens=budget,
             max_num_seqs=self.max_num_seqs,
             enable_chunked_prefill=not pooling.encoder_only,
+            num_lookahead_tokens=spec.num_lookahead_tokens if spec is not None else 0,
         )
         parallel_config.check_model(text, get_model_class(model_config.architecture, model_config.task),
                                     self.enable_lora, model_config.quantization)
+        if spec is not None:
+            check_speculative_config(spec, model_config)
         lora_config = None
         if self.enable_lora:
             _check_lora_support(model_config)
@@ -186,6 +190,7 @@ class EngineArgs:
             model_config, cache_config, scheduler_config, backend, self.enforce_eager,
             min(self.max_cudagraph_capture_size, budget), async_scheduling, lora_config, mm_config, parallel_config,
             self._kv_transfer_config(cache_config),
+            spec,
         )
 
     def _kv_transfer_config(self, cache_config: CacheConfig) -> KVTransferConfig | None:
@@ -199,14 +204,6 @@ class EngineArgs:
         return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.pipeline_parallel_size,
                               self.distributed_executor_backend, self.enable_expert_parallel,
                               self.data_parallel_routing)
-
-    def _refuse_speculative_decoding(self) -> None:
-        """A well-formed config is refused as unimplemented, a malformed one for what is wrong with it."""
-        if self.speculative_config is None:
-            return
-        spec = parse_speculative_config(self.speculative_config)
-        raise ValueError(f"speculative decoding is not implemented yet (asked for {spec.method} with "
-                         f"{spec.num_speculative_tokens} tokens); leave speculative_config unset")
 
 
 def _default_token_budget(device: torch.device, max_model_len: int, encoder_only: bool) -> int:
