@@ -4,12 +4,16 @@ truncation, cross-encoder pairs, and the checks that turn bad input into a clear
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.input_processor import check_vocabulary
 from loomserve.pooling.config import PoolerConfig
 from loomserve.pooling.params import PoolingParams
+
+if TYPE_CHECKING:
+    from loomserve.modalities.frontend import MultiModalFrontend
+    from loomserve.modalities.inputs import MultiModalItem
 
 # A prompt: text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": [...]}.
 PoolingPrompt = str | list[int] | dict[str, Any]
@@ -138,6 +142,20 @@ class PoolingInputs:
                                  f"[0, {types})")
         if params.returned_token_ids and not all(0 <= i < self.hidden_size for i in params.returned_token_ids):
             raise ValueError(f"returned_token_ids must be in [0, {self.hidden_size})")
+
+
+def expand_media(
+    frontend: MultiModalFrontend, prompts: Sequence[PoolingPrompt], token_ids: list[list[int]]
+) -> tuple[list[list[int]], list[list[MultiModalItem]]]:
+    """Each prompt's token ids with its `multi_modal_data` in place (the model's processor says how), and its media
+    items; MediaError (a ValueError) for media the model cannot take."""
+    out_ids, out_items = [], []
+    for prompt, ids in zip(prompts, token_ids, strict=True):
+        mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        ids, items = frontend.apply(ids, mm_data) if mm_data else (ids, [])
+        out_ids.append(ids)
+        out_items.append(items)
+    return out_ids, out_items
 
 
 def prompt_list(prompts: PoolingPrompt | Sequence[PoolingPrompt]) -> list[PoolingPrompt]:
