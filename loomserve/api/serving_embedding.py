@@ -1,7 +1,9 @@
-"""POST /v1/embeddings: texts or token ids -> one pooled vector each, as float lists or base64 float32."""
+"""POST /v1/embeddings: texts, token ids or chat messages (with images for CLIP / SigLIP) -> one pooled vector each,
+as float lists or base64 float32."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import numpy as np
@@ -9,17 +11,19 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from loomserve.api.pooling_messages import messages_prompt
 from loomserve.api.protocol_pooling import EmbeddingData, EmbeddingRequest, EmbeddingResponse, PoolingUsage
 from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import random_id
 from loomserve.api.serving_pooling import bad_request, input_list, pool_all, validate_all
+from loomserve.pooling.inputs import expand_media
 from loomserve.pooling.params import PoolingParams
 
 
 async def create_embedding(models: ServedModels, body: EmbeddingRequest, raw_request: Request) -> Response:
     engine = models.for_route(body.model, "/v1/embeddings", ("embed",))
     inputs = engine.pooling_inputs
-    prompts = input_list(body.input)
+    prompts = [await messages_prompt(engine, body.messages)] if body.messages is not None else input_list(body.input)
     with bad_request("dimensions"):
         params = inputs.params(PoolingParams(dimensions=body.dimensions, normalize=body.normalize))
     with bad_request("truncate_prompt_tokens"):
@@ -27,10 +31,14 @@ async def create_embedding(models: ServedModels, body: EmbeddingRequest, raw_req
     with bad_request("prompt_name"):
         inputs.pooler_config.prompt(body.prompt_name)
     token_ids = inputs.tokenize(prompts, body.truncate_prompt_tokens, body.prompt_name, body.add_special_tokens)
+    mm_items = None
+    if body.messages is not None:
+        with bad_request("messages"):  # images are preprocessed off the event loop
+            token_ids, mm_items = await asyncio.to_thread(expand_media, engine.input_processor.mm, prompts, token_ids)
     requests = [(ids, params) for ids in token_ids]
     validate_all(engine, requests, [f"input {i}" for i in range(len(requests))], "input")
     call_id = random_id("embd")
-    outputs = await pool_all(engine, requests, call_id, raw_request)
+    outputs = await pool_all(engine, requests, call_id, raw_request, mm_items)
     if outputs is None:
         return Response(status_code=499)  # the client left; nobody reads this
     data = [

@@ -20,6 +20,7 @@ from loomserve.api.protocol_pooling import (
 from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import random_id
 from loomserve.api.streaming import run_unless_disconnected
+from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.async_llm import AsyncLLM
 from loomserve.pooling.inputs import PoolingPrompt
 from loomserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
@@ -54,11 +55,18 @@ def validate_all(engine: AsyncLLM, requests: PoolingRequests, labels: Sequence[s
 
 
 async def pool_all(
-    engine: AsyncLLM, requests: PoolingRequests, call_id: str, raw_request: Request
+    engine: AsyncLLM,
+    requests: PoolingRequests,
+    call_id: str,
+    raw_request: Request,
+    mm_items: list[list[MultiModalItem]] | None = None,
 ) -> list[PoolingRequestOutput[PoolingOutput]] | None:
-    """Every request's output, in order; None if the client left first (its requests are then aborted)."""
+    """Every request's output, in order (with its media items, if given); None if the client left first (its
+    requests are then aborted)."""
     await engine.check_health()
-    work = asyncio.gather(*(engine.encode(ids, params, f"{call_id}-{i}") for i, (ids, params) in enumerate(requests)))
+    items = mm_items or [None] * len(requests)
+    work = asyncio.gather(*(engine.encode(ids, params, f"{call_id}-{i}", media)
+                            for i, ((ids, params), media) in enumerate(zip(requests, items, strict=True))))
     finished, outputs = await run_unless_disconnected(raw_request, work)
     return outputs if finished else None
 
