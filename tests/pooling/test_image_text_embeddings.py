@@ -75,3 +75,11 @@ def test_an_image_prompt_with_text_is_refused(llm):
 def test_a_prompt_of_two_images_is_refused(llm):
     with pytest.raises(ValueError, match="one image"):
         llm.embed({"prompt": "", "multi_modal_data": {"image": IMAGES[:2]}})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_a_step_of_texts_and_images_equals_transformers(path, reference):
+    llm = LLM(path, dtype="float32", device="cuda")
+    got = vectors(llm.embed([*TEXTS, *(image_prompt(im) for im in IMAGES)]))
+    want = torch.stack([*(reference.text(t) for t in TEXTS), *(reference.image(im) for im in IMAGES)])
+    assert_same_direction(got, want)
