@@ -31,6 +31,7 @@ class ImageTextEmbeddingModel(ServedModel):
     encoder_only = True
     uses_mrope = False
     is_moe = False
+    language_model_prefix = "text_model."  # the text tower is what NF4 would quantize; the image tower stays
     skipped_prefixes: tuple[str, ...] = ("logit_scale", "logit_bias")  # the contrastive loss's, not the towers'
 
     def __init__(self, hf_config: Any, causal_text: bool, embed_dim: int) -> None:
