@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.hashing import content_hash
 from loomserve.modalities.image import as_pil, to_rgb
 from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
@@ -23,11 +24,10 @@ class ImageEmbeddingProcessor(MultiModalProcessor):
     placeholders = {"image": ""}  # an image prompt has no text to place it in
     placeholder_tokens = {}
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, model_path: str, hf_config: Any, tokenizer: Any, mm_config: MultiModalConfig) -> None:
         from transformers import AutoImageProcessor
 
-        super().__init__(*args, **kwargs)
-        tokenizer = args[2] if len(args) > 2 else kwargs["tokenizer"]
+        super().__init__(model_path, hf_config, tokenizer, mm_config)
         self.image_processor = AutoImageProcessor.from_pretrained(self.model_path)
         self.settings = self.image_processor.to_dict()  # what the image tower sees depends on all of them
         # Any in-vocabulary id: the text tower's output at this token is replaced by the image's embedding.

@@ -23,7 +23,7 @@ from loomserve.platform.models.packing import load_packed_weights
 
 
 class ImageTextEmbeddingModel(ServedModel):
-    """Subclasses build `text_model` (a `TextTower`) and implement `text_projection` and `image_features`."""
+    """Subclasses add their image tower and projections, and implement `text_projection_of` and `image_features`."""
 
     is_multimodal = True
     supports_lora = False  # LoRA adapts decoder layers only
