@@ -32,7 +32,7 @@ class PoolingInputs:
         self.max_model_len = mc.max_model_len
         self.max_num_batched_tokens = config.scheduler_config.max_num_batched_tokens
         self.chunked_prefill = config.scheduler_config.enable_chunked_prefill
-        self.hidden_size = mc.text_config.hidden_size
+        self.hidden_size = pooled_width(mc.hf_config)
         self.vocab_size = mc.vocab_size  # read once: a config attribute lookup costs microseconds per request
         self.num_labels = getattr(mc.hf_config, "num_labels", 1) if mc.task == "classify" else None
 
@@ -142,6 +142,13 @@ class PoolingInputs:
                                  f"[0, {types})")
         if params.returned_token_ids and not all(0 <= i < self.hidden_size for i in params.returned_token_ids):
             raise ValueError(f"returned_token_ids must be in [0, {self.hidden_size})")
+
+
+def pooled_width(hf_config: Any) -> int:
+    """The width of the states pooled into vectors: an image-text model's shared embedding space (CLIP's
+    `projection_dim`, SigLIP's text `projection_size`), else the text hidden size."""
+    text = hf_config.get_text_config()
+    return getattr(hf_config, "projection_dim", None) or getattr(text, "projection_size", None) or text.hidden_size
 
 
 def expand_media(

@@ -10,6 +10,7 @@ from image_text_reference import ImageTextReference, assert_same_direction
 from media_samples import noise_image
 
 from loomserve import LLM
+from loomserve.pooling.params import PoolingParams
 from loomserve.testing.clip_checkpoints import tiny_clip_checkpoint
 
 TEXTS = ["the cat sat on the mat", "hello world", "a much longer sentence about cats and dogs and the weather"]
@@ -83,3 +84,10 @@ def test_on_cuda_a_step_of_texts_and_images_equals_transformers(path, reference)
     got = vectors(llm.embed([*TEXTS, *(image_prompt(im) for im in IMAGES)]))
     want = torch.stack([*(reference.text(t) for t in TEXTS), *(reference.image(im) for im in IMAGES)])
     assert_same_direction(got, want)
+
+
+def test_dimensions_are_checked_against_the_embedding_width(llm, reference):
+    width = reference.text(TEXTS[0]).shape[0]
+    assert len(llm.embed(TEXTS[0], PoolingParams(dimensions=width))[0].outputs.embedding) == width
+    with pytest.raises(ValueError, match=f"its vectors have {width} dimensions"):
+        llm.embed(TEXTS[0], PoolingParams(dimensions=width - 1))
