@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from loomserve.api.protocol import CacheSalt, OpenAIBaseModel, TokenId, _DropsNone, _valid_unicode
+from loomserve.api.protocol import CacheSalt, ChatMessage, OpenAIBaseModel, TokenId, _DropsNone, _valid_unicode
 
 
 def _now() -> int:
@@ -28,7 +28,10 @@ class PoolingRequest(OpenAIBaseModel):
 
 
 class EmbeddingRequest(PoolingRequest):
-    input: str | list[str] | list[TokenId] | list[list[TokenId]]
+    """Either `input` or, as vLLM takes them, chat `messages` (whose image_url parts an image-text model embeds)."""
+
+    input: str | list[str] | list[TokenId] | list[list[TokenId]] | None = None
+    messages: list[ChatMessage] | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     normalize: bool | None = None  # default: what the checkpoint says (a Normalize module)
@@ -36,6 +39,12 @@ class EmbeddingRequest(PoolingRequest):
     add_special_tokens: bool = True
 
     _unicode = field_validator("input")(_valid_unicode)
+
+    @model_validator(mode="after")
+    def _input_or_messages(self) -> EmbeddingRequest:
+        if (self.input is None) == (self.messages is None):
+            raise ValueError("give exactly one of `input` and `messages`")
+        return self
 
 
 class ClassificationRequest(PoolingRequest):

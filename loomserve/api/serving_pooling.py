@@ -23,6 +23,7 @@ from loomserve.api.protocol_pooling import (
 from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import random_id
 from loomserve.api.streaming import run_unless_disconnected
+from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.async_llm import AsyncLLM
 from loomserve.pooling.inputs import PoolingPrompt
 from loomserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
@@ -84,25 +85,26 @@ def validate_all(engine: AsyncLLM, requests: PoolingRequests, labels: Sequence[s
 
 async def pool_all(
     models: ServedModels, engine: AsyncLLM, requests: PoolingRequests, call_id: str, raw_request: Request,
-    cache_salt: str | None,
+    cache_salt: str | None, mm_items: list[list[MultiModalItem]] | None = None,
 ) -> list[PoolingRequestOutput[PoolingOutput]] | None:
-    """Every request's output, in order; None if the client left first (its requests are then aborted). 429 when
-    the model's queue has no room for them."""
+    """Every request's output, in order (with its media items, if given); None if the client left first (its
+    requests are then aborted). 429 when the model's queue has no room for them."""
     await engine.check_health()
     with models.admit(engine, len(requests)):
-        work = _encode_all(engine, requests, call_id, cache_salt)
+        work = _encode_all(engine, requests, call_id, cache_salt, mm_items)
         finished, outputs = await run_unless_disconnected(raw_request, work)
     return outputs if finished else None
 
 
-async def _encode_all(engine: AsyncLLM, requests: PoolingRequests, call_id: str,
-                      cache_salt: str | None) -> list[PoolingRequestOutput[PoolingOutput]]:
+async def _encode_all(engine: AsyncLLM, requests: PoolingRequests, call_id: str, cache_salt: str | None,
+                      mm_items: list[list[MultiModalItem]] | None) -> list[PoolingRequestOutput[PoolingOutput]]:
     """Every request's output, in order. They are sent a slice at a time, the event loop serving other requests
     (and /health) between slices: sending thousands at once would hold it for seconds."""
     tasks = []
     try:
         for i, (ids, params) in enumerate(requests):
-            tasks.append(asyncio.ensure_future(engine.encode(ids, params, f"{call_id}-{i}", cache_salt)))
+            media = mm_items[i] if mm_items else None
+            tasks.append(asyncio.ensure_future(engine.encode(ids, params, f"{call_id}-{i}", cache_salt, media)))
             if i % _SEND_SLICE == _SEND_SLICE - 1:
                 await asyncio.sleep(0.002)  # the slice's tasks send their requests; other callbacks get a turn
         return await asyncio.gather(*tasks)

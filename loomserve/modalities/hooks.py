@@ -70,6 +70,7 @@ class MultiModalRunnerHook(RunnerHook):
         index = torch.cat(rows).to(self.device, non_blocking=True)  # a blocking copy would wait for the step in flight
         inputs_embeds.index_copy_(0, index, torch.cat(embeds).to(inputs_embeds.dtype))
         batch.forward.inputs_embeds = inputs_embeds
+        batch.forward.media_rows = index
 
     def _encode(self, hashes: list[str], freed: list[str], batch: BatchInputs) -> None:
         """Run the encoders over the items named by content hash (each belongs to a request of the step)."""

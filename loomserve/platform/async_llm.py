@@ -148,17 +148,22 @@ class AsyncLLM:
                 self._abort(request_id)
 
     async def encode(
-        self, prompt_token_ids: list[int], pooling_params: PoolingParams, request_id: str,
+        self,
+        prompt_token_ids: list[int],
+        pooling_params: PoolingParams,
+        request_id: str,
         cache_salt: str | None = None,
+        mm_items: list[MultiModalItem] | None = None,
     ) -> PoolingRequestOutput[PoolingOutput]:
-        """Pool one prompt (complete params, see `pooling_inputs.params`); cancelling aborts it in the engine."""
+        """Pool one prompt (complete params, see `pooling_inputs.params`; media items in place, see
+        `pooling.inputs.expand_media`); cancelling aborts it in the engine."""
         self._ensure_output_task()
         if self.errored:
             raise EngineDeadError(self.errored)
         self.pooling_inputs.validate(prompt_token_ids, pooling_params)
         future = self.pooling.add(request_id, prompt_token_ids)
         request = EngineCoreRequest(request_id, prompt_token_ids, None, None, time.time(), cache_salt=cache_salt,
-                                    pooling_params=pooling_params)
+                                    pooling_params=pooling_params, mm_items=mm_items or [])
         self._send(request, self._route(request))
         try:
             return await future

@@ -25,6 +25,7 @@ class ForwardBatch:
     lora: LoRABatch | None = None  # the step's tokens grouped by adapter slot; None when no token uses an adapter
     inputs_embeds: torch.Tensor | None = None  # [T, hidden]: token embeddings with media embeddings in place
     token_type_ids: torch.Tensor | None = None  # [T] int64 segment ids (cross-encoder pairs)
+    media_rows: torch.Tensor | None = None  # [M] int64: the rows of inputs_embeds that hold media embeddings
 
     @property
     def has_extra_inputs(self) -> bool:

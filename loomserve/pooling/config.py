@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from loomserve.platform.json_args import json_object
-from loomserve.platform.models.bert import first_position
-from loomserve.platform.models.registry import is_encoder_only, resolve_task
+from loomserve.platform.models.bert import ENCODER_SPECS, first_position
+from loomserve.platform.models.registry import default_pooling_type, is_encoder_only, resolve_task
 from loomserve.pooling.params import POOLING_TYPES, PoolingParams
 
 ACTIVATIONS = ("identity", "sigmoid", "softmax", "tanh")
@@ -107,22 +107,23 @@ def resolve_pooling(model: str, hf_config: Any, task: str = "auto", override: st
     st = _SentenceTransformerFiles.read(folder) if folder is not None else None
     task = resolve_task(architecture, task, has_pooling=st is not None and st.pooling_type is not None)
     encoder_only = is_encoder_only(architecture)
-    config = _default_config(task, encoder_only, hf_config, st)
+    config = _default_config(task, default_pooling_type(architecture) or ("CLS" if encoder_only else "LAST"),
+                             hf_config, st)
     if override:
         config = _apply_override(config, override)
     limits = [st.max_seq_length] if st is not None and st.max_seq_length else []
-    offset = first_position(hf_config) if encoder_only else 0
+    offset = first_position(hf_config) if hf_config.model_type in ENCODER_SPECS else 0
     if offset:  # RoBERTa positions start after the padding index, which costs padding_idx + 1 learned positions
         limits.append(hf_config.max_position_embeddings - offset)
     return PoolingSetup(task, encoder_only, config, min(limits) if limits else None)
 
 
 def _default_config(
-    task: str, encoder_only: bool, hf_config: Any, st: _SentenceTransformerFiles | None
+    task: str, pooling_type: str, hf_config: Any, st: _SentenceTransformerFiles | None
 ) -> PoolerConfig:
     num_labels = getattr(hf_config, "num_labels", 1) if task == "classify" else 1
     config = PoolerConfig(
-        pooling_type="CLS" if encoder_only else "LAST",
+        pooling_type=pooling_type,
         normalize=task != "classify",
         classifier_activation="sigmoid" if num_labels == 1 else "softmax",
         is_matryoshka=bool(getattr(hf_config, "is_matryoshka", False)),

@@ -4,12 +4,16 @@ truncation, cross-encoder pairs, and the checks that turn bad input into a clear
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.input_processor import check_vocabulary
 from loomserve.pooling.config import PoolerConfig
 from loomserve.pooling.params import PoolingParams
+
+if TYPE_CHECKING:
+    from loomserve.modalities.frontend import MultiModalFrontend
+    from loomserve.modalities.inputs import MultiModalItem
 
 # A prompt: text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": [...]}.
 PoolingPrompt = str | list[int] | dict[str, Any]
@@ -28,7 +32,7 @@ class PoolingInputs:
         self.max_model_len = mc.max_model_len
         self.max_num_batched_tokens = config.scheduler_config.max_num_batched_tokens
         self.chunked_prefill = config.scheduler_config.enable_chunked_prefill
-        self.hidden_size = mc.text_config.hidden_size
+        self.hidden_size = pooled_width(mc.hf_config)
         self.vocab_size = mc.vocab_size  # read once: a config attribute lookup costs microseconds per request
         self.num_labels = getattr(mc.hf_config, "num_labels", 1) if mc.task == "classify" else None
 
@@ -138,6 +142,27 @@ class PoolingInputs:
                                  f"[0, {types})")
         if params.returned_token_ids and not all(0 <= i < self.hidden_size for i in params.returned_token_ids):
             raise ValueError(f"returned_token_ids must be in [0, {self.hidden_size})")
+
+
+def pooled_width(hf_config: Any) -> int:
+    """The width of the states pooled into vectors: an image-text model's shared embedding space (CLIP's
+    `projection_dim`, SigLIP's text `projection_size`), else the text hidden size."""
+    text = hf_config.get_text_config()
+    return getattr(hf_config, "projection_dim", None) or getattr(text, "projection_size", None) or text.hidden_size
+
+
+def expand_media(
+    frontend: MultiModalFrontend, prompts: Sequence[PoolingPrompt], token_ids: list[list[int]]
+) -> tuple[list[list[int]], list[list[MultiModalItem]]]:
+    """Each prompt's token ids with its `multi_modal_data` in place (the model's processor says how), and its media
+    items; MediaError (a ValueError) for media the model cannot take."""
+    out_ids, out_items = [], []
+    for prompt, ids in zip(prompts, token_ids, strict=True):
+        mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        ids, items = frontend.apply(ids, mm_data) if mm_data else (ids, [])
+        out_ids.append(ids)
+        out_items.append(items)
+    return out_ids, out_items
 
 
 def prompt_list(prompts: PoolingPrompt | Sequence[PoolingPrompt]) -> list[PoolingPrompt]:

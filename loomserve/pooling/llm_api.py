@@ -11,11 +11,12 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.engine import EngineCore
-from loomserve.platform.input_processor import cache_salt_of
+from loomserve.platform.input_processor import InputProcessor, cache_salt_of
 from loomserve.platform.messages import EngineCoreOutput, EngineCoreRequest
-from loomserve.pooling.inputs import PoolingInputs, PoolingPrompt, prompt_list
+from loomserve.pooling.inputs import PoolingInputs, PoolingPrompt, expand_media, prompt_list
 from loomserve.pooling.outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
@@ -34,6 +35,7 @@ class PoolingAPI:
     config: EngineConfig
     engine: EngineCore
     tokenizer: Any
+    input_processor: InputProcessor
     _ids: Iterator[int]
 
     @functools.cached_property
@@ -82,26 +84,32 @@ class PoolingAPI:
         prompt_name: str | None = None,
     ) -> list[PoolingRequestOutput[PoolingOutput]]:
         """Raw pooled tensors (`.outputs.data`) of any pooling type: ALL and STEP give one row per token. A dict
-        prompt's "cache_salt" keeps its prefix-cache blocks apart from other salts'."""
+        prompt's "cache_salt" keeps its prefix-cache blocks apart from other salts'; a prompt
+        `{"prompt": "", "multi_modal_data": {"image": image}}` embeds an image (CLIP, SigLIP)."""
         self.pooling_inputs.require_task("Pooling", "embed", "classify")
         prompts = prompt_list(prompts)
         token_ids = self.pooling_inputs.tokenize(prompts, truncate_prompt_tokens, prompt_name)
+        token_ids, mm_items = expand_media(self.input_processor.mm, prompts, token_ids)
         params = self.pooling_inputs.params(pooling_params)
         return self._pool([(ids, params) for ids in token_ids], [f"prompt {i}" for i in range(len(prompts))],
-                          [cache_salt_of(p) for p in prompts])
+                          [cache_salt_of(p) for p in prompts], mm_items)
 
     def _pool(
-        self, requests: list[tuple[list[int], PoolingParams]], labels: list[str],
+        self,
+        requests: list[tuple[list[int], PoolingParams]],
+        labels: list[str],
         cache_salts: Sequence[str | None] | None = None,
+        mm_items: list[list[MultiModalItem]] | None = None,
     ) -> list[PoolingRequestOutput[PoolingOutput]]:
         for (token_ids, params), label in zip(requests, labels, strict=True):
             self.pooling_inputs.validate(token_ids, params, label)  # all or nothing: refuse before any runs
         order = []
-        for (token_ids, params), salt in zip(requests, cache_salts or [None] * len(requests), strict=True):
+        for i, ((token_ids, params), salt) in enumerate(zip(requests, cache_salts or [None] * len(requests),
+                                                            strict=True)):
             request_id = str(next(self._ids))
             order.append(request_id)
             request = EngineCoreRequest(request_id, token_ids, None, None, time.time(), cache_salt=salt,
-                                        pooling_params=params)
+                                        pooling_params=params, mm_items=mm_items[i] if mm_items else [])
             self.engine.add_request(request)
         finished: dict[str, EngineCoreOutput] = {}
         while len(finished) < len(order):

@@ -26,6 +26,7 @@ class ModelEntry:
     tasks: tuple[str, ...]  # the tasks a checkpoint of the architecture serves, the default first
     processor: str | None = None  # "module:Class" of the media processor; None: text only
     embed_model: str | None = None  # "module:Class" serving "embed" where `model` generates: no LM head is built
+    pooling_type: str | None = None  # the pooling its vectors come from, where no sentence-transformers file says
 
 
 _MODELS = "loomserve.platform.models"
@@ -37,6 +38,7 @@ _MOE_CAUSAL_LM = ModelEntry(f"{_MODELS}.moe_decoder:MoeForCausalLM", ("generate"
 _ENCODER = ModelEntry(f"{_MODELS}.bert:BertEmbeddingModel", ("embed",))
 _CLASSIFIER = ModelEntry(f"{_MODELS}.bert:BertClassificationModel", ("classify",))
 _QWEN2_VL_PROCESSOR = f"{_PROCESSORS}.qwen2_vl:Qwen2VLProcessor"
+_IMAGE_EMBEDDING_PROCESSOR = f"{_PROCESSORS}.image_embedding:ImageEmbeddingProcessor"
 
 REGISTRY: dict[str, ModelEntry] = {
     "LlamaForCausalLM": _CAUSAL_LM,
@@ -65,6 +67,12 @@ REGISTRY: dict[str, ModelEntry] = {
     ),
     "Qwen2_5_VLForConditionalGeneration": ModelEntry(
         f"{_MODELS}.qwen2_vl:Qwen2_5_VLForConditionalGeneration", ("generate",), _QWEN2_VL_PROCESSOR
+    ),
+    "CLIPModel": ModelEntry(
+        f"{_MODELS}.clip_embedding:CLIPEmbeddingModel", ("embed",), _IMAGE_EMBEDDING_PROCESSOR, pooling_type="LAST"
+    ),
+    "SiglipModel": ModelEntry(
+        f"{_MODELS}.siglip:SiglipEmbeddingModel", ("embed",), _IMAGE_EMBEDDING_PROCESSOR, pooling_type="LAST"
     ),
     "Qwen2AudioForConditionalGeneration": ModelEntry(
         f"{_MODELS}.qwen2_audio:Qwen2AudioForConditionalGeneration",
@@ -110,6 +118,11 @@ def resolve_task(architecture: str, task: str = "auto", has_pooling: bool = Fals
 def is_encoder_only(architecture: str) -> bool:
     """Bidirectional attention: a prompt runs whole in one step and keeps no KV cache."""
     return get_model_class(architecture).encoder_only
+
+
+def default_pooling_type(architecture: str) -> str | None:
+    """The pooling the architecture's embeddings are defined by (None: the task's default)."""
+    return model_entry(architecture).pooling_type
 
 
 def is_multimodal(architecture: str) -> bool:

@@ -1,0 +1,52 @@
+"""CLIP and SigLIP embedding models: an image prompt is the image alone, one placeholder token whose embedding the
+image tower makes; preprocessing is the checkpoint's own transformers image processor (`preprocessor_config.json`).
+
+As in vLLM, the prompt of an image must hold no text (an empty prompt; the tokenizer's special tokens are dropped):
+the two towers embed text and images apart, so a prompt of both has no single vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from loomserve.modalities.config import MultiModalConfig
+from loomserve.modalities.hashing import content_hash
+from loomserve.modalities.image import as_pil, to_rgb
+from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
+from loomserve.modalities.media import MediaError
+from loomserve.modalities.processors.base import MultiModalProcessor, ProcessedItem
+
+
+class ImageEmbeddingProcessor(MultiModalProcessor):
+    placeholders = {"image": ""}  # an image prompt has no text to place it in
+    placeholder_tokens = {}
+
+    def __init__(self, model_path: str, hf_config: Any, tokenizer: Any, mm_config: MultiModalConfig) -> None:
+        from transformers import AutoImageProcessor
+
+        super().__init__(model_path, hf_config, tokenizer, mm_config)
+        self.image_processor = AutoImageProcessor.from_pretrained(self.model_path)
+        self.settings = self.image_processor.to_dict()  # what the image tower sees depends on all of them
+        # Any in-vocabulary id: the text tower's output at this token is replaced by the image's embedding.
+        self.placeholder_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.special_ids = set(tokenizer.all_special_ids)
+
+    def process_item(self, modality: str, item: Any) -> ProcessedItem:
+        rgb = to_rgb(as_pil(item))
+        pixels = self.image_processor(images=rgb, return_tensors="pt")["pixel_values"][0]  # [3, S, S] float32
+        return ProcessedItem({"pixel_values": pixels}, 1, content_hash("image", self.settings, np.asarray(rgb)), {})
+
+    def apply(self, token_ids: Sequence[int], mm_data: dict[str, list[Any]]) -> tuple[list[int], list[MultiModalItem]]:
+        """An image prompt -> one placeholder token and its item; MediaError for text beside it or several images."""
+        self.check_counts({m: len(items) for m, items in mm_data.items()})
+        images = mm_data.get("image", [])
+        if len(images) != 1:
+            raise MediaError(f"an embedding prompt takes one image, got {len(images)}")
+        if any(t not in self.special_ids for t in token_ids):
+            raise MediaError("an image prompt must have no text: this model embeds text and images apart "
+                             "(give the image with an empty prompt, and the text as a prompt of its own)")
+        p = self.process_item("image", images[0])
+        return [self.placeholder_id], [MultiModalItem("image", p.content_hash, PlaceholderRange(0, 1), p.data, p.meta)]
