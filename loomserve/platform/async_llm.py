@@ -44,6 +44,7 @@ from loomserve.platform.messages import (
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
 from loomserve.platform.stats import IterationStats, SchedulerStats
+from loomserve.platform.threads import set_child_env
 from loomserve.pooling.inputs import PoolingInputs
 from loomserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
 from loomserve.pooling.params import PoolingParams
@@ -85,6 +86,7 @@ class AsyncLLM:
         self._inbox.bind(input_addr)
         self._outbox = self._ctx.socket(zmq.PULL)  # the engine's outbox: outputs and stats
         self._outbox.bind(output_addr)
+        set_child_env()  # the engine's OpenMP reads its wait policy when it starts
         self._proc = multiprocessing.get_context("spawn").Process(
             target=run_engine_core, args=(args, input_addr, output_addr), name="loomserve-engine", daemon=True
         )

@@ -24,6 +24,7 @@ from loomserve.platform.kv_cache.manager import cdiv
 from loomserve.platform.loader import load_model
 from loomserve.platform.sampler import Sampler, build_sampling_metadata
 from loomserve.platform.step import ScheduledStep, StepResult
+from loomserve.platform.threads import StepThreads
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class ModelRunner:
                                       self.device)
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CudaGraphRunner | None = None
+        self.step_threads = StepThreads(torch.get_num_threads()) if self.device.type == "cpu" else None
 
     def hook(self, name: str) -> RunnerHook | None:
         return find_hook(self.hooks, name)
@@ -170,6 +172,8 @@ class ModelRunner:
     def launch(self, step: ScheduledStep) -> InFlightStep:
         """Take in the step's diff, then run its model, sampler and features without waiting for them."""
         forgotten = self.input_batch.apply(step)
+        if self.step_threads is not None:
+            self.step_threads.for_step(step.num_tokens)
         for hook in self.hooks:
             if forgotten:
                 hook.release(forgotten)

@@ -56,6 +56,9 @@ class EngineArgs:
     served_model_name: str | None = _arg(None, "the model name clients send (default: MODEL)")
     dtype: str = _arg("auto", "auto, float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
     device: str = _arg("auto", "auto, cpu, cuda, cuda:1, ...")
+    cpu_threads: int | None = _arg(
+        None, "intra-op threads of a CPU engine (default: OMP_NUM_THREADS, else the cores this process may use, by "
+              "affinity and cgroup quota, less one for the server's front end); see platform/threads.py")
     max_model_len: int | None = _arg(None, "context length (default: the model's)")
     load_format: str = _arg("auto", "auto, safetensors or dummy (random weights)")
     seed: int = _arg(0, "seed of the random weights of load_format dummy and of unseeded sampling")
