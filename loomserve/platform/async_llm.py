@@ -64,8 +64,10 @@ class StatLogger(Protocol):
 
 
 class AsyncLLM:
-    def __init__(self, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> None:
+    def __init__(self, args: EngineArgs, stat_loggers: list[StatLogger] | None = None,
+                 log_requests: bool = False) -> None:
         config = args.create_engine_config()
+        self.log_requests = log_requests  # one log line per request as it arrives (--enable-log-requests)
         self.model_config = config.model_config
         self.tokenizer = load_tokenizer(self.model_config)
         self.input_processor = InputProcessor(self.model_config, self.tokenizer, config.mm_config)
@@ -129,6 +131,9 @@ class AsyncLLM:
         if self.errored:
             raise EngineDeadError(self.errored)
         self.input_processor.validate(prompt_token_ids, sampling_params)
+        if self.log_requests:
+            logger.info("Received request %s: %d prompt tokens, %r, adapter %s", request_id, len(prompt_token_ids),
+                        sampling_params, lora_request.lora_name if lora_request else None)
         queue: asyncio.Queue = asyncio.Queue()
         children = self.output_processor.add_request(
             request_id, prompt, prompt_token_ids, sampling_params, time.time(), queue
@@ -160,6 +165,8 @@ class AsyncLLM:
         if self.errored:
             raise EngineDeadError(self.errored)
         self.pooling_inputs.validate(prompt_token_ids, pooling_params)
+        if self.log_requests:
+            logger.info("Received request %s: %d prompt tokens, %r", request_id, len(prompt_token_ids), pooling_params)
         future = self.pooling.add(request_id, prompt_token_ids)
         request = EngineCoreRequest(request_id, prompt_token_ids, None, None, time.time(),
                                     pooling_params=pooling_params)

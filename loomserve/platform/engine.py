@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import signal
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from loomserve.platform.config import EngineArgs, EngineConfig, resolve_device
 from loomserve.platform.executor import Executor, create_executor
 from loomserve.platform.features import scheduler_hooks
 from loomserve.platform.gc_heap import freeze_startup_heap
+from loomserve.platform.logs import configure_logging
 from loomserve.platform.messages import (
     Abort,
     CallReply,
@@ -185,7 +187,8 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None
     """Entry point of the engine process: build the engine, say READY, then serve until told to stop."""
     import zmq  # the in-process engine (LLM) needs no ZeroMQ
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [engine] %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front end stops the engine
+    configure_logging("[engine]")
     _set_engine_threads(args)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
@@ -200,9 +203,9 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None
             _serve(engine, inbox, outbox)
         finally:
             engine.shutdown()
-    except Exception:  # the front end must learn why the engine died, not just that it did
+    except Exception:  # the front end must learn why the engine died, not just that it did, and tells the user
         outbox.send(pack(EngineFailed(traceback.format_exc())))
-        raise
+        raise SystemExit(1) from None
     finally:
         inbox.close(linger=0)
         outbox.close(linger=1000)
@@ -215,7 +218,7 @@ def _set_engine_threads(args: EngineArgs) -> None:
     cores, benchmarks/RESULTS.md)."""
     if resolve_device(args.device).type == "cpu":
         threads = apply_engine_threads(args.cpu_threads, front_end_cores=1)
-        logger.info("%s: %d CPU thread(s), OMP_WAIT_POLICY=%s", args.served_model_name or args.model, threads,
+        logger.info("%s: %d CPU thread(s), OMP_WAIT_POLICY=%s", args.served_model_names()[0], threads,
                     os.environ.get("OMP_WAIT_POLICY"))
 
 
