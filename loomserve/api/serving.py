@@ -25,7 +25,7 @@ def lora_for(engine: AsyncLLM, model: str | None) -> tuple[LoRARequest | None, s
     `model` is absent or names the served model or one of its loaded adapters."""
     lora = engine.loras.get(model)
     served = engine.model_config.served_model_name
-    if model and model != served and lora is None:
+    if model and model not in (served, *engine.model_config.served_model_aliases) and lora is None:
         raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
     return lora, lora.lora_name if lora is not None else served
 

@@ -90,9 +90,9 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(num_cache_layers)]
         self.cuda_graphs = self._capture_cuda_graphs()
         logger.info(
-            "%s: KV cache of %d blocks of %d tokens (%d tokens, %.2f GiB) on %s", mc.served_model_name,
+            "%s: KV cache of %d blocks of %d tokens (%d tokens, %.1f MiB) on %s", mc.served_model_name,
             num_blocks, self.block_size, num_blocks * self.block_size,
-            num_blocks * self._bytes_per_block() / 2**30, self.device,
+            num_blocks * self._bytes_per_block() / 2**20, self.device,
         )
 
     def _uses_cuda_graphs(self) -> bool:
