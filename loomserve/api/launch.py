@@ -18,6 +18,7 @@ from loomserve.api.engine_flags import engine_args_from
 from loomserve.api.frontend_flags import FrontendOptions, frontend_options
 from loomserve.api.served_models import EngineStartError, check_unique_names, one_line, served_name, start_engines
 from loomserve.platform.config import EngineArgs
+from loomserve.platform.threads import apply_front_end_threads
 
 logger = logging.getLogger("loomserve")
 
@@ -34,6 +35,7 @@ def serve(ns: argparse.Namespace) -> None:
 
         swagger_assets_folder()
     listener = bind_listener(ns.host, ns.port, ns.uds)
+    apply_front_end_threads()  # before the engines start: they inherit passive OpenMP waiting
     all_args = [engine_args_from(ns), *pooling_model_args(ns)]
     check_unique_names(all_args)
     for args in all_args:  # config files only, no weights: every model's mistakes before any model loads
