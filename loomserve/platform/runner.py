@@ -89,6 +89,9 @@ class ModelRunner:
         num_cache_layers = mc.num_layers if self.uses_kv_cache else 0
         self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(num_cache_layers)]
         self.cuda_graphs = self._capture_cuda_graphs()
+        if not self.uses_kv_cache:
+            logger.info("%s: no KV cache (an encoder: every prompt runs whole in one step)", mc.served_model_name)
+            return
         logger.info(
             "%s: KV cache of %d blocks of %d tokens (%d tokens, %.1f MiB) on %s", mc.served_model_name,
             num_blocks, self.block_size, num_blocks * self.block_size,
