@@ -11,6 +11,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from loomserve.testing.server import Server
 
@@ -33,7 +34,8 @@ def test_start_up_lines_come_in_order_and_stats_are_logged_while_serving(tmp_pat
     assert server.process.returncode == 130  # Ctrl-C (the helper's SIGINT): uvicorn's graceful stop, then quiet
 
 
-def test_sigterm_while_loading_exits_quietly_and_promptly(tmp_path, qwen2_checkpoint):
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_while_loading_exits_quietly_and_promptly(tmp_path, qwen2_checkpoint, sig, code):
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "loomserve", "serve", qwen2_checkpoint, "--port", "0"],
@@ -42,8 +44,8 @@ def test_sigterm_while_loading_exits_quietly_and_promptly(tmp_path, qwen2_checkp
         deadline = time.monotonic() + 60
         while "Loading" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(15) == 143
+        os.killpg(process.pid, sig)  # as a terminal's Ctrl-C does: to the server and the engine it started
+        assert process.wait(15) == code
     finally:
         os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
     assert "Traceback" not in log_path.read_text()
