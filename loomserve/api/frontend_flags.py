@@ -122,6 +122,8 @@ def lora_module(value: str) -> tuple[str, str]:
             raise argparse.ArgumentTypeError(f"expected name=path, got {value!r}")
     if not os.path.isdir(path):
         raise argparse.ArgumentTypeError(f"no adapter folder at {path!r} (for {name!r})")
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise argparse.ArgumentTypeError(f"{path!r} has no adapter_config.json: not a PEFT adapter folder")
     return name, path
 
 

@@ -61,7 +61,11 @@ def _run(ns: argparse.Namespace, all_args: list[EngineArgs], options: FrontendOp
                             ssl_certfile=ns.ssl_certfile, ssl_ca_certs=ns.ssl_ca_certs, root_path=ns.root_path)
     server = ReadyServer(config, options.ready_message)
     quiet_startup_failure()
-    server.run(sockets=[listener])
+    try:
+        server.run(sockets=[listener])
+    except SystemExit:  # uvicorn's own exit when the app fails to start: the CLI reports why
+        if app.state.startup_error is None:
+            raise
     if app.state.startup_error is not None:
         raise EngineStartError(one_line(app.state.startup_error)) from app.state.startup_error
 

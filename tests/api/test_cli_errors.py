@@ -47,7 +47,7 @@ MISTAKES = [
     (["-tp", "2"], None, 1, "tensor_parallel_size=2 is not supported yet"),
     (["--speculative-config", '{"method": "ngram"}'], None, 1, "speculative_config needs"),
     (["--lora-modules", "sql=/adapters/sqll", "--enable-lora"], None, 2, "no adapter folder at '/adapters/sqll'"),
-    (["--lora-modules", "sql=."], None, 1, "--lora-modules needs --enable-lora"),
+    (["--lora-modules", "sql=/tmp", "--enable-lora"], None, 2, "'/tmp' has no adapter_config.json"),
     (["--chat-template", "/no/template.jinja"], None, 2, "no chat template file at '/no/template.jinja'"),
     (["--ssl-keyfile", "/no/key.pem"], None, 2, "no such file: /no/key.pem"),
     (["--allowed-origins", "https://a.org"], None, 2, "expected a JSON list"),
@@ -115,3 +115,11 @@ def test_allowed_origins_read_a_json_list():
 
     ns = make_parser().parse_args(["serve", "m", "--allowed-origins", json.dumps(["https://a.org"])])
     assert ns.allowed_origins == ["https://a.org"]
+
+
+def test_startup_adapters_need_enable_lora(capsys, monkeypatch, qwen2_checkpoint, tmp_path):
+    monkeypatch.setattr("loomserve.api.launch._run", _must_not_start)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    exit_code, lines, _ = run_cli(capsys, "serve", qwen2_checkpoint, "--lora-modules", f"sql={tmp_path}")
+    assert (exit_code, len(lines)) == (1, 1)
+    assert "--lora-modules needs --enable-lora" in lines[0]
