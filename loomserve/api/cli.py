@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = make_parser().parse_args(argv)
     if getattr(ns, "log_level", None):
         os.environ["LOOMSERVE_LOGGING_LEVEL"] = ns.log_level  # the engine processes read it too
-    signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         configure_logging()
         ns.run(ns)
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_TERMINATED)
     except Exception as exc:
         _fail(exc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Terminated(BaseException):
