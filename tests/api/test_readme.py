@@ -36,6 +36,8 @@ def test_a_readme_serve_command_is_valid(command, tmp_path):
             made = tmp_path / path.lstrip("./")
             made.parent.mkdir(parents=True, exist_ok=True)
             made.write_text("{{ messages }}") if made.suffix else made.mkdir(exist_ok=True)
+            if path.startswith("/adapters/"):
+                (made / "adapter_config.json").write_text("{}")
             arg = f"{name}{sep}{made}"
         argv.append(arg)
     make_parser().parse_args(argv)
