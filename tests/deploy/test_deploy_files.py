@@ -42,6 +42,8 @@ def serve_flags(command: list[str], volumes: Path | None = None) -> list[str]:
         name, sep, path = flag.rpartition("=")
         if path.startswith(("/models/", "/adapters/")):
             (volumes / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            if path.startswith("/adapters/"):  # an adapter folder, as PEFT saves one
+                (volumes / path.lstrip("/") / "adapter_config.json").write_text("{}")
             flag = f"{name}{sep}{volumes}{path}"
         mounted.append(flag)
     return mounted
