@@ -5,6 +5,7 @@ flags, the machine and software a run was measured on, and percentiles. Run any 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -12,6 +13,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -267,3 +269,18 @@ def command_line(argv: list[str] | None = None) -> str:
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (linear interpolation); NaN for no values."""
     return float(np.percentile(values, q)) if values else float("nan")
+
+
+@contextlib.contextmanager
+def busy_core(enabled: bool = True) -> Iterator[None]:
+    """A bounded background CPU load while the block runs: one process spinning on one core (the "contended" mode
+    of the CPU benchmarks: other work on the host, measured rather than guessed)."""
+    if not enabled:
+        yield
+        return
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import device_name, percentile
+from benchmarks.common import busy_core, device_name, percentile
 from loomserve.testing.server import Server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -243,6 +243,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--contended", action="store_true",
+                        help="measure beside a bounded background load: one process spinning on one core")
     parser.add_argument("--json", type=Path, default=None, help="also write every number to this file")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="cuda: a folder with all-MiniLM-L6-v2's tokenizer, config and sentence-transformers "
@@ -276,10 +278,13 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "sentence_transformers": sentence_transformers.__version__},
     }
-    results["embeddings"] = bench_embeddings(minilm, sentences, args.repeats)
-    if not args.skip_http:
-        results["http"] = [bench_http(minilm, sentences, args.clients, threads) for threads in (None, os.cpu_count())]
-    results["rerank"] = bench_rerank(minilm, sentences, args.pairs, args.repeats)
+    results["contended"] = args.contended
+    with busy_core(args.contended):
+        results["embeddings"] = bench_embeddings(minilm, sentences, args.repeats)
+        if not args.skip_http:
+            results["http"] = [bench_http(minilm, sentences, args.clients, threads)
+                               for threads in (None, os.cpu_count())]
+        results["rerank"] = bench_rerank(minilm, sentences, args.pairs, args.repeats)
     print(report(results))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))

@@ -63,7 +63,15 @@ from typing import Any, TypeVar
 import httpx
 import numpy as np
 
-from benchmarks.common import add_model_flags, command_line, environment, percentile, prompt_vocab_size, resolve_model
+from benchmarks.common import (
+    add_model_flags,
+    busy_core,
+    command_line,
+    environment,
+    percentile,
+    prompt_vocab_size,
+    resolve_model,
+)
 from loomserve.platform.config import resolve_device
 from loomserve.testing.server import Server
 
@@ -120,6 +128,8 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--server-args", default="", help="more `loomserve serve` flags, one shell-quoted string")
+    p.add_argument("--contended", action="store_true",
+                   help="measure beside a bounded background load: one process spinning on one core")
     p.add_argument("--server-timeout", type=float, default=600.0, help="seconds to wait for /health")
     p.add_argument("--server-log-dir", default=None, help="keep the servers' logs here (default: a temp folder)")
 
@@ -475,6 +485,7 @@ def describe_workload(args: argparse.Namespace) -> dict[str, str]:
         "model": model,
         "workload": workload,
         "token count": args.token_count,
+        "background load": "one busy core (--contended)" if args.contended else "none added",
         "command": command_line(),
     }
 
@@ -536,12 +547,13 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(args.server_log_dir or tempfile.mkdtemp(prefix="loomserve-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     status = 0
-    for index, budget in enumerate(args.max_num_batched_tokens or [None]):
-        try:
-            bench_server(args, model_path, load_format, vocab, budget, log_dir, index)
-        except RuntimeError as exc:  # this server failed; the next one may still run
-            print(f"    FAILED: {exc}", flush=True)
-            status = 1
+    with busy_core(args.contended):
+        for index, budget in enumerate(args.max_num_batched_tokens or [None]):
+            try:
+                bench_server(args, model_path, load_format, vocab, budget, log_dir, index)
+            except RuntimeError as exc:  # this server failed; the next one may still run
+                print(f"    FAILED: {exc}", flush=True)
+                status = 1
     print(f"\nserver logs in {log_dir}; total {time.perf_counter() - t0:.0f} s", flush=True)
     return status
 

@@ -10,6 +10,8 @@ from loomserve.testing.checkpoints import cached_tiny_checkpoint
 
 DEMO_NAME = "loomserve-demo"
 DEMO_EMBEDDING_NAME = "all-MiniLM-L6-v2"
+# 2 KiB of KV per token (4 layers x 2 KV heads x 32 dims x K and V, fp32): 8,192 tokens, two full contexts.
+DEMO_KV_CACHE_MEMORY = "16MiB"
 
 DEMO_KWARGS: dict[str, Any] = {
     "seed": 0,

@@ -19,6 +19,7 @@ from loomserve.platform.gc_heap import freeze_startup_heap
 from loomserve.platform.input_processor import InputProcessor, PromptType, cache_salt_of, load_tokenizer
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
+from loomserve.platform.threads import apply_engine_threads
 from loomserve.pooling.llm_api import PoolingAPI
 
 T = TypeVar("T")
@@ -31,10 +32,13 @@ class LLM(PoolingAPI):
         unknown = set(engine_args) - EngineArgs.field_names()
         if unknown:
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
-        self.config = EngineArgs(model=model, **engine_args).create_engine_config()
+        args = EngineArgs(model=model, **engine_args)
+        self.config = args.create_engine_config()
         if self.config.parallel_config.data_parallel_size > 1:
             raise ValueError("LLM drives one engine in this process: serve data_parallel_size > 1 with "
                              "`loomserve serve` (or AsyncLLM)")
+        if self.config.model_config.device.type == "cpu":
+            apply_engine_threads(args.cpu_threads)
         self.tokenizer = load_tokenizer(self.config.model_config)
         self.input_processor = InputProcessor(self.config.model_config, self.tokenizer, self.config.mm_config)
         self.engine = EngineCore(self.config)

@@ -1,5 +1,6 @@
 """argparse flags from EngineArgs' fields: name, type, default, help and choices come from the field, so the CLI
-keeps no second list of them."""
+keeps no second list of them. Flags are grouped as `vllm serve --help` groups them; a field no group names lands in
+"Engine"."""
 
 from __future__ import annotations
 
@@ -11,18 +12,40 @@ from typing import Any
 
 from loomserve.platform.config import EngineArgs
 
+GROUPS: dict[str, tuple[str, ...]] = {
+    "ModelConfig": ("model", "tokenizer", "revision", "trust_remote_code", "served_model_name", "dtype",
+                    "max_model_len", "max_logprobs", "generation_config", "seed", "task", "pooler_config",
+                    "quantization", "enforce_eager", "max_cudagraph_capture_size"),
+    "LoadConfig": ("load_format", "download_dir"),
+    "DeviceConfig": ("device", "cpu_threads", "attention_backend"),
+    "CacheConfig": ("block_size", "kv_cache_memory", "kv_cache_dtype", "gpu_memory_utilization",
+                    "num_gpu_blocks_override", "enable_prefix_caching"),
+    "SchedulerConfig": ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "async_scheduling"),
+    "ParallelConfig": ("tensor_parallel_size", "data_parallel_size", "pipeline_parallel_size",
+                       "distributed_executor_backend", "enable_expert_parallel"),
+    "LoRAConfig": ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"),
+    "MultiModalConfig": ("limit_mm_per_prompt", "allowed_media_domains", "allowed_local_media_path",
+                         "max_image_pixels", "encoder_cache_memory", "media_io_kwargs"),
+    "SpeculativeConfig": ("speculative_config",),
+}
+SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", "pipeline_parallel_size": "-pp"}
+
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per EngineArgs field (`max_num_seqs` -> `--max-num-seqs`); the required `model` is positional and
-    optional, None when left out."""
+    """One flag per EngineArgs field (`max_num_seqs` -> `--max-num-seqs`, some with vLLM's short form), in its
+    group; the required `model` is positional and optional, None when left out."""
     hints = typing.get_type_hints(EngineArgs)
+    groups = {name: parser.add_argument_group(name) for name in (*GROUPS, "Engine")}
+    group_of = {field: group for group, fields in GROUPS.items() for field in fields}
     for f in dataclasses.fields(EngineArgs):
         kwargs = {"help": f.metadata["help"], **_type_kwargs(hints[f.name]),
                   **{k: v for k, v in f.metadata.items() if k != "help"}}
+        group = groups[group_of.get(f.name, "Engine")]
         if f.default is dataclasses.MISSING:
-            parser.add_argument(f.name, nargs="?", default=None, **kwargs)
+            group.add_argument(f.name, nargs="?", default=None, **kwargs)
         else:
-            parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **kwargs)
+            names = ["--" + f.name.replace("_", "-"), *([SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else [])]
+            group.add_argument(*names, default=f.default, **kwargs)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -31,7 +54,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
 
 def _type_kwargs(hint: Any) -> dict[str, Any]:
     """A field's type -> how argparse reads it. Fields that also take a dict or a memory size are read as text
-    (JSON or "4GiB"), which EngineArgs parses itself."""
+    (JSON or "4GiB"), which EngineArgs parses itself; a field that takes one value or a list takes one or more."""
     kinds = set(typing.get_args(hint)) - {types.NoneType} if _is_union(hint) else {hint}
     origins = {typing.get_origin(k) or k for k in kinds}
     if list in origins:

@@ -7,7 +7,8 @@ adapters (`--enable-lora`) ride on the main model: `model` may also name one of 
 
 from __future__ import annotations
 
-import asyncio
+import logging
+import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Annotated
@@ -21,37 +22,67 @@ from loomserve.api.lora_paths import LoRAPathPolicy
 from loomserve.platform.async_llm import AsyncLLM, StatLogger
 from loomserve.platform.config import EngineArgs
 
+logger = logging.getLogger("loomserve")
+
 _TASK_NOUNS = {"generate": "a generative model", "embed": "an embedding model", "classify": "a cross-encoder"}
 
 
 def served_name(args: EngineArgs) -> str:
-    return args.served_model_name or args.model.rstrip("/")
+    return args.served_model_names()[0]
 
 
 def check_unique_names(all_args: Sequence[EngineArgs]) -> None:
-    names = [served_name(a) for a in all_args]
+    names = [name for args in all_args for name in args.served_model_names()]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"several models are served as {', '.join(repeated)}: give each a NAME=PATH of its own")
 
 
-async def start_engines(all_args: Sequence[EngineArgs], stat_loggers: Sequence[StatLogger]) -> list[AsyncLLM]:
-    """Start every engine at once (each loads its model in its own process); all or none."""
-    starts = [asyncio.to_thread(AsyncLLM, args, [stat_logger]) for args, stat_logger in zip(all_args, stat_loggers)]
-    results = await asyncio.gather(*starts, return_exceptions=True)
-    failed = next((r for r in results if isinstance(r, BaseException)), None)
-    if failed is not None:
+class EngineStartError(RuntimeError):
+    """An engine that did not start: its model's name and why, in one line (the full story at debug level)."""
+
+
+def start_engines(all_args: Sequence[EngineArgs], stat_loggers: Sequence[list[StatLogger]],
+                  log_requests: bool = False) -> list[AsyncLLM]:
+    """Start every engine at once (each loads its model in its own process, each in a thread of its own that does
+    not hold up the process's exit on Ctrl-C); all or none."""
+    results: list[AsyncLLM | BaseException | None] = [None] * len(all_args)
+
+    def start(i: int) -> None:
+        logger.info("Loading %s from %s", served_name(all_args[i]), all_args[i].model)
+        try:
+            results[i] = AsyncLLM(all_args[i], stat_loggers[i], log_requests=log_requests)
+        except BaseException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=start, args=(i,), daemon=True) for i in range(len(all_args))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():  # a timed join lets Ctrl-C through
+            thread.join(0.2)
+    failed = [(args, r) for args, r in zip(all_args, results) if isinstance(r, BaseException)]
+    if failed:
         for engine in results:
             if isinstance(engine, AsyncLLM):
                 engine.shutdown()
-        raise failed
+        args, exc = failed[0]
+        logger.debug("%s did not start", served_name(args), exc_info=exc)
+        raise EngineStartError(f"{served_name(args)} did not start: {one_line(exc)}") from exc
     return list(results)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: its message's last line (a traceback's is the exception itself)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 class ServedModels:
     def __init__(self, engines: Sequence[AsyncLLM], limits: ServerLimits, admissions: dict[str, Admission],
                  lora_paths: LoRAPathPolicy) -> None:
         self.engines = {engine.model_config.served_model_name: engine for engine in engines}
+        self.aliases = {alias: engine for engine in engines for alias in engine.model_config.served_model_aliases}
         self.main = engines[0]
         self.limits = limits
         self.admissions = admissions  # served name -> its admission control
@@ -66,7 +97,7 @@ class ServedModels:
         not served here."""
         if model is None:
             return self.main
-        engine = self.engines.get(model) or next(
+        engine = self.engines.get(model) or self.aliases.get(model) or next(
             (engine for engine in self.engines.values() if engine.loras.get(model) is not None), None
         )
         if engine is None:

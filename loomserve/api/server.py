@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loomserve import __version__
-from loomserve.api.admission import Admission
 from loomserve.api.body_limit import BodySizeLimitMiddleware
 from loomserve.api.chat import render_chat
+from loomserve.api.docs import offline_docs_router
 from loomserve.api.errors import APIError, error_response, exception_response
-from loomserve.api.limits import ServerLimits
-from loomserve.api.lora_paths import LoRAPathPolicy
-from loomserve.api.metrics import CONTENT_TYPE, PrometheusStatLogger
+from loomserve.api.frontend_flags import FrontendOptions
+from loomserve.api.log_stats import LoggingStatLogger, log_periodically, log_stats_interval
+from loomserve.api.metrics import CONTENT_TYPE
 from loomserve.api.metrics_group import MetricsGroup
 from loomserve.api.offload import offload
 from loomserve.api.openapi import install_openapi
@@ -35,13 +37,12 @@ from loomserve.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from loomserve.api.served_models import Models, ServedModels, check_unique_names, served_name, start_engines
+from loomserve.api.served_models import Models, ServedModels
 from loomserve.api.serving_chat import create_chat_completion
 from loomserve.api.serving_completion import create_completion
 from loomserve.api.serving_lora import load_startup_adapters
 from loomserve.api.serving_lora import router as lora_router
 from loomserve.platform.async_llm import EngineDeadError
-from loomserve.platform.config import EngineArgs
 from loomserve.platform.gc_heap import freeze_startup_heap
 
 OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # served without an API key
@@ -49,46 +50,49 @@ OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})  # served without an
 router = APIRouter()
 
 
-def build_app(
-    engine_args: EngineArgs,
-    api_key: str | None = None,
-    pooling_models: Sequence[EngineArgs] = (),
-    lora_modules: Sequence[tuple[str, str]] = (),
-    limits: ServerLimits = ServerLimits(),
-    lora_paths: LoRAPathPolicy | None = None,
-) -> FastAPI:
-    """The app; its engines (the main model's, then one per pooling model, each in its own process) start when
-    the app starts and stop with it, the main model having loaded the `lora_modules` (name, path) adapters."""
-    all_args = [engine_args, *pooling_models]
-    check_unique_names(all_args)
-    stat_loggers = [PrometheusStatLogger(served_name(args)) for args in all_args]
-    admissions = {served_name(args): Admission(args.max_num_seqs + limits.max_queued_requests) for args in all_args}
+def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOptions | None = None,
+              stats: Sequence[LoggingStatLogger] = ()) -> FastAPI:
+    """The app over engines already started (the caller's to start; the app shuts them down when it stops): at
+    start-up it loads the `--lora-modules` adapters and starts the periodic stats line of `stats`."""
+    options = options or FrontendOptions()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engines = await start_engines(all_args, stat_loggers)
-        app.state.models = ServedModels(engines, limits, admissions,
-                                        lora_paths or LoRAPathPolicy.of([], [path for _, path in lora_modules], False))
+        app.state.models = models
+        stats_task = None
         try:
-            await load_startup_adapters(app.state.models, lora_modules)
+            await load_startup_adapters(models, options.lora_modules)
             freeze_startup_heap()
+            if options.log_stats and stats:
+                stats_task = asyncio.get_running_loop().create_task(log_periodically(stats, log_stats_interval()))
             yield
+        except Exception as exc:
+            app.state.startup_error = exc  # the CLI reports it in one line
+            raise
         finally:
-            app.state.models.shutdown()
+            if stats_task is not None:
+                stats_task.cancel()
+            models.shutdown()
 
-    app = FastAPI(title="loomserve", version=__version__, lifespan=lifespan)
-    app.state.metrics = MetricsGroup(stat_loggers)
+    app = FastAPI(title="loomserve", version=__version__, lifespan=lifespan, root_path=options.root_path,
+                  docs_url=None if options.enable_offline_docs else "/docs")
+    app.state.metrics = metrics
+    app.state.startup_error = None
     app.include_router(router)
     app.include_router(pooling_router)
     app.include_router(lora_router)
+    if options.enable_offline_docs:
+        app.include_router(offline_docs_router())
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     for handled in (APIError, EngineDeadError, Exception):
         app.add_exception_handler(handled, _api_error)
-    install_openapi(app, limits)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=limits.max_request_body_bytes)
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)  # added last: runs first, before any body is read
+    install_openapi(app, models.limits)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=models.limits.max_request_body_bytes)
+    if options.api_keys:  # runs before the body limit: no body is read for a request without a key
+        app.add_middleware(APIKeyMiddleware, api_keys=options.api_keys)
+    app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=options.allowed_methods,
+                       allow_headers=options.allowed_headers, allow_credentials=options.allow_credentials)
     return app
 
 
@@ -200,11 +204,11 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 
 class APIKeyMiddleware:
-    """401 on every path but /health, /metrics and /version without `Authorization: Bearer <key>`."""
+    """401 on every path but /health, /metrics and /version without `Authorization: Bearer <key>` (any key)."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, api_keys: Sequence[str]) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = [f"Bearer {key}".encode() for key in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
@@ -215,4 +219,4 @@ class APIKeyMiddleware:
 
     def _authorized(self, scope: Scope) -> bool:
         given = dict(scope["headers"]).get(b"authorization", b"")
-        return hmac.compare_digest(given, self.expected)
+        return any([hmac.compare_digest(given, expected) for expected in self.expected])  # no early exit: timing

@@ -29,7 +29,7 @@ async def lora_for(engine: AsyncLLM, model: str | None) -> tuple[LoRARequest | N
     (the engine could not read it again once evicted from its caches) is unloaded, with a 404 that says so."""
     lora = engine.loras.get(model)
     served = engine.model_config.served_model_name
-    if model and model != served and lora is None:
+    if model and model not in (served, *engine.model_config.served_model_aliases) and lora is None:
         raise APIError(f"The model `{model}` does not exist.", status=404, param="model")
     if lora is not None and not os.path.isdir(lora.lora_path):
         with contextlib.suppress(UnknownLoRAError):  # a concurrent request unloaded it first

@@ -7,6 +7,7 @@ from typing import Any
 
 from loomserve.platform.json_args import json_object
 
+MODALITIES = ("image", "video", "audio")
 DEFAULT_LIMIT_PER_PROMPT = 999  # items of one modality in one prompt, unless --limit-mm-per-prompt says otherwise
 
 
@@ -36,7 +37,9 @@ def build_mm_config(
     """From EngineArgs' flat values; JSON strings (as the CLI passes them) are parsed."""
     limits = json_object(limit_mm_per_prompt, "limit_mm_per_prompt", '{"image": 4}')
     for modality, n in limits.items():
-        if not isinstance(n, int) or n < 0:
+        if modality not in MODALITIES:
+            raise ValueError(f"limit_mm_per_prompt: unknown modality {modality!r}; choose {', '.join(MODALITIES)}")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be a non-negative integer, got {n!r}")
     if max_image_pixels < 1:
         raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")

@@ -49,6 +49,7 @@ from loomserve.platform.messages import (
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
 from loomserve.platform.stats import IterationStats, SchedulerStats
+from loomserve.platform.threads import set_child_env
 from loomserve.pooling.inputs import PoolingInputs
 from loomserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
 from loomserve.pooling.params import PoolingParams
@@ -69,8 +70,10 @@ class StatLogger(Protocol):
 
 
 class AsyncLLM:
-    def __init__(self, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> None:
+    def __init__(self, args: EngineArgs, stat_loggers: list[StatLogger] | None = None,
+                 log_requests: bool = False) -> None:
         config = args.create_engine_config()
+        self.log_requests = log_requests  # one log line per request as it arrives (--enable-log-requests)
         self.model_config = config.model_config
         self.tokenizer = load_tokenizer(self.model_config)
         self.input_processor = InputProcessor(self.model_config, self.tokenizer, config.mm_config)
@@ -87,6 +90,7 @@ class AsyncLLM:
         self._ipc_dir = tempfile.mkdtemp(prefix="loomserve-")
         self._ctx = zmq.asyncio.Context()
         num_engines = config.parallel_config.data_parallel_size
+        set_child_env()  # the engines' OpenMP reads its wait policy when it starts
         self._engines = [_EngineProcess(self._ctx, args, self._ipc_dir, i) for i in range(num_engines)]
         routing = config.parallel_config.data_parallel_routing
         self._router = DPRouter(num_engines, config.cache_config.block_size, routing) if num_engines > 1 else None
@@ -120,6 +124,9 @@ class AsyncLLM:
         if self.errored:
             raise EngineDeadError(self.errored)
         self.input_processor.validate(prompt_token_ids, sampling_params)
+        if self.log_requests:
+            logger.info("Received request %s: %d prompt tokens, %r, adapter %s", request_id, len(prompt_token_ids),
+                        sampling_params, lora_request.lora_name if lora_request else None)
         queue: asyncio.Queue = asyncio.Queue()
         children = self.output_processor.add_request(
             request_id, prompt, prompt_token_ids, sampling_params, time.time(), queue
@@ -161,6 +168,8 @@ class AsyncLLM:
         if self.errored:
             raise EngineDeadError(self.errored)
         self.pooling_inputs.validate(prompt_token_ids, pooling_params)
+        if self.log_requests:
+            logger.info("Received request %s: %d prompt tokens, %r", request_id, len(prompt_token_ids), pooling_params)
         future = self.pooling.add(request_id, prompt_token_ids)
         request = EngineCoreRequest(request_id, prompt_token_ids, None, None, time.time(), cache_salt=cache_salt,
                                     pooling_params=pooling_params, mm_items=mm_items or [])

@@ -11,15 +11,15 @@ import concurrent.futures
 import logging
 import os
 import shutil
+import signal
 import traceback
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from loomserve.platform.config import EngineArgs, EngineConfig, resolve_device
 from loomserve.platform.executor import Executor, create_executor
 from loomserve.platform.features import scheduler_hooks
 from loomserve.platform.gc_heap import freeze_startup_heap
+from loomserve.platform.logs import configure_logging
 from loomserve.platform.messages import (
     Abort,
     CallReply,
@@ -39,6 +39,7 @@ from loomserve.platform.parent_watch import exit_with_parent
 from loomserve.platform.request import Request, RequestStatus
 from loomserve.platform.scheduler import Scheduler
 from loomserve.platform.step import ScheduledStep, StepResult
+from loomserve.platform.threads import apply_engine_threads
 
 if TYPE_CHECKING:
     from loomserve.adapters.request import LoRARequest
@@ -191,10 +192,11 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None
     """Entry point of the engine process: build the engine, say READY, then serve until told to stop."""
     import zmq  # the in-process engine (LLM) needs no ZeroMQ
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [engine] %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front end stops the engine
+    configure_logging("[engine]")
     ipc_dir = os.path.dirname(input_addr.removeprefix("ipc://"))
     exit_with_parent(lambda: shutil.rmtree(ipc_dir, ignore_errors=True))
-    _leave_a_core_to_the_front_end(args)
+    _set_engine_threads(args)
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.connect(input_addr)
@@ -208,21 +210,23 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None
             _serve(engine, inbox, outbox)
         finally:
             engine.shutdown()
-    except Exception:  # the front end must learn why the engine died, not just that it did
+    except Exception:  # the front end must learn why the engine died, not just that it did, and tells the user
         outbox.send(pack(EngineFailed(traceback.format_exc())))
-        raise
+        raise SystemExit(1) from None
     finally:
         inbox.close(linger=0)
         outbox.close(linger=1000)
         ctx.term()
 
 
-def _leave_a_core_to_the_front_end(args: EngineArgs) -> None:
-    """On CPU, unless OMP_NUM_THREADS says otherwise, use one thread fewer than torch would: the front end (HTTP,
-    tokenizer) runs beside the engine, and an OpenMP thread waiting for a busy core stalls every op of a step
-    (measured: 11 -> 130 embedding requests/s on 2 cores, benchmarks/RESULTS.md)."""
-    if resolve_device(args.device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+def _set_engine_threads(args: EngineArgs) -> None:
+    """On CPU, the thread policy (platform/threads.py) with one core left to the front end (HTTP, tokenizer): an
+    OpenMP thread waiting for a busy core stalls every op of a step (measured: 11 -> 130 embedding requests/s on 2
+    cores, benchmarks/RESULTS.md)."""
+    if resolve_device(args.device).type == "cpu":
+        threads = apply_engine_threads(args.cpu_threads, front_end_cores=1)
+        logger.info("%s: %d CPU thread(s), OMP_WAIT_POLICY=%s", args.served_model_names()[0], threads,
+                    os.environ.get("OMP_WAIT_POLICY"))
 
 
 def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:

@@ -30,7 +30,7 @@ def cache_salt_of(prompt: PromptType) -> str | None:
 def load_tokenizer(model_config: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_config.tokenizer)
+    return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code)
 
 
 def generation_eos_ids(model_path: str) -> list[int]:
@@ -99,6 +99,9 @@ class InputProcessor:
                 f"{len(token_ids)} tokens, which leaves no room for a completion."
             )
         check_vocabulary(token_ids, self.model_config.vocab_size, "the prompt")
+        if (params.logprobs or 0) > self.model_config.max_logprobs:
+            raise ValueError(f"{params.logprobs} logprobs requested; this server gives at most "
+                             f"{self.model_config.max_logprobs} (--max-logprobs)")
 
     def engine_request(
         self,

@@ -53,7 +53,8 @@ def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> Se
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        "loaded %s (%s weights): %.1fM parameters, %s on %s in %.2f s",
+        "%s: loaded %s (%s weights): %.1fM parameters, %s on %s in %.2f s",
+        model_config.served_model_name,
         model_config.architecture,
         "dummy" if model_config.load_format == "dummy" else model_config.model,
         num_params / 1e6,

@@ -29,6 +29,7 @@ from loomserve.platform.loader import load_model
 from loomserve.platform.sampler import Sampler, SamplerOutput, build_sampling_metadata
 from loomserve.platform.spec_decode.rejection_sampler import RejectionSampler, verify_rows
 from loomserve.platform.step import ScheduledStep, StepResult
+from loomserve.platform.threads import StepThreads
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class ModelRunner:
                                       self.device, config.scheduler_config.num_lookahead_tokens)
         self.kv_caches: list[torch.Tensor] = []
         self.cuda_graphs: CudaGraphRunner | None = None
+        self.step_threads = StepThreads(torch.get_num_threads()) if self.device.type == "cpu" else None
 
     def hook(self, name: str) -> RunnerHook | None:
         return find_hook(self.hooks, name)
@@ -101,10 +103,13 @@ class ModelRunner:
             hook.register_kv_caches(self.kv_caches)
             hook.init_kv_cache(num_blocks)
         self.cuda_graphs = self._capture_cuda_graphs()
+        if not self.uses_kv_cache:
+            logger.info("%s: no KV cache (an encoder: every prompt runs whole in one step)", mc.served_model_name)
+            return
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB) on %s",
+            "%s: KV cache of %d blocks of %d tokens (%d tokens, %.1f MiB) on %s", mc.served_model_name,
             num_blocks, self.block_size, num_blocks * self.block_size,
-            num_blocks * self._bytes_per_block() / 2**30, self.device,
+            num_blocks * self._bytes_per_block() / 2**20, self.device,
         )
 
     def _uses_cuda_graphs(self) -> bool:
@@ -185,6 +190,8 @@ class ModelRunner:
     def launch(self, step: ScheduledStep) -> InFlightStep:
         """Take in the step's diff, then run its model, sampler and features without waiting for them."""
         forgotten = self.input_batch.apply(step)
+        if self.step_threads is not None:
+            self.step_threads.for_step(step.num_tokens)
         for hook in self.hooks:
             if forgotten:
                 hook.release(forgotten)

@@ -189,11 +189,14 @@ def test_requests_run_on_while_one_adapter_loads_and_another_unloads(http, clien
     assert unload(http, "t").status_code == 200
 
 
-def test_lora_module_flag_forms():
-    from loomserve.api.cli import lora_module
+def test_lora_module_flag_forms(tmp_path):
+    from loomserve.api.frontend_flags import lora_module
 
-    assert lora_module("a=/x/y") == ("a", "/x/y")
-    assert lora_module('{"name": "b", "path": "/p", "base_model_name": "m"}') == ("b", "/p")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert lora_module(f"a={tmp_path}") == ("a", str(tmp_path))
+    assert lora_module(json.dumps({"name": "b", "path": str(tmp_path), "base_model_name": "m"})) == ("b", str(tmp_path))
     for bad in ("noequals", "=path", '{"name": "c"}'):
         with pytest.raises(Exception, match="expected"):
             lora_module(bad)
+    with pytest.raises(Exception, match="no adapter folder"):
+        lora_module("a=/x/y")

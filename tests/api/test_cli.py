@@ -59,3 +59,14 @@ def test_flags_read_each_field_type():
 def test_choices_come_from_the_fields():
     with pytest.raises(SystemExit):
         parse("--task", "translate")
+
+
+def test_every_serve_flag_has_help_text():
+    serve = make_parser()._subparsers._group_actions[0].choices["serve"]
+    missing = [action.dest for action in serve._actions if not action.help]
+    assert not missing, f"flags without help: {missing}"
+
+
+def test_vllm_short_parallel_flags_name_the_long_ones():
+    args = parse("-tp", "2", "-dp", "3")
+    assert (args.tensor_parallel_size, args.data_parallel_size) == (2, 3)

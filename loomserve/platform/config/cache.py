@@ -20,6 +20,9 @@ def parse_memory(value: int | float | str | None) -> int | None:
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
 
 
+KV_CACHE_DTYPES = ("auto",)  # the model's dtype; fp8 caches arrive with quantized KV (vLLM also takes fp8, fp8_e4m3)
+
+
 @dataclass
 class CacheConfig:
     block_size: int = 16
@@ -27,3 +30,16 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
+    cache_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        # Block tables index tokens by shifts and the Triton kernels tile by powers of two.
+        if not (1 <= self.block_size <= 256 and self.block_size & (self.block_size - 1) == 0):
+            raise ValueError(f"block_size must be a power of two from 1 to 256 (e.g. 16), got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {self.cache_dtype!r} is not supported yet: the KV cache is kept in the "
+                             "model's dtype (kv_cache_dtype auto)")

@@ -13,12 +13,14 @@ import torch
 from loomserve.modalities.config import MultiModalConfig, build_mm_config
 from loomserve.platform.attention import resolve_attention_backend
 from loomserve.platform.config.cache import CacheConfig, parse_memory
+from loomserve.platform.config.checkpoint import locate_checkpoint
 from loomserve.platform.config.kv_transfer import KVTransferConfig, parse_kv_transfer_config
 from loomserve.platform.config.lora import LoRAConfig
 from loomserve.platform.config.model import (
     ModelConfig,
     context_limit,
     default_served_name,
+    parse_model_len,
     resolve_device,
     resolve_dtype,
 )
@@ -56,19 +58,36 @@ class EngineArgs:
     model: str = field(metadata={"help": "Hugging Face checkpoint folder or hub name; `loomserve serve` without one "
                                          "serves a random demo checkpoint"})
     tokenizer: str | None = _arg(None, "tokenizer folder or name (default: MODEL)")
-    served_model_name: str | None = _arg(None, "the model name clients send (default: MODEL)")
+    revision: str | None = _arg(None, "hub branch, tag or commit of MODEL (and of its tokenizer) to fetch")
+    download_dir: str | None = _arg(None, "where hub checkpoints are downloaded and cached (default: the Hugging "
+                                           "Face cache)")
+    trust_remote_code: bool = _arg(False, "let transformers run the checkpoint's own code for its config and "
+                                          "tokenizer (models run on loomserve's implementations)")
+    served_model_name: str | list[str] | None = _arg(
+        None, "the model name(s) clients send; responses carry the first (default: MODEL)")
     dtype: str = _arg("auto", "auto, float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
     device: str = _arg("auto", "auto, cpu, cuda, cuda:1, ...")
-    max_model_len: int | None = _arg(None, "context length (default: the model's)")
+    cpu_threads: int | None = _arg(
+        None, "intra-op threads of a CPU engine (default: OMP_NUM_THREADS, else the cores this process may use, by "
+              "affinity and cgroup quota, less one for the server's front end); see platform/threads.py")
+    max_model_len: int | str | None = _arg(None, "context length, e.g. 8192, 8k (8000) or 8K (8192) (default: "
+                                                 "the model's)")
+    max_logprobs: int = _arg(20, "most logprobs a request may ask for (per token, and of the prompt)")
+    generation_config: str | None = _arg(
+        None, "vllm: sampling defaults are loomserve's (the checkpoint's generation_config.json gives only its "
+              "stop tokens); auto or a folder (its sampling defaults) is not supported yet")
     load_format: str = _arg("auto", "auto, safetensors or dummy (random weights)")
     seed: int = _arg(0, "seed of the random weights of load_format dummy and of unseeded sampling")
     block_size: int = _arg(16, "tokens per KV-cache block")
     kv_cache_memory: int | str | None = _arg(None, "KV-cache size, e.g. 4GiB (wins over utilization)")
+    kv_cache_dtype: str = _arg("auto", "the KV cache's dtype: auto (the model's; fp8 is not supported yet)")
     gpu_memory_utilization: float = _arg(0.9, "share of the GPU's memory the engine may use, KV cache included")
     num_gpu_blocks_override: int | None = _arg(None, "KV-cache blocks to allocate, whatever memory says")
     enable_prefix_caching: bool = _arg(True, "reuse the KV blocks of prompt prefixes seen before")
     max_num_batched_tokens: int | None = _arg(None, "token budget of one step (default: chosen for the device)")
     max_num_seqs: int = _arg(256, "requests in one step")
+    enable_chunked_prefill: bool = _arg(True, "split long prompts over several steps, beside the decodes (encoders "
+                                              "always run prompts whole)")
     attention_backend: str = _arg("auto", "auto, torch or triton")
     enforce_eager: bool = _arg(False, "no CUDA graphs: run every step eagerly")
     max_cudagraph_capture_size: int = _arg(
@@ -122,6 +141,13 @@ class EngineArgs:
     def field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls)}
 
+    def served_model_names(self) -> list[str]:
+        """The names clients may send, the first the one responses carry (default: MODEL as given)."""
+        names = self.served_model_name
+        if not names:
+            return [default_served_name(self.model)]
+        return [names] if isinstance(names, str) else list(names)
+
     def create_engine_config(self) -> EngineConfig:
         from transformers import AutoConfig
 
@@ -132,29 +158,37 @@ class EngineArgs:
             raise ValueError(f"unknown load_format {self.load_format!r}; choose auto, safetensors or dummy")
         parallel_config = self._parallel_config()
         spec = parse_speculative_config(self.speculative_config) if self.speculative_config is not None else None
-        hf_config = AutoConfig.from_pretrained(self.model)
+        self._refuse_generation_config()
+        model = locate_checkpoint(self.model, self.revision, self.download_dir)
+        tokenizer = locate_checkpoint(self.tokenizer, self.revision, self.download_dir) if self.tokenizer else model
+        hf_config = AutoConfig.from_pretrained(model, trust_remote_code=self.trust_remote_code)
         text = hf_config.get_text_config()
         device = resolve_device(self.device)
         limit = context_limit(text)
-        pooling = resolve_pooling(self.model, hf_config, self.task, self.pooler_config)
+        pooling = resolve_pooling(model, hf_config, self.task, self.pooler_config)
         limit = min(limit, pooling.max_model_len or limit)
-        max_model_len = self.max_model_len or limit
+        max_model_len = parse_model_len(self.max_model_len) or limit
         if max_model_len > limit:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be at least 0, got {self.max_logprobs}")
         model_config = ModelConfig(
-            model=self.model,
-            tokenizer=self.tokenizer or self.model,
+            model=model,
+            tokenizer=tokenizer,
             dtype=resolve_dtype(self.dtype, device),
             device=device,
             max_model_len=max_model_len,
             load_format=self.load_format,
             seed=self.seed,
             hf_config=hf_config,
-            served_model_name=self.served_model_name or default_served_name(self.model),
+            served_model_name=self.served_model_names()[0],
             quantization=check_quantization(self.quantization, hf_config),
             task=pooling.task,
             encoder_only=pooling.encoder_only,
             pooler_config=pooling.pooler_config,
+            served_model_aliases=tuple(self.served_model_names()[1:]),
+            trust_remote_code=self.trust_remote_code,
+            max_logprobs=self.max_logprobs,
         )
         cache_config = CacheConfig(
             block_size=self.block_size,
@@ -162,12 +196,13 @@ class EngineArgs:
             gpu_memory_utilization=self.gpu_memory_utilization,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             enable_prefix_caching=self.enable_prefix_caching and not pooling.encoder_only,
+            cache_dtype=self.kv_cache_dtype,
         )
         budget = self.max_num_batched_tokens or _default_token_budget(device, max_model_len, pooling.encoder_only)
         scheduler_config = SchedulerConfig(
             max_num_batched_tokens=budget,
             max_num_seqs=self.max_num_seqs,
-            enable_chunked_prefill=not pooling.encoder_only,
+            enable_chunked_prefill=self.enable_chunked_prefill and not pooling.encoder_only,
             num_lookahead_tokens=spec.num_lookahead_tokens if spec is not None else 0,
         )
         parallel_config.check_model(text, get_model_class(model_config.architecture, model_config.task),
@@ -204,6 +239,11 @@ class EngineArgs:
         return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.pipeline_parallel_size,
                               self.distributed_executor_backend, self.enable_expert_parallel,
                               self.data_parallel_routing)
+
+    def _refuse_generation_config(self) -> None:
+        if self.generation_config not in (None, "vllm"):
+            raise ValueError(f"generation_config {self.generation_config!r} is not supported yet: requests take "
+                             "loomserve's sampling defaults (generation_config vllm)")
 
 
 def _default_token_budget(device: torch.device, max_model_len: int, encoder_only: bool) -> int:

@@ -21,9 +21,22 @@ _DTYPES = {
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` -> the device, refused when it is not on this machine."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported; choose auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: no CUDA GPU is visible here; use --device cpu (or auto)")
+        if (resolved.index or 0) >= count:
+            raise ValueError(f"device {device!r}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+    return resolved
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -49,6 +62,26 @@ def context_limit(text_config: Any) -> int:
     return limit
 
 
+def parse_model_len(value: int | str | None) -> int | None:
+    """vLLM's forms of a context length: 8192, '8k' (8,000), '8K' (8,192), '1m', '1M'; None, 'auto' or -1: the
+    model's."""
+    if value is None or isinstance(value, int):
+        return None if value == -1 else value
+    text = value.strip()
+    if text in ("auto", "-1"):
+        return None
+    units = {"k": 10**3, "K": 2**10, "m": 10**6, "M": 2**20, "g": 10**9, "G": 2**30}
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        length = int(float(number) * scale)
+    except ValueError:
+        raise ValueError(f"cannot read a context length from {value!r} (e.g. 8192, 8k or 8K)") from None
+    if length < 1:
+        raise ValueError(f"max_model_len must be positive, got {value!r}")
+    return length
+
+
 def default_served_name(model: str) -> str:
     return model if not os.path.isdir(model) else model.rstrip("/")
 
@@ -70,6 +103,9 @@ class ModelConfig:
     task: str = "generate"  # generate | embed | classify: which routes and LLM methods serve it
     encoder_only: bool = False  # bidirectional attention: no KV cache, whole prompts in one step
     pooler_config: Any = None  # loomserve.pooling.config.PoolerConfig: how hidden states become vectors
+    served_model_aliases: tuple[str, ...] = ()  # more names clients may send (--served-model-name a b)
+    trust_remote_code: bool = False  # transformers may run the checkpoint's code for its config and tokenizer
+    max_logprobs: int = 20  # most logprobs one request may ask for
 
     @property
     def architecture(self) -> str:

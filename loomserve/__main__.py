@@ -1,0 +1,5 @@
+"""`python -m loomserve ...` is the `loomserve` command."""
+
+from loomserve.api.cli import main
+
+main()
