@@ -44,7 +44,7 @@ MISTAKES = [
     (["--max-model-len", "1M"], None, 1, "exceeds the model's context"),
     (["--kv-cache-dtype", "fp8"], None, 1, "kv_cache_dtype 'fp8' is not supported yet"),
     (["--generation-config", "auto"], None, 1, "generation_config 'auto' is not supported yet"),
-    (["-tp", "2"], None, 1, "tensor_parallel_size=2 is not supported yet"),
+    (["-tp", "3"], None, 1, "is not divisible by the tensor-parallel size 3"),
     (["--speculative-config", '{"method": "ngram"}'], None, 1, "speculative_config needs"),
     (["--lora-modules", "sql=/adapters/sqll", "--enable-lora"], None, 2, "no adapter folder at '/adapters/sqll'"),
     (["--lora-modules", "sql=/tmp", "--enable-lora"], None, 2, "'/tmp' has no adapter_config.json"),

@@ -36,7 +36,8 @@ def adapters(qwen2_checkpoint, tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server(start_server, adapters) -> Iterator[Server]:
     flags = ["--data-parallel-size", "2", "--enable-lora", "--max-lora-rank", "16",
-             "--lora-modules", f"qv={adapters['qv-r8']}", "--embedding-model", f"{EMBEDDER}={tiny_decoder_embedder()}"]
+             "--lora-modules", f"qv={adapters['qv-r8']}", "--allowed-lora-paths", str(Path(adapters["all-r16"]).parent),
+             "--embedding-model", f"{EMBEDDER}={tiny_decoder_embedder()}"]
     with start_server(*flags) as s:
         yield s
 
