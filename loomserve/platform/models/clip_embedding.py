@@ -14,13 +14,6 @@ from loomserve.platform.models.image_text import ImageTextEmbeddingModel
 
 
 class CLIPEmbeddingModel(ImageTextEmbeddingModel):
-    is_multimodal = True
-    supports_lora = False
-    pooling_tasks = ("embed",)
-    encoder_only = True
-    uses_mrope = False
-    is_moe = False
-
     def __init__(self, hf_config: Any, attention_backend: str = "auto") -> None:
         super().__init__(hf_config, causal_text=True, embed_dim=hf_config.projection_dim)
         text, vision = hf_config.text_config, hf_config.vision_config

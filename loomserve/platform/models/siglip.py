@@ -57,13 +57,6 @@ class SiglipVisionTower(nn.Module):
 
 
 class SiglipEmbeddingModel(ImageTextEmbeddingModel):
-    is_multimodal = True
-    supports_lora = False
-    pooling_tasks = ("embed",)
-    encoder_only = True
-    uses_mrope = False
-    is_moe = False
-
     def __init__(self, hf_config: Any, attention_backend: str = "auto") -> None:
         text, vision = hf_config.text_config, hf_config.vision_config
         super().__init__(hf_config, causal_text=False, embed_dim=vision.hidden_size)
