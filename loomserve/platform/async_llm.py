@@ -15,9 +15,11 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from multiprocessing import resource_tracker
 from typing import Any, Protocol
 
 import zmq
@@ -355,7 +357,15 @@ class _EngineProcess:
             target=run_engine_core, args=(args, input_addr, output_addr), name=f"loomserve-engine-{index}",
             daemon=True,
         )
-        self.proc.start()
+        # The child starts with Ctrl-C blocked (a signal mask survives exec), so a Ctrl-C to the process group while
+        # it is still importing is not a KeyboardInterrupt traceback; it ignores SIGINT from then on. The resource
+        # tracker is started first: starting it unblocks SIGINT in this thread.
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def wait_ready(self) -> None:
         """Block until the engine process has loaded the model (or died trying)."""

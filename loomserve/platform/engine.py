@@ -193,6 +193,7 @@ def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None
     import zmq  # the in-process engine (LLM) needs no ZeroMQ
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front end stops the engine
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while starting; a pending one is dropped
     configure_logging("[engine]")
     ipc_dir = os.path.dirname(input_addr.removeprefix("ipc://"))
     exit_with_parent(lambda: shutil.rmtree(ipc_dir, ignore_errors=True))
