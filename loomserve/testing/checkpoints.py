@@ -316,9 +316,6 @@ def build_tiny_checkpoint(
     """Writes config.json, model safetensors (sharded with model.safetensors.index.json when max_shard_size
     is given), generation_config.json, tokenizer files and a chat template into `path`."""
     _check_family(family)
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -341,13 +338,21 @@ def build_tiny_checkpoint(
         tie_word_embeddings=tie_word_embeddings,
         rope_parameters=rope_parameters,
     )
+    save_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    return save_random_model(path, config, tokenizer, seed, **save_kwargs)
+
+
+def save_random_model(path: Path, config: Any, tokenizer: Any, seed: int, **save_kwargs: Any) -> Path:
+    """A causal LM of `config` with seeded random weights, its generation config (the config's special tokens) and
+    `tokenizer`, saved into `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     init_weights(model, seed, INIT_STD)
-    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
-    save_kwargs: dict[str, Any] = {}
-    if max_shard_size is not None:
-        save_kwargs["max_shard_size"] = max_shard_size
+    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                                               pad_token_id=config.pad_token_id)
     model.save_pretrained(path, **save_kwargs)
     tokenizer.save_pretrained(path)
     return path
@@ -356,18 +361,21 @@ def build_tiny_checkpoint(
 _BUILD_SIGNATURE = inspect.signature(build_tiny_checkpoint)
 
 
-def _build_key(family: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """build_tiny_checkpoint's arguments with their defaults filled in, so equal builds share a folder."""
-    bound = _BUILD_SIGNATURE.bind("<path>", family, **kwargs)
+def build_key(signature: inspect.Signature, family: str, kwargs: dict[str, Any],
+              format_version: int = FORMAT_VERSION) -> dict[str, Any]:
+    """A build's arguments (`signature` is the builder's: `(path, family, **kwargs)`) with their defaults filled in,
+    so equal builds share a folder."""
+    bound = signature.bind("<path>", family, **kwargs)
     bound.apply_defaults()
     args = dict(bound.arguments)
     del args["path"]
-    return {"format_version": FORMAT_VERSION, "args": args}
+    return {"format_version": format_version, "args": args}
 
 
 def cached_tiny_checkpoint(family: str, kwargs: dict[str, Any], name: str) -> Path:
     """`build_tiny_checkpoint(folder, family, **kwargs)`, built once into the cache as `name-<key digest>`."""
-    return cached_build(name, _build_key(family, kwargs), lambda path: build_tiny_checkpoint(path, family, **kwargs))
+    key = build_key(_BUILD_SIGNATURE, family, kwargs)
+    return cached_build(name, key, lambda path: build_tiny_checkpoint(path, family, **kwargs))
 
 
 def tiny_checkpoint(family: str, **kwargs: Any) -> Path:

@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from loomserve.testing.cache import cached_build
-from loomserve.testing.checkpoints import INIT_STD, build_tokenizer, special_token_ids
-from loomserve.testing.weights import init_weights
+from loomserve.testing.checkpoints import (
+    INIT_STD,
+    build_key,
+    build_tokenizer,
+    save_random_model,
+    special_token_ids,
+)
 
 MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 
@@ -64,9 +69,6 @@ def build_tiny_moe_checkpoint(
     """Writes config.json, model.safetensors (per-expert names), generation_config.json and the tokenizer files."""
     if family not in MOE_FAMILIES:
         raise ValueError(f"unknown MoE family {family!r}; expected one of {MOE_FAMILIES}")
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(_TOKENIZER_FAMILY[family], model_max_length=max_position_embeddings)
@@ -78,14 +80,7 @@ def build_tiny_moe_checkpoint(
         "rms_norm_eps": 1e-6, "initializer_range": INIT_STD, "bos_token_id": bos_id, "eos_token_id": eos_id,
         "pad_token_id": pad_id, "dtype": "float32", "use_cache": True,
     }
-    config = _make_config(family, common, num_experts, top_k, expert_size)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    init_weights(model, seed, INIT_STD)
-    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_random_model(path, _make_config(family, common, num_experts, top_k, expert_size), tokenizer, seed)
 
 
 _BUILD_SIGNATURE = inspect.signature(build_tiny_moe_checkpoint)
@@ -93,7 +88,5 @@ _BUILD_SIGNATURE = inspect.signature(build_tiny_moe_checkpoint)
 
 def tiny_moe_checkpoint(family: str, **kwargs: Any) -> Path:
     """Builds once into the cache folder (`cached_build`), keyed by family, kwargs and FORMAT_VERSION."""
-    bound = _BUILD_SIGNATURE.bind("<path>", family, **kwargs)
-    bound.apply_defaults()
-    key = {"format_version": FORMAT_VERSION, "args": {k: v for k, v in bound.arguments.items() if k != "path"}}
+    key = build_key(_BUILD_SIGNATURE, family, kwargs, FORMAT_VERSION)
     return cached_build(family, key, lambda path: build_tiny_moe_checkpoint(path, family, **kwargs))
