@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loomserve.adapters.request import LoRARequest
+from loomserve.platform.structured.params import StructuredOutputsParams
 from loomserve.pooling.params import PoolingParams
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top logprobs per sampled token; 0 = only the sampled one
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -80,6 +82,9 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
+        structured = d.get("structured_outputs")
+        if isinstance(structured, dict):
+            d = {**d, "structured_outputs": StructuredOutputsParams(**structured)}
         return cls(**d)
 
 
