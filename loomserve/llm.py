@@ -15,7 +15,7 @@ from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import EngineCore
-from loomserve.platform.gc_heap import freeze_startup_heap
+from loomserve.platform.gc_heap import freeze_startup_heap, thaw_startup_heap
 from loomserve.platform.input_processor import InputProcessor, PromptType, cache_salt_of, load_tokenizer
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
@@ -32,6 +32,7 @@ class LLM(PoolingAPI):
         unknown = set(engine_args) - EngineArgs.field_names()
         if unknown:
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
+        thaw_startup_heap()  # frees an LLM made and dropped before this one, before this one's weights load
         args = EngineArgs(model=model, **engine_args)
         self.config = args.create_engine_config()
         if self.config.parallel_config.data_parallel_size > 1:

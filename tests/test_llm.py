@@ -149,3 +149,4 @@ def test_a_cache_salt_in_the_prompt_keeps_its_blocks_apart(llm):
     assert llm.generate({"prompt": text, "cache_salt": "a"}, params)[0].num_cached_tokens == 0
     assert llm.generate({"prompt": text, "cache_salt": "b"}, params)[0].num_cached_tokens == 0
     assert llm.generate({"prompt": text, "cache_salt": "a"}, params)[0].num_cached_tokens >= 8
+

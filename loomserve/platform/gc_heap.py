@@ -16,6 +16,13 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def thaw_startup_heap() -> None:
+    """Hand what earlier engines of this process froze back to the collector, and collect: an `LLM` the caller
+    dropped holds reference cycles (its model among them) that only a collection frees."""
+    gc.unfreeze()
+    gc.collect()
+
+
 # Frozen objects are never collected, not even at exit, where extension modules (triton's nanobind) then report
 # each object of theirs as leaked: hand the heap back to the collector before the interpreter tears down.
 atexit.register(gc.unfreeze)
