@@ -15,7 +15,7 @@ from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import EngineCore
-from loomserve.platform.gc_heap import freeze_startup_heap, thaw_startup_heap
+from loomserve.platform.gc_heap import frozen_heap
 from loomserve.platform.input_processor import InputProcessor, PromptType, cache_salt_of, load_tokenizer
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
@@ -32,7 +32,6 @@ class LLM(PoolingAPI):
         unknown = set(engine_args) - EngineArgs.field_names()
         if unknown:
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(unknown))}")
-        thaw_startup_heap()  # frees an LLM made and dropped before this one, before this one's weights load
         args = EngineArgs(model=model, **engine_args)
         self.config = args.create_engine_config()
         if self.config.parallel_config.data_parallel_size > 1:
@@ -44,7 +43,6 @@ class LLM(PoolingAPI):
         self.input_processor = InputProcessor(self.config.model_config, self.tokenizer, self.config.mm_config)
         self.engine = EngineCore(self.config)
         self._ids = itertools.count()
-        freeze_startup_heap()  # as the serving processes do: collections then walk only the requests' objects
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -107,12 +105,13 @@ class LLM(PoolingAPI):
 
     def _run(self, processor: OutputProcessor, order: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        while processor.has_unfinished():
-            processed = processor.process_outputs(self.engine.step().outputs)
-            self.engine.abort_requests(processed.to_abort)
-            for _, output in processed.request_outputs:
-                if output.finished:
-                    finished[output.request_id] = output
+        with frozen_heap():  # collections while stepping walk only the requests' objects
+            while processor.has_unfinished():
+                processed = processor.process_outputs(self.engine.step().outputs)
+                self.engine.abort_requests(processed.to_abort)
+                for _, output in processed.request_outputs:
+                    if output.finished:
+                        finished[output.request_id] = output
         return [finished[i] for i in order]
 
 

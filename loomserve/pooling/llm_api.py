@@ -14,6 +14,7 @@ from typing import Any
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.engine import EngineCore
+from loomserve.platform.gc_heap import frozen_heap
 from loomserve.platform.input_processor import InputProcessor, cache_salt_of
 from loomserve.platform.messages import EngineCoreOutput, EngineCoreRequest
 from loomserve.pooling.inputs import PoolingInputs, PoolingPrompt, expand_media, prompt_list
@@ -112,8 +113,9 @@ class PoolingAPI:
                                         pooling_params=params, mm_items=mm_items[i] if mm_items else [])
             self.engine.add_request(request)
         finished: dict[str, EngineCoreOutput] = {}
-        while len(finished) < len(order):
-            finished.update((out.request_id, out) for out in self.engine.step().outputs if out.pooled is not None)
+        with frozen_heap():  # collections while stepping walk only the requests' objects
+            while len(finished) < len(order):
+                finished.update((out.request_id, out) for out in self.engine.step().outputs if out.pooled is not None)
         return [
             PoolingRequestOutput(request_id, PoolingOutput(finished[request_id].pooled), token_ids,
                                  num_cached_tokens=finished[request_id].num_cached_tokens)

@@ -1,28 +1,38 @@
-"""The start-up heap freeze: off the collector while serving, handed back when another engine starts."""
+"""The heap freeze of an offline run: what existed before is off the collector while the engine steps, and back
+on it after, so a dropped `LLM` held in reference cycles is freed by the caller's collection."""
 
 from __future__ import annotations
 
+import gc
 import weakref
 
-from loomserve.platform.gc_heap import freeze_startup_heap, thaw_startup_heap
+from loomserve.platform.gc_heap import frozen_heap
 
 
 class _Node:
     pass
 
 
-def _dropped_cycle() -> weakref.ref:
+def _cycle() -> weakref.ref:
     a, b = _Node(), _Node()
     a.other, b.other = b, a
-    freeze_startup_heap()
     return weakref.ref(a)
 
 
-def test_a_frozen_cycle_survives_collection_until_the_heap_is_thawed():
-    import gc
+def test_a_cycle_made_inside_the_block_is_collected_inside_it():
+    with frozen_heap():
+        node = _cycle()
+        gc.collect()
+        assert node() is None
 
-    node = _dropped_cycle()
+
+def test_a_cycle_dropped_inside_the_block_is_collected_after_it():
+    a, b = _Node(), _Node()
+    a.other, b.other = b, a
+    node = weakref.ref(a)
+    with frozen_heap():
+        del a, b
+        gc.collect()
+        assert node() is not None
     gc.collect()
-    assert node() is not None
-    thaw_startup_heap()
     assert node() is None
