@@ -107,6 +107,7 @@ class EngineCoreOutput:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] | None = None  # one entry per new token
+    prompt_logprobs: list[TokenLogprobs] | None = None  # of prompt tokens 1.. (asked for), with the first token
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
