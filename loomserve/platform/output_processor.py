@@ -29,14 +29,12 @@ def child_request_ids(request_id: str, n: int) -> list[str]:
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Each child samples on its own; a seeded request gives child i the seed + i, as vLLM does. The first child
-    alone computes the prompt's logprobs; with best_of > n every child reports its tokens' logprobs, which rank it."""
+    """Each child samples on its own; a seeded request gives child i the seed + i, as vLLM does. With best_of > n
+    every child reports its tokens' logprobs, which rank it."""
     d = params.to_dict()
     d["n"], d["best_of"] = 1, None
     if params.seed is not None:
         d["seed"] = params.seed + index
-    if index > 0:
-        d["prompt_logprobs"] = None
     if params.num_candidates > params.n and params.logprobs is None:
         d["logprobs"] = 0
     return SamplingParams.from_dict(d)
