@@ -61,6 +61,14 @@ def completion_logprobs(
     return result
 
 
+def joined_logprobs(first: CompletionLogProbs, then: CompletionLogProbs) -> CompletionLogProbs:
+    """One choice's logprobs from two runs of tokens (an echoed prompt's, then the completion's)."""
+    return CompletionLogProbs(
+        text_offset=first.text_offset + then.text_offset, token_logprobs=first.token_logprobs + then.token_logprobs,
+        tokens=first.tokens + then.tokens, top_logprobs=first.top_logprobs + then.top_logprobs,
+    )
+
+
 def chat_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_top: int,
                   as_ids: bool = False) -> ChatLogProbs:
     """Chat shape: each token with its bytes and the `num_top` most likely alternatives (-1: all there are)."""

@@ -14,7 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from loomserve.api.beam_search import beam_search, beam_search_params
 from loomserve.api.errors import APIError, error_body_for
-from loomserve.api.logprobs import completion_logprobs, prompt_logprobs_json
+from loomserve.api.logprobs import completion_logprobs, joined_logprobs, prompt_logprobs_json
 from loomserve.api.offload import json_response, offload
 from loomserve.api.prompts import Prompt, check_token_ids, encode_fitting
 from loomserve.api.protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse
@@ -164,7 +164,9 @@ def _logprobs(call: _Call, echo: str, output: RequestOutput, delta: Delta) -> Co
     request = call.request
     if request.logprobs is None:
         return None
-    token_ids, steps, offset = delta.token_ids, delta.logprobs, delta.offset + len(echo)
+    as_ids = request.return_tokens_as_token_ids
+    result = completion_logprobs(delta.token_ids, delta.logprobs, delta.offset + len(echo), call.decode, as_ids)
     if request.echo and delta.first:
-        token_ids, steps, offset = output.prompt_token_ids + token_ids, output.prompt_logprobs + steps, 0
-    return completion_logprobs(token_ids, steps, offset, call.decode, request.return_tokens_as_token_ids)
+        prompt = completion_logprobs(output.prompt_token_ids, output.prompt_logprobs, 0, call.decode, as_ids)
+        result = joined_logprobs(prompt, result)
+    return result
