@@ -107,12 +107,12 @@ class EngineCoreOutput:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] | None = None  # one entry per new token
-    prompt_logprobs: list[TokenLogprobs] | None = None  # of prompt tokens 1.. (asked for), with the first token
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     pooled: torch.Tensor | None = None  # a pooling request's output (float32)
     kv_transfer_params: dict[str, Any] | None = None  # on a finished request: where a decode instance finds its KV
+    prompt_logprobs: list[TokenLogprobs] | None = None  # of prompt tokens 1.. (asked for), with the first token
 
 
 @dataclass

@@ -238,5 +238,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    prompt_logprobs: PromptLogprobs | None = None  # when the request asked for them
     kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer: where its KV waits
+    prompt_logprobs: PromptLogprobs | None = None  # when the request asked for them
