@@ -48,8 +48,10 @@ def test_prompt_logprobs_equal_transformers_log_softmax(llm, qwen2_checkpoint):
     assert_equals_reference(qwen2_checkpoint, llm.generate(PROMPT, ASK)[0])
 
 
-def test_prompt_logprobs_are_collected_across_prefill_chunks(qwen2_checkpoint):
-    chunked = LLM(qwen2_checkpoint, block_size=4, kv_cache_memory="32MiB", max_num_batched_tokens=5)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prompt_logprobs_are_collected_across_prefill_chunks(qwen2_checkpoint, async_scheduling):
+    chunked = LLM(qwen2_checkpoint, block_size=4, kv_cache_memory="32MiB", max_num_batched_tokens=5,
+                  async_scheduling=async_scheduling)
     outputs = chunked.generate([PROMPT, "a much shorter one"], ASK)
     for output in outputs:
         assert_equals_reference(qwen2_checkpoint, output)
