@@ -148,6 +148,11 @@ class SamplingRequest(OpenAIBaseModel):
         return self.prompt_logprobs
 
     @property
+    def num_sequences(self) -> int:
+        """Sequences the engine runs per prompt: best_of candidates when more than n."""
+        return max(self.n, self.best_of or 1)
+
+    @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 

@@ -73,8 +73,8 @@ async def create_chat_completion(
     models: ServedModels, engine: AsyncLLM, request: ChatCompletionRequest, raw_request: Request
 ) -> Response:
     lora, model_name = await lora_for(engine, request.model)
-    models.limits.check_generation(1, request.n, request.stop)
-    with models.admit(engine, request.n) as hold:
+    models.limits.check_generation(1, request.num_sequences, request.stop)
+    with models.admit(engine, request.num_sequences) as hold:
         prompt = await chat_prompt(engine, request.messages, models.limits.media_budget)
         check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
         params = sampling_params(engine, request, prompt)

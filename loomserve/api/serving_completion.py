@@ -63,8 +63,8 @@ async def create_completion(
 ) -> Response:
     lora, model_name = await lora_for(engine, request.model)
     given = _prompt_list(request.prompt)
-    models.limits.check_generation(len(given), request.n, request.stop)
-    with models.admit(engine, len(given) * request.n) as hold:
+    models.limits.check_generation(len(given), request.num_sequences, request.stop)
+    with models.admit(engine, len(given) * request.num_sequences) as hold:
         prompts = await offload(_prompts, engine, given)
         params = [sampling_params(engine, request, prompt) for prompt in prompts]
         echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
