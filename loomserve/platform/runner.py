@@ -276,7 +276,9 @@ class ModelRunner:
         graphs, forward = self.cuda_graphs, batch.forward
         num_tokens, num_seqs = batch.input_ids.shape[0], forward.attn.num_seqs
         replayable = graphs is not None and not (batch.pooling or forward.has_extra_inputs)
-        if replayable and forward.attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
+        # The decode graph yields logits only; a one-token prompt chunk whose logprobs are asked for needs hidden states
+        decode_graph = replayable and not self.prompt_logprobs.collecting
+        if decode_graph and forward.attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
             logits = graphs.run_decode(batch.input_ids, forward)  # [B, vocab]
             return (logits[batch.logits_indices] if batch.sample_requests else None), {}
         if replayable and graphs.can_run_mixed(num_tokens, num_seqs):
