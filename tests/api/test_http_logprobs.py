@@ -136,6 +136,9 @@ def test_return_token_ids_gives_prompt_and_output_ids(complete, chat, http):
     assert choice.prompt_token_ids == http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
     assert len(choice.token_ids) == 4
     assert complete().choices[0].model_extra.get("token_ids") is None
+    streamed = [c.choices[0] for c in complete(stream=True, extra={"return_token_ids": True}) if c.choices]
+    assert streamed[0].prompt_token_ids == choice.prompt_token_ids
+    assert [t for c in streamed for t in c.token_ids] == choice.token_ids
     whole = chat(extra={"return_token_ids": True})
     chunks = list(chat(stream=True, extra={"return_token_ids": True}))
     assert chunks[0].prompt_token_ids == whole.prompt_token_ids
