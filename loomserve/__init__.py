@@ -1,6 +1,7 @@
 """loomserve: one paged-attention engine behind OpenAI-compatible endpoints."""
 
 from loomserve.adapters.request import LoRARequest
+from loomserve.platform.beam_search import BeamSearchParams
 from loomserve.platform.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
 from loomserve.pooling.params import PoolingParams
 
@@ -17,6 +18,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "LLM", "LoRARequest", "SamplingParams", "PoolingParams", "RequestOutput", "CompletionOutput", "Logprob",
-    "__version__",
+    "LLM", "LoRARequest", "SamplingParams", "BeamSearchParams", "PoolingParams", "RequestOutput", "CompletionOutput",
+    "Logprob", "__version__",
 ]

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.chat import render_chat_with_media, split_media
+from loomserve.platform.beam_search import BeamSearch, BeamSearchBatch, BeamSearchOutput, BeamSearchParams
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import EngineCore
 from loomserve.platform.gc_heap import frozen_heap
@@ -76,6 +77,23 @@ class LLM(PoolingAPI):
                 )
                 self.engine.add_request(request)
         return self._run(processor, order)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        lora_request: LoRARequest | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's `LLM.beam_search`: the `beam_width` best continuations of each prompt, best first, searched one
+        token at a time over the engine (platform/beam_search.py)."""
+        eos, max_len = self.input_processor.eos_token_id, self.config.model_config.max_model_len
+        batch = BeamSearchBatch([BeamSearch(self.input_processor.tokenize(p)[1], params, eos, max_len)
+                                 for p in _as_prompt_list(prompts)])
+        step_params = params.step_params()
+        while not batch.done:
+            outputs = self.generate(batch.prompts(), step_params, lora_request)
+            batch.advance([output.outputs[0].logprobs[0] for output in outputs])
+        return [search.output(self.tokenizer) for search in batch.searches]
 
     def chat(
         self,

@@ -33,7 +33,7 @@ def _valid_unicode(value: Any) -> Any:
 # Integers travel to the engine through msgpack, which holds at most 64 bits.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**63 - 1)]
-TopLogprobs = Annotated[int, Field(ge=0, le=20)]  # vLLM's default --max-logprobs, OpenAI's limit
+LogprobCount = Annotated[int, Field(ge=-1)]  # -1: the whole vocabulary; the server caps it (--max-logprobs)
 # vLLM's `cache_salt`: prompts with different salts share no prefix-cache block (tenants cannot time each other's
 # prompts through cache hits); it keys the first block of the prompt's chain.
 CacheSalt = Annotated[str, Field(min_length=1, max_length=256)]
@@ -42,7 +42,7 @@ CacheSalt = Annotated[str, Field(min_length=1, max_length=256)]
 _SAMPLING_FIELDS = (
     "n", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos", "include_stop_str_in_output",
-    "skip_special_tokens",
+    "skip_special_tokens", "best_of",
 )
 
 
@@ -124,8 +124,33 @@ class SamplingRequest(OpenAIBaseModel):
     user: str | None = None
     kv_transfer_params: dict[str, Any] | None = None  # disaggregated prefill/decode, set by the proxy (vLLM's)
     cache_salt: CacheSalt | None = None
+    # vLLM's logprob and search fields (api/logprobs.py, api/beam_search.py)
+    prompt_logprobs: LogprobCount | None = None
+    return_tokens_as_token_ids: bool = False
+    return_token_ids: bool = False
+    best_of: int | None = Field(None, ge=1, le=128)
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool = False
 
     _unicode = field_validator("stop")(_valid_unicode)
+
+    @model_validator(mode="after")
+    def _streams_what_it_can(self) -> SamplingRequest:
+        if self.stream and self.prompt_logprobs is not None:
+            raise ValueError("`prompt_logprobs` are not available when `stream` is true")
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise ValueError("`best_of` above `n` cannot stream: the best candidates are known only at the end")
+        return self
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.prompt_logprobs
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine runs per prompt: best_of candidates when more than n."""
+        return max(self.n, self.best_of or 1)
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -143,12 +168,13 @@ class SamplingRequest(OpenAIBaseModel):
         """Raises ValueError (from SamplingParams) for values out of range."""
         given = {name: getattr(self, name) for name in _SAMPLING_FIELDS}
         given = {name: value for name, value in given.items() if value is not None}
-        return SamplingParams(max_tokens=max_tokens, logprobs=self.num_logprobs, **given)
+        return SamplingParams(max_tokens=max_tokens, logprobs=self.num_logprobs,
+                              prompt_logprobs=self.num_prompt_logprobs, **given)
 
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    logprobs: TopLogprobs | None = None
+    logprobs: LogprobCount | None = None
     echo: bool = False
 
     _prompt_unicode = field_validator("prompt")(_valid_unicode)
@@ -157,12 +183,19 @@ class CompletionRequest(SamplingRequest):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """An echoed prompt carries its tokens' logprobs when `logprobs` is set (as vLLM)."""
+        if self.prompt_logprobs is None and self.echo:
+            return self.logprobs
+        return self.prompt_logprobs
+
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: TopLogprobs | None = None
+    top_logprobs: LogprobCount | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -230,10 +263,20 @@ def _now() -> int:
 
 
 class CompletionLogProbs(OpenAIBaseModel):
+    """An echoed prompt's first token has no logprob: None in `token_logprobs` and `top_logprobs`."""
+
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class PromptLogprob(OpenAIBaseModel):
+    """vLLM's `prompt_logprobs` entry of one token."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 class CompletionChoice(OpenAIBaseModel):
@@ -242,6 +285,9 @@ class CompletionChoice(OpenAIBaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids (vLLM)
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(_DropsNone):
@@ -281,6 +327,7 @@ class ChatChoice(OpenAIBaseModel):
     logprobs: ChatLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids (vLLM)
 
 
 class ChatCompletionResponse(OpenAIBaseModel):
@@ -291,6 +338,8 @@ class ChatCompletionResponse(OpenAIBaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer: where the decode finds the KV
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids (vLLM)
 
 
 class DeltaMessage(_DropsNone):
@@ -304,6 +353,7 @@ class ChatStreamChoice(OpenAIBaseModel):
     logprobs: ChatLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids (vLLM)
 
 
 class ChatCompletionStreamResponse(_DropsNone):
@@ -313,6 +363,7 @@ class ChatCompletionStreamResponse(_DropsNone):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids (vLLM): in the first chunk
 
 
 class ModelCard(OpenAIBaseModel):

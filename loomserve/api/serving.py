@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from loomserve.adapters.registry import UnknownLoRAError
 from loomserve.adapters.request import LoRARequest
 from loomserve.api.errors import APIError
+from loomserve.api.logprobs import check_max_logprobs
 from loomserve.api.prompts import Prompt, resolve_max_tokens
 from loomserve.api.protocol import SamplingRequest, UsageInfo
 from loomserve.api.streaming import merge_async_iterators
@@ -43,6 +44,7 @@ def sampling_params(engine: AsyncLLM, request: SamplingRequest, prompt: Prompt) 
     """The prompt's SamplingParams; 400 when the prompt plus completion overflow the context."""
     max_model_len = engine.model_config.max_model_len
     max_tokens = resolve_max_tokens(len(prompt.token_ids), request.requested_max_tokens, max_model_len)
+    check_max_logprobs(request, engine.model_config)
     try:
         return request.to_sampling_params(max_tokens)
     except ValueError as exc:

@@ -12,9 +12,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from loomserve.api.beam_search import beam_search, beam_search_params
 from loomserve.api.chat import chat_prompt
 from loomserve.api.errors import error_body_for
-from loomserve.api.logprobs import chat_logprobs
+from loomserve.api.logprobs import chat_logprobs, prompt_logprobs_json
 from loomserve.api.offload import json_response
 from loomserve.api.prompts import check_token_ids
 from loomserve.api.protocol import (
@@ -56,7 +57,11 @@ class _Call:
     def logprobs(self, delta: Delta) -> ChatLogProbs | None:
         if delta.logprobs is None:
             return None
-        return chat_logprobs(delta.token_ids, delta.logprobs, self.request.top_logprobs or 0)
+        return chat_logprobs(delta.token_ids, delta.logprobs, self.request.top_logprobs or 0,
+                             self.request.return_tokens_as_token_ids)
+
+    def token_ids(self, token_ids: list[int]) -> list[int] | None:
+        return token_ids if self.request.return_token_ids else None
 
     def chunk(self, choices: list[ChatStreamChoice], **extra: Any) -> ChatCompletionStreamResponse:
         return ChatCompletionStreamResponse(
@@ -68,15 +73,19 @@ async def create_chat_completion(
     models: ServedModels, engine: AsyncLLM, request: ChatCompletionRequest, raw_request: Request
 ) -> Response:
     lora, model_name = await lora_for(engine, request.model)
-    models.limits.check_generation(1, request.n, request.stop)
-    with models.admit(engine, request.n) as hold:
+    models.limits.check_generation(1, request.num_sequences, request.stop)
+    with models.admit(engine, request.num_sequences) as hold:
         prompt = await chat_prompt(engine, request.messages, models.limits.media_budget)
         check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
         params = sampling_params(engine, request, prompt)
         call = _Call(request, model_name)
-        stream = engine.generate(prompt.token_ids, params, call.id, prompt=prompt.text, mm_items=prompt.mm_items,
-                                 lora_request=lora, cache_salt=request.cache_salt,
-                                 kv_transfer_params=request.kv_transfer_params)
+        if request.use_beam_search:
+            search = beam_search_params(engine, request, prompt, params.max_tokens)
+            stream = beam_search(engine, prompt, search, call.id, lora)
+        else:
+            stream = engine.generate(prompt.token_ids, params, call.id, prompt=prompt.text, mm_items=prompt.mm_items,
+                                     lora_request=lora, cache_salt=request.cache_salt,
+                                     kv_transfer_params=request.kv_transfer_params)
         if request.stream:
             return StreamingResponse(hold.over(_stream(call, stream)), media_type="text/event-stream")
         finished, outputs = await run_unless_disconnected(raw_request, collect_final([stream]))
@@ -91,11 +100,12 @@ def _full_response(call: _Call, output: RequestOutput) -> ChatCompletionResponse
         delta = Delta.whole(c)
         choices.append(ChatChoice(
             index=c.index, message=ChatResponseMessage(content=c.text), logprobs=call.logprobs(delta),
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            finish_reason=c.finish_reason, stop_reason=c.stop_reason, token_ids=call.token_ids(c.token_ids),
         ))
     return ChatCompletionResponse(
         id=call.id, created=call.created, model=call.model, choices=choices, usage=usage([output]),
-        kv_transfer_params=output.kv_transfer_params,
+        kv_transfer_params=output.kv_transfer_params, prompt_logprobs=prompt_logprobs_json(output.prompt_logprobs),
+        prompt_token_ids=call.token_ids(output.prompt_token_ids),
     )
 
 
@@ -124,7 +134,8 @@ def _events(call: _Call, tracker: DeltaTracker, output: RequestOutput) -> Iterat
             continue
         if delta.first:
             role = DeltaMessage(role="assistant", content="")
-            yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)]))
+            yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)],
+                                 prompt_token_ids=call.token_ids(output.prompt_token_ids)))
         if delta.text or delta.finish_reason or delta.logprobs:
             yield sse(call.chunk([_stream_choice(call, c.index, delta)]))
 
@@ -132,5 +143,5 @@ def _events(call: _Call, tracker: DeltaTracker, output: RequestOutput) -> Iterat
 def _stream_choice(call: _Call, index: int, delta: Delta) -> ChatStreamChoice:
     return ChatStreamChoice(
         index=index, delta=DeltaMessage(content=delta.text), logprobs=call.logprobs(delta),
-        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason, token_ids=call.token_ids(delta.token_ids),
     )

@@ -12,11 +12,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from loomserve.api.beam_search import beam_search, beam_search_params
 from loomserve.api.errors import APIError, error_body_for
-from loomserve.api.logprobs import completion_logprobs
+from loomserve.api.logprobs import completion_logprobs, joined_logprobs, prompt_logprobs_json
 from loomserve.api.offload import json_response, offload
 from loomserve.api.prompts import Prompt, check_token_ids, encode_fitting
-from loomserve.api.protocol import CompletionChoice, CompletionRequest, CompletionResponse
+from loomserve.api.protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse
 from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import (
     Delta,
@@ -41,8 +42,12 @@ class _Call:
     request: CompletionRequest
     echo_texts: list[str]
     model: str
+    tokenizer: Any
     id: str = field(default_factory=lambda: random_id("cmpl"))
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def decode(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
     def choice_index(self, prompt_index: int, output_index: int) -> int:
         return prompt_index * self.request.n + output_index
@@ -57,20 +62,23 @@ async def create_completion(
     models: ServedModels, engine: AsyncLLM, request: CompletionRequest, raw_request: Request
 ) -> Response:
     lora, model_name = await lora_for(engine, request.model)
-    if request.echo and request.logprobs is not None:
-        raise APIError("`echo` together with `logprobs` is not supported yet", param="echo")
     given = _prompt_list(request.prompt)
-    models.limits.check_generation(len(given), request.n, request.stop)
-    with models.admit(engine, len(given) * request.n) as hold:
+    models.limits.check_generation(len(given), request.num_sequences, request.stop)
+    with models.admit(engine, len(given) * request.num_sequences) as hold:
         prompts = await offload(_prompts, engine, given)
         params = [sampling_params(engine, request, prompt) for prompt in prompts]
         echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
-        call = _Call(request, echo_texts, model_name)
-        streams = [
-            engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text, lora_request=lora,
-                            cache_salt=request.cache_salt, kv_transfer_params=request.kv_transfer_params)
-            for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
-        ]
+        call = _Call(request, echo_texts, model_name, engine.tokenizer)
+        if request.use_beam_search:
+            searches = [beam_search_params(engine, request, p, sp.max_tokens) for p, sp in zip(prompts, params)]
+            streams = [beam_search(engine, p, bp, f"{call.id}-{i}", lora)
+                       for i, (p, bp) in enumerate(zip(prompts, searches, strict=True))]
+        else:
+            streams = [
+                engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text, lora_request=lora,
+                                cache_salt=request.cache_salt, kv_transfer_params=request.kv_transfer_params)
+                for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+            ]
         if request.stream:
             return StreamingResponse(hold.over(_stream(call, streams)), media_type="text/event-stream")
         finished, outputs = await run_unless_disconnected(raw_request, collect_final(streams))
@@ -103,7 +111,7 @@ def _echo_text(tokenizer: Any, prompt: Prompt) -> str:
 
 def _full_response(call: _Call, outputs: list[RequestOutput]) -> CompletionResponse:
     choices = [
-        _choice(call, call.choice_index(i, c.index), call.echo_texts[i], Delta.whole(c))
+        _choice(call, call.choice_index(i, c.index), i, output, Delta.whole(c))
         for i, output in enumerate(outputs)
         for c in output.outputs
     ]
@@ -133,14 +141,32 @@ def _events(call: _Call, tracker: DeltaTracker, prompt_index: int, output: Reque
         index = call.choice_index(prompt_index, c.index)
         delta = tracker.delta(index, c)
         if delta is not None:
-            yield sse(call.response([_choice(call, index, call.echo_texts[prompt_index], delta)]))
+            yield sse(call.response([_choice(call, index, prompt_index, output, delta)]))
 
 
-def _choice(call: _Call, index: int, echo: str, delta: Delta) -> CompletionChoice:
-    logprobs = None
-    if call.request.logprobs is not None:
-        logprobs = completion_logprobs(delta.token_ids, delta.logprobs, text_offset=delta.offset)
+def _choice(call: _Call, index: int, prompt_index: int, output: RequestOutput, delta: Delta) -> CompletionChoice:
+    """A choice's chunk (or whole answer): an echoed prompt, its token ids and logprobs come with the first."""
+    request = call.request
+    echo = call.echo_texts[prompt_index]
+    first = delta.first
     return CompletionChoice(
-        index=index, text=(echo if delta.first else "") + delta.text, logprobs=logprobs,
+        index=index, text=(echo if first else "") + delta.text, logprobs=_logprobs(call, echo, output, delta),
         finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
+        prompt_logprobs=prompt_logprobs_json(output.prompt_logprobs) if first else None,
+        prompt_token_ids=output.prompt_token_ids if first and request.return_token_ids else None,
+        token_ids=delta.token_ids if request.return_token_ids else None,
     )
+
+
+def _logprobs(call: _Call, echo: str, output: RequestOutput, delta: Delta) -> CompletionLogProbs | None:
+    """The delta's token logprobs; with `echo`, the prompt's come first (its first token without one), and the
+    offsets count the echoed text."""
+    request = call.request
+    if request.logprobs is None:
+        return None
+    as_ids = request.return_tokens_as_token_ids
+    result = completion_logprobs(delta.token_ids, delta.logprobs, delta.offset + len(echo), call.decode, as_ids)
+    if request.echo and delta.first:
+        prompt = completion_logprobs(output.prompt_token_ids, output.prompt_logprobs, 0, call.decode, as_ids)
+        result = joined_logprobs(prompt, result)
+    return result

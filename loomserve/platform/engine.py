@@ -181,6 +181,7 @@ def _output(request: Request, taken: int, result: StepResult) -> EngineCoreOutpu
         request_id=request.request_id,
         new_token_ids=request.output_token_ids[len(request.output_token_ids) - taken:],
         new_logprobs=logprobs[:taken] if logprobs is not None else None,
+        prompt_logprobs=result.prompt_logprobs.get(request.request_id),
         finish_reason=request.finish_reason,
         stop_reason=request.stop_reason,
         num_cached_tokens=request.num_cached_tokens,

@@ -14,7 +14,7 @@ from loomserve.modalities.frontend import MultiModalFrontend
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import ModelConfig
 from loomserve.platform.messages import EngineCoreRequest
-from loomserve.platform.request import SamplingParams
+from loomserve.platform.request import SamplingParams, resolve_num_logprobs
 
 # A prompt: text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": [...]}, which may add
 # {"multi_modal_data": {"image": ..., "video": ..., "audio": ...}} (one item or a list per modality) and a
@@ -59,6 +59,16 @@ def check_vocabulary(token_ids: Sequence[int], vocab_size: int, what: str) -> No
         raise ValueError(f"token id {bad} in {what} is out of the vocabulary [0, {vocab_size})")
 
 
+def check_num_logprobs(params: SamplingParams, max_logprobs: int, vocab_size: int) -> None:
+    """ValueError naming the field when a request asks for more logprobs (-1: the vocabulary) than --max-logprobs
+    allows (-1: no cap), as vLLM counts them."""
+    cap = resolve_num_logprobs(max_logprobs, vocab_size)
+    for name in ("logprobs", "prompt_logprobs"):
+        asked = resolve_num_logprobs(getattr(params, name), vocab_size)
+        if asked is not None and asked > cap:
+            raise ValueError(f"{name}: {asked} logprobs requested; this server gives at most {cap} (--max-logprobs)")
+
+
 class InputProcessor:
     def __init__(self, model_config: ModelConfig, tokenizer: Any, mm_config: MultiModalConfig | None = None) -> None:
         self.model_config = model_config
@@ -99,9 +109,7 @@ class InputProcessor:
                 f"{len(token_ids)} tokens, which leaves no room for a completion."
             )
         check_vocabulary(token_ids, self.model_config.vocab_size, "the prompt")
-        if (params.logprobs or 0) > self.model_config.max_logprobs:
-            raise ValueError(f"{params.logprobs} logprobs requested; this server gives at most "
-                             f"{self.model_config.max_logprobs} (--max-logprobs)")
+        check_num_logprobs(params, self.model_config.max_logprobs, self.model_config.vocab_size)
 
     def engine_request(
         self,

@@ -112,6 +112,7 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     pooled: torch.Tensor | None = None  # a pooling request's output (float32)
     kv_transfer_params: dict[str, Any] | None = None  # on a finished request: where a decode instance finds its KV
+    prompt_logprobs: list[TokenLogprobs] | None = None  # of prompt tokens 1.. (asked for), with the first token
 
 
 @dataclass

@@ -6,13 +6,21 @@ KV blocks); this is where they are gathered back into one RequestOutput.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from loomserve.platform.detokenizer import IncrementalDetokenizer, find_stop
 from loomserve.platform.messages import EngineCoreOutput, TokenLogprobs
-from loomserve.platform.request import CompletionOutput, Logprob, RequestOutput, SampleLogprobs, SamplingParams
+from loomserve.platform.request import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestOutput,
+    SampleLogprobs,
+    SamplingParams,
+)
 from loomserve.platform.stats import IterationStats
 
 
@@ -21,11 +29,14 @@ def child_request_ids(request_id: str, n: int) -> list[str]:
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Each child samples on its own; a seeded request gives child i the seed + i, as vLLM does."""
+    """Each child samples on its own; a seeded request gives child i the seed + i, as vLLM does. With best_of > n
+    every child reports its tokens' logprobs, which rank it."""
     d = params.to_dict()
-    d["n"] = 1
+    d["n"], d["best_of"] = 1, None
     if params.seed is not None:
         d["seed"] = params.seed + index
+    if params.num_candidates > params.n and params.logprobs is None:
+        d["logprobs"] = 0
     return SamplingParams.from_dict(d)
 
 
@@ -41,6 +52,7 @@ class ChildState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     last_token_time: float = 0.0
+    shows_logprobs: bool = True  # False: collected only to rank best_of candidates
 
     def visible_text(self) -> str:
         """Hold back a tail that could still grow into a stop string, until the child finishes."""
@@ -55,7 +67,7 @@ class ChildState:
             text=self.visible_text(),
             token_ids=list(self.token_ids),
             cumulative_logprob=self.cumulative_logprob,
-            logprobs=self.logprobs,
+            logprobs=self.logprobs if self.shows_logprobs else None,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
@@ -72,21 +84,37 @@ class ParentState:
     num_cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer (n == 1)
     queue: Any = None  # the async front end's per-request queue
+    num_returned: int = 1  # n: fewer than the children when best_of > n
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self.children)
+
+    @property
+    def selects_best(self) -> bool:
+        """best_of > n: only the finished request says which candidates are returned."""
+        return self.num_returned < len(self.children)
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
-            outputs=[c.to_output() for c in self.children],
+            outputs=self._returned_outputs(),
             finished=self.finished,
             num_cached_tokens=self.num_cached_tokens,
             kv_transfer_params=self.kv_transfer_params,
+            prompt_logprobs=self.prompt_logprobs,
         )
+
+    def _returned_outputs(self) -> list[CompletionOutput]:
+        """All children, or with best_of > n the n of highest cumulative logprob, best first (as vLLM v0)."""
+        outputs = [c.to_output() for c in self.children]
+        if not self.selects_best:
+            return outputs
+        best = sorted(outputs, key=lambda o: o.cumulative_logprob, reverse=True)[: self.num_returned]
+        return [dataclasses.replace(o, index=i) for i, o in enumerate(best)]
 
 
 @dataclass
@@ -119,14 +147,17 @@ class OutputProcessor:
         """Track a request; returns the (child id, child params) to send to the engine."""
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
-        ids = child_request_ids(request_id, params.n)
+        num_children = params.num_candidates
+        ids = child_request_ids(request_id, num_children)
         children = []
-        for i in range(params.n):
-            cp = child_params(params, i) if params.n > 1 else params
+        for i in range(num_children):
+            cp = child_params(params, i) if num_children > 1 else params
             detok = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-            children.append(ChildState(i, cp, detok, logprobs=[] if params.logprobs is not None else None,
-                                       cumulative_logprob=0.0 if params.logprobs is not None else None))
-        parent = ParentState(request_id, prompt, prompt_token_ids, children, arrival_time, queue=queue)
+            children.append(ChildState(i, cp, detok, logprobs=[] if cp.logprobs is not None else None,
+                                       cumulative_logprob=0.0 if cp.logprobs is not None else None,
+                                       shows_logprobs=params.logprobs is not None))
+        parent = ParentState(request_id, prompt, prompt_token_ids, children, arrival_time, queue=queue,
+                             num_returned=params.n)
         self.parents[request_id] = parent
         for child_id, child in zip(ids, children):
             self.children[child_id] = (parent, child)
@@ -161,6 +192,8 @@ class OutputProcessor:
             parent, child = entry
             self._record_timing(parent, child, out, now, stats)
             parent.kv_transfer_params = out.kv_transfer_params or parent.kv_transfer_params
+            if out.prompt_logprobs is not None:
+                parent.prompt_logprobs = [None, *(self._logprob_dict(entry) for entry in out.prompt_logprobs)]
             if self._update_child(child, out):
                 to_abort.append(out.request_id)
             if child.finish_reason is not None:
@@ -169,7 +202,7 @@ class OutputProcessor:
             updated[parent.request_id] = parent
         results = []
         for parent in updated.values():
-            if parent.finished or not self.final_only:
+            if parent.finished or not (self.final_only or parent.selects_best):
                 results.append((parent, parent.to_output()))
             if parent.finished:
                 del self.parents[parent.request_id]

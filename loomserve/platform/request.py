@@ -35,7 +35,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    logprobs: int | None = None  # number of top logprobs per sampled token; 0 = only the sampled one
+    logprobs: int | None = None  # number of top logprobs per sampled token; 0 = only the sampled one; -1: all
+    prompt_logprobs: int | None = None  # the same for each prompt token (the first has none); -1: the vocabulary
+    best_of: int | None = None  # candidates to sample; the n with the highest cumulative logprob are returned
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
 
@@ -66,7 +68,10 @@ class SamplingParams:
                 "min_tokens",
                 "must not exceed max_tokens",
             ),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
+            (self.logprobs is None or self.logprobs >= -1, "logprobs", "must be -1 (all) or non-negative"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= -1, "prompt_logprobs",
+             "must be -1 (all) or non-negative"),
+            (self.best_of is None or self.best_of >= self.n, "best_of", "must be at least n"),
             (all(s for s in self.stop), "stop", "must not contain empty strings"),
         ]
         for ok, name, why in checks:
@@ -76,6 +81,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS
+
+    @property
+    def num_candidates(self) -> int:
+        """How many sequences run: best_of when given, else n."""
+        return self.best_of or self.n
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,6 +184,11 @@ class Request(TokenCounts):
         return FINISH_REASONS.get(self.status)
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Asks for the logprobs of its prompt: every prompt position must run, none may come from the prefix cache."""
+        return self.sampling_params is not None and self.sampling_params.prompt_logprobs is not None
+
+    @property
     def needs_whole_prompt(self) -> bool:
         """Pools over more than its last token: the prompt runs in one step and skips the prefix cache."""
         return self.pooling_params is not None and self.pooling_params.needs_whole_prompt
@@ -190,6 +205,13 @@ class Logprob:
 
 # One dict per generated token: token id -> Logprob (the sampled token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token, the same dicts; the first token has nothing before it to be predicted from: None.
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+def resolve_num_logprobs(k: int | None, vocab_size: int) -> int | None:
+    """A request's count of top logprobs in tokens: -1 means the whole vocabulary."""
+    return vocab_size if k == -1 else k
 
 
 @dataclass
@@ -217,3 +239,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer: where its KV waits
+    prompt_logprobs: PromptLogprobs | None = None  # when the request asked for them

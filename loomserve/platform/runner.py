@@ -26,6 +26,8 @@ from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.input_batch import BatchInputs, InputBatch
 from loomserve.platform.kv_cache.manager import cdiv, kv_block_bytes
 from loomserve.platform.loader import load_model
+from loomserve.platform.prompt_logprobs import PromptLogprobsCollector
+from loomserve.platform.request import resolve_num_logprobs
 from loomserve.platform.sampler import Sampler, SamplerOutput, build_sampling_metadata
 from loomserve.platform.spec_decode.rejection_sampler import RejectionSampler, verify_rows
 from loomserve.platform.step import ScheduledStep, StepResult
@@ -64,6 +66,7 @@ class ModelRunner:
         self.hooks: list[RunnerHook] = runner_hooks(config, self.model, self.device)
         self.vocab_size = mc.vocab_size
         self.sampler = Sampler()
+        self.prompt_logprobs = PromptLogprobsCollector(self.vocab_size)
         spec = config.speculative_config
         self.rejection_sampler = RejectionSampler(spec.synthetic_acceptance_rate if spec is not None else None)
         self.uses_kv_cache = not self.model.encoder_only  # encoder-only models keep no KV
@@ -190,6 +193,8 @@ class ModelRunner:
     def launch(self, step: ScheduledStep) -> InFlightStep:
         """Take in the step's diff, then run its model, sampler and features without waiting for them."""
         forgotten = self.input_batch.apply(step)
+        self.prompt_logprobs.release(forgotten)
+        self.prompt_logprobs.admit(step.new_requests)
         if self.step_threads is not None:
             self.step_threads.for_step(step.num_tokens)
         for hook in self.hooks:
@@ -205,7 +210,7 @@ class ModelRunner:
         features = {h.name: r for h in self.hooks if (r := h.result()) is not None}
         rows = batch.sample_requests if batch is not None else []
         ids = [r.request_id for r in rows]
-        counts = [r.sampling_params.logprobs for r in rows]
+        counts = [resolve_num_logprobs(r.sampling_params.logprobs, self.vocab_size) for r in rows]
         num_drafts = [len(d) for d in batch.drafts] if batch is not None else []
         result, num_emitted = (_NO_SAMPLES, None) if logits is None else self._sample(batch, logits)
         sampled = result.sampled_token_ids
@@ -259,7 +264,7 @@ class ModelRunner:
             landed = hook.land(sampled)
             if landed is not None:
                 features[hook.name] = landed
-        return StepResult(sampled, logprobs, step.pooled, features)
+        return StepResult(sampled, logprobs, step.pooled, features, self.prompt_logprobs.take(step.request_ids))
 
     def _run_model(self, batch: BatchInputs) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Logits of the sampling rows [S, vocab] (None when no row samples) and the pooled outputs (on the device).
@@ -271,13 +276,16 @@ class ModelRunner:
         graphs, forward = self.cuda_graphs, batch.forward
         num_tokens, num_seqs = batch.input_ids.shape[0], forward.attn.num_seqs
         replayable = graphs is not None and not (batch.pooling or forward.has_extra_inputs)
-        if replayable and forward.attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
+        # The decode graph yields logits only; a one-token prompt chunk whose logprobs are asked for needs hidden states
+        decode_graph = replayable and not self.prompt_logprobs.collecting
+        if decode_graph and forward.attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):
             logits = graphs.run_decode(batch.input_ids, forward)  # [B, vocab]
             return (logits[batch.logits_indices] if batch.sample_requests else None), {}
         if replayable and graphs.can_run_mixed(num_tokens, num_seqs):
             hidden = graphs.run_mixed(batch.input_ids, forward)  # [T, hidden]
         else:
             hidden = self.model(batch.input_ids, self.kv_caches, forward)
+        self.prompt_logprobs.add(self.model, hidden, batch)
         logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sample_requests else None
         pooled = {}
         for hook in self.hooks:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from loomserve.platform.request import SamplingParams
+from loomserve.platform.request import SamplingParams, resolve_num_logprobs
 
 if TYPE_CHECKING:
     from loomserve.platform.input_batch import RequestState
@@ -77,7 +77,7 @@ def build_sampling_metadata(
             mask = torch.zeros(len(requests) * vocab_size, dtype=torch.bool, device=device)  # [B * V]
             mask = mask.index_fill_(0, index, True).view(-1, vocab_size)
 
-    num_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+    num_logprobs = [resolve_num_logprobs(p.logprobs, vocab_size) for p in params if p.logprobs is not None]
     return SamplingMetadata(
         temperature=to_device([0.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
                               torch.float32, device),

@@ -74,3 +74,5 @@ class StepResult:
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # request id -> one entry per new token
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)  # request id -> pooled output (float32, host)
     features: dict[str, Any] = field(default_factory=dict)  # feature name -> its runner hook's result
+    # request id -> the logprobs of prompt tokens 1.. (vLLM's prompt_logprobs), once, with its first sampled token
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)

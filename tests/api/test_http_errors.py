@@ -107,11 +107,6 @@ def test_empty_or_out_of_vocabulary_prompt(http, model, prompt):
     error_of(http.post(COMPLETIONS, json={"model": model, "prompt": prompt, "max_tokens": 2}), 400)
 
 
-def test_echo_with_logprobs_is_refused(http, model):
-    body = {"model": model, "prompt": "a", "max_tokens": 2, "echo": True, "logprobs": 1}
-    assert error_of(http.post(COMPLETIONS, json=body), 400)["param"] == "echo"
-
-
 def test_chat_content_errors(http, model):
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
     error = error_of(http.post(CHAT, json=chat_body(model, messages=[{"role": "user", "content": image}])), 400)

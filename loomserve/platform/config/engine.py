@@ -72,7 +72,7 @@ class EngineArgs:
               "affinity and cgroup quota, less one for the server's front end); see platform/threads.py")
     max_model_len: int | str | None = _arg(None, "context length, e.g. 8192, 8k (8000) or 8K (8192) (default: "
                                                  "the model's)")
-    max_logprobs: int = _arg(20, "most logprobs a request may ask for (per token, and of the prompt)")
+    max_logprobs: int = _arg(20, "most logprobs a request may ask for (per token, and of the prompt); -1: no cap")
     generation_config: str | None = _arg(
         None, "vllm: sampling defaults are loomserve's (the checkpoint's generation_config.json gives only its "
               "stop tokens); auto or a folder (its sampling defaults) is not supported yet")
@@ -170,8 +170,8 @@ class EngineArgs:
         max_model_len = parse_model_len(self.max_model_len) or limit
         if max_model_len > limit:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {limit} tokens")
-        if self.max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be at least 0, got {self.max_logprobs}")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (no cap) or at least 0, got {self.max_logprobs}")
         model_config = ModelConfig(
             model=model,
             tokenizer=tokenizer,

@@ -48,7 +48,8 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of the request, in whole blocks, leaving at least one token to run."""
-        if not self.enable_caching or request.needs_whole_prompt:  # see PoolingParams.needs_whole_prompt
+        # See PoolingParams.needs_whole_prompt and Request.needs_prompt_logprobs.
+        if not self.enable_caching or request.needs_whole_prompt or request.needs_prompt_logprobs:
             return [], 0
         hit = self.cached_prefix(request)
         self.queries += request.num_tokens
