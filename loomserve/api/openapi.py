@@ -21,7 +21,7 @@ _BODY_ERRORS = {
 }
 _QUEUED = {"429": "The model's queue is full (--max-queued-requests); retry after Retry-After seconds"}
 _ADMITTED = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/classify", "/v1/score", "/rerank",
-             "/v1/rerank", "/v2/rerank"}  # the routes that hold engine requests, under admission control
+             "/v1/rerank", "/v2/rerank", "/score", "/pooling", "/v2/embed", "/invocations"}  # the routes that hold engine requests, under admission control
 
 
 def install_openapi(app: FastAPI, limits: ServerLimits) -> None:
