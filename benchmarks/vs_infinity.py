@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -222,9 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         reranker = build_cross_encoder(minilm, Path(tmp) / "reranker")
         for threads in args.threads:
             starters = {
-                "loomserve": lambda: loomserve(minilm, reranker, threads, Path(tmp) / f"loomserve-{threads}.log"),
-                "infinity": lambda: infinity(args.infinity, minilm, reranker, threads,
-                                             Path(tmp) / f"infinity-{threads}.log"),
+                "loomserve": partial(loomserve, minilm, reranker, threads, Path(tmp) / f"loomserve-{threads}.log"),
+                "infinity": partial(infinity, args.infinity, minilm, reranker, threads,
+                                    Path(tmp) / f"infinity-{threads}.log"),
             }
             for mode in args.modes:
                 rows.append(measure(args, workloads, threads, mode == "contended", starters))

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from loomserve import __version__
-from loomserve.api.engine_flags import add_engine_flags, engine_args_from
+from loomserve.api.engine_flags import add_engine_flags, engine_args_from, expand_dotted_flags
 from loomserve.api.frontend_flags import add_frontend_flags
 from loomserve.api.limits import add_limit_flags
 from loomserve.api.lora_paths import add_lora_path_flags
@@ -36,6 +36,11 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args: list[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        """argparse's, reading vLLM's dotted JSON flags (`--pooler-config.task embed`) first."""
+        return super().parse_known_args(expand_dotted_flags(list(sys.argv[1:] if args is None else args)), namespace)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

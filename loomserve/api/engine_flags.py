@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from typing import Any
@@ -15,7 +16,7 @@ from loomserve.platform.config import EngineArgs
 GROUPS: dict[str, tuple[str, ...]] = {
     "ModelConfig": ("model", "tokenizer", "revision", "trust_remote_code", "served_model_name", "dtype",
                     "max_model_len", "max_logprobs", "generation_config", "seed", "task", "pooler_config",
-                    "quantization", "enforce_eager", "max_cudagraph_capture_size"),
+                    "hf_overrides", "quantization", "enforce_eager", "max_cudagraph_capture_size"),
     "LoadConfig": ("load_format", "download_dir"),
     "DeviceConfig": ("device", "cpu_threads", "attention_backend"),
     "CacheConfig": ("block_size", "kv_cache_memory", "kv_cache_dtype", "gpu_memory_utilization",
@@ -50,6 +51,48 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.field_names()})
+
+
+def expand_dotted_flags(argv: list[str]) -> list[str]:
+    """vLLM's dotted form of a JSON-object flag: `--pooler-config.task embed` or `--hf-overrides.is_matryoshka=true`
+    sets one key (nested with more dots; a value is JSON when it parses, else text), merged over the flag's own JSON
+    when that is given too."""
+    hints = typing.get_type_hints(EngineArgs)
+    json_flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(EngineArgs) if _takes_dict(hints[f.name])}
+    dotted: dict[str, dict] = {}
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        flag, dot, path = arg.partition(".")
+        if not (dot and flag in json_flags):
+            out.append(arg)
+            continue
+        path, eq, value = path.partition("=")
+        value = value if eq else next(args, "")
+        target = dotted.setdefault(flag, {})
+        *parents, last = path.split(".")
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[last] = _json_or_text(value)
+    for flag, values in dotted.items():
+        given = next((i for i, arg in enumerate(out) if arg == flag), None)
+        if given is not None and given + 1 < len(out):
+            out[given + 1] = json.dumps({**_json_or_text(out[given + 1]), **values})
+        else:
+            out += [flag, json.dumps(values)]
+    return out
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _takes_dict(hint: Any) -> bool:
+    kinds = typing.get_args(hint) if _is_union(hint) else (hint,)
+    return any((typing.get_origin(k) or k) is dict for k in kinds)
 
 
 def _type_kwargs(hint: Any) -> dict[str, Any]:

@@ -26,6 +26,7 @@ class FrontendOptions:
     enable_offline_docs: bool = False  # /docs from assets served here, not from a CDN
     log_stats: bool = True  # the periodic stats line
     ready_message: str = ""  # logged once every model is ready and the socket listens
+    metrics_compat: list[str] = field(default_factory=list)  # also emit /metrics under these servers' prefixes
 
 
 def add_frontend_flags(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +62,9 @@ def add_frontend_flags(parser: argparse.ArgumentParser) -> None:
                            "tracebacks of errors; LOOMSERVE_LOGGING_CONFIG_PATH names a logging dictConfig JSON file")
     logs.add_argument("--disable-log-stats", action="store_true",
                       help="no periodic stats line (every LOOMSERVE_LOG_STATS_INTERVAL seconds, default 10)")
+    logs.add_argument("--metrics-compat", nargs="+", choices=["vllm"], default=[], metavar="SERVER",
+                      help="also emit every /metrics series under this server's prefix (vllm: `vllm:`), so its "
+                           "Grafana dashboards and alerts work unchanged")
     logs.add_argument("--enable-log-requests", action="store_true", help="log each request as it arrives")
 
 
@@ -69,7 +73,7 @@ def frontend_options(ns: argparse.Namespace) -> FrontendOptions:
         api_keys=list(ns.api_key or []), lora_modules=list(ns.lora_modules), allowed_origins=ns.allowed_origins,
         allowed_methods=ns.allowed_methods, allowed_headers=ns.allowed_headers,
         allow_credentials=ns.allow_credentials, root_path=ns.root_path, enable_offline_docs=ns.enable_offline_docs,
-        log_stats=not ns.disable_log_stats,
+        log_stats=not ns.disable_log_stats, metrics_compat=list(ns.metrics_compat),
     )
 
 

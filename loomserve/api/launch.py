@@ -54,7 +54,7 @@ def _run(ns: argparse.Namespace, all_args: list[EngineArgs], options: FrontendOp
     from loomserve.api.served_models import ServedModels
     from loomserve.api.server import build_app
 
-    prometheus = [PrometheusStatLogger(served_name(args)) for args in all_args]
+    prometheus = [PrometheusStatLogger(served_name(args), args) for args in all_args]
     stats = [LoggingStatLogger(served_name(args)) for args in all_args]
     engines = start_engines(all_args, [[p, s] for p, s in zip(prometheus, stats)], ns.enable_log_requests)
     if ns.chat_template is not None:
@@ -62,7 +62,7 @@ def _run(ns: argparse.Namespace, all_args: list[EngineArgs], options: FrontendOp
     limits = limits_from(ns)
     admissions = {served_name(args): Admission(args.max_num_seqs + limits.max_queued_requests) for args in all_args}
     models = ServedModels(engines, limits, admissions, lora_path_policy_from(ns))
-    app = build_app(models, MetricsGroup(prometheus), options, stats)
+    app = build_app(models, MetricsGroup(prometheus, options.metrics_compat), options, stats)
     config = uvicorn.Config(app, log_level=ns.uvicorn_log_level, ssl_keyfile=ns.ssl_keyfile,
                             ssl_certfile=ns.ssl_certfile, ssl_ca_certs=ns.ssl_ca_certs, root_path=ns.root_path)
     server = ReadyServer(config, options.ready_message)

@@ -1,5 +1,6 @@
 """One /metrics page for several served models: each model's PrometheusStatLogger keeps its own registry; their
-metric families are merged (same name, samples told apart by `model_name`)."""
+metric families are merged (same name, samples told apart by `model_name`). With --metrics-compat vllm every
+family is also emitted under vLLM's prefix `vllm:`, so dashboards and alerts written for vLLM find their series."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ from collections.abc import Iterable, Sequence
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from loomserve.api.metrics import PrometheusStatLogger
+from loomserve.api.metrics import PREFIX, PrometheusStatLogger
+
+COMPAT_PREFIXES = {"vllm": "vllm:"}  # --metrics-compat choice -> the prefix its dashboards query
 
 
 class MetricsGroup:
-    def __init__(self, loggers: Sequence[PrometheusStatLogger]) -> None:
+    def __init__(self, loggers: Sequence[PrometheusStatLogger], compat: Sequence[str] = ()) -> None:
         self.loggers = list(loggers)
+        self.prefixes = [PREFIX, *(COMPAT_PREFIXES[name] for name in compat)]
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -21,12 +25,18 @@ class MetricsGroup:
         families: dict[str, Metric] = {}
         for stat_logger in self.loggers:
             for metric in stat_logger.registry.collect():
-                family = families.setdefault(
-                    metric.name, Metric(metric.name, metric.documentation, metric.type, metric.unit)
-                )
-                family.samples.extend(metric.samples)
+                for prefix in self.prefixes:
+                    name = renamed(metric.name, prefix)
+                    family = families.setdefault(name, Metric(name, metric.documentation, metric.type, metric.unit))
+                    family.samples.extend(s._replace(name=renamed(s.name, prefix)) for s in metric.samples)
         return families.values()
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every model's metrics."""
         return generate_latest(self.registry)
+
+
+def renamed(name: str, prefix: str) -> str:
+    """A `loomserve:` metric or sample name under `prefix`."""
+    return prefix + name.removeprefix(PREFIX)
+

@@ -20,8 +20,9 @@ _BODY_ERRORS = {
     "503": "The engine is not running or not answering",
 }
 _QUEUED = {"429": "The model's queue is full (--max-queued-requests); retry after Retry-After seconds"}
+# the routes that hold engine requests, under admission control
 _ADMITTED = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/classify", "/v1/score", "/rerank",
-             "/v1/rerank", "/v2/rerank"}  # the routes that hold engine requests, under admission control
+             "/v1/rerank", "/v2/rerank", "/score", "/pooling", "/v2/embed", "/invocations"}
 
 
 def install_openapi(app: FastAPI, limits: ServerLimits) -> None:

@@ -1,4 +1,4 @@
-"""POST /v1/score and the rerank routes (/rerank, /v1/rerank, /v2/rerank): one score per text pair, from a
+"""POST /score, /v1/score and the rerank routes (/rerank, /v1/rerank, /v2/rerank): one score per text pair, from a
 cross-encoder's head or a bi-encoder's cosine similarity; reranking orders documents by their score."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import random_id
 from loomserve.api.serving_pooling import bad_request, check_texts_fit, pool_all, validate_all
 from loomserve.platform.async_llm import AsyncLLM
+from loomserve.pooling.params import PoolingParams
 from loomserve.pooling.scoring import ScorePlan, plan_scores, rerank_order
 
 SCORE_TASKS = ("classify", "embed")
@@ -33,7 +34,7 @@ async def create_score(models: ServedModels, body: ScoreRequest, raw_request: Re
     call_id = random_id("score")
     for param, texts in (("text_1", body.text_1), ("text_2", body.text_2)):
         models.limits.check_inputs(len(texts) if isinstance(texts, list) else 1, param)
-    plan = await offload(_plan, engine, body.text_1, body.text_2, body.truncate_prompt_tokens, "text_2")
+    plan = await offload(_plan, engine, body, body.text_1, body.text_2, "text_2")
     scores = await _run(models, engine, plan, call_id, raw_request, body.cache_salt)
     if scores is None:
         return Response(status_code=499)  # the client left; nobody reads this
@@ -50,7 +51,7 @@ async def create_rerank(models: ServedModels, body: RerankRequest, raw_request: 
         raise APIError("`documents` must not be empty", param="documents")
     models.limits.check_inputs(len(documents), "documents")
     call_id = random_id("rerank")
-    plan = await offload(_plan, engine, body.query, documents, body.truncate_prompt_tokens, "documents")
+    plan = await offload(_plan, engine, body, body.query, documents, "documents")
     scores = await _run(models, engine, plan, call_id, raw_request, body.cache_salt)
     if scores is None:
         return Response(status_code=499)  # the client left; nobody reads this
@@ -60,20 +61,27 @@ async def create_rerank(models: ServedModels, body: RerankRequest, raw_request: 
         for i in rerank_order(scores, body.top_n)
     ]
     response = RerankResponse(id=call_id, model=engine.model_config.served_model_name,
-                              usage=RerankUsage(total_tokens=plan.num_tokens), results=results)
+                              usage=RerankUsage(prompt_tokens=plan.num_tokens, total_tokens=plan.num_tokens),
+                              results=results)
     return await json_response(response, long_list="results")
 
 
-def _plan(
-    engine: AsyncLLM, text_1: str | list[str], text_2: str | list[str], truncate: int | None, param: str
-) -> ScorePlan:
-    """The score requests, tokenized and checked (blocking: the front end's pool)."""
+def _plan(engine: AsyncLLM, body: ScoreRequest | RerankRequest, text_1: str | list[str], text_2: str | list[str],
+          param: str) -> ScorePlan:
+    """The score requests, each side cut to its max_tokens_per_query / max_tokens_per_doc, tokenized and checked
+    (blocking: the front end's pool)."""
+    inputs, truncate = engine.pooling_inputs, body.truncate_prompt_tokens
     with bad_request("truncate_prompt_tokens"):
-        engine.pooling_inputs.truncation(truncate)
-    for texts in (text_1, text_2):
+        inputs.truncation(truncate)
+    sides = []
+    for texts, field in ((text_1, "max_tokens_per_query"), (text_2, "max_tokens_per_doc")):
+        with bad_request(field):
+            cut = inputs.truncate_texts([texts] if isinstance(texts, str) else texts, getattr(body, field), field)
+        sides.append(cut[0] if isinstance(texts, str) else cut)
+    for texts in sides:
         check_texts_fit(engine, [texts] if isinstance(texts, str) else texts, truncate, param)
     with bad_request(param):
-        plan = plan_scores(engine.pooling_inputs, text_1, text_2, truncate)
+        plan = plan_scores(inputs, *sides, truncate, PoolingParams(activation=body.use_activation))
     validate_all(engine, plan.requests, plan.labels, param)
     return plan
 

@@ -296,14 +296,15 @@ class AsyncLLM:
             reply.set_result(next((error for error in replies if error is not None), None))
 
     def _handle_outputs(self, outputs: EngineCoreOutputs) -> None:
-        processed = self.output_processor.process_outputs(outputs.outputs)
+        scheduled = outputs.scheduler_stats.first_scheduled if outputs.scheduler_stats is not None else None
+        processed = self.output_processor.process_outputs(outputs.outputs, scheduled)
         for parent, output in processed.request_outputs:
             parent.queue.put_nowait(output)
         if processed.to_abort:
             self._broadcast(Abort(processed.to_abort))
         for stat_logger in self.stat_loggers:
             stat_logger.record(outputs.scheduler_stats, processed.stats)
-        pooled_stats = self.pooling.process(outputs.outputs)
+        pooled_stats = self.pooling.process(outputs.outputs, scheduled)
         if pooled_stats is not None:
             for stat_logger in self.stat_loggers:
                 stat_logger.record(None, pooled_stats)

@@ -21,7 +21,7 @@ from loomserve.platform.request import (
     SampleLogprobs,
     SamplingParams,
 )
-from loomserve.platform.stats import IterationStats
+from loomserve.platform.stats import FinishedRequestStats, IterationStats
 
 
 def child_request_ids(request_id: str, n: int) -> list[str]:
@@ -81,6 +81,7 @@ class ParentState:
     children: list[ChildState]
     arrival_time: float
     first_token_time: float | None = None
+    scheduled_time: float | None = None  # when the engine first scheduled one of its children
     num_cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer (n == 1)
     queue: Any = None  # the async front end's per-request queue
@@ -95,6 +96,16 @@ class ParentState:
     def selects_best(self) -> bool:
         """best_of > n: only the finished request says which candidates are returned."""
         return self.num_returned < len(self.children)
+
+    def finished_stats(self, now: float) -> FinishedRequestStats:
+        """What the request cost, once every child has finished."""
+        lengths = [len(c.token_ids) for c in self.children]
+        last_token = max((c.last_token_time for c in self.children), default=0.0) or None
+        return FinishedRequestStats.timed(
+            self.children[-1].finish_reason or "abort", self.arrival_time, self.scheduled_time, self.first_token_time,
+            last_token, now, num_prompt_tokens=len(self.prompt_token_ids), num_generation_tokens=sum(lengths),
+            max_num_generation_tokens=max(lengths), n=len(self.children), max_tokens=self.children[0].params.max_tokens,
+        )
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(
@@ -180,11 +191,17 @@ class OutputProcessor:
     def has_unfinished(self) -> bool:
         return bool(self.parents)
 
-    def process_outputs(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+    def process_outputs(self, outputs: list[EngineCoreOutput],
+                        first_scheduled: dict[str, float] | None = None) -> ProcessedOutputs:
+        """`first_scheduled`: engine request id -> when the engine first scheduled it (its scheduler stats)."""
         now = time.time()
         stats = IterationStats()
         updated: dict[str, ParentState] = {}
         to_abort = []
+        for child_id, scheduled in (first_scheduled or {}).items():
+            entry = self.children.get(child_id)
+            if entry is not None and entry[0].scheduled_time is None:
+                entry[0].scheduled_time = scheduled
         for out in outputs:
             entry = self.children.get(out.request_id)
             if entry is None:
@@ -207,6 +224,7 @@ class OutputProcessor:
             if parent.finished:
                 del self.parents[parent.request_id]
                 stats.e2e_latencies.append(now - parent.arrival_time)
+                stats.finished_requests.append(parent.finished_stats(now))
         return ProcessedOutputs(results, to_abort, stats)
 
     def _record_timing(self, parent: ParentState, child: ChildState, out: EngineCoreOutput, now: float,

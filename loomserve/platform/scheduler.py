@@ -10,7 +10,9 @@ generated, which the prefix cache often still holds.
 
 from __future__ import annotations
 
-from collections import deque
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
 
 from loomserve.platform.config import CacheConfig, SchedulerConfig
 from loomserve.platform.features import SchedulerHook, feature_off, find_hook
@@ -36,6 +38,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0  # since the last stats()
+        self.first_scheduled: dict[str, float] = {}  # request id -> when it was first scheduled, since the last stats()
         self.total_preemptions = 0
         self.num_needing_history = 0  # requests whose sampling reads their generated tokens
         self.hooks = hooks or []
@@ -179,6 +182,7 @@ class Scheduler:
         request.num_pending_tokens += samples
         resumed = request.known_to_runner and request.num_blocks_sent == 0
         if not request.known_to_runner:
+            self.first_scheduled[request.request_id] = time.time()
             step.new_requests.append(NewRequest(
                 request.request_id, request.prompt_token_ids, request.sampling_params, request.eos_token_id,
                 request.pooling_params, request.lora_request, request.mm_items,
@@ -299,6 +303,7 @@ class Scheduler:
         queries, hits = self.kv.take_stats()
         preemptions, self.num_preemptions = self.num_preemptions, 0
         spec, self.spec_stats = self.spec_stats, None
+        first_scheduled, self.first_scheduled = self.first_scheduled, {}
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -307,4 +312,12 @@ class Scheduler:
             prefix_cache_hits=hits,
             num_preemptions=preemptions,
             spec_decoding=spec,
+            first_scheduled=first_scheduled,
+            running_lora_adapters=_adapter_counts(self.running),
+            waiting_lora_adapters=_adapter_counts(self.waiting),
         )
+
+
+def _adapter_counts(requests: Iterable[Request]) -> dict[str, int]:
+    """Adapter name -> requests using it (vLLM's lora_requests_info labels)."""
+    return dict(Counter(r.lora_request.lora_name for r in requests if r.lora_request is not None))

@@ -48,6 +48,9 @@ class PoolerConfig:
     matryoshka_dimensions: list[int] | None = None  # the sizes it was trained for (implies is_matryoshka)
     prompts: dict[str, str] = field(default_factory=dict)  # name -> text prepended to the input
     default_prompt_name: str | None = None
+    enable_chunked_processing: bool = False  # embed inputs over the context in chunks (pooling/chunked.py)
+    max_embed_len: int | None = None  # with chunked processing: the longest input accepted (None: any)
+    task: str | None = None  # vLLM's `--pooler-config.task`: the task to serve, as --task
 
     def __post_init__(self) -> None:
         self.pooling_type = self.pooling_type.upper()
@@ -57,6 +60,8 @@ class PoolerConfig:
             raise ValueError(f"classifier_activation must be one of {', '.join(ACTIVATIONS)}")
         if self.matryoshka_dimensions:
             self.is_matryoshka = True
+        if self.max_embed_len is not None and self.max_embed_len < 1:
+            raise ValueError(f"max_embed_len must be at least 1, got {self.max_embed_len}")
 
     def resolve(self, params: PoolingParams | None) -> PoolingParams:
         """`params` with every unset field taken from this config."""
@@ -102,6 +107,8 @@ class PoolingSetup:
 
 
 def resolve_pooling(model: str, hf_config: Any, task: str = "auto", override: str | dict | None = None) -> PoolingSetup:
+    override = json_object(override, "--pooler-config", '{"pooling_type": "MEAN"}') if override else {}
+    task = _task(task, override.get("task"))
     architecture = (getattr(hf_config, "architectures", None) or ["?"])[0]
     folder = _local_folder(model)
     st = _SentenceTransformerFiles.read(folder) if folder is not None else None
@@ -145,8 +152,16 @@ def _default_config(
     return config
 
 
-def _apply_override(config: PoolerConfig, override: str | dict) -> PoolerConfig:
-    override = json_object(override, "--pooler-config", '{"pooling_type": "MEAN"}')
+def _task(task: str, pooler_task: str | None) -> str:
+    """--task, or --pooler-config's `task` (they must agree when both are given)."""
+    if pooler_task is None or pooler_task == task:
+        return task
+    if task != "auto":
+        raise ValueError(f"--task {task} and --pooler-config's task {pooler_task} disagree: give one of them")
+    return pooler_task
+
+
+def _apply_override(config: PoolerConfig, override: dict) -> PoolerConfig:
     known = {f.name for f in dataclasses.fields(PoolerConfig)}
     unknown = sorted(set(override) - known)
     if unknown:

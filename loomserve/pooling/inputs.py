@@ -115,6 +115,22 @@ class PoolingInputs:
             )
         return truncate_prompt_tokens
 
+    def truncate_texts(self, texts: Sequence[str], max_tokens: int, what: str) -> list[str]:
+        """Each text cut to its first `max_tokens` tokens (0: left whole), as vLLM's max_tokens_per_query /
+        max_tokens_per_doc do; ValueError for a limit beyond the context."""
+        if not max_tokens:
+            return list(texts)
+        if max_tokens > self.max_model_len:
+            raise ValueError(f"{what} must be at most the model's maximum context length {self.max_model_len}, "
+                             f"got {max_tokens}")
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [self.tokenizer.decode(t[:max_tokens]) if len(t) > max_tokens else text for text, t in zip(texts, ids)]
+
+    def chunk_length(self, params: PoolingParams) -> int:
+        """The most tokens one pass pools: the context, and the step budget for a prompt that runs whole."""
+        whole = not self.chunked_prefill or params.needs_whole_prompt
+        return min(self.max_model_len, self.max_num_batched_tokens) if whole else self.max_model_len
+
     def role_prompt_name(self, roles: tuple[str, ...]) -> str | None:
         """The checkpoint's prompt for queries or documents (QUERY_PROMPTS / DOCUMENT_PROMPTS), if it has one."""
         return next((name for name in roles if name in self.pooler_config.prompts), None)

@@ -70,14 +70,14 @@ class ScorePlan:
 
 def plan_scores(
     inputs: PoolingInputs, text_1: str | Sequence[str], text_2: str | Sequence[str],
-    truncate_prompt_tokens: int | None = None,
+    truncate_prompt_tokens: int | None = None, params: PoolingParams | None = None,
 ) -> ScorePlan:
     """A cross-encoder reads each pair as one input; a bi-encoder embeds each distinct text once, queries with the
     checkpoint's query prompt and documents with its document prompt (as sentence-transformers' encode_query /
     encode_document do), and compares them by cosine similarity."""
     inputs.require_scores()
     pairs = score_pairs(text_1, text_2)
-    params = inputs.params()
+    params = inputs.params(params)
     if inputs.model_config.task == "classify":
         tokenized = inputs.tokenize_pairs(pairs, truncate_prompt_tokens)
         requests = [(ids, replace(params, token_type_ids=types)) for ids, types in tokenized]

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 
 from loomserve.platform.messages import EngineCoreOutput
-from loomserve.platform.stats import IterationStats
+from loomserve.platform.stats import FinishedRequestStats, IterationStats
 from loomserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
 
 
@@ -16,6 +16,7 @@ class _Pending:
     future: asyncio.Future
     prompt_token_ids: list[int]
     arrival_time: float
+    scheduled_time: float | None = None
 
 
 class PoolingTracker:
@@ -29,10 +30,15 @@ class PoolingTracker:
         self.pending[request_id] = _Pending(future, prompt_token_ids, time.time())
         return future
 
-    def process(self, outputs: list[EngineCoreOutput]) -> IterationStats | None:
-        """Resolve the requests these outputs finish; what they cost, or None when none was a pooling output."""
+    def process(self, outputs: list[EngineCoreOutput],
+                first_scheduled: dict[str, float] | None = None) -> IterationStats | None:
+        """Resolve the requests these outputs finish; what they cost, or None when none was a pooling output.
+        `first_scheduled`: request id -> when the engine first scheduled it."""
         stats = None
         now = time.time()
+        for request_id, scheduled in (first_scheduled or {}).items():
+            if request_id in self.pending:
+                self.pending[request_id].scheduled_time = scheduled
         for out in outputs:
             pending = self.pending.pop(out.request_id, None) if out.pooled is not None else None
             if pending is None:
@@ -46,6 +52,10 @@ class PoolingTracker:
             stats.num_prompt_tokens += len(pending.prompt_token_ids)
             stats.e2e_latencies.append(now - pending.arrival_time)
             stats.finished_reasons.append(out.finish_reason or "stop")
+            stats.finished_requests.append(FinishedRequestStats.timed(
+                out.finish_reason or "stop", pending.arrival_time, pending.scheduled_time, now, None, now,
+                num_prompt_tokens=len(pending.prompt_token_ids), num_generation_tokens=0, max_num_generation_tokens=0,
+            ))
         return stats
 
     def forget(self, request_id: str) -> bool:

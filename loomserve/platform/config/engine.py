@@ -14,6 +14,7 @@ from loomserve.modalities.config import MultiModalConfig, build_mm_config
 from loomserve.platform.attention import resolve_attention_backend
 from loomserve.platform.config.cache import CacheConfig, parse_memory
 from loomserve.platform.config.checkpoint import locate_checkpoint
+from loomserve.platform.config.hf_overrides import apply_hf_overrides
 from loomserve.platform.config.kv_transfer import KVTransferConfig, parse_kv_transfer_config
 from loomserve.platform.config.lora import LoRAConfig
 from loomserve.platform.config.model import (
@@ -106,6 +107,8 @@ class EngineArgs:
                      choices=["auto", "generate", "embed", "classify"])
     pooler_config: str | dict | None = _arg(
         None, 'JSON overrides of the pooling defaults, e.g. \'{"pooling_type": "MEAN", "normalize": true}\'')
+    hf_overrides: str | dict | None = _arg(
+        None, 'JSON changes to the checkpoint\'s config.json, e.g. \'{"is_matryoshka": true}\'')
     limit_mm_per_prompt: dict[str, int] | str | None = _arg(
         None, 'most media items per prompt, JSON, e.g. \'{"image": 4, "video": 1, "audio": 2}\'')
     allowed_media_domains: list[str] | None = _arg(
@@ -162,6 +165,7 @@ class EngineArgs:
         model = locate_checkpoint(self.model, self.revision, self.download_dir)
         tokenizer = locate_checkpoint(self.tokenizer, self.revision, self.download_dir) if self.tokenizer else model
         hf_config = AutoConfig.from_pretrained(model, trust_remote_code=self.trust_remote_code)
+        apply_hf_overrides(hf_config, self.hf_overrides)
         text = hf_config.get_text_config()
         device = resolve_device(self.device)
         limit = context_limit(text)
