@@ -35,6 +35,13 @@ class SchedulerHook(Protocol):
     def attach_kv(self, kv: KVCacheManager) -> None:
         """The scheduler's KV cache manager, once made (a KV connector reads and takes its blocks)."""
 
+    def add_request(self, request: Request) -> None:
+        """A request was queued: work it needs before it may start (compiling its grammar) can begin now."""
+
+    def take_refused(self) -> dict[str, str]:
+        """Requests the feature found it cannot serve outside a step's result (id -> why), each reported once."""
+        return {}
+
     def busy(self) -> bool:
         """Whether the feature needs steps with no request to run (e.g. to tell its runner hook to serve blocks)."""
         return False
@@ -126,6 +133,7 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     "kv_pd": ("loomserve.platform.kv_transfer.disagg:scheduler_hook",
               "loomserve.platform.kv_transfer.disagg:runner_hook"),
     "spec": ("loomserve.platform.spec_decode.hooks:scheduler_hook", "loomserve.platform.spec_decode.hooks:runner_hook"),
+    "structured": ("loomserve.platform.structured.scheduling:scheduler_hook", None),
 }
 
 

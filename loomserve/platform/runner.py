@@ -29,6 +29,8 @@ from loomserve.platform.loader import load_model
 from loomserve.platform.sampler import Sampler, SamplerOutput, build_sampling_metadata
 from loomserve.platform.spec_decode.rejection_sampler import RejectionSampler, verify_rows
 from loomserve.platform.step import ScheduledStep, StepResult
+from loomserve.platform.structured.bitmask import FEATURE as STRUCTURED
+from loomserve.platform.structured.bitmask import apply_structured_bitmask
 from loomserve.platform.threads import StepThreads
 
 logger = logging.getLogger(__name__)
@@ -207,6 +209,8 @@ class ModelRunner:
         ids = [r.request_id for r in rows]
         counts = [r.sampling_params.logprobs for r in rows]
         num_drafts = [len(d) for d in batch.drafts] if batch is not None else []
+        if logits is not None:
+            apply_structured_bitmask(logits, step.features.get(STRUCTURED), batch)
         result, num_emitted = (_NO_SAMPLES, None) if logits is None else self._sample(batch, logits)
         sampled = result.sampled_token_ids
         logprobs = None if result.logprobs is None else (

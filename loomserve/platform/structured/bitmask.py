@@ -1,0 +1,61 @@
+"""The runner's side of structured output: a step's grammar bitmask applied to the logits on the device.
+
+The scheduler sends one bitmask row per sampling position of each constrained request (`StructuredStep`); the
+runner's logits hold one row per sampling position of every sampling request, in its own batch order. Tokens a
+row does not allow get -inf before anything else reads the logits (penalties, sampling, logprobs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from loomserve.platform.input_batch import BatchInputs
+
+FEATURE = "structured"
+_BITS = 32
+
+
+@dataclass
+class StructuredStep:
+    """A step's bitmask: `request_ids[i]` owns rows [starts[i], starts[i] + 1 + its drafts) of `bitmask`."""
+
+    request_ids: list[str]
+    starts: list[int]
+    bitmask: torch.Tensor  # [R, ceil(V / 32)] int32, R = the constrained requests' sampling positions
+
+    @classmethod
+    def of(cls, data: StructuredStep | dict[str, Any]) -> StructuredStep:
+        """The step data as sent, or as a runner in another process decodes it (a dict, the tensor in wire form)."""
+        if isinstance(data, cls):
+            return data
+        from loomserve.platform.wire import tensor_from_wire
+
+        return cls(data["request_ids"], data["starts"], tensor_from_wire(data["bitmask"]))
+
+
+def apply_structured_bitmask(logits: torch.Tensor, data: StructuredStep | dict | None, batch: BatchInputs) -> None:
+    """In place: mask the rows of `logits` [S, V] that belong to constrained requests."""
+    if data is None:
+        return
+    data = StructuredStep.of(data)
+    first_rows = np.cumsum([0] + [1 + len(d) for d in batch.drafts]).tolist()  # each sampling request's first row
+    row_of = {r.request_id: first_rows[i] for i, r in enumerate(batch.sample_requests)}
+    ends = [*data.starts[1:], data.bitmask.shape[0]]
+    rows = []  # logits row of each bitmask row
+    for request_id, start, end in zip(data.request_ids, data.starts, ends, strict=True):
+        rows.extend(range(row_of[request_id], row_of[request_id] + end - start))
+    index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+    allowed = unpack_bitmask(data.bitmask.to(logits.device, non_blocking=True), logits.shape[1])  # [R, V]
+    logits[index] = logits[index].masked_fill(~allowed, -float("inf"))
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[R, W] int32 words -> [R, vocab_size] bool: bit i of word w says whether token 32 * w + i is allowed."""
+    shifts = torch.arange(_BITS, dtype=torch.int32, device=bitmask.device)  # [32]
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
+    return bits.flatten(1)[:, :vocab_size].bool()
