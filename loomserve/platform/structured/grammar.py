@@ -85,7 +85,10 @@ def guidance_error(spec: GrammarSpec) -> str:
     """Why llguidance cannot read `spec` ('' when it can)."""
     import llguidance
 
-    return llguidance.LLMatcher.validate_grammar(guidance_grammar(spec))
+    try:
+        return llguidance.LLMatcher.validate_grammar(guidance_grammar(spec))
+    except ValueError as e:  # a grammar it cannot even convert
+        return str(e) or type(e).__name__
 
 
 def guidance_grammar(spec: GrammarSpec) -> str:
