@@ -102,12 +102,16 @@ class InputProcessor:
                 f"{len(token_ids)} tokens, which leaves no room for a completion."
             )
         check_vocabulary(token_ids, self.model_config.vocab_size, "the prompt")
-        check_logit_constraints(params, self.model_config.vocab_size)
-        if params.structured_outputs is not None:
-            grammar_spec(params.structured_outputs)  # a schema, regex or grammar no backend reads is the client's error
+        self.validate_constraints(params)
         if (params.logprobs or 0) > self.model_config.max_logprobs:
             raise ValueError(f"{params.logprobs} logprobs requested; this server gives at most "
                              f"{self.model_config.max_logprobs} (--max-logprobs)")
+
+    def validate_constraints(self, params: SamplingParams) -> None:
+        """ValueError for token ids outside the vocabulary, or a schema, regex or grammar no backend reads."""
+        check_logit_constraints(params, self.model_config.vocab_size)
+        if params.structured_outputs is not None:
+            grammar_spec(params.structured_outputs)
 
     def engine_request(
         self,
