@@ -49,8 +49,15 @@ def apply_structured_bitmask(logits: torch.Tensor, data: StructuredStep | dict |
     rows = []  # logits row of each bitmask row
     for request_id, start, end in zip(data.request_ids, data.starts, ends, strict=True):
         rows.extend(range(row_of[request_id], row_of[request_id] + end - start))
-    index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
-    allowed = unpack_bitmask(data.bitmask.to(logits.device, non_blocking=True), logits.shape[1])  # [R, V]
+    if logits.device.type == "cuda":  # xgrammar's kernel, over a bitmask row per logits row (-1: all allowed)
+        import xgrammar as xgr
+
+        full = torch.full((logits.shape[0], data.bitmask.shape[1]), -1, dtype=torch.int32)  # [S, W]
+        full[rows] = data.bitmask
+        xgr.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True), indices=rows)
+        return
+    index = torch.tensor(rows, dtype=torch.int64)
+    allowed = unpack_bitmask(data.bitmask, logits.shape[1])  # [R, V]
     logits[index] = logits[index].masked_fill(~allowed, -float("inf"))
 
 

@@ -115,6 +115,28 @@ class GrammarCompiler:
         return compiler.compile_structural_tag(*structural_tag_args(spec.source))
 
 
+class BitmaskFiller:
+    """Fills many matchers' rows of one bitmask: xgrammar's together, on its own threads (the step waits for this,
+    so a batch of 64 must not cost 64 fills in a row); llguidance's one by one."""
+
+    def __init__(self) -> None:
+        self._batch: Any = None  # xgrammar's BatchGrammarMatcher, made on first use
+
+    def fill(self, jobs: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
+        """Row `row` of `bitmask` gets what `matcher` allows next, for each (matcher, row)."""
+        together = [(m.matcher, row) for m, row in jobs if isinstance(m, _XgrammarMatcher)]
+        if len(together) > 1:
+            if self._batch is None:
+                import xgrammar as xgr
+
+                self._batch = xgr.BatchGrammarMatcher()
+            matchers, rows = zip(*together, strict=True)
+            self._batch.batch_fill_next_token_bitmask(list(matchers), bitmask, list(rows))
+        for matcher, row in jobs:
+            if len(together) <= 1 or not isinstance(matcher, _XgrammarMatcher):
+                matcher.fill(bitmask, row)
+
+
 def bitmask_width(vocab_size: int) -> int:
     """int32 words per bitmask row for `vocab_size` logits."""
     return (vocab_size + 31) // 32

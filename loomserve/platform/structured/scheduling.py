@@ -21,7 +21,7 @@ import torch
 
 from loomserve.platform.features import SchedulerHook
 from loomserve.platform.structured.bitmask import FEATURE, StructuredStep
-from loomserve.platform.structured.compiler import GrammarCompiler, Matcher, bitmask_width
+from loomserve.platform.structured.compiler import BitmaskFiller, GrammarCompiler, Matcher, bitmask_width
 from loomserve.platform.structured.grammar import grammar_spec
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ class StructuredOutputScheduling(SchedulerHook):
         self.states: dict[str, _GrammarState] = {}
         self.sampling: list[_Sampling] = []  # this step's constrained requests that sample, in commit order
         self.refused: dict[str, str] = {}  # grammars that failed to compile: request id -> why
+        self.filler = BitmaskFiller()
 
     def add_request(self, request: Request) -> None:
         params = request.sampling_params
@@ -122,9 +123,14 @@ class StructuredOutputScheduling(SchedulerHook):
         for s in self.sampling:
             starts.append(starts[-1] + 1 + len(s.drafts))
         bitmask = torch.full((starts[-1], bitmask_width(self.vocab_size)), -1, dtype=torch.int32)
+        decodes = []  # (matcher, row) of the requests without drafts: filled together
         for s, row in zip(self.sampling, starts, strict=False):
             matcher = self._synced(s.request)
-            _fill_rows(matcher, bitmask, row, s.drafts)
+            if s.drafts:
+                _fill_draft_rows(matcher, bitmask, row, s.drafts)
+            else:
+                decodes.append((matcher, row))
+        self.filler.fill(decodes, bitmask)
         return StructuredStep([s.request.request_id for s in self.sampling], starts[:-1], bitmask)
 
     def _synced(self, request: Request) -> Matcher:
@@ -146,7 +152,7 @@ class StructuredOutputScheduling(SchedulerHook):
             self.refused.pop(request.request_id, None)
 
 
-def _fill_rows(matcher: Matcher, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
+def _fill_draft_rows(matcher: Matcher, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
     """Row `row` is what may follow the landed tokens; row row + i + 1 what may follow the first i + 1 drafts. After
     a draft the grammar refuses, the rest copy its row (the draft is rejected there, so they never sample)."""
     matcher.fill(bitmask, row)
