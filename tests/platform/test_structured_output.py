@@ -86,6 +86,11 @@ def test_async_scheduling_gives_the_same_output(qwen2_checkpoint, json_texts):
     assert texts(ahead, constrained(json=SCHEMA)) == json_texts
 
 
+def test_a_runner_in_another_process_reads_the_bitmask_off_the_wire(qwen2_checkpoint, json_texts):
+    remote = LLM(qwen2_checkpoint, distributed_executor_backend="mp", device="cpu", **ENGINE)
+    assert texts(remote, constrained(json=SCHEMA)) == json_texts
+
+
 def test_preempted_requests_keep_their_grammar_state(qwen2_checkpoint, json_texts):
     tight = LLM(qwen2_checkpoint, block_size=4, num_gpu_blocks_override=40, max_model_len=160)
     assert texts(tight, constrained(json=SCHEMA)) == json_texts
