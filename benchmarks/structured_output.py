@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.common import PRESETS, build_preset_checkpoint, command_line, environment
+from benchmarks.common import PRESETS, build_preset_checkpoint, print_run_header
 from benchmarks.spec_decode import Run, TimedEngine, synthetic_prompts
 from benchmarks.throughput import add_engine_flags, engine_kwargs
 from loomserve.platform.config import resolve_device
@@ -130,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     free = measure(args, timed, False, vocab_size)
     constrained = measure(args, timed, True, vocab_size)
     violations = grammar_violations(llm, args, vocab_size)
-    env = environment(resolve_device(args.device))
-    print(f"# {command_line(argv)}")
-    for key, value in env.items():
-        print(f"# {key}: {value}")
+    env = print_run_header(argv, resolve_device(args.device))
     print(f"# model: {args.shape} (dummy weights); input {args.input_len}, output {args.output_len} tokens; "
           f"async scheduling (free runs): {llm.config.async_scheduling}; grammar violations: {violations}")
     print(format_table(free, constrained))

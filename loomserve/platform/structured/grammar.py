@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from loomserve.platform.json_args import json_object
 from loomserve.platform.structured.params import StructuredOutputsParams
 
 XGRAMMAR, GUIDANCE = "xgrammar", "guidance"
@@ -44,14 +45,10 @@ def grammar_spec(params: StructuredOutputsParams) -> GrammarSpec:
 def _kind_and_source(params: StructuredOutputsParams) -> tuple[str, str]:
     kind = params.kind
     if kind == "json":
-        schema = params.json
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"invalid structured output json: the schema is not JSON ({e})") from None
-        if not isinstance(schema, dict):
-            raise ValueError("invalid structured output json: the schema must be a JSON object")
+        try:
+            schema = json_object(params.json, "the schema", '{"type": "object"}')
+        except ValueError as e:
+            raise ValueError(f"invalid structured output json: {e}") from None
         return kind, json.dumps(schema)
     if kind == "choice":
         if not params.choice or not all(isinstance(c, str) for c in params.choice):
