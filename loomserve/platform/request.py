@@ -44,6 +44,8 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None  # bad_words as the front end tokenized them
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.logit_bias is not None:  # JSON object keys arrive as strings
             self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
         if isinstance(self.stop, str):
@@ -93,9 +95,6 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
-        structured = d.get("structured_outputs")
-        if isinstance(structured, dict):
-            d = {**d, "structured_outputs": StructuredOutputsParams(**structured)}
         return cls(**d)
 
 

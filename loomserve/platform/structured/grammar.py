@@ -32,6 +32,7 @@ class GrammarSpec:
 def grammar_spec(params: StructuredOutputsParams) -> GrammarSpec:
     """The spec of `params`; ValueError when neither backend can read it."""
     kind, source = _kind_and_source(params)
+    _require_backend()
     spec = GrammarSpec(XGRAMMAR, kind, source, not params.disable_any_whitespace)
     xgrammar_error = _xgrammar_error(spec)
     if xgrammar_error is None:
@@ -40,6 +41,14 @@ def grammar_spec(params: StructuredOutputsParams) -> GrammarSpec:
     if kind != "structural_tag" and not guidance_error(fallback):
         return fallback
     raise ValueError(f"invalid structured output {params.kind}: {xgrammar_error}")
+
+
+def _require_backend() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("xgrammar") is None:
+        raise ValueError("structured output is not available on this server: it needs xgrammar "
+                         "(pip install 'loomserve[structured]')")
 
 
 def _kind_and_source(params: StructuredOutputsParams) -> tuple[str, str]:
