@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from loomserve import LLM, SamplingParams
+from loomserve.platform.messages import EngineCoreRequest
 from loomserve.platform.structured import StructuredOutputsParams
 
 SCHEMA = {
@@ -128,3 +129,15 @@ def test_invalid_schema_regex_or_grammar_is_refused_before_it_runs(llm):
         with pytest.raises(ValueError, match="invalid structured output"):
             llm.generate(["hi"], constrained(**kind))
     assert not llm.engine.has_requests()
+
+
+def test_a_grammar_that_fails_in_the_engine_ends_only_its_request(llm):
+    """Past the front end's check (here skipped), a compile failure aborts its own request; the others run on."""
+    bad = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[0-9"))
+    llm.engine.add_request(EngineCoreRequest("bad", [5, 6, 7], bad, None, 0.0))
+    free = SamplingParams(max_tokens=4, ignore_eos=True)
+    llm.engine.add_request(EngineCoreRequest("good", [5, 6, 7], free, None, 0.0))
+    finished = {}
+    while llm.engine.has_requests():
+        finished.update({o.request_id: o.finish_reason for o in llm.engine.step().outputs if o.finish_reason})
+    assert finished == {"bad": "abort", "good": "length"}

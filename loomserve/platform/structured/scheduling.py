@@ -61,7 +61,6 @@ class StructuredOutputScheduling(SchedulerHook):
         self.pool: ThreadPoolExecutor | None = None  # started with the first grammar
         self.states: dict[str, _GrammarState] = {}
         self.sampling: list[_Sampling] = []  # this step's constrained requests that sample, in commit order
-        self.refused: dict[str, str] = {}  # grammars that failed to compile: request id -> why
         self.filler = BitmaskFiller()
 
     def add_request(self, request: Request) -> None:
@@ -70,9 +69,7 @@ class StructuredOutputScheduling(SchedulerHook):
             return
         if self.pool is None:
             self.pool = ThreadPoolExecutor(_COMPILE_THREADS, thread_name_prefix="loomserve-grammar")
-        future = self.pool.submit(self._compile, request)
-        self.states[request.request_id] = _GrammarState(future)
-        future.add_done_callback(lambda f, request_id=request.request_id: self._note_failure(request_id, f))
+        self.states[request.request_id] = _GrammarState(self.pool.submit(self._compile, request))
 
     def _compile(self, request: Request) -> Matcher:
         params = request.sampling_params
@@ -89,13 +86,15 @@ class StructuredOutputScheduling(SchedulerHook):
                 self._compiler = GrammarCompiler(load_tokenizer(self.model_config), self.vocab_size)
         return self._compiler
 
-    def _note_failure(self, request_id: str, future: Future[Matcher]) -> None:
-        if future.exception() is not None:
-            logger.error("request %s: its grammar failed to compile: %s", request_id, future.exception())
-            self.refused[request_id] = f"the grammar failed to compile: {future.exception()}"
-
     def take_refused(self) -> dict[str, str]:
-        refused, self.refused = self.refused, {}
+        """Requests whose grammar failed to compile (the front end validated it, so this is the engine's failure):
+        they end, the others run on."""
+        refused = {}
+        for request_id, state in self.states.items():
+            future = state.matcher
+            if future.done() and future.exception() is not None:
+                logger.error("request %s: its grammar failed to compile: %s", request_id, future.exception())
+                refused[request_id] = f"the grammar failed to compile: {future.exception()}"
         return refused
 
     def admits(self, request: Request) -> bool:
@@ -149,7 +148,6 @@ class StructuredOutputScheduling(SchedulerHook):
             state = self.states.pop(request.request_id, None)
             if state is not None:
                 state.matcher.cancel()
-            self.refused.pop(request.request_id, None)
 
 
 def _fill_draft_rows(matcher: Matcher, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
