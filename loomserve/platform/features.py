@@ -71,6 +71,14 @@ class SchedulerHook(Protocol):
         """Take in the runner hooks' result; returns the requests the feature cannot serve (id -> why)."""
         return {}
 
+    def allow_late_step_data(self) -> None:
+        """The engine's runner shares its process: it will ask `late_step_data` before each step samples."""
+
+    def late_step_data(self) -> Any:
+        """Step data that needs the step before landed (a grammar bitmask needs its tokens), asked for once the
+        step's forward is under way and the step before has landed, just before it samples; None: nothing."""
+        return None
+
     def holds_run_ahead(self) -> bool:
         """Whether the next step must wait for the one in flight to land (its result decides what the next runs)."""
         return False

@@ -11,6 +11,7 @@ there); once a step's tokens reach the host the hooks see them (the proposer dra
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,8 +190,9 @@ class ModelRunner:
         return hook.call(method, *args)
 
     @torch.inference_mode()
-    def launch(self, step: ScheduledStep) -> InFlightStep:
-        """Take in the step's diff, then run its model, sampler and features without waiting for them."""
+    def launch(self, step: ScheduledStep, before_sample: Callable[[], None] | None = None) -> InFlightStep:
+        """Take in the step's diff, then run its model, sampler and features without waiting for them;
+        `before_sample` (the engine's, in process) runs while the forward does and may add to `step.features`."""
         forgotten = self.input_batch.apply(step)
         if self.step_threads is not None:
             self.step_threads.for_step(step.num_tokens)
@@ -209,6 +211,8 @@ class ModelRunner:
         ids = [r.request_id for r in rows]
         counts = [r.sampling_params.logprobs for r in rows]
         num_drafts = [len(d) for d in batch.drafts] if batch is not None else []
+        if logits is not None and before_sample is not None:
+            before_sample()
         if logits is not None:
             apply_structured_bitmask(logits, step.features.get(STRUCTURED), batch)
         result, num_emitted = (_NO_SAMPLES, None) if logits is None else self._sample(batch, logits)

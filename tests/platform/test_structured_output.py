@@ -82,9 +82,20 @@ def test_chunked_prefill_of_a_long_prompt(qwen2_checkpoint, json_texts):
     assert texts(chunked, constrained(json=SCHEMA)) == json_texts
 
 
-def test_async_scheduling_gives_the_same_output(qwen2_checkpoint, json_texts):
+def test_async_scheduling_keeps_its_overlap_and_the_same_output(qwen2_checkpoint, json_texts):
+    """Each step's bitmask is filled while its forward runs, once the step before has landed there."""
     ahead = LLM(qwen2_checkpoint, async_scheduling=True, **ENGINE)
+    engine, overlapped = ahead.engine, 0
+    before_sample = engine._before_sample
+
+    def counted(step, outputs):
+        nonlocal overlapped
+        overlapped += engine.in_flight is not None
+        before_sample(step, outputs)
+
+    engine._before_sample = counted
     assert texts(ahead, constrained(json=SCHEMA)) == json_texts
+    assert overlapped > 10
 
 
 def test_a_runner_in_another_process_reads_the_bitmask_off_the_wire(qwen2_checkpoint, json_texts):

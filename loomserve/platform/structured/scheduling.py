@@ -5,8 +5,10 @@ waits in the queue (not admitted, others pass it) until the grammar is ready. Th
 scheduler: before each bitmask is filled a matcher takes the tokens its request landed since. Each step carries
 one bitmask row per sampling position of a constrained request (1 + k with k drafts: row i is the state after
 the first i drafts, which are then rolled back) to the runner, which masks the logits before sampling
-(`bitmask.py`). The bitmask of step N + 1 needs the token of step N, so while a constrained request runs the
-engine lands each step before scheduling the next (no async overlap).
+(`bitmask.py`). The bitmask of step N + 1 needs the token of step N: with the runner in the engine's process the
+engine asks for it late (`late_step_data`), while step N + 1's forward runs and once step N has landed, so async
+scheduling keeps its overlap; a runner in another process gets it with the step, and the engine lands each step
+before scheduling the next while a constrained request runs.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class StructuredOutputScheduling(SchedulerHook):
         self.states: dict[str, _GrammarState] = {}
         self.sampling: list[_Sampling] = []  # this step's constrained requests that sample, in commit order
         self.filler = BitmaskFiller()
+        self.late = False  # the bitmask is filled as the step's forward runs, once the step before has landed
+        self.late_sampling: list[_Sampling] = []  # the last scheduled step's rows, to fill late
 
     def add_request(self, request: Request) -> None:
         params = request.sampling_params
@@ -101,8 +105,11 @@ class StructuredOutputScheduling(SchedulerHook):
         state = self.states.get(request.request_id)
         return state is None or (state.matcher.done() and state.matcher.exception() is None)
 
+    def allow_late_step_data(self) -> None:
+        self.late = True
+
     def holds_run_ahead(self) -> bool:
-        return bool(self.states)
+        return bool(self.states) and not self.late
 
     def begin_step(self, running: list[Request]) -> None:
         self.sampling = []
@@ -116,21 +123,35 @@ class StructuredOutputScheduling(SchedulerHook):
             self.sampling.append(_Sampling(request, request.spec_token_ids[: start + num_tokens - end]))
 
     def step_data(self, running: list[Request]) -> StructuredStep | None:
-        if not self.sampling:
+        if self.late:
+            self.late_sampling = self.sampling
+            return None
+        return self._bitmask(self.sampling)
+
+    def late_step_data(self) -> StructuredStep | None:
+        sampling, self.late_sampling = self.late_sampling, []
+        return self._bitmask(sampling)
+
+    def _bitmask(self, sampling: list[_Sampling]) -> StructuredStep | None:
+        """The rows of the sampling requests still running (one that ended as the step before landed gets rows
+        that allow everything: its token is dropped)."""
+        if not sampling:
             return None
         starts = [0]
-        for s in self.sampling:
+        for s in sampling:
             starts.append(starts[-1] + 1 + len(s.drafts))
         bitmask = torch.full((starts[-1], bitmask_width(self.vocab_size)), -1, dtype=torch.int32)
         decodes = []  # (matcher, row) of the requests without drafts: filled together
-        for s, row in zip(self.sampling, starts, strict=False):
+        for s, row in zip(sampling, starts, strict=False):
+            if s.request.request_id not in self.states:
+                continue
             matcher = self._synced(s.request)
             if s.drafts:
                 _fill_draft_rows(matcher, bitmask, row, s.drafts)
             else:
                 decodes.append((matcher, row))
         self.filler.fill(decodes, bitmask)
-        return StructuredStep([s.request.request_id for s in self.sampling], starts[:-1], bitmask)
+        return StructuredStep([s.request.request_id for s in sampling], starts[:-1], bitmask)
 
     def _synced(self, request: Request) -> Matcher:
         """The request's matcher, advanced past the tokens it landed since the last step."""
