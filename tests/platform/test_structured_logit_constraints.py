@@ -1,8 +1,10 @@
 """The sampler's logits constraints against transformers on the same checkpoint: `logit_bias` is its
 `sequence_bias` for single tokens, `bad_words` its `bad_words_ids` over the words as vLLM tokenizes them;
-`allowed_token_ids` keeps every other token out; the grammar bitmask unpacks bit for bit."""
+`allowed_token_ids` keeps every other token out; the grammar bitmask masks its requests' logits rows."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from loomserve import LLM, SamplingParams
 from loomserve.platform.logit_constraints import tokenize_bad_words
-from loomserve.platform.structured.bitmask import unpack_bitmask
+from loomserve.platform.structured.bitmask import StructuredStep, apply_structured_bitmask
 
 PROMPT = "the cat sat on the mat and then it"
 MAX_TOKENS = 12
@@ -69,10 +71,19 @@ def test_out_of_vocabulary_ids_are_refused(llm):
         greedy(llm, allowed_token_ids=[-1])
 
 
-def test_bitmask_unpacks_bit_for_bit():
-    allowed = torch.rand(3, 100) < 0.5  # [R, V]
-    padded = torch.zeros(3, 128, dtype=torch.int64)
-    padded[:, :100] = allowed.long()
-    words = (padded.view(3, 4, 32) << torch.arange(32)).sum(-1)  # [R, W] as unsigned 32-bit values
-    bitmask = words.to(torch.int64).where(words < 2**31, words - 2**32).to(torch.int32)
-    assert torch.equal(unpack_bitmask(bitmask, 100), allowed)
+def test_bitmask_rows_reach_their_requests_logits_rows():
+    """Rows follow the runner's batch order, 1 + k per request verifying k drafts; others stay untouched."""
+    vocab = 70
+    allowed = torch.rand(3, vocab) < 0.5  # [R, V]: request "b" has a draft, so two rows
+    bits = torch.zeros(3, 96, dtype=torch.int64)
+    bits[:, :vocab] = allowed.long()
+    words = (bits.view(3, 3, 32) << torch.arange(32)).sum(-1)  # [R, W] as unsigned 32-bit values
+    bitmask = torch.where(words < 2**31, words, words - 2**32).to(torch.int32)
+    data = StructuredStep(["c", "b"], [0, 1], bitmask)
+    batch = SimpleNamespace(sample_requests=[SimpleNamespace(request_id=i) for i in "abc"], drafts=[[], [9], []])
+    logits = torch.randn(4, vocab)  # rows: a, b, b's draft, c
+    masked = logits.clone()
+    apply_structured_bitmask(masked, data, batch)
+    expected = torch.stack([logits[0], *(logits[r].masked_fill(~allowed[i], -float("inf"))
+                                         for i, r in ((1, 1), (2, 2), (0, 3)))])
+    assert torch.equal(masked, expected)

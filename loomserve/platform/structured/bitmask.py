@@ -2,7 +2,8 @@
 
 The scheduler sends one bitmask row per sampling position of each constrained request (`StructuredStep`); the
 runner's logits hold one row per sampling position of every sampling request, in its own batch order. Tokens a
-row does not allow get -inf before anything else reads the logits (penalties, sampling, logprobs).
+row does not allow (bit i of int32 word w stands for token 32 * w + i) get -inf before anything else reads the
+logits (penalties, sampling, logprobs).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
     from loomserve.platform.input_batch import BatchInputs
 
 FEATURE = "structured"
-_BITS = 32
 
 
 @dataclass
@@ -49,20 +49,10 @@ def apply_structured_bitmask(logits: torch.Tensor, data: StructuredStep | dict |
     rows = []  # logits row of each bitmask row
     for request_id, start, end in zip(data.request_ids, data.starts, ends, strict=True):
         rows.extend(range(row_of[request_id], row_of[request_id] + end - start))
-    if logits.device.type == "cuda":  # xgrammar's kernel, over a bitmask row per logits row (-1: all allowed)
-        import xgrammar as xgr
+    # xgrammar's kernel (CUDA, or its C++ loop on CPU: 20x a torch unpack there) reads a bitmask row per logits
+    # row; the unconstrained rows are all ones and skipped.
+    import xgrammar as xgr
 
-        full = torch.full((logits.shape[0], data.bitmask.shape[1]), -1, dtype=torch.int32)  # [S, W]
-        full[rows] = data.bitmask
-        xgr.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True), indices=rows)
-        return
-    index = torch.tensor(rows, dtype=torch.int64)
-    allowed = unpack_bitmask(data.bitmask, logits.shape[1])  # [R, V]
-    logits[index] = logits[index].masked_fill(~allowed, -float("inf"))
-
-
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[R, W] int32 words -> [R, vocab_size] bool: bit i of word w says whether token 32 * w + i is allowed."""
-    shifts = torch.arange(_BITS, dtype=torch.int32, device=bitmask.device)  # [32]
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
-    return bits.flatten(1)[:, :vocab_size].bool()
+    full = torch.full((logits.shape[0], data.bitmask.shape[1]), -1, dtype=torch.int32)  # [S, W]
+    full[rows] = data.bitmask
+    xgr.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True), indices=rows)
