@@ -8,6 +8,7 @@ spec against the tokenizer off the step path (`compiler.py`).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,7 @@ def _kind_and_source(params: StructuredOutputsParams) -> tuple[str, str]:
     return kind, getattr(params, kind)
 
 
+@functools.lru_cache(maxsize=256)  # clients send the same schema again and again (and n prompts at once)
 def _xgrammar_error(spec: GrammarSpec) -> str | None:
     """Why xgrammar cannot read `spec`, or None."""
     import xgrammar as xgr
@@ -87,6 +89,7 @@ def _xgrammar_error(spec: GrammarSpec) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def guidance_error(spec: GrammarSpec) -> str:
     """Why llguidance cannot read `spec` ('' when it can)."""
     import llguidance
