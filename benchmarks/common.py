@@ -259,6 +259,15 @@ def environment(device: torch.device) -> dict[str, str]:
     }
 
 
+def print_run_header(argv: list[str] | None, device: torch.device) -> dict[str, str]:
+    """Print the command line and the environment (`environment`) as `# ` lines; returns the environment."""
+    env = environment(device)
+    print(f"# {command_line(argv)}")
+    for key, value in env.items():
+        print(f"# {key}: {value}")
+    return env
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """How this run was started, `python -m benchmarks.NAME ARGS`, as the reports quote it."""
     spec = sys.modules["__main__"].__spec__

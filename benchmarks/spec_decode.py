@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import PRESETS, build_preset_checkpoint, command_line, environment, percentile
+from benchmarks.common import PRESETS, build_preset_checkpoint, percentile, print_run_header
 from benchmarks.throughput import add_engine_flags, engine_kwargs, free_memory
 from loomserve.platform.config import resolve_device
 
@@ -212,10 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     base = measure(args, model, load_format, "no speculation", None)
     free_memory(resolve_device(args.device))
     with_spec = measure(args, model, load_format, "speculation", spec)
-    env = environment(resolve_device(args.device))
-    print(f"# {command_line(argv)}")
-    for key, value in env.items():
-        print(f"# {key}: {value}")
+    env = print_run_header(argv, resolve_device(args.device))
     print(f"# model: {args.shape if args.workload == 'synthetic' else 'SmolLM2-135M-Instruct'}; "
           f"speculative_config: {json.dumps(spec)}; output {args.output_len} tokens")
     print(format_table(base, with_spec))

@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from loomserve.api.protocol_constraints import ConstraintFields
 from loomserve.platform.request import SamplingParams
 
 
@@ -99,7 +100,7 @@ class ChatMessage(OpenAIBaseModel):
     _unicode = field_validator("role", "content", "name")(_valid_unicode)
 
 
-class SamplingRequest(OpenAIBaseModel):
+class SamplingRequest(OpenAIBaseModel, ConstraintFields):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
@@ -169,7 +170,7 @@ class SamplingRequest(OpenAIBaseModel):
         given = {name: getattr(self, name) for name in _SAMPLING_FIELDS}
         given = {name: value for name, value in given.items() if value is not None}
         return SamplingParams(max_tokens=max_tokens, logprobs=self.num_logprobs,
-                              prompt_logprobs=self.num_prompt_logprobs, **given)
+                              prompt_logprobs=self.num_prompt_logprobs, **given, **self.constraint_params())
 
 
 class CompletionRequest(SamplingRequest):

@@ -46,7 +46,9 @@ def sampling_params(engine: AsyncLLM, request: SamplingRequest, prompt: Prompt) 
     max_tokens = resolve_max_tokens(len(prompt.token_ids), request.requested_max_tokens, max_model_len)
     check_max_logprobs(request, engine.model_config)
     try:
-        return request.to_sampling_params(max_tokens)
+        params = request.to_sampling_params(max_tokens)
+        engine.input_processor.validate_constraints(params)
+        return params
     except ValueError as exc:
         raise APIError(str(exc)) from exc
 

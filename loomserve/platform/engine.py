@@ -62,6 +62,10 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, max_model_len, num_blocks,
                                    scheduler_hooks(config))
         self.in_flight: tuple[ScheduledStep, Any] | None = None  # launched, not yet landed
+        self.late_step_data = getattr(self.executor, "calls_back", False)
+        if self.late_step_data:
+            for hook in self.scheduler.hooks:
+                hook.allow_late_step_data()
         # Front-end calls answered once done: (call id, the feature called or None, its future).
         self.pending_calls: list[tuple[int, str | None, concurrent.futures.Future]] = []
 
@@ -102,7 +106,10 @@ class EngineCore:
         step = self.scheduler.schedule()
         launched = None
         if self.scheduler.has_requests() or not step.is_empty:
-            launched = (step, self.executor.launch(step))
+            if self.late_step_data:
+                launched = (step, self.executor.launch(step, lambda: self._before_sample(step, outputs)))
+            else:
+                launched = (step, self.executor.launch(step))
         if self.in_flight is not None:
             outputs += self._land(*self.in_flight)
         self.in_flight = launched
@@ -110,6 +117,17 @@ class EngineCore:
             outputs += self._land(*self.in_flight)
             self.in_flight = None
         return EngineCoreOutputs(outputs, self.scheduler.stats())
+
+    def _before_sample(self, step: ScheduledStep, outputs: list[EngineCoreOutput]) -> None:
+        """While the step's forward runs: land the step before (its tokens are what the features' late data
+        needs), then add that data to the step."""
+        if self.in_flight is not None:
+            outputs += self._land(*self.in_flight)
+            self.in_flight = None
+        for hook in self.scheduler.hooks:
+            data = hook.late_step_data()
+            if data is not None:
+                step.features[hook.name] = data
 
     def _land(self, step: ScheduledStep, handle: Any) -> list[EngineCoreOutput]:
         """Hand a launched step's sampled tokens and pooled outputs to the scheduler, and its features' results to

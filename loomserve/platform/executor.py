@@ -17,6 +17,7 @@ import multiprocessing
 import socket
 import threading
 import traceback
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from loomserve.platform.config import EngineConfig
@@ -35,6 +36,8 @@ class Executor(Protocol):
 
     def launch(self, step: ScheduledStep) -> Any:
         """Start a step; returns the handle `collect` takes."""
+
+    calls_back: bool  # launch takes `before_sample`, called in the runner's process once the forward is under way
 
     def collect(self, handle: Any) -> StepResult: ...
 
@@ -77,8 +80,10 @@ class InProcExecutor:
     def init_kv_cache(self, num_blocks: int) -> None:
         self.runner.init_kv_cache(num_blocks)
 
-    def launch(self, step: ScheduledStep) -> Any:
-        return self.runner.launch(step)
+    calls_back = True
+
+    def launch(self, step: ScheduledStep, before_sample: Callable[[], None] | None = None) -> Any:
+        return self.runner.launch(step, before_sample)
 
     def collect(self, handle: Any) -> StepResult:
         return self.runner.collect(handle)
@@ -183,6 +188,8 @@ def _first(results: list[Any]) -> Any:
 class MultiprocExecutor:
     """One runner process per tensor-parallel rank. Every step and call goes to every rank (they run the same
     forward, each over its shard, and meet in its collectives); rank 0's answer is the executor's."""
+
+    calls_back = False
 
     def __init__(self, config: EngineConfig) -> None:
         size = config.parallel_config.tensor_parallel_size

@@ -35,6 +35,13 @@ class SchedulerHook(Protocol):
     def attach_kv(self, kv: KVCacheManager) -> None:
         """The scheduler's KV cache manager, once made (a KV connector reads and takes its blocks)."""
 
+    def add_request(self, request: Request) -> None:
+        """A request was queued: work it needs before it may start (compiling its grammar) can begin now."""
+
+    def take_refused(self) -> dict[str, str]:
+        """Requests the feature found it cannot serve outside a step's result (id -> why), each reported once."""
+        return {}
+
     def busy(self) -> bool:
         """Whether the feature needs steps with no request to run (e.g. to tell its runner hook to serve blocks)."""
         return False
@@ -63,6 +70,14 @@ class SchedulerHook(Protocol):
     def update(self, result: Any, requests: dict[str, Request]) -> dict[str, str]:
         """Take in the runner hooks' result; returns the requests the feature cannot serve (id -> why)."""
         return {}
+
+    def allow_late_step_data(self) -> None:
+        """The engine's runner shares its process: it will ask `late_step_data` before each step samples."""
+
+    def late_step_data(self) -> Any:
+        """Step data that needs the step before landed (a grammar bitmask needs its tokens), asked for once the
+        step's forward is under way and the step before has landed, just before it samples; None: nothing."""
+        return None
 
     def holds_run_ahead(self) -> bool:
         """Whether the next step must wait for the one in flight to land (its result decides what the next runs)."""
@@ -126,6 +141,7 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
     "kv_pd": ("loomserve.platform.kv_transfer.disagg:scheduler_hook",
               "loomserve.platform.kv_transfer.disagg:runner_hook"),
     "spec": ("loomserve.platform.spec_decode.hooks:scheduler_hook", "loomserve.platform.spec_decode.hooks:runner_hook"),
+    "structured": ("loomserve.platform.structured.scheduling:scheduler_hook", None),
 }
 
 

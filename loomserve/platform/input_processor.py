@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -13,8 +14,10 @@ from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.frontend import MultiModalFrontend
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import ModelConfig
+from loomserve.platform.logit_constraints import check_logit_constraints, tokenize_bad_words
 from loomserve.platform.messages import EngineCoreRequest
 from loomserve.platform.request import SamplingParams, resolve_num_logprobs
+from loomserve.platform.structured.grammar import grammar_spec
 
 # A prompt: text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": [...]}, which may add
 # {"multi_modal_data": {"image": ..., "video": ..., "audio": ...}} (one item or a list per modality) and a
@@ -109,7 +112,14 @@ class InputProcessor:
                 f"{len(token_ids)} tokens, which leaves no room for a completion."
             )
         check_vocabulary(token_ids, self.model_config.vocab_size, "the prompt")
+        self.validate_constraints(params)
         check_num_logprobs(params, self.model_config.max_logprobs, self.model_config.vocab_size)
+
+    def validate_constraints(self, params: SamplingParams) -> None:
+        """ValueError for token ids outside the vocabulary, or a schema, regex or grammar no backend reads."""
+        check_logit_constraints(params, self.model_config.vocab_size)
+        if params.structured_outputs is not None:
+            grammar_spec(params.structured_outputs)
 
     def engine_request(
         self,
@@ -121,6 +131,9 @@ class InputProcessor:
         lora_request: LoRARequest | None = None,
         cache_salt: str | None = None,
     ) -> EngineCoreRequest:
+        if params.bad_words and params.bad_words_token_ids is None:
+            bad_words_token_ids = tokenize_bad_words(self.tokenizer, params.bad_words)
+            params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids)
         if self.extra_stop_ids and not params.ignore_eos:
             params = SamplingParams.from_dict(
                 {**params.to_dict(), "stop_token_ids": params.stop_token_ids + self.extra_stop_ids}

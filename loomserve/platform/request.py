@@ -40,8 +40,16 @@ class SamplingParams:
     best_of: int | None = None  # candidates to sample; the n with the highest cumulative logprob are returned
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100] (OpenAI)
+    allowed_token_ids: list[int] | None = None  # only these may be sampled
+    bad_words: list[str] | None = None  # never generated (their last token is banned after the rest)
+    bad_words_token_ids: list[list[int]] | None = None  # bad_words as the front end tokenized them
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.logit_bias is not None:  # JSON object keys arrive as strings
+            self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -73,6 +81,11 @@ class SamplingParams:
              "must be -1 (all) or non-negative"),
             (self.best_of is None or self.best_of >= self.n, "best_of", "must be at least n"),
             (all(s for s in self.stop), "stop", "must not contain empty strings"),
+            (all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()), "logit_bias",
+             "values must be in [-100, 100]"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
+             "must not be empty"),
+            (all(w.strip() for w in self.bad_words or []), "bad_words", "must not contain blank words"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -92,9 +105,6 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
-        structured = d.get("structured_outputs")
-        if isinstance(structured, dict):
-            d = {**d, "structured_outputs": StructuredOutputsParams(**structured)}
         return cls(**d)
 
 
@@ -172,7 +182,7 @@ class Request(TokenCounts):
         """Whether sampling reads the generated tokens themselves (penalties, min_tokens), not just their count."""
         p = self.sampling_params
         return p is not None and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                                  or p.frequency_penalty != 0.0 or p.min_tokens > 0)
+                                  or p.frequency_penalty != 0.0 or p.min_tokens > 0 or bool(p.bad_words_token_ids))
 
     @property
     def needed_features(self) -> list[str]:

@@ -11,6 +11,7 @@ there); once a step's tokens reach the host the hooks see them (the proposer dra
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ from loomserve.platform.request import resolve_num_logprobs
 from loomserve.platform.sampler import Sampler, SamplerOutput, build_sampling_metadata
 from loomserve.platform.spec_decode.rejection_sampler import RejectionSampler, verify_rows
 from loomserve.platform.step import ScheduledStep, StepResult
+from loomserve.platform.structured.bitmask import FEATURE as STRUCTURED
+from loomserve.platform.structured.bitmask import apply_structured_bitmask
 from loomserve.platform.threads import StepThreads
 
 logger = logging.getLogger(__name__)
@@ -190,8 +193,9 @@ class ModelRunner:
         return hook.call(method, *args)
 
     @torch.inference_mode()
-    def launch(self, step: ScheduledStep) -> InFlightStep:
-        """Take in the step's diff, then run its model, sampler and features without waiting for them."""
+    def launch(self, step: ScheduledStep, before_sample: Callable[[], None] | None = None) -> InFlightStep:
+        """Take in the step's diff, then run its model, sampler and features without waiting for them;
+        `before_sample` (the engine's, in process) runs while the forward does and may add to `step.features`."""
         forgotten = self.input_batch.apply(step)
         self.prompt_logprobs.release(forgotten)
         self.prompt_logprobs.admit(step.new_requests)
@@ -212,6 +216,10 @@ class ModelRunner:
         ids = [r.request_id for r in rows]
         counts = [resolve_num_logprobs(r.sampling_params.logprobs, self.vocab_size) for r in rows]
         num_drafts = [len(d) for d in batch.drafts] if batch is not None else []
+        if logits is not None and before_sample is not None:
+            before_sample()
+        if logits is not None:
+            apply_structured_bitmask(logits, step.features.get(STRUCTURED), batch)
         result, num_emitted = (_NO_SAMPLES, None) if logits is None else self._sample(batch, logits)
         sampled = result.sampled_token_ids
         logprobs = None if result.logprobs is None else (

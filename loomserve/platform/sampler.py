@@ -1,7 +1,8 @@
 """From the last-position logits of each request to its next token, like vLLM v1's sampler.
 
-Order per step: raw logprobs (if asked) -> min_tokens mask -> repetition / frequency / presence
-penalties -> greedy argmax -> temperature -> min-p -> top-k / top-p -> exponential-race sampling.
+Order per step: raw logprobs (if asked) -> allowed_token_ids / bad_words / logit_bias -> min_tokens mask ->
+repetition / frequency / presence penalties -> greedy argmax -> temperature -> min-p -> top-k / top-p ->
+exponential-race sampling.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from loomserve.platform.logit_constraints import LogitConstraints, apply_logit_constraints, build_logit_constraints
 from loomserve.platform.request import SamplingParams, resolve_num_logprobs
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ class SamplingMetadata:
     min_tokens_block: torch.Tensor | None  # [2, N] int64: (row, token id) pairs banned by min_tokens
     generators: dict[int, torch.Generator]  # row -> generator, for seeded random rows
     max_num_logprobs: int | None  # None when no row asked for logprobs
+    constraints: LogitConstraints | None = None  # logit_bias, allowed_token_ids, bad_words; None when no row has any
 
 
 @dataclass
@@ -98,6 +101,7 @@ def build_sampling_metadata(
             if p.seed is not None and not g
         },
         max_num_logprobs=max(num_logprobs) if num_logprobs else None,
+        constraints=build_logit_constraints(requests, vocab_size, device),
     )
 
 
@@ -157,6 +161,7 @@ class Sampler(nn.Module):
         """logits: [B, V], the last position of each request; left unchanged."""
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None  # [B, V]
+        logits = apply_logit_constraints(logits, meta.constraints)
         logits = apply_min_tokens(logits, meta.min_tokens_block)
         logits = apply_penalties(logits, meta)
         sampled = self.sample(logits, meta)  # [B]

@@ -58,6 +58,8 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
         self.num_needing_history += request.needs_history
+        for hook in self.hooks:
+            hook.add_request(request)
 
     def can_run_ahead(self) -> bool:
         """Whether the next step may be scheduled before this one's tokens are known: only when no request's
@@ -255,6 +257,7 @@ class Scheduler:
             if hook.name in result.features:
                 refused = hook.update(result.features[hook.name], self.requests)
                 finished += self.finish_requests(list(refused), RequestStatus.FINISHED_ABORTED)
+            finished += self.finish_requests(list(hook.take_refused()), RequestStatus.FINISHED_ABORTED)
         return finished
 
     def _check_stop(self, request: Request, token: int) -> None:

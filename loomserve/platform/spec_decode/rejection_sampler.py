@@ -23,6 +23,7 @@ from loomserve.platform.request import TokenCounts
 from loomserve.platform.sampler import (
     SamplerOutput,
     SamplingMetadata,
+    apply_logit_constraints,
     apply_min_tokens,
     apply_penalties,
     gather_logprobs,
@@ -136,6 +137,7 @@ class RejectionSampler(nn.Module):
         its logprobs, and each request's number of emitted tokens [R]."""
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if meta.max_num_logprobs is not None else None  # [N, V]
+        logits = apply_logit_constraints(logits, meta.constraints)
         logits = apply_penalties(apply_min_tokens(logits, meta.min_tokens_block), meta)
         layout = _Layout.of(drafts.num_drafts, logits.device)
         greedy = None if meta.all_random else logits.argmax(dim=-1)  # [N]
