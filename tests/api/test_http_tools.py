@@ -1,0 +1,170 @@
+"""Tool calling over HTTP through the official openai client, on a tiny qwen3 served as vLLM serves Qwen3 (its
+chat template, --enable-auto-tool-choice --tool-call-parser hermes --reasoning-parser qwen3): tools and tool
+history rendered as transformers renders them, chat-template fields, inconsistent tool choices refused, and (with
+the structured-output engine) tool calls forced by tool_choice required / named or by the model's own format,
+parsed whole and streamed."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from test_tool_parsers import as_transformers_expects, history
+from tool_templates import template
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"enum": [1, 2, 3]}},
+                   "required": ["city", "days"], "additionalProperties": False},
+}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+TOOLS = [WEATHER, TIME]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tools_client(tools_server) -> openai.OpenAI:
+    return tools_server.client()
+
+
+@pytest.fixture(scope="module")
+def tools_http(tools_server):
+    with tools_server.http() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer():
+    from transformers import AutoTokenizer
+
+    from loomserve.testing.checkpoints import tiny_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint("qwen3"))
+    tokenizer.chat_template = template("qwen3")
+    return tokenizer
+
+
+def chat(client: openai.OpenAI, **kwargs):
+    return client.chat.completions.create(model="tiny-qwen3", messages=kwargs.pop("messages", ASK), temperature=0,
+                                          **kwargs)
+
+
+def reference_ids(tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    return tokenizer.apply_chat_template(as_transformers_expects(messages), tokenize=True, **kwargs)["input_ids"]
+
+
+def streamed_calls(stream) -> tuple[list[tuple[str, dict]], str | None]:
+    """The tool calls a stream adds up to, as a client accumulates them, and its finish reason."""
+    calls: dict[int, list[str]] = {}
+    finish = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                if call.id is not None:
+                    calls[call.index] = [call.function.name, ""]
+                calls[call.index][1] += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return [(name, json.loads(arguments)) for name, arguments in calls.values()], finish
+
+
+def test_auto_tool_choice_without_a_call_answers_content(tools_client):
+    answer = chat(tools_client, tools=TOOLS, max_tokens=8)
+    message = answer.choices[0].message
+    assert message.tool_calls == [] and message.content
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    streamed = chat(tools_client, tools=TOOLS, max_tokens=8, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == message.content
+
+
+def test_tools_and_tool_history_render_as_transformers_renders_them(tools_http, tools_client, qwen3_tokenizer):
+    messages = history("call_0", parallel=True)
+    expected = reference_ids(qwen3_tokenizer, messages, tools=TOOLS, add_generation_prompt=True)
+    tokenized = tools_http.post("/tokenize", json={"model": "tiny-qwen3", "messages": messages, "tools": TOOLS})
+    assert tokenized.status_code == 200 and tokenized.json()["tokens"] == expected
+    answer = chat(tools_client, messages=messages, tools=TOOLS, max_tokens=1)
+    assert answer.usage.prompt_tokens == len(expected)
+
+
+def test_chat_template_kwargs_reach_the_template(tools_http, qwen3_tokenizer):
+    body = {"model": "tiny-qwen3", "messages": ASK, "chat_template_kwargs": {"enable_thinking": False}}
+    tokens = tools_http.post("/tokenize", json=body).json()["tokens"]
+    assert tokens == reference_ids(qwen3_tokenizer, ASK, add_generation_prompt=True, enable_thinking=False)
+    assert tokens != reference_ids(qwen3_tokenizer, ASK, add_generation_prompt=True)
+
+
+def test_continue_final_message_continues_the_assistant_turn(tools_http, tools_client, qwen3_tokenizer):
+    messages = [*ASK, {"role": "assistant", "content": "The weather in Paris is"}]
+    body = {"model": "tiny-qwen3", "messages": messages, "continue_final_message": True,
+            "add_generation_prompt": False}
+    expected = reference_ids(qwen3_tokenizer, messages, continue_final_message=True)
+    assert tools_http.post("/tokenize", json=body).json()["tokens"] == expected
+    answer = chat(tools_client, messages=messages, max_tokens=1,
+                  extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    assert answer.usage.prompt_tokens == len(expected)
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ({"continue_final_message": True}, "Cannot set both `continue_final_message` and `add_generation_prompt`"),
+    ({"chat_template_kwargs": {"tokenize": True}}, "`chat_template_kwargs` must not set `tokenize`"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "book_flight"}}},
+     "Tool 'book_flight' has not been passed in `tools`"),
+    ({"tool_choice": "required"}, "When using `tool_choice`, `tools` must be set"),
+    ({"tool_choice": "sometimes", "tools": TOOLS}, "tool_choice"),
+])
+def test_inconsistent_chat_fields_are_a_400(tools_client, extra, says):
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(tools_client, max_tokens=1, extra_body=extra)
+    assert says in caught.value.body["message"]
+
+
+def test_auto_tool_choice_needs_the_server_flags(client, model):
+    with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):
+        client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, max_tokens=1)
+
+
+# ---------------------------------------------------------------- with the structured-output engine
+
+
+def valid(name: str, arguments: dict) -> bool:
+    """The call names one of TOOLS and its arguments match that tool's schema (enums, all required)."""
+    properties = {t["function"]["name"]: t["function"]["parameters"]["properties"] for t in TOOLS}[name]
+    return arguments.keys() == properties.keys() and all(arguments[k] in properties[k]["enum"] for k in properties)
+
+
+@pytest.mark.usefixtures("needs_structured_outputs")
+def test_required_tool_choice_answers_valid_tool_calls(tools_client):
+    answer = chat(tools_client, tools=TOOLS, tool_choice="required", max_tokens=200)
+    choice = answer.choices[0]
+    calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+    assert calls and all(valid(name, arguments) for name, arguments in calls)
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    streamed = chat(tools_client, tools=TOOLS, tool_choice="required", max_tokens=200, stream=True)
+    assert streamed_calls(streamed) == (calls, "tool_calls")
+
+
+@pytest.mark.usefixtures("needs_structured_outputs")
+def test_a_named_tool_choice_calls_that_tool(tools_client):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    answer = chat(tools_client, tools=TOOLS, tool_choice=named, max_tokens=100)
+    (call,) = answer.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and valid("get_time", json.loads(call.function.arguments))
+    streamed = chat(tools_client, tools=TOOLS, tool_choice=named, max_tokens=100, stream=True)
+    assert streamed_calls(streamed)[0] == [("get_time", json.loads(call.function.arguments))]
+
+
+@pytest.mark.usefixtures("needs_structured_outputs")
+def test_auto_tool_choice_parses_the_models_own_calls(tools_client):
+    # The tiny model is forced (by a regex) to write what Qwen3 writes to call a tool, after its reasoning.
+    regex = (r'<think>[a-z ]{1,12}</think>\n\n<tool_call>\n\{"name": "get_weather", "arguments": '
+             r'\{"city": "(Paris|Rome)", "days": [123]\}\}\n</tool_call>')
+    answer = chat(tools_client, tools=TOOLS, max_tokens=200, extra_body={"structured_outputs": {"regex": regex}})
+    choice = answer.choices[0]
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and valid("get_weather", json.loads(call.function.arguments))
+    assert choice.finish_reason == "tool_calls" and choice.message.reasoning_content
+    streamed = chat(tools_client, tools=TOOLS, max_tokens=200, stream=True,
+                    extra_body={"structured_outputs": {"regex": regex}})
+    assert streamed_calls(streamed) == ([("get_weather", json.loads(call.function.arguments))], "tool_calls")
