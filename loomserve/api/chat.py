@@ -120,8 +120,8 @@ def _with_parsed_arguments(call: Any) -> Any:
 
 @functools.lru_cache(maxsize=16)
 def detect_content_format(template: str) -> str:
-    """`openai` when the template loops over a message's content (it takes lists of parts), else `string`
-    (vLLM's `auto`)."""
+    """`openai` when the template loops over a message's content (`message.content` or `message['content']`: it
+    takes lists of parts), else `string` (vLLM's `auto`)."""
     try:
         ast = jinja2.Environment().parse(template)
     except jinja2.TemplateSyntaxError:
@@ -130,8 +130,6 @@ def detect_content_format(template: str) -> str:
         target = loop.iter
         if isinstance(target, jinja2.nodes.Filter):  # e.g. `for part in message.content | list`
             target = target.node
-        if isinstance(target, jinja2.nodes.Name) and target.name == "content":
-            return "openai"
         if isinstance(target, jinja2.nodes.Getattr) and target.attr == "content":
             return "openai"
         if isinstance(target, jinja2.nodes.Getitem) and getattr(target.arg, "value", None) == "content":

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from pooling_models import CROSS_ENCODER, DECODER_EMBEDDER
-from tool_templates import template_path
+from tool_templates import TOOLS_MODEL, template_path
 
 from loomserve.testing.server import Server
 
@@ -38,7 +38,7 @@ def tools_server(serve_checkpoint) -> Iterator[Server]:
     parsed under tool_choice "auto", and `<think>` reasoning split from the answer."""
     from loomserve.testing.checkpoints import tiny_checkpoint
 
-    flags = ["--served-model-name", "tiny-qwen3", "--chat-template", str(template_path("qwen3")),
+    flags = ["--served-model-name", TOOLS_MODEL, "--chat-template", str(template_path("qwen3")),
              "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
     with serve_checkpoint(str(tiny_checkpoint("qwen3")), *flags) as s:
         yield s
@@ -50,7 +50,7 @@ def needs_structured_outputs(tools_server: Server) -> None:
     tool-call text rely on it)."""
     with tools_server.http() as http:
         answer = http.post("/v1/chat/completions", json={
-            "model": tools_server.model, "messages": [{"role": "user", "content": "Yes?"}], "max_tokens": 3,
+            "model": TOOLS_MODEL, "messages": [{"role": "user", "content": "Yes?"}], "max_tokens": 20,
             "temperature": 0, "structured_outputs": {"choice": ["certainly"]}})
     if answer.status_code != 200 or answer.json()["choices"][0]["message"]["content"] != "certainly":
-        pytest.skip("needs the engine to enforce structured_outputs")
+        pytest.skip(f"needs the engine to enforce structured_outputs (got {answer.status_code}: {answer.text[:200]})")

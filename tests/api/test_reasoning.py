@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+from tool_templates import TOOLS_MODEL
 
 from loomserve.api.chat_parsing import ChatOutputParser, ChoiceStream
 from loomserve.api.reasoning import REASONING_PARSERS
@@ -61,7 +62,7 @@ def test_include_reasoning_false_leaves_the_reasoning_out():
 
 def test_an_answer_without_think_tags_is_content_under_qwen3(tools_server):
     client = tools_server.client()
-    answer = client.chat.completions.create(model="tiny-qwen3", messages=ASK, max_tokens=8, temperature=0)
+    answer = client.chat.completions.create(model=TOOLS_MODEL, messages=ASK, max_tokens=8, temperature=0)
     message = answer.choices[0].message
     assert message.content and message.reasoning_content is None
 
@@ -69,7 +70,7 @@ def test_an_answer_without_think_tags_is_content_under_qwen3(tools_server):
 @pytest.mark.usefixtures("needs_structured_outputs")
 def test_reasoning_and_answer_are_split_over_http_whole_and_streamed(tools_server):
     client = tools_server.client()
-    kwargs = {"model": "tiny-qwen3", "messages": ASK, "max_tokens": 60, "temperature": 0,
+    kwargs = {"model": TOOLS_MODEL, "messages": ASK, "max_tokens": 60, "temperature": 0,
               "extra_body": {"structured_outputs": {"regex": r"<think>[a-z ]{3,20}</think>[a-z ]{3,20}"}}}
     message = client.chat.completions.create(**kwargs).choices[0].message
     assert message.reasoning_content and message.reasoning == message.reasoning_content and message.content

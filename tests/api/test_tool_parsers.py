@@ -14,7 +14,6 @@ from loomserve.api.chat_parsing import ChatOutputParser, ChoiceStream
 from loomserve.api.errors import APIError
 from loomserve.api.protocol import ChatMessage
 from loomserve.api.reasoning import REASONING_PARSERS
-from loomserve.api.tool_parsers import TOOL_PARSERS
 from loomserve.api.tool_parsers.choice import ToolMode, tool_mode
 
 WEATHER = {"type": "function", "function": {

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 FOLDER = Path(__file__).parent / "chat_templates"
+TOOLS_MODEL = "tiny-qwen3"  # the name the tools server (conftest.py) serves its Qwen3-style model under
 
 
 def template_path(family: str) -> Path:
