@@ -170,3 +170,58 @@ def test_auto_tool_choice_parses_the_models_own_calls(tools_client):
     streamed = chat(tools_client, tools=TOOLS, max_tokens=200, stream=True,
                     extra_body={"structured_outputs": {"regex": regex}})
     assert streamed_calls(streamed) == ([("get_weather", json.loads(call.function.arguments))], "tool_calls")
+
+
+# ---------------------------------------------------------------- template inputs and flags, in process
+
+PARTS_TEMPLATE = ("{% for m in messages %}{% if m.content is string %}[{{ m.content }}]{% else %}"
+                  "{% for p in m.content %}<{{ p.text }}>{% endfor %}{% endif %}{% endfor %}"
+                  "{{ reasoning_effort | default('') }}")
+PARTS = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+         {"role": "user", "content": "c"}]
+
+
+@pytest.mark.parametrize(("content_format", "rendered"), [
+    ("string", "[a\nb][c]"), ("openai", "<a><b><c>"), ("auto", "<a><b><c>")])
+def test_content_format_hands_the_template_strings_or_parts(qwen3_tokenizer, content_format, rendered):
+    from loomserve.api.chat import TemplateInputs, render_chat
+    from loomserve.api.protocol import ChatMessage
+
+    tokenizer = type(qwen3_tokenizer).from_pretrained(qwen3_tokenizer.name_or_path)
+    tokenizer.chat_template = PARTS_TEMPLATE
+    messages = [ChatMessage.model_validate(m) for m in PARTS]
+    text, _ = render_chat(tokenizer, messages, None, TemplateInputs(add_generation_prompt=False,
+                                                                    content_format=content_format))
+    assert text == rendered
+
+
+def test_auto_content_format_follows_the_template():
+    from loomserve.api.chat import detect_content_format
+
+    assert detect_content_format(PARTS_TEMPLATE) == "openai"
+    assert detect_content_format(template("qwen3")) == "string"
+
+
+def test_reasoning_effort_reaches_the_template(qwen3_tokenizer):
+    from loomserve.api.chat import TemplateInputs, render_chat
+    from loomserve.api.protocol import ChatCompletionRequest
+
+    tokenizer = type(qwen3_tokenizer).from_pretrained(qwen3_tokenizer.name_or_path)
+    tokenizer.chat_template = PARTS_TEMPLATE
+    request = ChatCompletionRequest(messages=PARTS[1:], reasoning_effort="high", add_generation_prompt=False)
+    text, _ = render_chat(tokenizer, request.messages, None, TemplateInputs.of(request, "string"))
+    assert text == "[c]high"
+
+
+def test_auto_tool_choice_flag_needs_a_parser():
+    from loomserve.api.chat_flags import chat_options
+    from loomserve.api.cli import make_parser
+
+    ns = make_parser().parse_args(["serve", "m", "--enable-auto-tool-choice"])
+    with pytest.raises(ValueError, match="--enable-auto-tool-choice needs --tool-call-parser"):
+        chat_options(ns)
+    ns = make_parser().parse_args(["serve", "m", "--tool-call-parser", "mistral", "--reasoning-parser", "deepseek_r1",
+                                   "--chat-template-content-format", "openai"])
+    options = chat_options(ns)
+    assert (options.tool_call_parser, options.reasoning_parser, options.content_format) == \
+        (None, "deepseek_r1", "openai")  # a parser without --enable-auto-tool-choice parses nothing
