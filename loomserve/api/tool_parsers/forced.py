@@ -17,7 +17,7 @@ class RequiredToolParser(ToolParser):
             return ParsedText("", [PartialCall()] if final else [])
         if text[i] != "[":
             return ParsedText("", [PartialCall()])
-        calls, _, _ = json_calls(text, i + 1, ",")
+        calls, _ = json_calls(text, i + 1, ",")
         return ParsedText("", calls)
 
 

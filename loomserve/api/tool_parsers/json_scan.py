@@ -90,21 +90,21 @@ def json_call(text: str, start: int, argument_keys: tuple[str, ...] = ("argument
     return call, scan.end
 
 
-def json_calls(text: str, start: int, separators: str) -> tuple[list[PartialCall], int | None, bool]:
-    """Consecutive call objects from `text[start]`, between any of the `separators` characters: (calls, where
-    the last closed object ends, whether anything but calls and separators followed)."""
+def json_calls(text: str, start: int, separators: str) -> tuple[list[PartialCall], int | None]:
+    """Consecutive call objects from `text[start]`, between any of the `separators` characters: the calls, and
+    where something that is neither begins (None: the text ended first)."""
     calls: list[PartialCall] = []
-    i, last_end = start, None
+    i = start
     while True:
         i = skip_whitespace(text, i)
         while i < len(text) and text[i] in separators:
             i = skip_whitespace(text, i + 1)
         if i == len(text):
-            return calls, last_end, False
+            return calls, None
         if text[i] != "{":
-            return calls, last_end, True
+            return calls, i
         call, end = json_call(text, i)
         calls.append(call)
         if end is None:
-            return calls, last_end, False
-        i = last_end = end
+            return calls, None
+        i = end

@@ -21,7 +21,7 @@ class Llama3JsonToolParser(ToolParser):
             return ParsedText("", [PartialCall()])
         if text[i] != "{":
             return ParsedText(text)
-        calls, _, trailing = json_calls(text, i, ";")
-        if trailing:
+        calls, other = json_calls(text, i, ";")
+        if other is not None:
             calls.append(PartialCall())  # something that is no call: served as content once final
         return ParsedText("", calls)

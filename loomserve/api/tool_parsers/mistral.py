@@ -18,8 +18,9 @@ class MistralToolParser(ToolParser):
             return parsed
         i = skip_whitespace(text, start + len(TOOL_CALLS))
         if i < len(text) and text[i] == "[":
-            calls, _, trailing = json_calls(text, i + 1, ",")
-            parsed.calls = calls if not trailing or _closes_list(text, calls) else [*calls, PartialCall()]
+            calls, other = json_calls(text, i + 1, ",")
+            closed = other is not None and text[other] == "]"
+            parsed.calls = calls if other is None or closed else [*calls, PartialCall()]  # a broken list: content
             return parsed
         while start >= 0:
             call, start = _named_call(text, start + len(TOOL_CALLS))
@@ -28,10 +29,6 @@ class MistralToolParser(ToolParser):
 
     def new_call_id(self) -> str:
         return alphanumeric_id()
-
-
-def _closes_list(text: str, calls: list[PartialCall]) -> bool:
-    return bool(calls) and all(c.complete for c in calls) and text.rstrip().endswith("]")
 
 
 def _named_call(text: str, i: int) -> tuple[PartialCall, int]:
