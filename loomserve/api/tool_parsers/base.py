@@ -9,8 +9,6 @@ back until it cannot).
 
 from __future__ import annotations
 
-import secrets
-import string
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,8 +65,3 @@ def content_before(text: str, marker: str, final: bool) -> tuple[str, int]:
     if start >= 0:
         return text[:start], start
     return (text if final else text[: len(text) - held_back(text, marker)]), -1
-
-
-def alphanumeric_id(length: int = 9) -> str:
-    """Mistral's tool call ids: its chat templates accept exactly nine letters and digits."""
-    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(length))

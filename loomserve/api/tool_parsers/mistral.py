@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
-from loomserve.api.tool_parsers.base import ParsedText, PartialCall, ToolParser, alphanumeric_id, content_before
+import secrets
+import string
+
+from loomserve.api.tool_parsers.base import ParsedText, PartialCall, ToolParser, content_before
 from loomserve.api.tool_parsers.json_scan import DECODER, json_calls, skip_whitespace
 
 TOOL_CALLS, ARGS = "[TOOL_CALLS]", "[ARGS]"
@@ -28,7 +31,7 @@ class MistralToolParser(ToolParser):
         return parsed
 
     def new_call_id(self) -> str:
-        return alphanumeric_id()
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
 
 def _named_call(text: str, i: int) -> tuple[PartialCall, int]:
