@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from loomserve.api.chat_flags import ChatOptions, add_chat_flags, chat_options
 from loomserve.platform.config.checkpoint import looks_like_hub_id
 from loomserve.platform.logs import LEVELS
 
@@ -27,6 +28,7 @@ class FrontendOptions:
     log_stats: bool = True  # the periodic stats line
     ready_message: str = ""  # logged once every model is ready and the socket listens
     metrics_compat: list[str] = field(default_factory=list)  # also emit /metrics under these servers' prefixes
+    chat: ChatOptions = field(default_factory=ChatOptions)  # content format, tool-call and reasoning parsers
 
 
 def add_frontend_flags(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +46,7 @@ def add_frontend_flags(parser: argparse.ArgumentParser) -> None:
                       help="also serve a cross-encoder (/v1/score, /rerank, /classify) as NAME; repeatable")
     http.add_argument("--chat-template", type=chat_template, default=None,
                       help="a Jinja chat template (a file, or the template itself) replacing the tokenizer's")
+    add_chat_flags(http)
     http.add_argument("--allowed-origins", type=json_list, default=["*"], help="CORS origins, a JSON list")
     http.add_argument("--allowed-methods", type=json_list, default=["*"], help="CORS methods, a JSON list")
     http.add_argument("--allowed-headers", type=json_list, default=["*"], help="CORS headers, a JSON list")
@@ -73,7 +76,7 @@ def frontend_options(ns: argparse.Namespace) -> FrontendOptions:
         api_keys=list(ns.api_key or []), lora_modules=list(ns.lora_modules), allowed_origins=ns.allowed_origins,
         allowed_methods=ns.allowed_methods, allowed_headers=ns.allowed_headers,
         allow_credentials=ns.allow_credentials, root_path=ns.root_path, enable_offline_docs=ns.enable_offline_docs,
-        log_stats=not ns.disable_log_stats, metrics_compat=list(ns.metrics_compat),
+        log_stats=not ns.disable_log_stats, metrics_compat=list(ns.metrics_compat), chat=chat_options(ns),
     )
 
 

@@ -48,8 +48,9 @@ _SAMPLING_FIELDS = (
 
 
 class OpenAIBaseModel(BaseModel):
-    # OpenAI clients send fields this server does not know: ignore them. NaN and Infinity are not numbers.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # A field this server does not implement answers 400 naming it (unsupported_fields.py), never silently nothing.
+    # NaN and Infinity are not numbers.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class _DropsNone(OpenAIBaseModel):
@@ -93,11 +94,46 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(OpenAIBaseModel):
+    # Other fields (tool_calls, tool_call_id, reasoning_content, ...) reach the chat template as given, as in vLLM.
+    model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
     _unicode = field_validator("role", "content", "name")(_valid_unicode)
+
+
+# ---------------------------------------------------------------- tools
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ChatCompletionTool(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class ChatTemplateFields(OpenAIBaseModel):
+    """What a request gives the chat template besides its messages (vLLM's fields)."""
+
+    tools: list[ChatCompletionTool] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class SamplingRequest(OpenAIBaseModel, ConstraintFields):
@@ -192,8 +228,12 @@ class CompletionRequest(SamplingRequest):
         return self.prompt_logprobs
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
     messages: list[ChatMessage]
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    reasoning_effort: str | None = None  # passed to the chat template, as vLLM does
+    include_reasoning: bool = True
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
     top_logprobs: LogprobCount | None = None
@@ -213,13 +253,12 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(ChatTemplateFields):
     """Either a `prompt` or chat `messages` (rendered through the chat template)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_generation_prompt: bool = True
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
 
     _unicode = field_validator("prompt")(_valid_unicode)
@@ -317,9 +356,35 @@ class ChatLogProbs(OpenAIBaseModel):
     content: list[ChatLogProbsContent] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(_DropsNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_DropsNone):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning_content: str | None = None  # with --reasoning-parser; `reasoning` is vLLM's newer name for it
+    reasoning: str | None = None
 
 
 class ChatChoice(OpenAIBaseModel):
@@ -346,6 +411,9 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(_DropsNone):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(OpenAIBaseModel):

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loomserve import __version__
 from loomserve.api.body_limit import BodySizeLimitMiddleware
-from loomserve.api.chat import render_chat
+from loomserve.api.chat import TemplateInputs, render_chat
 from loomserve.api.docs import offline_docs_router
 from loomserve.api.errors import APIError, error_response, exception_response
 from loomserve.api.frontend_flags import FrontendOptions
@@ -42,6 +42,7 @@ from loomserve.api.serving_chat import create_chat_completion
 from loomserve.api.serving_completion import create_completion
 from loomserve.api.serving_lora import load_startup_adapters
 from loomserve.api.serving_lora import router as lora_router
+from loomserve.api.unsupported_fields import extra_field_message
 from loomserve.platform.async_llm import EngineDeadError
 from loomserve.platform.gc_heap import freeze_startup_heap
 
@@ -77,6 +78,7 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
     app = FastAPI(title="loomserve", version=__version__, lifespan=lifespan, root_path=options.root_path,
                   docs_url=None if options.enable_offline_docs else "/docs")
     app.state.metrics = metrics
+    app.state.chat_options = options.chat
     app.state.startup_error = None
     app.include_router(router)
     app.include_router(pooling_router)
@@ -146,11 +148,12 @@ async def models(served: Models) -> ModelList:
 
 
 @router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, models: Models) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, request: Request, models: Models) -> TokenizeResponse:
     engine = models.get(body.model)
     if body.messages is not None:
+        inputs = TemplateInputs.of(body, request.app.state.chat_options.content_format)
         text, _ = await offload(render_chat, engine.tokenizer, body.messages, engine.input_processor.mm.processor,
-                                body.add_generation_prompt)
+                                inputs)
         add_special_tokens = bool(body.add_special_tokens)
     else:
         text = body.prompt
@@ -198,6 +201,8 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     if first["type"] == "json_invalid":
         return error_response(400, f"Malformed JSON in the request body: {first.get('ctx', {}).get('error')}")
     where = [".".join(str(part) for part in e["loc"][1:]) or "body" for e in errors]
+    if first["type"] == "extra_forbidden":  # no silent success: a field not implemented here is named
+        return error_response(400, extra_field_message([str(part) for part in first["loc"][1:]]), where[0])
     message = "; ".join(f"{loc}: {e['msg']}" for loc, e in zip(where, errors, strict=True))
     param = str(first["loc"][1]) if len(first["loc"]) > 1 else None
     return error_response(400, message, param)

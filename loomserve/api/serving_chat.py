@@ -13,7 +13,8 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from loomserve.api.beam_search import beam_search, beam_search_params
-from loomserve.api.chat import chat_prompt
+from loomserve.api.chat import TemplateInputs, chat_prompt
+from loomserve.api.chat_parsing import ChatOutputParser, ChoiceStream
 from loomserve.api.errors import error_body_for
 from loomserve.api.logprobs import chat_logprobs, prompt_logprobs_json
 from loomserve.api.offload import json_response
@@ -24,7 +25,6 @@ from loomserve.api.protocol import (
     ChatCompletionResponse,
     ChatCompletionStreamResponse,
     ChatLogProbs,
-    ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
 )
@@ -39,6 +39,7 @@ from loomserve.api.serving import (
     usage,
 )
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
+from loomserve.api.tool_parsers.choice import forced_params
 from loomserve.platform.async_llm import AsyncLLM
 from loomserve.platform.request import RequestOutput
 
@@ -51,6 +52,7 @@ class _Call:
 
     request: ChatCompletionRequest
     model: str
+    parser: ChatOutputParser
     id: str = field(default_factory=lambda: random_id("chatcmpl"))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -74,11 +76,14 @@ async def create_chat_completion(
 ) -> Response:
     lora, model_name = await lora_for(engine, request.model)
     models.limits.check_generation(1, request.num_sequences, request.stop)
+    options = raw_request.app.state.chat_options
+    parser = ChatOutputParser.for_request(request, options)
+    inputs = TemplateInputs.of(request, options.content_format)
     with models.admit(engine, request.num_sequences) as hold:
-        prompt = await chat_prompt(engine, request.messages, models.limits.media_budget)
+        prompt = await chat_prompt(engine, request.messages, models.limits.media_budget, inputs)
         check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
-        params = sampling_params(engine, request, prompt)
-        call = _Call(request, model_name)
+        params = forced_params(sampling_params(engine, request, prompt), parser.tools)
+        call = _Call(request, model_name, parser)
         if request.use_beam_search:
             search = beam_search_params(engine, request, prompt, params.max_tokens)
             stream = beam_search(engine, prompt, search, call.id, lora)
@@ -98,9 +103,11 @@ def _full_response(call: _Call, output: RequestOutput) -> ChatCompletionResponse
     choices = []
     for c in output.outputs:
         delta = Delta.whole(c)
+        message = call.parser.message(c.text)
         choices.append(ChatChoice(
-            index=c.index, message=ChatResponseMessage(content=c.text), logprobs=call.logprobs(delta),
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason, token_ids=call.token_ids(c.token_ids),
+            index=c.index, message=message, logprobs=call.logprobs(delta),
+            finish_reason=call.parser.finish_reason(c.finish_reason, bool(message.tool_calls)),
+            stop_reason=c.stop_reason, token_ids=call.token_ids(c.token_ids),
         ))
     return ChatCompletionResponse(
         id=call.id, created=call.created, model=call.model, choices=choices, usage=usage([output]),
@@ -111,12 +118,13 @@ def _full_response(call: _Call, output: RequestOutput) -> ChatCompletionResponse
 
 async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> AsyncIterator[str]:
     tracker = DeltaTracker()
+    texts: dict[int, ChoiceStream] = {}
     latest: RequestOutput | None = None
     try:
         async with aclosing(merge_async_iterators(stream)) as merged:
             async for _, output in merged:
                 latest = output
-                for event in _events(call, tracker, output):
+                for event in _events(call, tracker, texts, output):
                     yield event
         if call.request.include_usage_chunk and latest is not None:
             yield sse(call.chunk([], usage=usage([latest])))
@@ -126,22 +134,28 @@ async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> A
     yield SSE_DONE
 
 
-def _events(call: _Call, tracker: DeltaTracker, output: RequestOutput) -> Iterator[str]:
-    """The chunks one engine output adds: a choice's first brings the role, then text as it comes."""
+def _events(call: _Call, tracker: DeltaTracker, texts: dict[int, ChoiceStream],
+            output: RequestOutput) -> Iterator[str]:
+    """The chunks one engine output adds: a choice's first brings the role, then its parsed text as it comes
+    (content, reasoning, tool calls)."""
     for c in output.outputs:
         delta = tracker.delta(c.index, c)
         if delta is None:
             continue
+        text = texts.setdefault(c.index, ChoiceStream(call.parser))
         if delta.first:
             role = DeltaMessage(role="assistant", content="")
             yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)],
                                  prompt_token_ids=call.token_ids(output.prompt_token_ids)))
-        if delta.text or delta.finish_reason or delta.logprobs:
-            yield sse(call.chunk([_stream_choice(call, c.index, delta)]))
+        message = text.delta(c.text, final=delta.finish_reason is not None)
+        if message is not None or delta.finish_reason or delta.logprobs:
+            yield sse(call.chunk([_stream_choice(call, c.index, delta, message, text.called)]))
 
 
-def _stream_choice(call: _Call, index: int, delta: Delta) -> ChatStreamChoice:
+def _stream_choice(call: _Call, index: int, delta: Delta, message: DeltaMessage | None,
+                   called: bool) -> ChatStreamChoice:
     return ChatStreamChoice(
-        index=index, delta=DeltaMessage(content=delta.text), logprobs=call.logprobs(delta),
-        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason, token_ids=call.token_ids(delta.token_ids),
+        index=index, delta=message or DeltaMessage(content=""), logprobs=call.logprobs(delta),
+        finish_reason=call.parser.finish_reason(delta.finish_reason, called), stop_reason=delta.stop_reason,
+        token_ids=call.token_ids(delta.token_ids),
     )

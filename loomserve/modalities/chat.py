@@ -65,15 +65,17 @@ def render_chat_with_media(
     processor: MultiModalProcessor | None,
     add_generation_prompt: bool = True,
     template_kwargs: dict[str, Any] | None = None,
+    content_format: str = "string",
 ) -> str:
     """The prompt text for `split_media`'s messages, with one placeholder per media reference; MediaError first
     when the model does not take the media or the prompt has more than the limits allow. The one way chat
-    messages become a prompt, for text and media, offline and over HTTP."""
+    messages become a prompt, for text and media, offline and over HTTP; `content_format` "openai" hands the
+    template text parts as lists, "string" as one text."""
     render = lambda msgs: tokenizer.apply_chat_template(
         msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **(template_kwargs or {})
     )
-    if not refs:  # text parts only: each message's parts as one text, a part a line
-        return render([_joined(message) for message in messages])
+    if not refs:  # text parts only: each message's parts as one text, a part a line (or kept as parts: `openai`)
+        return render([_joined(message) for message in messages] if content_format == "string" else messages)
     if processor is None:
         raise MediaError(f"this model accepts text only; it cannot take {refs[0].modality} input")
     wanted = {m: sum(r.modality == m for r in refs) for m in {r.modality for r in refs}}

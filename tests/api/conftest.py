@@ -1,5 +1,6 @@
-"""The servers most HTTP tests share: the tiny qwen2 one and the pooling one, each started once per session (tests
-that want another server start their own with `start_server` or `serve_checkpoint` of tests/conftest.py)."""
+"""The servers most HTTP tests share: the tiny qwen2 one, the pooling one and the tool-calling one, each started once
+per session (tests that want another server start their own with `start_server` or `serve_checkpoint` of
+tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from pooling_models import CROSS_ENCODER, DECODER_EMBEDDER
+from tool_templates import TOOLS_MODEL, template_path
 
 from loomserve.testing.server import Server
 
@@ -28,3 +30,27 @@ def pooling_server(serve_checkpoint) -> Iterator[Server]:
              "--rerank-model", f"{CROSS_ENCODER}={tiny_encoder('bert', head='classify')}"]
     with serve_checkpoint(None, *flags) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def tools_server(serve_checkpoint) -> Iterator[Server]:
+    """A tiny qwen3 with Qwen3's chat template, served as vLLM serves Qwen3: the model's own (Hermes) tool calls
+    parsed under tool_choice "auto", and `<think>` reasoning split from the answer."""
+    from loomserve.testing.checkpoints import tiny_checkpoint
+
+    flags = ["--served-model-name", TOOLS_MODEL, "--chat-template", str(template_path("qwen3")),
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
+    with serve_checkpoint(str(tiny_checkpoint("qwen3")), *flags) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def needs_structured_outputs(tools_server: Server) -> None:
+    """Skips the test unless the engine enforces `structured_outputs` (tool_choice required / named and forced
+    tool-call text rely on it)."""
+    with tools_server.http() as http:
+        answer = http.post("/v1/chat/completions", json={
+            "model": TOOLS_MODEL, "messages": [{"role": "user", "content": "Yes?"}], "max_tokens": 20,
+            "temperature": 0, "structured_outputs": {"choice": ["certainly"]}})
+    if answer.status_code != 200 or answer.json()["choices"][0]["message"]["content"] != "certainly":
+        pytest.skip(f"needs the engine to enforce structured_outputs (got {answer.status_code}: {answer.text[:200]})")
