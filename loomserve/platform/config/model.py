@@ -52,7 +52,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 def context_limit(text_config: Any) -> int:
     """The longest context the checkpoint serves with the attention implemented here."""
-    limit = getattr(text_config, "max_position_embeddings", None) or 2048
+    # Whisper's decoder names its learned positions max_target_positions
+    limit = (getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "max_target_positions", None)
+             or 2048)
     window = getattr(text_config, "sliding_window", None)
     # Sliding-window attention is not implemented: serve only contexts inside the window, where
     # full attention computes the same function.
@@ -113,7 +115,7 @@ class ModelConfig:
 
     @property
     def text_config(self) -> Any:
-        return self.hf_config.get_text_config()
+        return self.hf_config.get_text_config(decoder=True)  # an encoder-decoder's decoder (layers, heads)
 
     @property
     def num_layers(self) -> int:
