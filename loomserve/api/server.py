@@ -42,6 +42,7 @@ from loomserve.api.serving_chat import create_chat_completion
 from loomserve.api.serving_completion import create_completion
 from loomserve.api.serving_lora import load_startup_adapters
 from loomserve.api.serving_lora import router as lora_router
+from loomserve.api.serving_transcription import create_transcription
 from loomserve.platform.async_llm import EngineDeadError
 from loomserve.platform.gc_heap import freeze_startup_heap
 
@@ -179,6 +180,13 @@ async def chat_completions(body: ChatCompletionRequest, raw_request: Request, mo
     engine = models.for_route(body.model, "/v1/chat/completions", ("generate",))
     await engine.check_health()
     return await create_chat_completion(models, engine, body, raw_request)
+
+
+@router.post("/v1/audio/transcriptions")
+@router.post("/v1/audio/translations")
+async def audio_transcriptions(raw_request: Request, models: Models) -> Response:
+    """Multipart form: file, model, language, prompt, response_format, temperature, timestamp_granularities[]."""
+    return await create_transcription(models, raw_request)
 
 
 # ---------------------------------------------------------------- errors

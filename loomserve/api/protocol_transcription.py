@@ -1,0 +1,84 @@
+"""Bodies of /v1/audio/transcriptions and /v1/audio/translations (multipart form fields) and their answers, shaped
+as OpenAI's and vLLM's: `json` {text, usage}, `verbose_json` with segments, and `transcription.chunk` stream events.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from loomserve.api.protocol import OpenAIBaseModel
+
+ResponseFormat = Literal["json", "text", "verbose_json", "srt", "vtt"]
+
+
+class TranscriptionRequest(OpenAIBaseModel):
+    """The form's fields besides `file` (`timestamp_granularities[]` arrives as a list)."""
+
+    model: str | None = None
+    language: str | None = None  # ISO 639-1; absent: English, as vLLM assumes
+    prompt: str = ""
+    response_format: ResponseFormat = "json"
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    timestamp_granularities: list[Literal["segment", "word"]] = Field(default_factory=lambda: ["segment"])
+    stream: bool = False
+    stream_include_usage: bool = False
+    seed: int | None = None
+
+
+class TranscriptionUsage(OpenAIBaseModel):
+    type: Literal["duration"] = "duration"
+    seconds: int
+
+
+class TranscriptionResponse(OpenAIBaseModel):
+    text: str
+    usage: TranscriptionUsage | None = None
+
+
+class TranscriptionSegment(OpenAIBaseModel):
+    id: int
+    seek: int  # where the segment's 30 s window starts, in feature frames (10 ms)
+    start: float  # seconds from the start of the whole audio
+    end: float
+    text: str
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+
+
+class TranscriptionResponseVerbose(OpenAIBaseModel):
+    task: Literal["transcribe", "translate"]
+    language: str
+    duration: float
+    text: str
+    segments: list[TranscriptionSegment]
+
+
+class DeltaMessage(OpenAIBaseModel):
+    content: str
+
+
+class TranscriptionStreamChoice(OpenAIBaseModel):
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class StreamUsage(OpenAIBaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TranscriptionStreamResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["transcription.chunk", "translation.chunk"] = "transcription.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[TranscriptionStreamChoice]
+    usage: StreamUsage | None = None
