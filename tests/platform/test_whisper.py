@@ -1,5 +1,6 @@
 """Whisper in the engine: greedy decoding equals transformers' `WhisperForConditionalGeneration.generate` on a tiny
-seeded checkpoint, for short clips, a clip of almost 30 s and long audio cut at quiet points, batched or alone."""
+seeded checkpoint, for short clips, a clip of almost 30 s and long audio cut at quiet points, batched or alone; each
+request's cross-attention keys and values are made once, freed when it ends, and admitted within their budget."""
 
 from __future__ import annotations
 
@@ -93,3 +94,37 @@ def test_batched_equals_unbatched(llm):
 def test_audio_over_30_seconds_in_one_prompt_is_refused(llm):
     with pytest.raises(ValueError, match="at most 30 s"):
         _generate(llm, [_clip(31.0, 10)])
+
+
+def _store(llm):
+    return llm.engine.executor.runner.hook("cross_attn")
+
+
+def test_cross_attention_kv_is_made_once_per_request_not_per_step(llm, monkeypatch):
+    model = llm.engine.executor.runner.model
+    encoded = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda modality, items: encoded.extend(items) or encode(modality, items))
+    outputs = _generate(llm, [_clip(2.0, 11), _clip(3.0, 12)])
+    assert all(len(tokens) == MAX_TOKENS for tokens in outputs)  # many decode steps each
+    assert len(encoded) == 2
+
+
+def test_a_finished_request_frees_its_cross_attention_kv(llm):
+    _generate(llm, [_clip(2.0, 13), _clip(3.0, 14)])
+    _generate(llm, [_clip(1.0, 15)])  # its first step tells the runner the earlier two finished
+    assert len(_store(llm).entries) <= 1
+
+
+def test_requests_beyond_the_cross_attention_budget_wait_and_decode_the_same(checkpoint, llm, monkeypatch):
+    from loomserve import LLM
+
+    one_request = 2 * 2 * 1500 * 32 * 4  # K and V x decoder layers x encoder positions x d_model x float32
+    tight = LLM(checkpoint, encoder_cache_memory=one_request)
+    store = _store(tight)
+    most = []
+    prepare = store.prepare
+    monkeypatch.setattr(store, "prepare", lambda step, batch: most.append(len(batch.requests)) or prepare(step, batch))
+    clips = [_clip(2.0, 16), _clip(4.0, 17), _clip(6.0, 18)]
+    assert _generate(tight, clips) == _generate(llm, clips)
+    assert max(most) == 1
