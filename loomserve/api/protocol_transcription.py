@@ -5,7 +5,7 @@ as OpenAI's and vLLM's: `json` {text, usage}, `verbose_json` with segments, and 
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -82,3 +82,19 @@ class TranscriptionStreamResponse(OpenAIBaseModel):
     model: str
     choices: list[TranscriptionStreamChoice]
     usage: StreamUsage | None = None
+
+
+def _form_schema() -> dict[str, Any]:
+    """The multipart form as OpenAPI states it: the fields above plus the audio file."""
+    schema = TranscriptionRequest.model_json_schema()
+    schema["properties"] = {"file": {"type": "string", "format": "binary"}, **schema["properties"]}
+    schema["required"] = ["file"]
+    return schema
+
+
+# The routes read their form themselves (python-multipart is optional), so their schema is stated here.
+TRANSCRIPTION_OPENAPI: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _form_schema()}}},
+    "responses": {"400": {"description": "Not audio, an unknown language or model, a bad field (the message says)",
+                          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}},
+}

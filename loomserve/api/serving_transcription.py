@@ -44,7 +44,7 @@ from loomserve.modalities.audio_split import AudioClip, split_audio
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.modalities.media import MediaError
 from loomserve.platform.async_llm import AsyncLLM
-from loomserve.platform.models.registry import is_encoder_decoder
+from loomserve.platform.input_processor import ENCODER_DECODER_INPUT
 from loomserve.platform.request import RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ async def create_transcription(models: ServedModels, raw_request: Request) -> Re
     upload, request = await _read_form(raw_request)
     engine = models.for_route(request.model, route, ("generate",))
     name = engine.model_config.served_model_name
-    if not is_encoder_decoder(engine.model_config.architecture):
+    if not engine.input_processor.encoder_decoder:
         raise APIError(f"The model `{name}` does not support {route}: it is not a speech-to-text (Whisper) model",
                        param="model")
     if "word" in request.timestamp_granularities:
@@ -98,6 +98,13 @@ async def create_transcription(models: ServedModels, raw_request: Request) -> Re
     if not finished:
         return Response(status_code=499)  # the client left; nobody reads this
     return await _answer(call, outputs)
+
+
+def refuse_speech_to_text(engine: AsyncLLM, route: str) -> None:
+    """400 at a text route for a Whisper model, whose every prompt needs its audio."""
+    if engine.input_processor.encoder_decoder:
+        raise APIError(f"The model `{engine.model_config.served_model_name}` does not support {route}: "
+                       f"{ENCODER_DECODER_INPUT}", param="model")
 
 
 async def _read_form(raw_request: Request) -> tuple[Any, TranscriptionRequest]:

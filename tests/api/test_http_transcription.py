@@ -182,3 +182,8 @@ def test_a_model_that_is_not_whisper_is_a_400(server):
     with server.http() as text_http:
         status, error = _error(text_http, {"model": server.model})
     assert status == 400 and error["param"] == "model" and "speech-to-text" in error["message"]
+
+
+def test_a_completion_without_audio_is_a_400_at_the_text_route(http, model):
+    response = http.post("/v1/completions", json={"model": model, "prompt": "hello"})
+    assert response.status_code == 400 and "/v1/audio/transcriptions" in response.json()["error"]["message"]

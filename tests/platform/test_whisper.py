@@ -128,3 +128,9 @@ def test_requests_beyond_the_cross_attention_budget_wait_and_decode_the_same(che
     clips = [_clip(2.0, 16), _clip(4.0, 17), _clip(6.0, 18)]
     assert _generate(tight, clips) == _generate(llm, clips)
     assert max(most) == 1
+
+
+def test_a_prompt_without_audio_is_refused_before_the_engine(llm):
+    with pytest.raises(ValueError, match="one audio clip"):
+        llm.generate({"prompt_token_ids": _prompt(llm)}, SamplingParams(temperature=0.0, max_tokens=4))
+    assert _generate(llm, [_clip(1.0, 19)])  # the engine still serves
