@@ -1,7 +1,8 @@
 """A seeded tiny Whisper checkpoint in real Hugging Face format: `WhisperForConditionalGeneration` weights, a
 byte-level BPE tokenizer with Whisper's special tokens (start of transcript, languages, tasks, no timestamps),
 `generation_config.json` with the maps `generate(language=..., task=...)` reads, and the feature extractor's
-`preprocessor_config.json` (80 mel bins, 30 s). The encoder keeps Whisper's real 1500 positions; the rest is tiny.
+`preprocessor_config.json` (80 mel bins, 30 s). The encoder keeps Whisper's real 1500 positions; the rest is tiny,
+with encoder and decoder of different depths, heads and widths (as in large-v3-turbo), so a mix-up shows.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from loomserve.testing.cache import cached_build
 from loomserve.testing.checkpoints import FORMAT_VERSION, INIT_STD, build_tokenizer
 from loomserve.testing.weights import init_weights
 
-WHISPER_FORMAT_VERSION = 1
+WHISPER_FORMAT_VERSION = 2
 LANGUAGES = ("en", "de", "fr", "es", "ja", "zh")
 TASKS = ("transcribe", "translate")
 _SPECIAL = ["<|startoftranscript|>", *(f"<|{code}|>" for code in LANGUAGES), "<|translate|>", "<|transcribe|>",
@@ -39,8 +40,8 @@ def build_tiny_whisper_checkpoint(path: str | Path, *, seed: int = 0, max_target
     ids = tokenizer.convert_tokens_to_ids
     eos = ids("<|endoftext|>")
     config = WhisperConfig(
-        vocab_size=len(tokenizer), num_mel_bins=80, d_model=32, encoder_layers=2, decoder_layers=2,
-        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        vocab_size=len(tokenizer), num_mel_bins=80, d_model=32, encoder_layers=2, decoder_layers=3,
+        encoder_attention_heads=4, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=48,
         max_source_positions=1500, max_target_positions=max_target_positions, activation_function="gelu",
         decoder_start_token_id=ids("<|startoftranscript|>"), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
         suppress_tokens=None, begin_suppress_tokens=None, tie_word_embeddings=True,

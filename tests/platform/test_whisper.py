@@ -119,7 +119,7 @@ def test_a_finished_request_frees_its_cross_attention_kv(llm):
 def test_requests_beyond_the_cross_attention_budget_wait_and_decode_the_same(checkpoint, llm, monkeypatch):
     from loomserve import LLM
 
-    one_request = 2 * 2 * 1500 * 32 * 4  # K and V x decoder layers x encoder positions x d_model x float32
+    one_request = 2 * 3 * 1500 * 32 * 4  # K and V x decoder layers x encoder positions x d_model x float32
     tight = LLM(checkpoint, encoder_cache_memory=one_request)
     store = _store(tight)
     most = []

@@ -162,7 +162,7 @@ class EngineArgs:
         model = locate_checkpoint(self.model, self.revision, self.download_dir)
         tokenizer = locate_checkpoint(self.tokenizer, self.revision, self.download_dir) if self.tokenizer else model
         hf_config = AutoConfig.from_pretrained(model, trust_remote_code=self.trust_remote_code)
-        text = hf_config.get_text_config(decoder=True)
+        text = hf_config.get_text_config()
         device = resolve_device(self.device)
         limit = context_limit(text)
         pooling = resolve_pooling(model, hf_config, self.task, self.pooler_config)

@@ -115,21 +115,25 @@ class ModelConfig:
 
     @property
     def text_config(self) -> Any:
-        return self.hf_config.get_text_config(decoder=True)  # an encoder-decoder's decoder (layers, heads)
+        return self.hf_config.get_text_config()
 
+    # A flat encoder-decoder config (Whisper) maps the generic names to its encoder's: the KV cache is the decoder's.
     @property
     def num_layers(self) -> int:
-        return self.text_config.num_hidden_layers
+        c = self.text_config
+        return getattr(c, "decoder_layers", None) or c.num_hidden_layers
 
     @property
     def num_kv_heads(self) -> int:
         c = self.text_config
-        return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return (getattr(c, "decoder_attention_heads", None) or getattr(c, "num_key_value_heads", None)
+                or c.num_attention_heads)
 
     @property
     def head_dim(self) -> int:
         c = self.text_config
-        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        heads = getattr(c, "decoder_attention_heads", None) or c.num_attention_heads
+        return getattr(c, "head_dim", None) or c.hidden_size // heads
 
     @property
     def vocab_size(self) -> int:
