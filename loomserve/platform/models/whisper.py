@@ -24,18 +24,12 @@ from loomserve.platform.attention.cross import cross_attention
 from loomserve.platform.forward_batch import ForwardBatch
 from loomserve.platform.models.interfaces import ServedModel
 from loomserve.platform.models.packing import load_packed_weights
-from loomserve.platform.models.qwen2_audio import AudioEncoderLayer
+from loomserve.platform.models.qwen2_audio import Qwen2AudioEncoder
 
 
-class WhisperEncoder(nn.Module):
-    def __init__(self, config: Any) -> None:
-        super().__init__()
-        dim = config.d_model
-        self.conv1 = nn.Conv1d(config.num_mel_bins, dim, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv1d(dim, dim, kernel_size=3, stride=2, padding=1)
-        self.embed_positions = nn.Embedding(config.max_source_positions, dim)
-        self.layers = nn.ModuleList(AudioEncoderLayer(config) for _ in range(config.encoder_layers))
-        self.layer_norm = nn.LayerNorm(dim)
+class WhisperEncoder(Qwen2AudioEncoder):
+    """The same convolutions, positions, layers and final norm as Qwen2-Audio's tower (which is Whisper's), run on
+    the whole 30 s and without its pooling."""
 
     @property
     def num_frames(self) -> int:
