@@ -41,6 +41,7 @@ from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_
 from loomserve.api.subtitles import to_srt, to_vtt
 from loomserve.modalities.audio import decode_audio, resample
 from loomserve.modalities.audio_split import AudioClip, split_audio
+from loomserve.modalities.budget import MediaSpend
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.modalities.media import MediaError
 from loomserve.platform.async_llm import AsyncLLM
@@ -83,7 +84,8 @@ async def create_transcription(models: ServedModels, raw_request: Request) -> Re
                        param="timestamp_granularities")
     await engine.check_health()
     language = request.language or "en"
-    call = _Call(request, TASKS[route], language, name, await offload(_load_clips, await upload.read()))
+    spend = MediaSpend(models.limits.media_budget)
+    call = _Call(request, TASKS[route], language, name, await offload(_load_clips, await upload.read(), spend))
     prompt = await offload(decoder_prompt, engine.tokenizer, language, call.task, request.prompt)
     inputs = await offload(_clip_inputs, engine, prompt, call.clips)
     params = SamplingParams(temperature=request.temperature, seed=request.seed,
@@ -130,10 +132,12 @@ async def _read_form(raw_request: Request) -> tuple[Any, TranscriptionRequest]:
         raise APIError(f"{where}: {first['msg']}", param=str(first["loc"][0]) if first["loc"] else None) from None
 
 
-def _load_clips(data: bytes) -> list[AudioClip]:
-    """Decoded, 16 kHz mono, cut at quiet points into clips of at most 30 s; 400 for what is not audio."""
+def _load_clips(data: bytes, spend: MediaSpend) -> list[AudioClip]:
+    """Decoded, 16 kHz mono, cut at quiet points into clips of at most 30 s; 400 for what is not audio or is over
+    the request's media limits (--max-audio-seconds-per-request, --max-media-bytes-per-request)."""
     try:
-        samples, rate = decode_audio(data)
+        spend.charge("bytes", len(data))
+        samples, rate = decode_audio(data, spend=spend)
     except MediaError as exc:
         raise APIError(str(exc), param="file") from None
     return split_audio(resample(samples, rate, RATE), RATE)

@@ -44,7 +44,7 @@ def checkpoint() -> str:
 
 @pytest.fixture(scope="module")
 def whisper_server(serve_checkpoint, checkpoint) -> Iterator[Server]:
-    with serve_checkpoint(checkpoint) as s:
+    with serve_checkpoint(checkpoint, "--max-audio-seconds-per-request", "60") as s:
         yield s
 
 
@@ -155,6 +155,11 @@ def _error(http, data, content: bytes | None = None, path="/v1/audio/transcripti
 def test_a_file_that_is_not_audio_is_a_400(http, model):
     status, error = _error(http, {"model": model}, b"this is not audio")
     assert status == 400 and error["param"] == "file" and "cannot decode" in error["message"]
+
+
+def test_audio_over_the_request_limit_is_a_400(http, model):
+    status, error = _error(http, {"model": model}, _wav(np.zeros(61 * RATE, np.float32)))
+    assert status == 400 and error["param"] == "file" and "60 seconds of audio" in error["message"]
 
 
 def test_an_unknown_language_is_a_400(http, model):
