@@ -87,9 +87,13 @@ async def create_transcription(models: ServedModels, raw_request: Request) -> Re
     spend = MediaSpend(models.limits.media_budget)
     call = _Call(request, TASKS[route], language, name, await offload(_load_clips, await upload.read(), spend))
     prompt = await offload(decoder_prompt, engine.tokenizer, language, call.task, request.prompt)
+    max_len = engine.model_config.max_model_len
+    if len(prompt) >= max_len:
+        raise APIError(f"the prompt and Whisper's task tokens take {len(prompt)} of the model's {max_len} decoder "
+                       "positions, which leaves none for the text", param="prompt")
     inputs = await offload(_clip_inputs, engine, prompt, call.clips)
     params = SamplingParams(temperature=request.temperature, seed=request.seed,
-                            max_tokens=engine.model_config.max_model_len - len(prompt),
+                            max_tokens=max_len - len(prompt),
                             logprobs=0 if request.response_format == "verbose_json" else None)
     with models.admit(engine, len(call.clips)) as hold:
         streams = [engine.generate(prompt, params, f"{call.id}-{i}", mm_items=items)

@@ -72,8 +72,9 @@ def expected(checkpoint):
     llm = LLM(checkpoint)
     tokenizer = llm.get_tokenizer()
 
-    def text(clips: list[np.ndarray], task: str = "transcribe", language: str = "en") -> list[str]:
-        prompt = tokenizer.convert_tokens_to_ids(
+    def text(clips: list[np.ndarray], task: str = "transcribe", language: str = "en", previous: str = "") -> list[str]:
+        head = [tokenizer.convert_tokens_to_ids("<|startofprev|>"), *tokenizer.encode(previous)] if previous else []
+        prompt = head + tokenizer.convert_tokens_to_ids(
             ["<|startoftranscript|>", f"<|{language}|>", f"<|{task}|>", "<|notimestamps|>"])
         params = SamplingParams(temperature=0.0, max_tokens=64 - len(prompt))
         outputs = llm.generate([{"prompt_token_ids": prompt, "multi_modal_data": {"audio": (c, RATE)}}
@@ -165,6 +166,16 @@ def test_audio_over_the_request_limit_is_a_400(http, model):
 def test_an_unknown_language_is_a_400(http, model):
     status, error = _error(http, {"model": model, "language": "xx"})
     assert status == 400 and error["param"] == "language"
+
+
+def test_a_prompt_that_fills_the_decoder_is_a_400(http, model):
+    status, error = _error(http, {"model": model, "prompt": "the quick brown fox " * 40})
+    assert status == 400 and error["param"] == "prompt"
+
+
+def test_a_prompt_goes_before_the_start_of_transcript(client, model, expected):
+    """vLLM's decoder prompt: <|startofprev|> prompt <|startoftranscript|><|en|><|transcribe|><|notimestamps|>."""
+    assert _transcribe(client, model, prompt="hello world").text == expected([SHORT], previous="hello world")[0]
 
 
 def test_a_bad_response_format_is_a_400(http, model):
