@@ -26,6 +26,14 @@ class TranscriptionRequest(OpenAIBaseModel):
     stream: bool = False
     stream_include_usage: bool = False
     seed: int | None = None
+    # vLLM's sampling fields beside OpenAI's
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_completion_tokens: int | None = Field(None, ge=1)
 
 
 class TranscriptionUsage(OpenAIBaseModel):

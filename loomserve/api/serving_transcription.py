@@ -92,9 +92,7 @@ async def create_transcription(models: ServedModels, raw_request: Request) -> Re
         raise APIError(f"the prompt and Whisper's task tokens take {len(prompt)} of the model's {max_len} decoder "
                        "positions, which leaves none for the text", param="prompt")
     inputs = await offload(_clip_inputs, engine, prompt, call.clips)
-    params = SamplingParams(temperature=request.temperature, seed=request.seed,
-                            max_tokens=max_len - len(prompt),
-                            logprobs=0 if request.response_format == "verbose_json" else None)
+    params = _sampling_params(request, max_len - len(prompt))
     with models.admit(engine, len(call.clips)) as hold:
         streams = [engine.generate(prompt, params, f"{call.id}-{i}", mm_items=items)
                    for i, items in enumerate(inputs)]
@@ -155,6 +153,18 @@ def decoder_prompt(tokenizer: Any, language: str, task: str, prompt: str) -> lis
     previous = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
     head = [tokenizer.convert_tokens_to_ids("<|startofprev|>"), *previous] if previous else []
     return head + tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", lang, f"<|{task}|>", "<|notimestamps|>"])
+
+
+def _sampling_params(request: TranscriptionRequest, room: int) -> SamplingParams:
+    """Each clip's sampling; `room`: the decoder positions the prompt leaves. 400 for values out of range."""
+    try:
+        return SamplingParams(
+            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, min_p=request.min_p,
+            seed=request.seed, frequency_penalty=request.frequency_penalty, presence_penalty=request.presence_penalty,
+            repetition_penalty=request.repetition_penalty, max_tokens=min(request.max_completion_tokens or room, room),
+            logprobs=0 if request.response_format == "verbose_json" else None)  # a segment's avg_logprob
+    except ValueError as exc:
+        raise APIError(str(exc)) from None
 
 
 def _clip_inputs(engine: AsyncLLM, prompt: list[int], clips: list[AudioClip]) -> list[list[MultiModalItem]]:

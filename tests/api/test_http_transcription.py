@@ -153,6 +153,18 @@ def _error(http, data, content: bytes | None = None, path="/v1/audio/transcripti
     return response.status_code, response.json()["error"]
 
 
+def test_max_completion_tokens_caps_each_clip(http, model):
+    files = {"file": ("clip.wav", _wav(LONG), "audio/wav")}
+    data = {"model": model, "response_format": "verbose_json", "max_completion_tokens": "3", "temperature": "0"}
+    segments = http.post("/v1/audio/transcriptions", files=files, data=data).json()["segments"]
+    assert [len(s["tokens"]) for s in segments] == [3, 3]
+
+
+def test_a_sampling_value_out_of_range_is_a_400(http, model):
+    status, error = _error(http, {"model": model, "top_p": "5"})
+    assert status == 400 and "top_p" in error["message"]
+
+
 def test_a_file_that_is_not_audio_is_a_400(http, model):
     status, error = _error(http, {"model": model}, b"this is not audio")
     assert status == 400 and error["param"] == "file" and "cannot decode" in error["message"]
