@@ -83,14 +83,14 @@ async def create_transcription(models: ServedModels, raw_request: Request) -> Re
         raise APIError("word timestamps are not supported; use timestamp_granularities[]=segment",
                        param="timestamp_granularities")
     await engine.check_health()
-    language = request.language or "en"
-    spend = MediaSpend(models.limits.media_budget)
-    call = _Call(request, TASKS[route], language, name, await offload(_load_clips, await upload.read(), spend))
-    prompt = await offload(decoder_prompt, engine.tokenizer, language, call.task, request.prompt)
+    language, task = request.language or "en", TASKS[route]
+    prompt = await offload(decoder_prompt, engine.tokenizer, language, task, request.prompt)
     max_len = engine.model_config.max_model_len
     if len(prompt) >= max_len:
         raise APIError(f"the prompt and Whisper's task tokens take {len(prompt)} of the model's {max_len} decoder "
                        "positions, which leaves none for the text", param="prompt")
+    spend = MediaSpend(models.limits.media_budget)
+    call = _Call(request, task, language, name, await offload(_load_clips, await upload.read(), spend))
     inputs = await offload(_clip_inputs, engine, prompt, call.clips)
     params = _sampling_params(request, max_len - len(prompt))
     with models.admit(engine, len(call.clips)) as hold:
