@@ -132,19 +132,29 @@ def test_subtitles_time_each_segment_at_its_offset(client, model, fmt):
     assert subtitles.startswith("WEBVTT") == (fmt == "vtt")
 
 
-def test_stream_sends_transcription_chunks_that_add_up_to_the_text(http, model, expected):
+@pytest.mark.parametrize(("task", "kind"), [("transcribe", "transcription.chunk"), ("translate", "translation.chunk")])
+def test_stream_sends_chunks_clip_after_clip_that_add_up_to_the_text(http, model, expected, task, kind):
     files = {"file": ("clip.wav", _wav(LONG), "audio/wav")}
     data = {"model": model, "stream": "true", "stream_include_usage": "true", "temperature": "0"}
-    with http.stream("POST", "/v1/audio/transcriptions", files=files, data=data) as response:
+    path = "/v1/audio/transcriptions" if task == "transcribe" else "/v1/audio/translations"
+    with http.stream("POST", path, files=files, data=data) as response:
         assert response.status_code == 200
         events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert {c["object"] for c in chunks} == {"transcription.chunk"}
+    assert {c["object"] for c in chunks} == {kind}
     text = "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"])
-    assert text == "".join(expected([c.samples for c in split_audio(LONG, RATE)]))
+    assert text == "".join(expected([c.samples for c in split_audio(LONG, RATE)], task=task))
     assert [c["choices"][0]["finish_reason"] is not None for c in chunks if c["choices"]].count(True) == 2
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_the_openai_client_streams_a_transcription(client, model, expected):
+    """As vLLM's own tests read it: each event's choices[0]["delta"]["content"]."""
+    stream = _transcribe(client, model, stream=True)
+    chunks = list(stream)
+    assert {c.object for c in chunks} == {"transcription.chunk"}
+    assert "".join(c.choices[0]["delta"]["content"] for c in chunks) == expected([SHORT])[0]
 
 
 def _error(http, data, content: bytes | None = None, path="/v1/audio/transcriptions"):
