@@ -1,8 +1,9 @@
 """POST /v1/audio/transcriptions and /v1/audio/translations: an uploaded audio file -> Whisper's text, whole or
 streamed, as vLLM serves them.
 
-The audio is decoded (soundfile), resampled to 16 kHz and cut at quiet points into clips of at most 30 s
-(`modalities/audio_split.py`); every clip becomes one engine request with vLLM's decoder prompt
+The audio is decoded (soundfile, or PyAV for other containers such as m4a), resampled to 16 kHz and cut at quiet
+points into clips of at most 30 s (`modalities/audio_split.py`); every clip becomes one engine request with vLLM's
+decoder prompt
 `[<|startofprev|> prompt] <|startoftranscript|><|lang|><|transcribe|or|translate|><|notimestamps|>`, and all clips
 run at once. Their texts join in order; `verbose_json`, `srt` and `vtt` give each clip as a segment at its true
 offset in the whole audio. A stream sends each clip's text as it grows, clip after clip, as `transcription.chunk`
@@ -39,7 +40,8 @@ from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import DeltaTracker, collect_final, random_id
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
 from loomserve.api.subtitles import to_srt, to_vtt
-from loomserve.modalities.audio import decode_audio, resample
+from loomserve.modalities.audio import resample
+from loomserve.modalities.audio_container import decode_any_audio
 from loomserve.modalities.audio_split import AudioClip, split_audio
 from loomserve.modalities.budget import MediaSpend
 from loomserve.modalities.inputs import MultiModalItem
@@ -139,7 +141,7 @@ def _load_clips(data: bytes, spend: MediaSpend) -> list[AudioClip]:
     the request's media limits (--max-audio-seconds-per-request, --max-media-bytes-per-request)."""
     try:
         spend.charge("bytes", len(data))
-        samples, rate = decode_audio(data, spend=spend)
+        samples, rate = decode_any_audio(data, spend)
     except MediaError as exc:
         raise APIError(str(exc), param="file") from None
     return split_audio(resample(samples, rate, RATE), RATE)

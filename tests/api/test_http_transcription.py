@@ -175,6 +175,27 @@ def test_a_sampling_value_out_of_range_is_a_400(http, model):
     assert status == 400 and "top_p" in error["message"]
 
 
+def _m4a(samples: np.ndarray) -> bytes:
+    """AAC in an MP4 container, as phones record (soundfile cannot read it)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=RATE)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(samples[None], format="flt", layout="mono")
+        frame.sample_rate = RATE
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_an_m4a_upload_is_decoded_through_ffmpeg(client, model):
+    result = client.audio.transcriptions.create(model=model, file=("clip.m4a", _m4a(SHORT)), temperature=0.0,
+                                                response_format="verbose_json")
+    assert result.text and result.duration == pytest.approx(3.0, abs=0.1)
+
+
 def test_a_file_that_is_not_audio_is_a_400(http, model):
     status, error = _error(http, {"model": model}, b"this is not audio")
     assert status == 400 and error["param"] == "file" and "cannot decode" in error["message"]
