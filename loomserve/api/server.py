@@ -37,11 +37,13 @@ from loomserve.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from loomserve.api.protocol_transcription import TRANSCRIPTION_OPENAPI
 from loomserve.api.served_models import Models, ServedModels
 from loomserve.api.serving_chat import create_chat_completion
 from loomserve.api.serving_completion import create_completion
 from loomserve.api.serving_lora import load_startup_adapters
 from loomserve.api.serving_lora import router as lora_router
+from loomserve.api.serving_transcription import create_transcription, refuse_speech_to_text
 from loomserve.api.unsupported_fields import extra_field_message
 from loomserve.platform.async_llm import EngineDeadError
 from loomserve.platform.gc_heap import freeze_startup_heap
@@ -173,6 +175,7 @@ async def detokenize(body: DetokenizeRequest, models: Models) -> DetokenizeRespo
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, raw_request: Request, models: Models) -> Response:
     engine = models.for_route(body.model, "/v1/completions", ("generate",))
+    refuse_speech_to_text(engine, "/v1/completions")
     await engine.check_health()
     return await create_completion(models, engine, body, raw_request)
 
@@ -182,6 +185,13 @@ async def chat_completions(body: ChatCompletionRequest, raw_request: Request, mo
     engine = models.for_route(body.model, "/v1/chat/completions", ("generate",))
     await engine.check_health()
     return await create_chat_completion(models, engine, body, raw_request)
+
+
+@router.post("/v1/audio/transcriptions", openapi_extra=TRANSCRIPTION_OPENAPI)
+@router.post("/v1/audio/translations", openapi_extra=TRANSCRIPTION_OPENAPI)
+async def audio_transcriptions(raw_request: Request, models: Models) -> Response:
+    """Multipart form: file, model, language, prompt, response_format, temperature, timestamp_granularities[]."""
+    return await create_transcription(models, raw_request)
 
 
 # ---------------------------------------------------------------- errors

@@ -102,6 +102,10 @@ class RunnerHook(Protocol):
         """Add the feature's part to the ForwardBatch a CUDA graph is captured with (made inside the capture, so made
         anew on each replay)."""
 
+    def for_profile(self, batch: ForwardBatch) -> None:
+        """Add the inputs the feature gives a step to the ForwardBatch of the memory profile, which has no requests
+        (e.g. cross-attention keys and values of the longest encoder output)."""
+
     def pool(self, hidden: torch.Tensor, batch: BatchInputs) -> dict[str, torch.Tensor]:
         """Per-request outputs made from the step's hidden states [T, hidden] (on the device)."""
         return {}
@@ -142,6 +146,7 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
               "loomserve.platform.kv_transfer.disagg:runner_hook"),
     "spec": ("loomserve.platform.spec_decode.hooks:scheduler_hook", "loomserve.platform.spec_decode.hooks:runner_hook"),
     "structured": ("loomserve.platform.structured.scheduling:scheduler_hook", None),
+    "cross_attn": ("loomserve.platform.cross_kv_store:scheduler_hook", "loomserve.platform.cross_kv_store:runner_hook"),
 }
 
 

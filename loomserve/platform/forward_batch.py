@@ -16,6 +16,7 @@ from loomserve.platform.attention import AttentionMetadata
 
 if TYPE_CHECKING:  # platform knows the adapters' data type only, never their behaviour
     from loomserve.adapters.layers import LoRABatch
+    from loomserve.platform.attention.cross import CrossAttentionBatch
 
 
 @dataclass
@@ -26,8 +27,9 @@ class ForwardBatch:
     inputs_embeds: torch.Tensor | None = None  # [T, hidden]: token embeddings with media embeddings in place
     token_type_ids: torch.Tensor | None = None  # [T] int64 segment ids (cross-encoder pairs)
     media_rows: torch.Tensor | None = None  # [M] int64: the rows of inputs_embeds that hold media embeddings
+    cross_attn: CrossAttentionBatch | None = None  # encoder-decoder models: the requests' cross-attention K/V
 
     @property
     def has_extra_inputs(self) -> bool:
-        """Whether the step carries inputs a CUDA graph does not take (media embeddings, token types)."""
-        return self.inputs_embeds is not None or self.token_type_ids is not None
+        """Whether the step carries inputs a CUDA graph does not take (media embeddings, token types, cross K/V)."""
+        return self.inputs_embeds is not None or self.token_type_ids is not None or self.cross_attn is not None

@@ -16,8 +16,12 @@ from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.config import ModelConfig
 from loomserve.platform.logit_constraints import check_logit_constraints, tokenize_bad_words
 from loomserve.platform.messages import EngineCoreRequest
+from loomserve.platform.models.registry import is_encoder_decoder
 from loomserve.platform.request import SamplingParams, resolve_num_logprobs
 from loomserve.platform.structured.grammar import grammar_spec
+
+ENCODER_DECODER_INPUT = ("a speech-to-text (Whisper) model takes one audio clip with each prompt: use "
+                         "/v1/audio/transcriptions, or multi_modal_data={'audio': ...}")
 
 # A prompt: text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": [...]}, which may add
 # {"multi_modal_data": {"image": ..., "video": ..., "audio": ...}} (one item or a list per modality) and a
@@ -81,6 +85,7 @@ class InputProcessor:
         self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config_eos
         extra = generation_eos_ids(model_config.model)
         self.extra_stop_ids = [i for i in extra if i != self.eos_token_id]
+        self.encoder_decoder = is_encoder_decoder(model_config.architecture)  # every request brings its audio
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(prompt text if any, token ids) for any accepted prompt form."""
@@ -134,6 +139,8 @@ class InputProcessor:
         if params.bad_words and params.bad_words_token_ids is None:
             bad_words_token_ids = tokenize_bad_words(self.tokenizer, params.bad_words)
             params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids)
+        if self.encoder_decoder and len(mm_items) != 1:
+            raise ValueError(ENCODER_DECODER_INPUT)
         if self.extra_stop_ids and not params.ignore_eos:
             params = SamplingParams.from_dict(
                 {**params.to_dict(), "stop_token_ids": params.stop_token_ids + self.extra_stop_ids}

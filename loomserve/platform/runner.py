@@ -122,7 +122,8 @@ class ModelRunner:
         # The torch reference backend reads host-side lengths, which a graph would freeze: Triton only. Graphs
         # yield logits or hidden states for sampling; pooling steps always run eagerly, so a pooling model has none.
         # Expert parallelism sizes its all-to-all exchanges on the host each step: eager only.
-        return (self.device.type == "cuda" and not self.config.enforce_eager
+        # An encoder-decoder's cross-attention reads per-request tensors of the step: eager too.
+        return (self.device.type == "cuda" and not self.config.enforce_eager and not self.model.is_encoder_decoder
                 and not self.config.parallel_config.enable_expert_parallel
                 and self.config.attention_backend == "triton" and self.config.model_config.task == "generate")
 
@@ -172,7 +173,10 @@ class ModelRunner:
             seq_lens_cpu=[num_tokens],
         )
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, caches, ForwardBatch(attn, torch.arange(num_tokens, device=self.device)))
+        forward = ForwardBatch(attn, torch.arange(num_tokens, device=self.device))
+        for hook in self.hooks:
+            hook.for_profile(forward)
+        hidden = self.model(ids, caches, forward)
         if mc.task == "generate":  # pooling models have no LM head
             self.model.compute_logits(hidden[: min(sc.max_num_seqs, num_tokens)])
         torch.cuda.synchronize()

@@ -28,7 +28,7 @@ from loomserve.platform.config.model import (
 from loomserve.platform.config.parallel import EXECUTOR_BACKENDS, ParallelConfig
 from loomserve.platform.config.scheduler import SchedulerConfig
 from loomserve.platform.config.speculative import SpeculativeConfig, check_speculative_config, parse_speculative_config
-from loomserve.platform.models.registry import get_model_class
+from loomserve.platform.models.registry import get_model_class, is_encoder_decoder
 
 
 @dataclass
@@ -199,7 +199,9 @@ class EngineArgs:
             kv_cache_memory=parse_memory(self.kv_cache_memory),
             gpu_memory_utilization=self.gpu_memory_utilization,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
-            enable_prefix_caching=self.enable_prefix_caching and not pooling.encoder_only,
+            # an encoder-decoder's KV depends on its audio, which no block hash covers (vLLM turns it off too)
+            enable_prefix_caching=(self.enable_prefix_caching and not pooling.encoder_only
+                                   and not is_encoder_decoder(model_config.architecture)),
             cache_dtype=self.kv_cache_dtype,
         )
         budget = self.max_num_batched_tokens or _default_token_budget(device, max_model_len, pooling.encoder_only)

@@ -52,7 +52,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 def context_limit(text_config: Any) -> int:
     """The longest context the checkpoint serves with the attention implemented here."""
-    limit = getattr(text_config, "max_position_embeddings", None) or 2048
+    # Whisper's decoder names its learned positions max_target_positions
+    limit = (getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "max_target_positions", None)
+             or 2048)
     window = getattr(text_config, "sliding_window", None)
     # Sliding-window attention is not implemented: serve only contexts inside the window, where
     # full attention computes the same function.
@@ -115,19 +117,23 @@ class ModelConfig:
     def text_config(self) -> Any:
         return self.hf_config.get_text_config()
 
+    # A flat encoder-decoder config (Whisper) maps the generic names to its encoder's: the KV cache is the decoder's.
     @property
     def num_layers(self) -> int:
-        return self.text_config.num_hidden_layers
+        c = self.text_config
+        return getattr(c, "decoder_layers", None) or c.num_hidden_layers
 
     @property
     def num_kv_heads(self) -> int:
         c = self.text_config
-        return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return (getattr(c, "decoder_attention_heads", None) or getattr(c, "num_key_value_heads", None)
+                or c.num_attention_heads)
 
     @property
     def head_dim(self) -> int:
         c = self.text_config
-        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        heads = getattr(c, "decoder_attention_heads", None) or c.num_attention_heads
+        return getattr(c, "head_dim", None) or c.hidden_size // heads
 
     @property
     def vocab_size(self) -> int:

@@ -29,6 +29,8 @@ class ServedModel(nn.Module):
     uses_mrope: ClassVar[bool] = False
     # Mixture-of-experts layers (expert parallelism, fused expert weights).
     is_moe: ClassVar[bool] = False
+    # An encoder run once per request and a decoder cross-attending to it (Whisper): has `encode` and `cross_kv`.
+    is_encoder_decoder: ClassVar[bool] = False
 
     # checkpoint projection -> (fused parameter module, shard index); empty: nothing fused.
     packed_modules_mapping: ClassVar[dict[str, tuple[str, int]]] = {}
@@ -69,3 +71,7 @@ def uses_mrope(model: ServedModel | type[ServedModel]) -> bool:
 
 def is_moe(model: ServedModel | type[ServedModel]) -> bool:
     return model.is_moe
+
+
+def is_encoder_decoder(model: ServedModel | type[ServedModel]) -> bool:
+    return model.is_encoder_decoder

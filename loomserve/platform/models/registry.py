@@ -79,6 +79,9 @@ REGISTRY: dict[str, ModelEntry] = {
         ("generate",),
         f"{_PROCESSORS}.qwen2_audio:Qwen2AudioProcessor",
     ),
+    "WhisperForConditionalGeneration": ModelEntry(
+        f"{_MODELS}.whisper:WhisperForConditionalGeneration", ("generate",), f"{_PROCESSORS}.whisper:WhisperProcessor"
+    ),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
@@ -123,6 +126,11 @@ def is_encoder_only(architecture: str) -> bool:
 def default_pooling_type(architecture: str) -> str | None:
     """The pooling the architecture's embeddings are defined by (None: the task's default)."""
     return model_entry(architecture).pooling_type
+
+
+def is_encoder_decoder(architecture: str) -> bool:
+    """An encoder run once per request and a decoder cross-attending to it (Whisper)."""
+    return get_model_class(architecture).is_encoder_decoder
 
 
 def is_multimodal(architecture: str) -> bool:
