@@ -77,7 +77,8 @@ class ErrorResponse(OpenAIBaseModel):
 
 
 class StreamOptions(OpenAIBaseModel):
-    include_usage: bool = False
+    include_usage: bool | None = True  # vLLM's default: `stream_options: {}` asks for the usage chunk
+    continuous_usage_stats: bool | None = False  # usage in every chunk too
 
 
 class ContentPart(BaseModel):
@@ -127,6 +128,12 @@ class SamplingRequest(OpenAIBaseModel):
 
     _unicode = field_validator("stop")(_valid_unicode)
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("Stream options can only be defined when `stream=True`.")
+        return self
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -134,10 +141,6 @@ class SamplingRequest(OpenAIBaseModel):
     @property
     def num_logprobs(self) -> int | None:
         return None
-
-    @property
-    def include_usage_chunk(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """Raises ValueError (from SamplingParams) for values out of range."""
@@ -216,12 +219,14 @@ class UsageInfo(OpenAIBaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> UsageInfo:
+        """`cached_tokens` None: no `prompt_tokens_details` (shown only under --enable-prompt-tokens-details)."""
+        details = PromptTokensDetails(cached_tokens=cached_tokens) if cached_tokens is not None else None
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+            prompt_tokens_details=details,
         )
 
 
@@ -333,6 +338,7 @@ class ModelList(OpenAIBaseModel):
 class LoadLoRAAdapterRequest(OpenAIBaseModel):
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # replace an adapter loaded under the same name (vLLM's)
 
 
 class UnloadLoRAAdapterRequest(OpenAIBaseModel):

@@ -77,6 +77,7 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
     app = FastAPI(title="loomserve", version=__version__, lifespan=lifespan, root_path=options.root_path,
                   docs_url=None if options.enable_offline_docs else "/docs")
     app.state.metrics = metrics
+    app.state.features = options.features
     app.state.startup_error = None
     app.include_router(router)
     app.include_router(pooling_router)

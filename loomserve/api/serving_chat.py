@@ -35,9 +35,9 @@ from loomserve.api.serving import (
     lora_for,
     random_id,
     sampling_params,
-    usage,
 )
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
+from loomserve.api.usage_report import UsageReport
 from loomserve.platform.async_llm import AsyncLLM
 from loomserve.platform.request import RequestOutput
 
@@ -50,6 +50,7 @@ class _Call:
 
     request: ChatCompletionRequest
     model: str
+    report: UsageReport
     id: str = field(default_factory=lambda: random_id("chatcmpl"))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -73,7 +74,7 @@ async def create_chat_completion(
         prompt = await chat_prompt(engine, request.messages, models.limits.media_budget)
         check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
         params = sampling_params(engine, request, prompt)
-        call = _Call(request, model_name)
+        call = _Call(request, model_name, UsageReport.of(request, raw_request))
         stream = engine.generate(prompt.token_ids, params, call.id, prompt=prompt.text, mm_items=prompt.mm_items,
                                  lora_request=lora, cache_salt=request.cache_salt,
                                  kv_transfer_params=request.kv_transfer_params)
@@ -94,7 +95,7 @@ def _full_response(call: _Call, output: RequestOutput) -> ChatCompletionResponse
             finish_reason=c.finish_reason, stop_reason=c.stop_reason,
         ))
     return ChatCompletionResponse(
-        id=call.id, created=call.created, model=call.model, choices=choices, usage=usage([output]),
+        id=call.id, created=call.created, model=call.model, choices=choices, usage=call.report.total([output]),
         kv_transfer_params=output.kv_transfer_params,
     )
 
@@ -108,8 +109,8 @@ async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> A
                 latest = output
                 for event in _events(call, tracker, output):
                     yield event
-        if call.request.include_usage_chunk and latest is not None:
-            yield sse(call.chunk([], usage=usage([latest])))
+        if call.report.final_chunk and latest is not None:
+            yield sse(call.chunk([], usage=call.report.total([latest])))
     except Exception as exc:  # the status line is sent already: report the error in the stream
         logger.exception("chat stream %s failed", call.id)
         yield sse(error_body_for(exc))
@@ -122,11 +123,12 @@ def _events(call: _Call, tracker: DeltaTracker, output: RequestOutput) -> Iterat
         delta = tracker.delta(c.index, c)
         if delta is None:
             continue
+        usage_so_far = call.report.so_far(output, c)
         if delta.first:
             role = DeltaMessage(role="assistant", content="")
-            yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)]))
+            yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)], usage=usage_so_far))
         if delta.text or delta.finish_reason or delta.logprobs:
-            yield sse(call.chunk([_stream_choice(call, c.index, delta)]))
+            yield sse(call.chunk([_stream_choice(call, c.index, delta)], usage=usage_so_far))
 
 
 def _stream_choice(call: _Call, index: int, delta: Delta) -> ChatStreamChoice:

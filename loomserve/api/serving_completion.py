@@ -25,9 +25,9 @@ from loomserve.api.serving import (
     lora_for,
     random_id,
     sampling_params,
-    usage,
 )
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
+from loomserve.api.usage_report import UsageReport
 from loomserve.platform.async_llm import AsyncLLM
 from loomserve.platform.request import RequestOutput
 
@@ -41,6 +41,7 @@ class _Call:
     request: CompletionRequest
     echo_texts: list[str]
     model: str
+    report: UsageReport
     id: str = field(default_factory=lambda: random_id("cmpl"))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -65,7 +66,7 @@ async def create_completion(
         prompts = await offload(_prompts, engine, given)
         params = [sampling_params(engine, request, prompt) for prompt in prompts]
         echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
-        call = _Call(request, echo_texts, model_name)
+        call = _Call(request, echo_texts, model_name, UsageReport.of(request, raw_request))
         streams = [
             engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text, lora_request=lora,
                             cache_salt=request.cache_salt, kv_transfer_params=request.kv_transfer_params)
@@ -107,7 +108,7 @@ def _full_response(call: _Call, outputs: list[RequestOutput]) -> CompletionRespo
         for i, output in enumerate(outputs)
         for c in output.outputs
     ]
-    return call.response(choices, usage=usage(outputs), kv_transfer_params=outputs[0].kv_transfer_params)
+    return call.response(choices, usage=call.report.total(outputs), kv_transfer_params=outputs[0].kv_transfer_params)
 
 
 async def _stream(call: _Call, streams: list[AsyncGenerator[RequestOutput, None]]) -> AsyncIterator[str]:
@@ -119,8 +120,8 @@ async def _stream(call: _Call, streams: list[AsyncGenerator[RequestOutput, None]
                 latest[i] = output
                 for event in _events(call, tracker, i, output):
                     yield event
-        if call.request.include_usage_chunk:
-            yield sse(call.response([], usage=usage(list(latest.values()))))
+        if call.report.final_chunk:
+            yield sse(call.response([], usage=call.report.total(list(latest.values()))))
     except Exception as exc:  # the status line is sent already: report the error in the stream
         logger.exception("completion stream %s failed", call.id)
         yield sse(error_body_for(exc))
@@ -133,7 +134,8 @@ def _events(call: _Call, tracker: DeltaTracker, prompt_index: int, output: Reque
         index = call.choice_index(prompt_index, c.index)
         delta = tracker.delta(index, c)
         if delta is not None:
-            yield sse(call.response([_choice(call, index, call.echo_texts[prompt_index], delta)]))
+            choice = _choice(call, index, call.echo_texts[prompt_index], delta)
+            yield sse(call.response([choice], usage=call.report.so_far(output, c)))
 
 
 def _choice(call: _Call, index: int, echo: str, delta: Delta) -> CompletionChoice:

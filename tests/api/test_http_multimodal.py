@@ -30,7 +30,7 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def vl_server(serve_checkpoint, media_dir) -> Iterator:
     flags = ["--limit-mm-per-prompt", f'{{"image": {IMAGE_LIMIT}}}', "--max-image-pixels", str(MAX_PIXELS),
-             "--allowed-local-media-path", str(media_dir)]
+             "--allowed-local-media-path", str(media_dir), "--enable-prompt-tokens-details"]
     with serve_checkpoint(str(tiny_mm_checkpoint("qwen2_vl")), *flags) as server:
         yield server
 
