@@ -25,6 +25,7 @@ from loomserve.api.metrics import CONTENT_TYPE
 from loomserve.api.metrics_group import MetricsGroup
 from loomserve.api.offload import offload
 from loomserve.api.openapi import install_openapi
+from loomserve.api.orca import orca_headers
 from loomserve.api.pooling_routes import pooling_router
 from loomserve.api.prompts import check_vocab, encode_fitting
 from loomserve.api.protocol import (
@@ -37,11 +38,17 @@ from loomserve.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from loomserve.api.request_id import request_id_headers
+from loomserve.api.response_headers import ResponseHeadersMiddleware
 from loomserve.api.served_models import Models, ServedModels
+from loomserve.api.server_load import ServerLoad, ServerLoadMiddleware
+from loomserve.api.server_load import router as load_router
 from loomserve.api.serving_chat import create_chat_completion
+from loomserve.api.serving_chat_batch import router as chat_batch_router
 from loomserve.api.serving_completion import create_completion
 from loomserve.api.serving_lora import load_startup_adapters
 from loomserve.api.serving_lora import router as lora_router
+from loomserve.api.tokenizer_info import router as tokenizer_info_router
 from loomserve.platform.async_llm import EngineDeadError
 from loomserve.platform.gc_heap import freeze_startup_heap
 
@@ -82,8 +89,10 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
     app.include_router(router)
     app.include_router(pooling_router)
     app.include_router(lora_router)
+    app.include_router(chat_batch_router)
     if options.enable_offline_docs:
         app.include_router(offline_docs_router())
+    _add_vllm_features(app, models, metrics, options)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     for handled in (APIError, EngineDeadError, Exception):
@@ -95,6 +104,22 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
     app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=options.allowed_methods,
                        allow_headers=options.allowed_headers, allow_credentials=options.allow_credentials)
     return app
+
+
+def _add_vllm_features(app: FastAPI, models: ServedModels, metrics: MetricsGroup, options: FrontendOptions) -> None:
+    """vLLM's optional routes and response headers: /tokenizer_info, /load, X-Request-Id, ORCA load reports."""
+    features = options.features
+    if features.tokenizer_info_endpoint:
+        app.include_router(tokenizer_info_router)
+    if features.server_load_tracking:
+        app.state.server_load = ServerLoad()
+        app.include_router(load_router)
+        app.add_middleware(ServerLoadMiddleware, load=app.state.server_load)
+    if metrics.loggers:  # reports on the main model, the first
+        orca = orca_headers(metrics.registry, metrics.loggers[0].model_name)
+        app.add_middleware(ResponseHeadersMiddleware, headers_for=orca)
+    if features.request_id_headers:
+        app.add_middleware(ResponseHeadersMiddleware, headers_for=request_id_headers)
 
 
 # ---------------------------------------------------------------- routes
