@@ -81,6 +81,7 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
                 stats_task.cancel()
             models.shutdown()
 
+    # The app (not uvicorn) takes --root-path: paths with and without the prefix both answer, as vLLM's do.
     app = FastAPI(title="loomserve", version=__version__, lifespan=lifespan, root_path=options.root_path,
                   docs_url=None if options.enable_offline_docs else "/docs")
     app.state.metrics = metrics
@@ -237,7 +238,7 @@ class APIKeyMiddleware:
         self.expected = [f"Bearer {key}".encode() for key in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
+        if scope["type"] == "http" and _route_path(scope) not in OPEN_PATHS and not self._authorized(scope):
             response = error_response(401, "Invalid or missing API key: send `Authorization: Bearer <key>`")
             await response(scope, receive, send)
             return
@@ -246,3 +247,9 @@ class APIKeyMiddleware:
     def _authorized(self, scope: Scope) -> bool:
         given = dict(scope["headers"]).get(b"authorization", b"")
         return any([hmac.compare_digest(given, expected) for expected in self.expected])  # no early exit: timing
+
+
+def _route_path(scope: Scope) -> str:
+    """The path without the --root-path prefix, which uvicorn puts in front of every path it hands the app."""
+    root, path = scope.get("root_path", ""), scope["path"]
+    return path[len(root):] if root and path.startswith(root) else path

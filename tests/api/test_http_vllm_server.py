@@ -1,0 +1,128 @@
+"""vLLM's server options on one server started with all of them: the key from LOOMSERVE_API_KEY, --root-path,
+--enable-force-include-usage, usage without prompt_tokens_details by default, --enable-request-id-headers, ORCA
+load headers, --enable-tokenizer-info-endpoint, --enable-server-load-tracking and --shutdown-timeout (last: it
+stops the server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from loomserve.testing.server import Server
+
+KEY = "from-the-environment"
+ROOT = "/llm"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MESSAGES = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def server(start_server) -> Iterator[Server]:
+    flags = ["--root-path", ROOT, "--enable-force-include-usage", "--enable-request-id-headers",
+             "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking", "--shutdown-timeout", "60"]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOOMSERVE_API_KEY", KEY)  # the server process inherits it
+        with start_server(*flags) as s:
+            yield s
+
+
+@pytest.fixture(scope="module")
+def http(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as c:
+        yield c
+
+
+def chat(http: httpx.Client, model: str, **fields) -> httpx.Response:
+    return http.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES, "max_tokens": 3, **fields})
+
+
+def test_the_key_comes_from_the_environment(server, http):
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    assert http.get("/v1/models").status_code == 200
+
+
+def test_routes_answer_with_and_without_the_root_path(http):
+    assert http.get(f"{ROOT}/v1/models").json() == http.get("/v1/models").json()
+
+
+def test_usage_has_no_prompt_tokens_details_unless_enabled(http, model):
+    usage = chat(http, model).json()["usage"]
+    assert usage["prompt_tokens_details"] is None and usage["total_tokens"] > 0
+
+
+def test_forced_usage_ends_a_stream_that_did_not_ask_for_it(server, model):
+    chunks = list(server.client(api_key=KEY).chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=3, stream=True, extra_body={"ignore_eos": True}))
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+
+
+def test_request_id_header_is_echoed_or_made(http, model):
+    assert chat(http, model, stream=True, headers=None).headers["x-request-id"]
+    echoed = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1},
+                       headers={"X-Request-Id": "my-id-42"})
+    assert echoed.headers["x-request-id"] == "my-id-42"
+    first, second = chat(http, model).headers["x-request-id"], chat(http, model).headers["x-request-id"]
+    assert first and first != second
+
+
+def test_orca_load_report_in_the_format_asked(http, model):
+    text = chat(http, model, headers=None).headers
+    assert "endpoint-load-metrics" not in text
+    as_text = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1},
+                        headers={"endpoint-load-metrics-format": "text"}).headers["endpoint-load-metrics"]
+    assert as_text.startswith("TEXT named_metrics.kv_cache_usage_perc=")
+    assert "named_metrics.num_requests_waiting=" in as_text
+    as_json = http.get("/v1/models", headers={"endpoint-load-metrics-format": "json"}).headers
+    kind, _, body = as_json["endpoint-load-metrics"].partition(" ")
+    assert kind == "JSON" and set(json.loads(body)["named_metrics"]) == {"kv_cache_usage_perc", "num_requests_waiting"}
+    assert "endpoint-load-metrics" not in http.get("/v1/models", headers={"endpoint-load-metrics-format": "bin"}).headers
+
+
+def test_tokenizer_info_says_the_tokenizer_config(http):
+    info = http.get("/tokenizer_info").json()
+    assert isinstance(info["tokenizer_class"], str) and isinstance(info["eos_token"], str)
+    assert "<|im_start|>" in info["chat_template"]
+    token = next(iter(info["added_tokens_decoder"].values()))
+    assert {"content", "special"} <= set(token)
+    assert all(key.isdigit() for key in info["added_tokens_decoder"])
+    assert "name_or_path" not in info and "vocab_file" not in info  # no server paths
+
+
+def test_load_counts_requests_being_answered(server, http, model):
+    assert http.get("/load").json() == {"server_load": 0}
+    body = {"model": model, "prompt": "hi", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json=body) as response:
+        next(response.iter_lines())
+        assert http.get("/load").json() == {"server_load": 1}
+    assert http.get("/load").json() == {"server_load": 0}
+
+
+def test_shutdown_timeout_lets_a_running_stream_finish(server, http, model):
+    """Run last: it stops the server."""
+    body = {"model": model, "prompt": "hi", "max_tokens": 60, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(60)
+    os.kill(server.process.pid, signal.SIGINT)
+    reader.join(120)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 60
+    assert server.process.wait(60) is not None
