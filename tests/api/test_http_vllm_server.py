@@ -38,8 +38,9 @@ def http(server) -> Iterator[httpx.Client]:
         yield c
 
 
-def chat(http: httpx.Client, model: str, **fields) -> httpx.Response:
-    return http.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES, "max_tokens": 3, **fields})
+def chat(http: httpx.Client, model: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    body = {"model": model, "messages": MESSAGES, "max_tokens": 3}
+    return http.post("/v1/chat/completions", json=body, headers=headers)
 
 
 def test_the_key_comes_from_the_environment(server, http):
@@ -64,25 +65,26 @@ def test_forced_usage_ends_a_stream_that_did_not_ask_for_it(server, model):
 
 
 def test_request_id_header_is_echoed_or_made(http, model):
-    assert chat(http, model, stream=True, headers=None).headers["x-request-id"]
-    echoed = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1},
-                       headers={"X-Request-Id": "my-id-42"})
-    assert echoed.headers["x-request-id"] == "my-id-42"
+    assert chat(http, model, headers={"X-Request-Id": "my-id-42"}).headers["x-request-id"] == "my-id-42"
     first, second = chat(http, model).headers["x-request-id"], chat(http, model).headers["x-request-id"]
-    assert first and first != second
+    assert len(first) == 32 and first != second
+    body = {"model": model, "prompt": "hi", "max_tokens": 2, "stream": True}
+    with http.stream("POST", "/v1/completions", json=body, headers={"X-Request-Id": "streamed"}) as response:
+        assert response.headers["x-request-id"] == "streamed"
+
+
+def load_report(http: httpx.Client, model: str, kind: str | None) -> str | None:
+    headers = {"endpoint-load-metrics-format": kind} if kind else None
+    return chat(http, model, headers).headers.get("endpoint-load-metrics")
 
 
 def test_orca_load_report_in_the_format_asked(http, model):
-    text = chat(http, model, headers=None).headers
-    assert "endpoint-load-metrics" not in text
-    as_text = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1},
-                        headers={"endpoint-load-metrics-format": "text"}).headers["endpoint-load-metrics"]
+    as_text = load_report(http, model, "text")
     assert as_text.startswith("TEXT named_metrics.kv_cache_usage_perc=")
     assert "named_metrics.num_requests_waiting=" in as_text
-    as_json = http.get("/v1/models", headers={"endpoint-load-metrics-format": "json"}).headers
-    kind, _, body = as_json["endpoint-load-metrics"].partition(" ")
+    kind, _, body = load_report(http, model, "JSON").partition(" ")
     assert kind == "JSON" and set(json.loads(body)["named_metrics"]) == {"kv_cache_usage_perc", "num_requests_waiting"}
-    assert "endpoint-load-metrics" not in http.get("/v1/models", headers={"endpoint-load-metrics-format": "bin"}).headers
+    assert load_report(http, model, None) is None and load_report(http, model, "bin") is None
 
 
 def test_tokenizer_info_says_the_tokenizer_config(http):
