@@ -27,7 +27,9 @@ def media_ref(part: dict[str, Any]) -> MediaRef:
         if not isinstance(value, dict) or not isinstance(value.get("data"), str):
             raise MediaError('an input_audio part needs {"data": <base64>, "format": "wav" | "mp3" | ...}')
         return MediaRef("audio", data=value["data"], format=value.get("format"))
-    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(value, dict):  # OpenAI's and vLLM's shape: an object, never a bare URL
+        raise MediaError(f'a {kind} part needs an object {{"url": ...}}, got {type(value).__name__}')
+    url = value.get("url")
     if not isinstance(url, str) or not url:
         raise MediaError(f'a {kind} part needs {{"url": ...}}')
     return MediaRef(PART_MODALITIES[kind], url=url)
