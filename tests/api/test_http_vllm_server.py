@@ -1,4 +1,5 @@
-"""vLLM's server options on one server started with all of them: the key from LOOMSERVE_API_KEY, --root-path,
+"""vLLM's server options on one server started with all of them, listening on a Unix socket (--uds): the key from
+LOOMSERVE_API_KEY, --root-path,
 --enable-force-include-usage, usage without prompt_tokens_details by default, --enable-request-id-headers, ORCA
 load headers, --enable-tokenizer-info-endpoint, --enable-server-load-tracking and --shutdown-timeout (last: it
 stops the server)."""
@@ -10,11 +11,13 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
+import openai
 import pytest
 
-from loomserve.testing.server import Server
+from loomserve.testing.server import MODEL, Server
 
 KEY = "from-the-environment"
 ROOT = "/llm"
@@ -22,19 +25,44 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 MESSAGES = [{"role": "user", "content": "Hello there"}]
 
 
+@dataclass
+class UnixSocketServer(Server):
+    """A server on a Unix domain socket: --uds, and clients that connect there."""
+
+    socket_path: str = ""
+
+    def http(self, headers: dict[str, str] | None = None) -> httpx.Client:
+        return httpx.Client(transport=httpx.HTTPTransport(uds=self.socket_path), base_url="http://uds",
+                            timeout=60, headers=headers)
+
+    def client(self, api_key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url="http://uds/v1", api_key=api_key, max_retries=0,
+                             http_client=self.http())
+
+    def _healthy(self) -> bool:
+        try:
+            with self.http() as c:
+                return c.get("/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
 @pytest.fixture(scope="module")
-def server(start_server) -> Iterator[Server]:
-    flags = ["--root-path", ROOT, "--enable-force-include-usage", "--enable-request-id-headers",
+def server(qwen2_checkpoint, tmp_path_factory) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("uds")
+    flags = ["--served-model-name", MODEL, "--kv-cache-memory", "16MiB", "--uds", str(folder / "loomserve.sock"),
+             "--root-path", ROOT, "--enable-force-include-usage", "--enable-request-id-headers",
              "--enable-tokenizer-info-endpoint", "--enable-server-load-tracking", "--shutdown-timeout", "60"]
+    s = UnixSocketServer(qwen2_checkpoint, flags, folder / "server.log", socket_path=str(folder / "loomserve.sock"))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("LOOMSERVE_API_KEY", KEY)  # the server process inherits it
-        with start_server(*flags) as s:
+        with s.running():
             yield s
 
 
 @pytest.fixture(scope="module")
 def http(server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as c:
+    with server.http(AUTH) as c:
         yield c
 
 
@@ -43,8 +71,14 @@ def chat(http: httpx.Client, model: str, headers: dict[str, str] | None = None) 
     return http.post("/v1/chat/completions", json=body, headers=headers)
 
 
+def test_the_server_listens_on_the_unix_socket_only(server):
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/health")
+
+
 def test_the_key_comes_from_the_environment(server, http):
-    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    with server.http() as keyless:
+        assert keyless.get("/v1/models").status_code == 401
     assert http.get("/v1/models").status_code == 200
 
 
@@ -58,7 +92,7 @@ def test_usage_has_no_prompt_tokens_details_unless_enabled(http, model):
 
 
 def test_forced_usage_ends_a_stream_that_did_not_ask_for_it(server, model):
-    chunks = list(server.client(api_key=KEY).chat.completions.create(
+    chunks = list(server.client().chat.completions.create(
         model=model, messages=MESSAGES, max_tokens=3, stream=True, extra_body={"ignore_eos": True}))
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
