@@ -38,12 +38,13 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], processor: MultiMod
         raise APIError(f"The chat template rejected these messages: {exc}", param="messages") from exc
 
 
-async def chat_prompt(engine: AsyncLLM, messages: list[ChatMessage], media_budget: MediaBudget) -> Prompt:
+async def chat_prompt(engine: AsyncLLM, messages: list[ChatMessage], media_budget: MediaBudget,
+                      add_generation_prompt: bool = True, add_special_tokens: bool = False) -> Prompt:
     """The engine prompt for `messages`: token ids, text, and the media items in place (all of them within
     `media_budget`)."""
     mm = engine.input_processor.mm
-    text, refs = await offload(render_chat, engine.tokenizer, messages, mm.processor)
-    token_ids = await offload(encode_fitting, engine, text, "messages", add_special_tokens=False)
+    text, refs = await offload(render_chat, engine.tokenizer, messages, mm.processor, add_generation_prompt)
+    token_ids = await offload(encode_fitting, engine, text, "messages", add_special_tokens=add_special_tokens)
     if not refs:
         return Prompt(token_ids, text)
     try:

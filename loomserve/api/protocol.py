@@ -190,6 +190,7 @@ class TokenizeRequest(OpenAIBaseModel):
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    return_token_strs: bool = False  # vLLM's: each token's string beside its id
 
     _unicode = field_validator("prompt")(_valid_unicode)
 
@@ -349,6 +350,7 @@ class TokenizeResponse(OpenAIBaseModel):
     tokens: list[int]
     count: int
     max_model_len: int
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(OpenAIBaseModel):

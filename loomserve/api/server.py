@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loomserve import __version__
 from loomserve.api.body_limit import BodySizeLimitMiddleware
-from loomserve.api.chat import render_chat
+from loomserve.api.chat import chat_prompt
 from loomserve.api.docs import offline_docs_router
 from loomserve.api.errors import APIError, error_response, exception_response
 from loomserve.api.frontend_flags import FrontendOptions
@@ -174,17 +174,18 @@ async def models(served: Models) -> ModelList:
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, models: Models) -> TokenizeResponse:
+    """The prompt's token ids as the engine would get them: chat messages rendered, their media loaded and each
+    placeholder expanded to the model's tokens; `return_token_strs` adds each token's string."""
     engine = models.get(body.model)
     if body.messages is not None:
-        text, _ = await offload(render_chat, engine.tokenizer, body.messages, engine.input_processor.mm.processor,
-                                body.add_generation_prompt)
-        add_special_tokens = bool(body.add_special_tokens)
+        prompt = await chat_prompt(engine, body.messages, models.limits.media_budget, body.add_generation_prompt,
+                                   bool(body.add_special_tokens))
+        tokens = prompt.token_ids
     else:
-        text = body.prompt
-        add_special_tokens = body.add_special_tokens is not False
-    tokens = await offload(encode_fitting, engine, text, "prompt" if body.messages is None else "messages",
-                           add_special_tokens)
-    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.model_config.max_model_len)
+        tokens = await offload(encode_fitting, engine, body.prompt, "prompt", body.add_special_tokens is not False)
+    strs = await offload(engine.tokenizer.convert_ids_to_tokens, tokens) if body.return_token_strs else None
+    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.model_config.max_model_len,
+                            token_strs=strs)
 
 
 @router.post("/detokenize")

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 from media_samples import mp4_bytes, noise_image, noise_video, png_data_url, tone, wav_base64
+from PIL import Image
 
 from loomserve import LLM, SamplingParams
 from loomserve.testing.mm_checkpoints import tiny_mm_checkpoint
@@ -91,6 +92,33 @@ def test_video_as_a_data_url(vl_server):
     assert reply.usage.prompt_tokens == text_only.usage.prompt_tokens + 2 + 2 * 4
 
 
+def jpeg_frames_url(frames) -> str:
+    """vLLM's multi-frame video URL: base64 JPEGs joined by commas."""
+    encoded = []
+    for frame in frames:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG")
+        encoded.append(base64.b64encode(buf.getvalue()).decode())
+    return "data:video/jpeg;base64," + ",".join(encoded)
+
+
+def test_video_as_jpeg_frames_uses_every_frame(vl_server):
+    content = [{"type": "video_url", "video_url": {"url": jpeg_frames_url(noise_video(4, 56, 56, seed=4))}},
+               {"type": "text", "text": "What happens?"}]
+    reply = chat(vl_server, content)
+    # all 4 frames (no sampling): 2 temporal patches of 2x2 merged patches, between <|vision_start|> and <|vision_end|>
+    assert reply.usage.prompt_tokens == chat(vl_server, content[1:]).usage.prompt_tokens + 2 + 2 * 4
+    assert reply.choices[0].message.content == offline("qwen2_vl", content)[0]
+
+
+def test_tokenize_expands_media_placeholders_as_generation_does(vl_server):
+    content = [image_part(png_data_url(LARGE)), {"type": "text", "text": "What is it?"}]
+    messages = [{"role": "user", "content": content}]
+    tokenized = vl_server.http().post("/tokenize", json={"messages": messages, "return_token_strs": True}).json()
+    assert tokenized["count"] == chat(vl_server, content).usage.prompt_tokens == len(tokenized["token_strs"])
+    assert tokenized["token_strs"].count("<|image_pad|>") > 1  # the one placeholder, expanded
+
+
 def _png_bytes(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -108,6 +136,7 @@ BAD_VISION_REQUESTS = {
                                     f"over the server's limit of {MAX_PIXELS}"),
     "audio to a vision model": ([audio_part(tone(0.5, 0))], "does not accept audio input"),
     "an unknown part type": ([{"type": "image_file", "image_file": {}}], "not supported"),
+    "a plain-string image_url": ([{"type": "image_url", "image_url": png_data_url(SMALL)}], "needs an object"),
 }
 
 

@@ -94,3 +94,12 @@ def test_batch_chat_refusals_are_400(http, model, fields, reason):
 def test_tokenizer_info_is_off_by_default(http):
     assert http.get("/tokenizer_info").status_code == 404
     assert http.get("/load").status_code == 404
+
+
+def test_tokenize_returns_token_strings_when_asked(http):
+    plain = http.post("/tokenize", json={"prompt": PROMPT}).json()
+    assert plain["token_strs"] is None
+    asked = http.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()
+    assert asked["tokens"] == plain["tokens"] and len(asked["token_strs"]) == asked["count"]
+    assert http.post("/detokenize", json={"tokens": asked["tokens"]}).json()["prompt"] == PROMPT
+    assert "".join(asked["token_strs"]).replace("Ġ", " ") == PROMPT  # byte-level BPE marks spaces with Ġ

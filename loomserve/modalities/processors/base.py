@@ -17,7 +17,7 @@ from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.image import decode_image
 from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
 from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
-from loomserve.modalities.video import decode_video
+from loomserve.modalities.video import decode_jpeg_frames, decode_video, is_jpeg_frames
 
 
 @dataclass
@@ -67,6 +67,8 @@ class MultiModalProcessor:
             return decode_image(data, max_pixels, spend)
         if ref.modality == "audio":
             return decode_audio(data, ref.format, spend)
+        if is_jpeg_frames(ref.url):  # the frames' boundaries are in the URL, not in the bytes read
+            return decode_jpeg_frames(ref.url, max_pixels, spend)
         return decode_video(data, max_pixels, **self.video_sampling, spend=spend)
 
     def decode_all(self, refs: list[MediaRef], data: list[bytes], spend: MediaSpend) -> dict[str, list[Any]]:
