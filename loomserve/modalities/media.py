@@ -41,6 +41,12 @@ class MediaRef:
     url: str | None = None
     data: str | None = None  # base64 (input_audio parts)
     format: str | None = None  # input_audio's "wav", "mp3", ...
+    uuid: str | None = None  # the client's name for the item (vLLM's): reused by later parts without media
+
+    @property
+    def needs_cache(self) -> bool:
+        """A part with a uuid and no media: the item comes from the uuid cache."""
+        return self.uuid is not None and self.url is None and self.data is None
 
 
 class MediaFetcher:

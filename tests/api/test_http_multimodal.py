@@ -111,6 +111,18 @@ def test_video_as_jpeg_frames_uses_every_frame(vl_server):
     assert reply.choices[0].message.content == offline("qwen2_vl", content)[0]
 
 
+def test_a_media_uuid_reuses_the_item_sent_before_under_it(vl_server):
+    question = {"type": "text", "text": "What is it?"}
+    first = chat(vl_server, [{**image_part(png_data_url(LARGE)), "uuid": "large-1"}, question])
+    for empty in ({}, None):
+        again = chat(vl_server, [{"type": "image_url", "image_url": empty, "uuid": "large-1"}, question])
+        assert again.choices[0].message.content == first.choices[0].message.content
+        assert again.usage.prompt_tokens == first.usage.prompt_tokens
+        assert again.usage.prompt_tokens_details.cached_tokens > 0  # the same content: a prefix-cache hit
+    with pytest.raises(openai.BadRequestError, match="no image with uuid 'never-sent' is cached"):
+        chat(vl_server, [{"type": "image_url", "image_url": {}, "uuid": "never-sent"}, question])
+
+
 def test_tokenize_expands_media_placeholders_as_generation_does(vl_server):
     content = [image_part(png_data_url(LARGE)), {"type": "text", "text": "What is it?"}]
     messages = [{"role": "user", "content": content}]

@@ -16,7 +16,7 @@ from loomserve.modalities.budget import MediaSpend
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.image import decode_image
 from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
-from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
+from loomserve.modalities.media import MediaError, MediaRef
 from loomserve.modalities.video import decode_jpeg_frames, decode_video, is_jpeg_frames
 
 
@@ -77,12 +77,6 @@ class MultiModalProcessor:
         for ref, item in zip(refs, data, strict=True):
             loaded.setdefault(ref.modality, []).append(self.decode(ref, item, spend))
         return loaded
-
-    def load_all(self, refs: list[MediaRef], fetcher: MediaFetcher, spend: MediaSpend) -> dict[str, list[Any]]:
-        """Read and decode every reference (blocking), after checking the counts against what the model takes and
-        the limits."""
-        self.check_refs(refs)
-        return self.decode_all(refs, [fetcher.read(ref) for ref in refs], spend)
 
     def check_refs(self, refs: list[MediaRef]) -> None:
         """`check_counts` of the references, before any is read."""
