@@ -48,6 +48,7 @@ from loomserve.api.serving_chat_batch import router as chat_batch_router
 from loomserve.api.serving_completion import create_completion
 from loomserve.api.serving_lora import load_startup_adapters
 from loomserve.api.serving_lora import router as lora_router
+from loomserve.api.serving_responses import router as responses_router
 from loomserve.api.tokenizer_info import router as tokenizer_info_router
 from loomserve.platform.async_llm import EngineDeadError
 from loomserve.platform.gc_heap import freeze_startup_heap
@@ -91,6 +92,7 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
     app.include_router(pooling_router)
     app.include_router(lora_router)
     app.include_router(chat_batch_router)
+    app.include_router(responses_router)
     if options.enable_offline_docs:
         app.include_router(offline_docs_router())
     _add_vllm_features(app, models, metrics, options)

@@ -123,6 +123,17 @@ def test_a_media_uuid_reuses_the_item_sent_before_under_it(vl_server):
         chat(vl_server, [{"type": "image_url", "image_url": {}, "uuid": "never-sent"}, question])
 
 
+def test_a_response_with_an_input_image_answers_as_chat_does(vl_server):
+    url = png_data_url(LARGE)
+    response = vl_server.client().responses.create(
+        model=vl_server.model, max_output_tokens=8, temperature=0,
+        input=[{"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                            {"type": "input_text", "text": "What is it?"}]}])
+    reply = chat(vl_server, [image_part(url), {"type": "text", "text": "What is it?"}])
+    assert response.output_text == reply.choices[0].message.content
+    assert response.usage.input_tokens == reply.usage.prompt_tokens
+
+
 def test_tokenize_expands_media_placeholders_as_generation_does(vl_server):
     content = [image_part(png_data_url(LARGE)), {"type": "text", "text": "What is it?"}]
     messages = [{"role": "user", "content": content}]
