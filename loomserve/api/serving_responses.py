@@ -30,7 +30,7 @@ from loomserve.api.protocol_responses import (
 )
 from loomserve.api.served_models import Models
 from loomserve.api.serving import DeltaTracker, collect_final, lora_for, random_id, sampling_params
-from loomserve.api.streaming import merge_async_iterators, run_unless_disconnected, sse
+from loomserve.api.streaming import run_unless_disconnected, sse
 from loomserve.platform.request import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -104,13 +104,11 @@ async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> A
     yield call.event("response.in_progress", response=call.response(None))
     yield call.event("response.output_item.added", output_index=0, item=call.message("", "in_progress"))
     yield call.event("response.content_part.added", part=OutputText(text=""), **where)
-    tracker = DeltaTracker()
-    latest: RequestOutput | None = None
+    tracker, latest = DeltaTracker(), None
     try:
-        async with aclosing(merge_async_iterators(stream)) as merged:
-            async for _, output in merged:
-                latest = output
-                delta = tracker.delta(0, output.outputs[0])
+        async with aclosing(stream):  # leaving early (the client left) aborts the request
+            async for latest in stream:
+                delta = tracker.delta(0, latest.outputs[0])
                 if delta is not None and delta.text:
                     yield call.event("response.output_text.delta", delta=delta.text, logprobs=[], **where)
     except Exception as exc:  # the status line is sent already: report the error in the stream
