@@ -95,7 +95,7 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
     app.include_router(responses_router)
     if options.enable_offline_docs:
         app.include_router(offline_docs_router())
-    _add_vllm_features(app, models, metrics, options)
+    _add_vllm_routes(app, options)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     for handled in (APIError, EngineDeadError, Exception):
@@ -104,19 +104,25 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=models.limits.max_request_body_bytes)
     if options.api_keys:  # runs before the body limit: no body is read for a request without a key
         app.add_middleware(APIKeyMiddleware, api_keys=options.api_keys)
+    _add_vllm_middleware(app, metrics, options)
     app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=options.allowed_methods,
                        allow_headers=options.allowed_headers, allow_credentials=options.allow_credentials)
     return app
 
 
-def _add_vllm_features(app: FastAPI, models: ServedModels, metrics: MetricsGroup, options: FrontendOptions) -> None:
-    """vLLM's optional routes and response headers: /tokenizer_info, /load, X-Request-Id, ORCA load reports."""
-    features = options.features
-    if features.tokenizer_info_endpoint:
+def _add_vllm_routes(app: FastAPI, options: FrontendOptions) -> None:
+    """vLLM's optional routes: /tokenizer_info and /load."""
+    if options.features.tokenizer_info_endpoint:
         app.include_router(tokenizer_info_router)
-    if features.server_load_tracking:
+    if options.features.server_load_tracking:
         app.state.server_load = ServerLoad()
         app.include_router(load_router)
+
+
+def _add_vllm_middleware(app: FastAPI, metrics: MetricsGroup, options: FrontendOptions) -> None:
+    """Outside the API-key check, so every answer has them: /load's count, X-Request-Id, ORCA load reports."""
+    features = options.features
+    if features.server_load_tracking:
         app.add_middleware(ServerLoadMiddleware, load=app.state.server_load)
     if metrics.loggers:  # reports on the main model, the first
         orca = orca_headers(metrics.registry, metrics.loggers[0].model_name)

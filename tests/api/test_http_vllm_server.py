@@ -78,7 +78,8 @@ def test_the_server_listens_on_the_unix_socket_only(server):
 
 def test_the_key_comes_from_the_environment(server, http):
     with server.http() as keyless:
-        assert keyless.get("/v1/models").status_code == 401
+        refused = keyless.get("/v1/models", headers={"X-Request-Id": "no-key"})
+        assert (refused.status_code, refused.headers["x-request-id"]) == (401, "no-key")  # refusals carry it too
     assert http.get("/v1/models").status_code == 200
 
 
