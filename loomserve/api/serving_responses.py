@@ -84,10 +84,11 @@ class _Call:
         return ResponseObject(
             status="incomplete" if incomplete else "completed",
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if incomplete else None,
-            output=[self.message(choice.text, "completed")], usage=usage, **fields)
+            output=[self.message(choice.text, "incomplete" if incomplete else "completed")], usage=usage, **fields)
 
-    def message(self, text: str, status: str) -> OutputMessage:
-        content = [OutputText(text=text)] if status == "completed" else []
+    def message(self, text: str | None, status: str) -> OutputMessage:
+        """The output message; `text` None: one still in progress, with no content part yet."""
+        content = [OutputText(text=text)] if text is not None else []
         return OutputMessage(id=self.message_id, status=status, content=content)
 
     def event(self, kind: str, **fields: object) -> str:
@@ -102,7 +103,7 @@ async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> A
     where = {"item_id": call.message_id, "output_index": 0, "content_index": 0}
     yield call.event("response.created", response=call.response(None))
     yield call.event("response.in_progress", response=call.response(None))
-    yield call.event("response.output_item.added", output_index=0, item=call.message("", "in_progress"))
+    yield call.event("response.output_item.added", output_index=0, item=call.message(None, "in_progress"))
     yield call.event("response.content_part.added", part=OutputText(text=""), **where)
     tracker, latest = DeltaTracker(), None
     try:
