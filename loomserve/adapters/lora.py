@@ -97,6 +97,7 @@ def load_lora_model(
     if not folder.is_dir():
         raise LoRALoadError(f"no adapter at {request.lora_path!r}: not a folder")
     config = _read_config(folder)
+    _check_config_rank(config, max_rank)
     tensors = _read_tensors(folder)
     pairs = _pair_tensors(tensors)
     if not pairs:
@@ -141,6 +142,17 @@ def _read_config(folder: Path) -> dict[str, Any]:
             "only bias='none' is supported"
         )
     return config
+
+
+def _check_config_rank(config: dict[str, Any], max_rank: int) -> None:
+    """The ranks the config declares (`r`, `rank_pattern`) within --max-lora-rank, as vLLM checks them: a config
+    whose rank the engine cannot hold is refused even where the tensors are smaller."""
+    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
+    for rank in ranks:
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise LoRALoadError(f"the adapter's config declares rank {rank!r}; a LoRA rank is a positive integer")
+        if rank > max_rank:
+            raise LoRALoadError(f"LoRA rank {rank} is greater than max_lora_rank {max_rank} (--max-lora-rank)")
 
 
 def _weights_name(folder: Path) -> str:

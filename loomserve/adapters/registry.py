@@ -26,22 +26,29 @@ class LoRARegistry:
     def get(self, name: str | None) -> LoRARequest | None:
         return self.adapters.get(name) if name else None
 
-    def reserve(self, name: str, path: str) -> LoRARequest:
-        """A new adapter for `name` while it loads; raises ValueError if the name cannot be taken."""
+    def reserve(self, name: str, path: str, replace: bool = False) -> LoRARequest:
+        """A new adapter for `name` while it loads; raises ValueError if the name cannot be taken (`replace`: a
+        loaded adapter of that name may give it up once the new one has loaded, vLLM's `load_inplace`)."""
         if not self.enabled:
             raise ValueError("LoRA adapters are not enabled on this server: start it with --enable-lora")
         if not name or not path:
             raise ValueError("both lora_name and lora_path must be given")
         if name == self.base_model_name:
             raise ValueError(f"{name!r} is the base model's name; choose another lora_name")
-        if name in self.adapters or name in self._loading:
-            raise ValueError(f"an adapter named {name!r} is already loaded; unload it first or choose another name")
+        if name in self._loading:
+            raise ValueError(f"an adapter named {name!r} is loading now; wait for it or choose another name")
+        if name in self.adapters and not replace:
+            raise ValueError(f"The lora adapter {name!r} has already been loaded. If you want to load the adapter in "
+                             "place, set 'load_inplace' to True.")
         self._loading.add(name)
         return LoRARequest(name, next(self._ids), path)
 
-    def commit(self, lora: LoRARequest) -> None:
+    def commit(self, lora: LoRARequest) -> LoRARequest | None:
+        """Serve `lora` under its name; the adapter it replaces, if any."""
         self._loading.discard(lora.lora_name)
+        replaced = self.adapters.get(lora.lora_name)
         self.adapters[lora.lora_name] = lora
+        return replaced
 
     def abandon(self, lora: LoRARequest) -> None:
         self._loading.discard(lora.lora_name)
@@ -49,5 +56,5 @@ class LoRARegistry:
     def remove(self, name: str) -> LoRARequest:
         lora = self.adapters.pop(name, None)
         if lora is None:
-            raise UnknownLoRAError(f"no LoRA adapter named {name!r} is loaded")
+            raise UnknownLoRAError(f"The lora adapter {name!r} cannot be found.")
         return lora

@@ -138,12 +138,12 @@ def detect_content_format(template: str) -> str:
 
 
 async def chat_prompt(engine: AsyncLLM, messages: list[ChatMessage], media_budget: MediaBudget,
-                      inputs: TemplateInputs | None = None) -> Prompt:
+                      inputs: TemplateInputs | None = None, add_special_tokens: bool = False) -> Prompt:
     """The engine prompt for `messages`: token ids, text, and the media items in place (all of them within
     `media_budget`)."""
     mm = engine.input_processor.mm
     text, refs = await offload(render_chat, engine.tokenizer, messages, mm.processor, inputs)
-    token_ids = await offload(encode_fitting, engine, text, "messages", add_special_tokens=False)
+    token_ids = await offload(encode_fitting, engine, text, "messages", add_special_tokens=add_special_tokens)
     if not refs:
         return Prompt(token_ids, text)
     try:

@@ -20,6 +20,7 @@ from loomserve.api.engine_flags import add_engine_flags, engine_args_from, expan
 from loomserve.api.frontend_flags import add_frontend_flags
 from loomserve.api.limits import add_limit_flags
 from loomserve.api.lora_paths import add_lora_path_flags
+from loomserve.api.server_features import add_server_feature_flags
 from loomserve.platform.logs import configure_logging, debugging
 
 logger = logging.getLogger("loomserve")
@@ -63,6 +64,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     add_frontend_flags(serve_parser)
     add_limit_flags(serve_parser)
     add_lora_path_flags(serve_parser)
+    add_server_feature_flags(serve_parser)
     serve_parser.set_defaults(run=_serve)
 
 

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 
 from loomserve.api.chat_flags import ChatOptions, add_chat_flags, chat_options
+from loomserve.api.server_features import ServerFeatures, api_keys_from, server_features
 from loomserve.platform.config.checkpoint import looks_like_hub_id
 from loomserve.platform.logs import LEVELS
 
@@ -29,6 +30,7 @@ class FrontendOptions:
     ready_message: str = ""  # logged once every model is ready and the socket listens
     metrics_compat: list[str] = field(default_factory=list)  # also emit /metrics under these servers' prefixes
     chat: ChatOptions = field(default_factory=ChatOptions)  # content format, tool-call and reasoning parsers
+    features: ServerFeatures = field(default_factory=ServerFeatures)
 
 
 def add_frontend_flags(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +39,8 @@ def add_frontend_flags(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on")
     http.add_argument("--uds", default=None, help="listen on this Unix domain socket instead of --host/--port")
     http.add_argument("--api-key", nargs="+", default=None, metavar="KEY",
-                      help="require `Authorization: Bearer <key>` (any of the keys) on the API routes")
+                      help="require `Authorization: Bearer <key>` (any of the keys) on the API routes; default: the "
+                           "LOOMSERVE_API_KEY environment variable")
     http.add_argument("--lora-modules", nargs="+", default=[], type=lora_module, metavar="NAME=PATH",
                       help='adapters to serve from the start: name=path or {"name": ..., "path": ...}')
     http.add_argument("--embedding-model", action="append", default=[], type=extra_model, metavar="NAME=PATH",
@@ -73,10 +76,11 @@ def add_frontend_flags(parser: argparse.ArgumentParser) -> None:
 
 def frontend_options(ns: argparse.Namespace) -> FrontendOptions:
     return FrontendOptions(
-        api_keys=list(ns.api_key or []), lora_modules=list(ns.lora_modules), allowed_origins=ns.allowed_origins,
+        api_keys=api_keys_from(ns.api_key), lora_modules=list(ns.lora_modules), allowed_origins=ns.allowed_origins,
         allowed_methods=ns.allowed_methods, allowed_headers=ns.allowed_headers,
         allow_credentials=ns.allow_credentials, root_path=ns.root_path, enable_offline_docs=ns.enable_offline_docs,
         log_stats=not ns.disable_log_stats, metrics_compat=list(ns.metrics_compat), chat=chat_options(ns),
+        features=server_features(ns),
     )
 
 

@@ -64,7 +64,8 @@ def _run(ns: argparse.Namespace, all_args: list[EngineArgs], options: FrontendOp
     models = ServedModels(engines, limits, admissions, lora_path_policy_from(ns))
     app = build_app(models, MetricsGroup(prometheus, options.metrics_compat), options, stats)
     config = uvicorn.Config(app, log_level=ns.uvicorn_log_level, ssl_keyfile=ns.ssl_keyfile,
-                            ssl_certfile=ns.ssl_certfile, ssl_ca_certs=ns.ssl_ca_certs, root_path=ns.root_path)
+                            ssl_certfile=ns.ssl_certfile, ssl_ca_certs=ns.ssl_ca_certs,
+                            timeout_graceful_shutdown=options.features.shutdown_timeout)
     server = ReadyServer(config, options.ready_message)
     quiet_startup_failure()
     try:

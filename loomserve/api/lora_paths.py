@@ -18,6 +18,10 @@ NO_ADAPTER = ("No LoRA adapter can be loaded from this lora_path: it is not unde
               "or holds no adapter")
 
 
+class NoAdapterError(ValueError):
+    """No adapter the server may read at a lora_path (404, as vLLM answers a path without an adapter)."""
+
+
 @dataclass(frozen=True)
 class LoRAPathPolicy:
     allowed: tuple[Path, ...] = ()  # resolved folders adapters may come from
@@ -28,11 +32,11 @@ class LoRAPathPolicy:
         return cls(tuple(Path(os.path.realpath(p)) for p in [*allowed, *startup_paths]), show_model_paths)
 
     def check(self, path: str) -> None:
-        """ValueError (the same whatever the reason) unless `path` is an adapter folder under an allowed folder."""
+        """NoAdapterError (the same whatever the reason) unless `path` is an adapter folder under an allowed folder."""
         real = Path(os.path.realpath(path))
         inside = any(real.is_relative_to(folder) for folder in self.allowed)
         if not (inside and (real / "adapter_config.json").is_file()):
-            raise ValueError(NO_ADAPTER)
+            raise NoAdapterError(NO_ADAPTER)
 
     def shown(self, path: str, instead: str) -> str:
         """`path` as /v1/models shows it: `instead` when paths are not shown and `path` is one on this server."""

@@ -79,7 +79,8 @@ class ErrorResponse(OpenAIBaseModel):
 
 
 class StreamOptions(OpenAIBaseModel):
-    include_usage: bool = False
+    include_usage: bool | None = True  # vLLM's default: `stream_options: {}` asks for the usage chunk
+    continuous_usage_stats: bool | None = False  # usage in every chunk too
 
 
 class ContentPart(BaseModel):
@@ -174,6 +175,8 @@ class SamplingRequest(OpenAIBaseModel, ConstraintFields):
 
     @model_validator(mode="after")
     def _streams_what_it_can(self) -> SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("Stream options can only be defined when `stream=True`.")
         if self.stream and self.prompt_logprobs is not None:
             raise ValueError("`prompt_logprobs` are not available when `stream` is true")
         if self.stream and self.best_of is not None and self.best_of > self.n:
@@ -196,10 +199,6 @@ class SamplingRequest(OpenAIBaseModel, ConstraintFields):
     @property
     def num_logprobs(self) -> int | None:
         return None
-
-    @property
-    def include_usage_chunk(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
         """Raises ValueError (from SamplingParams) for values out of range."""
@@ -260,6 +259,7 @@ class TokenizeRequest(ChatTemplateFields):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    return_token_strs: bool = False  # vLLM's: each token's string beside its id
 
     _unicode = field_validator("prompt")(_valid_unicode)
 
@@ -289,12 +289,14 @@ class UsageInfo(OpenAIBaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int | None) -> UsageInfo:
+        """`cached_tokens` None: no `prompt_tokens_details` (shown only under --enable-prompt-tokens-details)."""
+        details = PromptTokensDetails(cached_tokens=cached_tokens) if cached_tokens is not None else None
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+            prompt_tokens_details=details,
         )
 
 
@@ -453,6 +455,7 @@ class ModelList(OpenAIBaseModel):
 class LoadLoRAAdapterRequest(OpenAIBaseModel):
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # replace an adapter loaded under the same name (vLLM's)
 
 
 class UnloadLoRAAdapterRequest(OpenAIBaseModel):
@@ -463,6 +466,7 @@ class TokenizeResponse(OpenAIBaseModel):
     tokens: list[int]
     count: int
     max_model_len: int
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(OpenAIBaseModel):

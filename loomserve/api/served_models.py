@@ -120,13 +120,14 @@ class ServedModels:
             param="model",
         )
 
-    async def add_lora(self, lora_name: str, lora_path: str) -> None:
-        """Serve a LoRA adapter of the main model as `lora_name`; ValueError saying why it cannot be served."""
+    async def add_lora(self, lora_name: str, lora_path: str, replace: bool = False) -> None:
+        """Serve a LoRA adapter of the main model as `lora_name` (`replace`: instead of the one of that name);
+        ValueError saying why it cannot be served (NoAdapterError: no adapter the server may read at the path)."""
         if self.engines.get(lora_name, self.main) is not self.main:
             raise ValueError(f"{lora_name!r} is the name of another model served here; choose another lora_name")
         if self.main.loras.enabled:  # else the engine says adapters are off, whatever the path
             self.lora_paths.check(lora_path)
-        await self.main.add_lora(lora_name, lora_path)
+        await self.main.add_lora(lora_name, lora_path, replace)
 
     async def check_health(self) -> None:
         for engine in self.engines.values():

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loomserve import __version__
 from loomserve.api.body_limit import BodySizeLimitMiddleware
-from loomserve.api.chat import TemplateInputs, render_chat
+from loomserve.api.chat import TemplateInputs, chat_prompt
 from loomserve.api.docs import offline_docs_router
 from loomserve.api.errors import APIError, error_response, exception_response
 from loomserve.api.frontend_flags import FrontendOptions
@@ -25,6 +25,7 @@ from loomserve.api.metrics import CONTENT_TYPE
 from loomserve.api.metrics_group import MetricsGroup
 from loomserve.api.offload import offload
 from loomserve.api.openapi import install_openapi
+from loomserve.api.orca import orca_headers
 from loomserve.api.pooling_routes import pooling_router
 from loomserve.api.prompts import check_vocab, encode_fitting
 from loomserve.api.protocol import (
@@ -38,12 +39,19 @@ from loomserve.api.protocol import (
     TokenizeResponse,
 )
 from loomserve.api.protocol_transcription import TRANSCRIPTION_OPENAPI
+from loomserve.api.request_id import request_id_headers
+from loomserve.api.response_headers import ResponseHeadersMiddleware
 from loomserve.api.served_models import Models, ServedModels
+from loomserve.api.server_load import ServerLoad, ServerLoadMiddleware
+from loomserve.api.server_load import router as load_router
 from loomserve.api.serving_chat import create_chat_completion
+from loomserve.api.serving_chat_batch import router as chat_batch_router
 from loomserve.api.serving_completion import create_completion
 from loomserve.api.serving_lora import load_startup_adapters
 from loomserve.api.serving_lora import router as lora_router
+from loomserve.api.serving_responses import router as responses_router
 from loomserve.api.serving_transcription import create_transcription, refuse_speech_to_text
+from loomserve.api.tokenizer_info import router as tokenizer_info_router
 from loomserve.api.unsupported_fields import extra_field_message
 from loomserve.platform.async_llm import EngineDeadError
 from loomserve.platform.gc_heap import freeze_startup_heap
@@ -77,16 +85,21 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
                 stats_task.cancel()
             models.shutdown()
 
+    # The app (not uvicorn) takes --root-path: paths with and without the prefix both answer, as vLLM's do.
     app = FastAPI(title="loomserve", version=__version__, lifespan=lifespan, root_path=options.root_path,
                   docs_url=None if options.enable_offline_docs else "/docs")
     app.state.metrics = metrics
     app.state.chat_options = options.chat
+    app.state.features = options.features
     app.state.startup_error = None
     app.include_router(router)
     app.include_router(pooling_router)
     app.include_router(lora_router)
+    app.include_router(chat_batch_router)
+    app.include_router(responses_router)
     if options.enable_offline_docs:
         app.include_router(offline_docs_router())
+    _add_vllm_routes(app, options)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     for handled in (APIError, EngineDeadError, Exception):
@@ -95,9 +108,31 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=models.limits.max_request_body_bytes)
     if options.api_keys:  # runs before the body limit: no body is read for a request without a key
         app.add_middleware(APIKeyMiddleware, api_keys=options.api_keys)
+    _add_vllm_middleware(app, metrics, options)
     app.add_middleware(CORSMiddleware, allow_origins=options.allowed_origins, allow_methods=options.allowed_methods,
                        allow_headers=options.allowed_headers, allow_credentials=options.allow_credentials)
     return app
+
+
+def _add_vllm_routes(app: FastAPI, options: FrontendOptions) -> None:
+    """vLLM's optional routes: /tokenizer_info and /load."""
+    if options.features.tokenizer_info_endpoint:
+        app.include_router(tokenizer_info_router)
+    if options.features.server_load_tracking:
+        app.state.server_load = ServerLoad()
+        app.include_router(load_router)
+
+
+def _add_vllm_middleware(app: FastAPI, metrics: MetricsGroup, options: FrontendOptions) -> None:
+    """Outside the API-key check, so every answer has them: /load's count, X-Request-Id, ORCA load reports."""
+    features = options.features
+    if features.server_load_tracking:
+        app.add_middleware(ServerLoadMiddleware, load=app.state.server_load)
+    if metrics.loggers:  # reports on the main model, the first
+        orca = orca_headers(metrics.registry, metrics.loggers[0].model_name)
+        app.add_middleware(ResponseHeadersMiddleware, headers_for=orca)
+    if features.request_id_headers:
+        app.add_middleware(ResponseHeadersMiddleware, headers_for=request_id_headers)
 
 
 # ---------------------------------------------------------------- routes
@@ -151,18 +186,19 @@ async def models(served: Models) -> ModelList:
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request, models: Models) -> TokenizeResponse:
+    """The prompt's token ids as the engine would get them: chat messages rendered, their media loaded and each
+    placeholder expanded to the model's tokens; `return_token_strs` adds each token's string."""
     engine = models.get(body.model)
     if body.messages is not None:
         inputs = TemplateInputs.of(body, request.app.state.chat_options.content_format)
-        text, _ = await offload(render_chat, engine.tokenizer, body.messages, engine.input_processor.mm.processor,
-                                inputs)
-        add_special_tokens = bool(body.add_special_tokens)
+        prompt = await chat_prompt(engine, body.messages, models.limits.media_budget, inputs,
+                                   bool(body.add_special_tokens))
+        tokens = prompt.token_ids
     else:
-        text = body.prompt
-        add_special_tokens = body.add_special_tokens is not False
-    tokens = await offload(encode_fitting, engine, text, "prompt" if body.messages is None else "messages",
-                           add_special_tokens)
-    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.model_config.max_model_len)
+        tokens = await offload(encode_fitting, engine, body.prompt, "prompt", body.add_special_tokens is not False)
+    strs = await offload(engine.tokenizer.convert_ids_to_tokens, tokens) if body.return_token_strs else None
+    return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=engine.model_config.max_model_len,
+                            token_strs=strs)
 
 
 @router.post("/detokenize")
@@ -226,7 +262,7 @@ class APIKeyMiddleware:
         self.expected = [f"Bearer {key}".encode() for key in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
+        if scope["type"] == "http" and _route_path(scope) not in OPEN_PATHS and not self._authorized(scope):
             response = error_response(401, "Invalid or missing API key: send `Authorization: Bearer <key>`")
             await response(scope, receive, send)
             return
@@ -235,3 +271,9 @@ class APIKeyMiddleware:
     def _authorized(self, scope: Scope) -> bool:
         given = dict(scope["headers"]).get(b"authorization", b"")
         return any([hmac.compare_digest(given, expected) for expected in self.expected])  # no early exit: timing
+
+
+def _route_path(scope: Scope) -> str:
+    """The path without the --root-path prefix, which uvicorn puts in front of every path it hands the app."""
+    root, path = scope.get("root_path", ""), scope["path"]
+    return path[len(root):] if root and path.startswith(root) else path

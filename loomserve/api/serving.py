@@ -14,7 +14,7 @@ from loomserve.adapters.request import LoRARequest
 from loomserve.api.errors import APIError
 from loomserve.api.logprobs import check_max_logprobs
 from loomserve.api.prompts import Prompt, resolve_max_tokens
-from loomserve.api.protocol import SamplingRequest, UsageInfo
+from loomserve.api.protocol import SamplingRequest
 from loomserve.api.streaming import merge_async_iterators
 from loomserve.platform.async_llm import AsyncLLM
 from loomserve.platform.request import CompletionOutput, Logprob, RequestOutput, SamplingParams
@@ -87,8 +87,8 @@ class DeltaTracker:
         first = choice not in self._sent
         chars, tokens = self._sent.get(choice, (0, 0))
         text, token_ids = output.text[chars:], output.token_ids[tokens:]
-        if not (first or text or token_ids or output.finish_reason):
-            return None
+        if not (text or token_ids or output.finish_reason):
+            return None  # a choice that has not started yet (n > 1: another choice's output) is not a chunk
         self._sent[choice] = (len(output.text), len(output.token_ids))
         if output.finish_reason:
             self._finished.add(choice)
@@ -103,12 +103,3 @@ async def collect_final(streams: list[AsyncGenerator[RequestOutput, None]]) -> l
         async for i, output in merged:
             finals[i] = output
     return [finals[i] for i in range(len(streams))]
-
-
-def usage(outputs: list[RequestOutput]) -> UsageInfo:
-    """Token counts over the final outputs of all prompts: each prompt once, every completion."""
-    return UsageInfo.of(
-        prompt_tokens=sum(len(out.prompt_token_ids) for out in outputs),
-        completion_tokens=sum(len(c.token_ids) for out in outputs for c in out.outputs),
-        cached_tokens=sum(out.num_cached_tokens for out in outputs),
-    )

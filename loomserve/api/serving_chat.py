@@ -36,10 +36,10 @@ from loomserve.api.serving import (
     lora_for,
     random_id,
     sampling_params,
-    usage,
 )
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
 from loomserve.api.tool_parsers.choice import forced_params
+from loomserve.api.usage_report import UsageReport
 from loomserve.platform.async_llm import AsyncLLM
 from loomserve.platform.request import RequestOutput
 
@@ -53,6 +53,7 @@ class _Call:
     request: ChatCompletionRequest
     model: str
     parser: ChatOutputParser
+    report: UsageReport
     id: str = field(default_factory=lambda: random_id("chatcmpl"))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -83,7 +84,7 @@ async def create_chat_completion(
         prompt = await chat_prompt(engine, request.messages, models.limits.media_budget, inputs)
         check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
         params = forced_params(sampling_params(engine, request, prompt), parser.tools)
-        call = _Call(request, model_name, parser)
+        call = _Call(request, model_name, parser, UsageReport.of(request, raw_request))
         if request.use_beam_search:
             search = beam_search_params(engine, request, prompt, params.max_tokens)
             stream = beam_search(engine, prompt, search, call.id, lora)
@@ -110,7 +111,7 @@ def _full_response(call: _Call, output: RequestOutput) -> ChatCompletionResponse
             stop_reason=c.stop_reason, token_ids=call.token_ids(c.token_ids),
         ))
     return ChatCompletionResponse(
-        id=call.id, created=call.created, model=call.model, choices=choices, usage=usage([output]),
+        id=call.id, created=call.created, model=call.model, choices=choices, usage=call.report.total([output]),
         kv_transfer_params=output.kv_transfer_params, prompt_logprobs=prompt_logprobs_json(output.prompt_logprobs),
         prompt_token_ids=call.token_ids(output.prompt_token_ids),
     )
@@ -126,8 +127,8 @@ async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> A
                 latest = output
                 for event in _events(call, tracker, texts, output):
                     yield event
-        if call.request.include_usage_chunk and latest is not None:
-            yield sse(call.chunk([], usage=usage([latest])))
+        if call.report.final_chunk and latest is not None:
+            yield sse(call.chunk([], usage=call.report.total([latest])))
     except Exception as exc:  # the status line is sent already: report the error in the stream
         logger.exception("chat stream %s failed", call.id)
         yield sse(error_body_for(exc))
@@ -143,13 +144,14 @@ def _events(call: _Call, tracker: DeltaTracker, texts: dict[int, ChoiceStream],
         if delta is None:
             continue
         text = texts.setdefault(c.index, ChoiceStream(call.parser))
+        usage_so_far = call.report.so_far(output, c)
         if delta.first:
             role = DeltaMessage(role="assistant", content="")
-            yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)],
+            yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)], usage=usage_so_far,
                                  prompt_token_ids=call.token_ids(output.prompt_token_ids)))
         message = text.delta(c.text, final=delta.finish_reason is not None)
         if message is not None or delta.finish_reason or delta.logprobs:
-            yield sse(call.chunk([_stream_choice(call, c.index, delta, message, text.called)]))
+            yield sse(call.chunk([_stream_choice(call, c.index, delta, message, text.called)], usage=usage_so_far))
 
 
 def _stream_choice(call: _Call, index: int, delta: Delta, message: DeltaMessage | None,

@@ -26,9 +26,9 @@ from loomserve.api.serving import (
     lora_for,
     random_id,
     sampling_params,
-    usage,
 )
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
+from loomserve.api.usage_report import UsageReport
 from loomserve.platform.async_llm import AsyncLLM
 from loomserve.platform.request import RequestOutput
 
@@ -43,6 +43,7 @@ class _Call:
     echo_texts: list[str]
     model: str
     tokenizer: Any
+    report: UsageReport
     id: str = field(default_factory=lambda: random_id("cmpl"))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -68,7 +69,7 @@ async def create_completion(
         prompts = await offload(_prompts, engine, given)
         params = [sampling_params(engine, request, prompt) for prompt in prompts]
         echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
-        call = _Call(request, echo_texts, model_name, engine.tokenizer)
+        call = _Call(request, echo_texts, model_name, engine.tokenizer, UsageReport.of(request, raw_request))
         if request.use_beam_search:
             searches = [beam_search_params(engine, request, p, sp.max_tokens) for p, sp in zip(prompts, params)]
             streams = [beam_search(engine, p, bp, f"{call.id}-{i}", lora)
@@ -115,7 +116,7 @@ def _full_response(call: _Call, outputs: list[RequestOutput]) -> CompletionRespo
         for i, output in enumerate(outputs)
         for c in output.outputs
     ]
-    return call.response(choices, usage=usage(outputs), kv_transfer_params=outputs[0].kv_transfer_params)
+    return call.response(choices, usage=call.report.total(outputs), kv_transfer_params=outputs[0].kv_transfer_params)
 
 
 async def _stream(call: _Call, streams: list[AsyncGenerator[RequestOutput, None]]) -> AsyncIterator[str]:
@@ -127,8 +128,8 @@ async def _stream(call: _Call, streams: list[AsyncGenerator[RequestOutput, None]
                 latest[i] = output
                 for event in _events(call, tracker, i, output):
                     yield event
-        if call.request.include_usage_chunk:
-            yield sse(call.response([], usage=usage(list(latest.values()))))
+        if call.report.final_chunk:
+            yield sse(call.response([], usage=call.report.total(list(latest.values()))))
     except Exception as exc:  # the status line is sent already: report the error in the stream
         logger.exception("completion stream %s failed", call.id)
         yield sse(error_body_for(exc))
@@ -141,7 +142,8 @@ def _events(call: _Call, tracker: DeltaTracker, prompt_index: int, output: Reque
         index = call.choice_index(prompt_index, c.index)
         delta = tracker.delta(index, c)
         if delta is not None:
-            yield sse(call.response([_choice(call, index, prompt_index, output, delta)]))
+            choice = _choice(call, index, prompt_index, output, delta)
+            yield sse(call.response([choice], usage=call.report.so_far(output, c)))
 
 
 def _choice(call: _Call, index: int, prompt_index: int, output: RequestOutput, delta: Delta) -> CompletionChoice:

@@ -10,6 +10,7 @@ from fastapi.responses import PlainTextResponse
 
 from loomserve.adapters.registry import UnknownLoRAError
 from loomserve.api.errors import APIError
+from loomserve.api.lora_paths import NoAdapterError
 from loomserve.api.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from loomserve.api.served_models import Models, ServedModels
 
@@ -18,11 +19,14 @@ router = APIRouter()
 
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, models: Models) -> PlainTextResponse:
-    """200 once the adapter serves (on the main model); 400 with the reason when it cannot (path, name, rank,
+    """200 once the adapter serves (on the main model; `load_inplace` replaces the one of that name); 404 when
+    there is no adapter the server may read at the path; 400 with the reason when it cannot serve it (name, rank,
     targets)."""
     await models.main.check_health()
     try:
-        await models.add_lora(body.lora_name, body.lora_path)
+        await models.add_lora(body.lora_name, body.lora_path, body.load_inplace)
+    except NoAdapterError as e:
+        raise APIError(str(e), status=404, param="lora_path") from e
     except ValueError as e:
         raise APIError(str(e)) from e
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")

@@ -10,6 +10,7 @@ placeholder is written into the message text instead, one part per line.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from loomserve.modalities.media import MediaError, MediaRef
@@ -23,11 +24,23 @@ PART_MODALITIES = {"image_url": "image", "video_url": "video", "audio_url": "aud
 def media_ref(part: dict[str, Any]) -> MediaRef:
     kind = part["type"]
     value = part.get(kind)
+    uuid = part.get("uuid")
+    if uuid is not None and not isinstance(uuid, str):
+        raise MediaError(f"a {kind} part's uuid must be a string")
+    if uuid and not value:  # `"image_url": {}` or null: the item sent before under this uuid
+        return MediaRef(PART_MODALITIES[kind], uuid=uuid)
+    ref = _media_ref(kind, value)
+    return dataclasses.replace(ref, uuid=uuid) if uuid else ref
+
+
+def _media_ref(kind: str, value: Any) -> MediaRef:
     if kind == "input_audio":
         if not isinstance(value, dict) or not isinstance(value.get("data"), str):
             raise MediaError('an input_audio part needs {"data": <base64>, "format": "wav" | "mp3" | ...}')
         return MediaRef("audio", data=value["data"], format=value.get("format"))
-    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(value, dict):  # OpenAI's and vLLM's shape: an object, never a bare URL
+        raise MediaError(f'a {kind} part needs an object {{"url": ...}}, got {type(value).__name__}')
+    url = value.get("url")
     if not isinstance(url, str) or not url:
         raise MediaError(f'a {kind} part needs {{"url": ...}}')
     return MediaRef(PART_MODALITIES[kind], url=url)
@@ -47,7 +60,7 @@ def split_media(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
             if kind in PART_MODALITIES:
                 ref = media_ref(part)
                 refs.append(ref)
-                parts.append({"type": ref.modality, ref.modality: ref.url or "input_audio"})
+                parts.append({"type": ref.modality, ref.modality: ref.url or ref.uuid or "input_audio"})
             elif kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise MediaError("A content part of type 'text' needs a `text` field")

@@ -14,6 +14,7 @@ from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.encoder_cache import encoder_cache_capacity
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef, media_client
+from loomserve.modalities.uuid_cache import MediaUUIDCache
 from loomserve.platform.models.registry import create_processor
 
 if TYPE_CHECKING:
@@ -35,26 +36,35 @@ class MultiModalFrontend:
         self.processor = create_processor(model_config, tokenizer, mm_config)
         self.encoder_cache_capacity = encoder_cache_capacity(model_config, mm_config)  # embeddings
         self._client: httpx.AsyncClient | None = None  # the server's media downloads, made on first use
+        self.by_uuid = MediaUUIDCache()
 
     def load(self, refs: list[MediaRef], budget: MediaBudget = MediaBudget()) -> dict[str, list[Any]]:
         """Fetch and decode chat media under the allow-lists and limits (blocking: the Python API)."""
         self._require_processor(refs[0].modality)
+        self.processor.check_refs(refs)
+        cached = self.by_uuid.cached(refs)
         spend = MediaSpend(budget)
-        return self.processor.load_all(refs, MediaFetcher(self.mm_config, spend), spend)
+        reads = [ref for i, ref in enumerate(refs) if i not in cached]
+        fetcher = MediaFetcher(self.mm_config, spend)
+        loaded = self.processor.decode_all(reads, [fetcher.read(ref) for ref in reads], spend)
+        return self.by_uuid.merge(refs, loaded, cached)
 
     async def load_async(self, refs: list[MediaRef], budget: MediaBudget) -> dict[str, list[Any]]:
         """`load` for the server: the items are fetched at once (http(s) without a thread), all within the budget's
         deadline, then decoded on the media pool, so slow hosts hold no thread that other requests need."""
         self._require_processor(refs[0].modality)
         self.processor.check_refs(refs)
+        cached = self.by_uuid.cached(refs)
         spend = MediaSpend(budget)
         fetcher = MediaFetcher(self.mm_config, spend)
         if self._client is None:
             self._client = media_client()
-        reads = [fetcher.read_async(ref, _MEDIA_POOL, self._client) for ref in refs]
-        data = await _all_within(budget.deadline_s, reads)
-        return await asyncio.get_running_loop().run_in_executor(
-            _MEDIA_POOL, self.processor.decode_all, refs, data, spend)
+        to_read = [ref for i, ref in enumerate(refs) if i not in cached]
+        data = await _all_within(budget.deadline_s, [fetcher.read_async(ref, _MEDIA_POOL, self._client)
+                                                     for ref in to_read])
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            _MEDIA_POOL, self.processor.decode_all, to_read, data, spend)
+        return self.by_uuid.merge(refs, loaded, cached)
 
     def apply(self, token_ids: list[int], mm_data: dict[str, Any]) -> tuple[list[int], list[MultiModalItem]]:
         """Expand each placeholder of `token_ids` for the items of `mm_data` (one item or a list per modality)."""

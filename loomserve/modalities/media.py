@@ -41,6 +41,12 @@ class MediaRef:
     url: str | None = None
     data: str | None = None  # base64 (input_audio parts)
     format: str | None = None  # input_audio's "wav", "mp3", ...
+    uuid: str | None = None  # the client's name for the item (vLLM's): reused by later parts without media
+
+    @property
+    def needs_cache(self) -> bool:
+        """A part with a uuid and no media: the item comes from the uuid cache."""
+        return self.uuid is not None and self.url is None and self.data is None
 
 
 class MediaFetcher:
@@ -97,6 +103,10 @@ class MediaFetcher:
         header, sep, payload = url.partition(",")
         if not sep:
             raise MediaError("a data: URL needs a comma before its payload")
+        if header.lower() == "data:video/jpeg;base64":  # vLLM's frames joined by commas: their bytes, all counted
+            frames = b"".join(self._b64(frame) for frame in payload.split(","))
+            self._check_size(len(frames))
+            return frames
         if header.endswith(";base64"):
             return self._b64(payload)
         raw = urllib.parse.unquote_to_bytes(payload)

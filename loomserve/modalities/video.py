@@ -3,6 +3,8 @@ samples), and the Python API's accepted forms. PyAV is imported only here."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from loomserve.modalities.image import as_pil, check_pixels, to_rgb
+from loomserve.modalities.image import as_pil, check_pixels, decode_image, to_rgb
 from loomserve.modalities.media import MediaError
 
 if TYPE_CHECKING:
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 
 DEFAULT_FPS = 2.0  # frames per second a video is taken to have when nobody says (qwen-vl-utils' default)
 MAX_VIDEO_PIXELS_FACTOR = 4  # all sampled frames together: at most this many images' worth of pixels
+JPEG_FRAMES = "data:video/jpeg;base64,"  # vLLM's multi-frame URL: this prefix, then base64 JPEGs joined by commas
 
 
 @dataclass
@@ -74,6 +77,32 @@ def decode_video(data: bytes, max_pixels: int, fps: float | None, num_frames: in
     if len(kept) != len(wanted):
         raise MediaError(f"the video declares {total} frames but fewer could be decoded")
     return VideoInput(np.stack([kept[i] for i in indices]), video_fps * len(indices) / total)
+
+
+def is_jpeg_frames(url: str | None) -> bool:
+    return url is not None and url[: len(JPEG_FRAMES)].lower() == JPEG_FRAMES
+
+
+def jpeg_frame_bytes(url: str) -> list[bytes]:
+    """The encoded frames of a `data:video/jpeg;base64,<jpeg>,<jpeg>,...` URL."""
+    try:
+        return [base64.b64decode(part, validate=True) for part in url[len(JPEG_FRAMES):].split(",")]
+    except (binascii.Error, ValueError) as exc:
+        raise MediaError(f"a frame of the video/jpeg data URL is not valid base64 ({exc})") from None
+
+
+def decode_jpeg_frames(url: str, max_pixels: int, spend: MediaSpend | None = None) -> VideoInput:
+    """vLLM's multi-frame JPEG video: every frame in order (none sampled away), taken at DEFAULT_FPS as a list of
+    images is; each frame is checked and charged as an image, all of them as a video's frames."""
+    images = [to_rgb(decode_image(frame, max_pixels, spend)) for frame in jpeg_frame_bytes(url)]
+    if len({image.size for image in images}) != 1:
+        raise MediaError("the frames of a video/jpeg data URL must all have the same size")
+    width, height = images[0].size
+    if len(images) * width * height > MAX_VIDEO_PIXELS_FACTOR * max_pixels:
+        raise MediaError(f"{len(images)} frames of {width}x{height} exceed the server's pixel limit")
+    if spend is not None:
+        spend.charge("video_frames", len(images))
+    return VideoInput(np.stack([np.asarray(image) for image in images]), DEFAULT_FPS)
 
 
 def as_video(item: object) -> VideoInput:

@@ -206,9 +206,11 @@ class AsyncLLM:
         """Drop every cached block not in use; returns once the engine has."""
         await self._call(ResetPrefixCache)
 
-    async def add_lora(self, lora_name: str, lora_path: str) -> LoRARequest:
-        """Load an adapter and serve it under `lora_name`; raises ValueError saying why it cannot be served."""
-        lora = self.loras.reserve(lora_name, lora_path)
+    async def add_lora(self, lora_name: str, lora_path: str, replace: bool = False) -> LoRARequest:
+        """Load an adapter and serve it under `lora_name`; raises ValueError saying why it cannot be served.
+        `replace`: an adapter already served under that name is dropped once the new one serves (running requests
+        finish with it)."""
+        lora = self.loras.reserve(lora_name, lora_path, replace)
         try:
             error = await self._call(AddLoRA, lora)
         except BaseException:
@@ -217,7 +219,9 @@ class AsyncLLM:
         if error is not None:
             self.loras.abandon(lora)
             raise ValueError(error)
-        self.loras.commit(lora)
+        replaced = self.loras.commit(lora)
+        if replaced is not None:
+            await self._call(RemoveLoRA, replaced.lora_int_id)
         return lora
 
     async def remove_lora(self, lora_name: str) -> None:

@@ -89,7 +89,7 @@ def test_adapter_needs_lora_enabled_and_a_servable_folder(qwen2_checkpoint, shap
     with pytest.raises(ValueError, match="LoRA is not enabled"):
         plain.generate("hi", GREEDY, lora_request=LoRARequest("a", 1, path))
     llm = LLM(qwen2_checkpoint, enable_lora=True, max_lora_rank=8, block_size=4, kv_cache_memory="32MiB")
-    with pytest.raises(ValueError, match="rank 16, over the maximum LoRA rank 8"):
+    with pytest.raises(ValueError, match="LoRA rank 16 is greater than max_lora_rank 8"):
         llm.generate(["hi", "there"], GREEDY, lora_request=[None, LoRARequest("a", 1, path)])
     assert not llm.engine.has_requests()  # refused before any request started
     with pytest.raises(ValueError, match="not a folder"):

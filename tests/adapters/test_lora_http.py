@@ -61,8 +61,8 @@ def expected_text(base: str, adapter: str | None, prompt: str = PROMPTS[1], max_
     return tokenizer(base).decode(ids, skip_special_tokens=True)
 
 
-def load(http: httpx.Client, name: str, path: str) -> httpx.Response:
-    return http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+def load(http: httpx.Client, name: str, path: str, **extra) -> httpx.Response:
+    return http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path, **extra})
 
 
 def unload(http: httpx.Client, name: str) -> httpx.Response:
@@ -109,24 +109,43 @@ def test_runtime_load_serves_and_unload_stops_new_requests(http, client, base, a
     with pytest.raises(openai.NotFoundError):
         complete(client, "rs")
     reply = unload(http, "rs")
-    assert reply.status_code == 404 and "no LoRA adapter named 'rs'" in reply.json()["error"]["message"]
+    assert reply.status_code == 404 and "The lora adapter 'rs' cannot be found." in reply.json()["error"]["message"]
+
+
+def test_load_inplace_replaces_a_loaded_adapter_under_its_name(http, client, base, adapters):
+    assert load(http, "swap", adapters["rslora"]).status_code == 200
+    again = load(http, "swap", adapters["qv-r8"])
+    assert again.status_code == 400 and "set 'load_inplace' to True" in again.json()["error"]["message"]
+    assert complete(client, "swap").choices[0].text == expected_text(base, adapters["rslora"])
+    assert load(http, "swap", adapters["qv-r8"], load_inplace=True).status_code == 200
+    assert complete(client, "swap").choices[0].text == expected_text(base, adapters["qv-r8"])
+    assert list(models(http)).count("swap") == 1
+    assert unload(http, "swap").status_code == 200
+
+
+def test_a_path_without_an_adapter_answers_404(http, tmp_path):
+    reply = load(http, "x0", str(tmp_path / "nowhere"))
+    assert (reply.status_code, reply.json()["error"]["message"]) == (404, NO_ADAPTER)
 
 
 def test_load_errors_answer_400_with_the_reason(http, base, adapters, tmp_path):
     bad_json = tmp_path / "bad-json"
     shutil.copytree(adapters["qv-r8"], bad_json)
     (bad_json / "adapter_config.json").write_text("{oops")
+    big_config = shutil.copytree(adapters["qv-r8"], tmp_path / "big-config")  # vLLM's case: only the config says so
+    config = json.loads((big_config / "adapter_config.json").read_text())
+    (big_config / "adapter_config.json").write_text(json.dumps({**config, "r": 1024}))
     other_model = tmp_path / "other-model"  # made for a model with more layers
     shutil.copytree(adapters["qv-r8"], other_model)
     tensors = load_file(other_model / "adapter_model.safetensors")
     save_file({k.replace("layers.1.", "layers.5."): v for k, v in tensors.items()},
               other_model / "adapter_model.safetensors")
     cases = {
-        "missing path": (load(http, "x1", str(tmp_path / "nowhere")), NO_ADAPTER),
         "unreadable": (load(http, "x2", str(bad_json)), "cannot read"),
-        "duplicate name": (load(http, "qv", adapters["rslora"]), "already loaded"),
+        "duplicate name": (load(http, "qv", adapters["rslora"]), "has already been loaded"),
         "base name": (load(http, BASE, adapters["rslora"]), "base model's name"),
-        "rank over limit": (load(http, "x3", adapters["rank32"]), "over the maximum LoRA rank 16"),
+        "rank over limit": (load(http, "x3", adapters["rank32"]), "LoRA rank 32 is greater than max_lora_rank 16"),
+        "config rank over limit": (load(http, "x6", str(big_config)), "LoRA rank 1024 is greater than max_lora_rank"),
         "missing target": (load(http, "x4", str(other_model)), "which this model does not have"),
         "DoRA": (load(http, "x5", adapters["dora"]), "DoRA"),
     }
@@ -147,7 +166,7 @@ def test_adapter_path_errors_do_not_tell_whether_a_path_exists(http, adapters, t
         replies = [load(http, "probe", path) for path in paths]
     finally:
         shutil.rmtree(outside.parent)
-    assert {(r.status_code, r.json()["error"]["message"]) for r in replies} == {(400, NO_ADAPTER)}
+    assert {(r.status_code, r.json()["error"]["message"]) for r in replies} == {(404, NO_ADAPTER)}
 
 
 def test_an_adapter_whose_folder_vanished_answers_404_and_leaves_the_listing(http, client, adapters, tmp_path):

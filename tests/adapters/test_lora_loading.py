@@ -81,6 +81,8 @@ REFUSALS = {
     "modules_to_save": ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
     "bias": ({"bias": "all"}, None, "bias='all'"),
     "not lora": ({"peft_type": "IA3"}, None, "only LORA"),
+    "config rank over the limit": ({"r": 1024}, None, "LoRA rank 1024 is greater than max_lora_rank 16"),
+    "pattern rank over the limit": ({"rank_pattern": {"q_proj": 64}}, None, "LoRA rank 64 is greater than"),
     "embedding": (None, lambda t: {**t, "base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(8, 643)},
                   "LoRA on embeddings is not supported"),
     "lm_head": (None, lambda t: {**t, "base_model.model.lm_head.lora_A.weight": torch.zeros(8, 64),
@@ -103,9 +105,12 @@ def test_unservable_adapters_are_refused_naming_the_reason(case, qwen2_checkpoin
         load(path, targets)
 
 
-def test_rank_over_the_limit_is_refused(qwen2_checkpoint, shaped_adapters, targets):
-    with pytest.raises(LoRALoadError, match="has rank 16, over the maximum LoRA rank 8"):
+def test_rank_over_the_limit_is_refused(qwen2_checkpoint, shaped_adapters, targets, tmp_path):
+    with pytest.raises(LoRALoadError, match="LoRA rank 16 is greater than max_lora_rank 8"):
         load(shaped_adapters(qwen2_checkpoint)["all-r16"], targets, max_rank=8)
+    understated = edited_copy(shaped_adapters(qwen2_checkpoint)["all-r16"], tmp_path / "a", {"r": 8})
+    with pytest.raises(LoRALoadError, match="has rank 16, over the maximum LoRA rank 8"):  # the tensors' own rank
+        load(understated, targets, max_rank=8)
 
 
 def test_missing_or_unreadable_folders_are_refused(qwen2_checkpoint, shaped_adapters, targets, tmp_path):

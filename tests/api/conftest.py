@@ -15,8 +15,9 @@ from loomserve.testing.server import Server
 
 @pytest.fixture(scope="session")
 def server(start_server) -> Iterator[Server]:
-    """The shared server; tests must leave it healthy and idle."""
-    with start_server() as s:
+    """The shared server; tests must leave it healthy and idle. It reports cached prompt tokens (tests of the
+    prefix cache read them)."""
+    with start_server("--enable-prompt-tokens-details") as s:
         yield s
 
 

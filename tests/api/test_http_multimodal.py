@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 from media_samples import mp4_bytes, noise_image, noise_video, png_data_url, tone, wav_base64
+from PIL import Image
 
 from loomserve import LLM, SamplingParams
 from loomserve.testing.mm_checkpoints import tiny_mm_checkpoint
@@ -30,7 +31,7 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def vl_server(serve_checkpoint, media_dir) -> Iterator:
     flags = ["--limit-mm-per-prompt", f'{{"image": {IMAGE_LIMIT}}}', "--max-image-pixels", str(MAX_PIXELS),
-             "--allowed-local-media-path", str(media_dir)]
+             "--allowed-local-media-path", str(media_dir), "--enable-prompt-tokens-details"]
     with serve_checkpoint(str(tiny_mm_checkpoint("qwen2_vl")), *flags) as server:
         yield server
 
@@ -91,6 +92,56 @@ def test_video_as_a_data_url(vl_server):
     assert reply.usage.prompt_tokens == text_only.usage.prompt_tokens + 2 + 2 * 4
 
 
+def jpeg_frames_url(frames) -> str:
+    """vLLM's multi-frame video URL: base64 JPEGs joined by commas."""
+    encoded = []
+    for frame in frames:
+        buf = io.BytesIO()
+        Image.fromarray(frame).save(buf, format="JPEG")
+        encoded.append(base64.b64encode(buf.getvalue()).decode())
+    return "data:video/jpeg;base64," + ",".join(encoded)
+
+
+def test_video_as_jpeg_frames_uses_every_frame(vl_server):
+    content = [{"type": "video_url", "video_url": {"url": jpeg_frames_url(noise_video(4, 56, 56, seed=4))}},
+               {"type": "text", "text": "What happens?"}]
+    reply = chat(vl_server, content)
+    # all 4 frames (no sampling): 2 temporal patches of 2x2 merged patches, between <|vision_start|> and <|vision_end|>
+    assert reply.usage.prompt_tokens == chat(vl_server, content[1:]).usage.prompt_tokens + 2 + 2 * 4
+    assert reply.choices[0].message.content == offline("qwen2_vl", content)[0]
+
+
+def test_a_media_uuid_reuses_the_item_sent_before_under_it(vl_server):
+    question = {"type": "text", "text": "What is it?"}
+    first = chat(vl_server, [{**image_part(png_data_url(LARGE)), "uuid": "large-1"}, question])
+    for empty in ({}, None):
+        again = chat(vl_server, [{"type": "image_url", "image_url": empty, "uuid": "large-1"}, question])
+        assert again.choices[0].message.content == first.choices[0].message.content
+        assert again.usage.prompt_tokens == first.usage.prompt_tokens
+        assert again.usage.prompt_tokens_details.cached_tokens > 0  # the same content: a prefix-cache hit
+    with pytest.raises(openai.BadRequestError, match="no image with uuid 'never-sent' is cached"):
+        chat(vl_server, [{"type": "image_url", "image_url": {}, "uuid": "never-sent"}, question])
+
+
+def test_a_response_with_an_input_image_answers_as_chat_does(vl_server):
+    url = png_data_url(LARGE)
+    response = vl_server.client().responses.create(
+        model=vl_server.model, max_output_tokens=8, temperature=0,
+        input=[{"role": "user", "content": [{"type": "input_image", "image_url": url},
+                                            {"type": "input_text", "text": "What is it?"}]}])
+    reply = chat(vl_server, [image_part(url), {"type": "text", "text": "What is it?"}])
+    assert response.output_text == reply.choices[0].message.content
+    assert response.usage.input_tokens == reply.usage.prompt_tokens
+
+
+def test_tokenize_expands_media_placeholders_as_generation_does(vl_server):
+    content = [image_part(png_data_url(LARGE)), {"type": "text", "text": "What is it?"}]
+    messages = [{"role": "user", "content": content}]
+    tokenized = vl_server.http().post("/tokenize", json={"messages": messages, "return_token_strs": True}).json()
+    assert tokenized["count"] == chat(vl_server, content).usage.prompt_tokens == len(tokenized["token_strs"])
+    assert tokenized["token_strs"].count("<|image_pad|>") > 1  # the one placeholder, expanded
+
+
 def _png_bytes(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -108,6 +159,7 @@ BAD_VISION_REQUESTS = {
                                     f"over the server's limit of {MAX_PIXELS}"),
     "audio to a vision model": ([audio_part(tone(0.5, 0))], "does not accept audio input"),
     "an unknown part type": ([{"type": "image_file", "image_file": {}}], "not supported"),
+    "a plain-string image_url": ([{"type": "image_url", "image_url": png_data_url(SMALL)}], "needs an object"),
 }
 
 

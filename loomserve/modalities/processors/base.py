@@ -16,8 +16,8 @@ from loomserve.modalities.budget import MediaSpend
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.image import decode_image
 from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
-from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef
-from loomserve.modalities.video import decode_video
+from loomserve.modalities.media import MediaError, MediaRef
+from loomserve.modalities.video import decode_jpeg_frames, decode_video, is_jpeg_frames
 
 
 @dataclass
@@ -67,6 +67,8 @@ class MultiModalProcessor:
             return decode_image(data, max_pixels, spend)
         if ref.modality == "audio":
             return decode_audio(data, ref.format, spend)
+        if is_jpeg_frames(ref.url):  # the frames' boundaries are in the URL, not in the bytes read
+            return decode_jpeg_frames(ref.url, max_pixels, spend)
         return decode_video(data, max_pixels, **self.video_sampling, spend=spend)
 
     def decode_all(self, refs: list[MediaRef], data: list[bytes], spend: MediaSpend) -> dict[str, list[Any]]:
@@ -75,12 +77,6 @@ class MultiModalProcessor:
         for ref, item in zip(refs, data, strict=True):
             loaded.setdefault(ref.modality, []).append(self.decode(ref, item, spend))
         return loaded
-
-    def load_all(self, refs: list[MediaRef], fetcher: MediaFetcher, spend: MediaSpend) -> dict[str, list[Any]]:
-        """Read and decode every reference (blocking), after checking the counts against what the model takes and
-        the limits."""
-        self.check_refs(refs)
-        return self.decode_all(refs, [fetcher.read(ref) for ref in refs], spend)
 
     def check_refs(self, refs: list[MediaRef]) -> None:
         """`check_counts` of the references, before any is read."""
