@@ -8,13 +8,14 @@ rather than silently served on one device."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
 from loomserve.platform.distributed.parallel_state import check_tensor_parallel, divide
 from loomserve.platform.dp_router import ROUTINGS
 
-EXECUTOR_BACKENDS = ("mp",)
+EXECUTOR_BACKENDS = ("mp", "ray")
 
 
 @dataclass
@@ -25,6 +26,10 @@ class ParallelConfig:
     distributed_executor_backend: str | None = None  # "mp": one process per rank; None: chosen from the sizes
     enable_expert_parallel: bool = False  # MoE experts split across the tensor-parallel ranks instead of sliced
     data_parallel_routing: str = "cache_aware"  # how the front end picks an engine replica (`dp_router.py`)
+    nnodes: int = 1  # hosts the tensor-parallel ranks span (mp backend): node 0 runs the engine, the others only ranks
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # node 0's address: the ranks' rendezvous (master_port) and steps (master_port + 1)
+    master_port: int = 29501
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "data_parallel_size", "pipeline_parallel_size"):
@@ -40,8 +45,21 @@ class ParallelConfig:
         backend = self.distributed_executor_backend
         if backend is not None and backend not in EXECUTOR_BACKENDS:
             raise ValueError(f"unknown distributed_executor_backend {backend!r}; choose {', '.join(EXECUTOR_BACKENDS)}")
+        if backend == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("distributed_executor_backend 'ray' needs Ray: pip install 'loomserve[ray]'")
         if backend is None and self.tensor_parallel_size > 1:
             self.distributed_executor_backend = "mp"  # one process per rank
+        self._check_nodes()
+
+    def _check_nodes(self) -> None:
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes); got node_rank {self.node_rank}, nnodes {self.nnodes}")
+        if self.nnodes == 1:
+            return
+        if self.distributed_executor_backend != "mp":
+            raise ValueError("nnodes > 1 runs the ranks with the mp backend; a Ray cluster places them itself: use "
+                             "distributed_executor_backend 'ray' with nnodes 1")
+        divide(self.tensor_parallel_size, self.nnodes, "nnodes: the ranks are spread evenly;")
 
     def check_model(self, text_config: Any, model_cls: type, enable_lora: bool, quantization: str | None) -> None:
         """Refuse, before any weight loads, a model these sizes cannot split."""

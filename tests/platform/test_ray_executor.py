@@ -1,0 +1,30 @@
+"""The Ray executor: two tensor-parallel ranks as Ray actors on a local Ray instance (started by the executor, gloo on
+the CPU) decode what one process decodes, token for token."""
+
+from __future__ import annotations
+
+import pytest
+from test_engine_greedy import GREEDY, PROMPTS, token_ids
+
+from loomserve import LLM
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    assert not ray.is_initialized()  # the executor starts its own
+    yield
+    ray.shutdown()
+
+
+def test_two_ranks_as_ray_actors_decode_what_one_process_decodes(local_ray, qwen2_checkpoint):
+    expected = token_ids(LLM(qwen2_checkpoint, device="cpu", block_size=4, kv_cache_memory="8MiB")
+                         .generate(PROMPTS, GREEDY))
+    llm = LLM(qwen2_checkpoint, device="cpu", block_size=4, kv_cache_memory="8MiB", tensor_parallel_size=2,
+              distributed_executor_backend="ray")
+    try:
+        assert ray.is_initialized() and len(llm.engine.executor.ranks) == 2
+        assert token_ids(llm.generate(PROMPTS, GREEDY)) == expected
+    finally:
+        llm.engine.shutdown()
