@@ -212,7 +212,7 @@ class EngineArgs:
             num_lookahead_tokens=spec.num_lookahead_tokens if spec is not None else 0,
         )
         parallel_config.check_model(text, get_model_class(model_config.architecture, model_config.task),
-                                    self.enable_lora, model_config.quantization)
+                                    model_config.quantization)
         if spec is not None:
             check_speculative_config(spec, model_config)
         lora_config = None

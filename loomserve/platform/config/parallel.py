@@ -61,7 +61,7 @@ class ParallelConfig:
                              "distributed_executor_backend 'ray' with nnodes 1")
         divide(self.tensor_parallel_size, self.nnodes, "nnodes: the ranks are spread evenly;")
 
-    def check_model(self, text_config: Any, model_cls: type, enable_lora: bool, quantization: str | None) -> None:
+    def check_model(self, text_config: Any, model_cls: type, quantization: str | None) -> None:
         """Refuse, before any weight loads, a model these sizes cannot split."""
         tp = self.tensor_parallel_size
         if tp == 1:
@@ -70,9 +70,9 @@ class ParallelConfig:
         if model_cls.is_multimodal or model_cls.pooling_tasks:
             raise ValueError("tensor parallelism serves text generation models only; serve this model with "
                              "tensor_parallel_size 1")
-        if enable_lora or quantization:
-            raise ValueError("LoRA adapters and quantized weights are not sharded across tensor-parallel ranks "
-                             "yet; serve them with tensor_parallel_size 1")
+        if quantization:
+            raise ValueError("quantized weights are not sharded across tensor-parallel ranks yet; serve them with "
+                             "tensor_parallel_size 1")
         if self.enable_expert_parallel and model_cls.is_moe:
             divide(_num_experts(text_config), tp, "the number of experts")
 
