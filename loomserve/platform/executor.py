@@ -5,7 +5,9 @@ then hands it steps as values (`launch`, later `collect`) and feature calls (`ca
 in-process executor holds the runner itself; the multi-process one runs one runner process per tensor-parallel
 rank and sends each of them every step and call over a pipe in their wire form (`wire.py`), in order, so a
 launched step can be collected after the next one is launched, as in process. The ranks run the same forward over
-their shards and meet in its collectives (torch.distributed); rank 0's answers are the executor's.
+their shards and meet in its collectives (torch.distributed); rank 0's answers are the executor's. A rank that is
+not a child process (another node's, a Ray actor: `distributed/multi_node.py`, `distributed/ray_executor.py`) runs
+the same worker loop over a socket to the executor (`serve_rank_at`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Tensor parallelism across hosts: two "nodes" on the loopback, node 0 running the engine and rank 0, node 1 a
-headless `loomserve serve --node-rank 1` running rank 1, decode what one process decodes, token for token (gloo)."""
+headless `loomserve serve --node-rank 1` running rank 1, decode what one process decodes, token for token (gloo):
+transformers' greedy output, which one rank equals (test_engine_greedy)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from test_engine_greedy import GREEDY, PROMPTS, token_ids
+from test_engine_greedy import GREEDY, PROMPTS, reference, token_ids
 
 from loomserve import LLM
 from loomserve.platform.executor import _free_port
@@ -16,7 +17,6 @@ ENGINE = {"device": "cpu", "block_size": 4, "kv_cache_memory": "8MiB"}
 
 
 def test_ranks_on_two_nodes_decode_what_one_process_decodes(qwen2_checkpoint):
-    expected = token_ids(LLM(qwen2_checkpoint, **ENGINE).generate(PROMPTS, GREEDY))
     port = _free_port()
     nodes = {"tensor_parallel_size": 2, "nnodes": 2, "master_addr": "127.0.0.1", "master_port": port}
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in {**ENGINE, **nodes}.items()]
@@ -25,7 +25,7 @@ def test_ranks_on_two_nodes_decode_what_one_process_decodes(qwen2_checkpoint):
     try:
         llm = LLM(qwen2_checkpoint, **ENGINE, **nodes, node_rank=0)
         try:
-            assert token_ids(llm.generate(PROMPTS, GREEDY)) == expected
+            assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference(qwen2_checkpoint)
         finally:
             llm.engine.shutdown()
         assert node1.wait(30) == 0  # the headless node ends with the engine
