@@ -218,6 +218,9 @@ class MultiprocExecutor:
             return
         from loomserve.platform.distributed.multi_node import accept_remote_ranks, node_ranks, rank_listener
 
+        if pc.node_rank != 0:
+            raise ValueError(f"node {pc.node_rank} runs only its ranks (`loomserve serve ... --headless`); the engine "
+                             "runs on node 0")
         listener = rank_listener(pc)  # before the local ranks start: a node that connects early is not refused
         init_method = f"tcp://{pc.master_addr}:{pc.master_port}"
         local: list[_RankLink] = [_RankProcess(config, rank, init_method) for rank in node_ranks(pc, 0)]

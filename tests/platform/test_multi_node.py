@@ -40,3 +40,8 @@ def test_headless_node_zero_is_refused(qwen2_checkpoint, capsys):
         main(["serve", qwen2_checkpoint, "--device=cpu", "--tensor-parallel-size=2", "--nnodes=2", "--headless"])
     assert exit_info.value.code != 0
     assert "--headless runs the ranks of a node other than 0" in capsys.readouterr().err
+
+
+def test_an_engine_on_a_node_other_than_zero_is_refused(qwen2_checkpoint):
+    with pytest.raises(ValueError, match=r"node 1 runs only its ranks \(`loomserve serve ... --headless`\)"):
+        LLM(qwen2_checkpoint, **ENGINE, tensor_parallel_size=2, nnodes=2, node_rank=1)

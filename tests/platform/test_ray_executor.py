@@ -4,10 +4,13 @@ the CPU) decode what one process decodes, token for token: transformers' greedy 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from test_engine_greedy import GREEDY, PROMPTS, reference, token_ids
 
 from loomserve import LLM
+from loomserve.platform.config import EngineArgs
 
 ray = pytest.importorskip("ray")
 
@@ -27,3 +30,10 @@ def test_two_ranks_as_ray_actors_decode_what_one_process_decodes(local_ray, qwen
         assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference(qwen2_checkpoint)
     finally:
         llm.engine.shutdown()
+
+
+def test_ray_backend_without_ray_installed_is_refused_with_how_to_install(qwen2_checkpoint, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray finds
+    with pytest.raises(ValueError, match=r"needs Ray: pip install 'loomserve\[ray\]'"):
+        EngineArgs(qwen2_checkpoint, device="cpu", tensor_parallel_size=2,
+                   distributed_executor_backend="ray").create_engine_config()
