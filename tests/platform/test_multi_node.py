@@ -4,6 +4,7 @@ transformers' greedy output, which one rank equals (test_engine_greedy)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -16,8 +17,20 @@ from loomserve.platform.executor import _free_port
 ENGINE = {"device": "cpu", "block_size": 4, "kv_cache_memory": "8MiB"}
 
 
+def master_port() -> int:
+    """A port free on the loopback whose next port (where node 0 takes the steps' connections) is free too."""
+    while True:
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
 def test_ranks_on_two_nodes_decode_what_one_process_decodes(qwen2_checkpoint):
-    port = _free_port()
+    port = master_port()
     nodes = {"tensor_parallel_size": 2, "nnodes": 2, "master_addr": "127.0.0.1", "master_port": port}
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in {**ENGINE, **nodes}.items()]
     node1 = subprocess.Popen([sys.executable, "-m", "loomserve.api.cli", "serve", qwen2_checkpoint, *flags,

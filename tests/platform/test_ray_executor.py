@@ -16,20 +16,25 @@ ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def ray_llm(qwen2_checkpoint):
     assert not ray.is_initialized()  # the executor starts its own
-    yield
+    llm = LLM(qwen2_checkpoint, device="cpu", block_size=4, kv_cache_memory="8MiB", tensor_parallel_size=2,
+              distributed_executor_backend="ray")
+    yield llm
+    llm.engine.shutdown()
     ray.shutdown()
 
 
-def test_two_ranks_as_ray_actors_decode_what_one_process_decodes(local_ray, qwen2_checkpoint):
-    llm = LLM(qwen2_checkpoint, device="cpu", block_size=4, kv_cache_memory="8MiB", tensor_parallel_size=2,
-              distributed_executor_backend="ray")
-    try:
-        assert ray.is_initialized() and len(llm.engine.executor.ranks) == 2
-        assert token_ids(llm.generate(PROMPTS, GREEDY)) == reference(qwen2_checkpoint)
-    finally:
-        llm.engine.shutdown()
+def test_two_ranks_as_ray_actors_decode_what_one_process_decodes(ray_llm, qwen2_checkpoint):
+    assert ray.is_initialized() and len(ray_llm.engine.executor.ranks) == 2
+    assert token_ids(ray_llm.generate(PROMPTS, GREEDY)) == reference(qwen2_checkpoint)
+
+
+def test_a_ray_actor_that_dies_fails_the_next_step_at_once(ray_llm):
+    """Last in the module: it kills rank 1 of the shared engine."""
+    ray.kill(ray_llm.engine.executor.actors[1])
+    with pytest.raises(RuntimeError, match="the runner process died"):
+        ray_llm.generate("hello", GREEDY)
 
 
 def test_ray_backend_without_ray_installed_is_refused_with_how_to_install(qwen2_checkpoint, monkeypatch):

@@ -52,16 +52,16 @@ class RayExecutor(MultiprocExecutor):
         self._placement_group = placement_group([{"GPU": 1} if on_cuda else {"CPU": 1}] * size, strategy="PACK")
         ray.get(self._placement_group.ready())
         actor_cls = ray.remote(_RankActor)
-        self._actors = [
+        self.actors = [
             actor_cls.options(num_cpus=0 if on_cuda else 1, num_gpus=1 if on_cuda else 0,
                               scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement_group, rank))
             .remote() for rank in range(size)]
-        init_method = ray.get(self._actors[0].rendezvous.remote())
+        init_method = ray.get(self.actors[0].rendezvous.remote())
         authkey = secrets.token_bytes(32)  # only these actors may take a rank's place
         listener = Listener(("0.0.0.0", 0), backlog=size, authkey=authkey)
         address = (ray.util.get_node_ip_address(), listener.address[1])
         self._runs = [actor.run.remote(address, authkey, config, rank, init_method)
-                      for rank, actor in enumerate(self._actors)]
+                      for rank, actor in enumerate(self.actors)]
         threading.Thread(target=_close_when_an_actor_ends, args=(self._runs, listener), daemon=True).start()
         try:
             ranks = accept_remote_ranks(listener, range(size))
@@ -74,7 +74,7 @@ class RayExecutor(MultiprocExecutor):
         import ray
 
         super().shutdown()
-        for actor in self._actors:
+        for actor in self.actors:
             ray.kill(actor)
         self._remove_placement_group(self._placement_group)
 
