@@ -61,14 +61,17 @@ def run_headless(config: EngineConfig) -> None:
     pc = config.parallel_config
     if pc.node_rank == 0:
         raise ValueError("--headless runs the ranks of a node other than 0: give it --node-rank (1 .. nnodes - 1)")
-    ctx = multiprocessing.get_context("spawn")
+    ranks = node_ranks(pc, pc.node_rank)
     init_method = f"tcp://{pc.master_addr}:{pc.master_port}"
+    logger.info("Node %d: ranks %s following node 0 at %s:%d", pc.node_rank, list(ranks), *steps_address(pc))
+    if len(ranks) == 1:  # this process is the rank: no second interpreter to start
+        _rank_main(config, ranks[0], init_method)
+        return
+    ctx = multiprocessing.get_context("spawn")
     processes = [ctx.Process(target=_rank_main, args=(config, rank, init_method), name=f"loomserve-runner-{rank}")
-                 for rank in node_ranks(pc, pc.node_rank)]
+                 for rank in ranks]
     for process in processes:
         process.start()
-    logger.info("Node %d: ranks %s following node 0 at %s:%d", pc.node_rank, list(node_ranks(pc, pc.node_rank)),
-                *steps_address(pc))
     for process in processes:
         process.join()
 
