@@ -3,7 +3,8 @@
 Data parallelism runs N EngineCore processes, each a whole replica, behind the server's front end, which routes
 each request to one of them. Tensor parallelism runs one process per rank under the multi-process executor
 (torch.distributed: gloo on CPU, NCCL on CUDA), with the experts of MoE models sliced or, with
-`enable_expert_parallel`, split across the same ranks. Pipeline parallelism is not implemented and is refused
+`enable_expert_parallel`, split across the same ranks. The ranks may be Ray actors (`distributed_executor_backend
+"ray"`) or span `nnodes` hosts, node 0 running the engine. Pipeline parallelism is not implemented and is refused
 rather than silently served on one device."""
 
 from __future__ import annotations
