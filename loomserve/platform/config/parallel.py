@@ -60,7 +60,9 @@ class ParallelConfig:
         if self.distributed_executor_backend != "mp":
             raise ValueError("nnodes > 1 runs the ranks with the mp backend; a Ray cluster places them itself: use "
                              "distributed_executor_backend 'ray' with nnodes 1")
-        divide(self.tensor_parallel_size, self.nnodes, "nnodes: the ranks are spread evenly;")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"tensor_parallel_size ({self.tensor_parallel_size}) must be a multiple of nnodes "
+                             f"({self.nnodes}): every node runs as many ranks")
 
     def check_model(self, text_config: Any, model_cls: type, quantization: str | None) -> None:
         """Refuse, before any weight loads, a model these sizes cannot split."""
