@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import threading
 from multiprocessing.connection import Listener
 from typing import Any
@@ -28,7 +29,7 @@ class _RankActor:
     """What runs inside each Ray actor."""
 
     def rendezvous(self) -> str:
-        """This node's address and a port free on it: rank 0's actor hosts the ranks' rendezvous."""
+        """The ranks' rendezvous, tcp://address:port on this actor's node (rank 0's hosts it)."""
         import ray
 
         return f"tcp://{ray.util.get_node_ip_address()}:{_free_port('')}"
@@ -62,18 +63,26 @@ class RayExecutor(MultiprocExecutor):
         address = (ray.util.get_node_ip_address(), listener.address[1])
         self._runs = [actor.run.remote(address, authkey, config, rank, init_method)
                       for rank, actor in enumerate(self.actors)]
-        threading.Thread(target=_close_when_an_actor_ends, args=(self._runs, listener), daemon=True).start()
+        threading.Thread(target=_stop_accepting_when_an_actor_ends, args=(self._runs, listener), daemon=True).start()
         try:
             ranks = accept_remote_ranks(listener, range(size))
-        except OSError:  # the watcher closed the listener: an actor ended before it connected
-            ray.get(self._runs)  # raises the actor's error
-            raise
+        except OSError:  # the watcher shut the listener: an actor ended before it connected
+            ended, _ = ray.wait(self._runs, num_returns=1)
+            try:
+                ray.get(ended)  # raises the actor's error
+            finally:
+                self._release()
+            raise RuntimeError("a Ray actor of a rank ended before it connected") from None
         self.ranks = [_RankLink(ranks[rank], rank) for rank in range(size)]
 
     def shutdown(self) -> None:
+        super().shutdown()
+        self._release()
+
+    def _release(self) -> None:
+        """The actors and their placement, given back to the cluster."""
         import ray
 
-        super().shutdown()
         for actor in self.actors:
             ray.kill(actor)
         self._remove_placement_group(self._placement_group)
@@ -90,12 +99,15 @@ def _connect_ray(size: int, on_cuda: bool) -> None:
         return
     logger.info("Starting a local Ray instance for %d ranks", size)
     resources = {} if on_cuda else {"num_cpus": max(size, os.cpu_count() or 1)}
-    ray.init(include_dashboard=False, log_to_driver=True, **resources)
+    ray.init(include_dashboard=False, **resources)
 
 
-def _close_when_an_actor_ends(runs: list[Any], listener: Listener) -> None:
+def _stop_accepting_when_an_actor_ends(runs: list[Any], listener: Listener) -> None:
     """A rank's actor that ends while the others wait to connect (a failed start) must not leave them waiting."""
     import ray
 
     ray.wait(runs, num_returns=1, timeout=None)
-    listener.close()
+    try:  # close() alone does not wake an accept() blocked in another thread (Linux); shutting the socket down does
+        listener._listener._socket.shutdown(socket.SHUT_RDWR)
+    except (AttributeError, OSError):  # already accepted every rank and closed
+        pass
