@@ -21,6 +21,7 @@ from torch import nn
 
 from loomserve.adapters.lora import LoRATarget, LoRAWeights
 from loomserve.adapters.ops import add_lora
+from loomserve.adapters.tensor_parallel import full_in_features, full_output_sizes, is_row_parallel, shard_weights
 from loomserve.platform.models.layers import AdaptedLinear
 from loomserve.platform.models.packing import decoder_linears, projection_names
 from loomserve.platform.quantization import NF4Linear
@@ -126,6 +127,7 @@ class LoRALinear(AdaptedLinear):
     def set_slot(self, slot: int, weights: dict[int, LoRAWeights]) -> None:
         """Put one adapter's weights for this layer (slice -> weights; absent slices stay zero) into `slot`."""
         r_max = self.max_rank
+        weights = shard_weights(self.base_layer, weights)
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         for s, (offset, size) in enumerate(self.slices):
@@ -139,9 +141,14 @@ class LoRALinear(AdaptedLinear):
         self.scaling[slot].copy_(torch.tensor(self.scalings[slot], dtype=torch.float32), non_blocking=True)
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        y = self.base_layer(x)  # [T, out]
-        if lora is not None:
+        if lora is None:
+            return self.base_layer(x)
+        if is_row_parallel(self.base_layer):  # the LoRA term joins the ranks' partial sums before their all-reduce
+            y = self.base_layer.partial(x)  # [T, out]
             add_lora(y, x, self, lora, self.state.backend)
+            return self.base_layer.reduce(y)
+        y = self.base_layer(x)  # [T, out]
+        add_lora(y, x, self, lora, self.state.backend)
         return y
 
 
@@ -165,8 +172,9 @@ def add_lora_layers(
         parent, leaf = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), leaf, wrapped)
         layers[name] = wrapped
+        full_sizes = full_output_sizes(module, sizes)  # adapters are checked against the checkpoint's sizes
         for s, projection in enumerate(projection_names(model, name)):
-            targets[projection] = LoRATarget(name, s, module.in_features, sizes[s])
+            targets[projection] = LoRATarget(name, s, full_in_features(module), full_sizes[s])
     return state, layers, targets
 
 

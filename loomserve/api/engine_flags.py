@@ -23,7 +23,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                     "num_gpu_blocks_override", "enable_prefix_caching"),
     "SchedulerConfig": ("max_num_batched_tokens", "max_num_seqs", "enable_chunked_prefill", "async_scheduling"),
     "ParallelConfig": ("tensor_parallel_size", "data_parallel_size", "pipeline_parallel_size",
-                       "distributed_executor_backend", "enable_expert_parallel"),
+                       "distributed_executor_backend", "enable_expert_parallel", "nnodes", "node_rank",
+                       "master_addr", "master_port"),
     "LoRAConfig": ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"),
     "MultiModalConfig": ("limit_mm_per_prompt", "allowed_media_domains", "allowed_local_media_path",
                          "max_image_pixels", "encoder_cache_memory", "media_io_kwargs"),
@@ -47,6 +48,9 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         else:
             names = ["--" + f.name.replace("_", "-"), *([SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else [])]
             group.add_argument(*names, default=f.default, **kwargs)
+    groups["ParallelConfig"].add_argument(
+        "--headless", action="store_true",
+        help="run only this node's tensor-parallel ranks (nnodes > 1, node_rank > 0): no engine, no HTTP server")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

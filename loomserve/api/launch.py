@@ -27,6 +27,11 @@ def serve(ns: argparse.Namespace) -> None:
     """Serve until stopped (Ctrl-C, SIGTERM); ValueError / EngineStartError for the user's mistakes."""
     if ns.model is None:
         _use_demo_model(ns)
+    if ns.headless:  # another node's ranks only: no engine, no HTTP server
+        from loomserve.platform.distributed.multi_node import run_headless
+
+        run_headless(engine_args_from(ns).create_engine_config())
+        return
     if ns.lora_modules and not ns.enable_lora:
         raise ValueError("--lora-modules needs --enable-lora")
     options = frontend_options(ns)

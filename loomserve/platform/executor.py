@@ -5,7 +5,9 @@ then hands it steps as values (`launch`, later `collect`) and feature calls (`ca
 in-process executor holds the runner itself; the multi-process one runs one runner process per tensor-parallel
 rank and sends each of them every step and call over a pipe in their wire form (`wire.py`), in order, so a
 launched step can be collected after the next one is launched, as in process. The ranks run the same forward over
-their shards and meet in its collectives (torch.distributed); rank 0's answers are the executor's.
+their shards and meet in its collectives (torch.distributed); rank 0's answers are the executor's. A rank that is
+not a child process (another node's, a Ray actor: `distributed/multi_node.py`, `distributed/ray_executor.py`) runs
+the same worker loop over a socket to the executor (`serve_rank_at`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class Executor(Protocol):
 def create_executor(config: EngineConfig) -> Executor:
     if config.parallel_config.distributed_executor_backend == "mp":
         return MultiprocExecutor(config)
+    if config.parallel_config.distributed_executor_backend == "ray":
+        from loomserve.platform.distributed.ray_executor import RayExecutor
+
+        return RayExecutor(config)
     return InProcExecutor(config)
 
 
@@ -95,16 +101,12 @@ class InProcExecutor:
         pass
 
 
-class _RankProcess:
-    """One runner process and the thread that hands its replies to the waiting futures."""
+class _RankLink:
+    """The executor's end of one rank's connection (a pipe to a local process, a socket to a remote rank or a Ray
+    actor) and the thread that hands its replies to the waiting futures."""
 
-    def __init__(self, config: EngineConfig, rank: int, init_method: str) -> None:
-        ctx = multiprocessing.get_context("spawn")  # a forked CUDA context is unusable; spawn is also what CI tests
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(config, child, rank, init_method),
-                                   name=f"loomserve-runner-{rank}", daemon=True)
-        self.process.start()
-        child.close()
+    def __init__(self, conn: Any, rank: int) -> None:
+        self.conn = conn
         self.ids = itertools.count()
         self.pending: dict[int, concurrent.futures.Future] = {}
         self.dead = False  # the worker is gone: every call fails at once
@@ -124,7 +126,7 @@ class _RankProcess:
             self.pending[message_id] = future
             try:
                 self.conn.send_bytes(wire.encode([kind, message_id, payload]))
-            except OSError:  # the reader fails this future too, once it sees the pipe closed
+            except OSError:  # the reader fails this future too, once it sees the connection closed
                 pass
         return future
 
@@ -148,6 +150,27 @@ class _RankProcess:
             for future in self.pending.values():
                 future.set_exception(_DIED)
             self.pending.clear()
+
+    def shutdown(self) -> None:
+        if not self.dead:
+            try:
+                self.send("shutdown").result(10)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                pass
+        self.conn.close()
+
+
+class _RankProcess(_RankLink):
+    """A rank in a local runner process, spoken to over a pipe."""
+
+    def __init__(self, config: EngineConfig, rank: int, init_method: str) -> None:
+        ctx = multiprocessing.get_context("spawn")  # a forked CUDA context is unusable; spawn is also what CI tests
+        conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(config, child, rank, init_method),
+                                   name=f"loomserve-runner-{rank}", daemon=True)
+        self.process.start()
+        child.close()
+        super().__init__(conn, rank)
 
     def shutdown(self) -> None:
         if self.process.is_alive():
@@ -187,14 +210,29 @@ def _first(results: list[Any]) -> Any:
 
 class MultiprocExecutor:
     """One runner process per tensor-parallel rank. Every step and call goes to every rank (they run the same
-    forward, each over its shard, and meet in its collectives); rank 0's answer is the executor's."""
+    forward, each over its shard, and meet in its collectives); rank 0's answer is the executor's. With more than one
+    node, this node's share of the ranks are local processes and the rest connect from the other nodes' headless
+    launches (`distributed/multi_node.py`)."""
 
     calls_back = False
 
     def __init__(self, config: EngineConfig) -> None:
-        size = config.parallel_config.tensor_parallel_size
-        init_method = f"tcp://127.0.0.1:{_free_port()}" if size > 1 else ""
-        self.ranks = [_RankProcess(config, rank, init_method) for rank in range(size)]
+        pc = config.parallel_config
+        if pc.nnodes == 1:
+            init_method = f"tcp://127.0.0.1:{_free_port()}" if pc.tensor_parallel_size > 1 else ""
+            self.ranks: list[_RankLink] = [_RankProcess(config, rank, init_method)
+                                           for rank in range(pc.tensor_parallel_size)]
+            return
+        from loomserve.platform.distributed.multi_node import accept_remote_ranks, node_ranks, rank_listener
+
+        if pc.node_rank != 0:
+            raise ValueError(f"node {pc.node_rank} runs only its ranks (`loomserve serve ... --headless`); the engine "
+                             "runs on node 0")
+        listener = rank_listener(pc)  # before the local ranks start: a node that connects early is not refused
+        init_method = f"tcp://{pc.master_addr}:{pc.master_port}"
+        local: list[_RankLink] = [_RankProcess(config, rank, init_method) for rank in node_ranks(pc, 0)]
+        remote = accept_remote_ranks(listener, range(len(local), pc.tensor_parallel_size))
+        self.ranks = local + [_RankLink(remote[rank], rank) for rank in sorted(remote)]
 
     def _broadcast(self, kind: str, payload: Any = None, pick: Any = _first) -> concurrent.futures.Future:
         """Send one message to every rank; the future gives `pick` of their answers."""
@@ -225,10 +263,10 @@ class MultiprocExecutor:
             rank.shutdown()
 
 
-def _free_port() -> int:
-    """A TCP port free now on the loopback, where the ranks rendezvous."""
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free now on `host` (the loopback; "": every interface), where the ranks rendezvous."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -274,6 +312,22 @@ def _worker_main(config: EngineConfig, conn: Any, rank: int, init_method: str) -
         calls = _answer_done(conn, calls)
 
 
+def serve_rank_at(address: tuple[str, int], authkey: bytes | None, config: EngineConfig, rank: int,
+                  init_method: str) -> None:
+    """A rank that is not the executor's child (another node's, a Ray actor): connect to the executor's listener,
+    say which rank this is, then run the worker loop over that socket until the executor shuts it down."""
+    from multiprocessing.connection import Client
+
+    from loomserve.platform import wire
+
+    conn = Client(address, authkey=authkey)
+    conn.send_bytes(wire.encode(rank))
+    try:
+        _worker_main(config, conn, rank, init_method)
+    finally:
+        conn.close()
+
+
 def _join_tensor_parallel(config: EngineConfig, rank: int, init_method: str) -> None:
     """Join the ranks' process group before the model is built (its layers read their shard from it)."""
     pc = config.parallel_config
@@ -284,8 +338,8 @@ def _join_tensor_parallel(config: EngineConfig, rank: int, init_method: str) -> 
     from loomserve.platform.distributed.parallel_state import init_tensor_parallel
 
     device = config.model_config.device
-    if device.type == "cuda":
-        torch.cuda.set_device(rank)
+    if device.type == "cuda":  # this node's (or Ray actor's) visible devices: the local rank's is its index there
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     init_tensor_parallel(rank, pc.tensor_parallel_size, init_method, device, pc.enable_expert_parallel)
 
 

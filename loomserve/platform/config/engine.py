@@ -127,8 +127,14 @@ class EngineArgs:
                        "or round_robin", choices=["cache_aware", "round_robin"])
     pipeline_parallel_size: int = _arg(1, "pipeline stages (only 1 is supported yet)")
     distributed_executor_backend: str | None = _arg(
-        None, "mp: the runner in its own process, one per rank (default: mp when tensor_parallel_size > 1, else the "
-              "runner in the engine's process)", choices=list(EXECUTOR_BACKENDS))
+        None, "mp: the runner in its own process, one per rank; ray: one Ray actor per rank, on the running Ray "
+              "cluster or a local Ray instance (default: mp when tensor_parallel_size > 1, else the runner in the "
+              "engine's process)", choices=list(EXECUTOR_BACKENDS))
+    nnodes: int = _arg(1, "hosts the tensor-parallel ranks span (mp backend); nodes other than 0 run `loomserve serve "
+                          "... --node-rank N --headless`")
+    node_rank: int = _arg(0, "this host's index among the nnodes; node 0 runs the engine and the server")
+    master_addr: str = _arg("127.0.0.1", "node 0's address, where the ranks of every node meet")
+    master_port: int = _arg(29501, "node 0's port for the ranks' rendezvous; the next port carries the steps")
     enable_expert_parallel: bool = _arg(False, "split MoE experts across ranks instead of slicing each expert")
     speculative_config: str | dict | None = _arg(
         None, 'speculative decoding, JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
@@ -212,7 +218,7 @@ class EngineArgs:
             num_lookahead_tokens=spec.num_lookahead_tokens if spec is not None else 0,
         )
         parallel_config.check_model(text, get_model_class(model_config.architecture, model_config.task),
-                                    self.enable_lora, model_config.quantization)
+                                    model_config.quantization)
         if spec is not None:
             check_speculative_config(spec, model_config)
         lora_config = None
@@ -244,7 +250,8 @@ class EngineArgs:
     def _parallel_config(self) -> ParallelConfig:
         return ParallelConfig(self.tensor_parallel_size, self.data_parallel_size, self.pipeline_parallel_size,
                               self.distributed_executor_backend, self.enable_expert_parallel,
-                              self.data_parallel_routing)
+                              self.data_parallel_routing, self.nnodes, self.node_rank, self.master_addr,
+                              self.master_port)
 
     def _refuse_generation_config(self) -> None:
         if self.generation_config not in (None, "vllm"):

@@ -114,7 +114,15 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return F.linear(x, self.weight, self.bias)
-        out = all_reduce(F.linear(x, self.weight), self.tp)  # [T, out]
+        return self.reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the output [T, out], before the sum over the ranks (a LoRA term may join it)."""
+        return F.linear(x, self.weight)
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The ranks' partial outputs summed (all-reduce), then the bias once."""
+        out = all_reduce(partial, self.tp)  # [T, out]
         return out if self.bias is None else out + self.bias
 
 

@@ -1,5 +1,6 @@
 """Parallel sizes use vLLM's names; what is not implemented (pipeline stages, data parallelism inside one `LLM`) is
-refused, not silently ignored, and tensor parallelism picks the multi-process executor."""
+refused, not silently ignored, tensor parallelism picks the multi-process executor, and ranks spread over nodes
+evenly."""
 
 from __future__ import annotations
 
@@ -37,7 +38,20 @@ def test_sizes_below_one_are_rejected():
         ParallelConfig(tensor_parallel_size=0)
 
 
-def test_the_executor_backend_is_mp_or_unset():
+def test_the_executor_backend_is_mp_ray_or_unset():
     assert ParallelConfig(distributed_executor_backend="mp", enable_expert_parallel=True).enable_expert_parallel
-    with pytest.raises(ValueError, match="distributed_executor_backend 'ray'"):
-        ParallelConfig(distributed_executor_backend="ray")
+    assert ParallelConfig(distributed_executor_backend="ray").distributed_executor_backend == "ray"
+    with pytest.raises(ValueError, match="unknown distributed_executor_backend 'slurm'; choose mp, ray"):
+        ParallelConfig(distributed_executor_backend="slurm")
+
+
+def test_ranks_spread_evenly_over_the_nodes():
+    with pytest.raises(ValueError, match=r"tensor_parallel_size \(3\) must be a multiple of nnodes \(2\)"):
+        ParallelConfig(tensor_parallel_size=3, nnodes=2)
+    with pytest.raises(ValueError, match=r"node_rank must be in \[0, nnodes\)"):
+        ParallelConfig(tensor_parallel_size=2, nnodes=2, node_rank=2)
+
+
+def test_several_nodes_run_the_mp_backend_not_ray():
+    with pytest.raises(ValueError, match="nnodes > 1 runs the ranks with the mp backend"):
+        ParallelConfig(tensor_parallel_size=2, nnodes=2, distributed_executor_backend="ray")

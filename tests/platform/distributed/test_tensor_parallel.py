@@ -116,6 +116,7 @@ def test_heads_that_do_not_divide_are_refused_before_loading(qwen2_checkpoint) -
         EngineArgs(qwen2_checkpoint, device="cpu", tensor_parallel_size=3).create_engine_config()
 
 
-def test_lora_with_tensor_parallel_is_refused(qwen2_checkpoint) -> None:
-    with pytest.raises(ValueError, match="LoRA adapters and quantized weights are not sharded"):
-        EngineArgs(qwen2_checkpoint, device="cpu", tensor_parallel_size=2, enable_lora=True).create_engine_config()
+def test_quantized_weights_with_tensor_parallel_are_refused(qwen2_checkpoint) -> None:
+    with pytest.raises(ValueError, match="quantized weights are not sharded"):
+        EngineArgs(qwen2_checkpoint, device="cpu", tensor_parallel_size=2,
+                   quantization="bitsandbytes").create_engine_config()
