@@ -49,7 +49,7 @@ def _require_backend() -> None:
 
     if importlib.util.find_spec("xgrammar") is None:
         raise ValueError("structured output is not available on this server: it needs xgrammar "
-                         "(pip install 'loomserve[structured]')")
+                         "(pip install xgrammar llguidance)")
 
 
 def _kind_and_source(params: StructuredOutputsParams) -> tuple[str, str]:
