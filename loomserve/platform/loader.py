@@ -24,6 +24,7 @@ from loomserve.platform.models.linear import CheckpointTensor
 from loomserve.platform.models.packing import projection_names
 from loomserve.platform.models.registry import get_model_class
 from loomserve.platform.quantization import quantize_model, split_prequantized
+from loomserve.platform.quantization.gguf import iterate_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +42,8 @@ def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> Se
     if model_config.load_format == "dummy":
         loaded = init_dummy_weights(model, model_config.seed, model_config.text_config)
     else:
-        # Under tensor parallelism each rank reads only its shard of a tensor: loaders narrow lazy slices.
-        weights = iterate_safetensors(safetensors_files(model_config.model), lazy=get_tp_group().size > 1)
-        if getattr(model_config.hf_config, "quantization_config", None):
+        weights = checkpoint_weights(model_config)
+        if model_config.quantization == "bitsandbytes" and getattr(model_config.hf_config, "quantization_config", None):
             prequantized = {}
             weights = split_prequantized(weights, prequantized)
         loaded = model.load_weights(weights)
@@ -63,6 +63,14 @@ def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> Se
         time.perf_counter() - start,
     )
     return model
+
+
+def checkpoint_weights(model_config: ModelConfig) -> Iterator[tuple[str, CheckpointTensor]]:
+    """The checkpoint's (name, tensor) pairs: a GGUF file's dequantized, or safetensors (under tensor parallelism
+    as lazy slices, so each rank reads only its shard)."""
+    if model_config.gguf_file is not None:
+        return iterate_gguf(Path(model_config.model) / model_config.gguf_file, model_config.hf_config)
+    return iterate_safetensors(safetensors_files(model_config.model), lazy=get_tp_group().size > 1)
 
 
 @contextmanager
