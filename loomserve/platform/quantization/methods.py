@@ -4,7 +4,13 @@ file), which `--quantization` may only confirm; a dense checkpoint may be quanti
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+from torch import nn
+
+from loomserve.platform.models.linear import CheckpointTensor
+from loomserve.platform.quantization.base import TensorGroup
 
 QUANTIZATION_METHODS = ("bitsandbytes", "fp8", "compressed-tensors", "gguf")
 AT_LOAD = ("bitsandbytes", "fp8")  # methods that quantize a dense checkpoint's weights while loading
@@ -14,10 +20,9 @@ def checkpoint_quantization(hf_config: Any, gguf_file: str | None = None) -> str
     """The method a checkpoint was saved with (None: dense weights), refused when it does not load here."""
     if gguf_file is not None:
         return "gguf"
-    saved = getattr(hf_config, "quantization_config", None)
+    saved = _saved_config(hf_config)
     if not saved:
         return None
-    saved = saved if isinstance(saved, dict) else saved.to_dict()
     method = saved.get("quant_method")
     if method == "bitsandbytes" and saved.get("load_in_4bit"):
         return "bitsandbytes"
@@ -51,3 +56,45 @@ def check_quantization(quantization: str | None, hf_config: Any, gguf_file: str 
         raise ValueError(f"the checkpoint is quantized with {saved}, not {quantization}: drop --quantization or "
                          f"pass --quantization {saved}")
     return saved
+
+
+def _saved_config(hf_config: Any) -> dict[str, Any] | None:
+    saved = getattr(hf_config, "quantization_config", None)
+    return saved if not saved or isinstance(saved, dict) else saved.to_dict()
+
+
+def split_quantized(
+    weights: Iterable[tuple[str, CheckpointTensor]], quantization: str | None, hf_config: Any
+) -> tuple[dict[str, TensorGroup] | None, Iterator[tuple[str, CheckpointTensor]]]:
+    """(groups, dense weights): a quantized checkpoint's tensors of each quantized projection go into `groups`
+    (filled as the returned iterator is consumed), the rest on to the model; (None, weights) for a dense one."""
+    if quantization in (None, "gguf") or not _saved_config(hf_config):
+        return None, iter(weights)
+    groups: dict[str, TensorGroup] = {}
+    if quantization == "bitsandbytes":
+        from loomserve.platform.quantization.bitsandbytes import split_prequantized
+
+        return groups, split_prequantized(weights, groups)
+    from loomserve.platform.quantization.fp8 import split_fp8
+
+    return groups, split_fp8(weights, groups)
+
+
+def apply_quantization(
+    model: nn.Module, loaded: set[str], quantization: str | None, hf_config: Any, groups: dict[str, TensorGroup] | None
+) -> set[str]:
+    """Swap the decoder linears for the method's: from the checkpoint's `groups`, or quantized at load."""
+    if quantization in (None, "gguf"):  # GGUF weights are dequantized while they load
+        return loaded
+    if quantization == "bitsandbytes":
+        from loomserve.platform.quantization.bitsandbytes import quantize_model
+
+        return quantize_model(model, loaded, groups)
+    from loomserve.platform.quantization.compressed_tensors import check_compressed_tensors_config
+    from loomserve.platform.quantization.fp8 import check_fp8_config, quantize_model_fp8
+
+    saved = _saved_config(hf_config)
+    scheme = None
+    if saved:
+        scheme = check_fp8_config(saved) if quantization == "fp8" else check_compressed_tensors_config(saved)
+    return quantize_model_fp8(model, loaded, groups, scheme)
