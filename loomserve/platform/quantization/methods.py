@@ -27,7 +27,7 @@ def checkpoint_quantization(hf_config: Any, gguf_file: str | None = None) -> str
     if method == "bitsandbytes" and saved.get("load_in_4bit"):
         return "bitsandbytes"
     if method == "fp8":
-        from loomserve.platform.quantization.fp8 import check_fp8_config
+        from loomserve.platform.quantization.w8a8 import check_fp8_config
 
         check_fp8_config(saved)
         return "fp8"
@@ -38,7 +38,7 @@ def checkpoint_quantization(hf_config: Any, gguf_file: str | None = None) -> str
         return "compressed-tensors"
     what = f"{method} 8-bit" if saved.get("load_in_8bit") else method
     raise ValueError(f"the checkpoint is quantized with {what}, which does not load here; loadable: bitsandbytes "
-                     "4-bit, fp8, compressed-tensors (FP8 W8A8), GGUF")
+                     "4-bit, fp8, compressed-tensors (FP8 / INT8 W8A8), GGUF")
 
 
 def check_quantization(quantization: str | None, hf_config: Any, gguf_file: str | None = None) -> str | None:
@@ -75,9 +75,9 @@ def split_quantized(
         from loomserve.platform.quantization.bitsandbytes import split_prequantized
 
         return groups, split_prequantized(weights, groups)
-    from loomserve.platform.quantization.fp8 import split_fp8
+    from loomserve.platform.quantization.w8a8 import split_w8
 
-    return groups, split_fp8(weights, groups)
+    return groups, split_w8(weights, groups)
 
 
 def apply_quantization(
@@ -91,10 +91,10 @@ def apply_quantization(
 
         return quantize_model(model, loaded, groups)
     from loomserve.platform.quantization.compressed_tensors import check_compressed_tensors_config
-    from loomserve.platform.quantization.fp8 import check_fp8_config, quantize_model_fp8
+    from loomserve.platform.quantization.w8a8 import check_fp8_config, quantize_model_w8
 
     saved = _saved_config(hf_config)
     scheme = None
     if saved:
         scheme = check_fp8_config(saved) if quantization == "fp8" else check_compressed_tensors_config(saved)
-    return quantize_model_fp8(model, loaded, groups, scheme)
+    return quantize_model_w8(model, loaded, groups, scheme)

@@ -1,4 +1,4 @@
-"""FP8 W8A8: compressed-tensors checkpoints (written by compressed-tensors' own tools), the block-scaled `fp8`
+"""W8A8, FP8 and INT8: compressed-tensors checkpoints (written by compressed-tensors' own tools), the block-scaled `fp8`
 format, and a dense checkpoint quantized at load (`--quantization fp8`). On CPU the layers run the dequantizing
 reference, which must compute what transformers computes for the same checkpoint: activations through FP8 and back,
 times the dequantized weights. Tolerance: 1e-4 on float32 logits (the same float ops in another order)."""
@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loomserve import LLM, SamplingParams
-from loomserve.platform.quantization.fp8 import Fp8Linear
+from loomserve.platform.quantization.w8a8 import W8Linear
 from loomserve.testing.checkpoints import tiny_checkpoint
 from loomserve.testing.quantized_checkpoints import SHAPE, tiny_block_fp8, tiny_compressed_tensors
 
@@ -35,14 +35,15 @@ def transformers_logits(folder: Path) -> torch.Tensor:
         return model(torch.tensor([PROMPT_IDS])).logits[0]
 
 
-@pytest.mark.parametrize("preset", ["FP8", "FP8_DYNAMIC", "FP8_BLOCK"])
-def test_compressed_tensors_fp8_logits_match_transformers(preset: str) -> None:
-    """Per-tensor weights with static activation scales, per-channel with per-token, 128x128 blocks with
-    per-group activations."""
+@pytest.mark.parametrize(("preset", "dtype"), [("FP8", torch.float8_e4m3fn), ("FP8_DYNAMIC", torch.float8_e4m3fn),
+                                               ("FP8_BLOCK", torch.float8_e4m3fn), ("W8A8", torch.int8)])
+def test_compressed_tensors_w8a8_logits_match_transformers(preset: str, dtype: torch.dtype) -> None:
+    """FP8 per-tensor weights with static activation scales, per-channel with per-token, 128x128 blocks with
+    per-group activations; INT8 per-channel weights with per-token activations."""
     folder = tiny_compressed_tensors(preset)
     model = load(folder)
-    assert isinstance(model.model.layers[0].self_attn.qkv_proj, Fp8Linear)
-    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, W8Linear)
+    assert model.model.layers[0].self_attn.qkv_proj.weight.dtype == dtype
     torch.testing.assert_close(engine_logits(model), transformers_logits(folder), rtol=0, atol=1e-4)
 
 
