@@ -181,7 +181,7 @@ class W8Linear(QuantizedLinear):
         """FP8 tensor cores: per-token activation scales times per-row weight scales, in bfloat16."""
         scale = self._activation_scale(x).contiguous()  # [T, 1]
         y = torch._scaled_mm(quantize(x, scale), self.weight.t(), scale_a=scale,
-                             scale_b=self.weight_scale.t(), out_dtype=torch.bfloat16)  # [T, out]
+                             scale_b=self.weight_scale.view(1, -1), out_dtype=torch.bfloat16)  # [T, out]
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
