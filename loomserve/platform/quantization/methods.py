@@ -12,7 +12,7 @@ from torch import nn
 from loomserve.platform.models.linear import CheckpointTensor
 from loomserve.platform.quantization.base import TensorGroup
 
-QUANTIZATION_METHODS = ("bitsandbytes", "fp8", "compressed-tensors", "gguf")
+QUANTIZATION_METHODS = ("bitsandbytes", "fp8", "compressed-tensors", "gptq", "awq", "gguf")
 AT_LOAD = ("bitsandbytes", "fp8")  # methods that quantize a dense checkpoint's weights while loading
 
 
@@ -31,6 +31,11 @@ def checkpoint_quantization(hf_config: Any, gguf_file: str | None = None) -> str
 
         check_fp8_config(saved)
         return "fp8"
+    if method in ("gptq", "awq"):
+        from loomserve.platform.quantization.int4 import check_int4_config
+
+        check_int4_config(saved)
+        return method
     if method == "compressed-tensors":
         from loomserve.platform.quantization.compressed_tensors import check_compressed_tensors_config
 
@@ -38,7 +43,7 @@ def checkpoint_quantization(hf_config: Any, gguf_file: str | None = None) -> str
         return "compressed-tensors"
     what = f"{method} 8-bit" if saved.get("load_in_8bit") else method
     raise ValueError(f"the checkpoint is quantized with {what}, which does not load here; loadable: bitsandbytes "
-                     "4-bit, fp8, compressed-tensors (FP8 / INT8 W8A8), GGUF")
+                     "4-bit, fp8, compressed-tensors (FP8 / INT8 W8A8), gptq and awq (4-bit), GGUF")
 
 
 def check_quantization(quantization: str | None, hf_config: Any, gguf_file: str | None = None) -> str | None:
@@ -75,6 +80,10 @@ def split_quantized(
         from loomserve.platform.quantization.bitsandbytes import split_prequantized
 
         return groups, split_prequantized(weights, groups)
+    if quantization in ("gptq", "awq"):
+        from loomserve.platform.quantization.int4 import split_int4
+
+        return groups, split_int4(weights, groups)
     from loomserve.platform.quantization.w8a8 import split_w8
 
     return groups, split_w8(weights, groups)
@@ -90,6 +99,10 @@ def apply_quantization(
         from loomserve.platform.quantization.bitsandbytes import quantize_model
 
         return quantize_model(model, loaded, groups)
+    if quantization in ("gptq", "awq"):
+        from loomserve.platform.quantization.int4 import check_int4_config, quantize_model_int4
+
+        return quantize_model_int4(model, loaded, groups, check_int4_config(_saved_config(hf_config)))
     from loomserve.platform.quantization.compressed_tensors import check_compressed_tensors_config
     from loomserve.platform.quantization.w8a8 import check_fp8_config, quantize_model_w8
 

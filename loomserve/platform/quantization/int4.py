@@ -1,0 +1,139 @@
+"""INT4 weight-only linears in the layouts GPTQ and AWQ checkpoints ship (4-bit values, one scale and zero point per
+group of `group_size` input columns), dequantized then multiplied in the compute dtype.
+
+GPTQ (AutoGPTQ / GPTQModel v1 format): `qweight` int32 [in / 8, out] packs 8 input rows per int32, lowest nibble
+first; `qzeros` int32 [groups, out / 8] packs 8 output columns the same way and stores zero point - 1; `scales`
+[groups, out]; `g_idx` int32 [in] names each input row's group (act-order permutes them).
+AWQ (AutoAWQ GEMM): `qweight` int32 [in, out / 8] and `qzeros` int32 [groups, out / 8] pack 8 output columns per int32
+in the order 0, 2, 4, 6, 1, 3, 5, 7; `scales` [groups, out]; zero points are stored as they are.
+
+A fused layer keeps each projection's tensors (act-order differs per projection) and dequantizes them one by one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loomserve.platform.quantization.base import QuantizedLinear, TensorGroup, replace_decoder_linears, split_rows
+
+_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # the 8 nibbles of an int32, lowest first
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's nibble i holds output column AWQ_ORDER[i] of its 8
+_AWQ_UNDO = [AWQ_ORDER.index(c) for c in range(8)]  # output column c sits in nibble _AWQ_UNDO[c]
+
+
+@dataclass(frozen=True)
+class Int4Scheme:
+    method: str  # gptq | awq
+    group_size: int
+
+
+def check_int4_config(saved: dict[str, Any]) -> Int4Scheme:
+    """The scheme of a GPTQ (v1 format) or AWQ (GEMM) 4-bit checkpoint; anything else is refused by name."""
+    method = saved["quant_method"]
+    bits = saved.get("bits", saved.get("w_bit"))
+    group = saved.get("group_size", saved.get("q_group_size"))
+    if bits != 4:
+        raise ValueError(f"{method} with {bits}-bit weights is not supported; 4-bit loads")
+    if group not in (32, 64, 128):
+        raise ValueError(f"{method} group_size {group} is not supported; 32, 64 or 128")
+    if method == "gptq":
+        if saved.get("checkpoint_format", "gptq") != "gptq" or not saved.get("sym", True):
+            raise ValueError("GPTQ loads in the symmetric v1 `gptq` checkpoint format only")
+    elif str(saved.get("version", "gemm")).lower() != "gemm" or not saved.get("zero_point", True):
+        raise ValueError("AWQ loads in the GEMM version with zero points only")
+    return Int4Scheme(method, int(group))
+
+
+def split_int4(weights: Iterable[tuple[str, torch.Tensor]], groups: dict[str, TensorGroup]
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass dense tensors on; collect each projection's packed tensors into `groups[projection.weight]`."""
+    for name, tensor in weights:
+        base, _, part = name.rpartition(".")
+        if part in _PARTS:
+            groups.setdefault(f"{base}.weight", {})[part] = tensor
+        else:
+            yield name, tensor
+
+
+def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [n / 8, m] -> [n, m]: 8 rows per int32, lowest nibble first (GPTQ's qweight)."""
+    nibbles = (packed[:, None, :] >> _SHIFTS.to(packed.device)[None, :, None]) & 0xF  # [n / 8, 8, m]
+    return nibbles.reshape(-1, packed.shape[1])
+
+
+def unpack_columns(packed: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
+    """int32 [n, m / 8] -> [n, m]: 8 columns per int32; `order[c]` is the nibble holding column c (None: c)."""
+    nibbles = (packed[:, :, None] >> _SHIFTS.to(packed.device)[None, None, :]) & 0xF  # [n, m / 8, 8]
+    if order is not None:
+        nibbles = nibbles[:, :, order]
+    return nibbles.reshape(packed.shape[0], -1)
+
+
+class Int4Shard(nn.Module):
+    """One projection's packed weight, zero points, scales (and GPTQ's group of each input row)."""
+
+    def __init__(self, group: TensorGroup, scheme: Int4Scheme, in_features: int) -> None:
+        super().__init__()
+        self.scheme = scheme
+        for part in ("qweight", "qzeros", "scales"):
+            if part not in group:
+                raise ValueError(f"a {scheme.method} projection lacks its {part}")
+            setattr(self, part, nn.Parameter(group[part], requires_grad=False))
+        g_idx = group.get("g_idx")
+        if g_idx is None:
+            g_idx = torch.arange(in_features, dtype=torch.int32) // scheme.group_size
+        self.g_idx = nn.Parameter(g_idx.to(torch.int32), requires_grad=False)  # [in]
+        self.out_features = self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """[out, in] float32 weights: (value - zero point) * scale of each input row's group."""
+        if self.scheme.method == "gptq":
+            values = unpack_rows(self.qweight)  # [in, out]
+            zeros = unpack_columns(self.qzeros) + 1  # v1 stores zero point - 1
+        else:
+            values = unpack_columns(self.qweight, _AWQ_UNDO)  # [in, out]
+            zeros = unpack_columns(self.qzeros, _AWQ_UNDO)
+        g = self.g_idx.long()
+        return ((values - zeros[g]).float() * self.scales[g].float()).t()
+
+
+class Int4Linear(QuantizedLinear):
+    """Projections of one input with INT4 weights; the dequantized weights of all of them make one GEMM."""
+
+    def __init__(self, shards: list[Int4Shard], bias: torch.Tensor | None, in_features: int,
+                 compute_dtype: torch.dtype) -> None:
+        super().__init__(in_features, [s.out_features for s in shards], compute_dtype)
+        self.shards = nn.ModuleList(shards)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_groups(cls, linear: nn.Linear, groups: list[TensorGroup], scheme: Int4Scheme) -> Int4Linear:
+        device = linear.weight.device
+        shards = [Int4Shard({k: v.to(device) for k, v in g.items()}, scheme, linear.in_features) for g in groups]
+        for (rows, _), shard in zip(split_rows(linear), shards, strict=True):
+            if shard.out_features != rows.shape[0] or shard.g_idx.shape[0] != linear.in_features:
+                raise ValueError(f"{scheme.method} projection of {shard.out_features} x {shard.g_idx.shape[0]}, "
+                                 f"expected {rows.shape[0]} x {linear.in_features}")
+        bias = None if linear.bias is None else linear.bias.data.clone()
+        return cls(shards, bias, linear.in_features, linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        weight = torch.cat([s.dequantize() for s in self.shards]).to(x.dtype)  # [out, in]
+        return F.linear(x, weight, self.bias)
+
+
+def quantize_model_int4(model: nn.Module, loaded: set[str], groups: dict[str, TensorGroup] | None,
+                        scheme: Int4Scheme) -> set[str]:
+    """Make every decoder linear INT4 from the checkpoint's packed tensors (INT4 does not quantize at load)."""
+    def from_dense(linear: nn.Linear) -> nn.Module:
+        raise ValueError(f"{scheme.method} weights are missing from the checkpoint")
+
+    return replace_decoder_linears(model, loaded, from_dense,
+                                   lambda linear, group: Int4Linear.from_groups(linear, group, scheme), groups)
