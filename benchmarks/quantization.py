@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import add_model_flags, command_line, environment, prompt_vocab_size, resolve_model
+from benchmarks.common import (
+    add_model_flags,
+    command_line,
+    environment,
+    markdown_table,
+    prompt_vocab_size,
+    resolve_model,
+)
 from benchmarks.throughput import (
     StepRecorder,
     Workload,
@@ -113,9 +120,7 @@ def format_table(results: list[FormatResult]) -> str:
     rows = [[r.name, f"{r.weight_bytes / 2**30:.2f}", f"{r.output_tps:,.0f}", f"{r.output_tps / base.output_tps:.2f}x",
              *(f"{r.decode_tps[b]:,.1f} ({r.decode_tps[b] / base.decode_tps[b]:.2f}x)" for b in batches)]
             for r in results]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ the checkpoint's quantized tensors, one group per projection of a fused layer.""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -25,6 +25,18 @@ class QuantizedLinear(nn.Module):
         self.output_sizes = list(output_sizes)
         self.out_features = sum(output_sizes)
         self.compute_dtype = compute_dtype
+
+
+def split_groups(weights: Iterable[tuple[str, torch.Tensor]], groups: dict[str, TensorGroup],
+                 is_part: Callable[[str, torch.Tensor], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass dense tensors on; collect each `projection.part` tensor that `is_part(part, tensor)` into
+    `groups[projection.weight][part]`."""
+    for name, tensor in weights:
+        base, _, part = name.rpartition(".")
+        if is_part(part, tensor):
+            groups.setdefault(f"{base}.weight", {})[part] = tensor
+        else:
+            yield name, tensor
 
 
 def split_rows(linear: nn.Linear) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

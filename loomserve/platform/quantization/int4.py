@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loomserve.platform.quantization.base import QuantizedLinear, TensorGroup, replace_decoder_linears, split_rows
+from loomserve.platform.quantization.base import (
+    QuantizedLinear,
+    TensorGroup,
+    replace_decoder_linears,
+    split_groups,
+    split_rows,
+)
 
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # the 8 nibbles of an int32, lowest first
@@ -54,12 +60,7 @@ def check_int4_config(saved: dict[str, Any]) -> Int4Scheme:
 def split_int4(weights: Iterable[tuple[str, torch.Tensor]], groups: dict[str, TensorGroup]
                ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass dense tensors on; collect each projection's packed tensors into `groups[projection.weight]`."""
-    for name, tensor in weights:
-        base, _, part = name.rpartition(".")
-        if part in _PARTS:
-            groups.setdefault(f"{base}.weight", {})[part] = tensor
-        else:
-            yield name, tensor
+    return split_groups(weights, groups, lambda part, tensor: part in _PARTS)
 
 
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loomserve.platform.quantization.base import QuantizedLinear, TensorGroup, replace_decoder_linears, split_rows
+from loomserve.platform.quantization.base import (
+    QuantizedLinear,
+    TensorGroup,
+    replace_decoder_linears,
+    split_groups,
+    split_rows,
+)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -71,16 +77,10 @@ def check_fp8_config(saved: dict[str, Any]) -> W8Scheme:
 
 
 def split_w8(weights: Iterable[tuple[str, torch.Tensor]], groups: dict[str, TensorGroup]
-              ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pass dense tensors on; collect each FP8 weight and its scales into `groups[weight name]`."""
-    for name, tensor in weights:
-        base, _, part = name.rpartition(".")
-        if part in _SCALE_PARTS:
-            groups.setdefault(f"{base}.weight", {})[part] = tensor
-        elif part == "weight" and tensor.dtype in (FP8, torch.int8):
-            groups.setdefault(name, {})["weight"] = tensor
-        else:
-            yield name, tensor
+             ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass dense tensors on; collect each 8-bit weight and its scales into `groups[weight name]`."""
+    return split_groups(weights, groups, lambda part, tensor: part in _SCALE_PARTS
+                        or (part == "weight" and tensor.dtype in (FP8, torch.int8)))
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, number: str = "fp8") -> torch.Tensor:
