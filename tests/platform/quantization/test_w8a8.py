@@ -88,3 +88,16 @@ def test_quantization_flag_must_match_the_checkpoint() -> None:
 def test_unsupported_compressed_tensors_scheme_is_named() -> None:
     with pytest.raises(ValueError, match="int 4-bit are not supported yet"):
         model_config(tiny_compressed_tensors("W4A16"))
+
+
+def test_scaled_mm_path_computes_the_reference_within_bfloat16_rounding() -> None:
+    """The FP8 tensor-core path's arguments (row-scaled `torch._scaled_mm`), run where torch has it on the CPU, give
+    the reference's output up to its bfloat16 result."""
+    torch.manual_seed(0)
+    layer = W8Linear.from_dense(torch.nn.Linear(256, 384, bias=True))
+    x = torch.randn(5, 256)
+    try:
+        fast = layer._scaled_mm(x)
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"torch {torch.__version__} has no CPU _scaled_mm: {e}")
+    torch.testing.assert_close(fast, layer(x), rtol=1e-2, atol=1e-2)
