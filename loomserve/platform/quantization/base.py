@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loomserve.platform.models.packing import decoder_linears, projection_names
@@ -25,6 +26,31 @@ class QuantizedLinear(nn.Module):
         self.output_sizes = list(output_sizes)
         self.out_features = sum(output_sizes)
         self.compute_dtype = compute_dtype
+
+
+class DequantizedLinear(QuantizedLinear):
+    """Projections stored packed, one shard each (a shard has `out_features` and `dequantize()` -> [out_i, in]
+    float32): their dequantized weights, in the compute dtype, make one GEMM."""
+
+    def __init__(self, shards: list[nn.Module], bias: torch.Tensor | None, in_features: int,
+                 compute_dtype: torch.dtype) -> None:
+        super().__init__(in_features, [s.out_features for s in shards], compute_dtype)
+        self.shards = nn.ModuleList(shards)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_shards(cls, linear: nn.Linear, shards: list[nn.Module]) -> DequantizedLinear:
+        """Shards of the dense layer's projections (checked against its rows) and its loaded biases."""
+        for (rows, _), shard in zip(split_rows(linear), shards, strict=True):
+            if tuple(shard.dequantize().shape) != tuple(rows.shape):
+                raise ValueError(f"quantized projection of shape {tuple(shard.dequantize().shape)}, expected "
+                                 f"{tuple(rows.shape)}")
+        bias = None if linear.bias is None else linear.bias.data.clone()
+        return cls(shards, bias, linear.in_features, linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        weight = torch.cat([s.dequantize() for s in self.shards]).to(x.dtype)  # [out, in]
+        return F.linear(x, weight, self.bias)
 
 
 def split_groups(weights: Iterable[tuple[str, torch.Tensor]], groups: dict[str, TensorGroup],
@@ -51,15 +77,18 @@ def split_rows(linear: nn.Linear) -> list[tuple[torch.Tensor, torch.Tensor | Non
 def replace_decoder_linears(
     model: nn.Module,
     loaded: set[str],
-    from_dense: Callable[[nn.Linear], nn.Module],
+    from_dense: Callable[[nn.Linear], nn.Module] | None,
     from_groups: Callable[[nn.Linear, list[TensorGroup]], nn.Module],
     groups: dict[str, TensorGroup] | None,
 ) -> set[str]:
     """Make every linear of the language model's decoder layers quantized (towers stay dense): `from_dense` of its
     loaded dense weights, or, for a quantized checkpoint (`groups`: checkpoint weight name -> its tensors),
-    `from_groups` of its projections' groups and the dense layer's loaded biases. Returns `loaded` updated to the
+    `from_groups` of its projections' groups and the dense layer's loaded biases (`from_dense` None: a method that
+    does not quantize at load, which needs `groups`). Returns `loaded` updated to the
     new parameter names; a layer whose weights are missing stays dense and unloaded, so the loader's completeness
     check names it."""
+    if groups is None and from_dense is None:
+        raise ValueError("this quantization method loads only checkpoints saved in its format")
     loaded = set(loaded)
     for name, module in decoder_linears(model, (nn.Linear,)):
         own = {f"{name}.{p}" for p, _ in module.named_parameters()}

@@ -17,15 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loomserve.platform.quantization.base import (
-    QuantizedLinear,
+    DequantizedLinear,
     TensorGroup,
     replace_decoder_linears,
     split_groups,
-    split_rows,
 )
 
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -105,36 +103,15 @@ class Int4Shard(nn.Module):
         return ((values - zeros[g]).float() * self.scales[g].float()).t()
 
 
-class Int4Linear(QuantizedLinear):
-    """Projections of one input with INT4 weights; the dequantized weights of all of them make one GEMM."""
-
-    def __init__(self, shards: list[Int4Shard], bias: torch.Tensor | None, in_features: int,
-                 compute_dtype: torch.dtype) -> None:
-        super().__init__(in_features, [s.out_features for s in shards], compute_dtype)
-        self.shards = nn.ModuleList(shards)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    @classmethod
-    def from_groups(cls, linear: nn.Linear, groups: list[TensorGroup], scheme: Int4Scheme) -> Int4Linear:
-        device = linear.weight.device
-        shards = [Int4Shard({k: v.to(device) for k, v in g.items()}, scheme, linear.in_features) for g in groups]
-        for (rows, _), shard in zip(split_rows(linear), shards, strict=True):
-            if shard.out_features != rows.shape[0] or shard.g_idx.shape[0] != linear.in_features:
-                raise ValueError(f"{scheme.method} projection of {shard.out_features} x {shard.g_idx.shape[0]}, "
-                                 f"expected {rows.shape[0]} x {linear.in_features}")
-        bias = None if linear.bias is None else linear.bias.data.clone()
-        return cls(shards, bias, linear.in_features, linear.weight.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        weight = torch.cat([s.dequantize() for s in self.shards]).to(x.dtype)  # [out, in]
-        return F.linear(x, weight, self.bias)
+def int4_linear(linear: nn.Linear, groups: list[TensorGroup], scheme: Int4Scheme) -> DequantizedLinear:
+    """The layer of a checkpoint's packed projections (one group each) and the dense layer's loaded biases."""
+    device = linear.weight.device
+    shards = [Int4Shard({k: v.to(device) for k, v in g.items()}, scheme, linear.in_features) for g in groups]
+    return DequantizedLinear.from_shards(linear, shards)
 
 
 def quantize_model_int4(model: nn.Module, loaded: set[str], groups: dict[str, TensorGroup] | None,
                         scheme: Int4Scheme) -> set[str]:
     """Make every decoder linear INT4 from the checkpoint's packed tensors (INT4 does not quantize at load)."""
-    def from_dense(linear: nn.Linear) -> nn.Module:
-        raise ValueError(f"{scheme.method} weights are missing from the checkpoint")
-
-    return replace_decoder_linears(model, loaded, from_dense,
-                                   lambda linear, group: Int4Linear.from_groups(linear, group, scheme), groups)
+    return replace_decoder_linears(model, loaded, None,
+                                   lambda linear, group: int4_linear(linear, group, scheme), groups)

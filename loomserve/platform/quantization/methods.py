@@ -43,7 +43,8 @@ def checkpoint_quantization(hf_config: Any, gguf_file: str | None = None) -> str
         return "compressed-tensors"
     what = f"{method} 8-bit" if saved.get("load_in_8bit") else method
     raise ValueError(f"the checkpoint is quantized with {what}, which does not load here; loadable: bitsandbytes "
-                     "4-bit, fp8, compressed-tensors (FP8 / INT8 W8A8), gptq and awq (4-bit), GGUF")
+                     "4-bit, fp8, compressed-tensors (FP8 / INT8 W8A8, INT4 / INT8 weight-only), gptq and awq "
+                     "(4-bit), GGUF")
 
 
 def check_quantization(quantization: str | None, hf_config: Any, gguf_file: str | None = None) -> str | None:
@@ -84,6 +85,10 @@ def split_quantized(
         from loomserve.platform.quantization.int4 import split_int4
 
         return groups, split_int4(weights, groups)
+    if quantization == "compressed-tensors":
+        from loomserve.platform.quantization.compressed_tensors import split_compressed_tensors
+
+        return groups, split_compressed_tensors(weights, groups)
     from loomserve.platform.quantization.w8a8 import split_w8
 
     return groups, split_w8(weights, groups)
@@ -103,11 +108,11 @@ def apply_quantization(
         from loomserve.platform.quantization.int4 import check_int4_config, quantize_model_int4
 
         return quantize_model_int4(model, loaded, groups, check_int4_config(_saved_config(hf_config)))
-    from loomserve.platform.quantization.compressed_tensors import check_compressed_tensors_config
+    saved = _saved_config(hf_config)
+    if quantization == "compressed-tensors":
+        from loomserve.platform.quantization import compressed_tensors as ct
+
+        return ct.quantize_model_compressed_tensors(model, loaded, groups, ct.check_compressed_tensors_config(saved))
     from loomserve.platform.quantization.w8a8 import check_fp8_config, quantize_model_w8
 
-    saved = _saved_config(hf_config)
-    scheme = None
-    if saved:
-        scheme = check_fp8_config(saved) if quantization == "fp8" else check_compressed_tensors_config(saved)
-    return quantize_model_w8(model, loaded, groups, scheme)
+    return quantize_model_w8(model, loaded, groups, check_fp8_config(saved) if saved else None)

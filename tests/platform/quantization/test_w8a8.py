@@ -5,34 +5,15 @@ times the dequantized weights. Tolerance: 1e-4 on float32 logits (the same float
 
 from __future__ import annotations
 
-import sys
-from functools import cache
-from pathlib import Path
-
 import pytest
 import torch
+from quant_reference import PROMPT_IDS, engine_logits, load, model_config, transformers_logits
 from transformers import AutoModelForCausalLM
 
 from loomserve import LLM, SamplingParams
 from loomserve.platform.quantization.w8a8 import W8Linear
 from loomserve.testing.checkpoints import tiny_checkpoint
 from loomserve.testing.quantized_checkpoints import SHAPE, tiny_block_fp8, tiny_compressed_tensors
-
-sys.path.insert(0, str(Path(__file__).parents[1]))  # paged_batch, beside the platform tests
-from paged_batch import PagedRunner, load, model_config  # noqa: E402
-
-PROMPT_IDS = list(range(3, 40))
-
-
-def engine_logits(model: torch.nn.Module) -> torch.Tensor:
-    return PagedRunner(model, block_size=16).step({"s": PROMPT_IDS})["s"]  # [n, V]
-
-
-@cache
-def transformers_logits(folder: Path) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor([PROMPT_IDS])).logits[0]
 
 
 @pytest.mark.parametrize(("preset", "dtype"), [("FP8", torch.float8_e4m3fn), ("FP8_DYNAMIC", torch.float8_e4m3fn),
@@ -86,8 +67,8 @@ def test_quantization_flag_must_match_the_checkpoint() -> None:
 
 
 def test_unsupported_compressed_tensors_scheme_is_named() -> None:
-    with pytest.raises(ValueError, match="int 4-bit are not supported yet"):
-        model_config(tiny_compressed_tensors("W4A16"))
+    with pytest.raises(ValueError, match=r"int 4-bit \(symmetric=False\) are not supported yet"):
+        model_config(tiny_compressed_tensors("W4A16_ASYM"))
 
 
 def test_scaled_mm_path_computes_the_reference_within_bfloat16_rounding() -> None:
