@@ -26,3 +26,17 @@ def test_int4_method_comes_from_the_checkpoint_and_the_flag_may_confirm_it() -> 
     assert model_config(quantized, quantization="awq").quantization == "awq"
     with pytest.raises(ValueError, match="quantized with awq, not gptq"):
         model_config(quantized, quantization="gptq")
+
+
+@pytest.mark.parametrize(("method", "group_size", "act_order"), [("gptq", 128, True), ("awq", 64, False)])
+def test_triton_kernel_equals_the_dequantized_gemm(method: str, group_size: int, act_order: bool) -> None:
+    """The small-batch kernel (Triton's CPU interpreter here) multiplies straight from the packed weights."""
+    pytest.importorskip("triton")
+    from loomserve.platform.quantization.int4_triton import int4_matmul
+
+    layer = load(tiny_int4(method, group_size, act_order)[0]).model.layers[0].mlp.gate_up_proj
+    shard = layer.shards[0]
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    expected = x @ shard.dequantize().t()
+    torch.testing.assert_close(int4_matmul(x, shard.qweight, shard.scales, shard.scaled_zeros, shard.g_idx), expected,
+                               rtol=0, atol=1e-4)
