@@ -3,8 +3,9 @@
 What it measures
 ----------------
 For each format of --formats (bf16: the dense weights; fp8: FP8 W8A8 quantized at load, per-channel weight scales
-and per-token activation scales, `torch._scaled_mm` on Hopper) one engine is built on the same random weights
-(`--shape` preset, `load_format="dummy"`, or `--model PATH`), then:
+and per-token activation scales, `torch._scaled_mm` on Hopper; int4: a GPTQ checkpoint of random 4-bit weights,
+group size 128, written once into the cache for the --shape preset, served by the Triton INT4 kernel at small
+batches) one engine is built on random weights (`--shape` preset, `load_format="dummy"`, or `--model PATH`), then:
 
 - throughput: --num-prompts requests of random prompt ids ([--input-len-min, --input-len-max] tokens) each
   generating --output-len tokens greedily, EOS ignored, all submitted at once (`benchmarks.throughput`'s workload
@@ -21,8 +22,11 @@ The table gives each format's numbers and its ratio to bf16 (the first format).
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +51,10 @@ from benchmarks.throughput import (
     measure_engine,
     synchronize,
 )
+from loomserve.testing.cache import cached_build
 
-FORMATS = {"bf16": None, "fp8": "fp8"}  # format -> --quantization of a dense checkpoint
+FORMATS = {"bf16": None, "fp8": "fp8", "int4": None}  # format -> --quantization of the dense checkpoint
+INT4_GROUP = 128
 DECODE_PROMPT_LEN = 32
 
 
@@ -99,6 +105,8 @@ def run_format(args: argparse.Namespace, name: str, model_path: Path, load_forma
                vocab: int) -> FormatResult:
     from loomserve import LLM
 
+    if name == "int4":
+        model_path, load_format = random_gptq_checkpoint(model_path), "auto"
     llm = LLM(str(model_path), quantization=FORMATS[name], **engine_kwargs(args, load_format))
     device = llm.config.model_config.device
     model = llm.engine.executor.runner.model
@@ -110,6 +118,43 @@ def run_format(args: argparse.Namespace, name: str, model_path: Path, load_forma
     del llm, recorder, model
     free_memory(device)
     return FormatResult(name, weight_bytes, throughput.output_tps, decode)
+
+
+def random_gptq_checkpoint(preset_folder: Path) -> Path:
+    """The preset (config, tokenizer) with random weights, its decoder linears as GPTQ 4-bit tensors (v1 format),
+    built once into the cache."""
+    return cached_build("gptq-random", [2, str(preset_folder), INT4_GROUP], partial(_write_gptq, preset_folder))
+
+
+def _write_gptq(preset_folder: Path, folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(preset_folder)
+    with torch.device("meta"):
+        names = {n: tuple(p.shape) for n, p in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape in names.items():
+        if ".layers." in name and name.endswith("proj.weight") and len(shape) == 2:
+            out_features, in_features = shape
+            base, groups = name.removesuffix(".weight"), -(-in_features // INT4_GROUP)
+            random_int32 = lambda *size: torch.randint(-2**31, 2**31, size, generator=generator, dtype=torch.int64)
+            tensors[f"{base}.qweight"] = random_int32(in_features // 8, out_features).to(torch.int32)
+            tensors[f"{base}.qzeros"] = random_int32(groups, out_features // 8).to(torch.int32)
+            tensors[f"{base}.scales"] = torch.full((groups, out_features), 0.002, dtype=torch.float16)
+        elif name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    for path in preset_folder.iterdir():
+        shutil.copy(path, folder / path.name)
+    config_json = json.loads((folder / "config.json").read_text())
+    config_json["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": INT4_GROUP,
+                                          "desc_act": False, "sym": True, "checkpoint_format": "gptq"}
+    (folder / "config.json").write_text(json.dumps(config_json, indent=2))
 
 
 def format_table(results: list[FormatResult]) -> str:
