@@ -275,6 +275,13 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join(["python", "-m", name, *(argv if argv is not None else sys.argv[1:])])
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table, columns padded to their widest cell."""
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
 def percentile(values: list[float], q: float) -> float:
     """The q-th percentile (linear interpolation); NaN for no values."""
     return float(np.percentile(values, q)) if values else float("nan")

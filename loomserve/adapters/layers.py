@@ -24,7 +24,7 @@ from loomserve.adapters.ops import add_lora
 from loomserve.adapters.tensor_parallel import full_in_features, full_output_sizes, is_row_parallel, shard_weights
 from loomserve.platform.models.layers import AdaptedLinear
 from loomserve.platform.models.packing import decoder_linears, projection_names
-from loomserve.platform.quantization import NF4Linear
+from loomserve.platform.quantization import QuantizedLinear
 
 
 @dataclass
@@ -99,7 +99,7 @@ class LoRAState:
 
 
 class LoRALinear(AdaptedLinear):
-    """A base linear layer (dense, fused or NF4) plus the slots' adapters: y = base(x) + scaling * x A^T B^T."""
+    """A base linear layer (dense, fused or quantized) plus the slots' adapters: y = base(x) + scaling * x A^T B^T."""
 
     def __init__(self, base: nn.Module, output_sizes: list[int], max_loras: int, max_rank: int,
                  state: LoRAState, dtype: torch.dtype, device: torch.device) -> None:
@@ -162,9 +162,9 @@ def add_lora_layers(
     state = LoRAState(backend)
     layers: dict[str, LoRALinear] = {}
     targets: dict[str, LoRATarget] = {}
-    linears = decoder_linears(model, (nn.Linear, NF4Linear))
+    linears = decoder_linears(model, (nn.Linear, QuantizedLinear))
     outermost = [(name, m) for name, m in linears if not any(name.startswith(f"{other}.") for other, _ in linears)]
-    for name, module in outermost:  # an NF4 layer's own bitsandbytes shards are linears too
+    for name, module in outermost:  # a quantized layer may hold linears of its own (NF4: bitsandbytes shards)
         weight = next(module.parameters())
         dtype = _compute_dtype(module, weight)
         sizes = list(getattr(module, "output_sizes", [module.out_features]))

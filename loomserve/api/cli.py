@@ -59,7 +59,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_serve(commands: argparse._SubParsersAction) -> None:
     serve_parser = commands.add_parser(
         "serve", help="serve a model over OpenAI-compatible HTTP", formatter_class=HelpFormatter,
-        description="Serve MODEL (a checkpoint folder or hub id; none: a demo) over OpenAI-compatible HTTP.")
+        description="Serve MODEL (a checkpoint folder, hub id or GGUF file; none: a demo) over OpenAI-compatible HTTP.")
     add_engine_flags(serve_parser)
     add_frontend_flags(serve_parser)
     add_limit_flags(serve_parser)

@@ -37,7 +37,9 @@ def cache_salt_of(prompt: PromptType) -> str | None:
 def load_tokenizer(model_config: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code)
+    gguf_file = model_config.gguf_file if model_config.tokenizer == model_config.model else None
+    return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code,
+                                         gguf_file=gguf_file)
 
 
 def generation_eos_ids(model_path: str) -> list[int]:

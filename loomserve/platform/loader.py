@@ -23,7 +23,8 @@ from loomserve.platform.models.interfaces import ServedModel, is_multimodal
 from loomserve.platform.models.linear import CheckpointTensor
 from loomserve.platform.models.packing import projection_names
 from loomserve.platform.models.registry import get_model_class
-from loomserve.platform.quantization import quantize_model, split_prequantized
+from loomserve.platform.quantization.gguf import iterate_gguf
+from loomserve.platform.quantization.methods import apply_quantization, split_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -37,18 +38,14 @@ def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> Se
     config = model_config.hf_config if is_multimodal(model_cls) else model_config.text_config
     with default_dtype(model_config.dtype), model_config.device:
         model = model_cls(config, attention_backend)
-    prequantized = None
+    quantization, hf_config = model_config.quantization, model_config.hf_config
+    groups = None
     if model_config.load_format == "dummy":
         loaded = init_dummy_weights(model, model_config.seed, model_config.text_config)
     else:
-        # Under tensor parallelism each rank reads only its shard of a tensor: loaders narrow lazy slices.
-        weights = iterate_safetensors(safetensors_files(model_config.model), lazy=get_tp_group().size > 1)
-        if getattr(model_config.hf_config, "quantization_config", None):
-            prequantized = {}
-            weights = split_prequantized(weights, prequantized)
+        groups, weights = split_quantized(checkpoint_weights(model_config), quantization, hf_config)
         loaded = model.load_weights(weights)
-    if model_config.quantization == "bitsandbytes":
-        loaded = quantize_model(model, loaded, prequantized)
+    loaded = apply_quantization(model, loaded, quantization, hf_config, groups)
     check_all_loaded(model, loaded)
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
@@ -63,6 +60,14 @@ def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> Se
         time.perf_counter() - start,
     )
     return model
+
+
+def checkpoint_weights(model_config: ModelConfig) -> Iterator[tuple[str, CheckpointTensor]]:
+    """The checkpoint's (name, tensor) pairs: a GGUF file's dequantized, or safetensors (under tensor parallelism
+    as lazy slices, so each rank reads only its shard)."""
+    if model_config.gguf_file is not None:
+        return iterate_gguf(Path(model_config.model) / model_config.gguf_file, model_config.hf_config)
+    return iterate_safetensors(safetensors_files(model_config.model), lazy=get_tp_group().size > 1)
 
 
 @contextmanager

@@ -21,10 +21,10 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def locate_checkpoint(model: str, revision: str | None = None, download_dir: str | None = None) -> str:
-    """The local folder of `model`: itself if it is a folder, else the hub cache's copy of the hub id (downloaded
-    when not cached and the hub is not offline). ValueError, in one line, for a path that is not there, a hub id
-    the cache lacks while offline, or a download that fails."""
-    if os.path.isdir(model):
+    """The local folder of `model`: itself if it is a folder (or a `.gguf` file), else the hub cache's copy of the
+    hub id (downloaded when not cached and the hub is not offline). ValueError, in one line, for a path that is not
+    there, a hub id the cache lacks while offline, or a download that fails."""
+    if os.path.isdir(model) or (os.path.isfile(model) and model.endswith(".gguf")):
         return model
     if not looks_like_hub_id(model):
         raise ValueError(f"no checkpoint folder at {model!r} (and it is not a Hugging Face hub id)")

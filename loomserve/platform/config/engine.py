@@ -29,6 +29,8 @@ from loomserve.platform.config.parallel import EXECUTOR_BACKENDS, ParallelConfig
 from loomserve.platform.config.scheduler import SchedulerConfig
 from loomserve.platform.config.speculative import SpeculativeConfig, check_speculative_config, parse_speculative_config
 from loomserve.platform.models.registry import get_model_class, is_encoder_decoder
+from loomserve.platform.quantization.gguf import gguf_config, split_gguf_path
+from loomserve.platform.quantization.methods import QUANTIZATION_METHODS
 
 
 @dataclass
@@ -56,8 +58,8 @@ def _arg(default: Any, help: str, **cli: Any) -> Any:
 class EngineArgs:
     """The flat, user-facing knobs (CLI flags and `LLM(...)` keywords), vLLM's names."""
 
-    model: str = field(metadata={"help": "Hugging Face checkpoint folder or hub name; `loomserve serve` without one "
-                                         "serves a random demo checkpoint"})
+    model: str = field(metadata={"help": "Hugging Face checkpoint folder or hub name, or a GGUF file; `loomserve "
+                                         "serve` without one serves a random demo checkpoint"})
     tokenizer: str | None = _arg(None, "tokenizer folder or name (default: MODEL)")
     revision: str | None = _arg(None, "hub branch, tag or commit of MODEL (and of its tokenizer) to fetch")
     download_dir: str | None = _arg(None, "where hub checkpoints are downloaded and cached (default: the Hugging "
@@ -102,7 +104,9 @@ class EngineArgs:
     max_lora_rank: int = _arg(16, "largest adapter rank served")
     max_cpu_loras: int | None = _arg(None, "adapters cached in host memory (default: max_loras)")
     quantization: str | None = _arg(
-        None, "bitsandbytes: NF4 base weights (QLoRA); 4-bit checkpoints set it themselves", choices=["bitsandbytes"])
+        None, "the checkpoint's quantization (read from it; this may only confirm it), or for a dense checkpoint: "
+              "bitsandbytes (NF4 base weights, QLoRA) or fp8 (FP8 W8A8), quantized at load",
+        choices=list(QUANTIZATION_METHODS))
     task: str = _arg("auto", "what MODEL serves (default: read from the checkpoint)",
                      choices=["auto", "generate", "embed", "classify"])
     pooler_config: str | dict | None = _arg(
@@ -160,7 +164,7 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         from transformers import AutoConfig
 
-        from loomserve.platform.quantization import check_quantization
+        from loomserve.platform.quantization.methods import check_quantization
         from loomserve.pooling.config import resolve_pooling
 
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -168,9 +172,12 @@ class EngineArgs:
         parallel_config = self._parallel_config()
         spec = parse_speculative_config(self.speculative_config) if self.speculative_config is not None else None
         self._refuse_generation_config()
-        model = locate_checkpoint(self.model, self.revision, self.download_dir)
+        model, gguf_file = split_gguf_path(locate_checkpoint(self.model, self.revision, self.download_dir))
         tokenizer = locate_checkpoint(self.tokenizer, self.revision, self.download_dir) if self.tokenizer else model
-        hf_config = AutoConfig.from_pretrained(model, trust_remote_code=self.trust_remote_code)
+        if gguf_file is not None:
+            hf_config = gguf_config(model, gguf_file)
+        else:
+            hf_config = AutoConfig.from_pretrained(model, trust_remote_code=self.trust_remote_code)
         apply_hf_overrides(hf_config, self.hf_overrides)
         text = hf_config.get_text_config()
         device = resolve_device(self.device)
@@ -192,7 +199,8 @@ class EngineArgs:
             seed=self.seed,
             hf_config=hf_config,
             served_model_name=self.served_model_names()[0],
-            quantization=check_quantization(self.quantization, hf_config),
+            quantization=check_quantization(self.quantization, hf_config, gguf_file),
+            gguf_file=gguf_file,
             task=pooling.task,
             encoder_only=pooling.encoder_only,
             pooler_config=pooling.pooler_config,

@@ -101,7 +101,8 @@ class ModelConfig:
     seed: int
     hf_config: Any = field(repr=False)
     served_model_name: str
-    quantization: str | None = None  # "bitsandbytes": NF4 linear weights
+    quantization: str | None = None  # platform/quantization/methods.py: how the linear weights are stored
+    gguf_file: str | None = None  # weights, config and tokenizer come from this file of the `model` folder
     task: str = "generate"  # generate | embed | classify: which routes and LLM methods serve it
     encoder_only: bool = False  # bidirectional attention: no KV cache, whole prompts in one step
     pooler_config: Any = None  # loomserve.pooling.config.PoolerConfig: how hidden states become vectors

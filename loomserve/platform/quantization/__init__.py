@@ -1,13 +1,12 @@
-"""Weight quantization of the base model: NF4 through bitsandbytes (QLoRA serving).
+"""Quantized base weights: one method per checkpoint format (`methods.py` picks it), each a `QuantizedLinear` the
+decoder layers call in place of their dense linears (`base.py`): NF4 (bitsandbytes), FP8 W8A8 (compressed-tensors
+and the block-scaled `fp8` format), and GGUF (dequantized at load).
 
-Importing this package does not import bitsandbytes; only quantizing or loading a 4-bit checkpoint does.
+Importing this package imports neither bitsandbytes, compressed-tensors nor gguf; only loading such weights does.
 """
 
-from loomserve.platform.quantization.bitsandbytes import (
-    NF4Linear,
-    check_quantization,
-    quantize_model,
-    split_prequantized,
-)
+from loomserve.platform.quantization.base import QuantizedLinear
+from loomserve.platform.quantization.bitsandbytes import NF4Linear
+from loomserve.platform.quantization.methods import QUANTIZATION_METHODS, check_quantization
 
-__all__ = ["NF4Linear", "check_quantization", "quantize_model", "split_prequantized"]
+__all__ = ["QUANTIZATION_METHODS", "NF4Linear", "QuantizedLinear", "check_quantization"]

@@ -15,28 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from loomserve.platform.models.packing import decoder_linears, projection_names
+from loomserve.platform.quantization.base import QuantizedLinear, replace_decoder_linears, split_rows
 
-QUANTIZATION_METHODS = ("bitsandbytes",)
 BLOCKSIZE = 64  # bitsandbytes' and transformers' default 4-bit block
 
 # The parts transformers saves next to a 4-bit `X.weight` (packed uint8): `X.weight.absmax`, ...
 _STATE_PART = re.compile(r"(.+\.weight)\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)")
-
-
-def check_quantization(quantization: str | None, hf_config: Any) -> str | None:
-    """The quantization to load with: the user's choice, or the checkpoint's own (a saved 4-bit model)."""
-    if quantization is not None and quantization not in QUANTIZATION_METHODS:
-        raise ValueError(f"unknown quantization {quantization!r}; choose {', '.join(QUANTIZATION_METHODS)}")
-    saved = getattr(hf_config, "quantization_config", None)
-    if not saved:
-        return quantization
-    saved = saved if isinstance(saved, dict) else saved.to_dict()
-    method = saved.get("quant_method")
-    if method != "bitsandbytes" or not saved.get("load_in_4bit"):
-        what = f"{method} 8-bit" if saved.get("load_in_8bit") else method
-        raise ValueError(f"the checkpoint is quantized with {what}; only bitsandbytes 4-bit checkpoints load")
-    return "bitsandbytes"
 
 
 def split_prequantized(
@@ -53,17 +37,13 @@ def split_prequantized(
             yield name, tensor
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(QuantizedLinear):
     """Projections of one input with 4-bit weights, one `bitsandbytes.nn.Linear4bit` per projection; their
     outputs are concatenated (a plain layer has one)."""
 
     def __init__(self, shards: list[nn.Module], in_features: int, compute_dtype: torch.dtype) -> None:
-        super().__init__()
+        super().__init__(in_features, [s.out_features for s in shards], compute_dtype)
         self.shards = nn.ModuleList(shards)
-        self.in_features = in_features
-        self.output_sizes = [s.out_features for s in shards]
-        self.out_features = sum(self.output_sizes)
-        self.compute_dtype = compute_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [shard(x) for shard in self.shards]  # each [T, out_i]
@@ -74,7 +54,7 @@ class NF4Linear(nn.Module):
         """Quantize a dense (possibly fused) layer projection by projection."""
         bnb = _bitsandbytes()
         shards = []
-        for rows, bias in _split_rows(linear):
+        for rows, bias in split_rows(linear):
             shard = _empty_shard(linear, rows.shape[0], bias is not None)
             weight = bnb.nn.Params4bit(rows.detach().clone(), requires_grad=False, compress_statistics=False,
                                        quant_type="nf4", blocksize=BLOCKSIZE, module=shard)
@@ -89,7 +69,7 @@ class NF4Linear(nn.Module):
         bnb = _bitsandbytes()
         device = linear.weight.device
         shards = []
-        for (rows, bias), group in zip(_split_rows(linear), groups, strict=True):
+        for (rows, bias), group in zip(split_rows(linear), groups, strict=True):
             shard = _empty_shard(linear, rows.shape[0], bias is not None)
             stats = {k: v for k, v in group.items() if k != "weight"}
             shard.weight = bnb.nn.Params4bit.from_prequantized(group["weight"], stats, device=device, module=shard)
@@ -99,14 +79,6 @@ class NF4Linear(nn.Module):
             _set_bias(shard, bias)
             shards.append(shard)
         return cls(shards, linear.in_features, linear.weight.dtype)
-
-
-def _split_rows(linear: nn.Linear) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(weight rows, bias rows) per projection of a possibly fused layer."""
-    sizes = list(getattr(linear, "output_sizes", [linear.out_features]))
-    weights = linear.weight.data.split(sizes)
-    biases = linear.bias.data.split(sizes) if linear.bias is not None else [None] * len(sizes)
-    return list(zip(weights, biases))
 
 
 def _bitsandbytes() -> Any:
@@ -128,30 +100,9 @@ def _set_bias(shard: nn.Module, bias: torch.Tensor | None) -> None:
         shard.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
 
 
-@torch.no_grad()
 def quantize_model(
     model: nn.Module, loaded: set[str], prequantized: dict[str, dict[str, torch.Tensor]] | None = None
 ) -> set[str]:
-    """Make every linear layer of the language model's decoder layers NF4 (towers stay dense): quantize its
-    loaded dense weights, or, for a 4-bit checkpoint, take the checkpoint's (`prequantized`: weight name ->
-    packed data and state). Returns `loaded` updated to the new parameter names; a layer whose weights are
-    missing stays dense and unloaded, so the loader's completeness check names it."""
-    loaded = set(loaded)
-    for name, module in decoder_linears(model, (nn.Linear,)):
-        own = {f"{name}.{p}" for p, _ in module.named_parameters()}
-        if prequantized is None:
-            if not own <= loaded:
-                continue
-            new = NF4Linear.from_dense(module)
-        else:
-            keys = [f"{projection}.weight" for projection in projection_names(model, name)]
-            if not (own - {f"{name}.weight"} <= loaded and all("weight" in prequantized.get(k, {}) for k in keys)):
-                continue
-            new = NF4Linear.from_prequantized(module, [prequantized.pop(k) for k in keys])
-        loaded -= own
-        loaded |= {f"{name}.{p}" for p, _ in new.named_parameters()}
-        parent, leaf = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), leaf, new)
-    if prequantized:
-        raise ValueError(f"4-bit weights with no layer to hold them: {', '.join(sorted(prequantized))}")
-    return loaded
+    """Make every decoder linear NF4: quantize its loaded dense weights, or, for a 4-bit checkpoint, take the
+    checkpoint's (`prequantized`: weight name -> packed data and state)."""
+    return replace_decoder_linears(model, loaded, NF4Linear.from_dense, NF4Linear.from_prequantized, prequantized)

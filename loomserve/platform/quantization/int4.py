@@ -1,0 +1,144 @@
+"""INT4 weight-only linears in the layouts GPTQ and AWQ checkpoints ship (4-bit values, one scale and zero point per
+group of `group_size` input columns), dequantized then multiplied in the compute dtype.
+
+GPTQ (AutoGPTQ / GPTQModel v1 format): `qweight` int32 [in / 8, out] packs 8 input rows per int32, lowest nibble
+first; `qzeros` int32 [groups, out / 8] packs 8 output columns the same way and stores zero point - 1; `scales`
+[groups, out]; `g_idx` int32 [in] names each input row's group (act-order permutes them).
+AWQ (AutoAWQ GEMM): `qweight` int32 [in, out / 8] and `qzeros` int32 [groups, out / 8] pack 8 output columns per int32
+in the order 0, 2, 4, 6, 1, 3, 5, 7; `scales` [groups, out]; zero points are stored as they are.
+
+Both load into GPTQ's row-packed layout, with zero points times scales kept beside the scales, so one Triton kernel
+(`int4_triton.py`) serves small batches on CUDA; above them (and on CPU) the weights are dequantized for one GEMM. A
+fused layer keeps each projection's tensors (act-order differs per projection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from loomserve.platform.models.layers import use_fused_kernels
+from loomserve.platform.quantization.base import (
+    DequantizedLinear,
+    TensorGroup,
+    replace_decoder_linears,
+    split_groups,
+)
+
+_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+SMALL_BATCH = 16  # tokens up to which the Triton kernel runs (a decode batch); above, dequantize then GEMM
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # the 8 nibbles of an int32, lowest first
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's nibble i holds output column AWQ_ORDER[i] of its 8
+_AWQ_UNDO = [AWQ_ORDER.index(c) for c in range(8)]  # output column c sits in nibble _AWQ_UNDO[c]
+
+
+@dataclass(frozen=True)
+class Int4Scheme:
+    method: str  # gptq | awq
+    group_size: int
+
+
+def check_int4_config(saved: dict[str, Any]) -> Int4Scheme:
+    """The scheme of a GPTQ (v1 format) or AWQ (GEMM) 4-bit checkpoint; anything else is refused by name."""
+    method = saved["quant_method"]
+    bits = saved.get("bits", saved.get("w_bit"))
+    group = saved.get("group_size", saved.get("q_group_size"))
+    if bits != 4:
+        raise ValueError(f"{method} with {bits}-bit weights is not supported; 4-bit loads")
+    if group not in (32, 64, 128):
+        raise ValueError(f"{method} group_size {group} is not supported; 32, 64 or 128")
+    if method == "gptq":
+        if saved.get("checkpoint_format", "gptq") != "gptq" or not saved.get("sym", True):
+            raise ValueError("GPTQ loads in the symmetric v1 `gptq` checkpoint format only")
+    elif str(saved.get("version", "gemm")).lower() != "gemm" or not saved.get("zero_point", True):
+        raise ValueError("AWQ loads in the GEMM version with zero points only")
+    return Int4Scheme(method, int(group))
+
+
+def split_int4(weights: Iterable[tuple[str, torch.Tensor]], groups: dict[str, TensorGroup]
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass dense tensors on; collect each projection's packed tensors into `groups[projection.weight]`."""
+    return split_groups(weights, groups, lambda part, tensor: part in _PARTS)
+
+
+def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [n / 8, m] -> [n, m]: 8 rows per int32, lowest nibble first (GPTQ's qweight)."""
+    nibbles = (packed[:, None, :] >> _SHIFTS.to(packed.device)[None, :, None]) & 0xF  # [n / 8, 8, m]
+    return nibbles.reshape(-1, packed.shape[1])
+
+
+def unpack_columns(packed: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
+    """int32 [n, m / 8] -> [n, m]: 8 columns per int32; `order[c]` is the nibble holding column c (None: c)."""
+    nibbles = (packed[:, :, None] >> _SHIFTS.to(packed.device)[None, None, :]) & 0xF  # [n, m / 8, 8]
+    if order is not None:
+        nibbles = nibbles[:, :, order]
+    return nibbles.reshape(packed.shape[0], -1)
+
+
+def pack_rows(values: torch.Tensor) -> torch.Tensor:
+    """[n, m] 4-bit values -> int32 [n / 8, m]: 8 rows per int32, lowest nibble first (GPTQ's qweight)."""
+    shifts = _SHIFTS.to(values.device).long()
+    packed = (values.long().reshape(-1, 8, values.shape[1]) << shifts[None, :, None]).sum(dim=1)  # [n / 8, m]
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+
+class Int4Shard(nn.Module):
+    """One projection's INT4 weights in one layout for both formats (GPTQ's rows-packed `qweight` [in / 8, out]),
+    with its scales, zero points times scales [groups, out] and the group of each input row."""
+
+    def __init__(self, group: TensorGroup, scheme: Int4Scheme, in_features: int) -> None:
+        super().__init__()
+        for part in ("qweight", "qzeros", "scales"):
+            if part not in group:
+                raise ValueError(f"a {scheme.method} projection lacks its {part}")
+        if scheme.method == "gptq":
+            qweight = group["qweight"]
+            zeros = unpack_columns(group["qzeros"]) + 1  # v1 stores zero point - 1
+        else:
+            qweight = pack_rows(unpack_columns(group["qweight"], _AWQ_UNDO))
+            zeros = unpack_columns(group["qzeros"], _AWQ_UNDO)
+        scales = group["scales"]  # [groups, out]
+        g_idx = group.get("g_idx")
+        if g_idx is None:
+            g_idx = torch.arange(in_features, dtype=torch.int32, device=scales.device) // scheme.group_size
+        self.qweight = nn.Parameter(qweight, requires_grad=False)  # [in / 8, out] int32
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        self.scaled_zeros = nn.Parameter(zeros.float() * scales.float(), requires_grad=False)  # [groups, out]
+        self.g_idx = nn.Parameter(g_idx.to(torch.int32), requires_grad=False)  # [in]
+        self.out_features = scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """[out, in] float32 weights: value * scale - zero point * scale of each input row's group."""
+        g = self.g_idx.long()
+        return (unpack_rows(self.qweight).float() * self.scales[g].float() - self.scaled_zeros[g]).t()
+
+
+class Int4Linear(DequantizedLinear):
+    """INT4 projections: at small batches on CUDA the Triton kernel multiplies straight from the packed weights;
+    otherwise the dequantized weights make one GEMM."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if not (use_fused_kernels(x) and x.shape[0] <= SMALL_BATCH):
+            return super().forward(x)
+        from loomserve.platform.quantization.int4_triton import int4_matmul
+
+        y = torch.cat([int4_matmul(x, s.qweight, s.scales, s.scaled_zeros, s.g_idx) for s in self.shards], dim=-1)
+        return y if self.bias is None else y + self.bias
+
+
+def int4_linear(linear: nn.Linear, groups: list[TensorGroup], scheme: Int4Scheme) -> Int4Linear:
+    """The layer of a checkpoint's packed projections (one group each) and the dense layer's loaded biases."""
+    device = linear.weight.device
+    shards = [Int4Shard({k: v.to(device) for k, v in g.items()}, scheme, linear.in_features) for g in groups]
+    return Int4Linear.from_shards(linear, shards)
+
+
+def quantize_model_int4(model: nn.Module, loaded: set[str], groups: dict[str, TensorGroup] | None,
+                        scheme: Int4Scheme) -> set[str]:
+    """Make every decoder linear INT4 from the checkpoint's packed tensors (INT4 does not quantize at load)."""
+    return replace_decoder_linears(model, loaded, None,
+                                   lambda linear, group: int4_linear(linear, group, scheme), groups)

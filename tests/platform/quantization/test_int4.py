@@ -1,0 +1,42 @@
+"""INT4 GPTQ and AWQ checkpoints in their packers' layouts: the engine reads the packing back and computes what
+transformers computes with the dense weights the checkpoint encodes (transformers runs neither format on a CPU).
+Tolerance: 1e-4 on float32 logits (the same weights; only the order of float sums differs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quant_reference import engine_logits, load, model_config, transformers_logits
+
+from loomserve.platform.quantization.base import DequantizedLinear
+from loomserve.testing.int4_checkpoints import tiny_int4
+
+
+@pytest.mark.parametrize(("method", "group_size", "act_order"), [
+    ("gptq", 32, False), ("gptq", 128, True), ("awq", 64, False), ("awq", 128, False)])
+def test_int4_logits_match_transformers_on_the_encoded_weights(method: str, group_size: int, act_order: bool) -> None:
+    quantized, dense = tiny_int4(method, group_size, act_order)
+    model = load(quantized)
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, DequantizedLinear)
+    torch.testing.assert_close(engine_logits(model), transformers_logits(dense), rtol=0, atol=1e-4)
+
+
+def test_int4_method_comes_from_the_checkpoint_and_the_flag_may_confirm_it() -> None:
+    quantized, _ = tiny_int4("awq", 64)
+    assert model_config(quantized, quantization="awq").quantization == "awq"
+    with pytest.raises(ValueError, match="quantized with awq, not gptq"):
+        model_config(quantized, quantization="gptq")
+
+
+@pytest.mark.parametrize(("method", "group_size", "act_order"), [("gptq", 128, True), ("awq", 64, False)])
+def test_triton_kernel_equals_the_dequantized_gemm(method: str, group_size: int, act_order: bool) -> None:
+    """The small-batch kernel (Triton's CPU interpreter here) multiplies straight from the packed weights."""
+    pytest.importorskip("triton")
+    from loomserve.platform.quantization.int4_triton import int4_matmul
+
+    layer = load(tiny_int4(method, group_size, act_order)[0]).model.layers[0].mlp.gate_up_proj
+    shard = layer.shards[0]
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    expected = x @ shard.dequantize().t()
+    torch.testing.assert_close(int4_matmul(x, shard.qweight, shard.scales, shard.scaled_zeros, shard.g_idx), expected,
+                               rtol=0, atol=1e-4)
