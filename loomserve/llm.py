@@ -102,10 +102,22 @@ class LLM(PoolingAPI):
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
         lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the tokenizer's chat template, load its media parts, then generate."""
+        """Render each conversation with the chat template (the tokenizer's, or `chat_template`; `tools` go to it
+        as transformers passes them; `continue_final_message` extends the last assistant message instead of
+        opening a new one), load its media parts, then generate."""
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        template_kwargs = {**(chat_template_kwargs or {}), "continue_final_message": continue_final_message}
+        if tools:
+            template_kwargs["tools"] = tools
+        if chat_template is not None:
+            template_kwargs["chat_template"] = chat_template
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self._chat_prompt(conv, add_generation_prompt, chat_template_kwargs) for conv in conversations]
+        prompts = [self._chat_prompt(conv, add_generation_prompt, template_kwargs) for conv in conversations]
         return self.generate(prompts, sampling_params, lora_request)
 
     def _chat_prompt(

@@ -119,6 +119,33 @@ def test_chat_renders_the_template(llm):
     assert out.prompt_token_ids == llm.get_tokenizer().encode(rendered, add_special_tokens=False)
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+TOOLS_TEMPLATE = ("{% for t in tools or [] %}<tool>{{ t.function.name }}</tool>{% endfor %}"
+                  "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_chat_renders_tools_through_the_given_template_as_transformers_does(llm):
+    messages = [{"role": "user", "content": "weather in Paris?"}]
+    out = llm.chat(messages, greedy(max_tokens=4), tools=[WEATHER_TOOL], chat_template=TOOLS_TEMPLATE)[0]
+    rendered = llm.get_tokenizer().apply_chat_template(messages, tools=[WEATHER_TOOL], chat_template=TOOLS_TEMPLATE,
+                                                       tokenize=False, add_generation_prompt=True)
+    assert out.prompt == rendered == "<tool>get_weather</tool><user>weather in Paris?<assistant>"
+
+
+def test_chat_continues_the_final_message(llm):
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Hi, I am"}]
+    out = llm.chat(messages, greedy(max_tokens=4), add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt == llm.get_tokenizer().apply_chat_template(messages, tokenize=False,
+                                                                 continue_final_message=True)
+    assert out.prompt.endswith("Hi, I am")
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat(messages, greedy(), continue_final_message=True)
+
+
 def test_prompt_longer_than_context_is_refused_with_the_numbers(qwen2_checkpoint):
     small = LLM(qwen2_checkpoint, max_model_len=32, kv_cache_memory="8MiB")
     with pytest.raises(ValueError, match="maximum context length is 32 tokens"):
