@@ -53,6 +53,10 @@ def apply_structured_bitmask(logits: torch.Tensor, data: StructuredStep | dict |
     # row; the unconstrained rows are all ones and skipped.
     import xgrammar as xgr
 
-    full = torch.full((logits.shape[0], data.bitmask.shape[1]), -1, dtype=torch.int32)  # [S, W]
+    # Pinned (torch's caching host allocator: reused, safe across in-flight copies): a copy from pageable memory
+    # waits for the whole stream, the forward already launched for this step included, and so stops the host
+    # from preparing the next step meanwhile.
+    full = torch.full((logits.shape[0], data.bitmask.shape[1]), -1, dtype=torch.int32,
+                      pin_memory=logits.is_cuda)  # [S, W]
     full[rows] = data.bitmask
     xgr.apply_token_bitmask_inplace(logits, full.to(logits.device, non_blocking=True), indices=rows)
