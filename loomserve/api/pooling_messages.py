@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from loomserve.api.chat import render_chat
+from loomserve.api.chat import TemplateInputs, render_chat
 from loomserve.api.errors import APIError
 from loomserve.api.offload import offload
 from loomserve.api.protocol import ChatMessage
@@ -30,7 +30,7 @@ async def messages_prompt(engine: AsyncLLM, messages: list[ChatMessage],
     try:
         if templated:
             text, refs = await offload(render_chat, engine.tokenizer, messages, engine.input_processor.mm.processor,
-                                       add_generation_prompt)
+                                       TemplateInputs(add_generation_prompt=add_generation_prompt))
         else:
             text, refs = _joined_text(messages)
         prompt: PoolingPrompt = {"prompt": text}

@@ -91,7 +91,8 @@ class ScoreRequest(PoolingRequest):
         if isinstance(data, dict) and "text_1" not in data:
             for first, second in (("queries", "documents"), ("queries", "items"), ("data_1", "data_2")):
                 if first in data and second in data:
-                    return {**data, "text_1": data[first], "text_2": data[second]}
+                    rest = {key: value for key, value in data.items() if key not in (first, second)}
+                    return {**rest, "text_1": data[first], "text_2": data[second]}
         return data
 
 

@@ -124,7 +124,7 @@ async def _read_form(raw_request: Request) -> tuple[Any, TranscriptionRequest]:
     upload = form.get("file")
     if upload is None or isinstance(upload, str):
         raise APIError("`file` (the audio to transcribe) is required as a multipart file field", param="file")
-    fields: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
+    fields: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str) and k != "timestamp_granularities[]"}
     granularities = form.getlist("timestamp_granularities[]") or form.getlist("timestamp_granularities")
     if granularities:
         fields["timestamp_granularities"] = granularities

@@ -9,15 +9,12 @@ from __future__ import annotations
 # OpenAI and vLLM request fields (chat, completions, pooling) that loomserve does not implement.
 KNOWN_UNSUPPORTED = frozenset({
     # OpenAI
-    "audio", "function_call", "functions", "logit_bias", "metadata", "modalities", "prediction", "prompt_cache_key",
-    "response_format", "safety_identifier", "service_tier", "store", "suffix", "verbosity", "web_search_options",
+    "audio", "function_call", "functions", "metadata", "modalities", "prediction", "prompt_cache_key",
+    "safety_identifier", "service_tier", "store", "suffix", "verbosity", "web_search_options",
     # vLLM
-    "allowed_token_ids", "bad_words", "best_of", "chat_template", "documents", "echo", "guided_choice",
-    "guided_decoding_backend", "guided_grammar", "guided_json", "guided_regex", "guided_whitespace_pattern",
-    "length_penalty", "logits_processors", "media_io_kwargs", "mm_processor_kwargs", "priority", "prompt_embeds",
-    "prompt_logprobs", "request_id", "return_token_ids", "return_tokens_as_token_ids", "spaces_between_special_tokens",
-    "structural_tag", "structured_outputs", "thinking_token_budget", "truncate_prompt_tokens", "use_beam_search",
-    "vllm_xargs",
+    "chat_template", "guided_decoding_backend", "guided_whitespace_pattern", "logits_processors", "media_io_kwargs",
+    "mm_processor_kwargs", "priority", "prompt_embeds", "request_id", "spaces_between_special_tokens",
+    "thinking_token_budget", "vllm_xargs",
 })
 
 

@@ -24,8 +24,9 @@ def test_dead_engine_gives_503(orphaned):
             assert time.monotonic() < deadline, "/health stayed 200 with the engine dead"
             time.sleep(0.1)
         assert health.status_code == 503
-        body = {"model": orphaned.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-        for path, extra in (("/v1/chat/completions", {}), ("/v1/completions", {"prompt": "Hi", "stream": True})):
+        body = {"model": orphaned.model, "max_tokens": 2}
+        for path, extra in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+                            ("/v1/completions", {"prompt": "Hi", "stream": True})):
             response = http.post(path, json={**body, **extra})
             assert response.status_code == 503
             assert response.json()["error"]["type"] == "ServiceUnavailableError"
