@@ -64,7 +64,8 @@ async def create_completion(
     models: ServedModels, engine: AsyncLLM, request: CompletionRequest, raw_request: Request
 ) -> Response:
     lora, model_name = await lora_for(engine, request.model)
-    given = _prompt_list(request.prompt) if request.prompt is not None else []
+    # with prompt_embeds an empty `prompt` is no prompt: the openai client must send one (vLLM's examples send "")
+    given = [] if request.prompt_embeds is not None and not request.prompt else _prompt_list(request.prompt)
     count = len(given) + _count(request.prompt_embeds)
     models.limits.check_generation(count, request.num_sequences, request.stop)
     with models.admit(engine, count * request.num_sequences) as hold:
