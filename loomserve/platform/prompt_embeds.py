@@ -18,6 +18,7 @@ from torch import nn
 
 from loomserve.modalities.hashing import content_hash
 from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
+from loomserve.modalities.placeholder_embeds import with_placeholder_embeds
 from loomserve.platform.features import RunnerHook
 from loomserve.platform.models.registry import is_encoder_decoder, is_multimodal
 
@@ -91,34 +92,19 @@ def is_embeds(item: MultiModalItem) -> bool:
 def runner_hook(config: EngineConfig, model: nn.Module, device: torch.device) -> PromptEmbedsRunnerHook | None:
     if not config.model_config.enable_prompt_embeds or model.is_multimodal or model.encoder_only:
         return None
-    return PromptEmbedsRunnerHook(model, device)
+    return PromptEmbedsRunnerHook(model)
 
 
 class PromptEmbedsRunnerHook(RunnerHook):
     name = "prompt_embeds"
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.device = device
 
     def prepare(self, step: ScheduledStep, batch: BatchInputs) -> None:
         """When the batch holds prompt-embeds positions, the input embeddings [T, hidden]: token embeddings with
-        the clients' rows in place (a prefill chunk may take only part of a prompt)."""
-        rows, embeds = [], []
-        offset = 0
-        for s, state in zip(batch.scheduled, batch.requests):
-            start, end = s.start, s.start + s.num_new_tokens
-            for item in filter(is_embeds, state.mm_items):
-                p = item.placeholder
-                lo, hi = max(start, p.offset), min(end, p.end)
-                if lo < hi:
-                    embeds.append(item.data[EMBEDS][lo - p.offset : hi - p.offset])
-                    rows.append(torch.arange(offset + lo - start, offset + hi - start))
-            offset += s.num_new_tokens
-        if not embeds:
-            return
-        inputs_embeds = self.model.embed_input_ids(batch.input_ids)  # [T, hidden]
-        index = torch.cat(rows).to(self.device, non_blocking=True)  # a blocking copy would wait for the step in flight
-        values = torch.cat(embeds).to(self.device, inputs_embeds.dtype, non_blocking=True)  # [R, hidden]
-        inputs_embeds.index_copy_(0, index, values)
-        batch.forward.inputs_embeds = inputs_embeds
+        the clients' rows in place."""
+        placed = with_placeholder_embeds(batch, self.model.embed_input_ids,
+                                         lambda item: item.data[EMBEDS] if is_embeds(item) else None)
+        if placed is not None:
+            batch.forward.inputs_embeds = placed[0]
