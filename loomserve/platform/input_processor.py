@@ -17,7 +17,7 @@ from loomserve.platform.config import ModelConfig
 from loomserve.platform.logit_constraints import check_logit_constraints, tokenize_bad_words
 from loomserve.platform.messages import EngineCoreRequest
 from loomserve.platform.models.registry import is_encoder_decoder
-from loomserve.platform.prompt_embeds import prompt_embeds_input
+from loomserve.platform.prompt_embeds import is_embeds, prompt_embeds_input
 from loomserve.platform.request import SamplingParams, resolve_num_logprobs
 from loomserve.platform.structured.grammar import grammar_spec
 
@@ -146,6 +146,8 @@ class InputProcessor:
             params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids)
         if self.encoder_decoder and len(mm_items) != 1:
             raise ValueError(ENCODER_DECODER_INPUT)
+        if params.prompt_logprobs is not None and any(map(is_embeds, mm_items)):
+            raise ValueError("prompt_logprobs is not supported with prompt_embeds: the prompt has no tokens")
         if self.extra_stop_ids and not params.ignore_eos:
             params = SamplingParams.from_dict(
                 {**params.to_dict(), "stop_token_ids": params.stop_token_ids + self.extra_stop_ids}

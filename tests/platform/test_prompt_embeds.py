@@ -70,3 +70,8 @@ def test_prompt_embeds_need_the_flag(qwen2_checkpoint, embeds):
 def test_wrong_hidden_size_is_refused(llm, embeds):
     with pytest.raises(ValueError, match="hidden size"):
         llm.generate({"prompt_embeds": embeds[:, :-1]}, GREEDY)
+
+
+def test_prompt_logprobs_of_embeddings_are_refused(llm, embeds):
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate({"prompt_embeds": embeds}, SamplingParams(max_tokens=2, prompt_logprobs=1))
