@@ -108,8 +108,10 @@ class InputProcessor:
         mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         return (text, *self.mm.apply(token_ids, mm_data)) if mm_data else (text, token_ids, [])
 
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, token_ids: list[int], params: SamplingParams, mm_items: Sequence[MultiModalItem] = ()) -> None:
         """Raise ValueError with the numbers when a prompt cannot be served."""
+        if params.prompt_logprobs is not None and any(map(is_embeds, mm_items)):
+            raise ValueError("prompt_logprobs is not supported with prompt_embeds: the prompt has no tokens")
         if self.model_config.task != "generate":
             raise ValueError(f"{self.model_config.served_model_name} is a pooling model ({self.model_config.task}): "
                              "it cannot generate text")
@@ -146,8 +148,6 @@ class InputProcessor:
             params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids)
         if self.encoder_decoder and len(mm_items) != 1:
             raise ValueError(ENCODER_DECODER_INPUT)
-        if params.prompt_logprobs is not None and any(map(is_embeds, mm_items)):
-            raise ValueError("prompt_logprobs is not supported with prompt_embeds: the prompt has no tokens")
         if self.extra_stop_ids and not params.ignore_eos:
             params = SamplingParams.from_dict(
                 {**params.to_dict(), "stop_token_ids": params.stop_token_ids + self.extra_stop_ids}

@@ -44,6 +44,13 @@ def test_prompt_embeds_generate_what_their_tokens_do(client, model, ids, embeds)
     assert from_embeds.usage.prompt_tokens == len(ids)
 
 
+def test_prompt_embeds_stream_as_they_answer_whole(client, model, embeds):
+    body = {"model": model, "prompt": "", "max_tokens": 8, "temperature": 0,
+            "extra_body": {"prompt_embeds": encoded(embeds.to(torch.bfloat16))}}
+    whole = client.completions.create(**body).choices[0].text
+    assert "".join(chunk.choices[0].text for chunk in client.completions.create(**body, stream=True)) == whole
+
+
 def test_prompt_embeds_come_before_text_prompts(http, model, ids, embeds):
     shifted = embeds + 0.5
     answer = complete(http, model, prompt=PROMPT, prompt_embeds=[encoded(shifted), encoded(embeds)]).json()

@@ -72,6 +72,7 @@ def test_wrong_hidden_size_is_refused(llm, embeds):
         llm.generate({"prompt_embeds": embeds[:, :-1]}, GREEDY)
 
 
-def test_prompt_logprobs_of_embeddings_are_refused(llm, embeds):
+def test_prompt_logprobs_of_embeddings_are_refused_before_any_prompt_starts(llm, ids, embeds):
     with pytest.raises(ValueError, match="prompt_logprobs"):
-        llm.generate({"prompt_embeds": embeds}, SamplingParams(max_tokens=2, prompt_logprobs=1))
+        llm.generate([ids.tolist(), {"prompt_embeds": embeds}], SamplingParams(max_tokens=2, prompt_logprobs=1))
+    assert generated(llm, {"prompt_embeds": embeds}) == generated(llm, ids.tolist())
