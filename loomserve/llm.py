@@ -61,8 +61,8 @@ class LLM(PoolingAPI):
         params = _per_prompt(sampling_params or SamplingParams(), SamplingParams, "sampling params", len(prompts))
         loras = _per_prompt(lora_request, LoRARequest, "LoRA requests", len(prompts))
         tokenized = [self.input_processor.process(prompt) for prompt in prompts]
-        for (_, token_ids, _), p in zip(tokenized, params):
-            self.input_processor.validate(token_ids, p)  # all or nothing: refuse before any request starts
+        for (_, token_ids, mm_items), p in zip(tokenized, params):
+            self.input_processor.validate(token_ids, p, mm_items)  # all or nothing: refuse before any request starts
         for lora in dict.fromkeys(lora for lora in loras if lora is not None):
             self.engine.add_lora(lora)  # reads and checks the adapter, raising before any request starts
         processor = OutputProcessor(self.tokenizer, final_only=True)

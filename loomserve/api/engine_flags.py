@@ -16,7 +16,8 @@ from loomserve.platform.config import EngineArgs
 GROUPS: dict[str, tuple[str, ...]] = {
     "ModelConfig": ("model", "tokenizer", "revision", "trust_remote_code", "served_model_name", "dtype",
                     "max_model_len", "max_logprobs", "generation_config", "seed", "task", "pooler_config",
-                    "hf_overrides", "quantization", "enforce_eager", "max_cudagraph_capture_size"),
+                    "hf_overrides", "quantization", "enforce_eager", "max_cudagraph_capture_size",
+                    "enable_prompt_embeds"),
     "LoadConfig": ("load_format", "download_dir"),
     "DeviceConfig": ("device", "cpu_threads", "attention_backend"),
     "CacheConfig": ("block_size", "kv_cache_memory", "kv_cache_dtype", "gpu_memory_utilization",

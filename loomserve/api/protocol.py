@@ -209,11 +209,18 @@ class SamplingRequest(OpenAIBaseModel, ConstraintFields):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] | None = None
+    prompt_embeds: str | list[str] | None = None  # base64 of torch.save'd [seq_len, hidden] (--enable-prompt-embeds)
     logprobs: LogprobCount | None = None
     echo: bool = False
 
     _prompt_unicode = field_validator("prompt")(_valid_unicode)
+
+    @model_validator(mode="after")
+    def _needs_a_prompt(self) -> CompletionRequest:
+        if self.prompt is None and self.prompt_embeds is None:
+            raise ValueError("either `prompt` or `prompt_embeds` must be given")
+        return self
 
     @property
     def num_logprobs(self) -> int | None:

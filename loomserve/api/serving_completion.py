@@ -16,6 +16,7 @@ from loomserve.api.beam_search import beam_search, beam_search_params
 from loomserve.api.errors import APIError, error_body_for
 from loomserve.api.logprobs import completion_logprobs, joined_logprobs, prompt_logprobs_json
 from loomserve.api.offload import json_response, offload
+from loomserve.api.prompt_embeds import embeds_prompts
 from loomserve.api.prompts import Prompt, check_token_ids, encode_fitting
 from loomserve.api.protocol import CompletionChoice, CompletionLogProbs, CompletionRequest, CompletionResponse
 from loomserve.api.served_models import ServedModels
@@ -63,10 +64,12 @@ async def create_completion(
     models: ServedModels, engine: AsyncLLM, request: CompletionRequest, raw_request: Request
 ) -> Response:
     lora, model_name = await lora_for(engine, request.model)
-    given = _prompt_list(request.prompt)
-    models.limits.check_generation(len(given), request.num_sequences, request.stop)
-    with models.admit(engine, len(given) * request.num_sequences) as hold:
-        prompts = await offload(_prompts, engine, given)
+    # with prompt_embeds an empty `prompt` is no prompt: the openai client must send one (vLLM's examples send "")
+    given = [] if request.prompt_embeds is not None and not request.prompt else _prompt_list(request.prompt)
+    count = len(given) + _count(request.prompt_embeds)
+    models.limits.check_generation(count, request.num_sequences, request.stop)
+    with models.admit(engine, count * request.num_sequences) as hold:
+        prompts = await offload(embeds_prompts, engine, request) + await offload(_prompts, engine, given)
         params = [sampling_params(engine, request, prompt) for prompt in prompts]
         echo_texts = [_echo_text(engine.tokenizer, p) if request.echo else "" for p in prompts]
         call = _Call(request, echo_texts, model_name, engine.tokenizer, UsageReport.of(request, raw_request))
@@ -76,8 +79,9 @@ async def create_completion(
                        for i, (p, bp) in enumerate(zip(prompts, searches, strict=True))]
         else:
             streams = [
-                engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text, lora_request=lora,
-                                cache_salt=request.cache_salt, kv_transfer_params=request.kv_transfer_params)
+                engine.generate(p.token_ids, sp, f"{call.id}-{i}", prompt=p.text, mm_items=p.mm_items,
+                                lora_request=lora, cache_salt=request.cache_salt,
+                                kv_transfer_params=request.kv_transfer_params)
                 for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
             ]
         if request.stream:
@@ -95,6 +99,10 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
     if not prompt:
         raise APIError("`prompt` must not be empty", param="prompt")
     return prompt
+
+
+def _count(prompt_embeds: str | list[str] | None) -> int:
+    return 0 if prompt_embeds is None else 1 if isinstance(prompt_embeds, str) else len(prompt_embeds)
 
 
 def _prompts(engine: AsyncLLM, given: list[str] | list[list[int]]) -> list[Prompt]:

@@ -13,7 +13,7 @@ KNOWN_UNSUPPORTED = frozenset({
     "safety_identifier", "service_tier", "store", "suffix", "verbosity", "web_search_options",
     # vLLM
     "chat_template", "guided_decoding_backend", "guided_whitespace_pattern", "logits_processors", "media_io_kwargs",
-    "mm_processor_kwargs", "priority", "prompt_embeds", "request_id", "spaces_between_special_tokens",
+    "mm_processor_kwargs", "priority", "request_id", "spaces_between_special_tokens",
     "thinking_token_budget", "vllm_xargs",
 })
 

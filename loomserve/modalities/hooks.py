@@ -1,7 +1,7 @@
 """The multimodal feature's hooks: the encoder cache and budget beside the scheduler (`EncoderCacheManager`), and in
 the runner the encoders themselves. The runner hook runs the encoders the scheduler asked for, keeps their outputs
 by content hash, and builds the decoder's inputs for the flat batch: token embeddings with each media embedding
-scattered into its placeholder positions (a chunk may hold only part of an item), and M-RoPE positions [3, T] for
+scattered into its placeholder positions (`placeholder_embeds.py`), and M-RoPE positions [3, T] for
 models that use them."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 
 from loomserve.modalities.encoder_cache import EncoderCache, EncoderCacheManager
 from loomserve.modalities.inputs import MultiModalItem
+from loomserve.modalities.placeholder_embeds import with_placeholder_embeds
 from loomserve.platform.features import RunnerHook
 from loomserve.platform.models.mrope import chunk_positions
 from loomserve.platform.models.registry import is_multimodal
@@ -53,24 +54,9 @@ class MultiModalRunnerHook(RunnerHook):
             self._encode(data["encode"], data["free"], batch)
         if self.model.uses_mrope:
             batch.forward.positions = self._mrope_positions(batch)
-        rows, embeds = [], []
-        offset = 0
-        for s, state in zip(batch.scheduled, batch.requests):
-            start, end = s.start, s.start + s.num_new_tokens
-            for item in state.mm_items:
-                p = item.placeholder
-                lo, hi = max(start, p.offset), min(end, p.end)
-                if lo < hi:
-                    embeds.append(self.cache[item.content_hash][lo - p.offset : hi - p.offset])
-                    rows.append(torch.arange(offset + lo - start, offset + hi - start))
-            offset += s.num_new_tokens
-        if not embeds:
-            return
-        inputs_embeds = self.model.embed_input_ids(batch.input_ids)  # [T, hidden]
-        index = torch.cat(rows).to(self.device, non_blocking=True)  # a blocking copy would wait for the step in flight
-        inputs_embeds.index_copy_(0, index, torch.cat(embeds).to(inputs_embeds.dtype))
-        batch.forward.inputs_embeds = inputs_embeds
-        batch.forward.media_rows = index
+        placed = with_placeholder_embeds(batch, self.model.embed_input_ids, lambda item: self.cache[item.content_hash])
+        if placed is not None:
+            batch.forward.inputs_embeds, batch.forward.media_rows = placed
 
     def _encode(self, hashes: list[str], freed: list[str], batch: BatchInputs) -> None:
         """Run the encoders over the items named by content hash (each belongs to a request of the step)."""

@@ -125,7 +125,7 @@ class AsyncLLM:
         self._ensure_output_task()
         if self.errored:
             raise EngineDeadError(self.errored)
-        self.input_processor.validate(prompt_token_ids, sampling_params)
+        self.input_processor.validate(prompt_token_ids, sampling_params, mm_items or ())
         if self.log_requests:
             logger.info("Received request %s: %d prompt tokens, %r, adapter %s", request_id, len(prompt_token_ids),
                         sampling_params, lora_request.lora_name if lora_request else None)

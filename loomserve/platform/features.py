@@ -146,6 +146,7 @@ FEATURES: dict[str, tuple[str | None, str | None]] = {
               "loomserve.platform.kv_transfer.disagg:runner_hook"),
     "spec": ("loomserve.platform.spec_decode.hooks:scheduler_hook", "loomserve.platform.spec_decode.hooks:runner_hook"),
     "structured": ("loomserve.platform.structured.scheduling:scheduler_hook", None),
+    "prompt_embeds": (None, "loomserve.platform.prompt_embeds:runner_hook"),
     "cross_attn": ("loomserve.platform.cross_kv_store:scheduler_hook", "loomserve.platform.cross_kv_store:runner_hook"),
 }
 

@@ -17,6 +17,7 @@ from loomserve.platform.config import ModelConfig
 from loomserve.platform.logit_constraints import check_logit_constraints, tokenize_bad_words
 from loomserve.platform.messages import EngineCoreRequest
 from loomserve.platform.models.registry import is_encoder_decoder
+from loomserve.platform.prompt_embeds import is_embeds, prompt_embeds_input
 from loomserve.platform.request import SamplingParams, resolve_num_logprobs
 from loomserve.platform.structured.grammar import grammar_spec
 
@@ -25,7 +26,7 @@ ENCODER_DECODER_INPUT = ("a speech-to-text (Whisper) model takes one audio clip 
 
 # A prompt: text, token ids, or vLLM's dict form {"prompt": ...} / {"prompt_token_ids": [...]}, which may add
 # {"multi_modal_data": {"image": ..., "video": ..., "audio": ...}} (one item or a list per modality) and a
-# "cache_salt".
+# "cache_salt"; or {"prompt_embeds": tensor [seq_len, hidden]} in place of the token ids.
 PromptType = str | list[int] | dict[str, Any]
 
 
@@ -101,12 +102,16 @@ class InputProcessor:
 
     def process(self, prompt: PromptType) -> tuple[str | None, list[int], list[MultiModalItem]]:
         """`tokenize`, then media placeholders expanded (MediaError for media the model cannot take)."""
+        if isinstance(prompt, dict) and "prompt_embeds" in prompt:
+            return (None, *prompt_embeds_input(self.model_config, prompt["prompt_embeds"]))
         text, token_ids = self.tokenize(prompt)
         mm_data = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         return (text, *self.mm.apply(token_ids, mm_data)) if mm_data else (text, token_ids, [])
 
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, token_ids: list[int], params: SamplingParams, mm_items: Sequence[MultiModalItem] = ()) -> None:
         """Raise ValueError with the numbers when a prompt cannot be served."""
+        if params.prompt_logprobs is not None and any(map(is_embeds, mm_items)):
+            raise ValueError("prompt_logprobs is not supported with prompt_embeds: the prompt has no tokens")
         if self.model_config.task != "generate":
             raise ValueError(f"{self.model_config.served_model_name} is a pooling model ({self.model_config.task}): "
                              "it cannot generate text")

@@ -16,8 +16,8 @@ from loomserve.testing.server import Server
 @pytest.fixture(scope="session")
 def server(start_server) -> Iterator[Server]:
     """The shared server; tests must leave it healthy and idle. It reports cached prompt tokens (tests of the
-    prefix cache read them)."""
-    with start_server("--enable-prompt-tokens-details") as s:
+    prefix cache read them) and takes prompt_embeds."""
+    with start_server("--enable-prompt-tokens-details", "--enable-prompt-embeds") as s:
         yield s
 
 

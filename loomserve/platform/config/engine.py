@@ -99,6 +99,9 @@ class EngineArgs:
     async_scheduling: bool | None = _arg(
         None, "schedule the next step while the GPU runs this one (default: on for CUDA, off for CPU, where "
               "nothing runs asynchronously)")
+    enable_prompt_embeds: bool = _arg(
+        False, "accept prompt_embeds (embeddings in place of a prompt's token ids) on /v1/completions and in "
+               "LLM.generate({'prompt_embeds': tensor})")
     enable_lora: bool = _arg(False, "serve LoRA adapters on top of the model")
     max_loras: int = _arg(1, "adapters in one step")
     max_lora_rank: int = _arg(16, "largest adapter rank served")
@@ -207,6 +210,7 @@ class EngineArgs:
             served_model_aliases=tuple(self.served_model_names()[1:]),
             trust_remote_code=self.trust_remote_code,
             max_logprobs=self.max_logprobs,
+            enable_prompt_embeds=self.enable_prompt_embeds,
         )
         cache_config = CacheConfig(
             block_size=self.block_size,

@@ -109,6 +109,7 @@ class ModelConfig:
     served_model_aliases: tuple[str, ...] = ()  # more names clients may send (--served-model-name a b)
     trust_remote_code: bool = False  # transformers may run the checkpoint's code for its config and tokenizer
     max_logprobs: int = 20  # most logprobs one request may ask for
+    enable_prompt_embeds: bool = False  # requests may bring embeddings in place of token ids (prompt_embeds)
 
     @property
     def architecture(self) -> str:

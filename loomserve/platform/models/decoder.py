@@ -240,6 +240,9 @@ class DecoderForCausalLM(ServedModel):
     ) -> torch.Tensor:  # [T, hidden]
         return self.model(input_ids, kv_caches, batch)
 
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # [T, hidden]
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [N, vocab]
 
