@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loomserve.adapters.request import LoRARequest
-from loomserve.platform.prompt_embeds import is_embeds
 from loomserve.platform.structured.params import StructuredOutputsParams
 from loomserve.pooling.params import PoolingParams
 
@@ -188,6 +187,8 @@ class Request(TokenCounts):
     @property
     def needed_features(self) -> list[str]:
         """The features (by their hooks' names) without which the engine cannot run this request."""
+        from loomserve.platform.prompt_embeds import is_embeds  # imports torch: not when this module loads
+
         media = not all(map(is_embeds, self.mm_items))  # prompt_embeds are checked up front
         return [name for name, needed in (("lora", self.lora_request), ("mm", media)) if needed]
 

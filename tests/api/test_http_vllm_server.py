@@ -134,10 +134,19 @@ def test_tokenizer_info_says_the_tokenizer_config(http):
 
 def test_load_counts_requests_being_answered(server, http, model):
     assert http.get("/load").json() == {"server_load": 0}
-    body = {"model": model, "prompt": "hi", "max_tokens": 400, "stream": True, "ignore_eos": True}
-    with http.stream("POST", "/v1/completions", json=body) as response:
-        next(response.iter_lines())
-        assert http.get("/load").json() == {"server_load": 1}
+    body = {"model": model, "prompt": "hi", "max_tokens": 1000, "ignore_eos": True}
+
+    def answer() -> None:
+        with server.http(AUTH) as client:
+            client.post("/v1/completions", json=body)
+
+    answering = threading.Thread(target=answer)
+    answering.start()
+    loads = set()
+    while answering.is_alive():  # the request is in flight for as long as its 1,000 tokens take
+        loads.add(http.get("/load").json()["server_load"])
+    answering.join()
+    assert 1 in loads and loads <= {0, 1}
     assert http.get("/load").json() == {"server_load": 0}
 
 
