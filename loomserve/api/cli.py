@@ -116,23 +116,13 @@ def main(argv: list[str] | None = None) -> None:
         configure_logging()
         ns.run(ns)
     except KeyboardInterrupt:
-        _exit_now(EXIT_INTERRUPTED)
+        sys.exit(EXIT_INTERRUPTED)
     except _Terminated:
-        _exit_now(EXIT_TERMINATED)
+        sys.exit(EXIT_TERMINATED)
     except Exception as exc:
         _fail(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _exit_now(code: int) -> NoReturn:
-    """Stop without the interpreter's teardown: a Ctrl-C or SIGTERM can come while engines load, in threads that hold
-    ZeroMQ sockets a normal exit would wait on (or abort over); the engine processes follow their parent out
-    (platform/parent_watch.py), and once serving, the app has shut them down already."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 class _Terminated(BaseException):
