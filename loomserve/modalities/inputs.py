@@ -24,10 +24,17 @@ class PlaceholderRange:
         return self.offset + self.length
 
 
+PROMPT_EMBEDS = "embeds"  # the modality of a prompt_embeds item (platform/prompt_embeds.py): rows, not media
+
+
 @dataclass
 class MultiModalItem:
-    modality: str  # "image" | "video" | "audio"
+    modality: str  # "image" | "video" | "audio", or PROMPT_EMBEDS
     content_hash: str  # hex SHA-256 over the modality, processing settings and content
     placeholder: PlaceholderRange
     data: dict[str, torch.Tensor] = field(default_factory=dict)  # what the encoder consumes (see each processor)
     meta: dict[str, float] = field(default_factory=dict)  # scalars the model needs besides tensors (e.g. video fps)
+
+    @property
+    def is_prompt_embeds(self) -> bool:
+        return self.modality == PROMPT_EMBEDS

@@ -17,7 +17,7 @@ from loomserve.platform.config import ModelConfig
 from loomserve.platform.logit_constraints import check_logit_constraints, tokenize_bad_words
 from loomserve.platform.messages import EngineCoreRequest
 from loomserve.platform.models.registry import is_encoder_decoder
-from loomserve.platform.prompt_embeds import is_embeds, prompt_embeds_input
+from loomserve.platform.prompt_embeds import prompt_embeds_input
 from loomserve.platform.request import SamplingParams, resolve_num_logprobs
 from loomserve.platform.structured.grammar import grammar_spec
 
@@ -110,7 +110,7 @@ class InputProcessor:
 
     def validate(self, token_ids: list[int], params: SamplingParams, mm_items: Sequence[MultiModalItem] = ()) -> None:
         """Raise ValueError with the numbers when a prompt cannot be served."""
-        if params.prompt_logprobs is not None and any(map(is_embeds, mm_items)):
+        if params.prompt_logprobs is not None and any(item.is_prompt_embeds for item in mm_items):
             raise ValueError("prompt_logprobs is not supported with prompt_embeds: the prompt has no tokens")
         if self.model_config.task != "generate":
             raise ValueError(f"{self.model_config.served_model_name} is a pooling model ({self.model_config.task}): "

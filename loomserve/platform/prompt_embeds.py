@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from loomserve.modalities.hashing import content_hash
-from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
+from loomserve.modalities.inputs import PROMPT_EMBEDS, MultiModalItem, PlaceholderRange
 from loomserve.modalities.placeholder_embeds import with_placeholder_embeds
 from loomserve.platform.features import RunnerHook
 from loomserve.platform.models.registry import is_encoder_decoder, is_multimodal
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from loomserve.platform.input_batch import BatchInputs
     from loomserve.platform.step import ScheduledStep
 
-EMBEDS = "embeds"  # the modality of a prompt_embeds item
 DISABLED = "prompt_embeds needs the server started with --enable-prompt-embeds (LLM(enable_prompt_embeds=True))"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,8 +67,8 @@ def embeds_prompt(tensor: torch.Tensor) -> tuple[list[int], list[MultiModalItem]
     """(placeholder token ids, the one item carrying the embeddings) for a checked [seq_len, hidden] tensor."""
     n = tensor.shape[0]
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bfloat16
-    item = MultiModalItem(EMBEDS, content_hash(EMBEDS, {"dtype": str(tensor.dtype)}, raw.numpy()),
-                          PlaceholderRange(0, n), {EMBEDS: tensor})
+    item = MultiModalItem(PROMPT_EMBEDS, content_hash(PROMPT_EMBEDS, {"dtype": str(tensor.dtype)}, raw.numpy()),
+                          PlaceholderRange(0, n), {PROMPT_EMBEDS: tensor})
     return [0] * n, [item]
 
 
@@ -83,10 +82,6 @@ def prompt_embeds_input(model_config: ModelConfig, value: Any) -> tuple[list[int
     if isinstance(value, (str, bytes)):
         value = decode_prompt_embeds(value)
     return embeds_prompt(check_prompt_embeds(value, model_config.text_config.hidden_size))
-
-
-def is_embeds(item: MultiModalItem) -> bool:
-    return item.modality == EMBEDS
 
 
 def runner_hook(config: EngineConfig, model: nn.Module, device: torch.device) -> PromptEmbedsRunnerHook | None:
@@ -105,6 +100,6 @@ class PromptEmbedsRunnerHook(RunnerHook):
         """When the batch holds prompt-embeds positions, the input embeddings [T, hidden]: token embeddings with
         the clients' rows in place."""
         placed = with_placeholder_embeds(batch, self.model.embed_input_ids,
-                                         lambda item: item.data[EMBEDS] if is_embeds(item) else None)
+                                         lambda item: item.data[PROMPT_EMBEDS] if item.is_prompt_embeds else None)
         if placed is not None:
             batch.forward.inputs_embeds = placed[0]

@@ -187,9 +187,7 @@ class Request(TokenCounts):
     @property
     def needed_features(self) -> list[str]:
         """The features (by their hooks' names) without which the engine cannot run this request."""
-        from loomserve.platform.prompt_embeds import is_embeds  # imports torch: not when this module loads
-
-        media = not all(map(is_embeds, self.mm_items))  # prompt_embeds are checked up front
+        media = not all(item.is_prompt_embeds for item in self.mm_items)  # prompt_embeds are checked up front
         return [name for name, needed in (("lora", self.lora_request), ("mm", media)) if needed]
 
     @property
