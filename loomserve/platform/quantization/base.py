@@ -29,8 +29,8 @@ class QuantizedLinear(nn.Module):
 
 
 class DequantizedLinear(QuantizedLinear):
-    """Projections stored packed, one shard each (a shard has `out_features` and `dequantize()` -> [out_i, in]
-    float32): their dequantized weights, in the compute dtype, make one GEMM."""
+    """Projections stored packed, one shard each (a shard has `out_features` and `dequantize(dtype)` -> [out_i, in],
+    float32 by default): their dequantized weights, in the compute dtype, make one GEMM."""
 
     def __init__(self, shards: list[nn.Module], bias: torch.Tensor | None, in_features: int,
                  compute_dtype: torch.dtype) -> None:
@@ -49,7 +49,8 @@ class DequantizedLinear(QuantizedLinear):
         return cls(shards, bias, linear.in_features, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        weight = torch.cat([s.dequantize() for s in self.shards]).to(x.dtype)  # [out, in]
+        weight = torch.cat([s.dequantize(x.dtype) for s in self.shards])  # [out, in], made in x's dtype: a
+        # float32 copy of every weight each step would cost more memory traffic than the GEMM
         return F.linear(x, weight, self.bias)
 
 

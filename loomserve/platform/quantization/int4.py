@@ -31,7 +31,6 @@ from loomserve.platform.quantization.base import (
 
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
 SMALL_BATCH = 16  # tokens up to which the Triton kernel runs (a decode batch); above, dequantize then GEMM
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # the 8 nibbles of an int32, lowest first
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's nibble i holds output column AWQ_ORDER[i] of its 8
 _AWQ_UNDO = [AWQ_ORDER.index(c) for c in range(8)]  # output column c sits in nibble _AWQ_UNDO[c]
 
@@ -65,15 +64,21 @@ def split_int4(weights: Iterable[tuple[str, torch.Tensor]], groups: dict[str, Te
     return split_groups(weights, groups, lambda part, tensor: part in _PARTS)
 
 
+def _shifts(device: torch.device) -> torch.Tensor:
+    """The 8 nibbles of an int32, lowest first: made on `device` (a host tensor copied in could not be captured in
+    a CUDA graph)."""
+    return torch.arange(0, 32, 4, dtype=torch.int32, device=device)
+
+
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     """int32 [n / 8, m] -> [n, m]: 8 rows per int32, lowest nibble first (GPTQ's qweight)."""
-    nibbles = (packed[:, None, :] >> _SHIFTS.to(packed.device)[None, :, None]) & 0xF  # [n / 8, 8, m]
+    nibbles = (packed[:, None, :] >> _shifts(packed.device)[None, :, None]) & 0xF  # [n / 8, 8, m]
     return nibbles.reshape(-1, packed.shape[1])
 
 
 def unpack_columns(packed: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
     """int32 [n, m / 8] -> [n, m]: 8 columns per int32; `order[c]` is the nibble holding column c (None: c)."""
-    nibbles = (packed[:, :, None] >> _SHIFTS.to(packed.device)[None, None, :]) & 0xF  # [n, m / 8, 8]
+    nibbles = (packed[:, :, None] >> _shifts(packed.device)[None, None, :]) & 0xF  # [n, m / 8, 8]
     if order is not None:
         nibbles = nibbles[:, :, order]
     return nibbles.reshape(packed.shape[0], -1)
@@ -81,7 +86,7 @@ def unpack_columns(packed: torch.Tensor, order: list[int] | None = None) -> torc
 
 def pack_rows(values: torch.Tensor) -> torch.Tensor:
     """[n, m] 4-bit values -> int32 [n / 8, m]: 8 rows per int32, lowest nibble first (GPTQ's qweight)."""
-    shifts = _SHIFTS.to(values.device).long()
+    shifts = _shifts(values.device).long()
     packed = (values.long().reshape(-1, 8, values.shape[1]) << shifts[None, :, None]).sum(dim=1)  # [n / 8, m]
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
@@ -111,10 +116,10 @@ class Int4Shard(nn.Module):
         self.g_idx = nn.Parameter(g_idx.to(torch.int32), requires_grad=False)  # [in]
         self.out_features = scales.shape[1]
 
-    def dequantize(self) -> torch.Tensor:
-        """[out, in] float32 weights: value * scale - zero point * scale of each input row's group."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[out, in] weights in `dtype`: value * scale - zero point * scale of each input row's group."""
         g = self.g_idx.long()
-        return (unpack_rows(self.qweight).float() * self.scales[g].float() - self.scaled_zeros[g]).t()
+        return (unpack_rows(self.qweight).to(dtype) * self.scales[g].to(dtype) - self.scaled_zeros[g].to(dtype)).t()
 
 
 class Int4Linear(DequantizedLinear):

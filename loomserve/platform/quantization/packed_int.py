@@ -48,10 +48,10 @@ class PackedIntShard(nn.Module):
             g_idx = torch.arange(self.shape[1], device=self.weight_scale.device) // (self.shape[1] // groups)
         self.g_idx = nn.Parameter(g_idx.to(torch.int64), requires_grad=False)  # [in]
 
-    def dequantize(self) -> torch.Tensor:
-        """[out, in] float32: each value times its group's scale."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[out, in] in `dtype`: each value times its group's scale."""
         values = _unpack_from_int32()(self.weight_packed, self.num_bits, self.shape)  # [out, in] int8
-        return values.float() * self.weight_scale.float()[:, self.g_idx]
+        return values.to(dtype) * self.weight_scale.to(dtype)[:, self.g_idx]
 
 
 def packed_int_linear(linear: nn.Linear, groups: list[TensorGroup], scheme: PackedIntScheme) -> DequantizedLinear:

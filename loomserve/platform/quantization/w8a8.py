@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loomserve.platform.models.layers import use_fused_kernels
 from loomserve.platform.quantization.base import (
     QuantizedLinear,
     TensorGroup,
@@ -179,8 +180,14 @@ class W8Linear(QuantizedLinear):
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         """FP8 tensor cores: per-token activation scales times per-row weight scales, in bfloat16."""
-        scale = self._activation_scale(x).contiguous()  # [T, 1]
-        y = torch._scaled_mm(quantize(x, scale), self.weight.t(), scale_a=scale,
+        if self.scheme.activations == "static" or not use_fused_kernels(x):
+            scale = self._activation_scale(x).contiguous()  # [T, 1]
+            q = quantize(x, scale)
+        else:
+            from loomserve.platform.quantization.fp8_triton import per_token_fp8
+
+            q, scale = per_token_fp8(x)  # [T, in] FP8, [T, 1]
+        y = torch._scaled_mm(q, self.weight.t(), scale_a=scale,
                              scale_b=self.weight_scale.view(1, -1), out_dtype=torch.bfloat16)  # [T, out]
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
