@@ -8,8 +8,8 @@ AWQ (AutoAWQ GEMM): `qweight` int32 [in, out / 8] and `qzeros` int32 [groups, ou
 in the order 0, 2, 4, 6, 1, 3, 5, 7; `scales` [groups, out]; zero points are stored as they are.
 
 Both load into GPTQ's row-packed layout, with zero points times scales kept beside the scales, so one Triton kernel
-(`int4_triton.py`) serves small batches on CUDA; above them (and on CPU) the weights are dequantized for one GEMM. A
-fused layer keeps each projection's tensors (act-order differs per projection).
+(`int4_triton.py`) serves every batch on CUDA; on CPU the weights are dequantized for one GEMM. A fused layer keeps
+each projection's tensors (act-order differs per projection).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from loomserve.platform.quantization.base import (
 )
 
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
-SMALL_BATCH = 16  # tokens up to which the Triton kernel runs (a decode batch); above, dequantize then GEMM
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's nibble i holds output column AWQ_ORDER[i] of its 8
 _AWQ_UNDO = [AWQ_ORDER.index(c) for c in range(8)]  # output column c sits in nibble _AWQ_UNDO[c]
 
@@ -93,7 +92,9 @@ def pack_rows(values: torch.Tensor) -> torch.Tensor:
 
 class Int4Shard(nn.Module):
     """One projection's INT4 weights in one layout for both formats (GPTQ's rows-packed `qweight` [in / 8, out]),
-    with its scales, zero points times scales [groups, out] and the group of each input row."""
+    with its scales and zero points times scales [groups, out], input rows in group order: an act-order
+    checkpoint's rows are sorted by group at load and `perm` [in] gathers the input columns to match (None when the
+    checkpoint's order is already that)."""
 
     def __init__(self, group: TensorGroup, scheme: Int4Scheme, in_features: int) -> None:
         super().__init__()
@@ -107,31 +108,47 @@ class Int4Shard(nn.Module):
             qweight = pack_rows(unpack_columns(group["qweight"], _AWQ_UNDO))
             zeros = unpack_columns(group["qzeros"], _AWQ_UNDO)
         scales = group["scales"]  # [groups, out]
+        in_order = torch.arange(in_features, device=scales.device) // scheme.group_size
         g_idx = group.get("g_idx")
-        if g_idx is None:
-            g_idx = torch.arange(in_features, dtype=torch.int32, device=scales.device) // scheme.group_size
+        perm = None
+        if g_idx is not None and not torch.equal(g_idx.long(), in_order):
+            perm = torch.argsort(g_idx.long(), stable=True)  # [in]: rows of group 0 first, then group 1, ...
+            if not torch.equal(g_idx.long()[perm], in_order):
+                raise ValueError(f"a {scheme.method} g_idx does not give each group {scheme.group_size} rows")
+            qweight = pack_rows(unpack_rows(qweight)[perm])
         self.qweight = nn.Parameter(qweight, requires_grad=False)  # [in / 8, out] int32
         self.scales = nn.Parameter(scales, requires_grad=False)
         self.scaled_zeros = nn.Parameter(zeros.float() * scales.float(), requires_grad=False)  # [groups, out]
-        self.g_idx = nn.Parameter(g_idx.to(torch.int32), requires_grad=False)  # [in]
+        self.perm = None if perm is None else nn.Parameter(perm, requires_grad=False)
+        self.group_size = scheme.group_size
         self.out_features = scales.shape[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[out, in] weights in `dtype`: value * scale - zero point * scale of each input row's group."""
-        g = self.g_idx.long()
-        return (unpack_rows(self.qweight).to(dtype) * self.scales[g].to(dtype) - self.scaled_zeros[g].to(dtype)).t()
+        """[out, in] weights in `dtype`, input columns in the checkpoint's order: value * scale - zero point *
+        scale of each input row's group."""
+        g = torch.arange(self.qweight.shape[0] * 8, device=self.qweight.device) // self.group_size
+        w = unpack_rows(self.qweight).to(dtype) * self.scales[g].to(dtype) - self.scaled_zeros[g].to(dtype)  # [in, out]
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(0, self.perm, w)
+        return w.t()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] times the weights with the Triton kernel -> [T, out]."""
+        from loomserve.platform.quantization.int4_triton import int4_matmul
+
+        if self.perm is not None:
+            x = x[:, self.perm]
+        return int4_matmul(x, self.qweight, self.scales, self.scaled_zeros, self.group_size)
 
 
 class Int4Linear(DequantizedLinear):
-    """INT4 projections: at small batches on CUDA the Triton kernel multiplies straight from the packed weights;
-    otherwise the dequantized weights make one GEMM."""
+    """INT4 projections: on CUDA the Triton kernel multiplies straight from the packed weights; on CPU the
+    dequantized weights make one GEMM."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        if not (use_fused_kernels(x) and x.shape[0] <= SMALL_BATCH):
+        if not use_fused_kernels(x):
             return super().forward(x)
-        from loomserve.platform.quantization.int4_triton import int4_matmul
-
-        y = torch.cat([int4_matmul(x, s.qweight, s.scales, s.scaled_zeros, s.g_idx) for s in self.shards], dim=-1)
+        y = torch.cat([s.matmul(x) for s in self.shards], dim=-1)
         return y if self.bias is None else y + self.bias
 
 
