@@ -29,12 +29,16 @@ def test_int4_method_comes_from_the_checkpoint_and_the_flag_may_confirm_it() -> 
 
 
 @pytest.mark.parametrize(("method", "group_size", "act_order"), [("gptq", 128, True), ("awq", 64, False)])
-@pytest.mark.parametrize("tokens", [5, 40])
-def test_triton_kernel_equals_the_dequantized_gemm(method: str, group_size: int, act_order: bool,
-                                                   tokens: int) -> None:
+@pytest.mark.parametrize(("tokens", "split_k"), [(5, True), (40, False)])
+def test_triton_kernel_equals_the_dequantized_gemm(method: str, group_size: int, act_order: bool, tokens: int,
+                                                   split_k: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA path's kernel (Triton's CPU interpreter here) multiplies straight from the packed weights, act-order
-    rows included, at decode and prefill batch sizes."""
+    rows included, with K split across programs (small batches) and without."""
     pytest.importorskip("triton")
+    from loomserve.platform.quantization import int4_triton
+
+    if not split_k:
+        monkeypatch.setattr(int4_triton, "_TARGET_PROGRAMS", 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layer = load(tiny_int4(method, group_size, act_order)[0]).model.layers[0].mlp.gate_up_proj.to(device)
     shard = layer.shards[0]
