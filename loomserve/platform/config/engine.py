@@ -145,7 +145,8 @@ class EngineArgs:
     enable_expert_parallel: bool = _arg(False, "split MoE experts across ranks instead of slicing each expert")
     speculative_config: str | dict | None = _arg(
         None, 'speculative decoding, JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
-              '"prompt_lookup_max": 3}\' or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\'')
+              '"prompt_lookup_max": 3}\' or \'{"method": "draft_model" | "eagle3", "model": PATH, '
+              '"num_speculative_tokens": 4}\'')
     kv_offloading_size: float | None = _arg(
         None, "GiB of host memory for a CPU tier of the prefix cache: blocks evicted from the device come back "
               "from there on a hit")
