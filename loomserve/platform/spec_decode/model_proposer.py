@@ -86,11 +86,14 @@ class ModelProposer(Proposer):
         rows = [states[i] for i in live]
         meta = build_sampling_metadata(rows, self.vocab_size, self.device)
         steps, probs = [], []
-        for j in range(max(caps)):
-            logits = self._first_logits(rows, landed) if j == 0 else self._next_logits(tokens, j)  # [R, V]
+        k = max(caps)
+        logits = self._first_logits(rows, landed)  # [R, V]
+        for j in range(k):
             tokens, q = self._draw(logits, meta, rows, j)
             steps.append(tokens)
             probs.append(q)
+            if j + 1 < k:
+                logits = self._next_logits(tokens, j + 1)
         drafted = torch.stack(steps, dim=1).tolist()  # [R, k]
         q_all = None if probs[0] is None else torch.stack(probs, dim=1)  # [R, k, V]
         for n, i in enumerate(live):
