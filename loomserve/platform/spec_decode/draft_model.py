@@ -45,8 +45,7 @@ class DraftModelProposer(ModelProposer):
         super().prepare(batch)
 
     def _first_logits(self, rows: list[RequestState], landed: LandedStep) -> torch.Tensor:
-        self._rows_tables = self._tables(rows)
-        self._last = [s.num_tokens - 1 for s in rows]  # each request's last token's position
+        self._start_drafting(rows)
         tokens = torch.tensor([s.output_token_ids[-1] for s in rows], device=self.device)  # [R]
         return self._next_logits(tokens, 0)
 

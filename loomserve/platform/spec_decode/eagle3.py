@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -62,9 +62,9 @@ def head_weights(path: str) -> dict[str, torch.Tensor]:
     return dict(iterate_safetensors(safetensors_files(path)))
 
 
-def load_head(spec: SpeculativeConfig, config: EngineConfig, device: torch.device) -> Eagle3Head:
+def load_head(spec: SpeculativeConfig, hf_config: Any, config: EngineConfig, device: torch.device) -> Eagle3Head:
+    """The head of config `hf_config`, its weights from the checkpoint (random when the target's are dummy)."""
     mc = config.model_config
-    hf_config = head_config(spec.model)
     weights = {} if mc.load_format == "dummy" else head_weights(spec.model)
     own_embeddings = any(name.removeprefix("model.") == "embed_tokens.weight" for name in weights)
     if not own_embeddings and hf_config.hidden_size != mc.text_config.hidden_size:
@@ -85,17 +85,17 @@ class Eagle3Proposer(ModelProposer):
     def __init__(self, spec: SpeculativeConfig, config: EngineConfig, target: nn.Module,
                  device: torch.device) -> None:
         mc = config.model_config
-        self.head = load_head(spec, config, device)
+        hf_config = head_config(spec.model)
+        self.head = load_head(spec, hf_config, config, device)
         self.embed = target.embed_input_ids if self.head.embed_tokens is None else self.head.embed_tokens
-        layers = aux_layer_ids(head_config(spec.model), mc.text_config.num_hidden_layers)
+        layers = aux_layer_ids(hf_config, mc.text_config.num_hidden_layers)
         max_tokens = max(config.scheduler_config.max_num_batched_tokens, max_graph_tokens(config))
         buffer = torch.zeros(max_tokens, len(layers) * mc.text_config.hidden_size, dtype=mc.dtype, device=device)
         self.aux = AuxHiddenStates(layers, buffer)
         attn = self.head.midlayer.self_attn
         super().__init__(1, attn.num_kv_heads, attn.head_dim, mc.dtype, mc.vocab_size, config.cache_config.block_size,
                          device)
-        self._last: list[int] = []  # while drafting: each request's last landed position
-        self._hidden = self._rows_tables = None  # while drafting: the head's last output [R, hidden], block tables
+        self._hidden: torch.Tensor | None = None  # while drafting: the head's last pre-norm output [R, hidden]
 
     def prepare(self, batch: BatchInputs) -> None:
         batch.forward.aux_hidden = self.aux
@@ -144,8 +144,7 @@ class Eagle3Proposer(ModelProposer):
         index = [start.first_row[s.request_id] + len(landed.sampled[s.request_id]) - 1 for s in rows]
         index_t = torch.tensor(index, device=self.device)
         self._hidden = start.prenorm[index_t]  # [R, hidden]
-        self._rows_tables = self._tables(rows)
-        self._last = [s.num_tokens - 1 for s in rows]
+        self._start_drafting(rows)
         return self.head.compute_logits(start.normed[index_t])
 
     def _next_logits(self, tokens: torch.Tensor, j: int) -> torch.Tensor:

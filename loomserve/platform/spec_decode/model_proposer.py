@@ -43,6 +43,9 @@ class ModelProposer(Proposer):
         self.kv_caches: list[torch.Tensor] = []
         self.probs: dict[str, torch.Tensor | None] = {}  # request id -> [k, V] its drafts' q; None: greedy
         self.block_tables: dict[str, torch.Tensor] = {}  # request id -> its block table row of the last step
+        # While drafting: the requests' block tables [R, width] and last landed positions.
+        self._rows_tables: torch.Tensor | None = None
+        self._last: list[int] = []
 
     def kv_bytes_per_block(self) -> int:
         num_layers, num_kv_heads, head_dim = self.kv_shape
@@ -110,8 +113,9 @@ class ModelProposer(Proposer):
         """The logits [R, V] of each request's draft j, given its draft j - 1 `tokens` [R]."""
         raise NotImplementedError
 
-    def _tables(self, rows: list[RequestState]) -> torch.Tensor:
-        return torch.stack([self.block_tables[s.request_id] for s in rows])  # [R, width]
+    def _start_drafting(self, rows: list[RequestState]) -> None:
+        self._rows_tables = torch.stack([self.block_tables[s.request_id] for s in rows])  # [R, width]
+        self._last = [s.num_tokens - 1 for s in rows]
 
     def _decode_attention(self, positions: torch.Tensor, tables: torch.Tensor, seq_lens: list[int]
                           ) -> AttentionMetadata:

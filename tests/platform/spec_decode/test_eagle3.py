@@ -150,3 +150,11 @@ def edited_head(qwen2_checkpoint, tmp_path, **config) -> str:
 def test_a_head_that_does_not_fit_the_target_is_refused(qwen2_checkpoint, tmp_path, config, error):
     with pytest.raises(ValueError, match=error):
         LLM(qwen2_checkpoint, speculative_config=eagle3(edited_head(qwen2_checkpoint, tmp_path, **config)), **ENGINE)
+
+
+def test_prefix_cache_hits_reuse_the_heads_kv_with_unchanged_output(qwen2_checkpoint, head):
+    llm = LLM(qwen2_checkpoint, speculative_config=eagle3(head), **ENGINE)
+    llm.generate(PROMPTS, GREEDY)
+    again = llm.generate(PROMPTS, GREEDY)
+    assert [o.outputs[0].token_ids for o in again] == without_speculation(qwen2_checkpoint)
+    assert all(o.num_cached_tokens >= 8 for o in again)
