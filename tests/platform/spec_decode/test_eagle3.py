@@ -89,8 +89,8 @@ def reference_drafts(target: nn.Module, head: ReferenceHead, tokens: list[int], 
     return drafts
 
 
-def test_the_heads_drafts_equal_the_reference_architecture(qwen2_checkpoint, head):
-    llm = LLM(qwen2_checkpoint, speculative_config=eagle3(head), max_num_batched_tokens=8, **ENGINE)
+def record_proposals(llm: LLM) -> list[tuple[list[int], list[int]]]:
+    """(a request's tokens, the drafts proposed after them) for every request given all k drafts, as they come."""
     proposer = llm.engine.executor.runner.hook("spec").proposer
     proposed = []
     propose = proposer.propose
@@ -101,6 +101,12 @@ def test_the_heads_drafts_equal_the_reference_architecture(qwen2_checkpoint, hea
         return drafts
 
     proposer.propose = recorded
+    return proposed
+
+
+def test_the_heads_drafts_equal_the_reference_architecture(qwen2_checkpoint, head):
+    llm = LLM(qwen2_checkpoint, speculative_config=eagle3(head), max_num_batched_tokens=8, **ENGINE)
+    proposed = record_proposals(llm)
     llm.generate(PROMPTS[:2], GREEDY)
     target = AutoModelForCausalLM.from_pretrained(qwen2_checkpoint, dtype=torch.float32)
     reference = ReferenceHead(head)
@@ -158,3 +164,19 @@ def test_prefix_cache_hits_reuse_the_heads_kv_with_unchanged_output(qwen2_checkp
     again = llm.generate(PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in again] == without_speculation(qwen2_checkpoint)
     assert all(o.num_cached_tokens >= 8 for o in again)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_feed_the_head_what_eager_steps_do(qwen2_checkpoint, head):
+    """The target's layer inputs reach the head from captured graphs (decode and mixed) as from eager forwards."""
+    cuda = {"device": "cuda", "dtype": "float32", "attention_backend": "triton", "block_size": 16,
+            "kv_cache_memory": "64MiB"}
+    plain = LLM(qwen2_checkpoint, **cuda).generate(PROMPTS, GREEDY)
+    runs = []
+    for enforce_eager in (False, True):
+        llm = LLM(qwen2_checkpoint, speculative_config=eagle3(head), enforce_eager=enforce_eager, **cuda)
+        proposed = record_proposals(llm)
+        outputs = llm.generate(PROMPTS, GREEDY)
+        assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in plain]
+        runs.append(proposed)
+    assert runs[0] == runs[1] and len(runs[0]) > 10
