@@ -27,7 +27,12 @@ from loomserve.platform.config.model import (
 )
 from loomserve.platform.config.parallel import EXECUTOR_BACKENDS, ParallelConfig
 from loomserve.platform.config.scheduler import SchedulerConfig
-from loomserve.platform.config.speculative import SpeculativeConfig, check_speculative_config, parse_speculative_config
+from loomserve.platform.config.speculative import (
+    SpeculativeConfig,
+    check_speculative_config,
+    locate_speculative_model,
+    parse_speculative_config,
+)
 from loomserve.platform.models.registry import get_model_class, is_encoder_decoder
 from loomserve.platform.quantization.gguf import gguf_config, split_gguf_path
 from loomserve.platform.quantization.methods import QUANTIZATION_METHODS
@@ -175,6 +180,7 @@ class EngineArgs:
             raise ValueError(f"unknown load_format {self.load_format!r}; choose auto, safetensors or dummy")
         parallel_config = self._parallel_config()
         spec = parse_speculative_config(self.speculative_config) if self.speculative_config is not None else None
+        spec = locate_speculative_model(spec, self.download_dir) if spec is not None else None
         self._refuse_generation_config()
         model, gguf_file = split_gguf_path(locate_checkpoint(self.model, self.revision, self.download_dir))
         tokenizer = locate_checkpoint(self.tokenizer, self.revision, self.download_dir) if self.tokenizer else model

@@ -81,6 +81,17 @@ def parse_speculative_config(value: str | dict[str, Any]) -> SpeculativeConfig:
     return SpeculativeConfig(**spec)
 
 
+def locate_speculative_model(spec: SpeculativeConfig, download_dir: str | None) -> SpeculativeConfig:
+    """The config with its draft's or head's checkpoint as a local folder (a hub id fetched once into the hub cache;
+    EAGLE-3 heads are often published as `pytorch_model.bin`)."""
+    if spec.model is None:
+        return spec
+    from loomserve.platform.config.checkpoint import CHECKPOINT_FILES, locate_checkpoint
+
+    files = CHECKPOINT_FILES + ["pytorch_model.bin"] if spec.method == "eagle3" else CHECKPOINT_FILES
+    return dataclasses.replace(spec, model=locate_checkpoint(spec.model, download_dir=download_dir, files=files))
+
+
 def check_speculative_config(spec: SpeculativeConfig, model_config: ModelConfig) -> None:
     """Refuse, before any weight loads, what the target cannot speculate with: a pooling model, a draft or EAGLE-3
     head for a multimodal target, a draft whose vocabulary or context differs from the target's, an EAGLE-3 head
