@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, L
 
 from loomserve import LLM
 from loomserve.platform.spec_decode.eagle3 import head_weights
+from loomserve.testing.checkpoints import tiny_checkpoint
 from loomserve.testing.eagle3_checkpoints import build_eagle3_head, tiny_eagle3_head
 
 AUX_LAYERS = [1, 0, 1]  # the tiny target has 2 layers: vLLM's default (2, 1, -1) does not fit
@@ -39,7 +40,7 @@ class ReferenceHead(nn.Module):
     reads [input_layernorm(embed(token i + 1)) ; hidden_norm(h_i)] with h_i = fc(the target's chosen layers' inputs
     at i), or the head's own pre-norm output for positions past the target's."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, target: nn.Module) -> None:
         super().__init__()
         config = AutoConfig.from_pretrained(path)
         config._attn_implementation = "eager"
@@ -55,12 +56,15 @@ class ReferenceHead(nn.Module):
         self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
         self.rotary = LlamaRotaryEmbedding(config)
         state = {name.removeprefix("midlayer."): t for name, t in tensors.items() if name not in ("d2t", "t2d")}
+        own = tensors.pop("embed_tokens.weight", None)
+        self.embed = target.model.embed_tokens if own is None else nn.Embedding.from_pretrained(own)
         self.load_state_dict(state, strict=False)
         self.target_ids = torch.arange(config.draft_vocab_size) + tensors["d2t"]
         self.vocab_size = config.vocab_size
 
-    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """embeds, hidden [L, hidden] -> (logits over the target vocabulary [L, V], pre-norm output [L, hidden])."""
+    def forward(self, next_tokens: list[int], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """next_tokens [L], hidden [L, hidden] -> (logits over the target vocabulary [L, V], pre-norm output)."""
+        embeds = self.embed(torch.tensor(next_tokens))
         length = embeds.shape[0]
         x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)[None]  # [1, L, 2 * hidden]
         cos_sin = self.rotary(x, torch.arange(length)[None])
@@ -74,15 +78,16 @@ class ReferenceHead(nn.Module):
 
 
 @torch.no_grad()
-def reference_drafts(target: nn.Module, head: ReferenceHead, tokens: list[int], k: int) -> list[int]:
-    """The head's k greedy drafts after `tokens`: the target's layer inputs feed positions 0..L-2, then each draft
-    extends the sequence with the head's own output as the hidden state."""
-    states = target(torch.tensor([tokens]), output_hidden_states=True).hidden_states
-    hidden = head.fc(torch.cat([states[i][0] for i in AUX_LAYERS], dim=-1))[:-1]  # [L - 1, hidden]
+def reference_drafts(target: nn.Module, head: ReferenceHead, layers: list[int], tokens: list[int], k: int
+                     ) -> list[int]:
+    """The head's k greedy drafts after `tokens`: the inputs of the target's `layers` feed positions 0..L-2, then
+    each draft extends the sequence with the head's own output as the hidden state."""
+    states = target(torch.tensor([tokens]), output_hidden_states=True).hidden_states  # [i]: layer i's input
+    hidden = head.fc(torch.cat([states[i][0] for i in layers], dim=-1))[:-1]  # [L - 1, hidden]
     next_tokens = tokens[1:]
     drafts = []
     for _ in range(k):
-        logits, prenorm = head(target.model.embed_tokens(torch.tensor(next_tokens)), hidden)
+        logits, prenorm = head(next_tokens, hidden)
         drafts.append(int(logits[-1].argmax()))
         next_tokens = next_tokens + drafts[-1:]
         hidden = torch.cat([hidden, prenorm[-1:]])
@@ -104,15 +109,21 @@ def record_proposals(llm: LLM) -> list[tuple[list[int], list[int]]]:
     return proposed
 
 
-def test_the_heads_drafts_equal_the_reference_architecture(qwen2_checkpoint, head):
-    llm = LLM(qwen2_checkpoint, speculative_config=eagle3(head), max_num_batched_tokens=8, **ENGINE)
+@pytest.mark.parametrize(("family", "target_args", "layers", "head_args"), [
+    ("qwen2", {}, AUX_LAYERS, {"aux_layer_ids": AUX_LAYERS}),
+    ("llama", {"num_layers": 4}, [2, 2, 1], {"own_embeddings": True}),  # vLLM's default (2, L // 2, L - 3)
+], ids=["chosen-layers", "default-layers-own-embeddings"])
+def test_the_heads_drafts_equal_the_reference_architecture(family, target_args, layers, head_args):
+    path = str(tiny_checkpoint(family, **target_args))
+    head = str(tiny_eagle3_head(path, **head_args))
+    llm = LLM(path, speculative_config=eagle3(head), max_num_batched_tokens=8, **ENGINE)
     proposed = record_proposals(llm)
     llm.generate(PROMPTS[:2], GREEDY)
-    target = AutoModelForCausalLM.from_pretrained(qwen2_checkpoint, dtype=torch.float32)
-    reference = ReferenceHead(head)
+    target = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reference = ReferenceHead(head, target)
     assert len(proposed) > 10
     for tokens, drafts in proposed[::3]:
-        assert drafts == reference_drafts(target, reference, tokens, 3)
+        assert drafts == reference_drafts(target, reference, layers, tokens, 3)
 
 
 @pytest.mark.parametrize("engine", [{}, {"async_scheduling": True}], ids=["batched", "async"])
