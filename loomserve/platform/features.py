@@ -106,6 +106,10 @@ class RunnerHook(Protocol):
         """Add the inputs the feature gives a step to the ForwardBatch of the memory profile, which has no requests
         (e.g. cross-attention keys and values of the longest encoder output)."""
 
+    def after_sample(self, batch: BatchInputs, sampled: torch.Tensor) -> None:
+        """The step's rows are sampled (`sampled` [rows] on the device, in `batch.logits_indices` order, empty when
+        none samples) and their copy to the host is under way: device work that needs them (an EAGLE head's pass)."""
+
     def pool(self, hidden: torch.Tensor, batch: BatchInputs) -> dict[str, torch.Tensor]:
         """Per-request outputs made from the step's hidden states [T, hidden] (on the device)."""
         return {}

@@ -17,6 +17,7 @@ from loomserve.platform.attention import AttentionMetadata
 if TYPE_CHECKING:  # platform knows the adapters' data type only, never their behaviour
     from loomserve.adapters.layers import LoRABatch
     from loomserve.platform.attention.cross import CrossAttentionBatch
+    from loomserve.platform.spec_decode.aux_hidden import AuxHiddenStates
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ForwardBatch:
     token_type_ids: torch.Tensor | None = None  # [T] int64 segment ids (cross-encoder pairs)
     media_rows: torch.Tensor | None = None  # [M] int64: the rows of inputs_embeds that hold media embeddings
     cross_attn: CrossAttentionBatch | None = None  # encoder-decoder models: the requests' cross-attention K/V
+    aux_hidden: AuxHiddenStates | None = None  # EAGLE-3: where a decoder copies the inputs of chosen layers
 
     @property
     def has_extra_inputs(self) -> bool:

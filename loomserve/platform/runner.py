@@ -229,15 +229,22 @@ class ModelRunner:
         logprobs = None if result.logprobs is None else (
             result.logprob_token_ids, result.logprobs, result.sampled_token_ranks)
         if self.device.type != "cuda":
+            self._after_sample(batch, sampled)
             return InFlightStep(ids, sampled, num_emitted, num_drafts, logprobs, counts, pooled, features, None)
         emitted = () if num_emitted is None else (num_emitted,)
         host = [t.to("cpu", non_blocking=True) for t in (sampled, *emitted, *(logprobs or ()))]
         pooled = pooled_to_host(pooled)
         done = torch.cuda.Event()
         done.record()
+        self._after_sample(batch, result.sampled_token_ids)
         sampled, num_emitted = host[0], (host[1] if emitted else None)
         logprobs = tuple(host[1 + len(emitted):]) if logprobs else None
         return InFlightStep(ids, sampled, num_emitted, num_drafts, logprobs, counts, pooled, features, done)
+
+    def _after_sample(self, batch: BatchInputs | None, sampled: torch.Tensor) -> None:
+        if batch is not None:
+            for hook in self.hooks:
+                hook.after_sample(batch, sampled)
 
     def _sample(self, batch: BatchInputs, logits: torch.Tensor) -> tuple[SamplerOutput, torch.Tensor | None]:
         """The sampling rows' tokens (and logprobs where asked for); with drafts to verify, also how many tokens

@@ -1,10 +1,12 @@
 """Speculative decoding under adapters: the target applies each request's adapter to every verified position (the
-draft model runs without one), so greedy output equals the same adapters without speculation."""
+draft model runs without one; an EAGLE-3 head reads the adapted target's hidden states), so greedy output equals the
+same adapters without speculation."""
 
 from __future__ import annotations
 
 from loomserve import LLM, SamplingParams
 from loomserve.adapters.request import LoRARequest
+from loomserve.testing.eagle3_checkpoints import tiny_eagle3_head
 
 PROMPTS = ["hello world hello world hello world hello", "1 2 3 1 2 3 1 2 3 1 2"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -27,3 +29,7 @@ def test_speculation_under_adapters_equals_the_adapters_without_it(qwen2_checkpo
     assert mixed_batch(qwen2_checkpoint, loras, speculative_config=NGRAM) == expected
     draft = {"method": "draft_model", "model": qwen2_checkpoint, "num_speculative_tokens": 2}
     assert mixed_batch(qwen2_checkpoint, loras, speculative_config=draft) == expected
+    emitted = sorted({t for ids in expected for t in ids})  # the head's draft vocabulary, so some drafts are right
+    head = tiny_eagle3_head(qwen2_checkpoint, aux_layer_ids=[1, 0, 1], draft_token_ids=emitted)
+    eagle3 = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 2}
+    assert mixed_batch(qwen2_checkpoint, loras, speculative_config=eagle3) == expected

@@ -46,6 +46,8 @@ MISTAKES = [
     (["--generation-config", "auto"], None, 1, "generation_config 'auto' is not supported yet"),
     (["-tp", "3"], None, 1, "is not divisible by the tensor-parallel size 3"),
     (["--speculative-config", '{"method": "ngram"}'], None, 1, "speculative_config needs"),
+    (["--speculative-config", '{"method": "eagle3", "model": "/no/head", "num_speculative_tokens": 3}'], None, 1,
+     "no checkpoint folder at '/no/head'"),
     (["--lora-modules", "sql=/adapters/sqll", "--enable-lora"], None, 2, "no adapter folder at '/adapters/sqll'"),
     (["--lora-modules", "sql=/tmp", "--enable-lora"], None, 2, "'/tmp' has no adapter_config.json"),
     (["--chat-template", "/no/template.jinja"], None, 2, "no chat template file at '/no/template.jinja'"),

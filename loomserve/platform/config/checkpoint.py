@@ -20,10 +20,11 @@ def looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.fullmatch(name)) and not name.startswith((".", "~"))
 
 
-def locate_checkpoint(model: str, revision: str | None = None, download_dir: str | None = None) -> str:
+def locate_checkpoint(model: str, revision: str | None = None, download_dir: str | None = None,
+                      files: list[str] | None = None) -> str:
     """The local folder of `model`: itself if it is a folder (or a `.gguf` file), else the hub cache's copy of the
-    hub id (downloaded when not cached and the hub is not offline). ValueError, in one line, for a path that is not
-    there, a hub id the cache lacks while offline, or a download that fails."""
+    hub id (`files`, default CHECKPOINT_FILES; downloaded when not cached and the hub is not offline). ValueError, in
+    one line, for a path that is not there, a hub id the cache lacks while offline, or a download that fails."""
     if os.path.isdir(model) or (os.path.isfile(model) and model.endswith(".gguf")):
         return model
     if not looks_like_hub_id(model):
@@ -31,7 +32,7 @@ def locate_checkpoint(model: str, revision: str | None = None, download_dir: str
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    fetch = {"revision": revision, "cache_dir": download_dir, "allow_patterns": CHECKPOINT_FILES}
+    fetch = {"revision": revision, "cache_dir": download_dir, "allow_patterns": files or CHECKPOINT_FILES}
     try:
         return snapshot_download(model, local_files_only=True, **fetch)
     except LocalEntryNotFoundError:

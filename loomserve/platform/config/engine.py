@@ -27,7 +27,12 @@ from loomserve.platform.config.model import (
 )
 from loomserve.platform.config.parallel import EXECUTOR_BACKENDS, ParallelConfig
 from loomserve.platform.config.scheduler import SchedulerConfig
-from loomserve.platform.config.speculative import SpeculativeConfig, check_speculative_config, parse_speculative_config
+from loomserve.platform.config.speculative import (
+    SpeculativeConfig,
+    check_speculative_config,
+    locate_speculative_model,
+    parse_speculative_config,
+)
 from loomserve.platform.models.registry import get_model_class, is_encoder_decoder
 from loomserve.platform.quantization.gguf import gguf_config, split_gguf_path
 from loomserve.platform.quantization.methods import QUANTIZATION_METHODS
@@ -145,7 +150,8 @@ class EngineArgs:
     enable_expert_parallel: bool = _arg(False, "split MoE experts across ranks instead of slicing each expert")
     speculative_config: str | dict | None = _arg(
         None, 'speculative decoding, JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
-              '"prompt_lookup_max": 3}\' or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\'')
+              '"prompt_lookup_max": 3}\' or \'{"method": "draft_model" | "eagle3", "model": PATH, '
+              '"num_speculative_tokens": 4}\'')
     kv_offloading_size: float | None = _arg(
         None, "GiB of host memory for a CPU tier of the prefix cache: blocks evicted from the device come back "
               "from there on a hit")
@@ -174,6 +180,7 @@ class EngineArgs:
             raise ValueError(f"unknown load_format {self.load_format!r}; choose auto, safetensors or dummy")
         parallel_config = self._parallel_config()
         spec = parse_speculative_config(self.speculative_config) if self.speculative_config is not None else None
+        spec = locate_speculative_model(spec, self.download_dir) if spec is not None else None
         self._refuse_generation_config()
         model, gguf_file = split_gguf_path(locate_checkpoint(self.model, self.revision, self.download_dir))
         tokenizer = locate_checkpoint(self.tokenizer, self.revision, self.download_dir) if self.tokenizer else model

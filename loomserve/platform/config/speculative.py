@@ -1,8 +1,8 @@
 """SpeculativeConfig: vLLM's `--speculative-config` JSON read into a checked value.
 
 Methods: "ngram" (prompt lookup: the tokens that followed the latest n-gram's earlier occurrence), "draft_model"
-(a smaller checkpoint with the target's tokenizer) and "eagle3" (an EAGLE-3 head; read and checked, refused by the
-engine until its loader lands). `synthetic_acceptance_rate` is loomserve's own key, for benchmarks only: each draft
+(a smaller checkpoint with the target's tokenizer) and "eagle3" (an EAGLE-3 head trained for the target, fed by its
+hidden states). `synthetic_acceptance_rate` is loomserve's own key, for benchmarks only: each draft
 token is accepted with that probability whatever the target says, so speed can be measured on random weights (the
 output then no longer follows the target's distribution)."""
 
@@ -81,16 +81,25 @@ def parse_speculative_config(value: str | dict[str, Any]) -> SpeculativeConfig:
     return SpeculativeConfig(**spec)
 
 
+def locate_speculative_model(spec: SpeculativeConfig, download_dir: str | None) -> SpeculativeConfig:
+    """The config with its draft's or head's checkpoint as a local folder (a hub id fetched once into the hub cache;
+    EAGLE-3 heads are often published as `pytorch_model.bin`)."""
+    if spec.model is None:
+        return spec
+    from loomserve.platform.config.checkpoint import CHECKPOINT_FILES, locate_checkpoint
+
+    files = CHECKPOINT_FILES + ["pytorch_model.bin"] if spec.method == "eagle3" else CHECKPOINT_FILES
+    return dataclasses.replace(spec, model=locate_checkpoint(spec.model, download_dir=download_dir, files=files))
+
+
 def check_speculative_config(spec: SpeculativeConfig, model_config: ModelConfig) -> None:
-    """Refuse, before any weight loads, what the target cannot speculate with: a pooling model, EAGLE-3 (its head
-    loader is not implemented), a draft for a multimodal target, a draft whose vocabulary or context differs from
-    the target's."""
+    """Refuse, before any weight loads, what the target cannot speculate with: a pooling model, a draft or EAGLE-3
+    head for a multimodal target, a draft whose vocabulary or context differs from the target's, an EAGLE-3 head
+    that does not fit the target (`eagle3_config.check_head`)."""
     if model_config.task != "generate":
         raise ValueError(f"speculative decoding needs a generative model; {model_config.model} serves "
                          f"{model_config.task!r}")
-    if spec.method == "eagle3":
-        raise ValueError("speculative method 'eagle3' is not implemented yet: use 'ngram' or 'draft_model'")
-    if spec.method != "draft_model":
+    if spec.method == "ngram":
         return
     from transformers import AutoConfig
 
@@ -98,8 +107,13 @@ def check_speculative_config(spec: SpeculativeConfig, model_config: ModelConfig)
     from loomserve.platform.models.registry import is_multimodal
 
     if is_multimodal(model_config.architecture):
-        raise ValueError("a draft model for a multimodal target is not supported yet (its positions would not follow "
-                         "the target's media): use the 'ngram' method")
+        raise ValueError(f"a {spec.method} proposer for a multimodal target is not supported yet (its positions would "
+                         "not follow the target's media): use the 'ngram' method")
+    if spec.method == "eagle3":
+        from loomserve.platform.spec_decode.eagle3_config import check_head, head_config
+
+        check_head(spec.model, head_config(spec.model), model_config.text_config)
+        return
 
     draft = AutoConfig.from_pretrained(spec.model).get_text_config()
     if draft.vocab_size != model_config.vocab_size:

@@ -206,7 +206,9 @@ class DecoderModel(nn.Module):
         hidden = self.embed_tokens(input_ids) if batch.inputs_embeds is None else batch.inputs_embeds  # [T, hidden]
         cos_sin = self.rotary_emb(batch.positions)  # [T, rotary_dim], shared by all layers
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            if batch.aux_hidden is not None:
+                batch.aux_hidden.capture(index, hidden, residual)
             hidden, residual = layer(hidden, residual, cos_sin, kv_cache, batch)
         hidden, _ = self.norm(hidden, residual)
         return hidden

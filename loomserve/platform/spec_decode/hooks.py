@@ -7,12 +7,14 @@ flight to land (how far a request got decides what it runs next).
 
 Runner side: once a step's tokens reach the host, the proposer drafts up to k tokens for each request that sampled
 (no further than its max_tokens or the context); a draft model also runs over every step's tokens to keep its own
-KV cache in step with the target's, and hands the rejection sampler its draft distributions.
+KV cache in step with the target's, and hands the rejection sampler its draft distributions; an EAGLE-3 head reads
+the target's hidden states of every step and runs over its positions once the step has sampled.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,10 +22,11 @@ from torch import nn
 
 from loomserve.platform.features import RunnerHook, SchedulerHook
 from loomserve.platform.spec_decode.ngram import NgramProposer, RepeatProposer
-from loomserve.platform.spec_decode.proposer import Proposer
+from loomserve.platform.spec_decode.proposer import LandedStep, Proposer
 
 if TYPE_CHECKING:
     from loomserve.platform.config import EngineConfig, SpeculativeConfig
+    from loomserve.platform.forward_batch import ForwardBatch
     from loomserve.platform.input_batch import BatchInputs, RequestState
     from loomserve.platform.request import Request
     from loomserve.platform.step import ScheduledStep
@@ -38,15 +41,19 @@ def runner_hook(config: EngineConfig, model: nn.Module, device: torch.device) ->
     spec = config.speculative_config
     if spec is None:
         return None
-    return SpecDecodeRunnerHook(_proposer(spec, config, device), spec.num_speculative_tokens,
+    return SpecDecodeRunnerHook(_proposer(spec, config, model, device), spec.num_speculative_tokens,
                                 config.model_config.max_model_len)
 
 
-def _proposer(spec: SpeculativeConfig, config: EngineConfig, device: torch.device) -> Proposer:
+def _proposer(spec: SpeculativeConfig, config: EngineConfig, model: nn.Module, device: torch.device) -> Proposer:
     if spec.method == "draft_model":
         from loomserve.platform.spec_decode.draft_model import DraftModelProposer
 
         return DraftModelProposer(spec, config, device)
+    if spec.method == "eagle3":
+        from loomserve.platform.spec_decode.eagle3 import Eagle3Proposer
+
+        return Eagle3Proposer(spec, config, model, device)
     if spec.synthetic_acceptance_rate is not None:
         return RepeatProposer()
     return NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
@@ -82,6 +89,13 @@ class SpecDecodeScheduling(SchedulerHook):
         return self.active
 
 
+@dataclass
+class LaunchedStep:
+    proposes: bool  # whether drafts are wanted once it lands
+    states: list[RequestState] = field(default_factory=list)  # the requests that sample
+    followed: Any = None  # what the proposer's `follow` kept of it
+
+
 class SpecDecodeRunnerHook(RunnerHook):
     name = "spec"
 
@@ -89,25 +103,31 @@ class SpecDecodeRunnerHook(RunnerHook):
         self.proposer = proposer
         self.k = num_speculative_tokens
         self.max_model_len = max_model_len
-        # Per launched step, oldest first: the requests that sample, or None when the step does not propose.
-        self.launched: deque[list[RequestState] | None] = deque()
+        self.launched: deque[LaunchedStep] = deque()  # oldest first
 
     def begin_step(self, step: ScheduledStep) -> None:
-        proposes = step.features.get(self.name, {}).get("propose", True)
-        self.launched.append([] if proposes else None)
+        self.launched.append(LaunchedStep(step.features.get(self.name, {}).get("propose", True)))
 
     def prepare(self, step: ScheduledStep, batch: BatchInputs) -> None:
-        if self.launched[-1] is not None:
-            self.launched[-1] = batch.sample_requests
+        self.launched[-1].states = batch.sample_requests
         self.proposer.prepare(batch)
 
+    def for_graph(self, batch: ForwardBatch) -> None:
+        self.proposer.for_graph(batch)
+
+    def for_profile(self, batch: ForwardBatch) -> None:
+        self.proposer.for_graph(batch)
+
+    def after_sample(self, batch: BatchInputs, sampled: torch.Tensor) -> None:
+        self.launched[-1].followed = self.proposer.follow(batch, sampled)
+
     def land(self, sampled: dict[str, list[int]]) -> dict[str, list[int]] | None:
-        states = self.launched.popleft()
-        if not states:
+        step = self.launched.popleft()
+        if not step.proposes or not step.states:
             return None
-        caps = [self._cap(s) for s in states]
-        drafts = self.proposer.propose(states, caps)
-        return {s.request_id: d for s, d in zip(states, drafts) if d}
+        caps = [self._cap(s) for s in step.states]
+        drafts = self.proposer.propose(step.states, caps, LandedStep(sampled, step.followed))
+        return {s.request_id: d for s, d in zip(step.states, drafts) if d}
 
     def _cap(self, state: RequestState) -> int:
         """At most k drafts, none past the request's max_tokens (the token after the drafts comes anyway) or the

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from loomserve.platform.spec_decode.proposer import Proposer
+from loomserve.platform.spec_decode.proposer import LandedStep, Proposer
 
 if TYPE_CHECKING:
     from loomserve.platform.input_batch import RequestState
@@ -32,7 +32,7 @@ class NgramProposer(Proposer):
         self.min_n = min_n
         self.max_n = max_n
 
-    def propose(self, states: list[RequestState], caps: list[int]) -> list[list[int]]:
+    def propose(self, states: list[RequestState], caps: list[int], landed: LandedStep) -> list[list[int]]:
         """Each request's drafts, at most caps[i] of them (fewer, or none, where its context has no match)."""
         return [lookup(np.asarray(s.prompt_token_ids + s.output_token_ids), self.min_n, self.max_n, cap)
                 for s, cap in zip(states, caps, strict=True)]
@@ -41,5 +41,5 @@ class NgramProposer(Proposer):
 class RepeatProposer(Proposer):
     """Benchmarks' synthetic drafts: the last token, `cap` times (their acceptance is drawn, not verified)."""
 
-    def propose(self, states: list[RequestState], caps: list[int]) -> list[list[int]]:
+    def propose(self, states: list[RequestState], caps: list[int], landed: LandedStep) -> list[list[int]]:
         return [[s.output_token_ids[-1]] * cap for s, cap in zip(states, caps, strict=True)]

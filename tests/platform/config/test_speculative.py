@@ -9,6 +9,7 @@ import pytest
 
 from loomserve.platform.config import EngineArgs, SpeculativeConfig, parse_speculative_config
 from loomserve.testing.checkpoints import tiny_checkpoint
+from loomserve.testing.eagle3_checkpoints import build_eagle3_head
 
 
 def minilm_path() -> str:
@@ -86,9 +87,16 @@ def test_a_pooling_model_cannot_speculate():
         EngineArgs(minilm_path(), device="cpu", speculative_config=spec).create_engine_config()
 
 
-def test_eagle3_is_refused_until_its_head_loader_lands(qwen2_checkpoint):
+def test_an_eagle3_head_books_k_lookahead_slots(qwen2_checkpoint, tmp_path):
+    head = build_eagle3_head(tmp_path, qwen2_checkpoint, aux_layer_ids=[1, 0, 1], with_weights=False)
+    spec = json.dumps({"method": "eagle3", "model": str(head), "num_speculative_tokens": 3})
+    config = EngineArgs(qwen2_checkpoint, device="cpu", speculative_config=spec).create_engine_config()
+    assert (config.speculative_config.method, config.scheduler_config.num_lookahead_tokens) == ("eagle3", 3)
+
+
+def test_a_checkpoint_that_is_not_an_eagle3_head_is_refused(qwen2_checkpoint):
     spec = {"method": "eagle3", "model": qwen2_checkpoint, "num_speculative_tokens": 3}
-    with pytest.raises(ValueError, match="'eagle3' is not implemented yet"):
+    with pytest.raises(ValueError, match="is not an EAGLE-3 head"):
         EngineArgs(qwen2_checkpoint, device="cpu", speculative_config=spec).create_engine_config()
 
 
