@@ -8,7 +8,9 @@ its arguments. Tool calls are parsed from the text after reasoning ends.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from loomserve.api.chat_flags import ChatOptions
 from loomserve.api.protocol import (
@@ -23,6 +25,7 @@ from loomserve.api.protocol import (
 from loomserve.api.reasoning import REASONING_PARSERS, ReasoningParser
 from loomserve.api.tool_parsers import PartialCall
 from loomserve.api.tool_parsers.choice import ToolMode, tool_mode
+from loomserve.platform.request import SamplingParams
 
 
 @dataclass
@@ -50,6 +53,16 @@ class ChatOutputParser:
                          options.tool_call_parser, request.parallel_tool_calls)
         reasoning = REASONING_PARSERS[options.reasoning_parser]() if options.reasoning_parser else None
         return cls(reasoning, mode, request.include_reasoning, request.parallel_tool_calls)
+
+    def constrain_after_reasoning(self, params: SamplingParams, tokenizer: Any,
+                                  prompt_token_ids: list[int]) -> SamplingParams:
+        """`params` whose structured output (a response format, a forced tool call) starts once the model's
+        reasoning ends, when a reasoning parser reads its output."""
+        if self.reasoning is None or params.structured_outputs is None:
+            return params
+        end = self.reasoning.end_token_ids(tokenizer, prompt_token_ids)
+        structured = dataclasses.replace(params.structured_outputs, reasoning_end_token_ids=end)
+        return dataclasses.replace(params, structured_outputs=structured)
 
     def parse(self, text: str, final: bool) -> ParsedMessage:
         reasoning, rest, ended = None, text, True

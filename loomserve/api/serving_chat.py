@@ -84,6 +84,7 @@ async def create_chat_completion(
         prompt = await chat_prompt(engine, request.messages, models.limits.media_budget, inputs)
         check_token_ids(prompt.token_ids, engine.model_config.vocab_size, param="messages")
         params = forced_params(sampling_params(engine, request, prompt), parser.tools)
+        params = parser.constrain_after_reasoning(params, engine.tokenizer, prompt.token_ids)
         call = _Call(request, model_name, parser, UsageReport.of(request, raw_request))
         if request.use_beam_search:
             search = beam_search_params(engine, request, prompt, params.max_tokens)

@@ -46,13 +46,14 @@ class Server:
     port: int = field(default_factory=free_port)
     subcommand: str = "serve"  # or "proxy" (its flags name the instances behind it; `checkpoint` None)
     cwd: str | None = None  # where it runs (`-m` imports from there first); None: here
+    program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "loomserve.api.cli"])  # or a venv's
     process: subprocess.Popen | None = None
 
     @property
     def command(self) -> list[str]:
         """The command line the server runs with."""
         model = [self.checkpoint] if self.checkpoint is not None else []
-        return [sys.executable, "-m", "loomserve.api.cli", self.subcommand, *model, "--host", HOST, "--port",
+        return [*self.program, self.subcommand, *model, "--host", HOST, "--port",
                 str(self.port), *self.flags]
 
     @property

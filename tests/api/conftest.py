@@ -43,15 +43,3 @@ def tools_server(serve_checkpoint) -> Iterator[Server]:
              "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
     with serve_checkpoint(str(tiny_checkpoint("qwen3")), *flags) as s:
         yield s
-
-
-@pytest.fixture(scope="session")
-def needs_structured_outputs(tools_server: Server) -> None:
-    """Skips the test unless the engine enforces `structured_outputs` (tool_choice required / named and forced
-    tool-call text rely on it)."""
-    with tools_server.http() as http:
-        answer = http.post("/v1/chat/completions", json={
-            "model": TOOLS_MODEL, "messages": [{"role": "user", "content": "Yes?"}], "max_tokens": 20,
-            "temperature": 0, "structured_outputs": {"choice": ["certainly"]}})
-    if answer.status_code != 200 or answer.json()["choices"][0]["message"]["content"] != "certainly":
-        pytest.skip(f"needs the engine to enforce structured_outputs (got {answer.status_code}: {answer.text[:200]})")

@@ -126,6 +126,9 @@ def test_auto_tool_choice_needs_the_server_flags(client, model):
 
 
 # ---------------------------------------------------------------- with the structured-output engine
+# Under --reasoning-parser qwen3 structured output starts once reasoning ends (as in vLLM): these requests close the
+# think block in the prompt (`enable_thinking: false`), so it applies from the first token.
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 def valid(name: str, arguments: dict) -> bool:
@@ -134,41 +137,50 @@ def valid(name: str, arguments: dict) -> bool:
     return arguments.keys() == properties.keys() and all(arguments[k] in properties[k]["enum"] for k in properties)
 
 
-@pytest.mark.usefixtures("needs_structured_outputs")
 def test_required_tool_choice_answers_valid_tool_calls(tools_client):
     # One call: a random model left free would add calls to the list until max_tokens.
-    answer = chat(tools_client, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=200)
+    answer = chat(tools_client, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=200,
+                  extra_body=NO_THINKING)
     choice = answer.choices[0]
     calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
     assert len(calls) == 1 and valid(*calls[0])
     assert choice.finish_reason == "tool_calls" and not choice.message.content
     streamed = chat(tools_client, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=200,
-                    stream=True)
+                    stream=True, extra_body=NO_THINKING)
     assert streamed_calls(streamed) == (calls, "tool_calls")
 
 
-@pytest.mark.usefixtures("needs_structured_outputs")
 def test_a_named_tool_choice_calls_that_tool(tools_client):
     named = {"type": "function", "function": {"name": "get_time"}}
-    answer = chat(tools_client, tools=TOOLS, tool_choice=named, max_tokens=100)
+    answer = chat(tools_client, tools=TOOLS, tool_choice=named, max_tokens=100, extra_body=NO_THINKING)
     (call,) = answer.choices[0].message.tool_calls
     assert call.function.name == "get_time" and valid("get_time", json.loads(call.function.arguments))
-    streamed = chat(tools_client, tools=TOOLS, tool_choice=named, max_tokens=100, stream=True)
+    streamed = chat(tools_client, tools=TOOLS, tool_choice=named, max_tokens=100, stream=True, extra_body=NO_THINKING)
     assert streamed_calls(streamed)[0] == [("get_time", json.loads(call.function.arguments))]
 
 
-@pytest.mark.usefixtures("needs_structured_outputs")
+def test_a_forced_tool_call_waits_for_the_models_reasoning_to_end(tools_client, tools_http):
+    """With thinking on, the prompt leaves `<think>` open: the forcing grammar does not start until the model writes
+    `</think>`, so a model that keeps thinking writes what it likes (here what a bias makes it write)."""
+    (q,) = tools_http.post("/tokenize", json={"model": TOOLS_MODEL, "prompt": "Q",
+                                              "add_special_tokens": False}).json()["tokens"]
+    answer = chat(tools_client, tools=TOOLS, tool_choice="required", max_tokens=6, logit_bias={str(q): 100})
+    message = answer.choices[0].message
+    assert message.content == "Q" * 6 and not message.tool_calls
+
+
 def test_auto_tool_choice_parses_the_models_own_calls(tools_client):
     # The tiny model is forced (by a regex) to write what Qwen3 writes to call a tool, after its reasoning.
     regex = (r'<think>[a-z ]{1,12}</think>\n\n<tool_call>\n\{"name": "get_weather", "arguments": '
              r'\{"city": "(Paris|Rome)", "days": [123]\}\}\n</tool_call>')
-    answer = chat(tools_client, tools=TOOLS, max_tokens=200, extra_body={"structured_outputs": {"regex": regex}})
+    answer = chat(tools_client, tools=TOOLS, max_tokens=200,
+                  extra_body={"structured_outputs": {"regex": regex}, **NO_THINKING})
     choice = answer.choices[0]
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather" and valid("get_weather", json.loads(call.function.arguments))
     assert choice.finish_reason == "tool_calls" and choice.message.reasoning_content
     streamed = chat(tools_client, tools=TOOLS, max_tokens=200, stream=True,
-                    extra_body={"structured_outputs": {"regex": regex}})
+                    extra_body={"structured_outputs": {"regex": regex}, **NO_THINKING})
     assert streamed_calls(streamed) == ([("get_weather", json.loads(call.function.arguments))], "tool_calls")
 
 

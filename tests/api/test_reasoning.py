@@ -67,11 +67,11 @@ def test_an_answer_without_think_tags_is_content_under_qwen3(tools_server):
     assert message.content and message.reasoning_content is None
 
 
-@pytest.mark.usefixtures("needs_structured_outputs")
 def test_reasoning_and_answer_are_split_over_http_whole_and_streamed(tools_server):
     client = tools_server.client()
     kwargs = {"model": TOOLS_MODEL, "messages": ASK, "max_tokens": 60, "temperature": 0,
-              "extra_body": {"structured_outputs": {"regex": r"<think>[a-z ]{3,20}</think>[a-z ]{3,20}"}}}
+              "extra_body": {"structured_outputs": {"regex": r"<think>[a-z ]{3,20}</think>[a-z ]{3,20}"},
+                             "chat_template_kwargs": {"enable_thinking": False}}}  # the regex applies from token 1
     message = client.chat.completions.create(**kwargs).choices[0].message
     assert message.reasoning_content and message.reasoning == message.reasoning_content and message.content
     assert "<think>" not in message.content + message.reasoning_content

@@ -7,6 +7,7 @@ the difference between parses (a tail that may become a tag is held back until i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from loomserve.api.tool_parsers.base import held_back
 
@@ -23,6 +24,15 @@ class ReasoningSplit:
 class ReasoningParser:
     """DeepSeek-R1's rule: everything up to `</think>` is reasoning (the template may open `<think>` in the
     prompt, so the opening tag is optional); without `</think>` the whole text is reasoning."""
+
+    def end_token_ids(self, tokenizer: Any, prompt_token_ids: list[int]) -> list[int] | None:
+        """The tokens that will end the reasoning the output starts in, or None when the prompt closed it already
+        (its last `</think>` comes after its last `<think>`, as with Qwen3's `enable_thinking: false`): structured
+        output applies after them, as vLLM's reasoning parsers' `is_reasoning_end` decides."""
+        end = tokenizer.encode(END, add_special_tokens=False)
+        start = tokenizer.encode(START, add_special_tokens=False)
+        closed = _last_at(prompt_token_ids, end) > _last_at(prompt_token_ids, start)
+        return None if closed else end
 
     def split(self, text: str, final: bool) -> ReasoningSplit:
         stripped = text.lstrip()
@@ -54,3 +64,9 @@ class Qwen3ReasoningParser(ReasoningParser):
         if not final and START.startswith(stripped):
             return ReasoningSplit(None, "", False)
         return ReasoningSplit(None, text, True)
+
+
+def _last_at(tokens: list[int], sequence: list[int]) -> int:
+    """Where `sequence` last starts in `tokens`; -1 if nowhere."""
+    n = len(sequence)
+    return next((i for i in range(len(tokens) - n, -1, -1) if tokens[i:i + n] == sequence), -1)

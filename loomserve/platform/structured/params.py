@@ -17,6 +17,9 @@ class StructuredOutputsParams:
     json_object: bool | None = None  # any JSON object (OpenAI's response_format json_object)
     structural_tag: str | None = None
     disable_any_whitespace: bool = False
+    # The tokens that end a reasoning phase the output opens with (a `--reasoning-parser`'s `</think>`): the grammar
+    # applies from after them, as vLLM's does; None: from the first token.
+    reasoning_end_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         given = [kind for kind in _KINDS if getattr(self, kind) not in (None, False)]

@@ -38,7 +38,8 @@ _COMPILE_THREADS = 4
 @dataclass
 class _GrammarState:
     matcher: Future[Matcher]
-    num_accepted: int = 0  # output tokens the matcher has advanced past
+    num_accepted: int = 0  # output tokens the matcher has advanced past (or seen while reasoning)
+    reasoning_end: list[int] | None = None  # the tokens ending the reasoning the output is still in; None: over
 
 
 @dataclass
@@ -73,7 +74,8 @@ class StructuredOutputScheduling(SchedulerHook):
             return
         if self.pool is None:
             self.pool = ThreadPoolExecutor(_COMPILE_THREADS, thread_name_prefix="loomserve-grammar")
-        self.states[request.request_id] = _GrammarState(self.pool.submit(self._compile, request))
+        self.states[request.request_id] = _GrammarState(self.pool.submit(self._compile, request),
+                                                        reasoning_end=params.structured_outputs.reasoning_end_token_ids)
 
     def _compile(self, request: Request) -> Matcher:
         params = request.sampling_params
@@ -146,7 +148,13 @@ class StructuredOutputScheduling(SchedulerHook):
             if s.request.request_id not in self.states:
                 continue
             matcher = self._synced(s.request)
-            if s.drafts:
+            state = self.states[s.request.request_id]
+            if state.reasoning_end is not None:  # rows allow everything until reasoning ends, drafts included
+                tail = s.request.output_token_ids[len(s.request.output_token_ids) - len(state.reasoning_end) + 1:]
+                ended = reasoning_end(tail + s.drafts, state.reasoning_end, len(tail))
+                if ended is not None:
+                    _fill_draft_rows(matcher, bitmask, row + ended - len(tail), s.drafts[ended - len(tail):])
+            elif s.drafts:
                 _fill_draft_rows(matcher, bitmask, row, s.drafts)
             else:
                 decodes.append((matcher, row))
@@ -157,7 +165,14 @@ class StructuredOutputScheduling(SchedulerHook):
         """The request's matcher, advanced past the tokens it landed since the last step."""
         state = self.states[request.request_id]
         matcher = state.matcher.result()
-        for token in request.output_token_ids[state.num_accepted:]:
+        first = state.num_accepted
+        if state.reasoning_end is not None:
+            ended = reasoning_end(request.output_token_ids, state.reasoning_end, first)
+            if ended is None:
+                state.num_accepted = request.num_output_tokens
+                return matcher
+            state.reasoning_end, first = None, ended
+        for token in request.output_token_ids[first:]:
             if not matcher.accept(token):  # the mask allowed it: only a stop token past the grammar's end gets here
                 logger.warning("request %s: token %d is outside its grammar", request.request_id, token)
         state.num_accepted = request.num_output_tokens
@@ -169,6 +184,15 @@ class StructuredOutputScheduling(SchedulerHook):
             state = self.states.pop(request.request_id, None)
             if state is not None:
                 state.matcher.cancel()
+
+
+def reasoning_end(tokens: list[int], end: list[int], start: int) -> int | None:
+    """The index just past the first `end` sequence in `tokens` that finishes at or after `start` (the tokens before
+    `start` were searched already), or None."""
+    for i in range(max(start + 1, len(end)), len(tokens) + 1):
+        if tokens[i - len(end):i] == end:
+            return i
+    return None
 
 
 def _fill_draft_rows(matcher: Matcher, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
