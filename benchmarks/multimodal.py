@@ -15,6 +15,12 @@ Reported per scenario: requests/s, output tokens/s, latency p50/p90/max, and the
 served from the prefix cache, for the fastest of --repeats runs (each run with images not sent before).
 Before timing, each server answers --warmup requests with other images.
 
+--frontend-only times, without a server, the front end's cost per image (one thread, --num-requests unique images,
+and as many again with --threads threads): decode + preprocess + serialize for the engine, `before` (float32
+pixel_values made on the host, as the front end did before pixels went to the device), `after` (uint8 pixels, the
+float steps on the engine's device) and `cached` (the same bytes again: a processor-cache hit), with the bytes
+each item puts on the wire.
+
 Shapes: `tiny` serves the tiny Qwen2-VL test checkpoint (real weights; images at most 112x112, 16 tokens);
 `qwen2-vl-small`, `qwen2-vl-2b` and `qwen2-vl-7b` write config-only folders (Qwen2-VL's processor
 settings, the real models' shapes for 2b and 7b) and serve them with dummy weights (`--load-format dummy`).
@@ -22,6 +28,7 @@ settings, the real models' shapes for 2b and 7b) and serve them with dummy weigh
     python -m benchmarks.multimodal --shape tiny --num-requests 48 --concurrency 8 --image-size 112
     python -m benchmarks.multimodal --shape qwen2-vl-small --num-requests 24 --concurrency 4 --image-size 448
     python -m benchmarks.multimodal --shape qwen2-vl-2b --num-requests 512 --concurrency 64 --image-size 448
+    python -m benchmarks.multimodal --shape qwen2-vl-2b --frontend-only --num-requests 64 --image-size 448
 """
 
 from __future__ import annotations
@@ -86,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     p.add_argument("--server-args", default="", help="extra `loomserve serve` flags, e.g. '--max-num-seqs 128'")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--frontend-only", action="store_true",
+                   help="time the front end's work per image (no server): before/after/cached")
+    p.add_argument("--threads", type=int, default=4, help="--frontend-only: threads of the throughput run")
     return p.parse_args(argv)
 
 
@@ -218,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dummy = args.shape != "tiny"
     model = build_preset_checkpoint(args.shape) if dummy else tiny_mm_checkpoint("qwen2_vl")
+    if args.frontend_only:
+        from benchmarks.multimodal_frontend import run_frontend_benchmark
+
+        return run_frontend_benchmark(model, args)
     results = []
     for prefix_caching in (True, False):
         names = [s for s in args.scenarios if (s == "repeated-no-pc") != prefix_caching]

@@ -1,5 +1,8 @@
 """The front end's multimodal step: media from `multi_modal_data` or chat content parts -> expanded prompt
-token ids and processed items, checked against what the model takes, the limits and the encoder cache."""
+token ids and processed items, checked against what the model takes, the limits and the encoder cache.
+
+Chat media are decoded and preprocessed as soon as they are read, on the media pool (PIL lets go of the GIL while it
+decodes and resizes), or taken from the processor cache when the same bytes came before."""
 
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.encoder_cache import encoder_cache_capacity
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef, media_client
+from loomserve.modalities.processor_cache import ProcessorCache, charges_between, media_key
+from loomserve.modalities.processors.base import ProcessedItem
 from loomserve.modalities.uuid_cache import MediaUUIDCache
 from loomserve.platform.models.registry import create_processor
 
@@ -37,21 +42,23 @@ class MultiModalFrontend:
         self.encoder_cache_capacity = encoder_cache_capacity(model_config, mm_config)  # embeddings
         self._client: httpx.AsyncClient | None = None  # the server's media downloads, made on first use
         self.by_uuid = MediaUUIDCache()
+        self.cache = ProcessorCache(mm_config.processor_cache_bytes)
 
     def load(self, refs: list[MediaRef], budget: MediaBudget = MediaBudget()) -> dict[str, list[Any]]:
-        """Fetch and decode chat media under the allow-lists and limits (blocking: the Python API)."""
+        """Fetch, decode and preprocess chat media under the allow-lists and limits (blocking: the Python API)."""
         self._require_processor(refs[0].modality)
         self.processor.check_refs(refs)
         cached = self.by_uuid.cached(refs)
         spend = MediaSpend(budget)
         reads = [ref for i, ref in enumerate(refs) if i not in cached]
         fetcher = MediaFetcher(self.mm_config, spend)
-        loaded = self.processor.decode_all(reads, [fetcher.read(ref) for ref in reads], spend)
+        loaded = self.process_all(reads, [fetcher.read(ref) for ref in reads], spend)
         return self.by_uuid.merge(refs, loaded, cached)
 
     async def load_async(self, refs: list[MediaRef], budget: MediaBudget) -> dict[str, list[Any]]:
         """`load` for the server: the items are fetched at once (http(s) without a thread), all within the budget's
-        deadline, then decoded on the media pool, so slow hosts hold no thread that other requests need."""
+        deadline, then decoded and preprocessed on the media pool, so slow hosts hold no thread that other requests
+        need."""
         self._require_processor(refs[0].modality)
         self.processor.check_refs(refs)
         cached = self.by_uuid.cached(refs)
@@ -63,8 +70,25 @@ class MultiModalFrontend:
         data = await _all_within(budget.deadline_s, [fetcher.read_async(ref, _MEDIA_POOL, self._client)
                                                      for ref in to_read])
         loaded = await asyncio.get_running_loop().run_in_executor(
-            _MEDIA_POOL, self.processor.decode_all, to_read, data, spend)
+            _MEDIA_POOL, self.process_all, to_read, data, spend)
         return self.by_uuid.merge(refs, loaded, cached)
+
+    def process_all(self, refs: list[MediaRef], data: list[bytes], spend: MediaSpend) -> dict[str, list[ProcessedItem]]:
+        """Each reference's item, processed from its bytes or taken from the processor cache, grouped by modality in
+        the order given."""
+        loaded: dict[str, list[ProcessedItem]] = {}
+        for ref, raw in zip(refs, data, strict=True):
+            loaded.setdefault(ref.modality, []).append(self._processed(ref, raw, spend))
+        return loaded
+
+    def _processed(self, ref: MediaRef, raw: bytes, spend: MediaSpend) -> ProcessedItem:
+        key = media_key(ref, raw)
+        item = self.cache.get(key, spend)
+        if item is None:
+            before = dict(spend.spent)
+            item = self.processor.process_item(ref.modality, self.processor.decode(ref, raw, spend))
+            self.cache.put(key, item, charges_between(before, spend.spent))
+        return item
 
     def apply(self, token_ids: list[int], mm_data: dict[str, Any]) -> tuple[list[int], list[MultiModalItem]]:
         """Expand each placeholder of `token_ids` for the items of `mm_data` (one item or a list per modality)."""

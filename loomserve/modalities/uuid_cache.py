@@ -1,4 +1,4 @@
-"""Media parts named by the client (vLLM's `uuid` on a content part): the decoded item is kept under its uuid, so a
+"""Media parts named by the client (vLLM's `uuid` on a content part): the loaded item is kept under its uuid, so a
 later part with the same uuid and no media (`"image_url": {}` or null) reuses it without sending it again. The
 reused item is processed as the first was, so it has the same content hash and hits the encoder and prefix caches.
 A front-end LRU of decoded items, bounded by count."""
