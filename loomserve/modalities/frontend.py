@@ -10,6 +10,7 @@ import asyncio
 import os
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loomserve.modalities.budget import MediaBudget, MediaSpend
@@ -74,21 +75,26 @@ class MultiModalFrontend:
         return self.by_uuid.merge(refs, loaded, cached)
 
     def process_all(self, refs: list[MediaRef], data: list[bytes], spend: MediaSpend) -> dict[str, list[ProcessedItem]]:
-        """Each reference's item, processed from its bytes or taken from the processor cache, grouped by modality in
-        the order given."""
+        """Each reference's item, taken from the processor cache or processed from its bytes, grouped by modality in
+        the order given. Every item is found or decoded before any is processed, so a request over its budget (charged
+        from each header) is refused before its first item costs a resize."""
+        found = [self._found_or_decoded(ref, raw, spend) for ref, raw in zip(refs, data, strict=True)]
         loaded: dict[str, list[ProcessedItem]] = {}
-        for ref, raw in zip(refs, data, strict=True):
-            loaded.setdefault(ref.modality, []).append(self._processed(ref, raw, spend))
+        for ref, item in zip(refs, found, strict=True):
+            if isinstance(item, _Decoded):
+                decoded, item = item, self.processor.process_item(ref.modality, item.media)
+                self.cache.put(decoded.key, item, decoded.charges)
+            loaded.setdefault(ref.modality, []).append(item)
         return loaded
 
-    def _processed(self, ref: MediaRef, raw: bytes, spend: MediaSpend) -> ProcessedItem:
+    def _found_or_decoded(self, ref: MediaRef, raw: bytes, spend: MediaSpend) -> ProcessedItem | _Decoded:
         key = media_key(ref, raw)
         item = self.cache.get(key, spend)
-        if item is None:
-            before = dict(spend.spent)
-            item = self.processor.process_item(ref.modality, self.processor.decode(ref, raw, spend))
-            self.cache.put(key, item, charges_between(before, spend.spent))
-        return item
+        if item is not None:
+            return item
+        before = dict(spend.spent)
+        media = self.processor.decode(ref, raw, spend)
+        return _Decoded(key, media, charges_between(before, spend.spent))
 
     def apply(self, token_ids: list[int], mm_data: dict[str, Any]) -> tuple[list[int], list[MultiModalItem]]:
         """Expand each placeholder of `token_ids` for the items of `mm_data` (one item or a list per modality)."""
@@ -104,6 +110,15 @@ class MultiModalFrontend:
     def _require_processor(self, modality: str) -> None:
         if self.processor is None:
             raise MediaError(f"this model accepts text only; it cannot take {modality} input")
+
+
+@dataclass
+class _Decoded:
+    """A media item decoded, not yet processed, with its processor-cache key and what decoding it charged."""
+
+    key: str
+    media: Any
+    charges: dict[str, float]
 
 
 async def _all_within(seconds: float, reads: list[Coroutine[Any, Any, bytes]]) -> list[bytes]:
