@@ -1,13 +1,14 @@
 """The front end's cost per image chat item, without a server (`benchmarks/multimodal.py --frontend-only`).
 
 Each mode does what the API process does for one image between reading its bytes and handing the request to the
-engine socket: decode, preprocess, serialize the item (`platform/wire.py`).
+engine socket: decode, preprocess, serialize a request carrying the item (`platform/messages.py`).
 
   before  decode + resize + float32 rescale/normalize on the host (the numpy steps the front end ran before pixels
           moved to the device), serializing float32 pixel_values
   after   decode + resize on uint8, serializing uint8 pixels and their table; the float steps run on the engine's
           device (`modalities/pixels.py`)
-  cached  the same bytes again: the processor cache answers without decoding or preprocessing
+  cached  the same bytes again: the processor cache answers without decoding or preprocessing, and the request
+          goes to the engine without the pixels, which it holds (`modalities/sent_items.py`)
 
 Times are per image on one thread (median and mean over the images), then images/s with --threads threads.
 """
@@ -32,17 +33,21 @@ from loomserve.modalities.image import normalize, resize, smart_resize, to_rgb
 from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
 from loomserve.modalities.media import MediaRef
 from loomserve.modalities.processors.base import ProcessedItem
-from loomserve.platform import wire
+from loomserve.modalities.sent_items import MediaSenders
 from loomserve.platform.config import EngineArgs
+from loomserve.platform.messages import EngineCoreRequest, pack
 
 
 def _png_bytes(url: str) -> bytes:
     return base64.b64decode(url.split(",", 1)[1])
 
 
-def _wire_bytes(p: ProcessedItem) -> int:
-    """Serialize the item as it crosses to the engine; its size in bytes."""
-    return len(wire.encode(MultiModalItem("image", p.content_hash, PlaceholderRange(0, p.num_tokens), p.data, p.meta)))
+def _wire_bytes(p: ProcessedItem, senders: MediaSenders | None = None) -> int:
+    """Serialize a request of the item as it crosses to the engine (through `senders`, which leave out the tensors of
+    items the engine holds, when given); its size in bytes."""
+    item = MultiModalItem("image", p.content_hash, PlaceholderRange(0, p.num_tokens), p.data, p.meta)
+    request = EngineCoreRequest("r", [0] * p.num_tokens, None, None, 0.0, mm_items=[item])
+    return len(pack(request if senders is None else senders.strip(request, 0)))
 
 
 def _before(frontend: MultiModalFrontend, ref: MediaRef, data: bytes) -> int:
@@ -57,9 +62,9 @@ def _before(frontend: MultiModalFrontend, ref: MediaRef, data: bytes) -> int:
     return _wire_bytes(item)
 
 
-def _after(frontend: MultiModalFrontend, ref: MediaRef, data: bytes) -> int:
+def _after(frontend: MultiModalFrontend, senders: MediaSenders, ref: MediaRef, data: bytes) -> int:
     [item] = frontend.process_all([ref], [data], MediaSpend())["image"]
-    return _wire_bytes(item)
+    return _wire_bytes(item, senders)
 
 
 def _time_each(fn: Callable[[MediaRef, bytes], int], work: list[tuple[MediaRef, bytes]]) -> tuple[list[float], int]:
@@ -93,7 +98,7 @@ def run_frontend_benchmark(model: Path, args: argparse.Namespace) -> int:
     rows: list[list[Any]] = []
     for mode in ("before", "after", "cached"):
         frontend = MultiModalFrontend(config.model_config, tokenizer, MultiModalConfig())
-        fn = _mode_fn(mode, frontend)
+        fn = _mode_fn(mode, frontend, MediaSenders(frontend.mm_config.processor_cache_bytes, 1))
         items = repeated if mode == "cached" else work
         if mode == "cached":
             fn(*items[0])  # the first sight of the image fills the cache
@@ -112,7 +117,8 @@ def run_frontend_benchmark(model: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def _mode_fn(mode: str, frontend: MultiModalFrontend) -> Callable[[MediaRef, bytes], int]:
-    step = _before if mode == "before" else _after
-    return lambda ref, data: step(frontend, ref, data)
+def _mode_fn(mode: str, frontend: MultiModalFrontend, senders: MediaSenders) -> Callable[[MediaRef, bytes], int]:
+    if mode == "before":
+        return lambda ref, data: _before(frontend, ref, data)
+    return lambda ref, data: _after(frontend, senders, ref, data)
 
