@@ -7,8 +7,9 @@ URL of --image-size px square) plus a short question, exactly --output-len greed
 sent by --concurrency clients at once. The clock runs from the first request to the last answer. Scenarios:
 
   unique          every request brings a new image: decode + preprocess + vision encoder + full prefill each time
-  repeated        every request brings the same image: the encoder cache and the prefix cache (its blocks
-                  carry the image's content hash) answer everything but the first
+  repeated        every request brings the same image: the processor cache (no decoding or preprocessing
+                  again; the engine holds the pixels, so none are sent), the encoder cache and the prefix
+                  cache (its blocks carry the image's content hash) answer everything but the first
   repeated-no-pc  the same image with --no-enable-prefix-caching: only the encoder cache is reused
 
 Reported per scenario: requests/s, output tokens/s, latency p50/p90/max, and the share of prompt tokens
@@ -29,6 +30,8 @@ settings, the real models' shapes for 2b and 7b) and serve them with dummy weigh
     python -m benchmarks.multimodal --shape qwen2-vl-small --num-requests 24 --concurrency 4 --image-size 448
     python -m benchmarks.multimodal --shape qwen2-vl-2b --num-requests 512 --concurrency 64 --image-size 448
     python -m benchmarks.multimodal --shape qwen2-vl-2b --frontend-only --num-requests 64 --image-size 448
+
+Add `--server-args '--mm-processor-cache-gb 0'` to see the repeated scenarios without the processor cache.
 """
 
 from __future__ import annotations
@@ -217,7 +220,8 @@ def run_scenario(name: str, url: str, args: argparse.Namespace, seed: int) -> Sc
 
 def make_server(model: Path, dummy: bool, server_args: str, prefix_caching: bool) -> Server:
     """`loomserve serve` for one group of scenarios, logging to a file in $TMPDIR."""
-    flags = ["--uvicorn-log-level", "warning", *(["--load-format", "dummy"] if dummy else []), *server_args.split()]
+    flags = ["--uvicorn-log-level", "warning", "--enable-prompt-tokens-details",  # usage reports cached tokens
+             *(["--load-format", "dummy"] if dummy else []), *server_args.split()]
     if not prefix_caching:
         flags.append("--no-enable-prefix-caching")
     log = f"loomserve-multimodal-bench-{os.getpid()}-{'pc' if prefix_caching else 'no-pc'}.log"
