@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
+from transformers import AutoTokenizer
 
+from loomserve.modalities.frontend import MultiModalFrontend
 from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
-from loomserve.modalities.sent_items import MediaReceivers, MediaSenders
+from loomserve.modalities.sent_items import MediaReceivers, MediaSenders, media_senders
+from loomserve.platform.config import EngineArgs
 from loomserve.platform.messages import EngineCoreRequest, pack, unpack
 
 
@@ -72,3 +76,15 @@ def test_after_a_failed_send_the_sender_starts_over_under_a_new_id():
     got, crossed = through_the_socket(senders, receivers, request(image), engine=1)
     assert senders.by_engine[1].sender_id != lost and crossed > 1000
     assert torch.equal(got.mm_items[0].data["pixels"], image.data["pixels"])
+
+
+@pytest.mark.parametrize(("family", "gib", "on"), [("qwen2_vl", 4, True), ("qwen2_vl", 0, False), ("text", 4, False)])
+def test_a_front_end_sends_through_senders_for_media_models_with_the_cache_on(mm_checkpoint, qwen2_checkpoint,
+                                                                              family, gib, on):
+    path = qwen2_checkpoint if family == "text" else mm_checkpoint(family)
+    config = EngineArgs(model=path, mm_processor_cache_gb=gib).create_engine_config()
+    frontend = MultiModalFrontend(config.model_config, AutoTokenizer.from_pretrained(path), config.mm_config)
+    senders = media_senders(config, frontend, num_engines=2)
+    assert (senders is not None) == on
+    if on:
+        assert len(senders.by_engine) == 2 and senders.capacity == 4 << 30
