@@ -68,3 +68,13 @@ def test_the_encoder_gets_a_float_copy_and_the_request_keeps_its_uint8_item(mm_c
     assert set(item.data) == {PIXELS, PIXEL_TABLE, "grid_thw"}  # untouched: preemption re-encodes from it
     audio = MultiModalItem("audio", "h", PlaceholderRange(0, 1), {"input_features": torch.zeros(2, 3)})
     assert with_pixel_values(audio, torch.device("cpu")) is audio
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pixel_values_made_on_cuda_equal_the_hf_image_processor(mm_checkpoint):
+    path = mm_checkpoint("llava")
+    p = processor(path).process_item("image", IMAGES[2])
+    item = MultiModalItem("image", p.content_hash, PlaceholderRange(0, p.num_tokens), p.data, p.meta)
+    on_cuda = with_pixel_values(item, torch.device("cuda")).data["pixel_values"]
+    ref = CLIPImageProcessorPil.from_pretrained(path)(IMAGES[2], return_tensors="pt")["pixel_values"][0]
+    assert on_cuda.is_cuda and torch.equal(on_cuda.cpu(), ref)

@@ -47,6 +47,8 @@ class ImageEmbeddingProcessor(MultiModalProcessor):
         rgb = to_rgb(as_pil(item))
         geometry = self.image_processor(images=rgb, do_rescale=False, do_normalize=False, return_tensors="np")
         chw = geometry["pixel_values"][0]  # [3, S, S], uint8 as resized and cropped by PIL
+        if chw.dtype != np.uint8:  # a processor that resizes in floats: its pixels are not bytes, the table is wrong
+            raise RuntimeError(f"{type(self.image_processor).__name__} resizes to {chw.dtype}, not uint8")
         return ProcessedItem(uint8_pixels(np.moveaxis(chw, 0, -1), self.table), 1,
                              content_hash("image", self.settings, np.asarray(rgb)), {})
 
