@@ -7,13 +7,20 @@ URL of --image-size px square) plus a short question, exactly --output-len greed
 sent by --concurrency clients at once. The clock runs from the first request to the last answer. Scenarios:
 
   unique          every request brings a new image: decode + preprocess + vision encoder + full prefill each time
-  repeated        every request brings the same image: the encoder cache and the prefix cache (its blocks
-                  carry the image's content hash) answer everything but the first
+  repeated        every request brings the same image: the processor cache (no decoding or preprocessing
+                  again; the engine holds the pixels, so none are sent), the encoder cache and the prefix
+                  cache (its blocks carry the image's content hash) answer everything but the first
   repeated-no-pc  the same image with --no-enable-prefix-caching: only the encoder cache is reused
 
 Reported per scenario: requests/s, output tokens/s, latency p50/p90/max, and the share of prompt tokens
 served from the prefix cache, for the fastest of --repeats runs (each run with images not sent before).
 Before timing, each server answers --warmup requests with other images.
+
+--frontend-only times, without a server, the front end's cost per image (one thread, --num-requests unique images,
+and as many again with --threads threads): decode + preprocess + serialize for the engine, `before` (float32
+pixel_values made on the host, as the front end did before pixels went to the device), `after` (uint8 pixels, the
+float steps on the engine's device) and `cached` (the same bytes again: a processor-cache hit), with the bytes
+each item puts on the wire.
 
 Shapes: `tiny` serves the tiny Qwen2-VL test checkpoint (real weights; images at most 112x112, 16 tokens);
 `qwen2-vl-small`, `qwen2-vl-2b` and `qwen2-vl-7b` write config-only folders (Qwen2-VL's processor
@@ -22,6 +29,9 @@ settings, the real models' shapes for 2b and 7b) and serve them with dummy weigh
     python -m benchmarks.multimodal --shape tiny --num-requests 48 --concurrency 8 --image-size 112
     python -m benchmarks.multimodal --shape qwen2-vl-small --num-requests 24 --concurrency 4 --image-size 448
     python -m benchmarks.multimodal --shape qwen2-vl-2b --num-requests 512 --concurrency 64 --image-size 448
+    python -m benchmarks.multimodal --shape qwen2-vl-2b --frontend-only --num-requests 64 --image-size 448
+
+Add `--server-args '--mm-processor-cache-gb 0'` to see the repeated scenarios without the processor cache.
 """
 
 from __future__ import annotations
@@ -86,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     p.add_argument("--server-args", default="", help="extra `loomserve serve` flags, e.g. '--max-num-seqs 128'")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--frontend-only", action="store_true",
+                   help="time the front end's work per image (no server): before/after/cached")
+    p.add_argument("--threads", type=int, default=4, help="--frontend-only: threads of the throughput run")
     return p.parse_args(argv)
 
 
@@ -207,7 +220,8 @@ def run_scenario(name: str, url: str, args: argparse.Namespace, seed: int) -> Sc
 
 def make_server(model: Path, dummy: bool, server_args: str, prefix_caching: bool) -> Server:
     """`loomserve serve` for one group of scenarios, logging to a file in $TMPDIR."""
-    flags = ["--uvicorn-log-level", "warning", *(["--load-format", "dummy"] if dummy else []), *server_args.split()]
+    flags = ["--uvicorn-log-level", "warning", "--enable-prompt-tokens-details",  # usage reports cached tokens
+             *(["--load-format", "dummy"] if dummy else []), *server_args.split()]
     if not prefix_caching:
         flags.append("--no-enable-prefix-caching")
     log = f"loomserve-multimodal-bench-{os.getpid()}-{'pc' if prefix_caching else 'no-pc'}.log"
@@ -218,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dummy = args.shape != "tiny"
     model = build_preset_checkpoint(args.shape) if dummy else tiny_mm_checkpoint("qwen2_vl")
+    if args.frontend_only:
+        from benchmarks.multimodal_frontend import run_frontend_benchmark
+
+        return run_frontend_benchmark(model, args)
     results = []
     for prefix_caching in (True, False):
         names = [s for s in args.scenarios if (s == "repeated-no-pc") != prefix_caching]

@@ -28,7 +28,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                        "master_addr", "master_port"),
     "LoRAConfig": ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"),
     "MultiModalConfig": ("limit_mm_per_prompt", "allowed_media_domains", "allowed_local_media_path",
-                         "max_image_pixels", "encoder_cache_memory", "media_io_kwargs"),
+                         "max_image_pixels", "encoder_cache_memory", "media_io_kwargs",
+                         "mm_processor_cache_gb"),
     "SpeculativeConfig": ("speculative_config",),
 }
 SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", "pipeline_parallel_size": "-pp"}

@@ -21,6 +21,7 @@ class MultiModalConfig:
     max_image_pixels: int = 89_478_485  # width x height of an image or video frame (PIL's bomb threshold)
     encoder_cache_memory: int = 256 << 20  # bytes of encoder outputs kept for reuse across requests
     media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"video": {"num_frames": 8}}
+    processor_cache_bytes: int = 4 << 30  # processed items the front end keeps by their encoded bytes (0: none)
 
     def limit(self, modality: str) -> int:
         return self.limit_per_prompt.get(modality, DEFAULT_LIMIT_PER_PROMPT)
@@ -33,6 +34,7 @@ def build_mm_config(
     max_image_pixels: int,
     encoder_cache_memory: int,
     media_io_kwargs: dict[str, dict[str, Any]] | str | None,
+    processor_cache_gb: float = 4,
 ) -> MultiModalConfig:
     """From EngineArgs' flat values; JSON strings (as the CLI passes them) are parsed."""
     limits = json_object(limit_mm_per_prompt, "limit_mm_per_prompt", '{"image": 4}')
@@ -43,6 +45,8 @@ def build_mm_config(
             raise ValueError(f"limit_mm_per_prompt[{modality!r}] must be a non-negative integer, got {n!r}")
     if max_image_pixels < 1:
         raise ValueError(f"max_image_pixels must be positive, got {max_image_pixels}")
+    if processor_cache_gb < 0:
+        raise ValueError(f"mm_processor_cache_gb must be at least 0 (0 disables the cache), got {processor_cache_gb}")
     return MultiModalConfig(
         limit_per_prompt=limits,
         allowed_media_domains=list(allowed_media_domains) if allowed_media_domains else None,
@@ -50,4 +54,5 @@ def build_mm_config(
         max_image_pixels=max_image_pixels,
         encoder_cache_memory=encoder_cache_memory,
         media_io_kwargs=json_object(media_io_kwargs, "media_io_kwargs", '{"video": {"num_frames": 8}}'),
+        processor_cache_bytes=int(processor_cache_gb * (1 << 30)),
     )

@@ -1,5 +1,8 @@
 """The front end's multimodal step: media from `multi_modal_data` or chat content parts -> expanded prompt
-token ids and processed items, checked against what the model takes, the limits and the encoder cache."""
+token ids and processed items, checked against what the model takes, the limits and the encoder cache.
+
+Chat media are decoded and preprocessed as soon as they are read, on the media pool (PIL lets go of the GIL while it
+decodes and resizes), or taken from the processor cache when the same bytes came before."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import asyncio
 import os
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loomserve.modalities.budget import MediaBudget, MediaSpend
@@ -14,6 +18,8 @@ from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.encoder_cache import encoder_cache_capacity
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef, media_client
+from loomserve.modalities.processor_cache import ProcessorCache, charges_between, media_key
+from loomserve.modalities.processors.base import ProcessedItem
 from loomserve.modalities.uuid_cache import MediaUUIDCache
 from loomserve.platform.models.registry import create_processor
 
@@ -37,21 +43,23 @@ class MultiModalFrontend:
         self.encoder_cache_capacity = encoder_cache_capacity(model_config, mm_config)  # embeddings
         self._client: httpx.AsyncClient | None = None  # the server's media downloads, made on first use
         self.by_uuid = MediaUUIDCache()
+        self.cache = ProcessorCache(mm_config.processor_cache_bytes)
 
     def load(self, refs: list[MediaRef], budget: MediaBudget = MediaBudget()) -> dict[str, list[Any]]:
-        """Fetch and decode chat media under the allow-lists and limits (blocking: the Python API)."""
+        """Fetch, decode and preprocess chat media under the allow-lists and limits (blocking: the Python API)."""
         self._require_processor(refs[0].modality)
         self.processor.check_refs(refs)
         cached = self.by_uuid.cached(refs)
         spend = MediaSpend(budget)
         reads = [ref for i, ref in enumerate(refs) if i not in cached]
         fetcher = MediaFetcher(self.mm_config, spend)
-        loaded = self.processor.decode_all(reads, [fetcher.read(ref) for ref in reads], spend)
+        loaded = self.process_all(reads, [fetcher.read(ref) for ref in reads], spend)
         return self.by_uuid.merge(refs, loaded, cached)
 
     async def load_async(self, refs: list[MediaRef], budget: MediaBudget) -> dict[str, list[Any]]:
         """`load` for the server: the items are fetched at once (http(s) without a thread), all within the budget's
-        deadline, then decoded on the media pool, so slow hosts hold no thread that other requests need."""
+        deadline, then decoded and preprocessed on the media pool, so slow hosts hold no thread that other requests
+        need."""
         self._require_processor(refs[0].modality)
         self.processor.check_refs(refs)
         cached = self.by_uuid.cached(refs)
@@ -63,8 +71,30 @@ class MultiModalFrontend:
         data = await _all_within(budget.deadline_s, [fetcher.read_async(ref, _MEDIA_POOL, self._client)
                                                      for ref in to_read])
         loaded = await asyncio.get_running_loop().run_in_executor(
-            _MEDIA_POOL, self.processor.decode_all, to_read, data, spend)
+            _MEDIA_POOL, self.process_all, to_read, data, spend)
         return self.by_uuid.merge(refs, loaded, cached)
+
+    def process_all(self, refs: list[MediaRef], data: list[bytes], spend: MediaSpend) -> dict[str, list[ProcessedItem]]:
+        """Each reference's item, taken from the processor cache or processed from its bytes, grouped by modality in
+        the order given. Every item is found or decoded before any is processed, so a request over its budget (charged
+        from each header) is refused before its first item costs a resize."""
+        found = [self._found_or_decoded(ref, raw, spend) for ref, raw in zip(refs, data, strict=True)]
+        loaded: dict[str, list[ProcessedItem]] = {}
+        for ref, item in zip(refs, found, strict=True):
+            if isinstance(item, _Decoded):
+                decoded, item = item, self.processor.process_item(ref.modality, item.media)
+                self.cache.put(decoded.key, item, decoded.charges)
+            loaded.setdefault(ref.modality, []).append(item)
+        return loaded
+
+    def _found_or_decoded(self, ref: MediaRef, raw: bytes, spend: MediaSpend) -> ProcessedItem | _Decoded:
+        key = media_key(ref, raw)
+        item = self.cache.get(key, spend)
+        if item is not None:
+            return item
+        before = dict(spend.spent)
+        media = self.processor.decode(ref, raw, spend)
+        return _Decoded(key, media, charges_between(before, spend.spent))
 
     def apply(self, token_ids: list[int], mm_data: dict[str, Any]) -> tuple[list[int], list[MultiModalItem]]:
         """Expand each placeholder of `token_ids` for the items of `mm_data` (one item or a list per modality)."""
@@ -80,6 +110,15 @@ class MultiModalFrontend:
     def _require_processor(self, modality: str) -> None:
         if self.processor is None:
             raise MediaError(f"this model accepts text only; it cannot take {modality} input")
+
+
+@dataclass
+class _Decoded:
+    """A media item decoded, not yet processed, with its processor-cache key and what decoding it charged."""
+
+    key: str
+    media: Any
+    charges: dict[str, float]
 
 
 async def _all_within(seconds: float, reads: list[Coroutine[Any, Any, bytes]]) -> list[bytes]:

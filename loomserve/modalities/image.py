@@ -2,7 +2,8 @@
 
 Each step repeats what transformers' PIL image processors (`Qwen2VLImageProcessorPil`,
 `CLIPImageProcessorPil`) do, in the same order and dtypes, so the pixels equal theirs: RGB conversion
-over a white background, PIL resampling on uint8, rescale in float64 then float32, normalize in float32.
+over a white background, PIL resampling and cropping on uint8, rescale in float64 then float32, normalize in
+float32. The float steps run on the engine's device through a table made with `normalize` (`pixels.py`).
 """
 
 from __future__ import annotations
@@ -99,16 +100,17 @@ def resize(image: Image.Image, height: int, width: int, resample: int = BICUBIC)
     return np.asarray(image.resize((width, height), resample=resample))
 
 
-def center_crop(chw: np.ndarray, height: int, width: int) -> np.ndarray:
-    """[C, H, W] -> [C, height, width] around the center, zero-padding an image smaller than the crop."""
-    _, h, w = chw.shape
+def center_crop(hwc: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[H, W, C] -> [height, width, C] around the center, zero-padding an image smaller than the crop (on uint8,
+    before rescaling, as the HF processors crop)."""
+    h, w = hwc.shape[:2]
     if h < height or w < width:
-        padded = np.zeros((chw.shape[0], max(h, height), max(w, width)), dtype=chw.dtype)
-        top, left = math.ceil((padded.shape[1] - h) / 2), math.ceil((padded.shape[2] - w) / 2)
-        padded[:, top : top + h, left : left + w] = chw
-        chw, h, w = padded, padded.shape[1], padded.shape[2]
+        padded = np.zeros((max(h, height), max(w, width), hwc.shape[2]), dtype=hwc.dtype)
+        top, left = math.ceil((padded.shape[0] - h) / 2), math.ceil((padded.shape[1] - w) / 2)
+        padded[top : top + h, left : left + w] = hwc
+        hwc, h, w = padded, padded.shape[0], padded.shape[1]
     top, left = (h - height) // 2, (w - width) // 2
-    return chw[:, top : top + height, left : left + width]
+    return hwc[top : top + height, left : left + width]
 
 
 def normalize(hwc: np.ndarray, rescale_factor: float, mean: list[float], std: list[float]) -> np.ndarray:

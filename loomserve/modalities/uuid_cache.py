@@ -1,7 +1,7 @@
-"""Media parts named by the client (vLLM's `uuid` on a content part): the decoded item is kept under its uuid, so a
+"""Media parts named by the client (vLLM's `uuid` on a content part): the loaded item is kept under its uuid, so a
 later part with the same uuid and no media (`"image_url": {}` or null) reuses it without sending it again. The
 reused item is processed as the first was, so it has the same content hash and hits the encoder and prefix caches.
-A front-end LRU of decoded items, bounded by count."""
+A front-end LRU of loaded (decoded and processed) items, bounded by count."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from typing import Any
 
 from loomserve.modalities.media import MediaError, MediaRef
 
-DEFAULT_CAPACITY = 64  # decoded items kept (an image of 1 MPixel is 3 MB)
+DEFAULT_CAPACITY = 64  # loaded items kept (an image of 1 MPixel is 3 MB of uint8 pixels)
 
 
 class MediaUUIDCache:
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self.capacity = capacity
-        self.items: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (modality, uuid) -> decoded item
+        self.items: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (modality, uuid) -> loaded item
 
     def cached(self, refs: list[MediaRef]) -> dict[int, Any]:
-        """Position in `refs` -> the decoded item of each reference that carries only a uuid; MediaError (before any
+        """Position in `refs` -> the loaded item of each reference that carries only a uuid; MediaError (before any
         loading) for a uuid this server does not hold."""
         found = {}
         for i, ref in enumerate(refs):
@@ -33,7 +33,7 @@ class MediaUUIDCache:
         return found
 
     def merge(self, refs: list[MediaRef], loaded: dict[str, list[Any]], cached: dict[int, Any]) -> dict[str, list[Any]]:
-        """Every reference's decoded item by modality in prompt order: `loaded` holds those read now (in order),
+        """Every reference's loaded item by modality in prompt order: `loaded` holds those read now (in order),
         `cached` the others; items read now with a uuid are kept for later parts."""
         fresh = {modality: iter(items) for modality, items in loaded.items()}
         merged: dict[str, list[Any]] = {}

@@ -28,6 +28,7 @@ import zmq.asyncio
 from loomserve.adapters.registry import LoRARegistry
 from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.inputs import MultiModalItem
+from loomserve.modalities.sent_items import media_senders
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.dp_router import DPRouter
 from loomserve.platform.engine import run_engine_core
@@ -98,6 +99,7 @@ class AsyncLLM:
         self._router = DPRouter(num_engines, config.cache_config.block_size, routing) if num_engines > 1 else None
         self._call_replies: dict[int, list[str | None]] = {}  # engine call -> the engines' replies so far
         self._latest_stats = [SchedulerStats() for _ in self._engines]  # each engine's last report (DP gauges)
+        self._media_senders = media_senders(config, self.input_processor.mm, num_engines)
         for engine in self._engines:
             try:
                 engine.wait_ready()
@@ -248,7 +250,14 @@ class AsyncLLM:
         return 0 if self._router is None else self._router.route(request)
 
     def _send(self, message: Any, engine: int) -> None:
-        self._engines[engine].inbox.send(pack(message))
+        if self._media_senders is None or not isinstance(message, EngineCoreRequest):
+            self._engines[engine].inbox.send(pack(message))
+            return
+        try:
+            self._engines[engine].inbox.send(pack(self._media_senders.strip(message, engine)))
+        except BaseException:
+            self._media_senders.reset(engine)
+            raise
 
     def _broadcast(self, message: Any) -> None:
         data = pack(message)

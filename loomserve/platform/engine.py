@@ -15,6 +15,7 @@ import signal
 import traceback
 from typing import TYPE_CHECKING, Any
 
+from loomserve.modalities.sent_items import MediaReceivers
 from loomserve.platform.config import EngineArgs, EngineConfig, resolve_device
 from loomserve.platform.executor import Executor, create_executor
 from loomserve.platform.features import scheduler_hooks
@@ -254,13 +255,14 @@ def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
 
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
+    media = MediaReceivers(engine.config.mm_config.processor_cache_bytes)  # items sent once (sent_items.py)
     while True:
         # Block while idle; with work in hand, only drain what has already arrived; poll while calls run.
         timeout = 0 if engine.has_requests() else (5 if engine.pending_calls else None)
         while dict(poller.poll(timeout)).get(inbox):
             message = unpack(inbox.recv())
             if isinstance(message, EngineCoreRequest):
-                engine.add_request(message)
+                engine.add_request(media.restore(message))
             elif isinstance(message, Abort):
                 engine.abort_requests(message.request_ids)
             elif isinstance(message, Shutdown):

@@ -14,6 +14,7 @@ import torch
 
 from loomserve.adapters.request import LoRARequest
 from loomserve.modalities.inputs import MultiModalItem
+from loomserve.modalities.sent_items import SentMedia
 from loomserve.platform.request import SamplingParams
 from loomserve.platform.stats import SchedulerStats
 from loomserve.platform.step import TokenLogprobs
@@ -33,6 +34,7 @@ class EngineCoreRequest:
     mm_items: list[MultiModalItem] = field(default_factory=list)
     pooling_params: PoolingParams | None = None  # set (and sampling_params None) for embedding / scoring requests
     kv_transfer_params: dict[str, Any] | None = None  # disaggregated prefill/decode: what the KV connector reads
+    mm_sent: SentMedia | None = None  # media items sent without tensors the engine holds (modalities/sent_items.py)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from transformers import (
 
 from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.media import MediaError
+from loomserve.modalities.pixels import PIXEL_TABLE, PIXELS, pixel_values
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.models.qwen2_vl_vision import patchify
 from loomserve.platform.models.registry import create_processor, is_multimodal
@@ -34,6 +35,11 @@ def processor(path: str, **limits: int):
     model_config = EngineArgs(model=path).create_engine_config().model_config
     mm_config = MultiModalConfig(limit_per_prompt=limits)
     return create_processor(model_config, AutoTokenizer.from_pretrained(path), mm_config)
+
+
+def device_pixel_values(item) -> torch.Tensor:
+    """What the engine makes of the item's uint8 pixels before its vision tower."""
+    return pixel_values(item.data[PIXELS], item.data[PIXEL_TABLE])
 
 
 def transparent_image() -> Image.Image:
@@ -60,7 +66,7 @@ def test_qwen2_vl_images_equal_the_hf_image_processor(mm_checkpoint, name):
     grid = ours.data["grid_thw"]
     assert grid.tolist() == ref["image_grid_thw"][0].tolist()
     assert ours.num_tokens == int(grid.prod()) // 4
-    assert torch.equal(patchify(ours.data["pixel_values"], 2, 14, 2), ref["pixel_values"])
+    assert torch.equal(patchify(device_pixel_values(ours), 2, 14, 2), ref["pixel_values"])
 
 
 def test_qwen2_vl_video_frames_equal_the_hf_pipeline_and_pad_to_the_temporal_patch(mm_checkpoint):
@@ -68,9 +74,9 @@ def test_qwen2_vl_video_frames_equal_the_hf_pipeline_and_pad_to_the_temporal_pat
     video = noise_video(3, 50, 70, seed=7)  # 3 frames: padded to 4 with the last one
     ours = processor(path).process_item("video", video)
     pixels, grids = video_pixel_values(path, [video])
-    assert ours.data["pixel_values"].shape[0] == 4
+    assert ours.data[PIXELS].shape[0] == 4
     assert ours.data["grid_thw"].tolist() == grids[0].tolist()
-    assert torch.equal(patchify(ours.data["pixel_values"], 2, 14, 2), pixels)
+    assert torch.equal(patchify(device_pixel_values(ours), 2, 14, 2), pixels)
     assert ours.meta == {"second_per_grid": 1.0}  # 2 frames per temporal patch at the default 2 fps
 
 
@@ -79,7 +85,7 @@ def test_llava_images_equal_the_hf_clip_processor(mm_checkpoint, name):
     path = mm_checkpoint("llava")
     ours = processor(path).process_item("image", IMAGES[name])
     ref = CLIPImageProcessorPil.from_pretrained(path)(IMAGES[name], return_tensors="pt")["pixel_values"][0]
-    assert torch.equal(ours.data["pixel_values"], ref)
+    assert torch.equal(device_pixel_values(ours), ref)
 
 
 def test_llava_expands_image_tokens_like_the_hf_processor(mm_checkpoint):

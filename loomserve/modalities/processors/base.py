@@ -60,6 +60,10 @@ class MultiModalProcessor:
     def process_item(self, modality: str, item: Any) -> ProcessedItem:
         raise NotImplementedError
 
+    def processed(self, modality: str, item: Any) -> ProcessedItem:
+        """`process_item`, for an item not processed yet (chat media arrive processed from the front end's load)."""
+        return item if isinstance(item, ProcessedItem) else self.process_item(modality, item)
+
     def decode(self, ref: MediaRef, data: bytes, spend: MediaSpend) -> Any:
         """A chat content part's encoded media, decoded into what `process_item` takes, charged to `spend`."""
         max_pixels = self.mm_config.max_image_pixels
@@ -70,13 +74,6 @@ class MultiModalProcessor:
         if is_jpeg_frames(ref.url):  # the frames' boundaries are in the URL, not in the bytes read
             return decode_jpeg_frames(ref.url, max_pixels, spend)
         return decode_video(data, max_pixels, **self.video_sampling, spend=spend)
-
-    def decode_all(self, refs: list[MediaRef], data: list[bytes], spend: MediaSpend) -> dict[str, list[Any]]:
-        """Each reference's bytes decoded, grouped by modality in the order given."""
-        loaded: dict[str, list[Any]] = {}
-        for ref, item in zip(refs, data, strict=True):
-            loaded.setdefault(ref.modality, []).append(self.decode(ref, item, spend))
-        return loaded
 
     def check_refs(self, refs: list[MediaRef]) -> None:
         """`check_counts` of the references, before any is read."""
@@ -109,7 +106,7 @@ class MultiModalProcessor:
             if found[modality] != given:
                 raise MediaError(f"the prompt has {found[modality]} {modality} placeholder(s) "
                                  f"({self.placeholder_tokens[modality]}) but {given} {modality} item(s) were given")
-        processed = {m: [self.process_item(m, x) for x in items] for m, items in mm_data.items()}
+        processed = {m: [self.processed(m, x) for x in items] for m, items in mm_data.items()}
         out: list[int] = []
         items: list[MultiModalItem] = []
         used = {m: 0 for m in self.modalities}

@@ -1,9 +1,10 @@
 """Qwen2-VL and Qwen2.5-VL: dynamic-resolution images and videos (smart resize to multiples of
 patch x merge), one `<|image_pad|>` / `<|video_pad|>` per merged patch.
 
-Items carry normalized frames `pixel_values` [F, 3, H, W] float32 (F = 1 for an image; a video's frames
-are padded to a multiple of the temporal patch by repeating the last) and `grid_thw` [3] int64 in patches;
-the vision tower cuts them into patches. Images equal `Qwen2VLImageProcessorPil`'s output.
+Items carry resized frames as uint8 `pixels` [F, H, W, 3] (F = 1 for an image; a video's frames are padded to
+a multiple of the temporal patch by repeating the last) with their `pixel_table` (`pixels.py`), and `grid_thw` [3]
+int64 in patches; on the engine's device they become `pixel_values` [F, 3, H, W] float32, which the vision tower
+cuts into patches. Images equal `Qwen2VLImageProcessorPil`'s output.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from loomserve.modalities.hashing import content_hash
 from loomserve.modalities.image import as_pil, normalize, resize, smart_resize, to_rgb
+from loomserve.modalities.pixels import pixel_table, uint8_pixels
 from loomserve.modalities.processors.base import MultiModalProcessor, ProcessedItem, read_json
 from loomserve.modalities.video import as_video
 
@@ -45,7 +47,8 @@ class Qwen2VLProcessor(MultiModalProcessor):
         self.temporal = int(image_cfg.get("temporal_patch_size", 2))
         self.mean = image_cfg.get("image_mean", _CLIP_MEAN)
         self.std = image_cfg.get("image_std", _CLIP_STD)
-        self.rescale = float(image_cfg.get("rescale_factor", 1 / 255))
+        rescale = float(image_cfg.get("rescale_factor", 1 / 255))
+        self.table = pixel_table(lambda hwc: normalize(hwc, rescale, self.mean, self.std))
         self.resample = int(image_cfg.get("resample", 3))
         self.image_pixels = _pixels(image_cfg, {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280})
         self.video_pixels = _pixels(video_cfg, _VIDEO_DEFAULTS)
@@ -59,11 +62,9 @@ class Qwen2VLProcessor(MultiModalProcessor):
         }
 
     def _frames(self, frames: list[Any], pixels: tuple[int, int]) -> tuple[np.ndarray, int, int]:
-        """RGB frames -> [F, 3, H, W] float32 at the smart-resized size."""
+        """RGB frames -> [F, H, W, 3] uint8 at the smart-resized size."""
         height, width = smart_resize(frames[0].height, frames[0].width, self.patch * self.merge, *pixels)
-        out = np.stack([normalize(resize(f, height, width, self.resample), self.rescale, self.mean, self.std)
-                        for f in frames])
-        return out, height, width
+        return np.stack([resize(f, height, width, self.resample) for f in frames]), height, width
 
     def process_item(self, modality: str, item: Any) -> ProcessedItem:
         if modality == "image":
@@ -81,7 +82,7 @@ class Qwen2VLProcessor(MultiModalProcessor):
         grid = (len(frames) // self.temporal if modality == "video" else 1, height // self.patch, width // self.patch)
         settings = {"size": [height, width], "mean": self.mean, "std": self.std, **meta}
         return ProcessedItem(
-            data={"pixel_values": torch.from_numpy(frames), "grid_thw": torch.tensor(grid, dtype=torch.int64)},
+            data={**uint8_pixels(frames, self.table), "grid_thw": torch.tensor(grid, dtype=torch.int64)},
             num_tokens=grid[0] * grid[1] * grid[2] // self.merge**2,
             content_hash=content_hash(modality, settings, raw),
             meta=meta,

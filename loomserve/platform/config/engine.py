@@ -130,6 +130,8 @@ class EngineArgs:
     encoder_cache_memory: int | str = _arg("256MiB", "memory for encoder outputs reused across requests, e.g. 256MiB")
     media_io_kwargs: dict[str, dict[str, Any]] | str | None = _arg(
         None, 'media decoding options, JSON, e.g. \'{"video": {"num_frames": 8}}\' or \'{"video": {"fps": 1}}\'')
+    mm_processor_cache_gb: float = _arg(4, "GiB of processed media the front end keeps to reuse for the same bytes "
+                                           "(no decoding or preprocessing again); 0 disables it")
     tensor_parallel_size: int = _arg(1, "tensor-parallel ranks: the model's heads, MLPs and vocabulary split across "
                                         "this many processes (devices)")
     data_parallel_size: int = _arg(1, "data-parallel engine replicas behind one server (`loomserve serve`), each "
@@ -249,6 +251,7 @@ class EngineArgs:
         mm_config = build_mm_config(
             self.limit_mm_per_prompt, self.allowed_media_domains, self.allowed_local_media_path,
             self.max_image_pixels, parse_memory(self.encoder_cache_memory), self.media_io_kwargs,
+            self.mm_processor_cache_gb,
         )
         if self.max_cudagraph_capture_size < 0:
             raise ValueError(f"max_cudagraph_capture_size must be at least 0, got {self.max_cudagraph_capture_size}")
