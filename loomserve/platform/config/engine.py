@@ -218,6 +218,9 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             enable_prompt_embeds=self.enable_prompt_embeds,
         )
+        if self.kv_cache_dtype != "auto" and pooling.encoder_only:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} quantizes the KV cache, and "
+                             f"{model_config.architecture} (an encoder) keeps no KV cache: leave it auto")
         cache_config = CacheConfig(
             block_size=self.block_size,
             kv_cache_memory=parse_memory(self.kv_cache_memory),
