@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from loomserve import LLM, SamplingParams
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.runner import ModelRunner
+from loomserve.testing.fp8_kv_reference import fake_quantized_attention
 
 FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # (k_scale, v_scale) per layer of the tiny qwen2 checkpoint, whose keys and values reach ~8: the largest land near
@@ -49,24 +49,6 @@ def scaled_checkpoint(qwen2_checkpoint: str, tmp_path_factory: pytest.TempPathFa
         mode="json")
     (folder / "config.json").write_text(json.dumps(config))
     return folder
-
-
-def fake_quantized_attention(dtype: torch.dtype, scales: Callable[[int], tuple[float, float]]) -> str:
-    """An attention function for transformers: sdpa over keys and values rounded through float8 `dtype` with the
-    layer's (k_scale, v_scale); registered under a name of its own, which it returns."""
-    limit = torch.finfo(dtype).max
-
-    def through_fp8(x: torch.Tensor, scale: float) -> torch.Tensor:
-        return ((x / scale).clamp(-limit, limit).to(dtype).float() * scale).to(x.dtype)
-
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        k_scale, v_scale = scales(module.layer_idx)
-        return sdpa_attention_forward(module, query, through_fp8(key, k_scale), through_fp8(value, v_scale),
-                                      attention_mask, **kwargs)
-
-    name = f"fp8_kv_{id(attention)}"
-    AttentionInterface.register(name, attention)
-    return name
 
 
 def reference_model(path: str, attention: str) -> torch.nn.Module:
@@ -99,10 +81,12 @@ def test_fp8_cache_greedy_equals_transformers_with_fake_quantized_kv(scaled_chec
                                                                      cache_dtype):
     expected = reference_greedy(qwen2_checkpoint, fake_quantized_attention(FP8[cache_dtype], SCALES.__getitem__))
     # Chunked prefill (8-token budget) over blocks of 4, then the same prompts again from the prefix cache.
-    llm = LLM(str(scaled_checkpoint), block_size=4, kv_cache_memory="8MiB", kv_cache_dtype=cache_dtype,
+    llm = LLM(str(scaled_checkpoint), device="cpu", block_size=4, kv_cache_memory="8MiB", kv_cache_dtype=cache_dtype,
               max_num_batched_tokens=8)
     assert token_ids(llm.generate(PROMPTS, GREEDY)) == expected
-    assert token_ids(llm.generate(PROMPTS, GREEDY)) == expected
+    again = llm.generate(PROMPTS, GREEDY)
+    assert token_ids(again) == expected
+    assert all(o.num_cached_tokens > 0 for o in again)
 
 
 def test_fp8_cache_logits_match_transformers_with_fake_quantized_kv(scaled_checkpoint, qwen2_checkpoint):
@@ -158,9 +142,22 @@ def test_calculated_kv_scales_come_from_the_first_step(qwen2_checkpoint):
             model(tok(prompt, return_tensors="pt").input_ids)
     scales = {i: (k / 200, v / 100) for i, (k, v) in amax.items()}
     expected = reference_greedy(qwen2_checkpoint, fake_quantized_attention(torch.float8_e4m3fn, scales.__getitem__))
-    llm = LLM(qwen2_checkpoint, block_size=4, kv_cache_memory="8MiB", kv_cache_dtype="fp8",
+    llm = LLM(qwen2_checkpoint, device="cpu", block_size=4, kv_cache_memory="8MiB", kv_cache_dtype="fp8",
               calculate_kv_scales=True)
     assert token_ids(llm.generate(PROMPTS, GREEDY)) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("calculate_kv_scales", [False, True])
+def test_triton_engine_with_cuda_graphs_over_an_fp8_cache_equals_the_torch_reference(scaled_checkpoint,
+                                                                                     calculate_kv_scales):
+    # float32, so both backends round the same keys and values to float8 (on the GPU, Triton rounds like torch).
+    def greedy(**engine) -> list[list[int]]:
+        llm = LLM(str(scaled_checkpoint), device="cuda", dtype="float32", block_size=16, kv_cache_dtype="fp8",
+                  calculate_kv_scales=calculate_kv_scales, **engine)
+        return token_ids(llm.generate(PROMPTS, GREEDY))
+
+    assert greedy(attention_backend="triton") == greedy(attention_backend="torch", enforce_eager=True)
 
 
 def test_fp8_pool_holds_twice_the_blocks_of_bf16_in_the_same_memory(qwen2_checkpoint):
