@@ -47,7 +47,3 @@ class CacheConfig:
                              f"{', '.join(KV_CACHE_DTYPES)}")
         if self.calculate_kv_scales and self.cache_dtype == "auto":
             raise ValueError("calculate_kv_scales sets the scales of an fp8 KV cache: pass --kv-cache-dtype fp8 too")
-
-    @property
-    def fp8(self) -> bool:
-        return self.cache_dtype != "auto"

@@ -2,7 +2,8 @@
 compressed-tensors' own `QuantizationConfig`, mapped to the scheme of the linears that serve it: W8A8, FP8 or INT8
 (weights per tensor, per channel or in blocks; activations dynamic per token or group, or static per tensor), and
 weight-only symmetric INT4 / INT8 of the `pack-quantized` format (W4A16, W8A16); other schemes are refused by
-name."""
+name. An FP8 `kv_cache_scheme` (per tensor) is accepted, with or without quantized linears: its scales load through
+`kv_scales.py` and serve `--kv-cache-dtype fp8`."""
 
 from __future__ import annotations
 
