@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from paged_batch import PagedRunner, load
 from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
@@ -29,20 +28,29 @@ FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 SCALES = [(0.02, 0.015), (0.018, 0.02)]
 PROMPTS = ["hello world", "the cat sat on the mat and then it",
            "café naïve 日本語 and some more words so that this prompt crosses several blocks of the cache"]
+MODELOPT_NAMES = ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale")  # NVIDIA ModelOpt's spelling
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+
+
+def with_kv_scales(checkpoint: str, folder: Path, names: tuple[str, str], shape: tuple[int, ...] = ()) -> Path:
+    """A copy of `checkpoint` in `folder` whose layer i also has SCALES[i] as `model.layers.{i}.{names}` tensors."""
+    shutil.copytree(checkpoint, folder)
+    tensors = load_file(folder / "model.safetensors")
+    for i, scales in enumerate(SCALES):
+        for name, scale in zip(names, scales, strict=True):
+            tensors[f"model.layers.{i}.{name}"] = torch.full(shape, scale)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
 
 
 @pytest.fixture(scope="module")
 def scaled_checkpoint(qwen2_checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny qwen2 checkpoint as llm-compressor saves a KV-cache-quantized model: a compressed-tensors
     `kv_cache_scheme` (FP8, per tensor) and each layer's `self_attn.k_scale` / `v_scale`; weights dense."""
-    folder = tmp_path_factory.mktemp("fp8-kv") / "model"
-    shutil.copytree(qwen2_checkpoint, folder)
-    tensors = load_file(folder / "model.safetensors")
-    for i, (k_scale, v_scale) in enumerate(SCALES):
-        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(k_scale)
-        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(v_scale)
-    save_file(tensors, folder / "model.safetensors")
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+
+    folder = with_kv_scales(qwen2_checkpoint, tmp_path_factory.mktemp("fp8-kv") / "model",
+                            ("self_attn.k_scale", "self_attn.v_scale"))
     scheme = QuantizationArgs(num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True)
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = QuantizationConfig(config_groups={}, kv_cache_scheme=scheme).model_dump(
@@ -111,17 +119,14 @@ def test_checkpoint_kv_scales_load_into_each_layer(scaled_checkpoint):
 
 @pytest.mark.parametrize("names", [
     ("self_attn.k_proj.output_scale", "self_attn.v_proj.output_scale"),  # older compressed-tensors
-    ("self_attn.k_proj.k_scale", "self_attn.v_proj.v_scale"),  # ModelOpt
+    MODELOPT_NAMES,
 ], ids=["output_scale", "modelopt"])
 def test_kv_scales_load_under_vllm_other_names(qwen2_checkpoint, tmp_path, names):
-    shutil.copytree(qwen2_checkpoint, tmp_path / "model")
-    tensors = load_file(tmp_path / "model" / "model.safetensors")
-    for i, scales in enumerate(SCALES):
-        for name, scale in zip(names, scales):
-            tensors[f"model.layers.{i}.{name}"] = torch.tensor([scale])
+    folder = with_kv_scales(qwen2_checkpoint, tmp_path / "model", names, shape=(1,))
+    tensors = load_file(folder / "model.safetensors")
     tensors["model.layers.0.self_attn.q_proj.output_scale"] = torch.tensor([0.5])  # queries are not quantized
-    save_file(tensors, tmp_path / "model" / "model.safetensors")
-    model = load(tmp_path / "model")
+    save_file(tensors, folder / "model.safetensors")
+    model = load(folder)
     assert layer_scales(model) == pytest.approx([s for pair in SCALES for s in pair])
 
 
@@ -149,11 +154,14 @@ def test_calculated_kv_scales_come_from_the_first_step(qwen2_checkpoint):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("calculate_kv_scales", [False, True])
-def test_triton_engine_with_cuda_graphs_over_an_fp8_cache_equals_the_torch_reference(scaled_checkpoint,
+def test_triton_engine_with_cuda_graphs_over_an_fp8_cache_equals_the_torch_reference(qwen2_checkpoint, tmp_path,
                                                                                      calculate_kv_scales):
     # float32, so both backends round the same keys and values to float8 (on the GPU, Triton rounds like torch).
+    # The scales as ModelOpt names them: no compressed-tensors needed.
+    folder = with_kv_scales(qwen2_checkpoint, tmp_path / "model", MODELOPT_NAMES)
+
     def greedy(**engine) -> list[list[int]]:
-        llm = LLM(str(scaled_checkpoint), device="cuda", dtype="float32", block_size=16, kv_cache_dtype="fp8",
+        llm = LLM(str(folder), device="cuda", dtype="float32", block_size=16, kv_cache_dtype="fp8",
                   calculate_kv_scales=calculate_kv_scales, **engine)
         return token_ids(llm.generate(PROMPTS, GREEDY))
 
