@@ -20,7 +20,7 @@ def parse_memory(value: int | float | str | None) -> int | None:
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
 
 
-# auto: the model's dtype; fp8 (= fp8_e4m3) and fp8_e5m2: float8 keys and values with per-layer scales, as vLLM's
+# vLLM's names: auto is the model's dtype; fp8 (= fp8_e4m3) and fp8_e5m2 store float8 keys and values, scaled per layer
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
