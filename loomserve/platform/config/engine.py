@@ -15,7 +15,7 @@ from loomserve.platform.attention import resolve_attention_backend
 from loomserve.platform.config.cache import KV_CACHE_DTYPES, CacheConfig, parse_memory
 from loomserve.platform.config.checkpoint import locate_checkpoint
 from loomserve.platform.config.hf_overrides import apply_hf_overrides
-from loomserve.platform.config.kv_transfer import KVTransferConfig, parse_kv_transfer_config
+from loomserve.platform.config.kv_transfer import OFFLOADING, KVTransferConfig, parse_kv_transfer_config
 from loomserve.platform.config.lora import LoRAConfig
 from loomserve.platform.config.model import (
     ModelConfig,
@@ -267,6 +267,10 @@ class EngineArgs:
         if config is not None and config.offload_bytes and not cache_config.enable_prefix_caching:
             raise ValueError("kv_offloading_size keeps evicted prefix-cache blocks: it needs prefix caching (and a "
                              "model with a KV cache)")
+        if config is not None and config.kv_connector != OFFLOADING and cache_config.calculate_kv_scales:
+            raise ValueError("calculate_kv_scales takes each instance's fp8 scales from its own first step, so another "
+                             "instance would read the blocks it is sent with the wrong scales: drop it (the "
+                             "checkpoint's scales, or 1.0, are the same everywhere)")
         return config
 
     def _parallel_config(self) -> ParallelConfig:
