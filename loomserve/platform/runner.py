@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
-from loomserve.platform.attention.kv_quant import kv_cache_dtype
+from loomserve.platform.attention.kv_quant import all_scales_one, is_fp8, kv_cache_dtype
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.cuda_graphs import CudaGraphRunner, graph_output_bytes
 from loomserve.platform.distributed.parallel_state import kv_heads_per_rank
@@ -112,6 +112,9 @@ class ModelRunner:
             hook.register_kv_caches(self.kv_caches)
             hook.init_kv_cache(num_blocks)
         self.cuda_graphs = self._capture_cuda_graphs()
+        if is_fp8(self.kv_dtype) and not self.calculate_kv_scales and all_scales_one(self.model):
+            logger.warning("fp8 KV cache with scales 1.0 (the checkpoint has none): keys and values beyond the "
+                           "float8 range saturate; --calculate-kv-scales takes scales from the first step")
         if not self.uses_kv_cache:
             logger.info("%s: no KV cache (an encoder: every prompt runs whole in one step)", mc.served_model_name)
             return

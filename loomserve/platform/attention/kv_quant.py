@@ -28,6 +28,11 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+def all_scales_one(model: nn.Module) -> bool:
+    """Whether no layer of `model` got KV scales (from its checkpoint): vLLM warns of those fp8 caches."""
+    return all(m.k_scale.item() == 1.0 and m.v_scale.item() == 1.0 for m in model.modules() if isinstance(m, KVScales))
+
+
 def byte_view(cache: torch.Tensor) -> torch.Tensor:
     """The same memory as bytes where the cache is fp8: torch implements no index_copy_ for float8 (on CPU), and
     copying blocks needs none of their meaning."""
