@@ -122,7 +122,7 @@ def main() -> None:
         for setting in itertools.product(ints(args.split_min), ints(args.prefill_rows), ints(args.prefill_block_n),
                                          ints(args.num_warps)):
             knobs = dict(zip(("split_min", "prefill_rows", "prefill_block_n", "num_warps"), setting))
-            backend = TritonAttentionBackend(num_heads, num_kv_heads, head_dim, head_dim**-0.5, **knobs)
+            backend = TritonAttentionBackend(num_heads, num_kv_heads, head_dim, head_dim**-0.5, **knobs).cuda()
             us = time_us(lambda: backend.forward(q, k, v, cache, meta))  # noqa: B023
             print(f"| {chunk} | {' | '.join(map(str, setting))} | {us:.1f} | {flops / us / 1e6:.1f} |")
 

@@ -1,4 +1,5 @@
-"""Quantized base weights against bf16: offline throughput, small-batch decode speed and weight memory per format.
+"""Quantized base weights (and KV caches) against bf16: offline throughput, small-batch decode speed and weight memory
+per format.
 
 What it measures
 ----------------
@@ -10,13 +11,18 @@ batches) one engine is built on random weights (`--shape` preset, `load_format="
 - throughput: --num-prompts requests of random prompt ids ([--input-len-min, --input-len-max] tokens) each
   generating --output-len tokens greedily, EOS ignored, all submitted at once (`benchmarks.throughput`'s workload
   and timing: one untimed cold run, then --repeats timed runs on fresh ids, the fastest reported): output tok/s;
-- decode: for each batch size of --decode-batches, that many 32-token prompts generating --decode-len tokens; the
-  engine's pure-decode steps are timed (`StepRecorder`): decode tok/s = sequences per step / mean step time;
-- memory: bytes of the model's parameters (the quantized weights and their scales).
+- decode: for each batch size of --decode-batches, that many --decode-prompt-len-token prompts (32; long contexts
+  show what the KV cache's bytes cost) generating --decode-len tokens; the engine's pure-decode steps are timed
+  (`StepRecorder`): decode tok/s = sequences per step / mean step time;
+- memory: bytes of the model's parameters (the quantized weights and their scales), and the KV blocks the engine's
+  pool holds.
 
-The table gives each format's numbers and its ratio to bf16 (the first format).
+Each format runs once per KV-cache dtype of --kv-cache-dtypes (auto: the model's; fp8: float8 keys and values, half
+the bytes, so about twice the blocks). The table gives each run's numbers and its ratio to the first.
 
     python -m benchmarks.quantization --device cuda --shape qwen3-8b --formats bf16,fp8
+    python -m benchmarks.quantization --device cuda --shape qwen3-8b --formats bf16 --kv-cache-dtypes auto,fp8 \
+        --num-prompts 64 --decode-prompt-len 8192 --decode-batches 1,32
 """
 
 from __future__ import annotations
@@ -55,7 +61,6 @@ from loomserve.testing.cache import cached_build
 
 FORMATS = {"bf16": None, "fp8": "fp8", "int4": None}  # format -> --quantization of the dense checkpoint
 INT4_GROUP = 128
-DECODE_PROMPT_LEN = 32
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated, the first is the baseline: {', '.join(FORMATS)}")
     p.add_argument("--decode-batches", default="1,8", help="batch sizes of the decode measurement")
     p.add_argument("--decode-len", type=int, default=128, help="tokens each decode-measurement request generates")
+    p.add_argument("--decode-prompt-len", type=int, default=32, help="prompt tokens of each decode-measurement "
+                   "request: the context the decodes attend over")
+    p.add_argument("--kv-cache-dtypes", default="auto",
+                   help="comma-separated KV-cache dtypes each format runs with: auto, fp8, fp8_e4m3, fp8_e5m2")
     p.add_argument("--repeats", type=int, default=1, help="timed throughput runs per format; the fastest counts")
     args = p.parse_args(argv)
     args.formats = args.formats.split(",")
@@ -75,24 +84,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown formats {unknown}; choose from {', '.join(FORMATS)}")
     args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    args.kv_cache_dtypes = args.kv_cache_dtypes.split(",")
     return args
 
 
 @dataclass
 class FormatResult:
-    name: str
+    name: str  # the format, and the KV-cache dtype where it is not auto
     weight_bytes: int
+    kv_blocks: int
     output_tps: float
     decode_tps: dict[int, float]  # batch size -> decode tokens/s
 
 
-def decode_tps(llm: Any, recorder: StepRecorder, batch: int, decode_len: int, vocab: int, seed: int) -> float:
+def decode_tps(llm: Any, recorder: StepRecorder, batch: int, args: argparse.Namespace, vocab: int) -> float:
     """Sequences per pure-decode step over the mean step time, `batch` requests decoding together."""
     from loomserve import SamplingParams
 
-    rng = np.random.default_rng([seed, batch])
-    prompts = [{"prompt_token_ids": rng.integers(0, vocab, DECODE_PROMPT_LEN).tolist()} for _ in range(batch)]
-    params = SamplingParams(temperature=0.0, max_tokens=decode_len, ignore_eos=True)
+    rng = np.random.default_rng([args.seed, batch])
+    prompts = [{"prompt_token_ids": rng.integers(0, vocab, args.decode_prompt_len).tolist()} for _ in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.decode_len, ignore_eos=True)
     llm.generate(prompts, params)  # cold: CUDA graphs and kernels of this batch size
     recorder.records, recorder.enabled = [], True
     llm.generate(prompts, params)
@@ -101,23 +112,26 @@ def decode_tps(llm: Any, recorder: StepRecorder, batch: int, decode_len: int, vo
     return sum(r.num_seqs for r in decode) / sum(r.seconds for r in decode)
 
 
-def run_format(args: argparse.Namespace, name: str, model_path: Path, load_format: str, workload: Workload,
-               vocab: int) -> FormatResult:
+def run_format(args: argparse.Namespace, name: str, kv_cache_dtype: str, model_path: Path, load_format: str,
+               workload: Workload, vocab: int) -> FormatResult:
     from loomserve import LLM
 
     if name == "int4":
         model_path, load_format = random_gptq_checkpoint(model_path), "auto"
-    llm = LLM(str(model_path), quantization=FORMATS[name], **engine_kwargs(args, load_format))
+    llm = LLM(str(model_path), quantization=FORMATS[name], kv_cache_dtype=kv_cache_dtype,
+              **engine_kwargs(args, load_format))
     device = llm.config.model_config.device
     model = llm.engine.executor.runner.model
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     recorder = StepRecorder(llm.engine, device)
-    throughput = measure_engine(name, llm, recorder, workload, args.repeats)
-    decode = {b: decode_tps(llm, recorder, b, args.decode_len, vocab, args.seed) for b in args.decode_batches}
+    kv_blocks = llm.engine.scheduler.kv.pool.num_blocks
+    label = name if kv_cache_dtype == "auto" else f"{name}, kv {kv_cache_dtype}"
+    throughput = measure_engine(label, llm, recorder, workload, args.repeats)
+    decode = {b: decode_tps(llm, recorder, b, args, vocab) for b in args.decode_batches}
     synchronize(device)
     del llm, recorder, model
     free_memory(device)
-    return FormatResult(name, weight_bytes, throughput.output_tps, decode)
+    return FormatResult(label, weight_bytes, kv_blocks, throughput.output_tps, decode)
 
 
 def random_gptq_checkpoint(preset_folder: Path) -> Path:
@@ -160,9 +174,10 @@ def _write_gptq(preset_folder: Path, folder: Path) -> None:
 def format_table(results: list[FormatResult]) -> str:
     base = results[0]
     batches = list(base.decode_tps)
-    header = ["format", "weights GiB", "output tok/s", f"vs {base.name}",
+    header = ["format", "weights GiB", "KV blocks", "output tok/s", f"vs {base.name}",
               *(f"decode tok/s b={b} (vs {base.name})" for b in batches)]
-    rows = [[r.name, f"{r.weight_bytes / 2**30:.2f}", f"{r.output_tps:,.0f}", f"{r.output_tps / base.output_tps:.2f}x",
+    rows = [[r.name, f"{r.weight_bytes / 2**30:.2f}", f"{r.kv_blocks:,}", f"{r.output_tps:,.0f}",
+             f"{r.output_tps / base.output_tps:.2f}x",
              *(f"{r.decode_tps[b]:,.1f} ({r.decode_tps[b] / base.decode_tps[b]:.2f}x)" for b in batches)]
             for r in results]
     return markdown_table(header, rows)
@@ -175,12 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     model_path, load_format = resolve_model(args)
     vocab = prompt_vocab_size(model_path)
     workload = Workload.sample(args, vocab)
-    results = [run_format(args, name, model_path, load_format, workload, vocab) for name in args.formats]
+    results = [run_format(args, name, kv, model_path, load_format, workload, vocab)
+               for name in args.formats for kv in args.kv_cache_dtypes]
     described = {
         **environment(resolve_device(args.device)),
         "model": f"{args.model or args.shape} ({load_format} weights)",
         "workload": describe_workload(args, workload),
-        "decode": f"batches {args.decode_batches} of {DECODE_PROMPT_LEN}-token prompts, {args.decode_len} tokens each",
+        "decode": f"batches {args.decode_batches} of {args.decode_prompt_len}-token prompts, {args.decode_len} "
+                  "tokens each",
         "command": command_line(argv),
     }
     for key, value in described.items():

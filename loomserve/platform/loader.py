@@ -24,6 +24,7 @@ from loomserve.platform.models.linear import CheckpointTensor
 from loomserve.platform.models.packing import projection_names
 from loomserve.platform.models.registry import get_model_class
 from loomserve.platform.quantization.gguf import iterate_gguf
+from loomserve.platform.quantization.kv_scales import load_kv_scales, split_kv_scales
 from loomserve.platform.quantization.methods import apply_quantization, split_quantized
 
 logger = logging.getLogger(__name__)
@@ -39,12 +40,14 @@ def load_model(model_config: ModelConfig, attention_backend: str = "auto") -> Se
     with default_dtype(model_config.dtype), model_config.device:
         model = model_cls(config, attention_backend)
     quantization, hf_config = model_config.quantization, model_config.hf_config
-    groups = None
+    groups, kv_scales = None, {}
     if model_config.load_format == "dummy":
         loaded = init_dummy_weights(model, model_config.seed, model_config.text_config)
     else:
-        groups, weights = split_quantized(checkpoint_weights(model_config), quantization, hf_config)
+        weights = split_kv_scales(checkpoint_weights(model_config), kv_scales)
+        groups, weights = split_quantized(weights, quantization, hf_config)
         loaded = model.load_weights(weights)
+        load_kv_scales(model, kv_scales)
     loaded = apply_quantization(model, loaded, quantization, hf_config, groups)
     check_all_loaded(model, loaded)
     model.eval()

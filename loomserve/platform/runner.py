@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from loomserve.platform.attention import AttentionMetadata
+from loomserve.platform.attention.kv_quant import all_scales_one, is_fp8, kv_cache_dtype
 from loomserve.platform.config import EngineConfig
 from loomserve.platform.cuda_graphs import CudaGraphRunner, graph_output_bytes
 from loomserve.platform.distributed.parallel_state import kv_heads_per_rank
@@ -77,6 +78,8 @@ class ModelRunner:
         self.input_batch = InputBatch(config.scheduler_config.max_num_seqs, mc.max_model_len, self.block_size,
                                       self.device, config.scheduler_config.num_lookahead_tokens)
         self.kv_caches: list[torch.Tensor] = []
+        self.kv_dtype = kv_cache_dtype(config.cache_config.cache_dtype, mc.dtype)
+        self.calculate_kv_scales = config.cache_config.calculate_kv_scales  # until the first step has run
         self.cuda_graphs: CudaGraphRunner | None = None
         self.step_threads = StepThreads(torch.get_num_threads()) if self.device.type == "cpu" else None
 
@@ -104,18 +107,21 @@ class ModelRunner:
         mc = self.config.model_config
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
         num_cache_layers = mc.num_layers if self.uses_kv_cache else 0
-        self.kv_caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(num_cache_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(num_cache_layers)]
         for hook in self.hooks:
             hook.register_kv_caches(self.kv_caches)
             hook.init_kv_cache(num_blocks)
         self.cuda_graphs = self._capture_cuda_graphs()
+        if is_fp8(self.kv_dtype) and not self.calculate_kv_scales and all_scales_one(self.model):
+            logger.warning("fp8 KV cache with scales 1.0 (the checkpoint has none): keys and values beyond the "
+                           "float8 range saturate; --calculate-kv-scales takes scales from the first step")
         if not self.uses_kv_cache:
             logger.info("%s: no KV cache (an encoder: every prompt runs whole in one step)", mc.served_model_name)
             return
         logger.info(
-            "%s: KV cache of %d blocks of %d tokens (%d tokens, %.1f MiB) on %s", mc.served_model_name,
+            "%s: KV cache of %d blocks of %d tokens (%d tokens, %.1f MiB, %s) on %s", mc.served_model_name,
             num_blocks, self.block_size, num_blocks * self.block_size,
-            num_blocks * self._bytes_per_block() / 2**20, self.device,
+            num_blocks * self._bytes_per_block() / 2**20, str(self.kv_dtype).removeprefix("torch."), self.device,
         )
 
     def _uses_cuda_graphs(self) -> bool:
@@ -151,7 +157,7 @@ class ModelRunner:
         if not self.uses_kv_cache:
             return 0
         features = sum(hook.kv_bytes_per_block() for hook in self.hooks)
-        return kv_block_bytes(self.config.model_config, self.block_size, self.num_kv_heads) + features
+        return kv_block_bytes(self.config.model_config, self.config.cache_config, self.num_kv_heads) + features
 
     def _profile_cuda_blocks(self) -> int:
         """Run the largest step once to measure peak activation memory; the KV cache gets what is left."""
@@ -159,7 +165,7 @@ class ModelRunner:
         num_tokens = min(sc.max_num_batched_tokens, mc.max_model_len)
         num_blocks = cdiv(num_tokens, self.block_size)
         shape = (2, num_blocks, self.block_size, self.num_kv_heads, mc.head_dim)
-        caches = [torch.zeros(shape, dtype=mc.dtype, device=self.device) for _ in range(mc.num_layers)]
+        caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(mc.num_layers)]
         torch.cuda.reset_peak_memory_stats()
         attn = AttentionMetadata(
             slot_mapping=torch.arange(num_tokens, device=self.device),
@@ -212,6 +218,8 @@ class ModelRunner:
         logits, pooled, batch = None, {}, None
         if step.scheduled:
             batch = self.input_batch.prepare(step)
+            if self.calculate_kv_scales:  # the first step's keys and values set the fp8 scales (eagerly)
+                batch.forward.attn.calculate_kv_scales, self.calculate_kv_scales = True, False
             for hook in self.hooks:
                 hook.prepare(step, batch)
             logits, pooled = self._run_model(batch)
@@ -294,7 +302,8 @@ class ModelRunner:
         eagerly."""
         graphs, forward = self.cuda_graphs, batch.forward
         num_tokens, num_seqs = batch.input_ids.shape[0], forward.attn.num_seqs
-        replayable = graphs is not None and not (batch.pooling or forward.has_extra_inputs)
+        replayable = graphs is not None and not (batch.pooling or forward.has_extra_inputs
+                                                 or forward.attn.calculate_kv_scales)
         # The decode graph yields logits only; a one-token prompt chunk whose logprobs are asked for needs hidden states
         decode_graph = replayable and not self.prompt_logprobs.collecting
         if decode_graph and forward.attn.num_decodes == num_seqs and graphs.can_run_decode(num_seqs):

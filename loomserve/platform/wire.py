@@ -15,21 +15,23 @@ import numpy as np
 import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-           "int32": torch.int32, "uint8": torch.uint8}
+           "int32": torch.int32, "int16": torch.int16, "uint8": torch.uint8, "float8_e4m3fn": torch.float8_e4m3fn,
+           "float8_e5m2": torch.float8_e5m2}
+# dtypes numpy lacks travel as the bits of an integer type of their size (an fp8 KV cache's blocks, P/D)
+_AS_BITS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8, torch.float8_e5m2: torch.uint8}
 
 
 def tensor_to_wire(t: torch.Tensor) -> list[Any]:
     t = t.detach().cpu().contiguous()
-    raw = t.view(torch.int16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
+    raw = t.view(_AS_BITS.get(t.dtype, t.dtype)).numpy().tobytes()
     return [str(t.dtype).removeprefix("torch."), list(t.shape), raw]
 
 
 def tensor_from_wire(w: list[Any]) -> torch.Tensor:
     dtype_name, shape, raw = w
     dtype = _DTYPES[dtype_name]
-    if dtype == torch.bfloat16:
-        return torch.from_numpy(np.frombuffer(raw, dtype=np.int16).copy()).view(torch.bfloat16).reshape(shape)
-    return torch.from_numpy(np.frombuffer(raw, dtype=str(dtype).removeprefix("torch.")).copy()).reshape(shape)
+    bits = str(_AS_BITS.get(dtype, dtype)).removeprefix("torch.")
+    return torch.from_numpy(np.frombuffer(raw, dtype=bits).copy()).view(dtype).reshape(shape)
 
 
 def _enc_hook(obj: Any) -> Any:

@@ -56,11 +56,13 @@ def make_metadata(
 class PagedRunner:
     """Feeds chunks of many sequences to a model step by step, keeping their KV in a paged cache."""
 
-    def __init__(self, model: torch.nn.Module, block_size: int, num_blocks: int = 64, seed: int = 0) -> None:
+    def __init__(self, model: torch.nn.Module, block_size: int, num_blocks: int = 64, seed: int = 0,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        """`kv_dtype`: the cache's (default: the model's)."""
         config = model.config
         num_kv_heads = kv_heads_per_rank(config.num_key_value_heads, get_tp_group().size)  # this rank's
         shape = (2, num_blocks, block_size, num_kv_heads, head_dim_of(config))
-        dtype = next(model.parameters()).dtype
+        dtype = kv_dtype or next(model.parameters()).dtype
         self.kv_caches = [torch.zeros(shape, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.model = model
         self.block_size = block_size

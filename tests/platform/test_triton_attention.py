@@ -1,5 +1,5 @@
 """The Triton paged attention backend equals the torch reference: mixed batches, block-boundary lengths,
-GQA ratios, block sizes, and (on CUDA) bf16/fp16. Without CUDA it runs under Triton's CPU interpreter."""
+GQA ratios, block sizes, fp8 caches, and (on CUDA) bf16/fp16. Without CUDA it runs under Triton's CPU interpreter."""
 
 from __future__ import annotations
 
@@ -29,10 +29,12 @@ LONG = [(300, 1), (5, 1), (130, 1), (200, 40), (0, 130)]
 HEADS = {"mha": (4, 4), "gqa-4:1": (8, 2), "gqa-7:1": (14, 2)}
 
 
-def run_both(seqs, num_heads, num_kv_heads, block_size, dtype, split_min=512, pad=None, **knobs):
+def run_both(seqs, num_heads, num_kv_heads, block_size, dtype, split_min=512, pad=None, kv_dtype=None,
+             kv_scales=(1.0, 1.0), **knobs):
     """The reference's and Triton's outputs (and caches) for one step; `pad` = (tokens, sequences) runs Triton's
     launch as a CUDA graph would, over that many padding tokens and sequences and bounds no step reaches;
-    `knobs` are more TritonAttentionBackend settings."""
+    `kv_dtype` (float8) and `kv_scales` make the cache an fp8 one; `knobs` are more TritonAttentionBackend
+    settings."""
     gen = torch.Generator().manual_seed(0)
     lengths = [c + n for c, n in seqs]
     num_blocks = sum(-(-n // block_size) for n in lengths) + 3
@@ -43,17 +45,33 @@ def run_both(seqs, num_heads, num_kv_heads, block_size, dtype, split_min=512, pa
     q = torch.randn(num_new, num_heads, HEAD_DIM, generator=gen).to(DEVICE, dtype)
     k = torch.randn(num_new, num_kv_heads, HEAD_DIM, generator=gen).to(DEVICE, dtype)
     v = torch.randn(num_new, num_kv_heads, HEAD_DIM, generator=gen).to(DEVICE, dtype)
+    if kv_dtype is not None:
+        cache = cache.to(kv_dtype)
+        k, v = on_fp8_grid(k, kv_scales[0], kv_dtype), on_fp8_grid(v, kv_scales[1], kv_dtype)
     meta = make_metadata([n for _, n in seqs], lengths, tables, block_size)
     for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables", "seq_counts"):
         setattr(meta, name, getattr(meta, name).to(DEVICE))
     scale = HEAD_DIM**-0.5
     ref_cache, tri_cache = cache.clone(), cache.clone()
-    ref = TorchAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale).forward(q, k, v, ref_cache, meta)
-    triton_backend = TritonAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale, split_min=split_min, **knobs)
+    torch_backend = TorchAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale).to(DEVICE)
+    triton_backend = TritonAttentionBackend(num_heads, num_kv_heads, HEAD_DIM, scale, split_min=split_min,
+                                            **knobs).to(DEVICE)
+    for backend in (torch_backend, triton_backend):
+        backend.kv_scales.set(*kv_scales)
+    ref = torch_backend.forward(q, k, v, ref_cache, meta)
     if pad is not None:
         q, k, v, meta = padded_like_a_graph(q, k, v, meta, *pad)
     out = triton_backend.forward(q, k, v, tri_cache, meta)
     return out[: ref.shape[0]], ref, tri_cache, ref_cache
+
+
+def on_fp8_grid(x: torch.Tensor, scale: float, kv_dtype: torch.dtype) -> torch.Tensor:
+    """x moved onto the values an fp8 cache holds exactly (times a power-of-two scale), the first few far beyond
+    its range (saturated on write): Triton's CPU interpreter rounds to float8 inexactly (no carry into the exponent,
+    ties away from zero), the GPU like torch, so only values needing no rounding are compared everywhere."""
+    on_grid = (x.float() / scale).to(kv_dtype).float() * scale
+    on_grid[0, 0, :4] = torch.tensor([1e6, -1e6, 1e6, -1e6]) * scale
+    return on_grid.to(x.dtype)
 
 
 def padded_like_a_graph(q, k, v, meta, pad_tokens: int, pad_seqs: int):
@@ -110,3 +128,20 @@ def test_triton_attention_with_prefill_key_blocks_wider_than_the_decodes_equals_
 def test_triton_kv_write_fills_the_same_slots_as_the_reference():
     _, _, tri_cache, ref_cache = run_both(SCENARIOS["mixed"], 8, 2, 16, DTYPES[0])
     assert torch.equal(tri_cache, ref_cache)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_triton_attention_over_an_fp8_cache_equals_torch_reference(kv_dtype):
+    out, ref, tri_cache, ref_cache = run_both(SCENARIOS["mixed"], 8, 2, 16, DTYPES[0], kv_dtype=kv_dtype,
+                                              kv_scales=(0.5, 0.25))
+    tol = 1e-4 if DTYPES[0] == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert torch.equal(tri_cache.view(torch.uint8), ref_cache.view(torch.uint8))  # the same saturated float8 bits
+
+
+def test_triton_attention_split_over_a_long_fp8_cache_equals_torch_reference():
+    # A decode and a chunk late in its prompt, each over several KV splits: the combine of value-scaled parts.
+    out, ref, _, _ = run_both([(200, 1), (100, 8)], 8, 2, 16, DTYPES[0], split_min=64, kv_dtype=torch.float8_e4m3fn,
+                              kv_scales=(0.25, 2.0))
+    tol = 1e-4 if DTYPES[0] == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)

@@ -35,6 +35,7 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]  # host copies, so the reference backend never syncs the device
     seq_lens_cpu: list[int]
     capture_bounds: LaunchBounds | None = None  # set while a CUDA graph is captured
+    calculate_kv_scales: bool = False  # each layer takes its KV scales from this step's keys and values first
 
     @property
     def num_seqs(self) -> int:

@@ -1,42 +1,48 @@
 """The reference paged attention in plain torch, for mixed prefill/decode batches, on CPU and CUDA.
 
-The KV cache of a layer is one tensor `[2, num_blocks, block_size, num_kv_heads, head_dim]`. New K/V
-are written through `slot_mapping`; then decodes and short chunks (a decode verifying speculative
-drafts) attend in one batched call over their gathered blocks, and each longer prefill chunk attends
-causally to its whole context on its own.
+The KV cache of a layer is one tensor `[2, num_blocks, block_size, num_kv_heads, head_dim]`, in the model's dtype
+or float8 (scaled by the layer's `KVScales`, `kv_quant.py`). New K/V are written through `slot_mapping`; then decodes
+and short chunks (a decode verifying speculative drafts) attend in one batched call over their gathered blocks, and
+each longer prefill chunk attends causally to its whole context on its own.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from loomserve.platform.attention.kv_quant import KVScales, byte_view, dequantize, is_fp8, quantize
 from loomserve.platform.attention.metadata import AttentionMetadata
 
 _SHORT_QUERY = 16  # chunks of at most this many tokens are batched like decodes (padding stays small)
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store this step's keys and values ([T, Hkv, D]) at their cache slots."""
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             scales: KVScales) -> None:
+    """Store this step's keys and values ([T, Hkv, D]) at their cache slots (quantized, into an fp8 cache)."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    flat = byte_view(kv_cache).view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    if is_fp8(kv_cache.dtype):
+        k, v = quantize(k, scales.k_scale, kv_cache.dtype), quantize(v, scales.v_scale, kv_cache.dtype)
+    flat[0].index_copy_(0, slot_mapping, byte_view(k.to(kv_cache.dtype)))
+    flat[1].index_copy_(0, slot_mapping, byte_view(v.to(kv_cache.dtype)))
 
 
-def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of the first `length` positions of a sequence's blocks table."""
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Keys and values [2, length, Hkv, D] of the first `length` positions of a sequence's blocks table."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-length // block_size)
     blocks = kv_cache[:, block_table[:num_blocks].long()]  # [2, n, block_size, Hkv, D]
-    kv = blocks.flatten(1, 2)[:, :length]  # [2, length, Hkv, D]
-    return kv[0], kv[1]
+    return blocks.flatten(1, 2)[:, :length]
 
 
-class TorchAttentionBackend:
+class TorchAttentionBackend(nn.Module):
     """Paged attention with torch's scaled_dot_product_attention; GQA by grouping query heads."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.kv_scales = KVScales()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -50,7 +56,9 @@ class TorchAttentionBackend:
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H * D]
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        if meta.calculate_kv_scales:
+            self.kv_scales.calculate(k, v)
+        write_kv(kv_cache, k, v, meta.slot_mapping, self.kv_scales)
         out = torch.empty_like(q)
         qsl = meta.query_start_loc_cpu
         chunks = range(meta.num_decodes, meta.num_seqs)
@@ -75,7 +83,7 @@ class TorchAttentionBackend:
         device = q.device
         block_size = kv_cache.shape[2]
         tables = meta.block_tables[seqs, : -(-max_len // block_size)].long()
-        kv = kv_cache[:, tables].flatten(2, 3)[:, :, :max_len]  # [2, B, L, Hkv, D]
+        kv = self._read(kv_cache[:, tables].flatten(2, 3)[:, :, :max_len], q.dtype)  # [2, B, L, Hkv, D]
         starts = torch.tensor([qsl[i] for i in seqs], device=device)  # [B]
         lens = torch.tensor([q_lens, seq_lens], device=device)  # [2, B]
         j = torch.arange(width, device=device)
@@ -94,17 +102,24 @@ class TorchAttentionBackend:
     def _prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int):
         """A chunk of `n` new tokens at the end of a `seq_len` context: causal over the whole context."""
         n = q.shape[0]
-        k, v = gather_kv(kv_cache, block_table, seq_len)  # [L, Hkv, D]
+        k, v = self._read(gather_kv(kv_cache, block_table, seq_len), q.dtype)  # [L, Hkv, D] each
         q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
         mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [n, L]
         return self._sdpa(q[None], k[None], v[None], mask[None, None])[0]
+
+    def _read(self, kv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Gathered cache rows [2, ...] as the queries' dtype: dequantized from fp8, each half by its scale."""
+        if not is_fp8(kv.dtype):
+            return kv.to(dtype)
+        scales = torch.stack([self.kv_scales.k_scale, self.kv_scales.v_scale]).view(2, *(1,) * (kv.dim() - 1))
+        return dequantize(kv, scales, dtype)
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, n, H, D], k/v [B, L, Hkv, D], mask broadcastable to [B, H, n, L] -> [B, n, H, D]."""
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
-            k.transpose(1, 2).to(q.dtype),
-            v.transpose(1, 2).to(q.dtype),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
             attn_mask=mask,
             scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch import nn
 
+from loomserve.platform.attention.kv_quant import KVScales, is_fp8
 from loomserve.platform.attention.metadata import AttentionMetadata
 from loomserve.platform.attention.triton_kernels import combine_splits_kernel, paged_attention_kernel, write_kv_kernel
 
@@ -21,10 +23,12 @@ _MAX_SPLITS = 16
 _SPLIT_BUFFER_BYTES = 64 << 20  # bound on a launch's float32 partial outputs
 
 
-class TritonAttentionBackend:
+class TritonAttentionBackend(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  split_min: int = _SPLIT_MIN, prefill_rows: int = _PREFILL_ROWS, prefill_block_n: int = _BLOCK_N,
                  num_warps: int = 4) -> None:
+        super().__init__()
+        self.kv_scales = KVScales()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -51,7 +55,9 @@ class TritonAttentionBackend:
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, Hkv, D]
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H * D]
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        if meta.calculate_kv_scales:
+            self.kv_scales.calculate(k, v)
+        write_kv(kv_cache, k, v, meta.slot_mapping, self.kv_scales)
         out = torch.empty_like(q)
         bounds = meta.launch_bounds()
         splits = self.num_splits(bounds.max_seq_len, q.shape[0])
@@ -63,14 +69,15 @@ class TritonAttentionBackend:
         prefill_tiles = bounds.prefill_tokens // self.prefill_block_q + bounds.prefills if bounds.prefills else 0
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         paged_attention_kernel[(bounds.decodes + prefill_tiles, self.num_kv_heads, splits)](
-            out, q, k_cache, v_cache,
+            out, q, k_cache, v_cache, self.kv_scales.k_scale, self.kv_scales.v_scale,
             meta.block_tables, meta.seq_lens, meta.query_start_loc, meta.seq_counts,
             *parts, bounds.decodes, splits, self.scale,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             meta.block_tables.stride(0),
             BLOCK_SIZE=k_cache.shape[1], DECODE_BLOCK_Q=self.decode_block_q,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_PREFILL=prefill_tiles > 0, **self.consts,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_PREFILL=prefill_tiles > 0,
+            KV_FP8=is_fp8(kv_cache.dtype), **self.consts,
             num_warps=self.num_warps,
             num_stages=2,  # splits are a few key blocks long: 2 stages beat Triton's default 3 on an H200
         )
@@ -89,14 +96,18 @@ class TritonAttentionBackend:
         return max(1, min(_MAX_SPLITS, by_len, by_buffer))
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store [T, Hkv, D] keys and values at their slots in one kernel; slot -1 (padding) is skipped."""
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             scales: KVScales) -> None:
+    """Store [T, Hkv, D] keys and values at their slots in one kernel (quantized, into an fp8 cache); slot -1
+    (padding) is skipped."""
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
     row = k.shape[1] * k.shape[2]
+    fp8 = is_fp8(kv_cache.dtype)
     k2, v2 = k.reshape(num_tokens, row), v.reshape(num_tokens, row)
     write_kv_kernel[(num_tokens,)](
-        k2, v2, kv_cache[0], kv_cache[1], slot_mapping, k2.stride(0), v2.stride(0),
-        ROW=row, ROW_PAD=triton.next_power_of_2(row),
+        k2, v2, kv_cache[0], kv_cache[1], slot_mapping, scales.k_scale, scales.v_scale, k2.stride(0), v2.stride(0),
+        ROW=row, ROW_PAD=triton.next_power_of_2(row), KV_FP8=fp8,
+        FP8_MAX=torch.finfo(kv_cache.dtype).max if fp8 else 0.0,
     )

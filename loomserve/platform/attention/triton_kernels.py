@@ -1,6 +1,10 @@
 """Triton kernels for paged attention: one varlen kernel for mixed prefill/decode batches, the combine of
 its KV splits, and the fused write of new keys and values into the cache through the slot mapping.
 
+An fp8 cache (KV_FP8) holds keys and values divided by their layer's scales (`kv_quant.py`): the write divides and
+saturates, the attention converts what it loads to the queries' dtype (exact from float8) and folds the scales into
+the softmax scale (keys) and the tile's output (values), so the inner loop gains no multiply.
+
 Each program of the attention kernel handles one KV head, a tile of query tokens of one sequence (a decode,
 or BLOCK_Q tokens of a prefill chunk: both kinds in one launch, so the decodes' short programs run beside
 the chunk's), and one split of the keys that tile sees; the tile's rows are (query token, query head of that
@@ -27,8 +31,10 @@ def write_kv_kernel(
     k_ptr, v_ptr,  # [T, Hkv * D] rows (may be strided views)
     k_cache_ptr, v_cache_ptr,  # [num_slots, Hkv * D] contiguous
     slot_ptr,  # [T] int64; negative = padding, skip
+    k_scale_ptr, v_scale_ptr,  # [] float32: the layer's scales (read only for an fp8 cache)
     stride_k, stride_v,
     ROW: tl.constexpr, ROW_PAD: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_MAX: tl.constexpr,  # the cache is float8 of this largest finite value
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t)
@@ -38,8 +44,11 @@ def write_kv_kernel(
     mask = offs < ROW
     k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
     v = tl.load(v_ptr + t * stride_v + offs, mask=mask)
-    tl.store(k_cache_ptr + slot * ROW + offs, k, mask=mask)
-    tl.store(v_cache_ptr + slot * ROW + offs, v, mask=mask)
+    if KV_FP8:
+        k = tl.clamp(k.to(tl.float32) / tl.load(k_scale_ptr), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32) / tl.load(v_scale_ptr), -FP8_MAX, FP8_MAX)
+    tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -121,7 +130,7 @@ def _split_len(kv_end, num_splits, SPLIT_MIN: tl.constexpr, BLOCK_N: tl.constexp
 def _attend_block(q, m_i, l_i, acc, start, kv_stop, q_pos, row_ok, kv_row, k_cache_ptr, v_cache_ptr, kv_head,
                   stride_c_blk, stride_c_tok, stride_c_head, qk_scale, d, d_ok,
                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  HEAD_DIM_PAD: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr):
+                  HEAD_DIM_PAD: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr, KV_FP8: tl.constexpr):
     """One online-softmax step over BLOCK_N keys from `start`: the running max [M], sum [M] and output [M, D].
     Unmasked blocks lie wholly before every row's position and inside the split."""
     k_pos = start + tl.arange(0, BLOCK_N)
@@ -142,6 +151,9 @@ def _attend_block(q, m_i, l_i, acc, start, kv_stop, q_pos, row_ok, kv_row, k_cac
     else:
         k = tl.load(k_cache_ptr + kv_ptrs, mask=d_ok[None, :], other=0.0)
         v = tl.load(v_cache_ptr + kv_ptrs, mask=d_ok[None, :], other=0.0)
+    if KV_FP8:  # stored / scale: the scales are applied to the scores and the output
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     s_ij = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [M, N], unscaled
     if MASKED:
         visible = row_ok[:, None] & k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
@@ -163,12 +175,12 @@ def _attend_block(q, m_i, l_i, acc, start, kv_stop, q_pos, row_ok, kv_row, k_cac
 @triton.jit
 def _attend_tile(
     tile, kv_head, split,
-    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq_counts_ptr,
-    part_out_ptr, part_lse_ptr, num_splits, scale,
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_tables_ptr, seq_lens_ptr,
+    query_start_loc_ptr, seq_counts_ptr, part_out_ptr, part_lse_ptr, num_splits, scale,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok, stride_c_head, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_MIN: tl.constexpr, IS_DECODE: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT_MIN: tl.constexpr, IS_DECODE: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """One program's work: one split of the keys of one tile (decode: a sequence) for one KV head's query heads,
     written as the output itself when the tile has one split, else as a partial output for the combine."""
@@ -188,6 +200,8 @@ def _attend_tile(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
         qk_scale = scale * 1.4426950408889634  # softmax in base 2
+        if KV_FP8:
+            qk_scale = qk_scale * tl.load(k_scale_ptr)
         kv_row = block_tables_ptr + seq * stride_bt
         # Keys before the tile's first query position are seen by every row: those whole blocks skip the masks,
         # which (with the exp) bound the loop at head_dim 64. Only the causal edge and the split's tail are masked.
@@ -195,13 +209,17 @@ def _attend_tile(
         for start in range(kv_start, open_end, BLOCK_N):
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start, kv_stop, q_pos, row_ok, kv_row, k_cache_ptr,
                                           v_cache_ptr, kv_head, stride_c_blk, stride_c_tok, stride_c_head, qk_scale,
-                                          d, d_ok, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, PRECISION, False)
+                                          d, d_ok, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, PRECISION, False,
+                                          KV_FP8)
         for start in range(open_end, kv_stop, BLOCK_N):
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start, kv_stop, q_pos, row_ok, kv_row, k_cache_ptr,
                                           v_cache_ptr, kv_head, stride_c_blk, stride_c_tok, stride_c_head, qk_scale,
-                                          d, d_ok, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, PRECISION, True)
+                                          d, d_ok, BLOCK_SIZE, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, PRECISION, True,
+                                          KV_FP8)
         token = q_start + q_idx
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if KV_FP8:
+            out = out * tl.load(v_scale_ptr)
         out_mask = row_ok[:, None] & d_ok[None, :]
         if split_len >= kv_end:  # the tile's only split: the output itself
             o_rows = out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + d[None, :]
@@ -221,6 +239,7 @@ def _attend_tile(
 def paged_attention_kernel(
     out_ptr, q_ptr,  # [T, H, D]
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D]
+    k_scale_ptr, v_scale_ptr,  # [] float32: the layer's scales (read only for an fp8 cache)
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
     query_start_loc_ptr,  # [B + 1] int32
@@ -242,6 +261,7 @@ def paged_attention_kernel(
     PREFILL_BLOCK_Q: tl.constexpr, PREFILL_BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" for float32 (no TF32), "tf32" otherwise (unused for 16-bit inputs)
     HAS_PREFILL: tl.constexpr,  # False: decodes only, compiled without the prefill path and its registers
+    KV_FP8: tl.constexpr,  # the cache holds float8 keys and values, divided by their scales
 ):
     """Decodes and prefill chunks in one launch, each with its own tile shape: the decodes' short programs run
     beside the chunk's instead of before it."""
@@ -250,17 +270,17 @@ def paged_attention_kernel(
     split = tl.program_id(2)
     if HAS_PREFILL:
         if tile >= decode_tiles:
-            _attend_tile(tile - decode_tiles, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-                         block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq_counts_ptr, part_out_ptr,
+            _attend_tile(tile - decode_tiles, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr,
+                         v_scale_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq_counts_ptr, part_out_ptr,
                          part_lse_ptr, num_splits, scale, stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk,
                          stride_c_tok, stride_c_head, stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD,
-                         PREFILL_BLOCK_Q, PREFILL_BLOCK_N, SPLIT_MIN, False, PRECISION)
+                         PREFILL_BLOCK_Q, PREFILL_BLOCK_N, SPLIT_MIN, False, PRECISION, KV_FP8)
             return
-    _attend_tile(tile, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-                 query_start_loc_ptr, seq_counts_ptr, part_out_ptr, part_lse_ptr, num_splits, scale,
-                 stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok, stride_c_head,
-                 stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, DECODE_BLOCK_Q, DECODE_BLOCK_N,
-                 SPLIT_MIN, True, PRECISION)
+    _attend_tile(tile, kv_head, split, out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr,
+                 block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, seq_counts_ptr, part_out_ptr, part_lse_ptr,
+                 num_splits, scale, stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_c_blk, stride_c_tok,
+                 stride_c_head, stride_bt, GROUP, GROUP_PAD, BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, DECODE_BLOCK_Q,
+                 DECODE_BLOCK_N, SPLIT_MIN, True, PRECISION, KV_FP8)
 
 
 @triton.jit(do_not_specialize=["num_splits"])

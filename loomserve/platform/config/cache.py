@@ -20,7 +20,8 @@ def parse_memory(value: int | float | str | None) -> int | None:
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
 
 
-KV_CACHE_DTYPES = ("auto",)  # the model's dtype; fp8 caches arrive with quantized KV (vLLM also takes fp8, fp8_e4m3)
+# vLLM's names: auto is the model's dtype; fp8 (= fp8_e4m3) and fp8_e5m2 store float8 keys and values, scaled per layer
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True
     cache_dtype: str = "auto"
+    calculate_kv_scales: bool = False  # fp8 caches: scales from the first step's keys and values, not 1.0
 
     def __post_init__(self) -> None:
         # Block tables index tokens by shifts and the Triton kernels tile by powers of two.
@@ -41,5 +43,7 @@ class CacheConfig:
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if self.cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype {self.cache_dtype!r} is not supported yet: the KV cache is kept in the "
-                             "model's dtype (kv_cache_dtype auto)")
+            raise ValueError(f"unknown kv_cache_dtype {self.cache_dtype!r}; choose one of: "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
+        if self.calculate_kv_scales and self.cache_dtype == "auto":
+            raise ValueError("calculate_kv_scales sets the scales of an fp8 KV cache: pass --kv-cache-dtype fp8 too")

@@ -12,10 +12,10 @@ import torch
 
 from loomserve.modalities.config import MultiModalConfig, build_mm_config
 from loomserve.platform.attention import resolve_attention_backend
-from loomserve.platform.config.cache import CacheConfig, parse_memory
+from loomserve.platform.config.cache import KV_CACHE_DTYPES, CacheConfig, parse_memory
 from loomserve.platform.config.checkpoint import locate_checkpoint
 from loomserve.platform.config.hf_overrides import apply_hf_overrides
-from loomserve.platform.config.kv_transfer import KVTransferConfig, parse_kv_transfer_config
+from loomserve.platform.config.kv_transfer import OFFLOADING, KVTransferConfig, parse_kv_transfer_config
 from loomserve.platform.config.lora import LoRAConfig
 from loomserve.platform.config.model import (
     ModelConfig,
@@ -88,7 +88,13 @@ class EngineArgs:
     seed: int = _arg(0, "seed of the random weights of load_format dummy and of unseeded sampling")
     block_size: int = _arg(16, "tokens per KV-cache block")
     kv_cache_memory: int | str | None = _arg(None, "KV-cache size, e.g. 4GiB (wins over utilization)")
-    kv_cache_dtype: str = _arg("auto", "the KV cache's dtype: auto (the model's; fp8 is not supported yet)")
+    kv_cache_dtype: str = _arg(
+        "auto", "the KV cache's dtype: auto (the model's), or fp8 (= fp8_e4m3) / fp8_e5m2: half the bytes of bf16, "
+                "keys and values scaled per layer (scales from the checkpoint, else 1.0)",
+        choices=list(KV_CACHE_DTYPES))
+    calculate_kv_scales: bool = _arg(
+        False, "an fp8 KV cache's per-layer scales from the first step's keys and values (absolute max / 200 for "
+               "keys, / 100 for values) instead of the checkpoint's or 1.0")
     gpu_memory_utilization: float = _arg(0.9, "share of the GPU's memory the engine may use, KV cache included")
     num_gpu_blocks_override: int | None = _arg(None, "KV-cache blocks to allocate, whatever memory says")
     enable_prefix_caching: bool = _arg(True, "reuse the KV blocks of prompt prefixes seen before")
@@ -221,6 +227,9 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             enable_prompt_embeds=self.enable_prompt_embeds,
         )
+        if self.kv_cache_dtype != "auto" and pooling.encoder_only:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} quantizes the KV cache, and "
+                             f"{model_config.architecture} (an encoder) keeps no KV cache: leave it auto")
         cache_config = CacheConfig(
             block_size=self.block_size,
             kv_cache_memory=parse_memory(self.kv_cache_memory),
@@ -230,6 +239,7 @@ class EngineArgs:
             enable_prefix_caching=(self.enable_prefix_caching and not pooling.encoder_only
                                    and not is_encoder_decoder(model_config.architecture)),
             cache_dtype=self.kv_cache_dtype,
+            calculate_kv_scales=self.calculate_kv_scales,
         )
         budget = self.max_num_batched_tokens or _default_token_budget(device, max_model_len, pooling.encoder_only)
         scheduler_config = SchedulerConfig(
@@ -267,6 +277,10 @@ class EngineArgs:
         if config is not None and config.offload_bytes and not cache_config.enable_prefix_caching:
             raise ValueError("kv_offloading_size keeps evicted prefix-cache blocks: it needs prefix caching (and a "
                              "model with a KV cache)")
+        if config is not None and config.kv_connector != OFFLOADING and cache_config.calculate_kv_scales:
+            raise ValueError("calculate_kv_scales takes each instance's fp8 scales from its own first step, so another "
+                             "instance would read the blocks it is sent with the wrong scales: drop it (the "
+                             "checkpoint's scales, or 1.0, are the same everywhere)")
         return config
 
     def _parallel_config(self) -> ParallelConfig:

@@ -4,23 +4,26 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from loomserve.platform.attention.kv_quant import kv_cache_dtype
 from loomserve.platform.kv_cache.block_hash import hash_request_blocks
 from loomserve.platform.kv_cache.block_pool import BlockPool, KVBlock
 from loomserve.platform.request import Request
 
 if TYPE_CHECKING:
-    from loomserve.platform.config import ModelConfig
+    from loomserve.platform.config import CacheConfig, ModelConfig
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def kv_block_bytes(model_config: ModelConfig, block_size: int, num_kv_heads: int | None = None) -> int:
-    """Bytes of one KV block across every layer (keys and values); `num_kv_heads`: a tensor-parallel rank's."""
+def kv_block_bytes(model_config: ModelConfig, cache_config: CacheConfig, num_kv_heads: int | None = None) -> int:
+    """Bytes of one KV block across every layer (keys and values, in the cache's dtype: an fp8 cache's are half a
+    bf16 one's); `num_kv_heads`: a tensor-parallel rank's."""
     mc = model_config
     heads = num_kv_heads or mc.num_kv_heads
-    return 2 * mc.num_layers * block_size * heads * mc.head_dim * mc.dtype.itemsize
+    itemsize = kv_cache_dtype(cache_config.cache_dtype, mc.dtype).itemsize
+    return 2 * mc.num_layers * cache_config.block_size * heads * mc.head_dim * itemsize
 
 
 class KVCacheManager:

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
+from loomserve.platform.attention.kv_quant import byte_view
+
 
 class BlockCopier:
     def __init__(self, kv_caches: list[torch.Tensor], num_host_blocks: int) -> None:
@@ -80,7 +82,7 @@ def gather_blocks(caches: list[torch.Tensor], index: torch.Tensor) -> torch.Tens
 def scatter_blocks(caches: list[torch.Tensor], blocks: torch.Tensor, index: torch.Tensor) -> None:
     """Write `blocks` [n, layers, 2, block_size, kv_heads, head_dim] into the blocks `index` of every layer."""
     for layer, cache in enumerate(caches):
-        cache.index_copy_(1, index, blocks[:, layer].transpose(0, 1))
+        byte_view(cache).index_copy_(1, index, byte_view(blocks[:, layer].transpose(0, 1)))
 
 
 def _by_host_id(device_ids: list[int], host_ids: list[int]) -> tuple[list[int], list[int]]:

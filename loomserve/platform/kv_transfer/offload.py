@@ -42,7 +42,7 @@ def num_host_blocks(config: EngineConfig) -> int:
     kt = config.kv_transfer_config
     if kt is None or not kt.offload_bytes or config.model_config.encoder_only:
         return 0
-    return kt.offload_bytes // kv_block_bytes(config.model_config, config.cache_config.block_size)
+    return kt.offload_bytes // kv_block_bytes(config.model_config, config.cache_config)
 
 
 def scheduler_hook(config: EngineConfig) -> OffloadScheduler | None:

@@ -2,7 +2,8 @@
 compressed-tensors' own `QuantizationConfig`, mapped to the scheme of the linears that serve it: W8A8, FP8 or INT8
 (weights per tensor, per channel or in blocks; activations dynamic per token or group, or static per tensor), and
 weight-only symmetric INT4 / INT8 of the `pack-quantized` format (W4A16, W8A16); other schemes are refused by
-name."""
+name. An FP8 `kv_cache_scheme` (per tensor) is accepted, with or without quantized linears: its scales load through
+`kv_scales.py` and serve `--kv-cache-dtype fp8`."""
 
 from __future__ import annotations
 
@@ -13,24 +14,28 @@ import torch
 from torch import nn
 
 from loomserve.platform.quantization.base import TensorGroup, replace_decoder_linears, split_groups
+from loomserve.platform.quantization.kv_scales import check_kv_cache_scheme
 from loomserve.platform.quantization.packed_int import PACKED_PARTS, PackedIntScheme, packed_int_linear
 from loomserve.platform.quantization.w8a8 import W8Scheme, quantize_model_w8, split_w8
 
 Scheme = W8Scheme | PackedIntScheme
 
 
-def check_compressed_tensors_config(saved: dict[str, Any]) -> Scheme:
-    """The one scheme all of the checkpoint's quantized linears share, or ValueError saying what is not served."""
+def check_compressed_tensors_config(saved: dict[str, Any]) -> Scheme | None:
+    """The one scheme all of the checkpoint's quantized linears share (None: only its KV cache is quantized, its
+    scales read by `kv_scales.py`), or ValueError saying what is not served."""
     try:
         from compressed_tensors.quantization import QuantizationConfig
     except ImportError as e:
         raise ImportError("compressed-tensors checkpoints need: pip install compressed-tensors") from e
     config = QuantizationConfig.model_validate(saved)
     schemes = {_scheme(group.weights, group.input_activations) for group in config.config_groups.values()}
+    if config.kv_cache_scheme is not None:
+        check_kv_cache_scheme(config.kv_cache_scheme)
+        if not schemes:
+            return None
     if len(schemes) != 1:
         raise ValueError(f"compressed-tensors checkpoint with {len(schemes)} different schemes; one is supported")
-    if config.kv_cache_scheme is not None:
-        raise ValueError("compressed-tensors kv_cache_scheme (FP8 KV cache) is not supported yet")
     return schemes.pop()
 
 
@@ -41,7 +46,9 @@ def split_compressed_tensors(weights: Iterable[tuple[str, torch.Tensor]], groups
 
 
 def quantize_model_compressed_tensors(model: nn.Module, loaded: set[str], groups: dict[str, TensorGroup] | None,
-                                      scheme: Scheme) -> set[str]:
+                                      scheme: Scheme | None) -> set[str]:
+    if scheme is None:  # dense linears
+        return loaded
     if isinstance(scheme, PackedIntScheme):
         return replace_decoder_linears(model, loaded, None, lambda linear, g: packed_int_linear(linear, g, scheme),
                                        groups)

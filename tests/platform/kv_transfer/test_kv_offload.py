@@ -37,6 +37,16 @@ def test_prefixes_evicted_from_the_device_come_back_from_the_cpu_tier_with_uncha
     assert llm.engine.scheduler.kv.pool.num_free_blocks == 16  # the held blocks went back to the pool
 
 
+def test_an_fp8_cache_comes_back_from_the_cpu_tier_with_unchanged_output(qwen2_checkpoint):
+    # The tier copies an fp8 cache's blocks as bytes: the output is the fp8 cache's own, with no eviction at all.
+    roomy = LLM(qwen2_checkpoint, kv_cache_dtype="fp8", block_size=4, max_model_len=64)
+    expected = [roomy.generate(prompt, GREEDY)[0] for prompt in SECOND_TURNS]
+    llm = LLM(qwen2_checkpoint, kv_cache_dtype="fp8", kv_offloading_size=OFFLOAD_GIB, **SMALL_DEVICE_POOL)
+    second = _two_turns(llm)
+    assert _token_ids(second) == _token_ids(expected)
+    assert llm.engine.scheduler.hook("kv_offload").loaded_tokens >= 4 * 32
+
+
 def test_without_the_cpu_tier_the_same_workload_misses(qwen2_checkpoint):
     llm = LLM(qwen2_checkpoint, **SMALL_DEVICE_POOL)
     assert all(o.num_cached_tokens == 0 for o in _two_turns(llm))

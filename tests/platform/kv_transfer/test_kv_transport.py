@@ -46,3 +46,15 @@ def test_blocks_not_held_for_the_request_are_refused(server, ask):
     with pytest.raises(ConnectionError, match="holds no such KV blocks"):
         fetch_blocks("127.0.0.1", server.port, *ask, timeout_s=5)
     assert server.take_sent() == []
+
+
+def test_fp8_blocks_cross_bit_for_bit():
+    blocks = torch.randn(4, 2, 3).to(torch.float8_e5m2)  # an fp8 KV cache's blocks
+    server = BlockServer("127.0.0.1", 0, lambda ids: blocks[ids])
+    try:
+        server.hold({"r": [1, 3]}, [])
+        got = fetch_blocks("127.0.0.1", server.port, "r", [3, 1], timeout_s=5)
+    finally:
+        server.close()
+    assert got.dtype == torch.float8_e5m2
+    assert torch.equal(got.view(torch.uint8), blocks[[3, 1]].view(torch.uint8))
