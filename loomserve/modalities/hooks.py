@@ -15,6 +15,7 @@ from torch import nn
 
 from loomserve.modalities.encoder_cache import EncoderCache, EncoderCacheManager
 from loomserve.modalities.inputs import MultiModalItem
+from loomserve.modalities.media_embeds import encode_items
 from loomserve.modalities.placeholder_embeds import with_placeholder_embeds
 from loomserve.platform.features import RunnerHook
 from loomserve.platform.models.mrope import chunk_positions
@@ -71,7 +72,7 @@ class MultiModalRunnerHook(RunnerHook):
             by_modality[items[h].modality].append(items[h])
         done, outputs = [], []
         for modality, group in by_modality.items():
-            encoded = self.model.encode(modality, group)
+            encoded = encode_items(self.model, modality, group)
             for item, tensor in zip(group, encoded, strict=True):
                 if tensor.shape[0] != item.placeholder.length:
                     raise RuntimeError(f"the {modality} encoder gave {tensor.shape[0]} embeddings for "
