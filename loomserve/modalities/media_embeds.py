@@ -81,6 +81,8 @@ def media_embeds_data(processor: MultiModalProcessor, mm_data: dict[str, Any], e
             raise MediaError(DISABLED)
         if modality not in MODALITIES:
             raise MediaError(f"{modality} cannot be given as embeddings (only {', '.join(MODALITIES)})")
+        if not processor.takes_embeds:
+            raise MediaError(f"this model takes no {modality} embeddings, only {modality} itself")
         out[modality] = [e for v in items
                          for e in (split_embeds(processor, modality, v) if is_embeds_value(v) else [v])]
     return out

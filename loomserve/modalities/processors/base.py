@@ -47,6 +47,7 @@ class MultiModalProcessor:
     placeholders: dict[str, str] = {}
     placeholder_tokens: dict[str, str] = {}
     video_sampling: dict[str, Any] = {}  # decode_video's sampling arguments, for models that take video
+    takes_embeds = True  # items may come as the encoder's output (--enable-mm-embeds)
 
     def __init__(self, model_path: str, hf_config: Any, tokenizer: Any, mm_config: MultiModalConfig) -> None:
         self.model_path = model_path

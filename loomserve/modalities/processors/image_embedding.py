@@ -22,6 +22,7 @@ from loomserve.modalities.processors.base import MultiModalProcessor, ProcessedI
 
 class ImageEmbeddingProcessor(MultiModalProcessor):
     placeholders = {"image": ""}  # an image prompt has no text to place it in
+    takes_embeds = False  # its image encoder's output is the pooled embedding itself
     placeholder_tokens = {}
 
     def __init__(self, model_path: str, hf_config: Any, tokenizer: Any, mm_config: MultiModalConfig) -> None:
