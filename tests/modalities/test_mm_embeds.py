@@ -4,11 +4,13 @@ the item's placeholder positions when it is given the media."""
 
 from __future__ import annotations
 
+import base64
 import functools
+import io
 
 import pytest
 import torch
-from media_samples import noise_image, tone
+from media_samples import noise_image, png_data_url, tone
 from mm_reference import (
     MAX_TOKENS,
     audio_inputs,
@@ -76,6 +78,19 @@ def test_llava_image_embeds_answer_as_the_image(mm_checkpoint):
     llm = engine(path, enable_mm_embeds=True)
     assert run(llm, ids, {"image": torch.stack([a, b])}) == expected  # vLLM's [num_images, tokens, hidden]
     assert run(llm, ids, {"image": [a, OTHER]}) == expected  # embeddings beside an image of the same prompt
+
+
+def test_an_image_embeds_chat_part_answers_as_the_image_part(mm_checkpoint):
+    path = mm_checkpoint("llava")
+    [(rows, _)] = image_embeds(path, "llava", [IMAGE])
+    buf = io.BytesIO()
+    torch.save(rows, buf)
+    llm = engine(path, enable_mm_embeds=True)
+    answers = [llm.chat([{"role": "user", "content": [part, {"type": "text", "text": "What is it?"}]}], GREEDY)[0]
+               for part in ({"type": "image_url", "image_url": {"url": png_data_url(IMAGE)}},
+                            {"type": "image_embeds", "image_embeds": base64.b64encode(buf.getvalue()).decode()})]
+    assert answers[0].outputs[0].token_ids == answers[1].outputs[0].token_ids
+    assert answers[0].prompt_token_ids == answers[1].prompt_token_ids
 
 
 def test_qwen2_vl_image_embeds_with_their_grids_answer_as_the_images(mm_checkpoint):
