@@ -20,6 +20,7 @@ from loomserve.api.protocol import ChatMessage, ChatTemplateFields
 from loomserve.modalities.budget import MediaBudget
 from loomserve.modalities.chat import render_chat_with_media, split_media
 from loomserve.modalities.media import MediaError, MediaRef
+from loomserve.platform.skip_tokenizer import NO_TEXT, NoTokenizer
 
 if TYPE_CHECKING:
     from loomserve.modalities.processors.base import MultiModalProcessor
@@ -73,6 +74,8 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage], processor: MultiMod
     inputs = inputs or TemplateInputs()
     if not messages:
         raise APIError("`messages` must not be empty", param="messages")
+    if isinstance(tokenizer, NoTokenizer):
+        raise APIError(NO_TEXT, param="messages")
     template = getattr(tokenizer, "chat_template", None)
     if not template:
         raise APIError("This model has no chat template: use /v1/completions", param="messages")

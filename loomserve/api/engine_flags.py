@@ -17,7 +17,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "ModelConfig": ("model", "tokenizer", "revision", "trust_remote_code", "served_model_name", "dtype",
                     "max_model_len", "max_logprobs", "generation_config", "seed", "task", "pooler_config",
                     "hf_overrides", "quantization", "enforce_eager", "max_cudagraph_capture_size",
-                    "enable_prompt_embeds"),
+                    "enable_prompt_embeds", "skip_tokenizer_init"),
     "LoadConfig": ("load_format", "download_dir"),
     "DeviceConfig": ("device", "cpu_threads", "attention_backend"),
     "CacheConfig": ("block_size", "kv_cache_memory", "kv_cache_dtype", "calculate_kv_scales",
@@ -29,7 +29,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "LoRAConfig": ("enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras"),
     "MultiModalConfig": ("limit_mm_per_prompt", "allowed_media_domains", "allowed_local_media_path",
                          "max_image_pixels", "encoder_cache_memory", "media_io_kwargs",
-                         "mm_processor_cache_gb"),
+                         "mm_processor_cache_gb", "enable_mm_embeds"),
     "SpeculativeConfig": ("speculative_config",),
 }
 SHORT_FLAGS = {"tensor_parallel_size": "-tp", "data_parallel_size": "-dp", "pipeline_parallel_size": "-pp"}

@@ -10,6 +10,7 @@ from loomserve.api.errors import APIError
 from loomserve.api.limits import check_text_fits
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.platform.input_processor import first_out_of_vocabulary
+from loomserve.platform.skip_tokenizer import NO_TEXT
 
 if TYPE_CHECKING:
     from loomserve.platform.async_llm import AsyncLLM
@@ -27,6 +28,8 @@ class Prompt:
 def encode_fitting(engine: AsyncLLM, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
     """`text`'s token ids, unless its length alone shows they cannot fit the model's context (400, untokenized).
     Blocking: call it on the front end's pool."""
+    if engine.model_config.skip_tokenizer_init:
+        raise APIError(NO_TEXT, param=param)
     check_text_fits(text, engine.tokenizer, engine.model_config.max_model_len, param)
     return engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 

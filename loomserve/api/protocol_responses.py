@@ -1,14 +1,31 @@
-"""Bodies of POST /v1/responses (OpenAI's Responses API, the part vLLM serves for text and images): the request,
-the response object and its output message, and the streamed events."""
+"""Bodies of /v1/responses (OpenAI's Responses API, the part vLLM serves for text, images and function tools): the
+request and its input items, the response object and its output items (messages, function calls), and the streamed
+events."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field
 
-from loomserve.api.protocol import ChatMessage, OpenAIBaseModel, _DropsNone
+from loomserve.api.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionTool,
+    ChatLogProbsContent,
+    ChatMessage,
+    FunctionDefinition,
+    LogprobCount,
+    NamedFunction,
+    NamedToolChoice,
+    OpenAIBaseModel,
+    _DropsNone,
+)
+
+
+def _typed_item(value: Any) -> Any:
+    """An input item without `type` is a message (OpenAI's EasyInputMessage)."""
+    return {**value, "type": "message"} if isinstance(value, dict) and "type" not in value else value
 
 
 class InputContent(OpenAIBaseModel):
@@ -26,35 +43,106 @@ class InputMessage(OpenAIBaseModel):
     content: str | list[InputContent]
 
 
+class FunctionCallInput(OpenAIBaseModel):
+    """A function call of an earlier turn, as the model made it (an output item sent back)."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallOutputInput(OpenAIBaseModel):
+    """The client's result of a function call."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+    id: str | None = None
+    status: str | None = None
+
+
+InputItem = Annotated[InputMessage | FunctionCallInput | FunctionCallOutputInput, Field(discriminator="type")]
+
+
+class FunctionTool(OpenAIBaseModel):
+    """Responses' function tool: chat's function definition, flat."""
+
+    type: Literal["function"] = "function"
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def chat_tool(self) -> ChatCompletionTool:
+        return ChatCompletionTool(function=FunctionDefinition(name=self.name, description=self.description,
+                                                              parameters=self.parameters, strict=self.strict))
+
+
+class FunctionToolChoice(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    name: str
+
+
+OUTPUT_LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for the output's logprobs
+
+
 class ResponsesRequest(OpenAIBaseModel):
     model: str | None = None
-    input: str | list[InputMessage]
+    input: str | list[Annotated[InputItem, BeforeValidator(_typed_item)]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
     stream: bool = False
-    store: bool = False  # accepted; nothing is stored here, so `previous_response_id` is refused
+    store: bool = True  # OpenAI's default; kept only when the server stores responses (--enable-responses-store)
+    background: bool = False  # answer at once; the response is read later with GET (needs store)
     previous_response_id: str | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice | None = None
+    parallel_tool_calls: bool = True
+    include: list[Literal["message.output_text.logprobs"]] | None = None
+    top_logprobs: LogprobCount | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
 
-    @field_validator("previous_response_id")
-    @classmethod
-    def _no_stored_responses(cls, value: str | None) -> str | None:
-        if value is not None:
-            raise ValueError("this server stores no responses: send the whole conversation in `input`")
-        return value
+    @property
+    def output_logprobs(self) -> int | None:
+        """Logprobs per output token (the `top_logprobs` alternatives) when `include` asks for them."""
+        return (self.top_logprobs or 0) if OUTPUT_LOGPROBS in (self.include or []) else None
 
-    def chat_messages(self) -> list[ChatMessage]:
-        """The conversation as chat messages: `instructions` first as the system message."""
-        turns = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else [
-            {"role": "system" if m.role == "developer" else m.role, "content": _chat_content(m.content)}
-            for m in self.input
-        ]
-        if self.instructions:
-            turns.insert(0, {"role": "system", "content": self.instructions})
-        return [ChatMessage.model_validate(turn) for turn in turns]
+    def chat_request(self, messages: list[ChatMessage]) -> ChatCompletionRequest:
+        """The chat completion this response is: the conversation, sampling, tools and logprobs."""
+        choice = self.tool_choice
+        if isinstance(choice, FunctionToolChoice):
+            choice = NamedToolChoice(function=NamedFunction(name=choice.name))
+        return ChatCompletionRequest(
+            model=self.model, messages=messages, max_tokens=self.max_output_tokens, temperature=self.temperature,
+            top_p=self.top_p, tools=[t.chat_tool() for t in self.tools] if self.tools else None, tool_choice=choice,
+            parallel_tool_calls=self.parallel_tool_calls, logprobs=self.output_logprobs is not None,
+            top_logprobs=self.output_logprobs or None)
+
+    def input_turns(self) -> list[dict[str, Any]]:
+        """The input as chat turns (function calls as the assistant's tool calls, their outputs as tool turns)."""
+        if isinstance(self.input, str):
+            return [{"role": "user", "content": self.input}]
+        return [_chat_turn(item) for item in self.input]
+
+    def chat_messages(self, turns: list[dict[str, Any]]) -> list[ChatMessage]:
+        """The chat conversation: `instructions` first as the system message, then `turns`."""
+        system = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        return [ChatMessage.model_validate(turn) for turn in [*system, *turns]]
+
+
+def _chat_turn(item: InputMessage | FunctionCallInput | FunctionCallOutputInput) -> dict[str, Any]:
+    if isinstance(item, FunctionCallInput):
+        call = {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+        return {"role": "assistant", "content": None, "tool_calls": [call]}
+    if isinstance(item, FunctionCallOutputInput):
+        return {"role": "tool", "tool_call_id": item.call_id, "content": item.output}
+    return {"role": "system" if item.role == "developer" else item.role, "content": _chat_content(item.content)}
 
 
 def _chat_content(content: str | list[InputContent]) -> str | list[dict[str, Any]]:
@@ -68,7 +156,7 @@ class OutputText(OpenAIBaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
-    logprobs: list[Any] = Field(default_factory=list)
+    logprobs: list[ChatLogProbsContent] = Field(default_factory=list)  # token, logprob, bytes, top_logprobs
 
 
 class OutputMessage(OpenAIBaseModel):
@@ -77,6 +165,20 @@ class OutputMessage(OpenAIBaseModel):
     status: Literal["in_progress", "completed", "incomplete"]
     role: Literal["assistant"] = "assistant"
     content: list[OutputText]
+
+
+class FunctionCallItem(OpenAIBaseModel):
+    """A function call the model made: the client runs it and sends back a function_call_output."""
+
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+OutputItem = Annotated[OutputMessage | FunctionCallItem, Field(discriminator="type")]
 
 
 class InputTokensDetails(OpenAIBaseModel):
@@ -104,17 +206,21 @@ class ResponseObject(OpenAIBaseModel):
     object: Literal["response"] = "response"
     created_at: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    status: Literal["in_progress", "completed", "incomplete"]
+    status: Literal["queued", "in_progress", "completed", "incomplete", "cancelled", "failed"]
     incomplete_details: IncompleteDetails | None = None
     instructions: str | None = None
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     metadata: dict[str, str] | None = None
-    output: list[OutputMessage] = Field(default_factory=list)
-    parallel_tool_calls: bool = False
-    tool_choice: Literal["none", "auto"] = "none"
-    tools: list[Any] = Field(default_factory=list)
+    output: list[OutputItem] = Field(default_factory=list)
+    parallel_tool_calls: bool = True
+    tool_choice: Literal["none", "auto", "required"] | FunctionToolChoice = "auto"
+    tools: list[FunctionTool] = Field(default_factory=list)
+    top_logprobs: int | None = None
+    store: bool = False
+    background: bool = False
+    previous_response_id: str | None = None
     usage: ResponseUsage | None = None
     error: Any = None
 
@@ -128,8 +234,9 @@ class ResponseEvent(_DropsNone):
     output_index: int | None = None
     item_id: str | None = None
     content_index: int | None = None
-    item: OutputMessage | None = None
+    item: OutputItem | None = None
+    arguments: str | None = None
     part: OutputText | None = None
     delta: str | None = None
     text: str | None = None
-    logprobs: list[Any] | None = None
+    logprobs: list[ChatLogProbsContent] | None = None

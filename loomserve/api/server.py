@@ -41,6 +41,7 @@ from loomserve.api.protocol import (
 from loomserve.api.protocol_transcription import TRANSCRIPTION_OPENAPI
 from loomserve.api.request_id import request_id_headers
 from loomserve.api.response_headers import ResponseHeadersMiddleware
+from loomserve.api.response_store import ResponseStore
 from loomserve.api.served_models import Models, ServedModels
 from loomserve.api.server_load import ServerLoad, ServerLoadMiddleware
 from loomserve.api.server_load import router as load_router
@@ -91,6 +92,7 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
     app.state.metrics = metrics
     app.state.chat_options = options.chat
     app.state.features = options.features
+    app.state.response_store = ResponseStore() if options.features.responses_store else None
     app.state.startup_error = None
     app.include_router(router)
     app.include_router(pooling_router)

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 API_KEY_ENV = "LOOMSERVE_API_KEY"  # vLLM's VLLM_API_KEY
+RESPONSES_STORE_ENV = "LOOMSERVE_ENABLE_RESPONSES_API_STORE"  # vLLM's VLLM_ENABLE_RESPONSES_API_STORE
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class ServerFeatures:
     tokenizer_info_endpoint: bool = False  # GET /tokenizer_info
     server_load_tracking: bool = False  # GET /load: requests being served now
     shutdown_timeout: float = 0.0  # seconds requests in flight may finish once asked to stop (0: abort them)
+    responses_store: bool = False  # /v1/responses are kept in memory: GET, previous_response_id, background
 
 
 def add_server_feature_flags(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,10 @@ def add_server_feature_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shutdown-timeout", type=non_negative_seconds, default=0.0,
                        help="on Ctrl-C / SIGTERM, seconds the requests in flight may take to finish before they are "
                             "aborted (0: abort them at once)")
+    group.add_argument("--enable-responses-store", action="store_true",
+                       default=os.environ.get(RESPONSES_STORE_ENV, "") not in ("", "0"),
+                       help="keep /v1/responses in memory (the most recent 4096) for GET /v1/responses/{id}, "
+                            f"previous_response_id and background responses; default: {RESPONSES_STORE_ENV}=1")
 
 
 def server_features(ns: argparse.Namespace) -> ServerFeatures:
@@ -42,6 +48,7 @@ def server_features(ns: argparse.Namespace) -> ServerFeatures:
         force_include_usage=ns.enable_force_include_usage, prompt_tokens_details=ns.enable_prompt_tokens_details,
         request_id_headers=ns.enable_request_id_headers, tokenizer_info_endpoint=ns.enable_tokenizer_info_endpoint,
         server_load_tracking=ns.enable_server_load_tracking, shutdown_timeout=ns.shutdown_timeout,
+        responses_store=ns.enable_responses_store,
     )
 
 

@@ -2,7 +2,9 @@
 
 Parts: `{"type": "text", "text": ...}`, `{"type": "image_url", "image_url": {"url": ...}}`,
 `{"type": "video_url", "video_url": {"url": ...}}`, `{"type": "audio_url", "audio_url": {"url": ...}}` and
-`{"type": "input_audio", "input_audio": {"data": base64, "format": "wav"}}`. Media parts reach the chat
+`{"type": "input_audio", "input_audio": {"data": base64, "format": "wav"}}`; with --enable-mm-embeds also
+`{"type": "image_embeds", "image_embeds": base64 | {"image_embeds": base64, "image_grid_thw": base64}}` and
+`audio_embeds` (`media_embeds.py`). Media parts reach the chat
 template as `{"type": "image", "image": <url>}` (or video, audio: templates test either key), which
 multimodal templates turn into the model's placeholder; for a template that does not, each media part's
 placeholder is written into the message text instead, one part per line.
@@ -18,7 +20,8 @@ from loomserve.modalities.media import MediaError, MediaRef
 if TYPE_CHECKING:
     from loomserve.modalities.processors.base import MultiModalProcessor
 
-PART_MODALITIES = {"image_url": "image", "video_url": "video", "audio_url": "audio", "input_audio": "audio"}
+PART_MODALITIES = {"image_url": "image", "video_url": "video", "audio_url": "audio", "input_audio": "audio",
+                   "image_embeds": "image", "audio_embeds": "audio"}
 
 
 def media_ref(part: dict[str, Any]) -> MediaRef:
@@ -34,6 +37,8 @@ def media_ref(part: dict[str, Any]) -> MediaRef:
 
 
 def _media_ref(kind: str, value: Any) -> MediaRef:
+    if kind.endswith("_embeds"):  # checked and decoded with the other media, off the event loop
+        return MediaRef(PART_MODALITIES[kind], embeds=value)
     if kind == "input_audio":
         if not isinstance(value, dict) or not isinstance(value.get("data"), str):
             raise MediaError('an input_audio part needs {"data": <base64>, "format": "wav" | "mp3" | ...}')
@@ -60,7 +65,7 @@ def split_media(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], l
             if kind in PART_MODALITIES:
                 ref = media_ref(part)
                 refs.append(ref)
-                parts.append({"type": ref.modality, ref.modality: ref.url or ref.uuid or "input_audio"})
+                parts.append({"type": ref.modality, ref.modality: ref.url or ref.uuid or kind})
             elif kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise MediaError("A content part of type 'text' needs a `text` field")

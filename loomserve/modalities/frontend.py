@@ -18,6 +18,8 @@ from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.encoder_cache import encoder_cache_capacity
 from loomserve.modalities.inputs import MultiModalItem
 from loomserve.modalities.media import MediaError, MediaFetcher, MediaRef, media_client
+from loomserve.modalities.media_embeds import DISABLED as EMBEDS_DISABLED
+from loomserve.modalities.media_embeds import media_embeds_data
 from loomserve.modalities.processor_cache import ProcessorCache, charges_between, media_key
 from loomserve.modalities.processors.base import ProcessedItem
 from loomserve.modalities.uuid_cache import MediaUUIDCache
@@ -44,11 +46,12 @@ class MultiModalFrontend:
         self._client: httpx.AsyncClient | None = None  # the server's media downloads, made on first use
         self.by_uuid = MediaUUIDCache()
         self.cache = ProcessorCache(mm_config.processor_cache_bytes)
+        self.enable_mm_embeds = model_config.enable_mm_embeds
 
     def load(self, refs: list[MediaRef], budget: MediaBudget = MediaBudget()) -> dict[str, list[Any]]:
         """Fetch, decode and preprocess chat media under the allow-lists and limits (blocking: the Python API)."""
         self._require_processor(refs[0].modality)
-        self.processor.check_refs(refs)
+        self._check_refs(refs)
         cached = self.by_uuid.cached(refs)
         spend = MediaSpend(budget)
         reads = [ref for i, ref in enumerate(refs) if i not in cached]
@@ -61,7 +64,7 @@ class MultiModalFrontend:
         deadline, then decoded and preprocessed on the media pool, so slow hosts hold no thread that other requests
         need."""
         self._require_processor(refs[0].modality)
-        self.processor.check_refs(refs)
+        self._check_refs(refs)
         cached = self.by_uuid.cached(refs)
         spend = MediaSpend(budget)
         fetcher = MediaFetcher(self.mm_config, spend)
@@ -82,12 +85,14 @@ class MultiModalFrontend:
         loaded: dict[str, list[ProcessedItem]] = {}
         for ref, item in zip(refs, found, strict=True):
             if isinstance(item, _Decoded):
-                decoded, item = item, self.processor.process_item(ref.modality, item.media)
+                decoded, item = item, self.processor.process(ref.modality, item.media)
                 self.cache.put(decoded.key, item, decoded.charges)
             loaded.setdefault(ref.modality, []).append(item)
         return loaded
 
     def _found_or_decoded(self, ref: MediaRef, raw: bytes, spend: MediaSpend) -> ProcessedItem | _Decoded:
+        if ref.embeds is not None:  # given embeddings are checked whole each time (their grid is not in `raw`)
+            return self.processor.process(ref.modality, self.processor.decode(ref, raw, spend))
         key = media_key(ref, raw)
         item = self.cache.get(key, spend)
         if item is not None:
@@ -99,6 +104,7 @@ class MultiModalFrontend:
     def apply(self, token_ids: list[int], mm_data: dict[str, Any]) -> tuple[list[int], list[MultiModalItem]]:
         """Expand each placeholder of `token_ids` for the items of `mm_data` (one item or a list per modality)."""
         self._require_processor(", ".join(mm_data))
+        mm_data = media_embeds_data(self.processor, mm_data, self.enable_mm_embeds)
         token_ids, items = self.processor.apply(token_ids, {m: as_item_list(v) for m, v in mm_data.items()})
         capacity = self.encoder_cache_capacity
         for item in items:
@@ -106,6 +112,12 @@ class MultiModalFrontend:
                 raise MediaError(f"the {item.modality} needs {item.placeholder.length} embeddings, more than the "
                                  f"{capacity} the encoder cache holds (raise encoder_cache_memory)")
         return token_ids, items
+
+    def _check_refs(self, refs: list[MediaRef]) -> None:
+        """The processor's count checks, and embeddings parts refused before decoding when the engine takes none."""
+        if not self.enable_mm_embeds and any(ref.embeds is not None for ref in refs):
+            raise MediaError(EMBEDS_DISABLED)
+        self.processor.check_refs(refs)
 
     def _require_processor(self, modality: str) -> None:
         if self.processor is None:

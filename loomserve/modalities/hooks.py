@@ -15,6 +15,7 @@ from torch import nn
 
 from loomserve.modalities.encoder_cache import EncoderCache, EncoderCacheManager
 from loomserve.modalities.inputs import MultiModalItem
+from loomserve.modalities.media_embeds import encode_items
 from loomserve.modalities.pixels import with_pixel_values
 from loomserve.modalities.placeholder_embeds import with_placeholder_embeds
 from loomserve.platform.features import RunnerHook
@@ -72,7 +73,7 @@ class MultiModalRunnerHook(RunnerHook):
             by_modality[items[h].modality].append(items[h])
         done, outputs = [], []
         for modality, group in by_modality.items():
-            encoded = self.model.encode(modality, [with_pixel_values(item, self.device) for item in group])
+            encoded = encode_items(self.model, modality, [with_pixel_values(item, self.device) for item in group])
             for item, tensor in zip(group, encoded, strict=True):
                 if tensor.shape[0] != item.placeholder.length:
                     raise RuntimeError(f"the {modality} encoder gave {tensor.shape[0]} embeddings for "

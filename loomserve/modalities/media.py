@@ -42,11 +42,12 @@ class MediaRef:
     data: str | None = None  # base64 (input_audio parts)
     format: str | None = None  # input_audio's "wav", "mp3", ...
     uuid: str | None = None  # the client's name for the item (vLLM's): reused by later parts without media
+    embeds: str | dict[str, str] | None = None  # image_embeds / audio_embeds parts: base64 torch.save'd tensors
 
     @property
     def needs_cache(self) -> bool:
         """A part with a uuid and no media: the item comes from the uuid cache."""
-        return self.uuid is not None and self.url is None and self.data is None
+        return self.uuid is not None and self.url is None and self.data is None and self.embeds is None
 
 
 class MediaFetcher:
@@ -73,6 +74,8 @@ class MediaFetcher:
         return ref.data is None and urllib.parse.urlsplit(ref.url or "").scheme.lower() in ("http", "https")
 
     def _local(self, ref: MediaRef) -> bytes:
+        if ref.embeds is not None:  # nothing to read: the part carries its tensors
+            return b""
         if ref.data is not None:
             return self._b64(ref.data)
         url = ref.url or ""

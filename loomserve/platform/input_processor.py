@@ -19,6 +19,7 @@ from loomserve.platform.messages import EngineCoreRequest
 from loomserve.platform.models.registry import is_encoder_decoder
 from loomserve.platform.prompt_embeds import prompt_embeds_input
 from loomserve.platform.request import SamplingParams, resolve_num_logprobs
+from loomserve.platform.skip_tokenizer import NoTokenizer, check_token_only
 from loomserve.platform.structured.grammar import grammar_spec
 
 ENCODER_DECODER_INPUT = ("a speech-to-text (Whisper) model takes one audio clip with each prompt: use "
@@ -36,6 +37,8 @@ def cache_salt_of(prompt: PromptType) -> str | None:
 
 
 def load_tokenizer(model_config: ModelConfig) -> Any:
+    if model_config.skip_tokenizer_init:
+        return NoTokenizer()
     from transformers import AutoTokenizer
 
     gguf_file = model_config.gguf_file if model_config.tokenizer == model_config.model else None
@@ -130,6 +133,8 @@ class InputProcessor:
     def validate_constraints(self, params: SamplingParams) -> None:
         """ValueError for token ids outside the vocabulary, or a schema, regex or grammar no backend reads."""
         check_logit_constraints(params, self.model_config.vocab_size)
+        if self.model_config.skip_tokenizer_init:
+            check_token_only(params)
         if params.structured_outputs is not None:
             grammar_spec(params.structured_outputs)
 

@@ -36,10 +36,11 @@ def pooling_server(serve_checkpoint) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def tools_server(serve_checkpoint) -> Iterator[Server]:
     """A tiny qwen3 with Qwen3's chat template, served as vLLM serves Qwen3: the model's own (Hermes) tool calls
-    parsed under tool_choice "auto", and `<think>` reasoning split from the answer."""
+    parsed under tool_choice "auto", and `<think>` reasoning split from the answer. It keeps /v1/responses."""
     from loomserve.testing.checkpoints import tiny_checkpoint
 
     flags = ["--served-model-name", TOOLS_MODEL, "--chat-template", str(template_path("qwen3")),
-             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]
+             "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
+             "--enable-responses-store"]
     with serve_checkpoint(str(tiny_checkpoint("qwen3")), *flags) as s:
         yield s

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+import torch
 from media_samples import mp4_bytes, noise_image, noise_video, png_data_url, tone, wav_base64
 from PIL import Image
 
@@ -31,7 +32,7 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def vl_server(serve_checkpoint, media_dir) -> Iterator:
     flags = ["--limit-mm-per-prompt", f'{{"image": {IMAGE_LIMIT}}}', "--max-image-pixels", str(MAX_PIXELS),
-             "--allowed-local-media-path", str(media_dir), "--enable-prompt-tokens-details"]
+             "--allowed-local-media-path", str(media_dir), "--enable-prompt-tokens-details", "--enable-mm-embeds"]
     with serve_checkpoint(str(tiny_mm_checkpoint("qwen2_vl")), *flags) as server:
         yield server
 
@@ -140,6 +141,55 @@ def test_tokenize_expands_media_placeholders_as_generation_does(vl_server):
     tokenized = vl_server.http().post("/tokenize", json={"messages": messages, "return_token_strs": True}).json()
     assert tokenized["count"] == chat(vl_server, content).usage.prompt_tokens == len(tokenized["token_strs"])
     assert tokenized["token_strs"].count("<|image_pad|>") > 1  # the one placeholder, expanded
+
+
+def _b64_tensor(tensor) -> str:
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def qwen2_vl_image_embeds_part(image) -> dict:
+    """vLLM's image_embeds part for Qwen2-VL: transformers' vision tower output for the image, with its grid."""
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    path = str(tiny_mm_checkpoint("qwen2_vl"))
+    inputs = Qwen2VLImageProcessorPil.from_pretrained(path)([image], return_tensors="pt")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        [rows] = model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+    return {"type": "image_embeds", "image_embeds": {"image_embeds": _b64_tensor(rows),
+                                                     "image_grid_thw": _b64_tensor(inputs["image_grid_thw"][0])}}
+
+
+def test_image_embeds_answer_as_the_image(vl_server):
+    question = {"type": "text", "text": "What is it?"}
+    reply = chat(vl_server, [qwen2_vl_image_embeds_part(LARGE), question])
+    expected = chat(vl_server, [image_part(png_data_url(LARGE)), question])
+    assert reply.choices[0].message.content == expected.choices[0].message.content
+    assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+
+
+HIDDEN = 64  # the tiny Qwen2-VL's
+
+
+@pytest.mark.parametrize("embeds, reason", [
+    (_b64_tensor(torch.zeros(4, HIDDEN)), "image_grid_thw"),
+    ({"image_embeds": _b64_tensor(torch.zeros(3, 8)), "image_grid_thw": _b64_tensor(torch.tensor([1, 4, 4]))},
+     r"needs \[4, hidden\]"),
+    ({"image_embeds": _b64_tensor(torch.zeros(4, 8)), "image_grid_thw": _b64_tensor(torch.tensor([1, 4, 4]))},
+     r"shape \[num_tokens, \d+\]"),
+    ("bm90IGEgdGVuc29y", "torch.save"),
+], ids=["no grid", "rows off the grid", "hidden size", "not a tensor"])
+def test_image_embeds_of_the_wrong_shape_are_a_400(vl_server, embeds, reason):
+    with pytest.raises(openai.BadRequestError, match=reason):
+        chat(vl_server, [{"type": "image_embeds", "image_embeds": embeds}, {"type": "text", "text": "Hi"}])
+
+
+def test_audio_embeds_without_enable_mm_embeds_are_a_400(audio_server):
+    part = {"type": "audio_embeds", "audio_embeds": _b64_tensor(torch.zeros(4, 8))}
+    with pytest.raises(openai.BadRequestError, match="--enable-mm-embeds"):
+        chat(audio_server, [part, {"type": "text", "text": "Hi"}])
 
 
 def _png_bytes(image) -> str:

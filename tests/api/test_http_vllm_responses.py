@@ -1,5 +1,6 @@
 """POST /v1/responses through the openai client on the shared server: the same answer as chat for the same
-conversation, whole or as the Responses event stream, and 400 for what this server cannot do."""
+conversation, whole or as the Responses event stream, output logprobs as chat's, and 400 for what needs the response
+store (this server keeps none)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,30 @@ def test_a_streamed_response_sends_the_responses_events(client, model):
     assert text == events[-2].item.content[0].text == events[-1].response.output_text == whole.output_text
 
 
-def test_previous_response_id_is_refused(client, model):
-    with pytest.raises(openai.BadRequestError, match="stores no responses"):
-        client.responses.create(model=model, input="hi", previous_response_id="resp-1")
+def test_what_needs_a_stored_response_is_refused_without_the_store(client, model):
+    response = client.responses.create(model=model, input="hi", max_output_tokens=2)
+    assert response.store is False  # `store` (true by default) is dropped quietly, as vLLM does
+    for call in (lambda: client.responses.create(model=model, input="hi", previous_response_id=response.id),
+                 lambda: client.responses.create(model=model, input="hi", background=True),
+                 lambda: client.responses.retrieve(response.id)):
+        with pytest.raises(openai.BadRequestError, match="--enable-responses-store"):
+            call()
+
+
+def test_output_logprobs_are_the_chat_logprobs(client, model):
+    response = client.responses.create(model=model, input=QUESTION, max_output_tokens=6, temperature=0,
+                                       include=["message.output_text.logprobs"], top_logprobs=3)
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUESTION}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    [part] = response.output[0].content
+    assert [lp.model_dump() for lp in part.logprobs] == [lp.model_dump() for lp in chat.choices[0].logprobs.content]
+    assert all(len(lp.top_logprobs) == 3 for lp in part.logprobs)
+    streamed = client.responses.create(model=model, input=QUESTION, max_output_tokens=6, temperature=0,
+                                       include=["message.output_text.logprobs"], top_logprobs=3, stream=True)
+    deltas = [lp for e in streamed if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [lp.token for lp in deltas] == [lp.token for lp in part.logprobs]
+
+
+def test_no_logprobs_unless_included(client, model):
+    response = client.responses.create(model=model, input=QUESTION, max_output_tokens=3, top_logprobs=3)
+    assert response.output[0].content[0].logprobs == []

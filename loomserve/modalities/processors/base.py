@@ -17,6 +17,7 @@ from loomserve.modalities.config import MultiModalConfig
 from loomserve.modalities.image import decode_image
 from loomserve.modalities.inputs import MultiModalItem, PlaceholderRange
 from loomserve.modalities.media import MediaError, MediaRef
+from loomserve.modalities.media_embeds import MediaEmbeds, decode_embeds_part, embeds_item
 from loomserve.modalities.video import decode_jpeg_frames, decode_video, is_jpeg_frames
 
 
@@ -46,6 +47,7 @@ class MultiModalProcessor:
     placeholders: dict[str, str] = {}
     placeholder_tokens: dict[str, str] = {}
     video_sampling: dict[str, Any] = {}  # decode_video's sampling arguments, for models that take video
+    takes_embeds = True  # items may come as the encoder's output (--enable-mm-embeds)
 
     def __init__(self, model_path: str, hf_config: Any, tokenizer: Any, mm_config: MultiModalConfig) -> None:
         self.model_path = model_path
@@ -60,12 +62,28 @@ class MultiModalProcessor:
     def process_item(self, modality: str, item: Any) -> ProcessedItem:
         raise NotImplementedError
 
-    def processed(self, modality: str, item: Any) -> ProcessedItem:
-        """`process_item`, for an item not processed yet (chat media arrive processed from the front end's load)."""
-        return item if isinstance(item, ProcessedItem) else self.process_item(modality, item)
+    def process(self, modality: str, item: Any) -> ProcessedItem:
+        """`process_item` for an item not processed yet (chat media arrive processed from the front end's load),
+        or for precomputed embeddings (--enable-mm-embeds) the checked item of their rows."""
+        if isinstance(item, ProcessedItem):
+            return item
+        return embeds_item(self, item) if isinstance(item, MediaEmbeds) else self.process_item(modality, item)
+
+    def embeds_extras(self, modality: str, num_rows: int, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What an embeddings item of `num_rows` rows carries besides them, checked; models that need more than the
+        rows (Qwen2-VL's grid) override this."""
+        if extras:
+            raise MediaError(f"this model takes no {', '.join(extras)} with {modality}_embeds")
+        return {}
+
+    def grid_tokens(self, grid: torch.Tensor) -> int:
+        """The placeholder tokens of an item of patch grid [3] (t, h, w), for models whose items have one."""
+        raise MediaError("this model's items have no grid: give embeddings without *_grid_thw")
 
     def decode(self, ref: MediaRef, data: bytes, spend: MediaSpend) -> Any:
         """A chat content part's encoded media, decoded into what `process_item` takes, charged to `spend`."""
+        if ref.embeds is not None:
+            return decode_embeds_part(self, ref)
         max_pixels = self.mm_config.max_image_pixels
         if ref.modality == "image":
             return decode_image(data, max_pixels, spend)
@@ -106,7 +124,7 @@ class MultiModalProcessor:
             if found[modality] != given:
                 raise MediaError(f"the prompt has {found[modality]} {modality} placeholder(s) "
                                  f"({self.placeholder_tokens[modality]}) but {given} {modality} item(s) were given")
-        processed = {m: [self.processed(m, x) for x in items] for m, items in mm_data.items()}
+        processed = {m: [self.process(m, x) for x in items] for m, items in mm_data.items()}
         out: list[int] = []
         items: list[MultiModalItem] = []
         used = {m: 0 for m in self.modalities}

@@ -24,6 +24,7 @@ from loomserve.modalities.processors.base import MultiModalProcessor, ProcessedI
 
 class ImageEmbeddingProcessor(MultiModalProcessor):
     placeholders = {"image": ""}  # an image prompt has no text to place it in
+    takes_embeds = False  # its image encoder's output is the pooled embedding itself
     placeholder_tokens = {}
 
     def __init__(self, model_path: str, hf_config: Any, tokenizer: Any, mm_config: MultiModalConfig) -> None:
@@ -61,5 +62,5 @@ class ImageEmbeddingProcessor(MultiModalProcessor):
         if any(t not in self.special_ids for t in token_ids):
             raise MediaError("an image prompt must have no text: this model embeds text and images apart "
                              "(give the image with an empty prompt, and the text as a prompt of its own)")
-        p = self.processed("image", images[0])
+        p = self.process("image", images[0])
         return [self.placeholder_id], [MultiModalItem("image", p.content_hash, PlaceholderRange(0, 1), p.data, p.meta)]

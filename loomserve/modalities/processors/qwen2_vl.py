@@ -16,6 +16,7 @@ import torch
 
 from loomserve.modalities.hashing import content_hash
 from loomserve.modalities.image import as_pil, normalize, resize, smart_resize, to_rgb
+from loomserve.modalities.media import MediaError
 from loomserve.modalities.pixels import pixel_table, uint8_pixels
 from loomserve.modalities.processors.base import MultiModalProcessor, ProcessedItem, read_json
 from loomserve.modalities.video import as_video
@@ -87,3 +88,16 @@ class Qwen2VLProcessor(MultiModalProcessor):
             content_hash=content_hash(modality, settings, raw),
             meta=meta,
         )
+
+    def grid_tokens(self, grid: torch.Tensor) -> int:
+        return int(grid.prod()) // self.merge**2
+
+    def embeds_extras(self, modality: str, num_rows: int, extras: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The item's grid (its M-RoPE positions come from it), which must give as many tokens as rows."""
+        grid = extras.get("grid_thw")
+        if grid is None:
+            raise MediaError(f"{modality}_embeds for this model need {modality}_grid_thw: give "
+                             f"{{'{modality}_embeds': ..., '{modality}_grid_thw': ...}}")
+        if grid.shape != (3,) or self.grid_tokens(grid) != num_rows:
+            raise MediaError(f"{modality}_grid_thw {grid.tolist()} does not fit {num_rows} {modality}_embeds rows")
+        return {"grid_thw": grid}

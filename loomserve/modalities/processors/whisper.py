@@ -48,5 +48,5 @@ class WhisperProcessor(Qwen2AudioProcessor):  # Qwen2-Audio reads the same Whisp
         clips = mm_data.get("audio", [])
         if len(clips) != 1:
             raise MediaError(f"a Whisper prompt takes exactly one audio clip, got {len(clips)}")
-        p = self.processed("audio", clips[0])
+        p = self.process("audio", clips[0])
         return list(token_ids), [MultiModalItem("audio", p.content_hash, PlaceholderRange(0, 0), p.data, p.meta)]

@@ -113,6 +113,11 @@ class EngineArgs:
     enable_prompt_embeds: bool = _arg(
         False, "accept prompt_embeds (embeddings in place of a prompt's token ids) on /v1/completions and in "
                "LLM.generate({'prompt_embeds': tensor})")
+    enable_mm_embeds: bool = _arg(
+        False, "accept precomputed media embeddings in place of media (image_embeds / audio_embeds chat parts, "
+               "tensors in multi_modal_data): they bypass the encoder")
+    skip_tokenizer_init: bool = _arg(
+        False, "load no tokenizer: prompts must be token ids, outputs carry token ids and no text")
     enable_lora: bool = _arg(False, "serve LoRA adapters on top of the model")
     max_loras: int = _arg(1, "adapters in one step")
     max_lora_rank: int = _arg(16, "largest adapter rank served")
@@ -226,6 +231,8 @@ class EngineArgs:
             trust_remote_code=self.trust_remote_code,
             max_logprobs=self.max_logprobs,
             enable_prompt_embeds=self.enable_prompt_embeds,
+            enable_mm_embeds=self.enable_mm_embeds,
+            skip_tokenizer_init=self.skip_tokenizer_init,
         )
         if self.kv_cache_dtype != "auto" and pooling.encoder_only:
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} quantizes the KV cache, and "

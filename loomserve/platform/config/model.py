@@ -110,6 +110,8 @@ class ModelConfig:
     trust_remote_code: bool = False  # transformers may run the checkpoint's code for its config and tokenizer
     max_logprobs: int = 20  # most logprobs one request may ask for
     enable_prompt_embeds: bool = False  # requests may bring embeddings in place of token ids (prompt_embeds)
+    enable_mm_embeds: bool = False  # media items may come as their encoder's output (image_embeds, audio_embeds)
+    skip_tokenizer_init: bool = False  # no tokenizer: token ids in, token ids out
 
     @property
     def architecture(self) -> str:
