@@ -9,6 +9,7 @@ its arguments. Tool calls are parsed from the text after reasoning ends.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from loomserve.api.chat_flags import ChatOptions
 from loomserve.api.protocol import (
@@ -97,6 +98,12 @@ class ChoiceStream:
 
     def delta(self, text: str, final: bool) -> DeltaMessage | None:
         """What the text so far adds to what was sent; None when nothing."""
+        fields = self.delta_fields(text, final)
+        return DeltaMessage(**fields) if fields is not None else None
+
+    def delta_fields(self, text: str, final: bool) -> dict[str, Any] | None:
+        """`delta`'s fields that are not None, in its order (as it serializes), without building the model: what a
+        stream chunk writes for each token."""
         parsed = self.parser.parse(text, final)
         reasoning = (parsed.reasoning or "")[self.reasoning_sent:]
         content = parsed.content[self.content_sent:]
@@ -105,8 +112,12 @@ class ChoiceStream:
         calls = self._call_deltas(parsed.calls)
         if not (reasoning or content or calls):
             return None
-        return DeltaMessage(content=content or None, reasoning_content=reasoning or None,
-                            reasoning=reasoning or None, tool_calls=calls or None)
+        fields: dict[str, Any] = {"content": content} if content else {}
+        if reasoning:
+            fields["reasoning_content"] = fields["reasoning"] = reasoning
+        if calls:
+            fields["tool_calls"] = calls
+        return fields
 
     def _call_deltas(self, calls: list[PartialCall]) -> list[DeltaToolCall]:
         deltas = []
