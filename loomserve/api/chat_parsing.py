@@ -110,6 +110,12 @@ class ChoiceStream:
 
     def delta(self, text: str, final: bool) -> DeltaMessage | None:
         """What the text so far adds to what was sent; None when nothing."""
+        fields = self.delta_fields(text, final)
+        return DeltaMessage(**fields) if fields is not None else None
+
+    def delta_fields(self, text: str, final: bool) -> dict[str, Any] | None:
+        """`delta`'s fields that are not None, in its order (as it serializes), without building the model: what a
+        stream chunk writes for each token."""
         parsed = self.parser.parse(text, final)
         reasoning = (parsed.reasoning or "")[self.reasoning_sent:]
         content = parsed.content[self.content_sent:]
@@ -118,8 +124,12 @@ class ChoiceStream:
         calls = self._call_deltas(parsed.calls)
         if not (reasoning or content or calls):
             return None
-        return DeltaMessage(content=content or None, reasoning_content=reasoning or None,
-                            reasoning=reasoning or None, tool_calls=calls or None)
+        fields: dict[str, Any] = {"content": content} if content else {}
+        if reasoning:
+            fields["reasoning_content"] = fields["reasoning"] = reasoning
+        if calls:
+            fields["tool_calls"] = calls
+        return fields
 
     def _call_deltas(self, calls: list[PartialCall]) -> list[DeltaToolCall]:
         deltas = []

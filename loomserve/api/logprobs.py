@@ -72,13 +72,12 @@ def joined_logprobs(first: CompletionLogProbs, then: CompletionLogProbs) -> Comp
 def chat_logprobs(token_ids: list[int], steps: list[dict[int, Logprob]], num_top: int,
                   as_ids: bool = False) -> ChatLogProbs:
     """Chat shape: each token with its bytes and the `num_top` most likely alternatives (-1: all there are)."""
-    content = [
-        ChatLogProbsContent(
-            **_chat_entry(token_id, step[token_id], as_ids).model_dump(),
-            top_logprobs=[_chat_entry(i, lp, as_ids) for i, lp in _by_rank(step)[: None if num_top < 0 else num_top]],
-        )
-        for token_id, step in zip(token_ids, steps, strict=True)
-    ]
+    content = []
+    for token_id, step in zip(token_ids, steps, strict=True):
+        chosen = _chat_entry(token_id, step[token_id], as_ids)
+        top = [_chat_entry(i, lp, as_ids) for i, lp in _by_rank(step)[: None if num_top < 0 else num_top]]
+        content.append(ChatLogProbsContent(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes,
+                                           top_logprobs=top))
     return ChatLogProbs(content=content)
 
 

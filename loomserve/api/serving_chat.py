@@ -23,10 +23,7 @@ from loomserve.api.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatCompletionStreamResponse,
     ChatLogProbs,
-    ChatStreamChoice,
-    DeltaMessage,
 )
 from loomserve.api.served_models import ServedModels
 from loomserve.api.serving import (
@@ -37,6 +34,7 @@ from loomserve.api.serving import (
     random_id,
     sampling_params,
 )
+from loomserve.api.stream_chunks import ChunkEnvelope
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
 from loomserve.api.tool_parsers.choice import forced_params
 from loomserve.api.usage_report import UsageReport
@@ -65,11 +63,6 @@ class _Call:
 
     def token_ids(self, token_ids: list[int]) -> list[int] | None:
         return token_ids if self.request.return_token_ids else None
-
-    def chunk(self, choices: list[ChatStreamChoice], **extra: Any) -> ChatCompletionStreamResponse:
-        return ChatCompletionStreamResponse(
-            id=self.id, created=self.created, model=self.model, choices=choices, **extra
-        )
 
 
 async def create_chat_completion(
@@ -118,7 +111,8 @@ def _full_response(call: _Call, output: RequestOutput) -> ChatCompletionResponse
     )
 
 
-async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> AsyncIterator[str]:
+async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> AsyncIterator[bytes | str]:
+    envelope = ChunkEnvelope(call.id, "chat.completion.chunk", call.created, call.model)
     tracker = DeltaTracker()
     texts: dict[int, ChoiceStream] = {}
     latest: RequestOutput | None = None
@@ -126,18 +120,19 @@ async def _stream(call: _Call, stream: AsyncGenerator[RequestOutput, None]) -> A
         async with aclosing(merge_async_iterators(stream)) as merged:
             async for _, output in merged:
                 latest = output
-                for event in _events(call, tracker, texts, output):
-                    yield event
+                events = b"".join(_events(call, envelope, tracker, texts, output))  # one write per engine output
+                if events:
+                    yield events
         if call.report.final_chunk and latest is not None:
-            yield sse(call.chunk([], usage=call.report.total([latest])))
+            yield envelope.event([], usage=call.report.total([latest]))
     except Exception as exc:  # the status line is sent already: report the error in the stream
         logger.exception("chat stream %s failed", call.id)
         yield sse(error_body_for(exc))
     yield SSE_DONE
 
 
-def _events(call: _Call, tracker: DeltaTracker, texts: dict[int, ChoiceStream],
-            output: RequestOutput) -> Iterator[str]:
+def _events(call: _Call, envelope: ChunkEnvelope, tracker: DeltaTracker, texts: dict[int, ChoiceStream],
+            output: RequestOutput) -> Iterator[bytes]:
     """The chunks one engine output adds: a choice's first brings the role, then its parsed text as it comes
     (content, reasoning, tool calls)."""
     for c in output.outputs:
@@ -147,18 +142,23 @@ def _events(call: _Call, tracker: DeltaTracker, texts: dict[int, ChoiceStream],
         text = texts.setdefault(c.index, ChoiceStream(call.parser))
         usage_so_far = call.report.so_far(output, c)
         if delta.first:
-            role = DeltaMessage(role="assistant", content="")
-            yield sse(call.chunk([ChatStreamChoice(index=c.index, delta=role, logprobs=None)], usage=usage_so_far,
-                                 prompt_token_ids=call.token_ids(output.prompt_token_ids)))
-        message = text.delta(c.text, final=delta.finish_reason is not None)
+            role = _choice_json(c.index, {"role": "assistant", "content": ""}, None, None, None, None)
+            yield envelope.event([role], usage=usage_so_far, prompt_token_ids=call.token_ids(output.prompt_token_ids))
+        message = text.delta_fields(c.text, final=delta.finish_reason is not None)
         if message is not None or delta.finish_reason or delta.logprobs:
-            yield sse(call.chunk([_stream_choice(call, c.index, delta, message, text.called)], usage=usage_so_far))
+            yield envelope.event([_stream_choice(call, c.index, delta, message, text.called)], usage=usage_so_far)
 
 
-def _stream_choice(call: _Call, index: int, delta: Delta, message: DeltaMessage | None,
-                   called: bool) -> ChatStreamChoice:
-    return ChatStreamChoice(
-        index=index, delta=message or DeltaMessage(content=""), logprobs=call.logprobs(delta),
-        finish_reason=call.parser.finish_reason(delta.finish_reason, called), stop_reason=delta.stop_reason,
-        token_ids=call.token_ids(delta.token_ids),
-    )
+def _stream_choice(call: _Call, index: int, delta: Delta, message: dict[str, Any] | None,
+                   called: bool) -> dict[str, Any]:
+    return _choice_json(index, message or {"content": ""}, call.logprobs(delta),
+                        call.parser.finish_reason(delta.finish_reason, called), delta.stop_reason,
+                        call.token_ids(delta.token_ids))
+
+
+def _choice_json(index: int, message: dict[str, Any], logprobs: ChatLogProbs | None,
+                 finish_reason: str | None, stop_reason: int | str | None, token_ids: list[int] | None
+                 ) -> dict[str, Any]:
+    """A `ChatStreamChoice` as it serializes (its None fields kept)."""
+    return {"index": index, "delta": message, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason, "token_ids": token_ids}

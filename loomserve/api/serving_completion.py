@@ -28,6 +28,7 @@ from loomserve.api.serving import (
     random_id,
     sampling_params,
 )
+from loomserve.api.stream_chunks import ChunkEnvelope
 from loomserve.api.streaming import SSE_DONE, merge_async_iterators, run_unless_disconnected, sse
 from loomserve.api.usage_report import UsageReport
 from loomserve.platform.async_llm import AsyncLLM
@@ -127,45 +128,54 @@ def _full_response(call: _Call, outputs: list[RequestOutput]) -> CompletionRespo
     return call.response(choices, usage=call.report.total(outputs), kv_transfer_params=outputs[0].kv_transfer_params)
 
 
-async def _stream(call: _Call, streams: list[AsyncGenerator[RequestOutput, None]]) -> AsyncIterator[str]:
+async def _stream(call: _Call, streams: list[AsyncGenerator[RequestOutput, None]]) -> AsyncIterator[bytes | str]:
+    envelope = ChunkEnvelope(call.id, "text_completion", call.created, call.model)
     tracker = DeltaTracker()
     latest: dict[int, RequestOutput] = {}
     try:
         async with aclosing(merge_async_iterators(*streams)) as merged:
             async for i, output in merged:
                 latest[i] = output
-                for event in _events(call, tracker, i, output):
-                    yield event
+                events = b"".join(_events(call, envelope, tracker, i, output))  # one write per engine output
+                if events:
+                    yield events
         if call.report.final_chunk:
-            yield sse(call.response([], usage=call.report.total(list(latest.values()))))
+            yield envelope.event([], usage=call.report.total(list(latest.values())))
     except Exception as exc:  # the status line is sent already: report the error in the stream
         logger.exception("completion stream %s failed", call.id)
         yield sse(error_body_for(exc))
     yield SSE_DONE
 
 
-def _events(call: _Call, tracker: DeltaTracker, prompt_index: int, output: RequestOutput) -> Iterator[str]:
+def _events(call: _Call, envelope: ChunkEnvelope, tracker: DeltaTracker, prompt_index: int,
+            output: RequestOutput) -> Iterator[bytes]:
     """The chunks one engine output adds: one per choice with something new."""
     for c in output.outputs:
         index = call.choice_index(prompt_index, c.index)
         delta = tracker.delta(index, c)
         if delta is not None:
-            choice = _choice(call, index, prompt_index, output, delta)
-            yield sse(call.response([choice], usage=call.report.so_far(output, c)))
+            choice = _choice_fields(call, index, prompt_index, output, delta)
+            yield envelope.event([choice], usage=call.report.so_far(output, c))
 
 
 def _choice(call: _Call, index: int, prompt_index: int, output: RequestOutput, delta: Delta) -> CompletionChoice:
-    """A choice's chunk (or whole answer): an echoed prompt, its token ids and logprobs come with the first."""
+    return CompletionChoice(**_choice_fields(call, index, prompt_index, output, delta))
+
+
+def _choice_fields(call: _Call, index: int, prompt_index: int, output: RequestOutput, delta: Delta
+                   ) -> dict[str, Any]:
+    """A choice's chunk (or whole answer), the fields of a `CompletionChoice` in its order: an echoed prompt, its
+    token ids and logprobs come with the first."""
     request = call.request
     echo = call.echo_texts[prompt_index]
     first = delta.first
-    return CompletionChoice(
-        index=index, text=(echo if first else "") + delta.text, logprobs=_logprobs(call, echo, output, delta),
-        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason,
-        prompt_logprobs=prompt_logprobs_json(output.prompt_logprobs) if first else None,
-        prompt_token_ids=output.prompt_token_ids if first and request.return_token_ids else None,
-        token_ids=delta.token_ids if request.return_token_ids else None,
-    )
+    return {
+        "index": index, "text": (echo if first else "") + delta.text, "logprobs": _logprobs(call, echo, output, delta),
+        "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason,
+        "prompt_logprobs": prompt_logprobs_json(output.prompt_logprobs) if first else None,
+        "prompt_token_ids": output.prompt_token_ids if first and request.return_token_ids else None,
+        "token_ids": delta.token_ids if request.return_token_ids else None,
+    }
 
 
 def _logprobs(call: _Call, echo: str, output: RequestOutput, delta: Delta) -> CompletionLogProbs | None:

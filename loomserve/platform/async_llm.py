@@ -49,6 +49,7 @@ from loomserve.platform.messages import (
     pack,
     unpack,
 )
+from loomserve.platform.output_collector import OutputCollector
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
 from loomserve.platform.stats import IterationStats, SchedulerStats
@@ -131,9 +132,9 @@ class AsyncLLM:
         if self.log_requests:
             logger.info("Received request %s: %d prompt tokens, %r, adapter %s", request_id, len(prompt_token_ids),
                         sampling_params, lora_request.lora_name if lora_request else None)
-        queue: asyncio.Queue = asyncio.Queue()
+        collector = OutputCollector()
         children = self.output_processor.add_request(
-            request_id, prompt, prompt_token_ids, sampling_params, time.time(), queue
+            request_id, prompt, prompt_token_ids, sampling_params, time.time(), collector
         )
         engine = None
         for child_id, params in children:
@@ -147,11 +148,7 @@ class AsyncLLM:
         finished = False
         try:
             while not finished:
-                output = await queue.get()
-                while not queue.empty():  # outputs are cumulative: only the newest matters
-                    output = queue.get_nowait()
-                if isinstance(output, Exception):
-                    raise output
+                output = await collector.get()  # the newest: outputs are cumulative
                 finished = output.finished
                 yield output
         finally:

@@ -37,6 +37,8 @@ class IncrementalDetokenizer:
         self.token_ids.extend(new_token_ids)
         if self._stream is not None and finished:  # all that is left, bytes still waiting for their character too
             delta = self._decode(self.token_ids)[self.num_emitted :]
+        elif self._stream is not None and len(new_token_ids) == 1:  # a decode step's one token: no list, no join
+            delta = self._stream.step(self._backend, new_token_ids[0]) or ""
         elif self._stream is not None:
             pieces = [self._stream.step(self._backend, t) for t in new_token_ids]
             delta = "".join(p for p in pieces if p is not None)

@@ -84,7 +84,7 @@ class ParentState:
     scheduled_time: float | None = None  # when the engine first scheduled one of its children
     num_cached_tokens: int = 0
     kv_transfer_params: dict[str, Any] | None = None  # a prefill instance's answer (n == 1)
-    queue: Any = None  # the async front end's per-request queue
+    queue: Any = None  # the async front end's per-request OutputCollector
     num_returned: int = 1  # n: fewer than the children when best_of > n
     prompt_logprobs: PromptLogprobs | None = None
 
@@ -219,9 +219,10 @@ class OutputProcessor:
             updated[parent.request_id] = parent
         results = []
         for parent in updated.values():
-            if parent.finished or not (self.final_only or parent.selects_best):
+            finished = parent.finished
+            if finished or not (self.final_only or parent.selects_best):
                 results.append((parent, parent.to_output()))
-            if parent.finished:
+            if finished:
                 del self.parents[parent.request_id]
                 stats.e2e_latencies.append(now - parent.arrival_time)
                 stats.finished_requests.append(parent.finished_stats(now))
