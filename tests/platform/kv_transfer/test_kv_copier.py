@@ -1,4 +1,5 @@
-"""The CPU tier's copies: whole blocks across every layer, device -> host -> device, in any order of ids."""
+"""The CPU tier's copies: whole blocks across every layer, device -> host -> device, in any order of ids, across the
+chunks host memory is allocated in."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import pytest
 import torch
 
 from loomserve.platform.kv_transfer.copier import BlockCopier
+from loomserve.platform.kv_transfer.host_memory import CHUNK_BYTES
+
+BLOCK_BYTES = 3 * 2 * 4 * 2 * 8 * 4  # 3 layers, keys and values, 4 tokens, 2 heads of 8 float32
 
 
 def _caches(device: str, seed: int) -> list[torch.Tensor]:
@@ -13,25 +17,35 @@ def _caches(device: str, seed: int) -> list[torch.Tensor]:
     return [torch.randn(2, 10, 4, 2, 8, generator=g).to(device) for _ in range(3)]  # 3 layers, 10 blocks
 
 
-def _round_trip(device: str) -> None:
+def _round_trip(device: str, chunk_bytes: int = CHUNK_BYTES) -> None:
     caches = _caches(device, 0)
-    copier = BlockCopier(caches, num_host_blocks=6)
-    copier.store([7, 2, 5], [4, 0, 1])  # host blocks 0-1 are one run, 4 another
+    copier = BlockCopier(caches, num_host_blocks=6, chunk_bytes=chunk_bytes)
+    copier.store([7, 2, 5, 6], [4, 0, 1, 2])  # host blocks 0-2 are one run, 4 another
     before = [c.clone() for c in caches]
     for c in caches:
         c.zero_()
-    done = copier.load([1, 4, 0], [3, 9, 8])
-    if done is not None:
-        done.synchronize()
+    copier.load([1, 4, 0, 2], [3, 9, 8, 1])
     for b, c in zip(before, caches):
-        assert torch.equal(c[:, 3], b[:, 5]) and torch.equal(c[:, 9], b[:, 7]) and torch.equal(c[:, 8], b[:, 2])
-        assert not c[:, [0, 1, 2, 4, 5, 6, 7]].any()  # nothing else written
+        for device_id, original in ((3, 5), (9, 7), (8, 2), (1, 6)):
+            assert torch.equal(c[:, device_id], b[:, original])
+        assert not c[:, [0, 2, 4, 5, 6, 7]].any()  # nothing else written
 
 
 def test_blocks_stored_then_loaded_come_back_into_other_blocks_unchanged():
     _round_trip("cpu")
 
 
+def test_runs_of_blocks_that_cross_host_memory_chunks_come_back_unchanged():
+    _round_trip("cpu", chunk_bytes=2 * BLOCK_BYTES)  # chunks of 2 blocks: the run 0-2 spans two of them
+
+
+def test_host_memory_past_the_first_chunk_is_allocated_in_the_background():
+    copier = BlockCopier(_caches("cpu", 0), num_host_blocks=6, chunk_bytes=2 * BLOCK_BYTES)
+    assert len(copier.host.chunks) == 3
+    assert copier.host.chunk(2).shape == (2, 3, 2, 4, 2, 8)  # waits for it
+    assert copier.host.ready()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_blocks_round_trip_through_pinned_host_memory_on_a_side_stream():
-    _round_trip("cuda")
+    _round_trip("cuda", chunk_bytes=2 * BLOCK_BYTES)

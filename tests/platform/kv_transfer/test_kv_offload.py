@@ -1,10 +1,10 @@
 """The CPU tier of the prefix cache: a multi-turn workload whose shared prefixes exceed the device pool gets its
 prefixes back from host memory, with outputs equal to transformers' under greedy decoding; the step data crosses a
-process boundary; preemption resumes from the tier; a request that ends while its blocks wait frees them."""
+process boundary; preemption resumes from the tier; a request is scheduled in the step its blocks load in; a request
+that ends before it could start on its loaded blocks frees them."""
 
 from __future__ import annotations
 
-import pytest
 from kv_workload import FIRST_TURNS, GREEDY, SECOND_TURNS
 
 from loomserve import LLM, SamplingParams
@@ -64,20 +64,24 @@ def test_preempted_requests_resume_from_the_cpu_tier_with_unchanged_output(qwen2
     assert llm.engine.scheduler.hook("kv_offload").loaded_tokens > 0
 
 
-@pytest.mark.parametrize("when", ["loading", "loaded"])
-def test_a_request_aborted_while_its_blocks_wait_frees_them(qwen2_checkpoint, when):
+def test_a_request_with_blocks_in_the_cpu_tier_is_scheduled_in_the_step_that_loads_them(qwen2_checkpoint):
     llm = LLM(qwen2_checkpoint, kv_offloading_size=OFFLOAD_GIB, **SMALL_DEVICE_POOL)
     _two_turns(llm)
     engine, hook = llm.engine, llm.engine.scheduler.hook("kv_offload")
-    token_ids = llm.tokenizer(FIRST_TURNS[0]).input_ids
-    engine.add_request(EngineCoreRequest("r", token_ids, GREEDY, None, 0.0))
-    if when == "loaded":
-        engine.step()  # on the CPU a load lands within its step: the blocks are held for the request
-        assert "r" in hook.held
-    else:
-        assert not engine.scheduler.hook("kv_offload").admits(engine.scheduler.requests["r"])
-        assert "r" in hook.loading
+    engine.add_request(EngineCoreRequest("r", llm.tokenizer(FIRST_TURNS[0]).input_ids, GREEDY, None, 0.0))
+    step = engine.scheduler.schedule()
+    assert hook.loads["r"] >= 32 and step.features["kv_offload"]["load"][0]
+    assert [(s.request_id, s.start) for s in step.scheduled] == [("r", hook.loads["r"])]
+
+
+def test_a_request_that_cannot_start_after_its_load_frees_the_blocks_when_aborted(qwen2_checkpoint):
+    llm = LLM(qwen2_checkpoint, kv_offloading_size=OFFLOAD_GIB, **SMALL_DEVICE_POOL)
+    _two_turns(llm)
+    engine, hook = llm.engine, llm.engine.scheduler.hook("kv_offload")
+    engine.add_request(EngineCoreRequest("r", llm.tokenizer(FIRST_TURNS[0]).input_ids, GREEDY, None, 0.0))
+    assert hook.admits(engine.scheduler.requests["r"])  # its load is issued, as when a later hook holds it back
+    assert "r" in hook.held
     engine.abort_requests(["r"])
-    while engine.has_requests() or hook.loading:
+    while engine.has_requests():
         engine.step()
     assert engine.scheduler.kv.pool.num_free_blocks == 16
