@@ -13,7 +13,9 @@ The same workload runs twice on the same device pool (--kv-cache-memory): withou
 --kv-offloading-size GiB. Before each timed run a short warm-up of other conversations runs and the prefix cache
 is reset. Reported per run: prefix hit rate (prompt tokens found cached over prompt tokens looked up; hits from
 the CPU tier count once loaded), tokens loaded from the CPU tier, TTFT (submission to the first token, queueing
-included) median and p90, wall time; then TTFT median without / with.
+included) median and p90, the TTFT median of tier hits (part of the prefix loaded from the CPU tier), device hits
+(part of it found in the device pool only) and misses separately, wall time; then TTFT median without / with, and
+of the misses without the tier over the tier hits with it.
 
 `pd` (disaggregated prefill/decode on one device)
 -------------------------------------------------
@@ -99,10 +101,13 @@ def make_conversations(args: argparse.Namespace, vocab: int, num: int, variant: 
             for _ in range(num)]
 
 
+HIT_KINDS = ("tier hits", "device hits", "misses")
+
+
 @dataclass
 class ChatRun:
     name: str
-    ttfts: list[float]
+    ttfts: dict[str, list[float]]  # hit kind -> TTFTs of the requests of that kind
     queries: int
     hits: int
     loaded_tokens: int
@@ -110,26 +115,34 @@ class ChatRun:
     working_set_tokens: int
     pool_tokens: int
 
+    def all_ttfts(self) -> list[float]:
+        return [t for kind in HIT_KINDS for t in self.ttfts[kind]]
+
     def row(self) -> list[str]:
-        return [self.name, str(len(self.ttfts)), f"{self.working_set_tokens / self.pool_tokens:.1f}x",
+        ttfts = self.all_ttfts()
+        by_kind = [f"{1e3 * percentile(self.ttfts[k], 50):.1f} ({len(self.ttfts[k])})" for k in HIT_KINDS]
+        return [self.name, str(len(ttfts)), f"{self.working_set_tokens / self.pool_tokens:.1f}x",
                 f"{self.hits / max(self.queries, 1):.1%}", f"{self.loaded_tokens:,}",
-                f"{1e3 * percentile(self.ttfts, 50):.1f}", f"{1e3 * percentile(self.ttfts, 90):.1f}",
+                f"{1e3 * percentile(ttfts, 50):.1f}", f"{1e3 * percentile(ttfts, 90):.1f}", *by_kind,
                 f"{self.wall_s:.1f}"]
 
 
 CHAT_HEADER = ["run", "requests", "working set / pool", "prefix hit rate", "tokens from CPU tier", "TTFT med ms",
-               "TTFT p90 ms", "wall s"]
+               "TTFT p90 ms", *(f"TTFT med ms, {k} (n)" for k in HIT_KINDS), "wall s"]
 
 
 def chat(
     engine: EngineCore, conversations: list[Conversation], args: argparse.Namespace
-) -> tuple[list[float], int, int]:
-    """Run every turn of `conversations`; (TTFTs, prompt tokens looked up, found cached)."""
+) -> tuple[dict[str, list[float]], int, int]:
+    """Run every turn of `conversations`; (TTFTs by hit kind, prompt tokens looked up, found cached). A request is a
+    tier hit when the CPU tier loaded part of its prefix, a device hit when only the device pool had some of it."""
     params = SamplingParams(temperature=0.0, max_tokens=args.answer_len, ignore_eos=True)
     order = deque((turn, c) for turn in range(args.turns) for c in range(len(conversations)))
     running: dict[str, tuple[int, list[int], float]] = {}  # request id -> conversation, prompt, submitted at
     answers: dict[str, list[int]] = {}
-    ttfts: list[float] = []
+    tier = engine.scheduler.hook("kv_offload")
+    tier_hits: set[str] = set()
+    ttfts: dict[str, list[float]] = {kind: [] for kind in HIT_KINDS}
     queries = hits = 0
     while order or running:
         while order and len(running) < args.concurrency:
@@ -143,16 +156,20 @@ def chat(
             answers[request_id] = []
         outputs = engine.step()
         now = time.perf_counter()
+        if tier is not None:
+            tier_hits.update(tier.loads)  # what the step just scheduled loaded
         if outputs.scheduler_stats is not None:
             queries += outputs.scheduler_stats.prefix_cache_queries
             hits += outputs.scheduler_stats.prefix_cache_hits
         for out in outputs.outputs:
             c, prompt, submitted = running[out.request_id]
             if not answers[out.request_id] and out.new_token_ids:
-                ttfts.append(now - submitted)
+                kind = "tier hits" if out.request_id in tier_hits else "device hits" if out.num_cached_tokens else "misses"
+                ttfts[kind].append(now - submitted)
             answers[out.request_id] += out.new_token_ids
             if out.finish_reason is not None:
                 conversations[c].history = prompt + answers.pop(out.request_id)
+                tier_hits.discard(out.request_id)
                 del running[out.request_id]
     return ttfts, queries, hits
 
@@ -185,8 +202,10 @@ def run_offload(args: argparse.Namespace) -> None:
             engine.shutdown()
     print()
     print_table(CHAT_HEADER, [r.row() for r in runs])
-    base, tiered = (percentile(r.ttfts, 50) for r in runs)
+    base, tiered = (percentile(r.all_ttfts(), 50) for r in runs)
     print(f"\nTTFT median without / with the CPU tier: {base / tiered:.2f}x", flush=True)
+    misses, tier_hits = percentile(runs[0].ttfts["misses"], 50), percentile(runs[1].ttfts["tier hits"], 50)
+    print(f"TTFT median of misses without the tier / of tier hits with it: {misses / tier_hits:.2f}x", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------- pd
