@@ -164,14 +164,17 @@ def chat(
         for out in outputs.outputs:
             c, prompt, submitted = running[out.request_id]
             if not answers[out.request_id] and out.new_token_ids:
-                kind = "tier hits" if out.request_id in tier_hits else "device hits" if out.num_cached_tokens else "misses"
-                ttfts[kind].append(now - submitted)
+                ttfts[_hit_kind(out.request_id in tier_hits, out.num_cached_tokens)].append(now - submitted)
             answers[out.request_id] += out.new_token_ids
             if out.finish_reason is not None:
                 conversations[c].history = prompt + answers.pop(out.request_id)
                 tier_hits.discard(out.request_id)
                 del running[out.request_id]
     return ttfts, queries, hits
+
+
+def _hit_kind(loaded: bool, num_cached_tokens: int) -> str:
+    return "tier hits" if loaded else "device hits" if num_cached_tokens else "misses"
 
 
 def run_offload(args: argparse.Namespace) -> None:
