@@ -17,14 +17,22 @@ included) median and p90, the TTFT median of tier hits (part of the prefix loade
 (part of it found in the device pool only) and misses separately, wall time; then TTFT median without / with, and
 of the misses without the tier over the tier hits with it.
 
+`host-memory` (what the CPU tier costs start-up)
+------------------------------------------------
+--kv-offloading-size GiB of host blocks allocated as the tier allocates them (pinned on CUDA): the time start-up
+waits (the first chunk) and the time until the background thread has allocated every chunk; with --whole, one
+allocation of the whole tier for comparison.
+
 `pd` (disaggregated prefill/decode on one device)
 -------------------------------------------------
 `benchmarks/serving.py`'s workload and client (take its flags: --long-prompt-mix, --request-rates, ...) against one
 colocated server, then against a prefill server (kv_producer) and a decode server (kv_consumer) sharing the
-device, each with --pd-gpu-memory-utilization, behind `loomserve proxy`. Reported: serving.py's table for each
+device, each with --pd-gpu-memory-utilization, behind `loomserve proxy`; the KV travels by --kv-connector
+(TcpConnector, or SharedMemoryConnector through /dev/shm). Reported: serving.py's table for each
 (TTFT, ITL median / p99 and their ratio).
 
     python -m benchmarks.kv_offload offload --shape tiny --device cpu
+    python -m benchmarks.kv_offload host-memory --device cpu --kv-offloading-size 8 --whole
     python -m benchmarks.kv_offload pd --shape tiny --device cpu --request-rates 2 --num-requests 16 \
         --long-prompt-mix
 """
@@ -32,6 +40,8 @@ device, each with --pd-gpu-memory-utilization, behind `loomserve proxy`. Reporte
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import shlex
 import sys
 import tempfile
@@ -41,11 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks import serving
 from benchmarks.common import add_model_flags, command_line, environment, percentile, prompt_vocab_size, resolve_model
 from loomserve.platform.config import EngineArgs, resolve_device
+from loomserve.platform.config.kv_transfer import SHARED_MEMORY, TCP
 from loomserve.platform.engine import EngineCore
+from loomserve.platform.kv_transfer.host_memory import HostBlocks
 from loomserve.platform.messages import EngineCoreRequest
 from loomserve.platform.request import SamplingParams
 from loomserve.testing.server import Server
@@ -211,6 +224,43 @@ def run_offload(args: argparse.Namespace) -> None:
     print(f"TTFT median of misses without the tier / of tier hits with it: {misses / tier_hits:.2f}x", flush=True)
 
 
+# -------------------------------------------------------------------------------------------- host-memory
+
+
+def parse_host_memory_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kv_offload host-memory", description="start-up cost of the CPU tier's memory")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--kv-offloading-size", type=float, default=8.0, help="GiB")
+    p.add_argument("--whole", action="store_true", help="also time one allocation of the whole tier")
+    return p.parse_args(argv)
+
+
+def run_host_memory(args: argparse.Namespace) -> None:
+    """How long the CPU tier holds up start-up (its first chunk), and how long until the background thread has
+    allocated (pinned, on CUDA) all of it; with --whole, one allocation of the whole tier for comparison."""
+    device = resolve_device(args.device)
+    pin = device.type == "cuda"
+    block_shape, dtype = (24, 2, 16, 2, 64), torch.bfloat16  # a Qwen2.5-0.5B block of 16 tokens, 192 KiB
+    num_blocks = int(args.kv_offloading_size * 2**30) // (math.prod(block_shape) * dtype.itemsize)
+    print_block({**environment(device), "command": command_line()})
+    t0 = time.perf_counter()
+    host = HostBlocks(num_blocks, block_shape, dtype, pin)
+    startup = time.perf_counter() - t0
+    while not host.ready():
+        time.sleep(0.001)
+    rows = [["chunked (first chunk at start-up)", f"{1e3 * startup:.1f}", f"{1e3 * (time.perf_counter() - t0):.1f}",
+             str(len(host.chunks))]]
+    del host
+    if args.whole:
+        t0 = time.perf_counter()
+        whole = torch.empty((num_blocks, *block_shape), dtype=dtype, pin_memory=pin)
+        elapsed = f"{1e3 * (time.perf_counter() - t0):.1f}"
+        rows.append(["whole tier at once", elapsed, elapsed, "1"])
+        del whole
+    print()
+    print_table(["allocation", "start-up ms", "all allocated ms", "chunks"], rows)
+
+
 # ----------------------------------------------------------------------------------------------------- pd
 
 
@@ -218,14 +268,16 @@ def parse_pd_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kv_offload pd", add_help=False)
     p.add_argument("--pd-gpu-memory-utilization", type=float, default=0.4,
                    help="share of the device each of the prefill and decode servers may use")
+    p.add_argument("--kv-connector", default=TCP, choices=[TCP, SHARED_MEMORY], help="how the KV travels")
     own, rest = p.parse_known_args(argv)
     args = serving.parse_args(rest)
     args.pd_gpu_memory_utilization = own.pd_gpu_memory_utilization
+    args.kv_connector = own.kv_connector
     return args
 
 
-PRODUCER = '{"kv_connector": "TcpConnector", "kv_role": "kv_producer"}'
-CONSUMER = '{"kv_connector": "TcpConnector", "kv_role": "kv_consumer"}'
+def kv_transfer_config(connector: str, role: str) -> str:
+    return json.dumps({"kv_connector": connector, "kv_role": role})
 
 
 def run_pd(args: argparse.Namespace) -> None:
@@ -241,7 +293,8 @@ def run_pd(args: argparse.Namespace) -> None:
     colocated = Server(str(model_path), flags, log_dir / "colocated.log")
     prefill, decode = (
         Server(str(model_path), [*flags, *share, "--kv-transfer-config", config], log_dir / f"{name}.log")
-        for name, config in (("prefill", PRODUCER), ("decode", CONSUMER))
+        for name, config in (("prefill", kv_transfer_config(args.kv_connector, "kv_producer")),
+                             ("decode", kv_transfer_config(args.kv_connector, "kv_consumer")))
     )
     proxy = Server(None, ["--prefill", prefill.url, "--decode", decode.url, "--uvicorn-log-level", "warning"],
                    log_dir / "proxy.log", subcommand="proxy")
@@ -280,14 +333,14 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("offload", "pd"):
+    modes = {"offload": (run_offload, parse_offload_args), "host-memory": (run_host_memory, parse_host_memory_args),
+             "pd": (run_pd, parse_pd_args)}
+    if not argv or argv[0] not in modes:
         print(__doc__)
-        print("usage: python -m benchmarks.kv_offload {offload,pd} [flags]", file=sys.stderr)
+        print(f"usage: python -m benchmarks.kv_offload {{{','.join(modes)}}} [flags]", file=sys.stderr)
         return 2
-    if argv[0] == "offload":
-        run_offload(parse_offload_args(argv[1:]))
-    else:
-        run_pd(parse_pd_args(argv[1:]))
+    run, parse = modes[argv[0]]
+    run(parse(argv[1:]))
     return 0
 
 

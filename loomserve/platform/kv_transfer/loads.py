@@ -1,6 +1,8 @@
 """What every KV connector's scheduler half does with blocks it loads from elsewhere (host memory, another
-instance): take device blocks for them, hold the request back while they travel, make them prefix-cache hits once
-they have landed, and hold them for the request through one scheduling pass.
+instance): take device blocks for them, make them prefix-cache hits once they have landed, and hold them for the
+request through one scheduling pass. A load that lands within its step (the CPU tier: the forward waits for the
+copies) lands at once, and its request starts in the same pass; one that travels longer (another instance's KV)
+holds its request back until the runner reports it landed.
 
 A request that ends while its blocks travel leaves them to the load, which frees them once landed (the copy may
 still be writing them). Held blocks that their request did not take within a step go back to the pool, still

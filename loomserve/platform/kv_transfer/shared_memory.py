@@ -78,10 +78,16 @@ class SharedMemoryTransport:
         if landed is not None:
             landed.synchronize()
         part = path.with_name(path.name + ".part")
-        with open(part, "wb") as f:
-            f.write(_raw(host))
-        os.replace(part, path)
-        self.expiring.put((time.monotonic() + self.timeout_s, path))
+        try:
+            with open(part, "wb") as f:
+                f.write(_raw(host))
+            os.replace(part, path)
+        except OSError:  # e.g. the directory is full (a container's /dev/shm is often 64 MiB)
+            part.unlink(missing_ok=True)
+            path.touch()  # an empty file: the consumer finds it wrong at once and computes the prompt itself
+            raise
+        finally:
+            self.expiring.put((time.monotonic() + self.timeout_s, path))
 
     def take_sent(self) -> list[str]:
         """Requests whose blocks are written (their device blocks may go); a failed write is logged and let go too:
