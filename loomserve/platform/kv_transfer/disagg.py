@@ -125,7 +125,7 @@ class DisaggScheduler(BlockLoads):
         if not self.has_room(request, on_device, num_blocks - len(on_device)):
             return False  # wait for room rather than compute what the prefill instance holds
         hashes = self.kv.block_hashes(request, num_blocks)[len(on_device) : num_blocks]
-        block_ids = self.start_load(request, on_device, hashes, None)
+        block_ids = self.start_load(request, on_device, hashes)
         where = {k: v for k, v in params.items() if k.startswith("remote_")}
         self.loads.append({**where, "request_id": request.request_id, "block_ids": block_ids,
                            "remote_block_ids": remote[len(on_device) : num_blocks], "skip_blocks": len(on_device)})

@@ -94,7 +94,7 @@ class OffloadScheduler(BlockLoads):
         hashes = self._host_prefix(request, len(on_device))
         if hashes and self.has_room(request, on_device, len(hashes)):
             host_ids = self.host.read(hashes)  # kept from eviction by the stores the allocation may cause
-            device_ids = self.start_load(request, on_device, hashes, host_ids)
+            device_ids = self.start_load(request, on_device, hashes)
             self.land(request.request_id, ok=True)  # landed by the time this step's forward reads it
             self.step_loads[0] += host_ids
             self.step_loads[1] += device_ids
