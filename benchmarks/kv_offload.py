@@ -20,7 +20,8 @@ of the misses without the tier over the tier hits with it.
 `host-memory` (what the CPU tier costs start-up)
 ------------------------------------------------
 --kv-offloading-size GiB of host blocks allocated as the tier allocates them (pinned on CUDA): the time start-up
-waits (the first chunk) and the time until the background thread has allocated every chunk; with --whole, one
+waits (the first chunk) and the time until the background thread (started as the first copy starts it) has
+allocated every chunk; with --whole, one
 allocation of the whole tier for comparison.
 
 `pd` (disaggregated prefill/decode on one device)
@@ -239,21 +240,19 @@ def run_host_memory(args: argparse.Namespace) -> None:
     """How long the CPU tier holds up start-up (its first chunk), and how long until the background thread has
     allocated (pinned, on CUDA) all of it; with --whole, one allocation of the whole tier for comparison."""
     device = resolve_device(args.device)
-    pin = device.type == "cuda"
     block_shape, dtype = (24, 2, 16, 2, 64), torch.bfloat16  # a Qwen2.5-0.5B block of 16 tokens, 192 KiB
     num_blocks = int(args.kv_offloading_size * 2**30) // (math.prod(block_shape) * dtype.itemsize)
     print_block({**environment(device), "command": command_line()})
     t0 = time.perf_counter()
-    host = HostBlocks(num_blocks, block_shape, dtype, pin)
+    host = HostBlocks(num_blocks, block_shape, dtype, device)
     startup = time.perf_counter() - t0
-    while not host.ready():
-        time.sleep(0.001)
+    host.chunk(len(host.chunks) - 1)  # starts the background thread (as the first copy does) and waits for the last
     rows = [["chunked (first chunk at start-up)", f"{1e3 * startup:.1f}", f"{1e3 * (time.perf_counter() - t0):.1f}",
              str(len(host.chunks))]]
     del host
     if args.whole:
         t0 = time.perf_counter()
-        whole = torch.empty((num_blocks, *block_shape), dtype=dtype, pin_memory=pin)
+        whole = torch.empty((num_blocks, *block_shape), dtype=dtype, pin_memory=device.type == "cuda")
         elapsed = f"{1e3 * (time.perf_counter() - t0):.1f}"
         rows.append(["whole tier at once", elapsed, elapsed, "1"])
         del whole

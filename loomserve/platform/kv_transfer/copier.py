@@ -24,10 +24,9 @@ class BlockCopier:
         self.caches = kv_caches  # per layer [2, num_blocks, block_size, kv_heads, head_dim]
         first = kv_caches[0]
         self.device = first.device
-        on_cuda = self.device.type == "cuda"
         block_shape = (len(kv_caches), 2, *first.shape[2:])  # one block, every layer
-        self.host = HostBlocks(num_host_blocks, block_shape, first.dtype, on_cuda, chunk_bytes)
-        self.stream = torch.cuda.Stream(self.device) if on_cuda else None
+        self.host = HostBlocks(num_host_blocks, block_shape, first.dtype, self.device, chunk_bytes)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def store(self, device_ids: list[int], host_ids: list[int]) -> None:
         """Copy device blocks into host blocks, before the compute stream's later work (a new owner's writes)."""
