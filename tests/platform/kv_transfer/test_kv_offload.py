@@ -5,6 +5,8 @@ that ends before it could start on its loaded blocks frees them."""
 
 from __future__ import annotations
 
+import pytest
+import torch
 from kv_workload import FIRST_TURNS, GREEDY, SECOND_TURNS
 
 from loomserve import LLM, SamplingParams
@@ -26,10 +28,16 @@ def _token_ids(outputs: list) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+ON_CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+# On CUDA the loads run on a side stream the forward waits for: float32, so transformers' float32 answers are the
+# reference there too.
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 def test_prefixes_evicted_from_the_device_come_back_from_the_cpu_tier_with_unchanged_output(
-    qwen2_checkpoint, greedy_reference
+    qwen2_checkpoint, greedy_reference, device
 ):
-    llm = LLM(qwen2_checkpoint, kv_offloading_size=OFFLOAD_GIB, **SMALL_DEVICE_POOL)
+    llm = LLM(qwen2_checkpoint, kv_offloading_size=OFFLOAD_GIB, device=device, dtype="float32", **SMALL_DEVICE_POOL)
     second = _two_turns(llm)
     assert _token_ids(second) == greedy_reference(SECOND_TURNS)
     assert all(o.num_cached_tokens >= 32 for o in second)  # every shared prefix was a hit
