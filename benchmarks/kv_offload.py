@@ -74,7 +74,7 @@ def parse_offload_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--kv-cache-memory", default=None, help="device KV pool (default: 1GiB on CUDA, 2MiB on CPU)")
     p.add_argument("--kv-offloading-size", type=float, default=None, help="GiB (default: 16 on CUDA, 0.05 on CPU)")
-    p.add_argument("--max-model-len", type=int, default=None, help="default: 8192 on CUDA, 512 on CPU")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: the longest conversation's length")
     p.add_argument("--num-conversations", type=int, default=None, help="default: 128 on CUDA, 24 on CPU")
     p.add_argument("--turns", type=int, default=None, help="default: 4 on CUDA, 3 on CPU")
     p.add_argument("--system-len", type=int, default=None, help="default: 2048 on CUDA, 128 on CPU")
@@ -88,13 +88,15 @@ def parse_offload_args(argv: list[str]) -> argparse.Namespace:
     cuda = resolve_device(args.device).type == "cuda"
     defaults = {  # CUDA: Qwen2.5-0.5B's 12 KiB per token, a 1 GiB pool of ~87k tokens, a working set of ~5x
         "kv_cache_memory": "1GiB" if cuda else "2MiB", "kv_offloading_size": 16.0 if cuda else 0.05,
-        "max_model_len": 8192 if cuda else 512, "num_conversations": 128 if cuda else 24, "turns": 4 if cuda else 3,
+        "num_conversations": 128 if cuda else 24, "turns": 4 if cuda else 3,
         "system_len": 2048 if cuda else 128, "user_len": 256 if cuda else 16, "answer_len": 128 if cuda else 8,
         "concurrency": 8 if cuda else 4,
     }
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.max_model_len is None:  # no longer than needed: an 8B shape's 1 GiB pool holds only ~7k tokens
+        args.max_model_len = args.system_len + args.turns * (args.user_len + args.answer_len)
     return args
 
 
