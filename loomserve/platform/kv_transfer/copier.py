@@ -58,6 +58,8 @@ class BlockCopier:
             yield
         compute.wait_stream(self.stream)
 
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # element size -> an integer dtype of that size
+
 
 def device_index(ids: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True)
@@ -70,8 +72,9 @@ def gather_blocks(caches: list[torch.Tensor], index: torch.Tensor) -> torch.Tens
 
 def scatter_blocks(caches: list[torch.Tensor], blocks: torch.Tensor, index: torch.Tensor) -> None:
     """Write `blocks` [n, layers, 2, block_size, kv_heads, head_dim] into the blocks `index` of every layer."""
+    bits = _BITS[blocks.element_size()]  # as raw bits: index_copy_ has no fp8 kernels
     for layer, cache in enumerate(caches):
-        cache.index_copy_(1, index, blocks[:, layer].transpose(0, 1))
+        cache.view(bits).index_copy_(1, index, blocks[:, layer].transpose(0, 1).view(bits))
 
 
 def _by_host_id(device_ids: list[int], host_ids: list[int]) -> tuple[list[int], list[int]]:
