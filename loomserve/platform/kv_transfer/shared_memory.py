@@ -61,7 +61,8 @@ class SharedMemoryTransport:
 
     def hold(self, held: dict[str, dict], dropped: list[str]) -> None:
         """Write each held request's blocks (`remote_block_ids`) to its file (`remote_file`); the device copy is
-        queued on the compute stream now, so later steps may write over the blocks."""
+        queued on the compute stream now, so later steps may write over the blocks. Dropped requests need nothing:
+        their files, once written, go at the timeout."""
         for request_id, params in held.items():
             device = self.caches[0].device
             blocks = gather_blocks(self.caches, device_index(params["remote_block_ids"], device))
