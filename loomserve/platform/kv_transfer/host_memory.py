@@ -31,8 +31,10 @@ class HostBlocks:
         self.num_blocks = num_blocks
         self.block_shape = block_shape  # one block, every layer: (layers, 2, block_size, kv_heads, head_dim)
         self.dtype = dtype
-        self.device = device  # the copies' other end: pinned memory for a GPU's
-        self.pin = device.type == "cuda"
+        self.pin = device.type == "cuda"  # the copies' other end: pinned memory for a GPU's
+        if self.pin and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.block_bytes = math.prod(block_shape) * dtype.itemsize
         self.blocks_per_chunk = max(1, chunk_bytes // self.block_bytes)
         per_chunk = self.blocks_per_chunk
@@ -58,15 +60,15 @@ class HostBlocks:
             self.allocating.start()
 
     def _allocate_chunks(self) -> None:
-        if self.pin:
-            torch.cuda.set_device(self.device)  # pinning from a thread would otherwise set up a context on GPU 0
         try:
+            if self.pin:
+                torch.cuda.set_device(self.device)  # pinning from a thread would otherwise set up a context on GPU 0
             for i, n in enumerate(self.sizes[1:], 1):
                 chunk = self._allocate(n)
                 with self.allocated:
                     self.chunks[i] = chunk
                     self.allocated.notify_all()
-        except (RuntimeError, MemoryError) as e:  # out of (pinnable) host memory: copies into the rest fail loudly
+        except Exception as e:  # e.g. out of pinnable memory: the copies waiting for a chunk fail, never hang
             logger.error("allocating the CPU KV tier's host memory failed: %s", e)
             with self.allocated:
                 self.failed = e

@@ -44,14 +44,6 @@ def test_runs_of_blocks_that_cross_host_memory_chunks_come_back_unchanged():
     _round_trip("cpu", chunk_bytes=2 * BLOCK_BYTES)  # chunks of 2 blocks: the run 0-2 spans two of them
 
 
-def test_host_memory_past_the_first_chunk_is_allocated_in_the_background_from_the_first_copy_on():
-    copier = BlockCopier(_caches("cpu", 0), num_host_blocks=5, chunk_bytes=2 * BLOCK_BYTES)
-    assert [c is not None for c in copier.host.chunks] == [True, False, False]  # start-up allocates one chunk
-    copier.store([3], [0])
-    assert copier.host.chunk(2).shape == (1, 3, 2, 4, 2, 8)  # waits for it: the last chunk holds the last block
-    assert all(c is not None for c in copier.host.chunks)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_blocks_round_trip_through_pinned_host_memory_on_a_side_stream():
     _round_trip("cuda", chunk_bytes=2 * BLOCK_BYTES)
