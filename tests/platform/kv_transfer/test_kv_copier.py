@@ -1,12 +1,12 @@
 """The CPU tier's copies: whole blocks across every layer, device -> host -> device, in any order of ids, across the
-chunks host memory is allocated in, bit for bit in any KV dtype (fp8 included)."""
+chunks host memory is allocated in and in batches of bounded staging, bit for bit in any KV dtype (fp8 included)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loomserve.platform.kv_transfer.copier import BlockCopier
+from loomserve.platform.kv_transfer.copier import STAGING_BYTES, BlockCopier
 from loomserve.platform.kv_transfer.host_memory import CHUNK_BYTES
 
 BLOCK_BYTES = 3 * 2 * 4 * 2 * 8 * 4  # 3 layers, keys and values, 4 tokens, 2 heads of 8 float32
@@ -17,9 +17,11 @@ def _caches(device: str, seed: int, dtype: torch.dtype = torch.float32) -> list[
     return [torch.randn(2, 10, 4, 2, 8, generator=g).to(device, dtype) for _ in range(3)]  # 3 layers, 10 blocks
 
 
-def _round_trip(device: str, chunk_bytes: int = CHUNK_BYTES, dtype: torch.dtype = torch.float32) -> None:
+def _round_trip(
+    device: str, chunk_bytes: int = CHUNK_BYTES, dtype: torch.dtype = torch.float32, staging_bytes: int = STAGING_BYTES
+) -> None:
     caches = _caches(device, 0, dtype)
-    copier = BlockCopier(caches, num_host_blocks=6, chunk_bytes=chunk_bytes)
+    copier = BlockCopier(caches, num_host_blocks=6, chunk_bytes=chunk_bytes, staging_bytes=staging_bytes)
     copier.store([7, 2, 5, 6], [4, 0, 1, 2])  # host blocks 0-2 are one run, 4 another
     before = [c.clone() for c in caches]
     for c in caches:
@@ -34,6 +36,10 @@ def _round_trip(device: str, chunk_bytes: int = CHUNK_BYTES, dtype: torch.dtype 
 
 def test_blocks_stored_then_loaded_come_back_into_other_blocks_unchanged():
     _round_trip("cpu")
+
+
+def test_copies_staged_in_batches_come_back_unchanged():
+    _round_trip("cpu", staging_bytes=3 * BLOCK_BYTES)  # 4 blocks in batches of 3: the run 0-2, then block 4
 
 
 def test_fp8_blocks_round_trip_bit_for_bit():
