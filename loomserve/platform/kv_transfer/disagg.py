@@ -8,12 +8,12 @@ The proxy sends a request to the prefill instance with `kv_transfer_params: {"do
 max_tokens 1. When it finishes, the producer's scheduler hook holds the prompt's full blocks (those a decode
 instance can use: all but the one holding the last prompt token, which the decode computes to get its logits) and
 answers with where they wait: `do_remote_prefill`, `remote_request_id`, `remote_block_ids`, `remote_block_size`,
-and `remote_host` and `remote_port` (TCP) or `remote_file` (shared memory). The proxy hands those to the decode
-instance with the same request. The consumer's scheduler hook takes device blocks for the part its own prefix cache
-lacks and holds the request back (`loads.py`) while its runner hook fetches them; once landed they are prefix-cache
-hits. The producer frees its blocks once the consumer acknowledged them (TCP) or once written (shared memory; the
-file goes at the consumer's read), or after `abort_timeout_s` (kv_connector_extra_config, default 120). A fetch
-that fails (the producer restarted, timed out) is not fatal: the decode instance computes the prompt itself.
+and `remote_host` and `remote_port` (TCP) or `remote_file` and `remote_lock` (shared memory). The proxy hands those
+to the decode instance with the same request. The consumer's scheduler hook takes device blocks for the part its own
+prefix cache lacks and holds the request back (`loads.py`) while its runner hook fetches them; once landed they are
+prefix-cache hits. The producer frees its blocks once the consumer acknowledged them (TCP) or once written (shared
+memory; the file goes at the consumer's read), or after `abort_timeout_s` (kv_connector_extra_config, default 120).
+A fetch that fails (the producer restarted, timed out) is not fatal: the decode instance computes the prompt itself.
 
 Step data (`features["kv_pd"]`): `hold` = {request id: its kv_transfer_params} and `drop` = [request ids] for the
 producer's transport, `load` = [{request_id, block_ids, skip_blocks (held here already), and the remote_* fields of
@@ -36,7 +36,13 @@ from loomserve.platform.config.kv_transfer import SHARED_MEMORY, TCP
 from loomserve.platform.features import RunnerHook
 from loomserve.platform.kv_transfer.copier import device_index, scatter_blocks
 from loomserve.platform.kv_transfer.loads import BlockLoads
-from loomserve.platform.kv_transfer.shared_memory import DEFAULT_DIR, SharedMemoryTransport, is_file_name, new_file_name
+from loomserve.platform.kv_transfer.shared_memory import (
+    DEFAULT_DIR,
+    ProducerLock,
+    SharedMemoryTransport,
+    is_file_name,
+    new_file_name,
+)
 from loomserve.platform.kv_transfer.transport import TcpTransport
 from loomserve.platform.request import RequestStatus
 
@@ -64,6 +70,10 @@ def _abort_timeout_s(config: KVTransferConfig) -> float:
     return float(config.kv_connector_extra_config.get("abort_timeout_s", 120.0))
 
 
+def _shared_directory(config: KVTransferConfig) -> str:
+    return config.kv_connector_extra_config.get("shared_storage_path", DEFAULT_DIR)
+
+
 def scheduler_hook(config: EngineConfig) -> DisaggScheduler | None:
     kt = _enabled(config)
     return DisaggScheduler(kt) if kt is not None else None
@@ -86,6 +96,8 @@ class DisaggScheduler(BlockLoads):
         self.to_hold: dict[str, dict[str, Any]] = {}
         self.to_drop: list[str] = []
         self.loads: list[dict[str, Any]] = []
+        shared = config.kv_connector == SHARED_MEMORY and config.is_producer
+        self.lock = ProducerLock(_shared_directory(config)) if shared else None  # held for the engine's life
 
     def busy(self) -> bool:
         """Blocks wait for a decode instance, or the block server has news to hear: keep stepping."""
@@ -112,7 +124,8 @@ class DisaggScheduler(BlockLoads):
                            request.request_id, params.get("remote_block_size"), self.kv.block_size)
             request.kv_transfer_params = None
             return True
-        if self.config.kv_connector == SHARED_MEMORY and not is_file_name(params.get("remote_file")):
+        if self.config.kv_connector == SHARED_MEMORY and not (is_file_name(params.get("remote_file"))
+                                                              and is_file_name(params.get("remote_lock"))):
             logger.warning("%s: kv_transfer_params name no KV file a prefill instance wrote: computing the prompt here",
                            request.request_id)
             request.kv_transfer_params = None
@@ -155,7 +168,7 @@ class DisaggScheduler(BlockLoads):
     def _where(self) -> dict[str, Any]:
         """Where a consumer finds a request's blocks."""
         if self.config.kv_connector == SHARED_MEMORY:
-            return {"remote_file": new_file_name()}
+            return {"remote_file": new_file_name(), "remote_lock": self.lock.name}
         return {"remote_host": self.config.kv_ip, "remote_port": self.config.kv_port}
 
     def step_data(self, running: list[Request]) -> dict[str, Any] | None:
@@ -234,6 +247,5 @@ class DisaggWorker(RunnerHook):
 
 def _transport(config: KVTransferConfig) -> TcpTransport | SharedMemoryTransport:
     if config.kv_connector == SHARED_MEMORY:
-        extra = config.kv_connector_extra_config
-        return SharedMemoryTransport(extra.get("shared_storage_path", DEFAULT_DIR), _abort_timeout_s(config))
+        return SharedMemoryTransport(_shared_directory(config), _abort_timeout_s(config))
     return TcpTransport(config.kv_ip, config.kv_port, serves=config.is_producer)

@@ -3,10 +3,12 @@
 A producer's runner writes the blocks it holds for a finished prefill into a file of their own in a directory both
 instances share (`kv_connector_extra_config.shared_storage_path`, default /dev/shm: memory, never a disk), named in
 the request's `kv_transfer_params` (`remote_file`); it writes a temporary file first and renames it, so a reader
-never sees a part. Its device blocks are free once written. The consumer's runner waits for the file to appear,
-reads it straight into a tensor of its own block layout, and removes it: that is its acknowledgement. A file that no
-consumer took is removed after the producer's `abort_timeout_s`. Consumers only read names the producer makes, in
-their own configured directory: a client's `kv_transfer_params` cannot point them at other files.
+never sees a part. Its device blocks are free once written. The consumer's runner waits for the file to appear
+(while the producer lives: its engine holds a lock on a file of its own, `remote_lock`, which works across PID
+namespaces too), reads it straight into a tensor of its own block layout, and removes it: that is its
+acknowledgement. A file that no consumer took is removed after the producer's `abort_timeout_s`. Consumers only
+read names a producer makes, in their own configured directory: a client's `kv_transfer_params` cannot point them
+at other files.
 
 The file holds the blocks' raw bytes, [n, layers, 2, block_size, kv_heads, head_dim] in the KV cache's dtype; a
 consumer whose layout differs (another model, dtype or block size) finds the wrong size and computes the prompt.
@@ -15,6 +17,7 @@ consumer whose layout differs (another model, dtype or block size) finds the wro
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import logging
 import math
 import os
@@ -33,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_DIR = "/dev/shm"
 _PREFIX = "loomserve-kv-"
-_FILE_NAME = re.compile(rf"{_PREFIX}[0-9a-f]{{32}}")
+_FILE_NAME = re.compile(rf"{_PREFIX}[0-9a-f]{{32}}(\.lock)?")  # a request's KV, or a producer's lock
 _POLL_S = 0.002  # how often a consumer looks for a file not yet written
 
 
@@ -42,7 +45,8 @@ def new_file_name() -> str:
 
 
 def is_file_name(name: object) -> bool:
-    """Whether `name` is one a producer makes (and nothing else: no directory, no other file)."""
+    """Whether `name` is one a producer makes, of a KV file or its lock (and nothing else: no directory, no other
+    file)."""
     return isinstance(name, str) and _FILE_NAME.fullmatch(name) is not None
 
 
@@ -123,6 +127,9 @@ class SharedMemoryTransport:
         while not path.exists():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{path} did not appear within {timeout_s:.0f} s")
+            if not _held(self.directory / load["remote_lock"]):
+                raise ConnectionError(f"the prefill instance is gone (its {load['remote_lock']} is not held): {path} "
+                                      "never came")
             time.sleep(_POLL_S)
         try:
             with open(path, "rb") as f:
@@ -134,6 +141,28 @@ class SharedMemoryTransport:
         finally:
             path.unlink(missing_ok=True)
         return blocks
+
+
+class ProducerLock:
+    """A file in the shared directory that a producer's engine holds locked for its life: consumers waiting for its
+    KV stop waiting once no one holds it (the kernel lets go of a dead process's locks)."""
+
+    def __init__(self, directory: str) -> None:
+        self.name = f"{_PREFIX}{uuid.uuid4().hex}.lock"
+        self.file = open(Path(directory) / self.name, "w")  # noqa: SIM115 -- held open for the engine's life
+        fcntl.flock(self.file, fcntl.LOCK_EX)
+
+
+def _held(path: Path) -> bool:
+    """Whether a producer still holds its lock file `path`."""
+    try:
+        with open(path) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except FileNotFoundError:
+        return False
+    return False
 
 
 def _raw(t: torch.Tensor) -> memoryview:
