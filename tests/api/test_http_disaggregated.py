@@ -1,7 +1,7 @@
 """Disaggregated prefill/decode over real HTTP on loopback: a prefill instance, a decode instance and
-`loomserve proxy` give what one colocated engine gives under greedy decoding, whole and streamed; the prefill
-instance frees the blocks it held once fetched, or after its timeout; a decode instance that dies fails the requests
-in flight cleanly, and once restarted serves the later ones."""
+`loomserve proxy` give what one colocated engine gives under greedy decoding, whole and streamed, over TCP and
+through shared memory; the prefill instance frees the blocks it held once fetched, or after its timeout; a decode
+instance that dies fails the requests in flight cleanly, and once restarted serves the later ones."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -25,14 +26,12 @@ PRODUCER = ('{"kv_connector": "TcpConnector", "kv_role": "kv_producer", '
 CONSUMER = '{"kv_connector": "TcpConnector", "kv_role": "kv_consumer"}'
 
 
-@pytest.fixture(scope="module")
-def instances(qwen2_checkpoint, tmp_path_factory) -> Iterator[tuple[Server, Server, Server]]:
+def _start_pd(checkpoint: str, logs: Path, producer: str, consumer: str) -> Iterator[tuple[Server, Server, Server]]:
     """(prefill, decode, proxy), each in its own process, started side by side."""
-    logs = tmp_path_factory.mktemp("pd")
     prefill, decode = (
-        Server(qwen2_checkpoint, ["--served-model-name", MODEL, "--kv-cache-memory", "16MiB", "--block-size", "4",
-                                  "--kv-transfer-config", config], logs / f"{name}.log")
-        for name, config in (("prefill", PRODUCER), ("decode", CONSUMER))
+        Server(checkpoint, ["--served-model-name", MODEL, "--kv-cache-memory", "16MiB", "--block-size", "4",
+                            "--kv-transfer-config", config], logs / f"{name}.log")
+        for name, config in (("prefill", producer), ("decode", consumer))
     )
     proxy = Server(None, ["--prefill", prefill.url, "--decode", decode.url], logs / "proxy.log", subcommand="proxy")
     servers = (prefill, decode, proxy)
@@ -43,6 +42,26 @@ def instances(qwen2_checkpoint, tmp_path_factory) -> Iterator[tuple[Server, Serv
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def instances(qwen2_checkpoint, tmp_path_factory) -> Iterator[tuple[Server, Server, Server]]:
+    yield from _start_pd(qwen2_checkpoint, tmp_path_factory.mktemp("pd"), PRODUCER, CONSUMER)
+
+
+@pytest.fixture(scope="module")
+def shared_memory_dir(tmp_path_factory) -> Path:
+    """The directory the shared-memory instances share (/dev/shm by default; a fresh one here, to look into)."""
+    return tmp_path_factory.mktemp("shm")
+
+
+@pytest.fixture(scope="module")
+def shm_instances(qwen2_checkpoint, tmp_path_factory, shared_memory_dir) -> Iterator[tuple[Server, Server, Server]]:
+    """(prefill, decode, proxy) moving KV through shared memory."""
+    extra = {"shared_storage_path": str(shared_memory_dir)}
+    producer, consumer = (json.dumps({"kv_connector": "SharedMemoryConnector", "kv_role": role,
+                                      "kv_connector_extra_config": extra}) for role in ("kv_producer", "kv_consumer"))
+    yield from _start_pd(qwen2_checkpoint, tmp_path_factory.mktemp("pd-shm"), producer, consumer)
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +147,18 @@ def test_a_decode_restart_fails_requests_in_flight_cleanly_and_serves_later_ones
     with proxy.http() as http:
         r = http.post("/v1/completions", json={**GREEDY_BODY, "prompt": PROMPTS[1]})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == colocated[1]
+
+
+def test_through_shared_memory_whole_and_streamed_completions_equal_one_colocated_engine(
+    shm_instances, colocated, shared_memory_dir
+):
+    prefill, decode, proxy = shm_instances
+    with proxy.http() as http:
+        texts = [http.post("/v1/completions", json={**GREEDY_BODY, "prompt": p}).json()["choices"][0]["text"]
+                 for p in PROMPTS]
+        streamed = [_stream_text(http, {**GREEDY_BODY, "prompt": p}) for p in reversed(PROMPTS)]
+    assert texts == colocated and streamed == colocated[::-1]
+    assert decode.metric("loomserve:prefix_cache_hits_total") > 0  # the decode instance started from the KV read
+    assert _eventually(lambda: _prefill_blocks_in_use(prefill) == 0)  # written out: the prefill instance let go
+    kv_files = [p for p in shared_memory_dir.iterdir() if not p.name.endswith(".lock")]  # the producer's lock stays
+    assert kv_files == []  # every KV file was read and removed by the decode instance

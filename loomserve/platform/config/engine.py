@@ -170,7 +170,8 @@ class EngineArgs:
               "from there on a hit")
     kv_transfer_config: str | dict | None = _arg(
         None, 'KV connector, JSON, e.g. \'{"kv_connector": "TcpConnector", "kv_role": "kv_producer"}\' '
-              "(disaggregated prefill/decode: kv_producer, kv_consumer or kv_both)")
+              "(disaggregated prefill/decode: kv_producer, kv_consumer or kv_both); TcpConnector across hosts, "
+              "SharedMemoryConnector on one host")
 
     @classmethod
     def field_names(cls) -> set[str]:

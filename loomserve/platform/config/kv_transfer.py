@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OFFLOADING = "OffloadingConnector"  # the CPU tier, as vLLM names the connector `--kv-offloading-size` sets up
+TCP = "TcpConnector"  # prefill -> decode over TCP, any hosts
+SHARED_MEMORY = "SharedMemoryConnector"  # prefill -> decode through shared memory, one host
+CONNECTORS = (OFFLOADING, TCP, SHARED_MEMORY)
 ROLES = ("kv_producer", "kv_consumer", "kv_both")
 _KEYS = ("kv_connector", "kv_role", "kv_connector_extra_config", "engine_id", "kv_ip", "kv_port")
 
@@ -53,12 +56,14 @@ def parse_kv_transfer_config(
     unknown = set(spec) - set(_KEYS)
     if unknown:
         raise ValueError(f"unknown kv_transfer_config keys: {', '.join(sorted(unknown))}")
+    if spec["kv_connector"] not in CONNECTORS:
+        raise ValueError(f"unknown kv_connector {spec['kv_connector']!r}: this engine has {', '.join(CONNECTORS)}")
     if spec["kv_connector"] == OFFLOADING and not offload_bytes:
         offload_bytes = int(spec.get("kv_connector_extra_config", {}).get("cpu_bytes_to_use", 0))
         if offload_bytes <= 0:
             raise ValueError(f"{OFFLOADING} needs --kv-offloading-size or kv_connector_extra_config.cpu_bytes_to_use")
     config = KVTransferConfig(**spec, offload_bytes=offload_bytes)
-    if config.kv_connector != OFFLOADING and config.is_producer and not config.kv_port:
+    if config.kv_connector == TCP and config.is_producer and not config.kv_port:
         config = dataclasses.replace(config, kv_port=_free_port(config.kv_ip))
     return config
 

@@ -1,6 +1,8 @@
 """What every KV connector's scheduler half does with blocks it loads from elsewhere (host memory, another
-instance): take device blocks for them, hold the request back while they travel, make them prefix-cache hits once
-they have landed, and hold them for the request through one scheduling pass.
+instance): take device blocks for them, make them prefix-cache hits once they have landed, and hold them for the
+request through one scheduling pass. A load that lands within its step (the CPU tier: the forward waits for the
+copies) lands at once, and its request starts in the same pass; one that travels longer (another instance's KV)
+holds its request back until the runner reports it landed.
 
 A request that ends while its blocks travel leaves them to the load, which frees them once landed (the copy may
 still be writing them). Held blocks that their request did not take within a step go back to the pool, still
@@ -10,7 +12,7 @@ cached: a request that cannot start must not keep others from running.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from loomserve.platform.features import SchedulerHook
 from loomserve.platform.kv_cache.manager import cdiv
@@ -25,7 +27,6 @@ class PendingLoad:
     prefix: list[KVBlock]  # the request's blocks already on the device, held so the load continues them
     blocks: list[KVBlock]  # device blocks taken for the load, in prefix order
     hashes: list[bytes]  # their block hashes
-    source: Any = None  # where they come from, the connector's own (e.g. host block ids)
     abandoned: bool = False  # the request ended meanwhile: free the blocks once landed
 
 
@@ -53,15 +54,15 @@ class BlockLoads(SchedulerHook):
         needed = num_blocks + cdiv(request.num_tokens - computed, self.kv.block_size)
         return needed <= self.kv.pool.num_free_blocks - sum(1 for b in on_device if b.ref_cnt == 0)
 
-    def start_load(self, request: Request, on_device: list[KVBlock], hashes: list[bytes], source: Any) -> list[int]:
+    def start_load(self, request: Request, on_device: list[KVBlock], hashes: list[bytes]) -> list[int]:
         """Take device blocks for `hashes` (the blocks after `on_device`); returns their ids. The caller has kept
         whatever the load reads from being given away by the evictions this allocation causes."""
         self.kv.pool.touch(on_device)  # the allocation below must not evict the prefix the load continues
         blocks = self.kv.pool.allocate(len(hashes))
-        self.loading[request.request_id] = PendingLoad(on_device, blocks, hashes, source)
+        self.loading[request.request_id] = PendingLoad(on_device, blocks, hashes)
         return [b.block_id for b in blocks]
 
-    def land(self, request_id: str, ok: bool) -> PendingLoad:
+    def land(self, request_id: str, ok: bool) -> None:
         """A load has landed (or failed: its blocks are freed uncached and the request computes them itself)."""
         load = self.loading.pop(request_id)
         blocks = load.prefix + load.blocks
@@ -73,7 +74,6 @@ class BlockLoads(SchedulerHook):
             self._free(blocks)
         else:
             self.held.setdefault(request_id, []).extend(blocks)
-        return load
 
     def commit(self, request: Request, start: int, num_tokens: int) -> None:
         """The request started: its prefix hit holds the loaded blocks now, so this hook lets go of them."""

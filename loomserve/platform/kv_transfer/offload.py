@@ -3,13 +3,17 @@ move, and whose runner hook moves them (`copier.py`).
 
 A cached block the device pool hands to a new owner is stored first, under the same block hash, in a host block
 (least recently used host blocks make room). A waiting request whose prefix continues in the host pool past what
-the device still holds gets device blocks for that part and a load; it waits, held back by `admits`, until the
-runner reports the load landed; it then starts as on any prefix hit (`loads.py`). A preempted request's full
-blocks take the same way back: freed into the prefix cache, stored on eviction, loaded on its resumption, so
-preemption recomputes at most its last partial block.
+the device still holds gets device blocks for that part and a load, and is scheduled in the same step as on any
+prefix hit: the loaded blocks join the device prefix cache at once, because the runner issues the step's copies
+before its forward and the forward waits for them (`copier.py`). A preempted request's full blocks take the same
+way back: freed into the prefix cache, stored on eviction, loaded on its resumption, so preemption recomputes at
+most its last partial block.
 
-Step data (`features["kv_offload"]`): `store` = [device ids, host ids], `load` = [[request id, host ids, device
-ids], ...]. Result: `loaded` = the request ids whose loads have landed.
+A host block a load reads is kept from stores until the step's data has gone out: the runner issues a step's
+stores before its loads, and a later step's stores after them, on one stream.
+
+Step data (`features["kv_offload"]`): `store` = [device ids, host ids], `load` = [host ids, device ids].
+`loads` (request id -> tokens loaded for it) is what the step's scheduling loaded, for benchmarks and tests.
 """
 
 from __future__ import annotations
@@ -62,7 +66,8 @@ class OffloadScheduler(BlockLoads):
         super().__init__()
         self.host = HostBlockPool(num_blocks)
         self.stores: list[list[int]] = [[], []]  # device ids, host ids: evicted since the last step
-        self.loads: list[list[Any]] = []  # issued since the last step
+        self.step_loads: list[list[int]] = [[], []]  # host ids, device ids: loaded by this step
+        self.loads: dict[str, int] = {}  # request id -> tokens loaded for it by this step's scheduling
         self.stored_blocks = 0
 
     def attach_kv(self, kv: KVCacheManager) -> None:
@@ -76,21 +81,25 @@ class OffloadScheduler(BlockLoads):
             self.stores[1].append(host_id)
             self.stored_blocks += 1
 
+    def begin_step(self, running: list[Request]) -> None:
+        super().begin_step(running)
+        self.loads = {}
+
     def admits(self, request: Request) -> bool:
-        """False while the request's blocks load; starts a load when its prefix continues in the host pool and the
-        device pool has room for the rest of the prompt too."""
-        if request.request_id in self.loading:
-            return False
-        if request.needs_whole_prompt:
-            return True
+        """Always; first loads the part of the request's prefix that continues in the host pool, when the device pool
+        has room for it and the rest of the prompt: the request then finds it in the prefix cache."""
+        if request.needs_whole_prompt or request.needs_prompt_logprobs:
+            return True  # no prefix hit is taken for them
         on_device = self.kv.cached_prefix(request)
         hashes = self._host_prefix(request, len(on_device))
-        if not hashes or not self.has_room(request, on_device, len(hashes)):
-            return True  # nothing there, or no room to run it after the load either: the scheduler decides
-        host_ids = self.host.read(hashes)  # kept from eviction by the stores the allocation may cause
-        device_ids = self.start_load(request, on_device, hashes, host_ids)
-        self.loads.append([request.request_id, host_ids, device_ids])
-        return False
+        if hashes and self.has_room(request, on_device, len(hashes)):
+            host_ids = self.host.read(hashes)  # kept from eviction by the stores the allocation may cause
+            device_ids = self.start_load(request, on_device, hashes)
+            self.land(request.request_id, ok=True)  # landed by the time this step's forward reads it
+            self.step_loads[0] += host_ids
+            self.step_loads[1] += device_ids
+            self.loads[request.request_id] = len(hashes) * self.kv.block_size
+        return True
 
     def _host_prefix(self, request: Request, start: int) -> list[bytes]:
         """The hashes of the request's blocks from block `start` on that the host pool holds, up to the first miss."""
@@ -104,17 +113,12 @@ class OffloadScheduler(BlockLoads):
         return found
 
     def step_data(self, running: list[Request]) -> dict[str, Any] | None:
-        if not (self.stores[0] or self.loads):
+        if not (self.stores[0] or self.step_loads[0]):
             return None
-        data = {"store": self.stores, "load": self.loads}
-        self.stores, self.loads = [[], []], []
+        data = {"store": self.stores, "load": self.step_loads}
+        self.host.done_reading(self.step_loads[0])  # later stores run after these loads
+        self.stores, self.step_loads = [[], []], [[], []]
         return data
-
-    def update(self, result: dict[str, Any], requests: dict[str, Request]) -> dict[str, str]:
-        """Loads that landed: their blocks join the device prefix cache."""
-        for request_id in result["loaded"]:
-            self.host.done_reading(self.land(request_id, ok=True).source)
-        return {}
 
 
 class OffloadWorker(RunnerHook):
@@ -123,28 +127,20 @@ class OffloadWorker(RunnerHook):
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.copier: BlockCopier | None = None
-        self.loads: list[tuple[str, torch.cuda.Event | None]] = []  # in flight: request id, landed event
 
     def register_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         self.copier = BlockCopier(kv_caches, self.num_blocks)
-        logger.info("CPU KV tier: %d blocks (%.2f GiB)", self.num_blocks,
-                    self.copier.host.numel() * self.copier.host.element_size() / 2**30)
+        logger.info("CPU KV tier: %d blocks (%.2f GiB), allocated in chunks of %d blocks", self.num_blocks,
+                    self.copier.host.nbytes / 2**30, self.copier.host.blocks_per_chunk)
 
     def begin_step(self, step: ScheduledStep) -> None:
         """Stores before loads (a load may read a host block stored this step), both before the step's forward."""
         data = step.features.get(self.name)
-        if data is not None:
-            device_ids, host_ids = data["store"]
-            if device_ids:
-                self.copier.store(device_ids, host_ids)
-            for request_id, host_ids, device_ids in data["load"]:
-                self.loads.append((request_id, self.copier.load(host_ids, device_ids)))
-        if self.loads and not step.scheduled:  # nothing else to do: let the loads land
-            self.copier.wait()
-
-    def result(self) -> dict[str, list[str]] | None:
-        landed = [request_id for request_id, done in self.loads if done is None or done.query()]
-        if not landed:
-            return None
-        self.loads = [(request_id, done) for request_id, done in self.loads if request_id not in landed]
-        return {"loaded": landed}
+        if data is None:
+            return
+        device_ids, host_ids = data["store"]
+        if device_ids:
+            self.copier.store(device_ids, host_ids)
+        host_ids, device_ids = data["load"]
+        if host_ids:
+            self.copier.load(host_ids, device_ids)

@@ -1,4 +1,4 @@
-"""KV blocks between instances over TCP (loopback on one host, the network across hosts).
+"""KV blocks between instances over TCP (`TcpConnector`: loopback on one host, the network across hosts).
 
 A producer's runner serves the blocks it holds for finished prefills (`BlockServer`, a thread); a consumer's runner
 asks for them by the producer's request id and block ids (`fetch_blocks`) and gets them in one message, every layer
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from loomserve.platform import wire
+from loomserve.platform.kv_transfer.copier import device_index, gather_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -112,3 +113,33 @@ def fetch_blocks(host: str, port: int, request_id: str, block_ids: list[int], ti
         blocks = wire.tensor_from_wire(answer["blocks"])
         _send(sock, {"ack": True})
         return blocks
+
+
+class TcpTransport:
+    """`TcpConnector`: a producer serves its held blocks from a `BlockServer` until a consumer fetched them."""
+
+    def __init__(self, host: str, port: int, serves: bool) -> None:
+        self.host, self.port, self.serves = host, port, serves
+        self.caches: list[torch.Tensor] = []
+        self.server: BlockServer | None = None
+
+    def register_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        self.caches = kv_caches
+        if self.serves:
+            self.server = BlockServer(self.host, self.port, self._read)
+            logger.info("serving KV blocks to decode instances at %s:%d", self.host, self.server.port)
+
+    def _read(self, block_ids: list[int]) -> torch.Tensor:
+        device = self.caches[0].device
+        return gather_blocks(self.caches, device_index(block_ids, device)).cpu()
+
+    def hold(self, held: dict[str, dict], dropped: list[str]) -> None:
+        """Serve each held request's `remote_block_ids` from now on, no longer the dropped requests'."""
+        self.server.hold({request_id: params["remote_block_ids"] for request_id, params in held.items()}, dropped)
+
+    def take_sent(self) -> list[str]:
+        return self.server.take_sent() if self.server is not None else []
+
+    def fetch(self, load: dict, timeout_s: float) -> torch.Tensor:
+        return fetch_blocks(load["remote_host"], load["remote_port"], load["remote_request_id"],
+                            load["remote_block_ids"], timeout_s)

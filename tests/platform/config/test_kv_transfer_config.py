@@ -33,6 +33,7 @@ def test_a_producer_role_is_read_from_json():
     ('{"kv_role": "kv_both"}', None, "kv_connector"),
     ('{"kv_connector": "TcpConnector", "kv_rank": 0}', None, "kv_rank"),
     ('{"kv_connector": "OffloadingConnector"}', None, "cpu_bytes_to_use"),
+    ('{"kv_connector": "NixlConnector"}', None, "SharedMemoryConnector"),
     (None, -1.0, "positive"),
 ])
 def test_malformed_configs_are_refused_saying_why(value, size, why):

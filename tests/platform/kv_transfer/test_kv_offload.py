@@ -1,10 +1,12 @@
 """The CPU tier of the prefix cache: a multi-turn workload whose shared prefixes exceed the device pool gets its
 prefixes back from host memory, with outputs equal to transformers' under greedy decoding; the step data crosses a
-process boundary; preemption resumes from the tier; a request that ends while its blocks wait frees them."""
+process boundary; preemption resumes from the tier; a request is scheduled in the step its blocks load in; a request
+that ends before it could start on its loaded blocks frees them."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from kv_workload import FIRST_TURNS, GREEDY, SECOND_TURNS
 
 from loomserve import LLM, SamplingParams
@@ -26,10 +28,16 @@ def _token_ids(outputs: list) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+ON_CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+# On CUDA the loads run on a side stream the forward waits for: float32, so transformers' float32 answers are the
+# reference there too.
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 def test_prefixes_evicted_from_the_device_come_back_from_the_cpu_tier_with_unchanged_output(
-    qwen2_checkpoint, greedy_reference
+    qwen2_checkpoint, greedy_reference, device
 ):
-    llm = LLM(qwen2_checkpoint, kv_offloading_size=OFFLOAD_GIB, **SMALL_DEVICE_POOL)
+    llm = LLM(qwen2_checkpoint, kv_offloading_size=OFFLOAD_GIB, device=device, dtype="float32", **SMALL_DEVICE_POOL)
     second = _two_turns(llm)
     assert _token_ids(second) == greedy_reference(SECOND_TURNS)
     assert all(o.num_cached_tokens >= 32 for o in second)  # every shared prefix was a hit
@@ -74,20 +82,24 @@ def test_preempted_requests_resume_from_the_cpu_tier_with_unchanged_output(qwen2
     assert llm.engine.scheduler.hook("kv_offload").loaded_tokens > 0
 
 
-@pytest.mark.parametrize("when", ["loading", "loaded"])
-def test_a_request_aborted_while_its_blocks_wait_frees_them(qwen2_checkpoint, when):
+def test_a_request_with_blocks_in_the_cpu_tier_is_scheduled_in_the_step_that_loads_them(qwen2_checkpoint):
     llm = LLM(qwen2_checkpoint, kv_offloading_size=OFFLOAD_GIB, **SMALL_DEVICE_POOL)
     _two_turns(llm)
     engine, hook = llm.engine, llm.engine.scheduler.hook("kv_offload")
-    token_ids = llm.tokenizer(FIRST_TURNS[0]).input_ids
-    engine.add_request(EngineCoreRequest("r", token_ids, GREEDY, None, 0.0))
-    if when == "loaded":
-        engine.step()  # on the CPU a load lands within its step: the blocks are held for the request
-        assert "r" in hook.held
-    else:
-        assert not engine.scheduler.hook("kv_offload").admits(engine.scheduler.requests["r"])
-        assert "r" in hook.loading
+    engine.add_request(EngineCoreRequest("r", llm.tokenizer(FIRST_TURNS[0]).input_ids, GREEDY, None, 0.0))
+    step = engine.scheduler.schedule()
+    assert hook.loads["r"] >= 32 and step.features["kv_offload"]["load"][0]
+    assert [(s.request_id, s.start) for s in step.scheduled] == [("r", hook.loads["r"])]
+
+
+def test_a_request_that_cannot_start_after_its_load_frees_the_blocks_when_aborted(qwen2_checkpoint):
+    llm = LLM(qwen2_checkpoint, kv_offloading_size=OFFLOAD_GIB, **SMALL_DEVICE_POOL)
+    _two_turns(llm)
+    engine, hook = llm.engine, llm.engine.scheduler.hook("kv_offload")
+    engine.add_request(EngineCoreRequest("r", llm.tokenizer(FIRST_TURNS[0]).input_ids, GREEDY, None, 0.0))
+    assert hook.admits(engine.scheduler.requests["r"])  # its load is issued, as when a later hook holds it back
+    assert "r" in hook.held
     engine.abort_requests(["r"])
-    while engine.has_requests() or hook.loading:
-        engine.step()
+    engine.step()  # the load issued still goes out, into blocks that stay cached
     assert engine.scheduler.kv.pool.num_free_blocks == 16
+    assert not hook.host.readers  # its host blocks may be given to stores again
