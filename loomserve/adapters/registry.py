@@ -51,11 +51,12 @@ class LoRARegistry:
         return LoRARequest(name, next(self._ids), path)
 
     def commit(self, lora: LoRARequest) -> LoRARequest | None:
-        """Serve `lora` under its name; the adapter it replaces, if any."""
+        """Serve `lora` under its name; the adapter it replaces, if any (not itself: the engine's table may have
+        brought it first)."""
         self._loading.discard(lora.lora_name)
         replaced = self.adapters.get(lora.lora_name)
         self.adapters[lora.lora_name] = lora
-        return replaced
+        return replaced if replaced != lora else None
 
     def abandon(self, lora: LoRARequest) -> None:
         self._loading.discard(lora.lora_name)

@@ -14,6 +14,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import httpx
@@ -53,7 +54,7 @@ def answered_by(reply: httpx.Response) -> int:
 
 
 def process_client(server: Server, index: int, tries: int = 100) -> httpx.Client:
-    """A client whose (kept-alive) connection API process `index` accepted."""
+    """A client whose (kept-alive) connection API process `index` accepted; the caller closes it."""
     for _ in range(tries):
         client = httpx.Client(base_url=server.url, timeout=60)
         if answered_by(client.get("/health")) == index:
@@ -66,10 +67,10 @@ def from_each(server: Server, send: Callable[[httpx.Client], httpx.Response]) ->
     """`send` answered by each API process in turn."""
     replies = []
     for index in range(COUNT):
-        with process_client(server, index) as client:
+        with closing(process_client(server, index)) as client:
             reply = send(client)
-            assert answered_by(reply) == index
-            replies.append(reply)
+        assert answered_by(reply) == index
+        replies.append(reply)
     return replies
 
 
@@ -111,7 +112,8 @@ def test_completions_and_embeddings_are_answered_alike_by_every_process(server):
 def test_an_adapter_loaded_through_one_process_serves_at_the_other_until_unloaded_there(server, adapter_dir):
     path = tiny_q_proj_lora(server.checkpoint, adapter_dir / "q", seed=1)
     ask = {**COMPLETION, "model": "q"}
-    with process_client(server, 0) as first, process_client(server, 1) as second:
+    first, second = process_client(server, 0), process_client(server, 1)
+    with closing(first), closing(second):
         base = first.post("/v1/completions", json=COMPLETION).json()["choices"][0]["text"]
         assert first.post("/v1/load_lora_adapter", json={"lora_name": "q", "lora_path": path}).status_code == 200
         again = second.post("/v1/load_lora_adapter", json={"lora_name": "q", "lora_path": path})
@@ -132,7 +134,8 @@ def test_metrics_from_either_process_count_the_requests_of_both(server):
                    if line.startswith(f'loomserve:request_success_total{{engine="0",finished_reason="length",'
                                       f'model_name="{MODEL}"}}'))
 
-    with process_client(server, 0) as first, process_client(server, 1) as second:
+    first, second = process_client(server, 0), process_client(server, 1)
+    with closing(first), closing(second):
         before = finished(first)
         for client in (first, second):
             assert client.post("/v1/completions", json=COMPLETION).status_code == 200
