@@ -188,16 +188,22 @@ def run_api_server(ns: argparse.Namespace, all_args: list[EngineArgs], options: 
     configure_logging(f"[api-{links[0].client_index}]")
     exit_with_parent(lambda: None)
     apply_front_end_threads()
+    code = 0
     try:
         serve_app(ns, all_args, options, listener, links, on_ready=lambda: started.send(_READY))
+    except SystemExit:  # asked to stop (SIGTERM)
+        pass
     except Exception as exc:
         logger.debug("API server %d stopped", links[0].client_index, exc_info=exc)
         try:
             started.send(one_line(exc))
         except OSError:  # the main process is gone: nobody to tell
             pass
-        raise SystemExit(1) from None
-
+        code = 1
+    # Requests are answered and the engines' sockets closed: leave without the interpreter's teardown of torch and
+    # the tokenizers, which takes seconds on a loaded host and holds up the whole group's exit.
+    logging.shutdown()
+    os._exit(code)
 
 def _exit_quietly(signum: int, frame: object) -> None:
     raise SystemExit(0)
