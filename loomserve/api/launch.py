@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -23,6 +24,10 @@ from loomserve.api.served_models import EngineStartError, check_unique_names, on
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine_group import EngineLink
 from loomserve.platform.threads import apply_front_end_threads
+
+if TYPE_CHECKING:
+    from loomserve.api.log_stats import RequestTotals
+    from loomserve.api.metrics_group import MetricsGroup
 
 logger = logging.getLogger("loomserve")
 
@@ -79,14 +84,16 @@ def serve_app(ns: argparse.Namespace, all_args: list[EngineArgs], options: Front
 
     first = links is None or links[0].client_index == 0  # records the engines' reports and logs the stats line
     prometheus = [PrometheusStatLogger(served_name(args), args, records_engine_steps=first) for args in all_args]
-    stats = [LoggingStatLogger(served_name(args)) for args in all_args]
+    metrics = MetricsGroup(prometheus, options.metrics_compat)
+    stats = [LoggingStatLogger(served_name(args), _server_totals(metrics, served_name(args), links))
+             for args in all_args]
     engines = start_engines(all_args, [[p, s] for p, s in zip(prometheus, stats)], ns.enable_log_requests, links)
     if ns.chat_template is not None:
         engines[0].tokenizer.chat_template = ns.chat_template
     limits = limits_from(ns)
     admissions = {served_name(args): Admission(args.max_num_seqs + limits.max_queued_requests) for args in all_args}
     models = ServedModels(engines, limits, admissions, lora_path_policy_from(ns))
-    app = build_app(models, MetricsGroup(prometheus, options.metrics_compat), options, stats if first else ())
+    app = build_app(models, metrics, options, stats if first else ())
     config = uvicorn.Config(app, log_level=ns.uvicorn_log_level, ssl_keyfile=ns.ssl_keyfile,
                             ssl_certfile=ns.ssl_certfile, ssl_ca_certs=ns.ssl_ca_certs,
                             timeout_graceful_shutdown=options.features.shutdown_timeout, **_server_header(links))
@@ -99,6 +106,12 @@ def serve_app(ns: argparse.Namespace, all_args: list[EngineArgs], options: Front
             raise
     if app.state.startup_error is not None:
         raise EngineStartError(one_line(app.state.startup_error)) from app.state.startup_error
+
+
+def _server_totals(metrics: MetricsGroup, model_name: str,
+                   links: Sequence[EngineLink] | None) -> Callable[[], RequestTotals] | None:
+    """With several API processes, where the stats line reads the whole server's request counts."""
+    return None if links is None else functools.partial(metrics.request_totals, model_name)
 
 
 def _server_header(links: Sequence[EngineLink] | None) -> dict[str, Any]:

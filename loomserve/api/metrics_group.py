@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from loomserve.api.log_stats import RequestTotals
 from loomserve.api.metrics import PREFIX, PrometheusStatLogger
 
 COMPAT_PREFIXES = {"vllm": "vllm:"}  # --metrics-compat choice -> the prefix its dashboards query
@@ -36,6 +37,18 @@ class MetricsGroup:
                     family = families.setdefault(name, Metric(name, metric.documentation, metric.type, metric.unit))
                     family.samples.extend(s._replace(name=renamed(s.name, prefix)) for s in metric.samples)
         return families.values()
+
+    def request_totals(self, model_name: str) -> RequestTotals:
+        """What every API process has counted for `model_name`: prompt and generated tokens, finished requests."""
+        fields = {PREFIX + "prompt_tokens_total": "prompt_tokens", PREFIX + "generation_tokens_total":
+                  "generation_tokens", PREFIX + "request_success_total": "finished"}
+        sums = dict.fromkeys(fields.values(), 0.0)
+        for source in self.sources:
+            for metric in source.collect():
+                for sample in metric.samples:
+                    if sample.name in fields and sample.labels.get("model_name") == model_name:
+                        sums[fields[sample.name]] += sample.value
+        return RequestTotals(**sums)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every model's metrics."""
