@@ -186,7 +186,7 @@ def run_api_server(ns: argparse.Namespace, all_args: list[EngineArgs], options: 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     configure_logging(f"[api-{links[0].client_index}]")
-    exit_with_parent(lambda: None)
+    exit_with_parent(lambda: shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True))
     apply_front_end_threads()
     code = 0
     try:
