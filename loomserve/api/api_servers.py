@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
@@ -23,13 +22,12 @@ import socket
 import tempfile
 import time
 from collections.abc import Sequence
-from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 
 from loomserve.api.frontend_flags import FrontendOptions
 from loomserve.api.served_models import EngineStartError, one_line, served_name
 from loomserve.platform.config import EngineArgs, resolve_device
-from loomserve.platform.engine_group import EngineGroup, EngineLink
+from loomserve.platform.engine_group import EngineGroup, EngineLink, spawn_reporting
 from loomserve.platform.threads import available_cores
 
 logger = logging.getLogger("loomserve")
@@ -139,19 +137,8 @@ class _APIServer:
     def __init__(self, ns: argparse.Namespace, all_args: list[EngineArgs], options: FrontendOptions,
                  listener: socket.socket, links: list[EngineLink]) -> None:
         self.index = links[0].client_index
-        self.started, child_end = multiprocessing.Pipe(duplex=False)
-        self.proc = multiprocessing.get_context("spawn").Process(
-            target=run_api_server, args=(ns, all_args, options, listener, links, child_end),
-            name=f"loomserve-api-{self.index}", daemon=False,
-        )
-        # As for the engines (engine_group.py): started with Ctrl-C blocked, so one while it imports is no traceback.
-        resource_tracker.ensure_running()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            self.proc.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        child_end.close()
+        self.proc, self.started = spawn_reporting(run_api_server, (ns, all_args, options, listener, links),
+                                                  f"loomserve-api-{self.index}", daemon=False)
 
     def wait_ready(self) -> None:
         """Block until the process serves; EngineStartError saying why it does not."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -20,7 +20,6 @@ from loomserve.platform.messages import (
     Abort,
     AddLoRA,
     CallReply,
-    EngineCall,
     EngineCoreOutputs,
     EngineCoreRequest,
     LoRATable,
@@ -30,6 +29,9 @@ from loomserve.platform.messages import (
     unpack,
 )
 from loomserve.platform.stats import SchedulerStats
+
+if TYPE_CHECKING:
+    from loomserve.platform.messages import EngineCall
 
 
 @dataclass

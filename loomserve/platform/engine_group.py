@@ -14,8 +14,11 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 import zmq
 
@@ -99,23 +102,29 @@ class EngineGroup:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
 
+def spawn_reporting(target: Callable[..., None], args: tuple, name: str,
+                    daemon: bool = True) -> tuple[BaseProcess, Connection]:
+    """Start `target(*args, conn)` in a spawned process; returns it and the end of `conn` its parent reads (a dead
+    child reads as end of file). The child starts with Ctrl-C blocked (a signal mask survives exec), so a Ctrl-C to
+    the process group while it is still importing is not a KeyboardInterrupt traceback; the child decides from
+    then on. The resource tracker is started first: starting it unblocks SIGINT in this thread."""
+    parent_end, child_end = multiprocessing.Pipe(duplex=False)
+    proc = multiprocessing.get_context("spawn").Process(target=target, args=(*args, child_end), name=name,
+                                                        daemon=daemon)
+    resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        proc.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    child_end.close()
+    return proc, parent_end
+
+
 class _EngineProcess:
     def __init__(self, args: EngineArgs, address: str, index: int) -> None:
         self.address = address
-        self.started, child_end = multiprocessing.Pipe(duplex=False)
-        self.proc = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(args, address, child_end), name=f"loomserve-engine-{index}", daemon=True,
-        )
-        # The child starts with Ctrl-C blocked (a signal mask survives exec), so a Ctrl-C to the process group while
-        # it is still importing is not a KeyboardInterrupt traceback; it ignores SIGINT from then on. The resource
-        # tracker is started first: starting it unblocks SIGINT in this thread.
-        resource_tracker.ensure_running()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            self.proc.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        child_end.close()  # the child's now: a dead child reads as end of file here
+        self.proc, self.started = spawn_reporting(run_engine_core, (args, address), f"loomserve-engine-{index}")
 
     def wait_ready(self) -> None:
         """Block until the engine process has loaded the model (or died trying)."""
