@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection, wait
 
 from loomserve.api.frontend_flags import FrontendOptions
 from loomserve.api.served_models import EngineStartError, one_line, served_name
-from loomserve.platform.config import EngineArgs, resolve_device
+from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine_group import EngineGroup, EngineLink, spawn_reporting
 from loomserve.platform.threads import available_cores
 
@@ -51,14 +51,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def api_server_count(requested: int | None, main_args: EngineArgs, cores: int | None = None) -> int:
-    """`requested`, else the default. A CPU engine's threads take every core but one (platform/threads.py): more API
-    processes would take cores from the model. On a GPU host one API process saturates near 10k streamed chunks/s
-    (issue 13) while the engine does several times that: one per 4 cores leaves cores to the engines' host work and
-    the tokenizers, and past 4 the engine, not the front end, is what limits."""
+def api_server_count(requested: int | None, device: str, cores: int | None = None) -> int:
+    """`requested`, else the default for the main model's `device` type ("cpu", "cuda"). A CPU engine's threads take
+    every core but one (platform/threads.py): more API processes would take cores from the model. On a GPU host one
+    API process saturates near 10k streamed chunks/s (issue 13) while the engine does several times that: one per 4
+    cores leaves cores to the engines' host work and the tokenizers, and past 4 the engine, not the front end, is
+    what limits."""
     if requested is not None:
         return requested
-    if resolve_device(main_args.device).type == "cpu":
+    if device == "cpu":
         return 1
     return max(1, min(_MAX_DEFAULT_COUNT, (cores or available_cores()) // 4))
 

@@ -21,7 +21,7 @@ import uvicorn
 from loomserve.api.engine_flags import engine_args_from
 from loomserve.api.frontend_flags import FrontendOptions, frontend_options
 from loomserve.api.served_models import EngineStartError, check_unique_names, one_line, served_name, start_engines
-from loomserve.platform.config import EngineArgs
+from loomserve.platform.config import EngineArgs, resolve_device
 from loomserve.platform.engine_group import EngineLink
 from loomserve.platform.threads import apply_front_end_threads
 
@@ -61,7 +61,7 @@ def serve(ns: argparse.Namespace) -> None:
 def _run(ns: argparse.Namespace, all_args: list[EngineArgs], options: FrontendOptions, listener: socket.socket) -> None:
     from loomserve.api.api_servers import api_server_count, serve_group
 
-    count = api_server_count(ns.api_server_count, all_args[0])
+    count = api_server_count(ns.api_server_count, resolve_device(all_args[0].device).type)
     if count > 1:
         serve_group(ns, all_args, options, listener, count)
     else:
