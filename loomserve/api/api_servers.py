@@ -109,6 +109,7 @@ def _watch(servers: Sequence[_APIServer]) -> None:
     by_sentinel = {server.proc.sentinel: server for server in servers}
     gone = wait(list(by_sentinel))  # Ctrl-C and SIGTERM interrupt it
     server = by_sentinel[gone[0]]
+    server.proc.join(5)  # its pipe closes a moment before the exit code can be read
     raise RuntimeError(f"API server {server.index} exited ({_how(server.proc.exitcode)}): the server stops")
 
 

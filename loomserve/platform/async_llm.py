@@ -106,7 +106,7 @@ class AsyncLLM:
     def _connect(self, address: str, client_index: int) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, str(client_index).encode())  # the engines route this client's outputs by it
-        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)  # with the engine's unbounded send side: outputs queue here, never dropped
         sock.connect(address)
         return sock
 
