@@ -42,6 +42,7 @@ open then are cancelled and counted as failed).
 
     python -m benchmarks.serving --shape tiny --device cpu --request-rates 4,8,16 --num-requests 64
     python -m benchmarks.serving --shape tiny --device cpu --long-prompt-mix --max-num-batched-tokens 256,4096
+    python -m benchmarks.serving --shape tiny --device cpu --api-server-count 2   # two API server processes
 """
 
 from __future__ import annotations
@@ -127,6 +128,8 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory", default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--api-server-count", type=int, default=None,
+                   help="server --api-server-count: API server processes sharing the engine (default: the server's)")
     p.add_argument("--server-args", default="", help="more `loomserve serve` flags, one shell-quoted string")
     p.add_argument("--contended", action="store_true",
                    help="measure beside a bounded background load: one process spinning on one core")
@@ -387,6 +390,7 @@ def server_flags(args: argparse.Namespace, load_format: str, budget: int | None)
         "--max-model-len": args.max_model_len,
         "--kv-cache-memory": args.kv_cache_memory,
         "--gpu-memory-utilization": args.gpu_memory_utilization,
+        "--api-server-count": args.api_server_count,
     }
     for flag, value in optional.items():
         if value is not None:

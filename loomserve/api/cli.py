@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from loomserve import __version__
+from loomserve.api.api_servers import add_api_server_flags
 from loomserve.api.engine_flags import add_engine_flags, engine_args_from, expand_dotted_flags
 from loomserve.api.frontend_flags import add_frontend_flags
 from loomserve.api.limits import add_limit_flags
@@ -65,6 +66,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     add_limit_flags(serve_parser)
     add_lora_path_flags(serve_parser)
     add_server_feature_flags(serve_parser)
+    add_api_server_flags(serve_parser)
     serve_parser.set_defaults(run=_serve)
 
 

@@ -1,24 +1,33 @@
 """`loomserve serve`'s start-up, in the order that reports mistakes before anything slow: the socket is bound,
 every model's configuration is checked, then the engines load (a line per model as it starts, the KV cache each
-got), the app starts, and only once every engine answers and the socket listens does the server say it is ready."""
+got), the app starts, and only once every engine answers and the socket listens does the server say it is ready.
+With `--api-server-count N` (N > 1) the engines start here and N API server processes serve the socket
+(`api_servers.py`); each runs `serve_app` as the one process does."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import socket
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from loomserve.api.engine_flags import engine_args_from
 from loomserve.api.frontend_flags import FrontendOptions, frontend_options
 from loomserve.api.served_models import EngineStartError, check_unique_names, one_line, served_name, start_engines
-from loomserve.platform.config import EngineArgs
+from loomserve.platform.config import EngineArgs, resolve_device
+from loomserve.platform.engine_group import EngineLink
 from loomserve.platform.threads import apply_front_end_threads
+
+if TYPE_CHECKING:
+    from loomserve.api.log_stats import RequestTotals
+    from loomserve.api.metrics_group import MetricsGroup
 
 logger = logging.getLogger("loomserve")
 
@@ -50,6 +59,20 @@ def serve(ns: argparse.Namespace) -> None:
 
 
 def _run(ns: argparse.Namespace, all_args: list[EngineArgs], options: FrontendOptions, listener: socket.socket) -> None:
+    from loomserve.api.api_servers import api_server_count, serve_group
+
+    count = api_server_count(ns.api_server_count, resolve_device(all_args[0].device).type)
+    if count > 1:
+        serve_group(ns, all_args, options, listener, count)
+    else:
+        serve_app(ns, all_args, options, listener)
+
+
+def serve_app(ns: argparse.Namespace, all_args: list[EngineArgs], options: FrontendOptions, listener: socket.socket,
+              links: Sequence[EngineLink] | None = None, on_ready: Callable[[], None] | None = None) -> None:
+    """One API process: the front ends of every model (starting their engines, or joining those of `links`, one per
+    model), the app and uvicorn on `listener`, until stopped; `on_ready` once it serves (default: log the ready
+    message)."""
     from loomserve.api.admission import Admission
     from loomserve.api.limits import limits_from
     from loomserve.api.log_stats import LoggingStatLogger
@@ -59,19 +82,22 @@ def _run(ns: argparse.Namespace, all_args: list[EngineArgs], options: FrontendOp
     from loomserve.api.served_models import ServedModels
     from loomserve.api.server import build_app
 
-    prometheus = [PrometheusStatLogger(served_name(args), args) for args in all_args]
-    stats = [LoggingStatLogger(served_name(args)) for args in all_args]
-    engines = start_engines(all_args, [[p, s] for p, s in zip(prometheus, stats)], ns.enable_log_requests)
+    first = links is None or links[0].client_index == 0  # records the engines' reports and logs the stats line
+    prometheus = [PrometheusStatLogger(served_name(args), args, records_engine_steps=first) for args in all_args]
+    metrics = MetricsGroup(prometheus, options.metrics_compat)
+    stats = [LoggingStatLogger(served_name(args), _server_totals(metrics, served_name(args), links))
+             for args in all_args]
+    engines = start_engines(all_args, [[p, s] for p, s in zip(prometheus, stats)], ns.enable_log_requests, links)
     if ns.chat_template is not None:
         engines[0].tokenizer.chat_template = ns.chat_template
     limits = limits_from(ns)
     admissions = {served_name(args): Admission(args.max_num_seqs + limits.max_queued_requests) for args in all_args}
     models = ServedModels(engines, limits, admissions, lora_path_policy_from(ns))
-    app = build_app(models, MetricsGroup(prometheus, options.metrics_compat), options, stats)
+    app = build_app(models, metrics, options, stats if first else ())
     config = uvicorn.Config(app, log_level=ns.uvicorn_log_level, ssl_keyfile=ns.ssl_keyfile,
                             ssl_certfile=ns.ssl_certfile, ssl_ca_certs=ns.ssl_ca_certs,
-                            timeout_graceful_shutdown=options.features.shutdown_timeout)
-    server = ReadyServer(config, options.ready_message)
+                            timeout_graceful_shutdown=options.features.shutdown_timeout, **_server_header(links))
+    server = ReadyServer(config, on_ready or (lambda: logger.info(options.ready_message)))
     quiet_startup_failure()
     try:
         server.run(sockets=[listener])
@@ -82,17 +108,31 @@ def _run(ns: argparse.Namespace, all_args: list[EngineArgs], options: FrontendOp
         raise EngineStartError(one_line(app.state.startup_error)) from app.state.startup_error
 
 
-class ReadyServer(uvicorn.Server):
-    """uvicorn's server, saying it is ready once the app has started and the socket listens."""
+def _server_totals(metrics: MetricsGroup, model_name: str,
+                   links: Sequence[EngineLink] | None) -> Callable[[], RequestTotals] | None:
+    """With several API processes, where the stats line reads the whole server's request counts."""
+    return None if links is None else functools.partial(metrics.request_totals, model_name)
 
-    def __init__(self, config: uvicorn.Config, ready_message: str) -> None:
+
+def _server_header(links: Sequence[EngineLink] | None) -> dict[str, Any]:
+    """uvicorn's `server` header, naming the API process that answered when there are several (which one served a
+    request is otherwise invisible to a client)."""
+    if links is None:
+        return {}
+    return {"server_header": False, "headers": [("server", f"uvicorn (loomserve api server {links[0].client_index})")]}
+
+
+class ReadyServer(uvicorn.Server):
+    """uvicorn's server, saying it is ready (`on_ready`) once the app has started and the socket listens."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]) -> None:
         super().__init__(config)
-        self.ready_message = ready_message
+        self.on_ready = on_ready
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if not self.should_exit:
-            logger.info(self.ready_message)
+            self.on_ready()
 
 
 def quiet_startup_failure() -> None:

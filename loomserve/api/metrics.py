@@ -1,7 +1,10 @@
 """Prometheus metrics with vLLM's names, labels (`model_name`, `engine`) and buckets, under the prefix `loomserve:`
 (MetricsGroup adds `vllm:` copies with --metrics-compat vllm): a StatLogger fed by AsyncLLM, read at /metrics.
 
-Each logger owns its CollectorRegistry, so several servers in one process do not clash.
+Each logger owns its CollectorRegistry, so several servers in one process do not clash. With several API processes
+(`--api-server-count`), prometheus_client's multiprocess mode sums their counters and histograms (every process
+counts its own requests) and `MetricsGroup` reads them all; what the engine reports each step (gauges, prefix-cache
+and preemption counters) reaches every process but is recorded by the first one only, so it counts once.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 PREFIX = "loomserve:"
 FINISHED_REASONS = ("stop", "length", "abort")
 ENGINE = "0"  # the `engine` label: one series per served model (data-parallel engines are reported together)
-DEFAULT_MAX_MODEL_LEN = 131072  # the token-count buckets' range when the context length is the model's default
+DEFAULT_MAX_MODEL_LEN = 131072
+# Across API processes a gauge shows the value last set: one process sets the engine's gauges, and the info series
+# are the same in all.
+GAUGE_MODE = "mostrecent"  # the token-count buckets' range when the context length is the model's default
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                  20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -55,8 +61,9 @@ class PrometheusStatLogger:
     """Gauges, counters and histograms for one served model (`args`: its engine flags, for the info series and the
     token-count buckets)."""
 
-    def __init__(self, model_name: str, args: EngineArgs | None = None) -> None:
+    def __init__(self, model_name: str, args: EngineArgs | None = None, records_engine_steps: bool = True) -> None:
         self.registry = CollectorRegistry()
+        self.records_engine_steps = records_engine_steps  # False: another API process records the engine's reports
         self.model_name = model_name
         self.labels = {"model_name": model_name, "engine": ENGINE}
         token_buckets = buckets_1_2_5(_max_model_len(args))
@@ -66,7 +73,7 @@ class PrometheusStatLogger:
                         **kwargs).labels(**self.labels)
 
         def gauge(name: str, doc: str) -> Gauge:
-            return labelled(Gauge, name, doc)
+            return labelled(Gauge, name, doc, multiprocess_mode=GAUGE_MODE)
 
         def counter(name: str, doc: str) -> Counter:
             return labelled(Counter, name, doc)
@@ -147,18 +154,19 @@ class PrometheusStatLogger:
                      "gpu_memory_utilization": args.gpu_memory_utilization,
                      "num_gpu_blocks_override": args.num_gpu_blocks_override}
         info = Gauge(PREFIX + "cache_config_info", "The KV cache's configuration.", labelnames=list(cache),
-                     registry=self.registry)
+                     registry=self.registry, multiprocess_mode=GAUGE_MODE)
         info.labels(**{k: str(v) for k, v in cache.items()}).set(1)
         self.max_lora = str(args.max_loras if args is not None and args.enable_lora else 0)
         self.lora_requests_info = Gauge(
             PREFIX + "lora_requests_info", "Adapters of running and waiting requests (value: when they last changed).",
             labelnames=["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=self.registry,
+            multiprocess_mode=GAUGE_MODE,
         )
         self._lora_labels: tuple[str, str] | None = None
         self._record_adapters({}, {})
 
     def record(self, scheduler_stats: SchedulerStats | None, iteration_stats: IterationStats | None) -> None:
-        if scheduler_stats is not None:
+        if scheduler_stats is not None and self.records_engine_steps:
             self._record_scheduler(scheduler_stats)
         if iteration_stats is not None:
             self._record_iteration(iteration_stats)

@@ -21,6 +21,7 @@ from loomserve.api.limits import ServerLimits
 from loomserve.api.lora_paths import LoRAPathPolicy
 from loomserve.platform.async_llm import AsyncLLM, StatLogger
 from loomserve.platform.config import EngineArgs
+from loomserve.platform.engine_group import EngineLink
 
 logger = logging.getLogger("loomserve")
 
@@ -43,15 +44,18 @@ class EngineStartError(RuntimeError):
 
 
 def start_engines(all_args: Sequence[EngineArgs], stat_loggers: Sequence[list[StatLogger]],
-                  log_requests: bool = False) -> list[AsyncLLM]:
+                  log_requests: bool = False, links: Sequence[EngineLink] | None = None) -> list[AsyncLLM]:
     """Start every engine at once (each loads its model in its own process, each in a thread of its own that does
-    not hold up the process's exit on Ctrl-C); all or none."""
+    not hold up the process's exit on Ctrl-C), or join the engines of `links` (one per model, started by another
+    process); all or none."""
     results: list[AsyncLLM | BaseException | None] = [None] * len(all_args)
 
     def start(i: int) -> None:
-        logger.info("Loading %s from %s", served_name(all_args[i]), all_args[i].model)
+        if links is None:
+            logger.info("Loading %s from %s", served_name(all_args[i]), all_args[i].model)
         try:
-            results[i] = AsyncLLM(all_args[i], stat_loggers[i], log_requests=log_requests)
+            link = links[i] if links is not None else None
+            results[i] = AsyncLLM(all_args[i], stat_loggers[i], log_requests=log_requests, link=link)
         except BaseException as exc:
             results[i] = exc
 
@@ -128,6 +132,12 @@ class ServedModels:
         if self.main.loras.enabled:  # else the engine says adapters are off, whatever the path
             self.lora_paths.check(lora_path)
         await self.main.add_lora(lora_name, lora_path, replace)
+
+    async def join_adapters(self) -> None:
+        """In an API process that joined engines another started: serve the adapters already loaded (through
+        another API process, or --lora-modules)."""
+        if self.main.joined and self.main.loras.enabled:
+            await self.main.refresh_loras()
 
     async def check_health(self) -> None:
         for engine in self.engines.values():

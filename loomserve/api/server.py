@@ -74,6 +74,7 @@ def build_app(models: ServedModels, metrics: MetricsGroup, options: FrontendOpti
         stats_task = None
         try:
             await load_startup_adapters(models, options.lora_modules)
+            await models.join_adapters()
             freeze_startup_heap()
             if options.log_stats and stats:
                 stats_task = asyncio.get_running_loop().create_task(log_periodically(stats, log_stats_interval()))

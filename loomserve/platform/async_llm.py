@@ -1,9 +1,13 @@
 """AsyncLLM: the server's client of the EngineCores running in their own processes.
 
 The front end owns tokenization, detokenization, stop strings and metrics; an engine process owns a model replica.
-They talk over ZeroMQ (PUSH/PULL over ipc sockets) with the declared messages of `messages.py`. With data
-parallelism (`data_parallel_size` N) there are N engines: each request goes to the one the router picks
-(`dp_router.py`), aborts and engine calls (adapters, prefix-cache resets) go to all of them.
+They talk over ZeroMQ (a DEALER here, the engine's ROUTER there, over ipc sockets) with the declared messages of
+`messages.py`. With data parallelism (`data_parallel_size` N) there are N engines: each request goes to the one the
+router picks (`dp_router.py`), aborts and engine calls (adapters, prefix-cache resets) go to all of them.
+
+An AsyncLLM either starts its engines (one API process: it owns them) or joins engines another process started (one
+of several API processes, `EngineLink`): then the engines route each request's outputs back to the process that
+sent it, and their adapter table (`LoRATable`) keeps every process's adapters the same.
 """
 
 from __future__ import annotations
@@ -12,14 +16,8 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import multiprocessing
-import os
-import shutil
-import signal
-import tempfile
 import time
 from collections.abc import AsyncIterator
-from multiprocessing import resource_tracker
 from typing import Any, Protocol
 
 import zmq
@@ -31,7 +29,7 @@ from loomserve.modalities.inputs import MultiModalItem
 from loomserve.modalities.sent_items import media_senders
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.dp_router import DPRouter
-from loomserve.platform.engine import run_engine_core
+from loomserve.platform.engine_group import EngineGroup, EngineLink
 from loomserve.platform.input_processor import InputProcessor, load_tokenizer
 from loomserve.platform.messages import (
     Abort,
@@ -41,11 +39,11 @@ from loomserve.platform.messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineFailed,
+    LoRATable,
     Ping,
-    Ready,
+    RefreshLoRAs,
     RemoveLoRA,
     ResetPrefixCache,
-    Shutdown,
     pack,
     unpack,
 )
@@ -53,7 +51,6 @@ from loomserve.platform.output_collector import OutputCollector
 from loomserve.platform.output_processor import OutputProcessor
 from loomserve.platform.request import RequestOutput, SamplingParams
 from loomserve.platform.stats import IterationStats, SchedulerStats
-from loomserve.platform.threads import set_child_env
 from loomserve.pooling.inputs import PoolingInputs
 from loomserve.pooling.outputs import PoolingOutput, PoolingRequestOutput
 from loomserve.pooling.params import PoolingParams
@@ -61,7 +58,6 @@ from loomserve.pooling.tracker import PoolingTracker
 
 logger = logging.getLogger(__name__)
 
-_STARTUP_TIMEOUT_S = 900.0
 _PING_INTERVAL_MS = 1000  # a quiet engine is pinged this often
 
 
@@ -75,7 +71,8 @@ class StatLogger(Protocol):
 
 class AsyncLLM:
     def __init__(self, args: EngineArgs, stat_loggers: list[StatLogger] | None = None,
-                 log_requests: bool = False) -> None:
+                 log_requests: bool = False, link: EngineLink | None = None) -> None:
+        """Start the engines of `args` (blocks until they have loaded the model), or join those of `link`."""
         config = args.create_engine_config()
         self.log_requests = log_requests  # one log line per request as it arrives (--enable-log-requests)
         self.model_config = config.model_config
@@ -87,26 +84,34 @@ class AsyncLLM:
         self.stat_loggers = list(stat_loggers or [])
         self.errored: str | None = None
         self._output_task: asyncio.Task | None = None
-        self.loras = LoRARegistry(args.enable_lora, self.model_config.served_model_name)
         self._calls: dict[int, asyncio.Future] = {}  # engine calls awaiting their reply
         self.last_heard = 0.0  # time.monotonic() the engine last sent anything (outputs each step, pings when idle)
         self._call_ids = itertools.count()
-        self._ipc_dir = tempfile.mkdtemp(prefix="loomserve-")
-        self._ctx = zmq.asyncio.Context()
         num_engines = config.parallel_config.data_parallel_size
-        set_child_env()  # the engines' OpenMP reads its wait policy when it starts
-        self._engines = [_EngineProcess(self._ctx, args, self._ipc_dir, i) for i in range(num_engines)]
+        self._group = EngineGroup(args, num_engines) if link is None else None  # the engines this process owns
+        if self._group is not None:
+            self._group.wait_ready()
+            link = EngineLink(self._group.addresses)
+        self._link = link
+        self.joined = link.num_clients > 1  # one of several API processes, on engines another process started
+        self.loras = LoRARegistry(args.enable_lora, self.model_config.served_model_name, link.client_index,
+                                  link.num_clients)
+        self._ctx = zmq.asyncio.Context()
+        self._sockets = [self._connect(address, link.client_index) for address in link.addresses.addresses]
         routing = config.parallel_config.data_parallel_routing
         self._router = DPRouter(num_engines, config.cache_config.block_size, routing) if num_engines > 1 else None
         self._call_replies: dict[int, list[str | None]] = {}  # engine call -> the engines' replies so far
-        self._latest_stats = [SchedulerStats() for _ in self._engines]  # each engine's last report (DP gauges)
+        self._latest_stats = [SchedulerStats() for _ in self._sockets]  # each engine's last report (DP gauges)
         self._media_senders = media_senders(config, self.input_processor.mm, num_engines)
-        for engine in self._engines:
-            try:
-                engine.wait_ready()
-            except RuntimeError:
-                self.shutdown()
-                raise
+        for sock in self._sockets:  # the engines know this client from now on: adapter tables reach it
+            zmq.Socket.shadow(sock.underlying).send(pack(Ping()))  # plain: no event loop runs here yet
+
+    def _connect(self, address: str, client_index: int) -> zmq.asyncio.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, str(client_index).encode())  # the engines route this client's outputs by it
+        sock.setsockopt(zmq.RCVHWM, 0)  # with the engine's unbounded send side: outputs queue here, never dropped
+        sock.connect(address)
+        return sock
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> AsyncLLM:
@@ -193,7 +198,7 @@ class AsyncLLM:
 
     async def check_health(self) -> None:
         self._ensure_output_task()  # which pings the engines, so `silent_for` is meaningful
-        if self.errored or not all(engine.proc.is_alive() for engine in self._engines):
+        if self.errored or self._link.addresses.first_dead() is not None:
             raise EngineDeadError(self.errored or "an engine process is not running")
 
     def silent_for(self) -> float:
@@ -211,7 +216,7 @@ class AsyncLLM:
         finish with it)."""
         lora = self.loras.reserve(lora_name, lora_path, replace)
         try:
-            error = await self._call(AddLoRA, lora)
+            error = await self._call(AddLoRA, lora, replace)
         except BaseException:
             self.loras.abandon(lora)
             raise
@@ -225,8 +230,14 @@ class AsyncLLM:
 
     async def remove_lora(self, lora_name: str) -> None:
         """Stop serving an adapter (UnknownLoRAError if none has that name); running requests finish with it."""
+        if self.joined and self.loras.get(lora_name) is None:  # another API process may have loaded it
+            await self.refresh_loras()
         lora = self.loras.remove(lora_name)
         await self._call(RemoveLoRA, lora.lora_int_id)
+
+    async def refresh_loras(self) -> None:
+        """Serve the engines' adapter table as it is now (another API process may have changed it)."""
+        await self._call(RefreshLoRAs)
 
     async def _call(self, kind: type[EngineCall], *args: Any) -> str | None:
         """Ask the engine process to do something and wait for its reply (an error message or None)."""
@@ -248,18 +259,18 @@ class AsyncLLM:
 
     def _send(self, message: Any, engine: int) -> None:
         if self._media_senders is None or not isinstance(message, EngineCoreRequest):
-            self._engines[engine].inbox.send(pack(message))
+            self._sockets[engine].send(pack(message))
             return
         try:
-            self._engines[engine].inbox.send(pack(self._media_senders.strip(message, engine)))
+            self._sockets[engine].send(pack(self._media_senders.strip(message, engine)))
         except BaseException:
             self._media_senders.reset(engine)
             raise
 
     def _broadcast(self, message: Any) -> None:
         data = pack(message)
-        for engine in self._engines:
-            engine.inbox.send(data)
+        for sock in self._sockets:
+            sock.send(data)
 
     def _ensure_output_task(self) -> None:
         if self._output_task is None or self._output_task.done() and not self.errored:
@@ -268,15 +279,15 @@ class AsyncLLM:
 
     async def _output_loop(self) -> None:
         poller = zmq.asyncio.Poller()
-        for engine in self._engines:
-            poller.register(engine.outbox, zmq.POLLIN)
-        sockets = {engine.outbox: i for i, engine in enumerate(self._engines)}
+        for sock in self._sockets:
+            poller.register(sock, zmq.POLLIN)
+        sockets = {sock: i for i, sock in enumerate(self._sockets)}
         while True:
             ready = await poller.poll(_PING_INTERVAL_MS)
             if not ready:
-                dead = next((engine for engine in self._engines if not engine.proc.is_alive()), None)
+                dead = self._link.addresses.first_dead()
                 if dead is not None:
-                    self._fail_all(f"the engine process exited with code {dead.proc.exitcode}")
+                    self._fail_all(self._group.exit_message(dead) if self._group else "the engine process exited")
                     return
                 self._broadcast(Ping())
                 continue
@@ -294,6 +305,8 @@ class AsyncLLM:
                     self._handle_outputs(message)
                 elif isinstance(message, CallReply):
                     self._take_reply(message)
+                elif isinstance(message, LoRATable) and sockets[sock] == 0:  # the engines' tables are the same
+                    self.loras.sync(message.adapters)
 
     def _take_reply(self, message: CallReply) -> None:
         """An engine's reply to a call sent to all: answered once every engine has (with the first error)."""
@@ -302,7 +315,7 @@ class AsyncLLM:
         if replies is None or reply is None or reply.done():
             return
         replies.append(message.error)
-        if len(replies) == len(self._engines):
+        if len(replies) == len(self._sockets):
             reply.set_result(next((error for error in replies if error is not None), None))
 
     def _handle_outputs(self, outputs: EngineCoreOutputs) -> None:
@@ -332,14 +345,14 @@ class AsyncLLM:
                 reply.set_exception(EngineDeadError(reason))
 
     def shutdown(self) -> None:
-        for engine in self._engines:
-            engine.stop()
+        """Stop the engines this process started (engines it joined are their starter's to stop)."""
+        if self._group is not None:
+            self._group.stop()
         if self._output_task is not None:
             self._output_task.cancel()
-        for engine in self._engines:
-            engine.close()
+        for sock in self._sockets:
+            sock.close(linger=0)
         self._ctx.term()
-        shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
 
 def _across_engines(latest: list[SchedulerStats], step: SchedulerStats) -> SchedulerStats:
@@ -351,59 +364,3 @@ def _across_engines(latest: list[SchedulerStats], step: SchedulerStats) -> Sched
         num_waiting=sum(s.num_waiting for s in latest),
         kv_cache_usage=sum(s.kv_cache_usage for s in latest) / len(latest),
     )
-
-
-class _EngineProcess:
-    """One EngineCore process and its two sockets: its inbox (requests, aborts, calls) and its outbox (outputs,
-    stats, call replies)."""
-
-    def __init__(self, ctx: zmq.asyncio.Context, args: EngineArgs, ipc_dir: str, index: int) -> None:
-        input_addr = f"ipc://{os.path.join(ipc_dir, f'input-{index}')}"
-        output_addr = f"ipc://{os.path.join(ipc_dir, f'output-{index}')}"
-        self.inbox = ctx.socket(zmq.PUSH)
-        self.inbox.bind(input_addr)
-        self.outbox = ctx.socket(zmq.PULL)
-        self.outbox.bind(output_addr)
-        self.proc = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(args, input_addr, output_addr), name=f"loomserve-engine-{index}",
-            daemon=True,
-        )
-        # The child starts with Ctrl-C blocked (a signal mask survives exec), so a Ctrl-C to the process group while
-        # it is still importing is not a KeyboardInterrupt traceback; it ignores SIGINT from then on. The resource
-        # tracker is started first: starting it unblocks SIGINT in this thread.
-        resource_tracker.ensure_running()
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            self.proc.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-    def wait_ready(self) -> None:
-        """Block until the engine process has loaded the model (or died trying)."""
-        sock = zmq.Socket.shadow(self.outbox.underlying)
-        deadline = time.monotonic() + _STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if sock.poll(500):
-                message = unpack(sock.recv())
-                if isinstance(message, Ready):
-                    return
-                if isinstance(message, EngineFailed):
-                    raise RuntimeError(f"the engine failed to start:\n{message.traceback}")
-            elif not self.proc.is_alive():
-                raise RuntimeError(f"the engine process exited with code {self.proc.exitcode} during start-up")
-        raise RuntimeError("the engine did not start in time")
-
-    def stop(self) -> None:
-        if self.proc.is_alive():
-            try:  # a plain socket over the same one: shutdown also runs where no event loop is (a failed start)
-                zmq.Socket.shadow(self.inbox.underlying).send(pack(Shutdown()), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-            self.proc.join(timeout=5)
-            if self.proc.is_alive():
-                self.proc.terminate()
-                self.proc.join(timeout=5)
-
-    def close(self) -> None:
-        self.inbox.close(linger=0)
-        self.outbox.close(linger=0)

@@ -1,8 +1,8 @@
 """EngineCore: the schedule -> run -> update loop, and the process that runs it behind ZeroMQ.
 
-In the server, EngineCore lives in its own process: the front end sends declared messages (add,
-abort) over a PUSH socket and reads batches of outputs from a PULL socket, so tokenization,
-detokenization and HTTP never compete with the model for the GIL.
+In the server, EngineCore lives in its own process: its front ends (one per API process) send declared messages
+(add, abort, calls) to one ROUTER socket and read their requests' outputs from it (`engine_clients.py`), so
+tokenization, detokenization and HTTP never compete with the model for the GIL.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import traceback
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from loomserve.modalities.sent_items import MediaReceivers
@@ -34,7 +35,6 @@ from loomserve.platform.messages import (
     ResetPrefixCache,
     Shutdown,
     pack,
-    unpack,
 )
 from loomserve.platform.parent_watch import exit_with_parent
 from loomserve.platform.request import Request, RequestStatus
@@ -44,6 +44,7 @@ from loomserve.platform.threads import apply_engine_threads
 
 if TYPE_CHECKING:
     from loomserve.adapters.request import LoRARequest
+    from loomserve.platform.engine_clients import EngineClients
 
 logger = logging.getLogger(__name__)
 
@@ -208,38 +209,39 @@ def _output(request: Request, taken: int, result: StepResult) -> EngineCoreOutpu
     )
 
 
-def run_engine_core(args: EngineArgs, input_addr: str, output_addr: str) -> None:
-    """Entry point of the engine process: build the engine, say READY, then serve until told to stop."""
+def run_engine_core(args: EngineArgs, address: str, started: Connection) -> None:
+    """Entry point of the engine process: build the engine, tell the process that started it (`started`: Ready or
+    EngineFailed), then serve its clients at `address` until told to stop."""
     import zmq  # the in-process engine (LLM) needs no ZeroMQ
+
+    from loomserve.platform.engine_clients import EngineClients
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front end stops the engine
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked while starting; a pending one is dropped
     configure_logging("[engine]")
-    ipc_dir = os.path.dirname(input_addr.removeprefix("ipc://"))
+    ipc_dir = os.path.dirname(address.removeprefix("ipc://"))
     exit_with_parent(lambda: shutil.rmtree(ipc_dir, ignore_errors=True))
     _set_engine_threads(args)
     ctx = zmq.Context()
-    inbox = ctx.socket(zmq.PULL)
-    inbox.connect(input_addr)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.connect(output_addr)
+    clients = EngineClients(ctx, address)
     try:
-        engine = EngineCore(args.create_engine_config())
-        freeze_startup_heap()
-        outbox.send(pack(Ready()))
         try:
-            _serve(engine, inbox, outbox)
+            engine = EngineCore(args.create_engine_config())
+        except Exception:  # the starter must learn why the engine died, not just that it did, and tells the user
+            started.send_bytes(pack(EngineFailed(traceback.format_exc())))
+            raise SystemExit(1) from None
+        freeze_startup_heap()
+        started.send_bytes(pack(Ready()))
+        try:
+            _serve(engine, clients)
+        except Exception:  # every front end reports why to its users
+            clients.broadcast(EngineFailed(traceback.format_exc()))
+            raise SystemExit(1) from None
         finally:
             engine.shutdown()
-    except Exception:  # the front end must learn why the engine died, not just that it did, and tells the user
-        outbox.send(pack(EngineFailed(traceback.format_exc())))
-        raise SystemExit(1) from None
     finally:
-        inbox.close(linger=0)
-        outbox.close(linger=1000)
+        clients.close()
         ctx.term()
-
-
 def _set_engine_threads(args: EngineArgs) -> None:
     """On CPU, the thread policy (platform/threads.py) with one core left to the front end (HTTP, tokenizer): an
     OpenMP thread waiting for a busy core stalls every op of a step (measured: 11 -> 130 embedding requests/s on 2
@@ -250,34 +252,34 @@ def _set_engine_threads(args: EngineArgs) -> None:
                     os.environ.get("OMP_WAIT_POLICY"))
 
 
-def _serve(engine: EngineCore, inbox: Any, outbox: Any) -> None:
+def _serve(engine: EngineCore, clients: EngineClients) -> None:
     import zmq
 
     poller = zmq.Poller()
-    poller.register(inbox, zmq.POLLIN)
+    poller.register(clients.socket, zmq.POLLIN)
     media = MediaReceivers(engine.config.mm_config.processor_cache_bytes)  # items sent once (sent_items.py)
     while True:
         # Block while idle; with work in hand, only drain what has already arrived; poll while calls run.
         timeout = 0 if engine.has_requests() else (5 if engine.pending_calls else None)
-        while dict(poller.poll(timeout)).get(inbox):
-            message = unpack(inbox.recv())
+        heard: list[bytes] = []  # clients that sent something this round
+        while dict(poller.poll(timeout)).get(clients.socket):
+            client, message = clients.receive()
+            if client not in heard:
+                heard.append(client)
             if isinstance(message, EngineCoreRequest):
                 engine.add_request(media.restore(message))
             elif isinstance(message, Abort):
                 engine.abort_requests(message.request_ids)
             elif isinstance(message, Shutdown):
                 return
-            elif isinstance(message, Ping):
-                pass  # answered by the report this loop sends below
-            else:
-                engine.call(message)
+            elif not isinstance(message, Ping):  # a ping is answered by the report this loop sends below
+                call = clients.take_call(client, message)
+                if call is not None:
+                    engine.call(call)
             timeout = 0
         for reply in engine.take_call_replies():
-            outbox.send(pack(reply))
+            clients.reply(reply)
         if engine.has_requests():
-            outputs = engine.step()
-        elif timeout:  # woke up only to check on the calls: nothing new to report
-            continue
-        else:  # what arrived (aborts) left the engine idle: report the now-empty state once
-            outputs = EngineCoreOutputs([], engine.scheduler.stats())
-        outbox.send(pack(outputs))
+            clients.send_step(engine.step())
+        elif not timeout:  # what arrived (aborts, pings) left the engine idle: report the now-empty state once
+            clients.send_report(engine.scheduler.stats(), heard)

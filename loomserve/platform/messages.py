@@ -1,8 +1,11 @@
 """Declared messages between the front end and EngineCore, and their wire form (`wire.py`, typed by name).
 
 Front end -> engine: `EngineCoreRequest`, `Abort`, `Ping`, the typed engine calls (`AddLoRA`, `RemoveLoRA`,
-`ResetPrefixCache`) and `Shutdown`. Engine -> front end: `Ready`, `EngineCoreOutputs`, `CallReply` (one per call,
-once done) and `EngineFailed`. In process (`LLM`) the same dataclasses are passed as they are.
+`ResetPrefixCache`, `RefreshLoRAs`) and `Shutdown`. Engine -> front end: `EngineCoreOutputs`, `CallReply` (one per
+call, once done, to the client that called), `LoRATable` (the adapters served, to every client when it changes) and
+`EngineFailed`; `Ready` (or `EngineFailed`) goes once to the process that started the engine. Each front end (API
+process) is one client of the engine, told apart by its socket's identity. In process (`LLM`) the same dataclasses
+are passed as they are.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class AddLoRA:
 
     call_id: int
     lora: LoRARequest
+    replace: bool = False  # an adapter already served under its name gives it up (else the name is refused)
     feature: ClassVar[str] = "lora"  # the runner hook that does it, and its method
     method: ClassVar[str] = "start_add"
 
@@ -85,7 +89,22 @@ class ResetPrefixCache:
     call_id: int
 
 
-EngineCall = AddLoRA | RemoveLoRA | ResetPrefixCache
+@dataclass
+class RefreshLoRAs:
+    """Send the caller the engine's `LoRATable` (before this call's reply): a front end that does not know an
+    adapter's name asks before it says there is none (another API process may have loaded it)."""
+
+    call_id: int
+
+
+EngineCall = AddLoRA | RemoveLoRA | ResetPrefixCache | RefreshLoRAs
+
+
+@dataclass
+class LoRATable:
+    """The adapters an engine serves, by name: the one table every API process serves from."""
+
+    adapters: list[LoRARequest] = field(default_factory=list)
 
 
 @dataclass
@@ -124,8 +143,8 @@ class EngineCoreOutputs:
 
 
 _MESSAGES: dict[str, type] = {cls.__name__: cls for cls in (
-    EngineCoreRequest, Abort, Shutdown, Ping, AddLoRA, RemoveLoRA, ResetPrefixCache, CallReply, Ready, EngineFailed,
-    EngineCoreOutputs,
+    EngineCoreRequest, Abort, Shutdown, Ping, AddLoRA, RemoveLoRA, ResetPrefixCache, RefreshLoRAs, CallReply, Ready,
+    EngineFailed, EngineCoreOutputs, LoRATable,
 )}
 
 
