@@ -204,7 +204,7 @@ class StepRecorder:
         runner = engine.executor.runner
         launch, step = runner.launch, engine.step
 
-        def timed_launch(out: Any) -> Any:
+        def timed_launch(out: Any, *args: Any) -> Any:
             sched = out.scheduled
             self._batch = (
                 all(s.num_new_tokens == 1 for s in sched),
@@ -212,7 +212,7 @@ class StepRecorder:
                 sum(s.num_new_tokens for s in sched),
                 sum(s.start + s.num_new_tokens for s in sched),
             )
-            return launch(out)
+            return launch(out, *args)
 
         def timed_step() -> Any:
             if not self.enabled:
