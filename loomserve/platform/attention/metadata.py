@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,6 +36,7 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]  # host copies, so the reference backend never syncs the device
     seq_lens_cpu: list[int]
     capture_bounds: LaunchBounds | None = None  # set while a CUDA graph is captured
+    derived: dict[Any, Any] = field(default_factory=dict)  # what a backend derives once per step, for every layer
 
     @property
     def num_seqs(self) -> int:
