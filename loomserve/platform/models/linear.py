@@ -19,6 +19,7 @@ from torch import nn
 from loomserve.platform.distributed.communication import all_gather, all_reduce
 from loomserve.platform.distributed.parallel_state import TPGroup, divide, get_tp_group, kv_heads_per_rank
 from loomserve.platform.models.layers import MergedLinear, copy_checked
+from loomserve.platform.models.packed_linear import WeightPacking, packs
 
 CheckpointTensor = Any  # torch.Tensor, or a safetensors slice (read on indexing)
 
@@ -169,9 +170,11 @@ class ParallelLMHead(nn.Linear):
         self.vocab_size = vocab_size
         super().__init__(hidden_size, vocab_range(vocab_size, self.tp)[1], bias=False)
         self.weight.weight_loader = _vocab_loader(vocab_size, self.tp)
+        self.packing = WeightPacking()  # on CPU the head is most of a small decoder's decode step: packed, half of it
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, vocab / ranks]
+        packed = packs(hidden) and hidden.dim() == 2
+        logits = self.packing.linear(hidden, self.weight, None) if packed else F.linear(hidden, self.weight)  # [N, V/r]
         return all_gather(logits, self.tp)[:, : self.vocab_size]  # [N, vocab]
 
 
