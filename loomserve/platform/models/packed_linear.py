@@ -34,7 +34,7 @@ class WeightPacking:
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post_op: str = "none",
                algorithm: str = "") -> torch.Tensor:
         """x [T, in] -> [T, out] with the post-op fused; only where `packs(x)`."""
-        version = weight._version
+        version = -1 if weight.is_inference() else weight._version  # an inference tensor counts no versions
         if self._packed is None or self._packed[0] != version:
             self._packed = (version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
         return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], bias, post_op, [], algorithm)
