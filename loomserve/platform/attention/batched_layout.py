@@ -31,7 +31,7 @@ class BatchedLayout:
 
 def batched_layout(meta: AttentionMetadata, seqs: list[int], block_size: int, num_rows: int) -> BatchedLayout:
     """The layout of the sequences `seqs` of a step of `num_rows` tokens, cached on the step's metadata."""
-    key = (seqs[0], len(seqs))
+    key = (seqs[0], len(seqs), block_size)  # a draft model may run over the same step with its own cache
     layout = meta.derived.get(key)
     if layout is None:
         layout = meta.derived[key] = _build(meta, seqs, block_size, num_rows)
