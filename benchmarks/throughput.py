@@ -322,6 +322,8 @@ def engine_kwargs(args: argparse.Namespace, load_format: str) -> dict[str, Any]:
     }
     if getattr(args, "enforce_eager", False):
         kwargs["enforce_eager"] = True
+    if getattr(args, "threads", None):  # else the engine's thread policy picks its own count
+        kwargs["cpu_threads"] = args.threads
     return kwargs
 
 
@@ -567,6 +569,8 @@ def run(args: argparse.Namespace, argv: list[str] | None,
     workload = Workload.sample(args, prompt_vocab_size(model_path))
 
     results = [run_engine(args, model_path, load_format, workload, weight_bytes)]
+    if args.threads:  # the engine set its own (and changes them step by step): the baseline gets what was asked
+        torch.set_num_threads(args.threads)
     if args.baseline == "generate_batch":
         results.append(run_generate_batch(args, model_path, device, dtype, workload))
     elif args.baseline == "static":

@@ -62,7 +62,7 @@ class EngineCore:
             )
         self.executor.init_kv_cache(num_blocks)
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, max_model_len, num_blocks,
-                                   scheduler_hooks(config))
+                                   scheduler_hooks(config), uses_kv_cache=not config.model_config.encoder_only)
         self.in_flight: tuple[ScheduledStep, Any] | None = None  # launched, not yet landed
         self.late_step_data = getattr(self.executor, "calls_back", False)
         if self.late_step_data:

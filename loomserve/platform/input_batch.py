@@ -85,8 +85,9 @@ class BatchInputs:
 
 class InputBatch:
     def __init__(self, max_num_seqs: int, max_model_len: int, block_size: int, device: torch.device,
-                 num_lookahead_tokens: int = 0) -> None:
+                 num_lookahead_tokens: int = 0, uses_kv_cache: bool = True) -> None:
         self.block_size = block_size
+        self.uses_kv_cache = uses_kv_cache  # False (an encoder): no block tables, no slots
         self.num_lookahead_tokens = num_lookahead_tokens  # a draft model's slots past the step's: its tables cover them
         self.device = device
         self.requests: dict[str, RequestState] = {}
@@ -121,66 +122,55 @@ class InputBatch:
 
     def prepare(self, step: ScheduledStep) -> BatchInputs:
         """Pack the step's tokens, decodes first; everything the device needs goes over in one int64 host buffer and
-        one copy."""
+        one copy. The per-request loop gathers token ids only: positions, slots and offsets are computed for the
+        whole batch at once (a step of a thousand short prompts is a thousand loop turns, not a thousand aranges)."""
         scheduled = sorted(step.scheduled, key=lambda s: s.num_new_tokens != 1)
-        bs, table = self.block_size, self.block_table.table
-        num_decodes = 0
-        while num_decodes < len(scheduled) and scheduled[num_decodes].num_new_tokens == 1:
-            num_decodes += 1
         ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []  # the chunks'; the decodes' are computed at once below
-        query_start_loc = [0]
-        seq_lens = []
-        logits_indices = []
-        sample_requests = []
-        drafts = []
-        states = []
-        rows = []
+        starts, lens, rows, states = [], [], [], []
+        logits_indices: list[int] = []
+        sample_requests, drafts = [], []
         from_previous: list[tuple[int, int]] = []  # (batch position, previous step's row): tokens in flight
+        num_tokens = num_decodes = 0
         for s in scheduled:
             state, start, n = self.requests[s.request_id], s.start, s.num_new_tokens
-            end = start + n
-            row = self.block_table.append(s.request_id, s.new_block_ids, replace=s.resumed)
-            rows.append(row)
+            if self.uses_kv_cache:
+                rows.append(self.block_table.append(s.request_id, s.new_block_ids, replace=s.resumed))
             states.append(state)
+            starts.append(start)
+            lens.append(n)
             if n == 1:  # the decode hot path: scalars only
+                num_decodes += 1
                 if start < state.num_tokens:
                     ids.append(state.token_at(start))
                 else:
-                    from_previous.append((len(ids), self.previous_rows[s.request_id]))
+                    from_previous.append((num_tokens, self.previous_rows[s.request_id]))
                     ids.append(0)
-                positions.append(start)
             else:
-                ids.extend(state.tokens(start, end - len(s.spec_token_ids)))
+                ids.extend(state.tokens(start, start + n - len(s.spec_token_ids)))
                 ids.extend(s.spec_token_ids)
-                pos = np.arange(start, end)
-                positions.extend(pos.tolist())
-                slots.extend((table[row, pos // bs] * bs + pos % bs).tolist())
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(end)
+            num_tokens += n
             if s.samples:
-                logits_indices.extend(range(query_start_loc[-1] - 1 - len(s.spec_token_ids), query_start_loc[-1]))
+                logits_indices.extend(range(num_tokens - 1 - len(s.spec_token_ids), num_tokens))
                 sample_requests.append(state)
                 drafts.append(s.spec_token_ids)
                 state.num_sampled += 1
-        width = min(cdiv(max(seq_lens) + self.num_lookahead_tokens, bs), table.shape[1])
-        num_tokens, num_seqs = len(ids), len(scheduled)
+        layout = _pack_layout(np.array(starts, dtype=np.int64), np.array(lens, dtype=np.int64))
+        slots, tables = self._slots_and_tables(rows, layout)
+        num_seqs = len(scheduled)
         at, prev = (list(x) for x in zip(*from_previous)) if from_previous else ([], [])
         draft_ids = [t for d in drafts for t in d]
-        counts = [num_decodes, num_seqs]
-        decode_pos = np.asarray(positions[:num_decodes], dtype=np.int64)
-        decode_slots = table[rows[:num_decodes], decode_pos // bs] * bs + decode_pos % bs  # [decodes]
         host = np.concatenate([
-            np.array(ids + positions, dtype=np.int64),
-            decode_slots,
-            np.array(slots + query_start_loc + seq_lens + counts + logits_indices + at + prev + draft_ids,
-                     dtype=np.int64),
-            self.block_table.gather(rows, width).ravel(),
+            np.array(ids, dtype=np.int64),
+            layout.positions,
+            slots,
+            layout.query_start_loc,
+            layout.seq_lens,
+            np.array([num_decodes, num_seqs] + logits_indices + at + prev + draft_ids, dtype=np.int64),
+            tables.ravel(),
         ])
         # One non-blocking copy: a blocking one would first wait for the step still running on the GPU.
         dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-        sizes = [num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, 2, len(logits_indices), len(at), len(prev),
+        sizes = [num_tokens, num_tokens, len(slots), num_seqs + 1, num_seqs, 2, len(logits_indices), len(at), len(prev),
                  len(draft_ids)]
         parts = torch.tensor_split(dev, np.cumsum(sizes).tolist())
         input_ids, pos_t, slot_t, qsl_t, seq_lens_t, counts_t, logits_t, at_t, prev_t, drafts_t, tables_t = parts
@@ -188,15 +178,45 @@ class InputBatch:
             slot_mapping=slot_t,
             query_start_loc=qsl_t,
             seq_lens=seq_lens_t,
-            block_tables=tables_t.view(num_seqs, width),
+            block_tables=tables_t.view(num_seqs, tables.shape[1]),
             seq_counts=counts_t,
             num_decodes=num_decodes,
             num_decode_tokens=num_decodes,
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
+            query_start_loc_cpu=layout.query_start_loc.tolist(),
+            seq_lens_cpu=layout.seq_lens.tolist(),
         )
         if from_previous:  # fill in tokens that exist only on the device so far
             input_ids[at_t] = self.previous_sampled[prev_t]
         spec = DraftBatch([len(d) for d in drafts], drafts_t) if draft_ids else None
         return BatchInputs(input_ids, ForwardBatch(attn, pos_t), logits_t, sample_requests, scheduled, states,
                            drafts=drafts, spec=spec)
+
+    def _slots_and_tables(self, rows: list[int], layout: PackLayout) -> tuple[np.ndarray, np.ndarray]:
+        """The KV slot of every token [T] and the step's block tables [B, width]; none for a model without KV (an
+        encoder: its attention reads only the sequences' offsets)."""
+        if not self.uses_kv_cache:
+            return np.zeros(0, dtype=np.int64), np.zeros((len(layout.seq_lens), 0), dtype=np.int64)
+        bs, table = self.block_size, self.block_table.table
+        pos = layout.positions
+        slots = table[np.repeat(rows, layout.lens), pos // bs] * bs + pos % bs  # [T]
+        width = min(cdiv(int(layout.seq_lens.max()) + self.num_lookahead_tokens, bs), table.shape[1])
+        return slots, self.block_table.gather(rows, width)
+
+
+@dataclass
+class PackLayout:
+    """Where each sequence of a step sits in the flat batch, computed for all of them at once."""
+
+    lens: np.ndarray  # [B] int64: tokens each sequence runs this step
+    query_start_loc: np.ndarray  # [B + 1] int64: where each sequence's tokens start in the batch
+    seq_lens: np.ndarray  # [B] int64: context length of each sequence after the step
+    positions: np.ndarray  # [T] int64: position of every token in its sequence
+
+
+def _pack_layout(starts: np.ndarray, lens: np.ndarray) -> PackLayout:
+    """`starts` [B]: tokens computed before the step, `lens` [B]: tokens run in it."""
+    query_start_loc = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=query_start_loc[1:])
+    # A token's position is its batch row shifted by where its sequence starts in the batch and in its context.
+    positions = np.arange(query_start_loc[-1], dtype=np.int64) + np.repeat(starts - query_start_loc[:-1], lens)
+    return PackLayout(lens, query_start_loc, starts + lens, positions)

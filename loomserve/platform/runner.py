@@ -76,7 +76,7 @@ class ModelRunner:
         self.uses_kv_cache = not self.model.encoder_only  # encoder-only models keep no KV
         self.num_kv_heads = kv_heads_per_rank(mc.num_kv_heads, config.parallel_config.tensor_parallel_size)
         self.input_batch = InputBatch(config.scheduler_config.max_num_seqs, mc.max_model_len, self.block_size,
-                                      self.device, config.scheduler_config.num_lookahead_tokens)
+                                      self.device, config.scheduler_config.num_lookahead_tokens, self.uses_kv_cache)
         self.kv_caches: list[torch.Tensor] = []
         self.kv_dtype = kv_cache_dtype(config.cache_config.cache_dtype, mc.dtype)
         self.calculate_kv_scales = config.cache_config.calculate_kv_scales  # until the first step has run
@@ -89,7 +89,7 @@ class ModelRunner:
     def measure_kv_blocks(self) -> int:
         """How many KV blocks fit: given, or what the memory budget leaves after a profile of the largest step."""
         cc = self.config.cache_config
-        if not self.uses_kv_cache:  # block tables as bookkeeping only, enough for every sequence at full length
+        if not self.uses_kv_cache:  # nothing is allocated from them: enough for every sequence at full length
             mc, sc = self.config.model_config, self.config.scheduler_config
             return sc.max_num_seqs * cdiv(mc.max_model_len, self.block_size)
         if cc.num_gpu_blocks_override:

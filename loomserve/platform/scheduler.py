@@ -5,7 +5,8 @@ forward; what the target rejects is rolled back when the step lands), prefills t
 whatever budget is left (chunked prefill), so prefill and decode share one flat batch. When
 blocks run out, the lowest-priority running request (the latest admitted) is preempted by
 recompute: its blocks are freed and it waits to run again from its prompt plus what it has
-generated, which the prefix cache often still holds.
+generated, which the prefix cache often still holds. A model that keeps no KV (an encoder) takes no blocks: its
+prompts run whole and end with their step.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ class Scheduler:
         max_model_len: int,
         num_blocks: int,
         hooks: list[SchedulerHook] | None = None,  # the features' admission, budgets and step data
+        uses_kv_cache: bool = True,  # False: the model keeps no KV (an encoder), requests take no blocks
     ) -> None:
         self.config = scheduler_config
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.uses_kv_cache = uses_kv_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -41,6 +44,7 @@ class Scheduler:
         self.first_scheduled: dict[str, float] = {}  # request id -> when it was first scheduled, since the last stats()
         self.total_preemptions = 0
         self.num_needing_history = 0  # requests whose sampling reads their generated tokens
+        self.num_awaiting_pooled = 0  # running pooling requests whose whole prompt has run (`_awaits_pooled_output`)
         self.hooks = hooks or []
         for hook in self.hooks:
             hook.attach_kv(self.kv)
@@ -99,7 +103,7 @@ class Scheduler:
             if n == 0:  # a feature holds its next tokens back this step (e.g. a media item that cannot be encoded)
                 i += 1
                 continue
-            while not self.kv.allocate_slots(request, self._with_lookahead(request, n)):
+            while not self._allocate(request, self._with_lookahead(request, n)):
                 victim = self.running.pop()
                 self._preempt(victim)
                 step.preempted_ids.append(victim.request_id)
@@ -114,7 +118,7 @@ class Scheduler:
         """Nothing more to run until a step in flight lands: a pooling request's whole prompt has run, or a token in
         flight already reaches max_tokens or the context."""
         if request.pooling_params is not None:
-            return request.num_computed_tokens == request.num_tokens
+            return _awaits_pooled_output(request)
         if not request.num_pending_tokens:
             return False
         max_tokens = request.sampling_params.max_tokens or self.max_model_len
@@ -123,7 +127,9 @@ class Scheduler:
 
     def _schedule_waiting(self, step: ScheduledStep, budget: int) -> None:
         skipped: list[Request] = []  # held back by a feature (e.g. an adapter loading): keep their places
-        seated = len(self.running) - self._num_awaiting_pooled()
+        # Pooling requests whose whole prompt has run wait only for their step to land: they hold no seat of
+        # max_num_seqs (else, with async scheduling, no request could join the step after theirs).
+        seated = len(self.running) - self.num_awaiting_pooled
         while self.waiting and budget > 0 and seated < self.config.max_num_seqs:
             request = self.waiting[0]
             if request.num_pending_tokens:  # preempted with a token in flight: resume once it has landed
@@ -131,13 +137,12 @@ class Scheduler:
             if not all(hook.admits(request) for hook in self.hooks):
                 skipped.append(self.waiting.popleft())
                 continue
-            computed_blocks, num_hit = self.kv.get_computed_blocks(request)
+            computed_blocks, num_hit = self.kv.get_computed_blocks(request) if self.uses_kv_cache else ([], 0)
             remaining = request.num_tokens - num_hit
             n = self._fit(request, num_hit, min(remaining, budget))
             if n < remaining and not self._may_chunk(request):
                 break  # runs whole in a later step (the front end refuses prompts over the whole budget)
-            if n == 0 or not self.kv.allocate_slots(request, self._with_lookahead(request, n, num_hit),
-                                                    computed_blocks):
+            if n == 0 or not self._allocate(request, self._with_lookahead(request, n, num_hit), computed_blocks):
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_hit
@@ -150,10 +155,9 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(skipped))
 
-    def _num_awaiting_pooled(self) -> int:
-        """Pooling requests whose whole prompt has run: they wait only for their step to land, so they hold no seat
-        of max_num_seqs (else, with async scheduling, no request could join the step after theirs)."""
-        return sum(1 for r in self.running if r.pooling_params is not None and r.num_computed_tokens == r.num_tokens)
+    def _allocate(self, request: Request, n: int, computed_blocks: list | None = None) -> bool:
+        """Reserve KV slots for `n` more tokens after the prefix hit (always room when the model keeps no KV)."""
+        return not self.uses_kv_cache or self.kv.allocate_slots(request, n, computed_blocks)
 
     def _may_chunk(self, request: Request) -> bool:
         """Bidirectional models and pooling over every token need the whole prompt in one step."""
@@ -182,6 +186,7 @@ class Scheduler:
         samples = reaches_end and not pools
         request.num_computed_tokens = start + n
         request.num_pending_tokens += samples
+        self.num_awaiting_pooled += pools
         resumed = request.known_to_runner and request.num_blocks_sent == 0
         if not request.known_to_runner:
             self.first_scheduled[request.request_id] = time.time()
@@ -190,9 +195,11 @@ class Scheduler:
                 request.pooling_params, request.lora_request, request.mm_items,
             ))
             request.known_to_runner = True
-        block_ids = self.kv.block_ids(request.request_id)
-        new_block_ids = block_ids[request.num_blocks_sent:]
-        request.num_blocks_sent = len(block_ids)
+        new_block_ids = []
+        if self.uses_kv_cache:
+            block_ids = self.kv.block_ids(request.request_id)
+            new_block_ids = block_ids[request.num_blocks_sent:]
+            request.num_blocks_sent = len(block_ids)
         step.scheduled.append(ScheduledRequest(request.request_id, n, start, new_block_ids, resumed, samples, pools,
                                                drafts))
 
@@ -202,7 +209,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self._release(request)
-        self.kv.free(request)
+        self._free(request)
         request.num_computed_tokens = 0
         request.num_blocks_sent = 0
         request.num_preemptions += 1
@@ -215,7 +222,7 @@ class Scheduler:
         """Land a step's sampled tokens (any number per request), finish what stopped and the pooling requests (done
         once their prompt is); returns each request that got tokens or its pooled output, with how many of the
         step's tokens it took (tokens after a stop are dropped)."""
-        updated = []
+        updated, ended = [], []
         for s in step.scheduled:
             if not (s.samples or s.pools):
                 continue
@@ -237,8 +244,9 @@ class Scheduler:
                     if request.status.finished:
                         break
             if request.status.finished:
-                self._finish(request)
+                ended.append(request)
             updated.append((request, taken))
+        self._finish_all(ended)
         return updated
 
     def _roll_back(self, request: Request, drafts: list[int], tokens: list[int]) -> None:
@@ -290,17 +298,34 @@ class Scheduler:
             finished.append(request)
         return finished
 
+    def _finish_all(self, requests: list[Request]) -> None:
+        """Finish the requests a step ended: running ones leave `running` in one pass (a step may end a thousand
+        pooling requests; removing each on its own walked the list once per request)."""
+        if not requests:
+            return
+        ended = set(requests)
+        running = [r for r in self.running if r not in ended]
+        if len(self.running) - len(running) < len(requests):  # preempted while their last token was in flight
+            for request in ended.difference(self.running):
+                self.waiting.remove(request)
+        self.running[:] = running
+        for request in requests:
+            self._finish(request)
+
     def _finish(self, request: Request) -> None:
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:  # preempted while its last token was in flight
-            self.waiting.remove(request)
+        """The bookkeeping of a request that has left `running` and `waiting`."""
         self._release(request)
-        self.kv.free(request)
+        self._free(request)
         del self.requests[request.request_id]
         if request.known_to_runner:
             self.finished_ids.append(request.request_id)
         self.num_needing_history -= request.needs_history
+
+    def _free(self, request: Request) -> None:
+        """Give back the request's blocks; a pooling request whose prompt had run stops waiting for its output."""
+        self.num_awaiting_pooled -= _awaits_pooled_output(request)
+        if self.uses_kv_cache:
+            self.kv.free(request)
 
     def stats(self) -> SchedulerStats:
         queries, hits = self.kv.take_stats()
@@ -319,6 +344,11 @@ class Scheduler:
             running_lora_adapters=_adapter_counts(self.running),
             waiting_lora_adapters=_adapter_counts(self.waiting),
         )
+
+
+def _awaits_pooled_output(request: Request) -> bool:
+    """A pooling request whose whole prompt has run: all that is left is its step landing."""
+    return request.pooling_params is not None and request.num_computed_tokens == request.num_tokens
 
 
 def _adapter_counts(requests: Iterable[Request]) -> dict[str, int]:

@@ -65,9 +65,11 @@ def pool_vectors(hidden: torch.Tensor, spans: list[PoolingSpan]) -> torch.Tensor
         out[rows] = hidden[index]
     means = [(i, s) for i, s in enumerate(spans) if s.params.pooling_type == "MEAN"]
     if means:
-        lengths = np.array([s.end - s.start for _, s in means])
-        index = np.concatenate([np.arange(s.start, s.end) for _, s in means])  # [N] rows of every mean span
+        starts = np.array([s.start for _, s in means])
+        lengths = np.array([s.end for _, s in means]) - starts
         segment = np.repeat(np.arange(len(means)), lengths)  # [N] which span each row belongs to
+        offsets = np.cumsum(lengths) - lengths  # [M] where each span's rows start in `index`
+        index = np.arange(len(segment)) + (starts - offsets)[segment]  # [N] rows of every mean span
         index_t, segment_t, lengths_t = (to_device(x, torch.int64, hidden.device) for x in (index, segment, lengths))
         sums = torch.zeros(len(means), hidden.shape[1], dtype=torch.float32, device=hidden.device)
         sums.index_add_(0, segment_t, hidden[index_t].float())

@@ -119,3 +119,16 @@ def test_pooling_requests_awaiting_their_landing_leave_their_seats_to_the_next_s
     second = s.schedule()  # scheduled ahead, before the first step lands (async scheduling)
     assert [x.request_id for x in first.scheduled] == [f"p{i}" for i in range(8)]
     assert [x.request_id for x in second.scheduled] == [f"p{i}" for i in range(8, 16)]
+
+
+def test_an_encoders_requests_take_no_kv_blocks():
+    cache = CacheConfig(block_size=4, enable_prefix_caching=False)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_num_seqs=8, enable_chunked_prefill=False), cache,
+                  256, 4, uses_kv_cache=False)  # 4 blocks would hold 16 tokens: far fewer than the step runs
+    for i in range(5):
+        pooling(s, f"p{i}", 9, "MEAN")
+    out = s.schedule()
+    assert [(x.num_new_tokens, x.new_block_ids) for x in out.scheduled] == [(9, [])] * 5
+    assert s.kv.pool.num_free_blocks == 4
+    s.update_from_output(out, StepResult())
+    assert not s.has_requests() and s.num_awaiting_pooled == 0

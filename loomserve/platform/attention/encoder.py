@@ -13,9 +13,9 @@ costs no more than a per-sequence call).
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,13 +53,17 @@ class SequenceLayout:
 
     @functools.cached_property
     def groups(self) -> list[LengthGroup]:
-        starts_by_length: dict[int, list[int]] = defaultdict(list)
-        for start, end in zip(self.query_start_loc, self.query_start_loc[1:]):
-            starts_by_length[end - start].append(start)
-        groups = []
-        for length, starts in starts_by_length.items():
-            rows = (torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(length)).flatten()
-            groups.append(LengthGroup(rows.to(self.device, non_blocking=True), len(starts), length))
+        """One group per distinct length, its sequences in batch order (sorted once, not walked per sequence)."""
+        qsl = np.asarray(self.query_start_loc, dtype=np.int64)
+        starts, lengths = qsl[:-1], np.diff(qsl)
+        order = np.argsort(lengths, kind="stable")  # [B] sequences by length
+        groups: list[LengthGroup] = []
+        if not len(order):
+            return groups
+        for seqs in np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1):
+            length = int(lengths[seqs[0]])
+            rows = (starts[seqs][:, None] + np.arange(length)).ravel()  # [b * L]
+            groups.append(LengthGroup(torch.from_numpy(rows).to(self.device, non_blocking=True), len(seqs), length))
         return groups
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     capture_bounds: LaunchBounds | None = None  # set while a CUDA graph is captured
     calculate_kv_scales: bool = False  # each layer takes its KV scales from this step's keys and values first
+    derived: dict[Any, Any] = field(default_factory=dict)  # what a backend derives once per step, for every layer
 
     @property
     def num_seqs(self) -> int:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loomserve.platform.models.onednn import WeightPacking, packs
+
 if TYPE_CHECKING:  # platform knows the adapters' data type only, never their behaviour
     from loomserve.adapters.layers import LoRABatch
 
@@ -69,6 +71,10 @@ class MergedLinear(nn.Linear):
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
         super().__init__(in_features, sum(output_sizes), bias=bias)
         self.output_sizes = output_sizes
+        self.packing = WeightPacking()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        return self.packing.linear(x, self.weight, self.bias) if packs(x) else F.linear(x, self.weight, self.bias)
 
     def num_shards(self, param: nn.Parameter) -> int:
         """Checkpoint tensors that fill `param` (weight or bias): one per projection."""

@@ -19,6 +19,7 @@ from torch import nn
 from loomserve.platform.distributed.communication import all_gather, all_reduce
 from loomserve.platform.distributed.parallel_state import TPGroup, divide, get_tp_group, kv_heads_per_rank
 from loomserve.platform.models.layers import MergedLinear, copy_checked
+from loomserve.platform.models.onednn import WeightPacking, packs
 
 CheckpointTensor = Any  # torch.Tensor, or a safetensors slice (read on indexing)
 
@@ -110,15 +111,19 @@ class RowParallelLinear(nn.Linear):
         self.tp = tp or get_tp_group()
         super().__init__(divide(in_features, self.tp.size, "a row-parallel input size"), out_features, bias=bias)
         self.weight.weight_loader = _shard_loader(1, self.tp)
+        self.packing = WeightPacking()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return self._linear(x, self.bias)
         return self.reduce(self.partial(x))
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the output [T, out], before the sum over the ranks (a LoRA term may join it)."""
-        return F.linear(x, self.weight)
+        return self._linear(x, None)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.packing.linear(x, self.weight, bias) if packs(x) else F.linear(x, self.weight, bias)
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """The ranks' partial outputs summed (all-reduce), then the bias once."""
@@ -169,9 +174,11 @@ class ParallelLMHead(nn.Linear):
         self.vocab_size = vocab_size
         super().__init__(hidden_size, vocab_range(vocab_size, self.tp)[1], bias=False)
         self.weight.weight_loader = _vocab_loader(vocab_size, self.tp)
+        self.packing = WeightPacking()  # on CPU the head is most of a small decoder's decode step: packed, half of it
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, vocab / ranks]
+        # [N, vocab / ranks]
+        logits = self.packing.linear(hidden, self.weight, None) if packs(hidden) else F.linear(hidden, self.weight)
         return all_gather(logits, self.tp)[:, : self.vocab_size]  # [N, vocab]
 
 

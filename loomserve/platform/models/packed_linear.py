@@ -1,4 +1,4 @@
-"""A linear layer whose CPU float32 forward runs oneDNN on a weight reordered once for it, with the following
+"""A linear layer whose CPU float32 forward runs oneDNN on a packed weight (`onednn.py`) with the following
 activation fused in, as torch.compile's CPU backend does (about 15-20% faster than `F.linear` + activation on AVX-512
 for encoder-sized matmuls). Anywhere else (CUDA, other dtypes, no oneDNN) it is `F.linear` then the activation.
 """
@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from loomserve.platform.models.layers import MergedLinear
+from loomserve.platform.models.onednn import packs
 
 # hidden_act -> oneDNN post-op (name, algorithm); activations not listed run after the matmul.
 _FUSED = {"gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
           "relu": ("relu", "")}
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class PackedLinear(MergedLinear):
@@ -26,14 +26,10 @@ class PackedLinear(MergedLinear):
         super().__init__(in_features, output_sizes, bias=bias)
         self.act = ACT2FN[act] if act is not None else None
         self.post_op, self.algorithm = _FUSED.get(act, ("none", "")) if act is not None else ("none", "")
-        self._packed: tuple[int, torch.Tensor] | None = None  # (weight version, oneDNN weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32):
+        if not packs(x):
             y = F.linear(x, self.weight, self.bias)
             return y if self.act is None else self.act(y)
-        version = self.weight._version
-        if self._packed is None or self._packed[0] != version:
-            self._packed = (version, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach()))
-        y = torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, self.post_op, [], self.algorithm)
+        y = self.packing.linear(x, self.weight, self.bias, self.post_op, self.algorithm)
         return y if self.act is None or self.post_op != "none" else self.act(y)
