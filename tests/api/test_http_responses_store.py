@@ -92,18 +92,15 @@ def test_background_needs_store(tools_client):
         respond(tools_client, input=ASK, background=True, store=False)
 
 
-@pytest.mark.usefixtures("needs_structured_outputs")
-def test_required_tool_choice_answers_the_chat_paths_function_call(tools_client):
+def test_required_tool_choice_answers_valid_function_calls(tools_client):
+    # The Responses path forces the call from the first token (the chat path waits for the reasoning to end).
     response = respond(tools_client, input=ASK, tools=[WEATHER], tool_choice="required", tokens=200)
-    expected = chat(tools_client, [{"role": "user", "content": ASK}], tools=[CHAT_WEATHER], tool_choice="required",
-                    tokens=200)
     calls = [item for item in response.output if item.type == "function_call"]
-    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
-        (c.function.name, json.loads(c.function.arguments)) for c in expected.choices[0].message.tool_calls]
-    assert calls and all(c.call_id and c.id.startswith("fc") for c in calls)
+    assert calls and all(c.name == "get_weather" and json.loads(c.arguments)["city"] in ("Paris", "Rome")
+                         for c in calls)
+    assert all(c.call_id and c.id.startswith("fc") for c in calls)
 
 
-@pytest.mark.usefixtures("needs_structured_outputs")
 def test_a_streamed_function_call_adds_up_to_the_whole_one(tools_client):
     whole = respond(tools_client, input=ASK, tools=[WEATHER], tool_choice="required", tokens=200)
     events = list(respond(tools_client, input=ASK, tools=[WEATHER], tool_choice="required", tokens=200, stream=True))

@@ -30,14 +30,16 @@ def reference(folder: Path, gguf_file: str | None) -> tuple[AutoModelForCausalLM
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_block_format_prompt_logits_match_transformers(qtype: str) -> None:
-    """Every position's logits within 1e-4 (float32) of transformers' forward over the same dequantized file."""
+    """Every position's logits within 5e-4 (float32, logits up to ~20) of transformers' forward over the same
+    dequantized file: the CPU engine's oneDNN-packed matmuls sum in another order than `F.linear` (a misread block
+    is off by far more)."""
     folder = tiny_gguf(qtype)
     hf_model, tokenizer = reference(folder, GGUF_NAME)
     ids = tokenizer(PROMPT)["input_ids"]
     logits = PagedRunner(load(folder), block_size=16).step({"s": ids})["s"]
     with torch.no_grad():
         expected = hf_model(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=5e-4)
 
 
 def test_gguf_file_path_serves_greedy_equal_to_transformers() -> None:
