@@ -1,7 +1,8 @@
 """`--api-server-count 2`: two API server processes share one listening socket and the same engines (here a chat
 model over two data-parallel engines, with adapters, beside an embedding model). Every request is answered whichever
-process takes it, adapters loaded or unloaded through one process hold at the other, /metrics from either shows the
-whole server, and an API process that dies takes the whole group down.
+process takes it, adapters loaded or unloaded through one process hold at the other (even before the engines' table
+reaches it), /metrics from either shows the whole server (an engine step's tokens counted once), engines and API
+processes are named apart, and an API process that dies takes the whole group down.
 
 Which process answered is the `server` header's last word (`uvicorn (loomserve api server I)`); a test reaches a
 given process by opening connections until one lands there, then keeps that connection."""
