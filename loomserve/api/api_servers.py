@@ -28,6 +28,7 @@ from loomserve.api.frontend_flags import FrontendOptions
 from loomserve.api.served_models import EngineStartError, one_line, served_name
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine_group import EngineGroup, EngineLink, spawn_reporting
+from loomserve.platform.process_name import API_PREFIX
 from loomserve.platform.threads import available_cores
 
 logger = logging.getLogger("loomserve")
@@ -140,7 +141,7 @@ class _APIServer:
                  listener: socket.socket, links: list[EngineLink]) -> None:
         self.index = links[0].client_index
         self.proc, self.started = spawn_reporting(run_api_server, (ns, all_args, options, listener, links),
-                                                  f"loomserve-api-{self.index}", daemon=False)
+                                                  f"{API_PREFIX}{self.index}", daemon=False)
 
     def wait_ready(self) -> None:
         """Block until the process serves; EngineStartError saying why it does not."""

@@ -4,7 +4,8 @@
 Each logger owns its CollectorRegistry, so several servers in one process do not clash. With several API processes
 (`--api-server-count`), prometheus_client's multiprocess mode sums their counters and histograms (every process
 counts its own requests) and `MetricsGroup` reads them all; what the engine reports each step (gauges, prefix-cache
-and preemption counters) reaches every process but is recorded by the first one only, so it counts once.
+and preemption counters, the step's tokens) reaches every process but is recorded by the first one only, so it counts
+once.
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ class PrometheusStatLogger:
         self.prefix_cache_queries.inc(stats.prefix_cache_queries)
         self.prefix_cache_hits.inc(stats.prefix_cache_hits)
         self.num_preemptions.inc(stats.num_preemptions)
+        if stats.num_iteration_tokens:  # one observation per engine step, whichever API processes sent its requests
+            self.iteration_tokens.observe(stats.num_iteration_tokens)
         self._record_adapters(stats.waiting_lora_adapters, stats.running_lora_adapters)
         if stats.spec_decoding is not None:
             self._record_spec_decoding(stats.spec_decoding)
@@ -200,8 +203,6 @@ class PrometheusStatLogger:
     def _record_iteration(self, stats: IterationStats) -> None:
         self.prompt_tokens.inc(stats.num_prompt_tokens)
         self.generation_tokens.inc(stats.num_generation_tokens)
-        if stats.num_iteration_tokens:
-            self.iteration_tokens.observe(stats.num_iteration_tokens)
         for seconds in stats.time_to_first_tokens:
             self.time_to_first_token.observe(seconds)
         for seconds in stats.inter_token_latencies:

@@ -124,6 +124,18 @@ class ServedModels:
             param="model",
         )
 
+    async def for_generation(self, model: str | None, route: str) -> AsyncLLM:
+        """`for_route` for a generative route. An API process that joined the engines looks an unknown name up again
+        after asking them for their adapter table: another API process may have just loaded it, its table not here
+        yet. Known names cost nothing more."""
+        try:
+            return self.for_route(model, route, ("generate",))
+        except APIError as exc:
+            if exc.status != 404 or not (self.main.joined and self.main.loras.enabled):
+                raise
+        await self.main.refresh_loras()
+        return self.for_route(model, route, ("generate",))
+
     async def add_lora(self, lora_name: str, lora_path: str, replace: bool = False) -> None:
         """Serve a LoRA adapter of the main model as `lora_name` (`replace`: instead of the one of that name);
         ValueError saying why it cannot be served (NoAdapterError: no adapter the server may read at the path)."""

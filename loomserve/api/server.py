@@ -213,7 +213,7 @@ async def detokenize(body: DetokenizeRequest, models: Models) -> DetokenizeRespo
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, raw_request: Request, models: Models) -> Response:
-    engine = models.for_route(body.model, "/v1/completions", ("generate",))
+    engine = await models.for_generation(body.model, "/v1/completions")
     refuse_speech_to_text(engine, "/v1/completions")
     await engine.check_health()
     return await create_completion(models, engine, body, raw_request)
@@ -221,7 +221,7 @@ async def completions(body: CompletionRequest, raw_request: Request, models: Mod
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, raw_request: Request, models: Models) -> Response:
-    engine = models.for_route(body.model, "/v1/chat/completions", ("generate",))
+    engine = await models.for_generation(body.model, "/v1/chat/completions")
     await engine.check_health()
     return await create_chat_completion(models, engine, body, raw_request)
 

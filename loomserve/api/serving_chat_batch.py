@@ -39,7 +39,7 @@ class BatchChatCompletionRequest(ChatCompletionRequest):
 
 @router.post("/v1/chat/completions/batch")
 async def batch_chat_completions(body: BatchChatCompletionRequest, raw_request: Request, models: Models) -> Response:
-    engine = models.for_route(body.model, "/v1/chat/completions/batch", ("generate",))
+    engine = await models.for_generation(body.model, "/v1/chat/completions/batch")
     await engine.check_health()
     lora, model_name = await lora_for(engine, body.model)
     models.limits.check_generation(len(body.messages), 1, body.stop)

@@ -49,7 +49,7 @@ router = APIRouter()
 
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, raw_request: Request, models: Models) -> Response:
-    engine = models.for_route(body.model, "/v1/responses", ("generate",))
+    engine = await models.for_generation(body.model, "/v1/responses")
     await engine.check_health()
     store = _store_for(raw_request, body)
     lora, model_name = await lora_for(engine, body.model)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -27,8 +28,10 @@ def sse(body: BaseModel) -> str:
 async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncIterator[tuple[int, T]]:
     """Yield (index of the iterator, item) as items arrive from any iterator.
 
-    However the merge ends (exhausted, failed, closed or cancelled), every iterator is closed, so an
-    engine stream left unfinished aborts its request.
+    Several iterators are read by one long-lived task each, through one queue: O(1) work per item, no task per
+    item. A reader fetches its next item only once the merge has taken the last one (as a plain `anext` would), so a
+    slow consumer lets cumulative engine outputs coalesce. However the merge ends (exhausted, failed, closed or
+    cancelled), every iterator is closed, so an engine stream left unfinished aborts its request.
     """
     if len(iterators) == 1:  # the common case (n = 1): no task and no wait per item
         try:
@@ -37,24 +40,50 @@ async def merge_async_iterators(*iterators: AsyncGenerator[T, None]) -> AsyncIte
         finally:
             await iterators[0].aclose()
         return
-    pending = {asyncio.ensure_future(anext(it)): i for i, it in enumerate(iterators)}
+    queue: asyncio.Queue[_Read] = asyncio.Queue()
+    taken = [asyncio.Event() for _ in iterators]
+    readers = [asyncio.ensure_future(_read(i, it, queue, taken[i])) for i, it in enumerate(iterators)]
     try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                i = pending.pop(task)
-                try:
-                    item = task.result()
-                except StopAsyncIteration:
-                    continue
-                pending[asyncio.ensure_future(anext(iterators[i]))] = i
-                yield i, item
+        live = len(iterators)
+        while live:
+            read = await queue.get()
+            if read.error is not None:
+                raise read.error
+            if read.done:
+                live -= 1
+                continue
+            taken[read.index].set()
+            yield read.index, read.item
     finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
         for it in iterators:
             await it.aclose()
+
+
+@dataclass
+class _Read:
+    """What a reader of one iterator hands the merge: an item, the iterator's end, or its error."""
+
+    index: int
+    item: Any = None
+    done: bool = False
+    error: Exception | None = None
+
+
+async def _read(index: int, iterator: AsyncGenerator[T, None], queue: asyncio.Queue[_Read],
+                taken: asyncio.Event) -> None:
+    """Queue each item of `iterator`, waiting until the merge takes it before fetching the next."""
+    try:
+        async for item in iterator:
+            taken.clear()
+            queue.put_nowait(_Read(index, item))
+            await taken.wait()
+    except Exception as exc:  # the merge raises it
+        queue.put_nowait(_Read(index, error=exc))
+        return
+    queue.put_nowait(_Read(index, done=True))
 
 
 async def run_unless_disconnected(raw_request: Request, work: Awaitable[T]) -> tuple[bool, T | None]:

@@ -25,6 +25,7 @@ import zmq
 from loomserve.platform.config import EngineArgs
 from loomserve.platform.engine import run_engine_core
 from loomserve.platform.messages import EngineFailed, Ready, Shutdown, pack, unpack
+from loomserve.platform.process_name import ENGINE_PREFIX, run_named
 from loomserve.platform.threads import set_child_env
 
 _STARTUP_TIMEOUT_S = 900.0
@@ -104,12 +105,13 @@ class EngineGroup:
 
 def spawn_reporting(target: Callable[..., None], args: tuple, name: str,
                     daemon: bool = True) -> tuple[BaseProcess, Connection]:
-    """Start `target(*args, conn)` in a spawned process; returns it and the end of `conn` its parent reads (a dead
-    child reads as end of file). The child starts with Ctrl-C blocked (a signal mask survives exec), so a Ctrl-C to
-    the process group while it is still importing is not a KeyboardInterrupt traceback; the child decides from
-    then on. The resource tracker is started first: starting it unblocks SIGINT in this thread."""
+    """Start `target(*args, conn)` in a spawned process named `name` (its kernel name too, process_name.py); returns
+    it and the end of `conn` its parent reads (a dead child reads as end of file). The child starts with Ctrl-C
+    blocked (a signal mask survives exec), so a Ctrl-C to the process group while it is still importing is not a
+    KeyboardInterrupt traceback; the child decides from then on. The resource tracker is started first: starting it
+    unblocks SIGINT in this thread."""
     parent_end, child_end = multiprocessing.Pipe(duplex=False)
-    proc = multiprocessing.get_context("spawn").Process(target=target, args=(*args, child_end), name=name,
+    proc = multiprocessing.get_context("spawn").Process(target=run_named, args=(target, *args, child_end), name=name,
                                                         daemon=daemon)
     resource_tracker.ensure_running()
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -124,7 +126,7 @@ def spawn_reporting(target: Callable[..., None], args: tuple, name: str,
 class _EngineProcess:
     def __init__(self, args: EngineArgs, address: str, index: int) -> None:
         self.address = address
-        self.proc, self.started = spawn_reporting(run_engine_core, (args, address), f"loomserve-engine-{index}")
+        self.proc, self.started = spawn_reporting(run_engine_core, (args, address), f"{ENGINE_PREFIX}{index}")
 
     def wait_ready(self) -> None:
         """Block until the engine process has loaded the model (or died trying)."""

@@ -50,6 +50,7 @@ class Scheduler:
             hook.attach_kv(self.kv)
         self.finished_ids: list[str] = []  # ended since the last step: the runner forgets them with the next one
         self.spec_stats: SpecDecodingStats | None = None  # drafts verified since the last stats()
+        self.num_iteration_tokens = 0  # tokens the steps landed since the last stats() count (`_landed_tokens`)
 
     def hook(self, name: str) -> SchedulerHook | None:
         return find_hook(self.hooks, name)
@@ -245,6 +246,7 @@ class Scheduler:
                         break
             if request.status.finished:
                 ended.append(request)
+            self.num_iteration_tokens += _landed_tokens(request, taken, s.pools)
             updated.append((request, taken))
         self._finish_all(ended)
         return updated
@@ -332,6 +334,7 @@ class Scheduler:
         preemptions, self.num_preemptions = self.num_preemptions, 0
         spec, self.spec_stats = self.spec_stats, None
         first_scheduled, self.first_scheduled = self.first_scheduled, {}
+        iteration_tokens, self.num_iteration_tokens = self.num_iteration_tokens, 0
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -339,11 +342,19 @@ class Scheduler:
             prefix_cache_queries=queries,
             prefix_cache_hits=hits,
             num_preemptions=preemptions,
+            num_iteration_tokens=iteration_tokens,
             spec_decoding=spec,
             first_scheduled=first_scheduled,
             running_lora_adapters=_adapter_counts(self.running),
             waiting_lora_adapters=_adapter_counts(self.waiting),
         )
+
+
+def _landed_tokens(request: Request, taken: int, pooled: bool) -> int:
+    """What a landed step counts for a request in vLLM's iteration_tokens_total: the tokens it took, plus its prompt
+    once that is done (its first token, or its pooled output)."""
+    prompt_done = pooled or 0 < taken == request.num_output_tokens
+    return taken + (request.num_prompt_tokens if prompt_done else 0)
 
 
 def _awaits_pooled_output(request: Request) -> bool:

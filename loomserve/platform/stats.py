@@ -34,6 +34,7 @@ class SchedulerStats:
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache this step
     prefix_cache_hits: int = 0  # of those, tokens found
     num_preemptions: int = 0  # preemptions this step
+    num_iteration_tokens: int = 0  # prompts done plus tokens generated this step (vLLM's iteration_tokens_total)
     spec_decoding: SpecDecodingStats | None = None  # None: no drafts verified this step
     first_scheduled: dict[str, float] = field(default_factory=dict)  # engine request id -> wall time first scheduled
     running_lora_adapters: dict[str, int] = field(default_factory=dict)  # adapter name -> running requests
@@ -86,9 +87,3 @@ class IterationStats:
     e2e_latencies: list[float] = field(default_factory=list)
     finished_reasons: list[str] = field(default_factory=list)
     finished_requests: list[FinishedRequestStats] = field(default_factory=list)
-
-    @property
-    def num_iteration_tokens(self) -> int:
-        """Tokens this batch of outputs accounts for (vLLM's iteration_tokens_total): prompts that got their first
-        token, plus generated tokens."""
-        return self.num_prompt_tokens + self.num_generation_tokens

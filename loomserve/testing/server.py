@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from loomserve.demo import DEMO_NAME
+from loomserve.platform.process_name import ENGINE_PREFIX
 
 if TYPE_CHECKING:  # the GPU image has no openai client; only the HTTP tests need it
     import openai
@@ -142,12 +143,13 @@ class Server:
         return metric_value(httpx.get(f"{self.url}/metrics").text, name, **labels)
 
     def engine_pid(self) -> int:
-        """The EngineCore process: the server's child started by multiprocessing's spawn (from any thread)."""
+        """An EngineCore process: the server's child named as one (process_name.py), whichever thread started it and
+        however many API processes (also its children) there are."""
         assert self.process is not None
         tasks = Path(f"/proc/{self.process.pid}/task").glob("*/children")
         children = [pid for task in tasks for pid in task.read_text().split()]
         for pid in children:
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if Path(f"/proc/{pid}/comm").read_text().startswith(ENGINE_PREFIX):
                 return int(pid)
         raise AssertionError(f"no engine process among the server's children {children}")
 

@@ -1,7 +1,8 @@
 """`--api-server-count 2`: two API server processes share one listening socket and the same engines (here a chat
 model over two data-parallel engines, with adapters, beside an embedding model). Every request is answered whichever
-process takes it, adapters loaded or unloaded through one process hold at the other, /metrics from either shows the
-whole server, and an API process that dies takes the whole group down.
+process takes it, adapters loaded or unloaded through one process hold at the other (even before the engines' table
+reaches it), /metrics from either shows the whole server (an engine step's tokens counted once), engines and API
+processes are named apart, and an API process that dies takes the whole group down.
 
 Which process answered is the `server` header's last word (`uvicorn (loomserve api server I)`); a test reaches a
 given process by opening connections until one lands there, then keeps that connection."""
@@ -14,6 +15,7 @@ import re
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import httpx
 import pytest
 
 from loomserve.platform.engine_group import pid_alive
+from loomserve.platform.process_name import API_PREFIX, ENGINE_PREFIX
 from loomserve.testing.adapters import tiny_q_proj_lora
 from loomserve.testing.pooling_checkpoints import tiny_decoder_embedder
 from loomserve.testing.server import MODEL, Server
@@ -30,6 +33,8 @@ EMBEDDER = "tiny-embedder"
 DASHBOARD = json.loads((Path(__file__).parent / "vllm_grafana_metrics.json").read_text())
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6, "temperature": 0}
 COMPLETION = {"model": MODEL, "prompt": "one two three", "max_tokens": 6, "temperature": 0}
+STEP_SERIES = ("loomserve:iteration_tokens_total_count", "loomserve:iteration_tokens_total_sum",
+               "loomserve:prompt_tokens_total", "loomserve:generation_tokens_total")
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +157,44 @@ def test_the_stats_line_is_logged_by_one_process_only(server):
     assert "[api-1] loomserve.stats" not in server.log_path.read_text()
 
 
+def test_an_adapter_loaded_at_one_process_serves_at_the_other_before_the_table_reaches_it(server, adapter_dir):
+    path = tiny_q_proj_lora(server.checkpoint, adapter_dir / "late", seed=2)
+    first, second = process_client(server, 0), process_client(server, 1)
+    with closing(first), closing(second), ThreadPoolExecutor(1) as pool:
+        stopped = api_pid(server, 1)
+        os.kill(stopped, signal.SIGSTOP)  # the engines' new adapter table waits, unread, at process 1
+        try:
+            assert first.post("/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": path}).status_code == 200
+            reply = pool.submit(second.post, "/v1/completions", json={**COMPLETION, "model": "late"})
+            time.sleep(0.5)  # the request waits beside the table
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        assert reply.result().status_code == 200
+        assert second.post("/v1/unload_lora_adapter", json={"lora_name": "late"}).status_code == 200
+
+
+def test_iteration_tokens_are_observed_once_per_engine_step_whichever_process_sent_the_requests(server):
+    ask = {**COMPLETION, "prompt": " ".join(["alpha"] * 40), "max_tokens": 24, "ignore_eos": True}
+    first, second = process_client(server, 0), process_client(server, 1)
+    with closing(first), closing(second), ThreadPoolExecutor(2) as pool:
+        for client in (first, second):  # each process routes the prompt to the idle first engine, and keeps it there
+            assert client.post("/v1/completions", json={**ask, "max_tokens": 1}).status_code == 200
+        before = [server.metric(name, model_name=MODEL) for name in STEP_SERIES]
+        replies = list(pool.map(lambda client: client.post("/v1/completions", json=ask), (first, second)))
+        grew = [server.metric(name, model_name=MODEL) - old for name, old in zip(STEP_SERIES, before)]
+    assert [reply.status_code for reply in replies] == [200, 200]
+    steps, tokens, prompt, generated = grew
+    assert tokens == prompt + generated and generated == 48
+    assert steps < 48  # the two requests shared steps: a step counts once, with both requests' tokens
+
+
+def test_engine_pid_is_an_engine_and_the_api_processes_are_named_apart(server):
+    api_pids = [api_pid(server, index) for index in range(COUNT)]
+    assert [process_name(pid) for pid in api_pids] == [f"{API_PREFIX}{index}" for index in range(COUNT)]
+    engine = server.engine_pid()
+    assert engine not in api_pids and process_name(engine).startswith(ENGINE_PREFIX)
+
+
 def test_a_killed_api_process_takes_the_whole_group_down(server):
     children = server_children(server)
     api_pids = [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", server.log_path.read_text())]
@@ -164,6 +207,16 @@ def test_a_killed_api_process_takes_the_whole_group_down(server):
     while any(pid_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in children if pid_alive(pid)]  # engines and the other API process: no orphans
+
+
+def api_pid(server: Server, index: int) -> int:
+    """The pid of API process `index`, found by its name."""
+    (pid,) = [pid for pid in server_children(server) if process_name(pid) == f"{API_PREFIX}{index}"]
+    return pid
+
+
+def process_name(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
 def server_children(server: Server) -> list[int]:

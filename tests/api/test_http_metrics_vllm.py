@@ -65,7 +65,8 @@ def test_a_finished_request_is_timed_by_phase_and_counted_by_its_parameters(serv
     assert grew("vllm:request_params_max_tokens_sum") == 6
     assert grew("vllm:request_prompt_tokens_count") == 1
     assert grew("vllm:iteration_tokens_total_count") >= 1
-    assert grew("vllm:iteration_tokens_total_sum") == grew("vllm:prompt_tokens_total") + 12
+    # each of the n = 2 engine requests counts the prompt once it is done, as vLLM counts a child's
+    assert grew("vllm:iteration_tokens_total_sum") == 2 * grew("vllm:prompt_tokens_total") + 12
     assert grew("vllm:request_time_per_output_token_seconds_count") == 1
     assert grew("vllm:inter_token_latency_seconds_count") == grew("vllm:time_per_output_token_seconds_count") > 0
 

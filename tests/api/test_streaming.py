@@ -44,3 +44,37 @@ def test_leaving_the_merge_early_closes_every_stream_at_once(n):
         return list(closed)  # a copy: the loop's shutdown would still finalize forgotten generators into `closed`
 
     assert sorted(asyncio.run(run())) == list(range(n))
+
+
+def test_merging_starts_one_task_per_stream_however_many_items_they_yield():
+    async def run():
+        started = 0
+
+        def counting_factory(loop, coro, **kwargs):
+            nonlocal started
+            started += 1
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        asyncio.get_running_loop().set_task_factory(counting_factory)
+        items = [item async for item in merge_async_iterators(*counting_streams(3, []))]
+        return started, len(items)
+
+    started, items = asyncio.run(run())
+    assert items == 300 and started <= 3
+
+
+def test_a_failing_stream_fails_the_merge_and_closes_the_others():
+    async def failing():
+        yield 0
+        raise RuntimeError("engine died")
+
+    async def run():
+        closed: list[int] = []
+        seen = []
+        with pytest.raises(RuntimeError, match="engine died"):
+            async for item in merge_async_iterators(failing(), *counting_streams(2, closed)):
+                seen.append(item)
+        return seen, list(closed)
+
+    seen, closed = asyncio.run(run())
+    assert (0, 0) in seen and sorted(closed) == [0, 1]

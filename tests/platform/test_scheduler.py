@@ -86,3 +86,14 @@ def test_eos_stops_only_after_min_tokens():
     assert not req.status.finished
     run_step(s, token=7)
     assert req.status == RequestStatus.FINISHED_STOPPED
+
+
+def test_step_stats_count_a_prompt_once_it_is_done_and_every_generated_token():
+    s = make_scheduler(budget=10)
+    add(s, "a", 4)
+    add(s, "b", 12)
+    run_step(s)  # a's whole prompt and its first token; b's first chunk of 6
+    assert s.stats().num_iteration_tokens == 4 + 1
+    run_step(s)  # a decodes; b's prompt ends with its first token
+    assert s.stats().num_iteration_tokens == 1 + 12 + 1
+    assert s.stats().num_iteration_tokens == 0  # taken by the report before
