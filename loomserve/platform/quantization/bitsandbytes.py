@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loomserve.platform.models.linear import dtype_of
 from loomserve.platform.quantization.base import QuantizedLinear, replace_decoder_linears, split_rows
 
 BLOCKSIZE = 64  # bitsandbytes' and transformers' default 4-bit block
@@ -31,7 +32,7 @@ def split_prequantized(
         m = _STATE_PART.fullmatch(name)
         if m is not None:
             groups.setdefault(m[1], {})[m[2]] = tensor
-        elif name.endswith(".weight") and tensor.dtype == torch.uint8:
+        elif name.endswith(".weight") and dtype_of(tensor) == torch.uint8:
             groups.setdefault(name, {})["weight"] = tensor
         else:
             yield name, tensor
