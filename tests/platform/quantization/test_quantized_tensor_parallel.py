@@ -38,6 +38,9 @@ CASES: dict[str, tuple[Callable[[], Path], dict]] = {
 }
 REFUSED = {"fp8-block": lambda: tiny_compressed_tensors("FP8_BLOCK")}  # k/v: 128 rows, a 128-row block, 2 ranks
 TOLERANCE = 1e-5
+# bitsandbytes multiplies NF4 weights in bfloat16 on a CPU with AVX512-BF16 (it repacks them on the first call): a
+# rank's partial sum is rounded to bfloat16 where one device rounds the whole sum, a few bf16 ulps after two layers.
+NF4_TOLERANCE = 3e-2
 
 
 def decode(case: str) -> tuple[list[list[int]], torch.Tensor, int, int]:
@@ -89,7 +92,8 @@ def test_two_ranks_decode_what_one_device_decodes(case: str, two_ranks) -> None:
     assert dense == all_dense  # as many decoder linears quantized (all; GGUF: none, dequantized at load)
     assert held < 0.75 * all_held  # a rank holds its shard only (norms are replicated)
     assert tokens == expected_tokens
-    assert ((logits - expected_logits).abs().max() / expected_logits.abs().max()).item() < TOLERANCE
+    tolerance = NF4_TOLERANCE if case.startswith("nf4") else TOLERANCE
+    assert ((logits - expected_logits).abs().max() / expected_logits.abs().max()).item() < tolerance
 
 
 def test_a_shard_boundary_inside_a_weight_scale_block_is_refused(two_ranks) -> None:
