@@ -30,6 +30,10 @@ class QuantizedLinear(nn.Module):
         # The ranks whose inputs are the rest of each input row (a row-parallel layer), over which an activation
         # scale of the whole row is taken; None: this rank holds whole rows.
         self.input_group: TPGroup | None = None
+        # A column-parallel layer's projections in the checkpoint (`MergedColumnParallelLinear`'s): their full rows
+        # and this rank's first row of each; None: this rank holds them whole.
+        self.full_sizes: list[int] | None = None
+        self.shard_starts: list[int] | None = None
 
 
 class DequantizedLinear(QuantizedLinear):

@@ -111,10 +111,14 @@ class RowParallelQuantizedLinear(QuantizedLinear):
 
 
 def build_sharded(linear: nn.Linear, build: Callable[[nn.Linear], QuantizedLinear]) -> QuantizedLinear:
-    """`build(linear)`, and for a row-parallel layer split across ranks the all-reduce around it: the quantized
-    layer is built without the bias, which is added once after the sum."""
+    """`build(linear)`, keeping a column-parallel layer's slices (`full_sizes`, `shard_starts`: what an adapter is
+    cut by), and for a row-parallel layer split across ranks the all-reduce around it: the quantized layer is built
+    without the bias, which is added once after the sum."""
     if not (isinstance(linear, RowParallelLinear) and linear.tp.size > 1):
-        return build(linear)
+        layer = build(linear)
+        if isinstance(linear, MergedColumnParallelLinear):  # where each projection's rows sit in the checkpoint's
+            layer.full_sizes, layer.shard_starts = linear.full_sizes, linear.shard_starts
+        return layer
     bias = linear.bias
     linear.bias = None
     try:
