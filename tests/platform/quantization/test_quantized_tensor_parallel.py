@@ -21,6 +21,7 @@ from loomserve.platform.quantization.tensor_parallel import Shard
 from loomserve.testing.checkpoints import tiny_checkpoint
 from loomserve.testing.gguf_checkpoints import tiny_gguf
 from loomserve.testing.int4_checkpoints import SHAPE, tiny_int4
+from loomserve.testing.nf4_checkpoints import tiny_nf4
 from loomserve.testing.quantized_checkpoints import tiny_compressed_tensors
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # paged_batch, beside the platform tests
@@ -34,6 +35,7 @@ CASES: dict[str, tuple[Callable[[], Path], dict]] = {
     "awq": (lambda: tiny_int4("awq", 64)[0], {}),
     "nf4-kv1": (lambda: tiny_checkpoint("llama", **{**SHAPE, "num_kv_heads": 1}),  # one KV head, replicated
                 {"quantization": "bitsandbytes"}),
+    "nf4-prequantized": (tiny_nf4, {}),  # saved 4-bit blocks cut whole
     "gguf-q8_0": (lambda: tiny_gguf("Q8_0"), {}),
 }
 REFUSED = {"fp8-block": lambda: tiny_compressed_tensors("FP8_BLOCK")}  # k/v: 128 rows, a 128-row block, 2 ranks
