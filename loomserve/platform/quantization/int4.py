@@ -9,7 +9,8 @@ in the order 0, 2, 4, 6, 1, 3, 5, 7; `scales` [groups, out]; zero points are sto
 
 Both load into GPTQ's row-packed layout, with zero points times scales kept beside the scales, so one Triton kernel
 (`int4_triton.py`) serves every batch on CUDA; on CPU the weights are dequantized for one GEMM. A fused layer keeps
-each projection's tensors (act-order differs per projection).
+each projection's tensors (act-order differs per projection). A row-parallel act-order slice holds input rows of
+any group: it keeps every group's scales, and its sorted rows make groups of uneven sizes (dequantized on CUDA too).
 """
 
 from __future__ import annotations
