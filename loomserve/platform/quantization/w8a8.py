@@ -22,7 +22,7 @@ from torch import nn
 
 from loomserve.platform.distributed.communication import all_reduce_max
 from loomserve.platform.models.layers import use_fused_kernels
-from loomserve.platform.models.linear import dtype_of, shape_of
+from loomserve.platform.models.linear import RowParallelLinear, dtype_of, shape_of
 from loomserve.platform.quantization.base import (
     QuantizedLinear,
     TensorGroup,
@@ -164,9 +164,13 @@ class W8Linear(QuantizedLinear):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> W8Linear:
-        """Quantize a dense layer at load: one scale per weight row, activations per token."""
+        """Quantize a dense layer at load: one scale per weight row (the whole row's, where a row-parallel layer's
+        ranks each hold some of its columns), activations per token."""
         weight = linear.weight.data
-        scale = absmax_scale(weight.abs().amax(dim=1, keepdim=True))  # [out, 1]
+        amax = weight.abs().amax(dim=1, keepdim=True)  # [out, 1]
+        if isinstance(linear, RowParallelLinear):
+            amax = all_reduce_max(amax, linear.tp)
+        scale = absmax_scale(amax)
         bias = None if linear.bias is None else linear.bias.data.clone()
         sizes = list(getattr(linear, "output_sizes", [linear.out_features]))
         return cls(quantize(weight, scale), scale, None, bias, sizes, W8Scheme(), weight.dtype)

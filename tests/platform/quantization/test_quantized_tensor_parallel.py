@@ -30,6 +30,7 @@ from paged_batch import greedy_decode, load  # noqa: E402
 # case -> (checkpoint folder, engine arguments)
 CASES: dict[str, tuple[Callable[[], Path], dict]] = {
     "fp8-per-channel": (lambda: tiny_compressed_tensors("FP8_DYNAMIC"), {}),
+    "fp8-at-load": (lambda: tiny_checkpoint("llama", **SHAPE), {"quantization": "fp8"}),
     "w4a16-groups": (lambda: tiny_compressed_tensors("W4A16"), {}),
     "gptq-act-order": (lambda: tiny_int4("gptq", 128, act_order=True)[0], {}),  # row-parallel rows of any group
     "awq": (lambda: tiny_int4("awq", 64)[0], {}),
