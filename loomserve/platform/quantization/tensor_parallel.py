@@ -116,7 +116,7 @@ def build_sharded(linear: nn.Linear, build: Callable[[nn.Linear], QuantizedLinea
     without the bias, which is added once after the sum."""
     if not (isinstance(linear, RowParallelLinear) and linear.tp.size > 1):
         layer = build(linear)
-        if isinstance(linear, MergedColumnParallelLinear):  # where each projection's rows sit in the checkpoint's
+        if isinstance(linear, MergedColumnParallelLinear):  # an adapter's B rows are cut as these
             layer.full_sizes, layer.shard_starts = linear.full_sizes, linear.shard_starts
         return layer
     bias = linear.bias
