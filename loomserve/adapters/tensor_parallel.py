@@ -14,28 +14,34 @@ from torch import nn
 
 from loomserve.adapters.lora import LoRAWeights
 from loomserve.platform.models.linear import MergedColumnParallelLinear, RowParallelLinear
+from loomserve.platform.quantization.tensor_parallel import RowParallelQuantizedLinear
 
 
 def full_in_features(base: nn.Module) -> int:
     """The input size of the projection as the checkpoint (and an adapter) has it."""
-    if isinstance(base, RowParallelLinear):
+    if isinstance(base, (RowParallelLinear, RowParallelQuantizedLinear)):
         return base.in_features * base.tp.size
     return base.in_features
 
 
 def full_output_sizes(base: nn.Module, local_sizes: list[int]) -> list[int]:
     """Each slice's output size as the checkpoint (and an adapter) has it."""
-    return list(base.full_sizes) if isinstance(base, MergedColumnParallelLinear) else local_sizes
+    return list(base.full_sizes) if _is_column_parallel(base) else local_sizes
 
 
 def is_row_parallel(base: nn.Module) -> bool:
     """Whether the layer sums its ranks' partial outputs (so the LoRA term must join that sum)."""
-    return isinstance(base, RowParallelLinear) and base.tp.size > 1
+    return isinstance(base, (RowParallelLinear, RowParallelQuantizedLinear)) and base.tp.size > 1
+
+
+def _is_column_parallel(base: nn.Module) -> bool:
+    """A layer whose projections' rows are split across the ranks (dense, or quantized from such a layer)."""
+    return isinstance(base, MergedColumnParallelLinear) or getattr(base, "shard_starts", None) is not None
 
 
 def shard_weights(base: nn.Module, weights: dict[int, LoRAWeights]) -> dict[int, LoRAWeights]:
     """This rank's share of one layer's adapter weights (slice -> weights), cut as the base layer's weight is."""
-    if isinstance(base, MergedColumnParallelLinear):
+    if _is_column_parallel(base):
         return {s: LoRAWeights(w.a, w.b.narrow(0, base.shard_starts[s], base.output_sizes[s]), w.scaling)
                 for s, w in weights.items()}  # b: [rows of this rank, r]
     if is_row_parallel(base):

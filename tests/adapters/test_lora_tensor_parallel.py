@@ -8,6 +8,7 @@ from __future__ import annotations
 from peft_reference import MAX_TOKENS, PROMPTS, peft_greedy
 
 from loomserve import LLM, LoRARequest, SamplingParams
+from loomserve.testing.int4_checkpoints import tiny_int4
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
@@ -27,3 +28,18 @@ def test_two_ranks_with_adapters_decode_what_peft_decodes(qwen2_checkpoint, shap
         expected = peft_greedy(qwen2_checkpoint, lora and lora.lora_path)
         assert got[i :: len(loras)] == expected, lora and lora.lora_name
     assert peft_greedy(qwen2_checkpoint, adapters["rslora"]) != peft_greedy(qwen2_checkpoint, None)
+
+
+def test_two_ranks_with_adapters_over_int4_weights_decode_what_peft_decodes_over_those_weights(shaped_adapters):
+    """QLoRA under tensor parallelism: adapters shard with their quantized base layers (GPTQ act-order, whose
+    row-parallel slices hold rows of any group); peft runs the dense weights the checkpoint encodes."""
+    quantized, dense = (str(path) for path in tiny_int4("gptq", 128, act_order=True))
+    adapter = shaped_adapters(dense)["all-r16"]
+    llm = LLM(quantized, device="cpu", tensor_parallel_size=2, enable_lora=True, max_loras=1, max_lora_rank=16,
+              block_size=4, kv_cache_memory="8MiB")
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, LoRARequest("all-r16", 1, adapter))]
+    finally:
+        llm.engine.shutdown()
+    assert got == peft_greedy(dense, adapter)
+    assert got != peft_greedy(dense, None)  # the adapter changes the output

@@ -90,3 +90,24 @@ class PagedRunner:
         hidden = self.model(input_ids, self.kv_caches, batch)
         logits = self.model.compute_logits(hidden)  # [T, V]
         return dict(zip(chunks, logits.split(query_lens), strict=True))
+
+
+PROMPT_LENS = (5, 12, 2)  # 19 tokens, then 3 decodes a step: the ranks' token shares (EP) are uneven
+DECODE_STEPS = 4
+
+
+def greedy_decode(model: torch.nn.Module) -> tuple[list[list[int]], torch.Tensor, int]:
+    """Greedy continuations of seeded prompts through the paged cache, every step's logits [steps * ..., V], and
+    how many parameters the process holds."""
+    runner = PagedRunner(model, block_size=4)
+    generator = torch.Generator().manual_seed(0)
+    chunks = {f"s{i}": torch.randint(100, (n,), generator=generator).tolist() for i, n in enumerate(PROMPT_LENS)}
+    tokens: dict[str, list[int]] = {seq: [] for seq in chunks}
+    all_logits = []
+    for _ in range(DECODE_STEPS):
+        out = runner.step(chunks)
+        all_logits += [out[seq][-1] for seq in chunks]
+        chunks = {seq: [int(logits[-1].argmax())] for seq, logits in out.items()}
+        for seq, (token,) in chunks.items():
+            tokens[seq].append(token)
+    return list(tokens.values()), torch.stack(all_logits), sum(p.numel() for p in model.parameters())

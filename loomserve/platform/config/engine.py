@@ -256,8 +256,7 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill and not pooling.encoder_only,
             num_lookahead_tokens=spec.num_lookahead_tokens if spec is not None else 0,
         )
-        parallel_config.check_model(text, get_model_class(model_config.architecture, model_config.task),
-                                    model_config.quantization)
+        parallel_config.check_model(text, get_model_class(model_config.architecture, model_config.task))
         if spec is not None:
             check_speculative_config(spec, model_config)
         lora_config = None

@@ -64,7 +64,7 @@ class ParallelConfig:
             raise ValueError(f"tensor_parallel_size ({self.tensor_parallel_size}) must be a multiple of nnodes "
                              f"({self.nnodes}): every node runs as many ranks")
 
-    def check_model(self, text_config: Any, model_cls: type, quantization: str | None) -> None:
+    def check_model(self, text_config: Any, model_cls: type) -> None:
         """Refuse, before any weight loads, a model these sizes cannot split."""
         tp = self.tensor_parallel_size
         if tp == 1:
@@ -72,9 +72,6 @@ class ParallelConfig:
         check_tensor_parallel(text_config, tp)
         if model_cls.is_multimodal or model_cls.pooling_tasks:
             raise ValueError("tensor parallelism serves text generation models only; serve this model with "
-                             "tensor_parallel_size 1")
-        if quantization:
-            raise ValueError("quantized weights are not sharded across tensor-parallel ranks yet; serve them with "
                              "tensor_parallel_size 1")
         if self.enable_expert_parallel and model_cls.is_moe:
             divide(_num_experts(text_config), tp, "the number of experts")

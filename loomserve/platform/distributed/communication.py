@@ -17,6 +17,16 @@ def all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """The elementwise max of `x` over the ranks, in place."""
+    if tp.size == 1:
+        return x
+    import torch.distributed as dist
+
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=tp.group)
+    return x
+
+
 def all_gather(x: torch.Tensor, tp: TPGroup, dim: int = -1) -> torch.Tensor:
     """Every rank's `x` concatenated along `dim`, in rank order."""
     if tp.size == 1:

@@ -28,6 +28,15 @@ def shape_of(loaded: CheckpointTensor) -> tuple[int, ...]:
     return tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
 
 
+def dtype_of(loaded: CheckpointTensor) -> torch.dtype:
+    """The element type of a tensor or of a lazy safetensors slice (which names it as safetensors spells it)."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.dtype
+    from safetensors.torch import _TYPES
+
+    return _TYPES[loaded.get_dtype()]
+
+
 def narrow(loaded: CheckpointTensor, dim: int, start: int, length: int) -> torch.Tensor:
     """`length` entries of `loaded` along `dim` from `start`; a lazy slice reads only those from disk."""
     if isinstance(loaded, torch.Tensor):
@@ -51,7 +60,7 @@ def load_param(param: nn.Parameter, loaded: CheckpointTensor) -> None:
     getattr(param, "weight_loader", load_whole)(param, loaded)
 
 
-def _check_full(loaded: CheckpointTensor, dim: int, full: int) -> None:
+def check_full(loaded: CheckpointTensor, dim: int, full: int) -> None:
     if shape_of(loaded)[dim] != full:
         raise ValueError(f"checkpoint tensor has shape {shape_of(loaded)}, expected {full} along dim {dim}")
 
@@ -61,7 +70,7 @@ def _shard_loader(dim: int, tp: TPGroup) -> Any:
 
     def load(param: nn.Parameter, loaded: CheckpointTensor) -> None:
         local = param.shape[dim]
-        _check_full(loaded, dim, local * tp.size)
+        check_full(loaded, dim, local * tp.size)
         copy_checked(param.data, narrow(loaded, dim, tp.rank * local, local))
 
     return load
@@ -83,7 +92,7 @@ class MergedColumnParallelLinear(MergedLinear):
         self.shard_starts = starts  # the first checkpoint row of this rank's slice, per projection
 
     def load_shard(self, param: nn.Parameter, shard_id: int, tensor: CheckpointTensor) -> None:
-        _check_full(tensor, 0, self.full_sizes[shard_id])
+        check_full(tensor, 0, self.full_sizes[shard_id])
         rows = narrow(tensor, 0, self.shard_starts[shard_id], self.output_sizes[shard_id])
         super().load_shard(param, shard_id, rows)
 
@@ -139,7 +148,7 @@ def vocab_range(vocab_size: int, tp: TPGroup) -> tuple[int, int]:
 
 def _vocab_loader(vocab_size: int, tp: TPGroup) -> Any:
     def load(param: nn.Parameter, loaded: CheckpointTensor) -> None:
-        _check_full(loaded, 0, vocab_size)
+        check_full(loaded, 0, vocab_size)
         start, rows = vocab_range(vocab_size, tp)
         real = max(0, min(rows, vocab_size - start))  # the last rank's padding rows stay zero
         param.data.zero_()
@@ -196,7 +205,7 @@ class ShardedRMSNorm(nn.Module):
         self.weight.weight_loader = self._load
 
     def _load(self, param: nn.Parameter, loaded: CheckpointTensor) -> None:
-        _check_full(loaded, 0, self.full_size)
+        check_full(loaded, 0, self.full_size)
         copy_checked(param.data, narrow(loaded, 0, self.start, param.shape[0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

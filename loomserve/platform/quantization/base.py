@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loomserve.platform.distributed.parallel_state import TPGroup
 from loomserve.platform.models.packing import decoder_linears, projection_names
 
 # A checkpoint projection's quantized tensors by part name ("weight", "weight_scale", "qweight", ...).
@@ -26,6 +27,13 @@ class QuantizedLinear(nn.Module):
         self.output_sizes = list(output_sizes)
         self.out_features = sum(output_sizes)
         self.compute_dtype = compute_dtype
+        # The ranks whose inputs are the rest of each input row (a row-parallel layer), over which an activation
+        # scale of the whole row is taken; None: this rank holds whole rows.
+        self.input_group: TPGroup | None = None
+        # A column-parallel layer's projections in the checkpoint (`MergedColumnParallelLinear`'s): their full rows
+        # and this rank's first row of each; None: this rank holds them whole.
+        self.full_sizes: list[int] | None = None
+        self.shard_starts: list[int] | None = None
 
 
 class DequantizedLinear(QuantizedLinear):
@@ -81,13 +89,18 @@ def replace_decoder_linears(
     from_dense: Callable[[nn.Linear], nn.Module] | None,
     from_groups: Callable[[nn.Linear, list[TensorGroup]], nn.Module],
     groups: dict[str, TensorGroup] | None,
+    shard_group: Callable[..., TensorGroup] | None = None,
 ) -> set[str]:
     """Make every linear of the language model's decoder layers quantized (towers stay dense): `from_dense` of its
-    loaded dense weights, or, for a quantized checkpoint (`groups`: checkpoint weight name -> its tensors),
-    `from_groups` of its projections' groups and the dense layer's loaded biases (`from_dense` None: a method that
+    loaded dense weights (under tensor parallelism the rank's shard), or, for a quantized checkpoint (`groups`:
+    checkpoint weight name -> its tensors), `from_groups` of its projections' groups cut to the rank's slice by
+    `shard_group` (`tensor_parallel.py`) and the dense layer's loaded biases (`from_dense` None: a method that
     does not quantize at load, which needs `groups`). Returns `loaded` updated to the
     new parameter names; a layer whose weights are missing stays dense and unloaded, so the loader's completeness
     check names it."""
+    # imported here: tensor_parallel.py builds on QuantizedLinear, defined above
+    from loomserve.platform.quantization.tensor_parallel import build_sharded, shard_groups
+
     if groups is None and from_dense is None:
         raise ValueError("this quantization method loads only checkpoints saved in its format")
     loaded = set(loaded)
@@ -96,12 +109,13 @@ def replace_decoder_linears(
         if groups is None:
             if not own <= loaded:
                 continue
-            new = from_dense(module)
+            new = build_sharded(module, from_dense)
         else:
             keys = [f"{projection}.weight" for projection in projection_names(model, name)]
             if not (own - {f"{name}.weight"} <= loaded and all(k in groups for k in keys)):
                 continue
-            new = from_groups(module, [groups.pop(k) for k in keys])
+            parts = shard_groups(module, [groups.pop(k) for k in keys], shard_group)
+            new = build_sharded(module, lambda linear, parts=parts: from_groups(linear, parts))
         loaded -= own
         loaded |= {f"{name}.{p}" for p, _ in new.named_parameters()}
         parent, leaf = name.rsplit(".", 1)

@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from loomserve.platform.quantization.base import QuantizedLinear, replace_decoder_linears, split_rows
+from loomserve.platform.models.linear import dtype_of
+from loomserve.platform.quantization.base import QuantizedLinear, TensorGroup, replace_decoder_linears, split_rows
+from loomserve.platform.quantization.tensor_parallel import Shard, whole
 
 BLOCKSIZE = 64  # bitsandbytes' and transformers' default 4-bit block
 
@@ -31,7 +33,7 @@ def split_prequantized(
         m = _STATE_PART.fullmatch(name)
         if m is not None:
             groups.setdefault(m[1], {})[m[2]] = tensor
-        elif name.endswith(".weight") and tensor.dtype == torch.uint8:
+        elif name.endswith(".weight") and dtype_of(tensor) == torch.uint8:
             groups.setdefault(name, {})["weight"] = tensor
         else:
             yield name, tensor
@@ -81,6 +83,35 @@ class NF4Linear(QuantizedLinear):
         return cls(shards, linear.in_features, linear.weight.dtype)
 
 
+def shard_prequantized(group: TensorGroup, shard: Shard) -> TensorGroup:
+    """One projection's saved 4-bit weight cut to a rank's slice: dequantized whole, sliced and quantized again in
+    the same blocks. Where the slice holds whole blocks of the saved weight (each block's largest value is a code
+    of one, so its absmax comes back exactly) its codes and absmax are the saved ones."""
+    functional = _bitsandbytes().functional
+    state = functional.QuantState.from_dict({k: whole(v) for k, v in group.items() if k != "weight"},
+                                            device=torch.device("cpu"))
+    _check_whole_blocks(shard, state.shape[1], state.blocksize)
+    weight = functional.dequantize_4bit(whole(group["weight"]), state)  # [out, in]
+    part = weight.narrow(0 if shard.rows else 1, shard.start, shard.size).contiguous()
+    packed, part_state = functional.quantize_4bit(part, blocksize=state.blocksize, quant_type=state.quant_type,
+                                                  compress_statistics=state.nested)
+    return {"weight": packed} | part_state.as_dict(packed=True)
+
+
+def _check_whole_blocks(shard: Shard, columns: int, blocksize: int) -> None:
+    """Refuse a slice that would cut a saved block (`blocksize` consecutive values of the row-major weight)."""
+    if shard.rows:
+        whole_blocks = shard.start * columns % blocksize == 0 and (
+            shard.end * columns % blocksize == 0 or shard.end == shard.full)
+    else:
+        whole_blocks = columns % blocksize == 0 and shard.start % blocksize == 0 and shard.size % blocksize == 0
+    if not whole_blocks:
+        side = "output rows" if shard.rows else "input columns"
+        raise ValueError(f"tensor parallelism splits a 4-bit projection of {columns} columns at {side} "
+                         f"{shard.start}..{shard.end}, inside its saved blocks of {blocksize} values: serve the dense "
+                         "checkpoint with --quantization bitsandbytes, or tensor_parallel_size 1")
+
+
 def _bitsandbytes() -> Any:
     try:
         import bitsandbytes
@@ -105,4 +136,5 @@ def quantize_model(
 ) -> set[str]:
     """Make every decoder linear NF4: quantize its loaded dense weights, or, for a 4-bit checkpoint, take the
     checkpoint's (`prequantized`: weight name -> packed data and state)."""
-    return replace_decoder_linears(model, loaded, NF4Linear.from_dense, NF4Linear.from_prequantized, prequantized)
+    return replace_decoder_linears(model, loaded, NF4Linear.from_dense, NF4Linear.from_prequantized, prequantized,
+                                   shard_prequantized)

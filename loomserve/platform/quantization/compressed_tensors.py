@@ -15,7 +15,12 @@ from torch import nn
 
 from loomserve.platform.quantization.base import TensorGroup, replace_decoder_linears, split_groups
 from loomserve.platform.quantization.kv_scales import check_kv_cache_scheme
-from loomserve.platform.quantization.packed_int import PACKED_PARTS, PackedIntScheme, packed_int_linear
+from loomserve.platform.quantization.packed_int import (
+    PACKED_PARTS,
+    PackedIntScheme,
+    packed_int_linear,
+    shard_packed_int,
+)
 from loomserve.platform.quantization.w8a8 import W8Scheme, quantize_model_w8, split_w8
 
 Scheme = W8Scheme | PackedIntScheme
@@ -51,7 +56,7 @@ def quantize_model_compressed_tensors(model: nn.Module, loaded: set[str], groups
         return loaded
     if isinstance(scheme, PackedIntScheme):
         return replace_decoder_linears(model, loaded, None, lambda linear, g: packed_int_linear(linear, g, scheme),
-                                       groups)
+                                       groups, lambda group, shard: shard_packed_int(group, shard, scheme))
     return quantize_model_w8(model, loaded, groups, scheme)
 
 

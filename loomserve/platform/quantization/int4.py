@@ -9,7 +9,8 @@ in the order 0, 2, 4, 6, 1, 3, 5, 7; `scales` [groups, out]; zero points are sto
 
 Both load into GPTQ's row-packed layout, with zero points times scales kept beside the scales, so one Triton kernel
 (`int4_triton.py`) serves every batch on CUDA; on CPU the weights are dequantized for one GEMM. A fused layer keeps
-each projection's tensors (act-order differs per projection).
+each projection's tensors (act-order differs per projection). A row-parallel act-order slice holds input rows of
+any group: it keeps every group's scales, and its sorted rows make groups of uneven sizes (dequantized on CUDA too).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from loomserve.platform.quantization.base import (
     replace_decoder_linears,
     split_groups,
 )
+from loomserve.platform.quantization.tensor_parallel import Shard, whole
 
 _PARTS = ("qweight", "qzeros", "scales", "g_idx")
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's nibble i holds output column AWQ_ORDER[i] of its 8
@@ -61,6 +63,27 @@ def split_int4(weights: Iterable[tuple[str, torch.Tensor]], groups: dict[str, Te
                ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass dense tensors on; collect each projection's packed tensors into `groups[projection.weight]`."""
     return split_groups(weights, groups, lambda part, tensor: part in _PARTS)
+
+
+def shard_int4(group: TensorGroup, shard: Shard, scheme: Int4Scheme) -> TensorGroup:
+    """One projection's packed tensors cut to a rank's slice. Output columns: `qweight` (AWQ: 8 a word), `qzeros`
+    (8 a word) and `scales`; `g_idx` whole. Input rows (a row-parallel slice, of whole groups): `qweight` (GPTQ: 8
+    a word) and `g_idx`; `scales` and `qzeros` by groups, or whole under act-order, whose rows name any group."""
+    gptq = scheme.method == "gptq"
+    if shard.rows:
+        shard.check_units(8, "word of 8 packed output columns")
+        cut = {"qweight": shard.cut(group["qweight"], 1, 1 if gptq else 8), "scales": shard.cut(group["scales"], 1),
+               "qzeros": shard.cut(group["qzeros"], 1, 8)}
+        return cut | ({"g_idx": whole(group["g_idx"])} if "g_idx" in group else {})
+    shard.check_units(scheme.group_size, "quantization group")
+    cut = {"qweight": shard.cut(group["qweight"], 0, 8 if gptq else 1)}
+    g_idx = whole(group["g_idx"]) if "g_idx" in group else None
+    in_order = torch.arange(shard.full, device=cut["qweight"].device) // scheme.group_size
+    if g_idx is not None and not torch.equal(g_idx.long(), in_order):  # act-order
+        return cut | {"g_idx": g_idx[shard.start:shard.end], "scales": whole(group["scales"]),
+                      "qzeros": whole(group["qzeros"])}
+    return cut | {"scales": shard.cut(group["scales"], 0, scheme.group_size),
+                  "qzeros": shard.cut(group["qzeros"], 0, scheme.group_size)}
 
 
 def _shifts(device: torch.device) -> torch.Tensor:
@@ -110,23 +133,29 @@ class Int4Shard(nn.Module):
         scales = group["scales"]  # [groups, out]
         in_order = torch.arange(in_features, device=scales.device) // scheme.group_size
         g_idx = group.get("g_idx")
-        perm = None
+        perm = row_groups = None
         if g_idx is not None and not torch.equal(g_idx.long(), in_order):
             perm = torch.argsort(g_idx.long(), stable=True)  # [in]: rows of group 0 first, then group 1, ...
-            if not torch.equal(g_idx.long()[perm], in_order):
+            sorted_groups = g_idx.long()[perm]
+            if scales.shape[0] * scheme.group_size != in_features:  # a row-parallel act-order slice: all groups
+                row_groups = sorted_groups  # [in], each row's group, of uneven sizes
+            elif not torch.equal(sorted_groups, in_order):
                 raise ValueError(f"a {scheme.method} g_idx does not give each group {scheme.group_size} rows")
             qweight = pack_rows(unpack_rows(qweight)[perm])
         self.qweight = nn.Parameter(qweight, requires_grad=False)  # [in / 8, out] int32
         self.scales = nn.Parameter(scales, requires_grad=False)
         self.scaled_zeros = nn.Parameter(zeros.float() * scales.float(), requires_grad=False)  # [groups, out]
         self.perm = None if perm is None else nn.Parameter(perm, requires_grad=False)
+        self.row_groups = None if row_groups is None else nn.Parameter(row_groups, requires_grad=False)
         self.group_size = scheme.group_size
         self.out_features = scales.shape[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[out, in] weights in `dtype`, input columns in the checkpoint's order: value * scale - zero point *
         scale of each input row's group."""
-        g = torch.arange(self.qweight.shape[0] * 8, device=self.qweight.device) // self.group_size
+        g = self.row_groups
+        if g is None:
+            g = torch.arange(self.qweight.shape[0] * 8, device=self.qweight.device) // self.group_size
         w = unpack_rows(self.qweight).to(dtype) * self.scales[g].to(dtype) - self.scaled_zeros[g].to(dtype)  # [in, out]
         if self.perm is not None:
             w = torch.empty_like(w).index_copy_(0, self.perm, w)
@@ -136,6 +165,8 @@ class Int4Shard(nn.Module):
         """x [T, in] times the weights with the Triton kernel -> [T, out]."""
         from loomserve.platform.quantization.int4_triton import int4_matmul
 
+        if self.row_groups is not None:  # groups of uneven sizes: the kernel takes whole groups only
+            return x @ self.dequantize(x.dtype).t()
         if self.perm is not None:
             x = x[:, self.perm]
         return int4_matmul(x, self.qweight, self.scales, self.scaled_zeros, self.group_size)
@@ -163,4 +194,5 @@ def quantize_model_int4(model: nn.Module, loaded: set[str], groups: dict[str, Te
                         scheme: Int4Scheme) -> set[str]:
     """Make every decoder linear INT4 from the checkpoint's packed tensors (INT4 does not quantize at load)."""
     return replace_decoder_linears(model, loaded, None,
-                                   lambda linear, group: int4_linear(linear, group, scheme), groups)
+                                   lambda linear, group: int4_linear(linear, group, scheme), groups,
+                                   lambda group, shard: shard_int4(group, shard, scheme))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from loomserve.platform.quantization.base import DequantizedLinear, TensorGroup
+from loomserve.platform.quantization.tensor_parallel import Shard, whole
 
 PACKED_PARTS = ("weight_packed", "weight_shape", "weight_g_idx")
 
@@ -27,6 +28,28 @@ def _unpack_from_int32() -> object:
     except ImportError:  # compressed-tensors before its compressors were regrouped
         from compressed_tensors.compressors.quantized_compressors.pack_quantized import unpack_from_int32
     return unpack_from_int32
+
+
+def shard_packed_int(group: TensorGroup, shard: Shard, scheme: PackedIntScheme) -> TensorGroup:
+    """One projection's packed tensors cut to a rank's slice: output rows of `weight_packed` and `weight_scale`;
+    or input columns (32 / bits a word, whole groups) of `weight_packed`, `weight_g_idx` and the group scales,
+    which stay whole per channel or under act-order (its columns name any group)."""
+    out, columns = (int(n) for n in whole(group["weight_shape"]).tolist())
+    if shard.rows:
+        cut = {"weight_packed": shard.cut(group["weight_packed"], 0),
+               "weight_scale": shard.cut(group["weight_scale"], 0)}
+        cut |= {"weight_g_idx": whole(group["weight_g_idx"])} if "weight_g_idx" in group else {}
+        return cut | {"weight_shape": torch.tensor([shard.size, columns])}
+    pack = 32 // scheme.num_bits
+    shard.check_units(pack, "packed word")
+    if scheme.group_size is not None:
+        shard.check_units(scheme.group_size, "quantization group")
+    cut = {"weight_packed": shard.cut(group["weight_packed"], 1, pack), "weight_shape": torch.tensor([out, shard.size])}
+    if "weight_g_idx" in group:
+        return cut | {"weight_g_idx": shard.cut(group["weight_g_idx"], 0), "weight_scale": whole(group["weight_scale"])}
+    if scheme.group_size is None:
+        return cut | {"weight_scale": whole(group["weight_scale"])}
+    return cut | {"weight_scale": shard.cut(group["weight_scale"], 1, scheme.group_size)}
 
 
 class PackedIntShard(nn.Module):

@@ -11,6 +11,7 @@ The block-scaled `quant_method: fp8` format (DeepSeek, Qwen) names its block sca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loomserve.platform.distributed.communication import all_reduce_max
 from loomserve.platform.models.layers import use_fused_kernels
+from loomserve.platform.models.linear import RowParallelLinear, dtype_of, shape_of
 from loomserve.platform.quantization.base import (
     QuantizedLinear,
     TensorGroup,
@@ -27,6 +30,7 @@ from loomserve.platform.quantization.base import (
     split_groups,
     split_rows,
 )
+from loomserve.platform.quantization.tensor_parallel import Shard, whole
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -81,7 +85,29 @@ def split_w8(weights: Iterable[tuple[str, torch.Tensor]], groups: dict[str, Tens
              ) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass dense tensors on; collect each 8-bit weight and its scales into `groups[weight name]`."""
     return split_groups(weights, groups, lambda part, tensor: part in _SCALE_PARTS
-                        or (part == "weight" and tensor.dtype in (FP8, torch.int8)))
+                        or (part == "weight" and dtype_of(tensor) in (FP8, torch.int8)))
+
+
+def shard_w8(group: TensorGroup, shard: Shard, scheme: W8Scheme) -> TensorGroup:
+    """One projection's 8-bit tensors cut to a rank's slice: the weight's rows or columns; per-channel scales with
+    the output rows (a row-parallel slice keeps each row's scale whole); block scales by whole blocks; per-tensor
+    and activation scales whole."""
+    dim = 0 if shard.rows else 1
+    if scheme.activations == "group" and not shard.rows:
+        shard.check_units(scheme.activation_group, "activation group")
+    cut = {"weight": shard.cut(group["weight"], dim)}
+    for part, tensor in group.items():
+        if part == "weight":
+            continue
+        if part in ("weight_scale", "weight_scale_inv") and scheme.weight_block is not None:
+            block = scheme.weight_block[dim]
+            shard.check_units(block, "weight scale block")
+            cut[part] = shard.cut(tensor, dim, block)
+        elif shard.rows and part.startswith("weight_") and math.prod(shape_of(tensor)) > 1:  # one entry per output row
+            cut[part] = shard.cut(tensor, 0)
+        else:
+            cut[part] = whole(tensor)
+    return cut
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, number: str = "fp8") -> torch.Tensor:
@@ -138,9 +164,13 @@ class W8Linear(QuantizedLinear):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> W8Linear:
-        """Quantize a dense layer at load: one scale per weight row, activations per token."""
+        """Quantize a dense layer at load: one scale per weight row (the whole row's, where a row-parallel layer's
+        ranks each hold some of its columns), activations per token."""
         weight = linear.weight.data
-        scale = absmax_scale(weight.abs().amax(dim=1, keepdim=True))  # [out, 1]
+        amax = weight.abs().amax(dim=1, keepdim=True)  # [out, 1]
+        if isinstance(linear, RowParallelLinear):
+            amax = all_reduce_max(amax, linear.tp)
+        scale = absmax_scale(amax)
         bias = None if linear.bias is None else linear.bias.data.clone()
         sizes = list(getattr(linear, "output_sizes", [linear.out_features]))
         return cls(quantize(weight, scale), scale, None, bias, sizes, W8Scheme(), weight.dtype)
@@ -168,7 +198,12 @@ class W8Linear(QuantizedLinear):
         if self.scheme.activations == "group":
             groups = x.unflatten(-1, (-1, self.scheme.activation_group))  # [T, in / group, group]
             return absmax_scale(groups.abs().amax(dim=-1, keepdim=True), number)
-        return absmax_scale(x.abs().amax(dim=-1, keepdim=True), number)
+        return absmax_scale(self._row_absmax(x), number)
+
+    def _row_absmax(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, 1] each token's absmax over its whole input row, whose columns a row-parallel layer's ranks share."""
+        amax = x.abs().amax(dim=-1, keepdim=True)
+        return amax if self.input_group is None else all_reduce_max(amax, self.input_group)
 
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         """x through the 8-bit format and back, as the activations the 8-bit matmul sees."""
@@ -180,7 +215,8 @@ class W8Linear(QuantizedLinear):
 
     def _scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         """FP8 tensor cores: per-token activation scales times per-row weight scales, in bfloat16."""
-        if self.scheme.activations == "static" or not use_fused_kernels(x):
+        # the Triton kernel scales each token by its own columns; a row-parallel slice needs the whole row's scale
+        if self.scheme.activations == "static" or self.input_group is not None or not use_fused_kernels(x):
             scale = self._activation_scale(x).contiguous()  # [T, 1]
             q = quantize(x, scale)
         else:
@@ -205,4 +241,5 @@ def quantize_model_w8(model: nn.Module, loaded: set[str], groups: dict[str, Tens
                        scheme: W8Scheme | None) -> set[str]:
     """Make every decoder linear 8-bit: the checkpoint's (`groups`, `scheme`), or quantized at load."""
     return replace_decoder_linears(model, loaded, W8Linear.from_dense,
-                                   lambda linear, group: W8Linear.from_groups(linear, group, scheme), groups)
+                                   lambda linear, group: W8Linear.from_groups(linear, group, scheme), groups,
+                                   lambda group, shard: shard_w8(group, shard, scheme))

@@ -19,7 +19,7 @@ from loomserve.testing.checkpoints import tiny_checkpoint
 from loomserve.testing.moe_checkpoints import tiny_moe_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # paged_batch, beside the platform tests
-from paged_batch import PagedRunner, load  # noqa: E402
+from paged_batch import greedy_decode, load  # noqa: E402
 
 # case -> (checkpoint builder, its arguments, experts split across the ranks)
 CASES = {
@@ -31,8 +31,6 @@ CASES = {
     "mixtral-ep": (tiny_moe_checkpoint, ("mixtral",), {}, True),
     "olmoe-tp": (tiny_moe_checkpoint, ("olmoe",), {}, False),  # query/key norms over all heads, split
 }
-PROMPT_LENS = (5, 12, 2)  # 19 tokens, then 3 decodes a step: the ranks' token shares (EP) are uneven
-DECODE_STEPS = 4
 TOLERANCE = 1e-5
 
 
@@ -42,21 +40,7 @@ def checkpoint(case: str) -> Path:
 
 
 def greedy(path: Path) -> tuple[list[list[int]], torch.Tensor, int]:
-    """Greedy continuations of seeded prompts through the paged cache, every step's logits [steps * ..., V], and
-    how many parameters the process holds."""
-    model = load(path)
-    runner = PagedRunner(model, block_size=4)
-    generator = torch.Generator().manual_seed(0)
-    chunks = {f"s{i}": torch.randint(100, (n,), generator=generator).tolist() for i, n in enumerate(PROMPT_LENS)}
-    tokens: dict[str, list[int]] = {seq: [] for seq in chunks}
-    all_logits = []
-    for _ in range(DECODE_STEPS):
-        out = runner.step(chunks)
-        all_logits += [out[seq][-1] for seq in chunks]
-        chunks = {seq: [int(logits[-1].argmax())] for seq, logits in out.items()}
-        for seq, (token,) in chunks.items():
-            tokens[seq].append(token)
-    return list(tokens.values()), torch.stack(all_logits), sum(p.numel() for p in model.parameters())
+    return greedy_decode(load(path))
 
 
 def _rank_main(rank: int, size: int, init_method: str, out: str) -> None:
@@ -115,8 +99,3 @@ def test_heads_that_do_not_divide_are_refused_before_loading(qwen2_checkpoint) -
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) is not divisible by the tensor-parallel size 3"):
         EngineArgs(qwen2_checkpoint, device="cpu", tensor_parallel_size=3).create_engine_config()
 
-
-def test_quantized_weights_with_tensor_parallel_are_refused(qwen2_checkpoint) -> None:
-    with pytest.raises(ValueError, match="quantized weights are not sharded"):
-        EngineArgs(qwen2_checkpoint, device="cpu", tensor_parallel_size=2,
-                   quantization="bitsandbytes").create_engine_config()
