@@ -45,7 +45,7 @@ def test_a_stop_signal_while_loading_exits_quietly_and_promptly(tmp_path, qwen2_
         while "Loading" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         os.killpg(process.pid, sig)  # as a terminal's Ctrl-C does: to the server and the engine it started
-        assert process.wait(15) == code
+        assert process.wait(15) == code, log_path.read_text()[-4000:]  # the log says how it ended otherwise
     finally:
         os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
     assert "Traceback" not in log_path.read_text()
